@@ -1,0 +1,401 @@
+//! The key-set model: what a key allows, in the seeds' terms, and what a decision says.
+//!
+//! These types are shared by the access engine (which judges them), the store (which keeps
+//! them) and the cloud link (which receives them). They carry no behaviour beyond small
+//! helpers; the rules live in [`super::engine`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use jiff::Timestamp;
+use jiff::civil::{Time, Weekday};
+use serde::{Deserialize, Serialize};
+
+/// A door's id, unique within the site (for example `main-entrance`).
+pub type DoorId = String;
+
+/// The key categories offered by the apps (seed 000). Travels with every activity record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    Friend,
+    Customer,
+    Services,
+    Event,
+    Delivery,
+    Renter,
+    Employee,
+}
+
+impl Category {
+    pub const ALL: [Category; 7] = [
+        Category::Friend,
+        Category::Customer,
+        Category::Services,
+        Category::Event,
+        Category::Delivery,
+        Category::Renter,
+        Category::Employee,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::Friend => "friend",
+            Category::Customer => "customer",
+            Category::Services => "services",
+            Category::Event => "event",
+            Category::Delivery => "delivery",
+            Category::Renter => "renter",
+            Category::Employee => "employee",
+        }
+    }
+}
+
+/// How a credential is presented at the door.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// A PIN typed on a keypad (courier keys, seed 001).
+    Pin,
+    /// A QR token scanned by a reader (visitor keys, seed 001).
+    Qr,
+    /// A mobile-app key presented over the air (seed 000).
+    Mobile,
+}
+
+impl CredentialKind {
+    /// The byte that stands for this kind in a credential digest and on the wire.
+    pub fn code(self) -> u8 {
+        match self {
+            CredentialKind::Pin => 1,
+            CredentialKind::Qr => 2,
+            CredentialKind::Mobile => 3,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(CredentialKind::Pin),
+            2 => Some(CredentialKind::Qr),
+            3 => Some(CredentialKind::Mobile),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::Pin => "pin",
+            CredentialKind::Qr => "qr",
+            CredentialKind::Mobile => "mobile",
+        }
+    }
+}
+
+/// SHA-256 over the site salt, the credential kind and the value: how a credential is stored
+/// and looked up. The clear value never reaches the disk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CredentialDigest(pub [u8; 32]);
+
+impl fmt::Debug for CredentialDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Eight hex digits are enough to tell digests apart in logs.
+        write!(f, "CredentialDigest(")?;
+        for b in &self.0[..4] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "…)")
+    }
+}
+
+/// A credential as held in a key set: its kind and digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Credential {
+    pub kind: CredentialKind,
+    pub digest: CredentialDigest,
+}
+
+/// A daily time window in the site's wall-clock time. `start` is inclusive, `end` exclusive.
+/// When `end <= start` the window crosses midnight and belongs to the day it starts on.
+/// `start == end` is rejected by [`Schedule::validate`]: use no window for a whole day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub start: Time,
+    pub end: Time,
+}
+
+impl Window {
+    pub fn crosses_midnight(&self) -> bool {
+        self.end < self.start
+    }
+}
+
+/// A set of weekdays, Monday = bit 0 … Sunday = bit 6.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WeekdaySet(pub u8);
+
+impl WeekdaySet {
+    pub const EVERY_DAY: WeekdaySet = WeekdaySet(0x7f);
+
+    pub fn of(days: &[Weekday]) -> Self {
+        days.iter().fold(WeekdaySet(0), |set, &d| set.with(d))
+    }
+
+    #[must_use]
+    pub fn with(self, day: Weekday) -> Self {
+        WeekdaySet(self.0 | (1 << day.to_monday_zero_offset()))
+    }
+
+    pub fn contains(self, day: Weekday) -> bool {
+        self.0 & (1 << day.to_monday_zero_offset()) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 & 0x7f == 0
+    }
+}
+
+/// When in the week a key works (seed 000 "recurring", seed 001 repeat mode).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "repeat", rename_all = "snake_case")]
+pub enum Schedule {
+    /// No time-of-day limit (repeat mode "Never": only the validity bounds apply).
+    Always,
+    /// Every day within the window.
+    Daily { window: Window },
+    /// On the chosen weekdays, within the window if one is given, else all day.
+    Weekly {
+        days: WeekdaySet,
+        window: Option<Window>,
+    },
+}
+
+impl Schedule {
+    /// A problem with the schedule as given, if any.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        match self {
+            Schedule::Always => Ok(()),
+            Schedule::Daily { window } | Schedule::Weekly { window: Some(window), .. }
+                if window.start == window.end =>
+            {
+                Err("a window's start and end are equal; leave the window out for a whole day")
+            }
+            Schedule::Weekly { days, .. } if days.is_empty() => {
+                Err("a weekly schedule names no weekday")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How often a key may open doors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "limit", content = "uses", rename_all = "snake_case")]
+pub enum UseLimit {
+    /// No limit (seed 000 "unlimited key").
+    Unlimited,
+    /// N uses in total across all doors (single-use is `Total(1)`).
+    Total(u32),
+    /// N uses at each door ("Each Door Counts", seed 001).
+    PerDoor(u32),
+}
+
+impl UseLimit {
+    pub fn is_limited(self) -> bool {
+        !matches!(self, UseLimit::Unlimited)
+    }
+}
+
+/// Everything the engine needs to judge a key, apart from its credentials.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRules {
+    /// The cloud's id for the key; stable across edits.
+    pub id: String,
+    pub name: String,
+    pub category: Category,
+    /// The doors the key opens.
+    pub doors: Vec<DoorId>,
+    /// "Also opens inner door": the inner doors behind the listed doors open too.
+    pub opens_inner_door: bool,
+    /// The key opens from this instant on (inclusive).
+    pub valid_from: Option<Timestamp>,
+    /// The key stops opening at this instant (exclusive).
+    pub valid_until: Option<Timestamp>,
+    pub schedule: Schedule,
+    pub use_limit: UseLimit,
+    /// Shown by the door unit on a grant.
+    pub welcome: Option<String>,
+    /// Elevator floors a reader may release for this key (seed 001).
+    pub floors: Vec<i16>,
+    /// Deleted in the cloud: kept as a tombstone so the denial can say "revoked".
+    pub revoked: bool,
+}
+
+impl KeyRules {
+    /// Whether a decision on this key depends on the time of day or date.
+    pub fn is_time_bound(&self) -> bool {
+        self.valid_from.is_some()
+            || self.valid_until.is_some()
+            || !matches!(self.schedule, Schedule::Always)
+    }
+}
+
+/// A key as held in a key set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key {
+    pub rules: KeyRules,
+    pub credentials: Vec<Credential>,
+}
+
+/// A door of the site as the engine sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Door {
+    /// An inner door: only keys with "also opens inner door" open it.
+    pub inner: bool,
+    /// For an inner door: the outer doors it lies behind. Empty means behind every outer door.
+    pub behind: Vec<DoorId>,
+}
+
+/// The site as the engine sees it: its time zone and its doors.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub tz: jiff::tz::TimeZone,
+    pub doors: BTreeMap<DoorId, Door>,
+}
+
+/// What to do with keys whose decision does not depend on the time when the clock is not
+/// trusted, or when a decision cannot be recorded durably.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnlimitedPolicy {
+    /// Grant (and raise an alarm), so residents are not locked out of their homes.
+    #[default]
+    Grant,
+    Deny,
+}
+
+/// Whether the wall clock can be believed (see `DESIGN.md`, "Time").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockTrust {
+    Trusted,
+    /// The clock is behind the persisted high-water mark of trusted time.
+    Untrusted,
+}
+
+/// Uses a key has consumed so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Uses {
+    /// Across all doors.
+    pub total: u32,
+    /// At the door being asked about.
+    pub at_door: u32,
+}
+
+/// Why a request was denied. Travels to the cloud with the activity record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DenyReason {
+    UnknownCredential,
+    NotYetValid,
+    Expired,
+    OutsideSchedule,
+    WrongDoor,
+    UsedUp,
+    Revoked,
+    ClockUntrusted,
+    LockedOut,
+    /// The use could not be recorded durably (disk full, read-only), so a limited key is
+    /// refused rather than risk being honoured more often than it allows.
+    NotRecorded,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 10] = [
+        DenyReason::UnknownCredential,
+        DenyReason::NotYetValid,
+        DenyReason::Expired,
+        DenyReason::OutsideSchedule,
+        DenyReason::WrongDoor,
+        DenyReason::UsedUp,
+        DenyReason::Revoked,
+        DenyReason::ClockUntrusted,
+        DenyReason::LockedOut,
+        DenyReason::NotRecorded,
+    ];
+
+    /// The reason's code on the door bus and in activity records.
+    pub fn code(self) -> u8 {
+        match self {
+            DenyReason::UnknownCredential => 1,
+            DenyReason::NotYetValid => 2,
+            DenyReason::Expired => 3,
+            DenyReason::OutsideSchedule => 4,
+            DenyReason::WrongDoor => 5,
+            DenyReason::UsedUp => 6,
+            DenyReason::Revoked => 7,
+            DenyReason::ClockUntrusted => 8,
+            DenyReason::LockedOut => 9,
+            DenyReason::NotRecorded => 10,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::UnknownCredential => "unknown credential",
+            DenyReason::NotYetValid => "not yet valid",
+            DenyReason::Expired => "expired",
+            DenyReason::OutsideSchedule => "outside schedule",
+            DenyReason::WrongDoor => "wrong door",
+            DenyReason::UsedUp => "used up",
+            DenyReason::Revoked => "revoked",
+            DenyReason::ClockUntrusted => "clock untrusted",
+            DenyReason::LockedOut => "locked out",
+            DenyReason::NotRecorded => "not recorded",
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a grant tells the door unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The doors to release: the door asked about, plus the inner doors behind it when the
+    /// key also opens inner doors.
+    pub doors: Vec<DoorId>,
+    pub welcome: Option<String>,
+    pub floors: Vec<i16>,
+}
+
+/// The engine's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    Grant(Grant),
+    Deny { reason: DenyReason },
+}
+
+impl Decision {
+    pub fn deny(reason: DenyReason) -> Self {
+        Decision::Deny { reason }
+    }
+
+    pub fn is_grant(&self) -> bool {
+        matches!(self, Decision::Grant(_))
+    }
+
+    pub fn deny_reason(&self) -> Option<DenyReason> {
+        match self {
+            Decision::Grant(_) => None,
+            Decision::Deny { reason } => Some(*reason),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The door bus: frames and messages between the gateway and its door units.

@@ -1,0 +1,1 @@
+//! Configuration: typed, layered (file, config.d, environment), validated after loading.

@@ -1,0 +1,22 @@
+//! doorbridge: the edge gateway of a building's smart-intercom system.
+//!
+//! It syncs key sets from the cloud, keeps them in SQLite, answers door units' requests over
+//! serial lines (also offline) and uploads what happened at the doors without losing any of it.
+//!
+//! Map of the crate:
+//!
+//! - [`access`]: the pure decision engine (key rules, schedules, time zones, PIN lockout);
+//! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
+//!   commit, read connections, the trusted-time mark, the outbox;
+//! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
+//! - [`bus`]: the door bus (frame codec and messages);
+//! - [`daemon`]: wiring and shutdown of the running service.
+//!
+//! `src/main.rs` only parses arguments and calls into this library; tests call the same
+//! entry points with their own I/O and shutdown signal.
+
+pub mod access;
+pub mod bus;
+pub mod config;
+pub mod daemon;
+pub mod store;
