@@ -1,0 +1,1 @@
+//! `doorbridge check-config` and the layered configuration, through the real binary.
