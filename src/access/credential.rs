@@ -45,7 +45,9 @@ mod tests {
     fn test_vector_is_stable() {
         // The cloud implements the same layout; this vector is in docs/keys.md.
         let d = digest(b"example-salt", CredentialKind::Pin, b"482916");
-        let hex: String = d.0.iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String =
+            d.0.iter()
+                .fold(String::new(), |s, b| s + &format!("{b:02x}"));
         assert_eq!(
             hex,
             "52355a49af8f876e5c7c82271bae2fac7c41599d828dc889a21779784549c97a"

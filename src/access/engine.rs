@@ -107,7 +107,9 @@ fn release(site: &Site, key: &KeyRules, door: &str) -> Vec<DoorId> {
         doors.extend(
             site.doors
                 .iter()
-                .filter(|(_, d)| d.inner && (d.behind.is_empty() || d.behind.iter().any(|b| b == door)))
+                .filter(|(_, d)| {
+                    d.inner && (d.behind.is_empty() || d.behind.iter().any(|b| b == door))
+                })
                 .map(|(id, _)| id.clone()),
         );
     }

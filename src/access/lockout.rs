@@ -133,7 +133,10 @@ impl PinGuard {
     /// After a quiet spell as long as the longest lockout, an earlier run of guesses is
     /// forgotten.
     fn forget_if_quiet(&mut self, policy: &LockoutPolicy, active_pins: u32, now: Timestamp) {
-        let quiet = policy.max.saturating_mul(policy.scale(active_pins)).min(CEILING);
+        let quiet = policy
+            .max
+            .saturating_mul(policy.scale(active_pins))
+            .min(CEILING);
         let since = self.locked_until.max(self.last_failure);
         if let Some(since) = since {
             let quiet = SignedDuration::try_from(quiet).unwrap_or(SignedDuration::MAX);

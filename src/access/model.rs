@@ -151,7 +151,7 @@ impl WeekdaySet {
     }
 
     pub fn is_empty(self) -> bool {
-        self.0 & 0x7f == 0
+        self.0.trailing_zeros() >= 7
     }
 }
 
@@ -174,10 +174,11 @@ impl Schedule {
     /// A problem with the schedule as given, if any.
     pub fn validate(&self) -> Result<(), &'static str> {
         match self {
-            Schedule::Always => Ok(()),
-            Schedule::Daily { window } | Schedule::Weekly { window: Some(window), .. }
-                if window.start == window.end =>
-            {
+            Schedule::Daily { window }
+            | Schedule::Weekly {
+                window: Some(window),
+                ..
+            } if window.start == window.end => {
                 Err("a window's start and end are equal; leave the window out for a whole day")
             }
             Schedule::Weekly { days, .. } if days.is_empty() => {

@@ -1,1 +1,319 @@
-//! The SQLite store.
+//! The SQLite store: key sets, use counters, the trusted-time mark and the outbox.
+//!
+//! One thread owns the writing connection ([`writer`]); everything that changes the database
+//! goes to it over a channel and waits for its reply. Decisions are made on that thread too,
+//! so "read the counter, decide, count the use" can never interleave with another decision.
+//! Commands that arrive together share one `synchronous=FULL` commit (group commit): a
+//! decision is durable before its answer leaves, without costing one fsync each.
+//!
+//! Reads for operators and status go through [`Reader`], a separate read-only connection that
+//! WAL lets run beside the writer without waiting.
+
+mod reader;
+pub mod records;
+pub mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use jiff::Timestamp;
+use tokio::sync::oneshot;
+
+use crate::access::{
+    Category, CredentialKind, Decision, Key, LockoutPolicy, Policy, Site, UnlimitedPolicy,
+};
+pub use reader::{KeySetInfo, Reader};
+pub use records::{Activity, Record, RecordClass, StoredRecord};
+
+/// What can go wrong at the store's boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(
+        "the database has schema version {found}, newer than this build's {supported}; \
+         install a newer doorbridge (retrying will not help)"
+    )]
+    TooNew { found: i64, supported: i64 },
+    #[error("the store's writer thread has stopped; restart the service")]
+    WriterGone,
+    #[error("stored data does not decode: {0}")]
+    Corrupt(String),
+    #[error("key set rejected: {0}")]
+    KeySet(String),
+}
+
+impl StoreError {
+    /// Whether trying the same thing again later may succeed (a full or busy disk may clear;
+    /// a schema from the future or a rejected key set will not).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => is_disk_trouble(e),
+            StoreError::Io { .. } | StoreError::WriterGone => true,
+            StoreError::TooNew { .. } | StoreError::Corrupt(_) | StoreError::KeySet(_) => false,
+        }
+    }
+}
+
+/// Errors that mean the disk cannot take a write now (full, read-only, failing, locked).
+pub(crate) fn is_disk_trouble(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    matches!(
+        e.sqlite_error_code(),
+        Some(
+            C::DiskFull
+                | C::ReadOnly
+                | C::SystemIoFailure
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::CannotOpen
+        )
+    )
+}
+
+/// The rules the writer decides with; replaced as a whole on a config reload.
+#[derive(Clone, Debug)]
+pub struct DecisionContext {
+    pub site: Site,
+    pub policy: Policy,
+    pub lockout: LockoutPolicy,
+    /// How far behind the trusted-time mark the clock may be and still be trusted.
+    pub clock_tolerance: jiff::SignedDuration,
+    /// What unlimited keys get when their decision cannot be recorded.
+    pub unrecordable_unlimited: UnlimitedPolicy,
+}
+
+/// How to open the store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub context: DecisionContext,
+    /// Records held in memory while the disk cannot take them; beyond this the oldest routine
+    /// ones are dropped (and counted).
+    pub memory_backlog: usize,
+    /// The most the database file may grow to, in bytes (`None`: as far as the disk allows).
+    /// Reaching it behaves like a full disk.
+    pub max_size: Option<u64>,
+}
+
+impl StoreOptions {
+    /// Options with the defaults for everything but the path and the rules.
+    pub fn new(path: impl Into<PathBuf>, context: DecisionContext) -> Self {
+        StoreOptions {
+            path: path.into(),
+            context,
+            memory_backlog: 10_000,
+            max_size: None,
+        }
+    }
+}
+
+/// A credential presented at a door.
+#[derive(Clone, Debug)]
+pub struct VerifyRequest {
+    /// The door unit, as `bus/address`; PIN lockouts are per unit.
+    pub unit: String,
+    pub door: String,
+    /// The bus request id, carried into the activity record.
+    pub request_id: Option<u32>,
+    pub kind: CredentialKind,
+    /// The credential as presented; only its digest is compared, nothing is stored.
+    pub secret: Vec<u8>,
+    pub now: Timestamp,
+    /// The system clock is NTP-synchronised now, so `now` may advance the trusted-time mark.
+    pub clock_synced: bool,
+}
+
+/// The store's answer to a [`VerifyRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub key_id: Option<String>,
+    pub category: Option<Category>,
+    /// The activity record's sequence number, or `None` when the disk could not take it and
+    /// it is held in memory.
+    pub seq: Option<i64>,
+}
+
+/// The head of a key set being installed.
+#[derive(Clone, Debug)]
+pub struct KeySetHeader {
+    pub version: u64,
+    /// The site salt the credential digests in this set were made with.
+    pub salt: Vec<u8>,
+    /// The cloud's signing time, a trusted instant for the clock mark.
+    pub issued_at: Option<Timestamp>,
+}
+
+/// Counters the daemon exposes in its status.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Set while records are held in memory because the disk refuses them.
+    pub degraded: AtomicBool,
+    /// Records dropped from the memory backlog during a disk outage.
+    pub dropped: AtomicU64,
+    /// Commits (group commits count once).
+    pub commits: AtomicU64,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(crate) enum Command {
+    Verify(Box<VerifyRequest>, Reply<Verdict>),
+    Append(Vec<Record>, Reply<Vec<i64>>),
+    TrustTime(Timestamp, Reply<()>),
+    BeginKeySet(KeySetHeader, Reply<i64>),
+    StageKeys(i64, Vec<Key>, Reply<()>),
+    CommitKeySet(i64, u64, Reply<()>),
+    Reconfigure(Box<DecisionContext>, Reply<()>),
+    Ack(Vec<i64>, Reply<usize>),
+    /// Finish what came before, then stop.
+    Shutdown,
+}
+
+/// The handle to the store. Cheap to clone; the writer thread stops when the last handle is
+/// dropped or [`Store::close`] is called.
+#[derive(Clone, Debug)]
+pub struct Store {
+    tx: mpsc::Sender<Command>,
+    path: Arc<PathBuf>,
+    health: Arc<Health>,
+    thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the database: integrity check, migrations, then the writer thread.
+    pub fn open(options: StoreOptions) -> Result<Store, StoreError> {
+        let label = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
+        schema::check_or_move_aside(&options.path, &label)?;
+        let mut conn = schema::open_writer(&options.path)?;
+        schema::migrate(&mut conn)?;
+        if let Some(max) = options.max_size {
+            let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(1);
+            conn.pragma_update(None, "max_page_count", pages.max(1))?;
+        }
+        let health = Arc::new(Health::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = writer::Writer::new(conn, options, Arc::clone(&health))?;
+        let path = Arc::new(writer.path().to_owned());
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| StoreError::Io {
+                what: "starting the store writer thread",
+                source: e,
+            })?;
+        Ok(Store {
+            tx,
+            path,
+            health,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// A new read-only connection.
+    pub fn reader(&self) -> Result<Reader, StoreError> {
+        Reader::open(&self.path)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Decides a request and records it durably before returning (see the module header).
+    pub async fn verify(&self, request: VerifyRequest) -> Result<Verdict, StoreError> {
+        self.call(|r| Command::Verify(Box::new(request), r)).await
+    }
+
+    /// Appends records to the outbox; returns their sequence numbers (empty when held in
+    /// memory because the disk refused them).
+    pub async fn append(&self, records: Vec<Record>) -> Result<Vec<i64>, StoreError> {
+        self.call(|r| Command::Append(records, r)).await
+    }
+
+    /// Raises the trusted-time mark to `at` (from a signed cloud timestamp or NTP sync).
+    pub async fn trust_time(&self, at: Timestamp) -> Result<(), StoreError> {
+        self.call(|r| Command::TrustTime(at, r)).await
+    }
+
+    /// Starts installing a key set; returns the staging generation. Decisions keep using the
+    /// held set until [`Store::commit_key_set`].
+    pub async fn begin_key_set(&self, header: KeySetHeader) -> Result<i64, StoreError> {
+        self.call(|r| Command::BeginKeySet(header, r)).await
+    }
+
+    /// Adds keys to a staging generation (one transaction per call).
+    pub async fn stage_keys(&self, generation: i64, keys: Vec<Key>) -> Result<(), StoreError> {
+        self.call(|r| Command::StageKeys(generation, keys, r)).await
+    }
+
+    /// Makes a staged generation the live key set in one small transaction, if it holds
+    /// exactly `expected_keys` keys; the old one is removed afterwards while idle.
+    pub async fn commit_key_set(
+        &self,
+        generation: i64,
+        expected_keys: u64,
+    ) -> Result<(), StoreError> {
+        self.call(|r| Command::CommitKeySet(generation, expected_keys, r))
+            .await
+    }
+
+    /// Installs a whole key set from memory, in chunks: a convenience for tests, benchmarks and
+    /// small sets.
+    pub async fn install_key_set(
+        &self,
+        header: KeySetHeader,
+        keys: Vec<Key>,
+    ) -> Result<(), StoreError> {
+        let count = keys.len() as u64;
+        let generation = self.begin_key_set(header).await?;
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() {
+            let chunk: Vec<Key> = keys.by_ref().take(writer::STAGE_CHUNK).collect();
+            self.stage_keys(generation, chunk).await?;
+        }
+        self.commit_key_set(generation, count).await
+    }
+
+    /// Replaces the decision rules (after a config reload).
+    pub async fn reconfigure(&self, context: DecisionContext) -> Result<(), StoreError> {
+        self.call(|r| Command::Reconfigure(Box::new(context), r))
+            .await
+    }
+
+    /// Deletes outbox records the cloud has acknowledged; returns how many were removed.
+    pub async fn ack(&self, seqs: Vec<i64>) -> Result<usize, StoreError> {
+        self.call(|r| Command::Ack(seqs, r)).await
+    }
+
+    /// Stops the writer after the commands already sent, and waits for it.
+    pub fn close(self) {
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}

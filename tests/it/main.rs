@@ -1,4 +1,6 @@
-//! Integration tests: one binary, a module per topic, shared helpers in `util`.
+//! Integration tests: one binary, a module per topic, shared helpers in `util` and `fixtures`.
 
 mod config;
+mod fixtures;
+mod store;
 mod util;

@@ -1,0 +1,139 @@
+//! Read-only queries on a connection of their own, for status, operator commands and
+//! benchmarks. In WAL mode they never wait for the writer.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::records::{Record, RecordClass, StoredRecord};
+use super::writer::decode_rules;
+use super::{StoreError, schema};
+use crate::access::KeyRules;
+
+/// A read-only connection to the store.
+#[derive(Debug)]
+pub struct Reader {
+    conn: Connection,
+}
+
+/// What the live key set is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySetInfo {
+    pub version: u64,
+    pub generation: i64,
+    pub keys: u64,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Reader, StoreError> {
+        Ok(Reader {
+            conn: schema::open_reader(path)?,
+        })
+    }
+
+    fn meta_i64(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT value FROM meta WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn generation(&self) -> Result<i64, StoreError> {
+        Ok(self.meta_i64("active_generation")?.unwrap_or(0))
+    }
+
+    /// The live key set's version and size.
+    pub fn key_set(&self) -> Result<KeySetInfo, StoreError> {
+        let generation = self.generation()?;
+        let keys: i64 = self.conn.query_row(
+            "SELECT count(*) FROM keys WHERE generation = ?1",
+            [generation],
+            |r| r.get(0),
+        )?;
+        Ok(KeySetInfo {
+            version: self
+                .meta_i64("keyset_version")?
+                .map_or(0, |v| u64::try_from(v).unwrap_or(0)),
+            generation,
+            keys: u64::try_from(keys).unwrap_or(0),
+        })
+    }
+
+    /// The trusted-time mark, in Unix seconds.
+    pub fn trusted_time(&self) -> Result<Option<jiff::Timestamp>, StoreError> {
+        Ok(self
+            .meta_i64("trusted_time")?
+            .and_then(|s| jiff::Timestamp::from_second(s).ok()))
+    }
+
+    /// One key of the live set by id.
+    pub fn key(&self, key_id: &str) -> Result<Option<KeyRules>, StoreError> {
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached("SELECT rules FROM keys WHERE generation = ?1 AND key_id = ?2")?
+            .query_row(params![self.generation()?, key_id], |r| r.get(0))
+            .optional()?;
+        blob.map(|b| decode_rules(&b)).transpose()
+    }
+
+    /// The key a credential digest belongs to, in the live set.
+    pub fn key_by_digest(&self, digest: &[u8; 32]) -> Result<Option<KeyRules>, StoreError> {
+        let blob: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(
+                "SELECT k.rules FROM credentials c
+                   JOIN keys k ON k.generation = c.generation AND k.key_id = c.key_id
+                  WHERE c.generation = ?1 AND c.digest = ?2",
+            )?
+            .query_row(params![self.generation()?, digest], |r| r.get(0))
+            .optional()?;
+        blob.map(|b| decode_rules(&b)).transpose()
+    }
+
+    /// Uses counted for a key: `(door, count)`, with `""` for all doors.
+    pub fn uses(&self, key_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT door, count FROM uses WHERE key_id = ?1 ORDER BY door")?;
+        let rows = stmt.query_map([key_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records waiting in the outbox.
+    pub fn outbox_depth(&self) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Outbox records after `after_seq`, oldest first, at most `limit`.
+    pub fn outbox(&self, after_seq: i64, limit: u32) -> Result<Vec<StoredRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, class, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after_seq, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, class, body) = row?;
+            let class = RecordClass::from_code(class)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox {seq}: class {class}")))?;
+            let record = Record::from_cbor(&body)
+                .map_err(|e| StoreError::Corrupt(format!("outbox {seq}: {e}")))?;
+            out.push(StoredRecord { seq, class, record });
+        }
+        Ok(out)
+    }
+
+    /// The raw connection, for benchmarks that compare against plain SQL.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}

@@ -1,0 +1,112 @@
+//! Outbox records: what happened at the doors and to the gateway, waiting for the cloud.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::access::{Category, CredentialKind, DenyReason, DoorId};
+
+/// Upload priority. Alarms jump the queue; telemetry is the first to go when the outbox is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordClass {
+    Alarm = 0,
+    Activity = 1,
+    Telemetry = 2,
+}
+
+impl RecordClass {
+    pub fn code(self) -> i64 {
+        self as i64
+    }
+
+    pub fn from_code(code: i64) -> Option<Self> {
+        match code {
+            0 => Some(RecordClass::Alarm),
+            1 => Some(RecordClass::Activity),
+            2 => Some(RecordClass::Telemetry),
+            _ => None,
+        }
+    }
+}
+
+/// A decision at a door, as the app's "Recent Activity" shows it. Never holds the credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    pub at: Timestamp,
+    pub door: DoorId,
+    /// The door unit, as `bus/address`.
+    pub unit: String,
+    pub request_id: Option<u32>,
+    pub credential_kind: CredentialKind,
+    pub key_id: Option<String>,
+    pub category: Option<Category>,
+    pub granted: bool,
+    pub reason: Option<DenyReason>,
+    /// The doors released on a grant.
+    pub released: Vec<DoorId>,
+}
+
+/// A record for the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    Activity(Activity),
+    /// Repeated unknown PINs locked a unit's keypad.
+    PinLockout {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        until: Timestamp,
+        failures: u32,
+    },
+    /// The disk could not take records; they were kept in memory meanwhile.
+    StorageUnavailable {
+        at: Timestamp,
+        detail: String,
+    },
+    /// The disk took records again after an outage.
+    StorageRecovered {
+        at: Timestamp,
+        kept_in_memory: u64,
+        dropped: u64,
+    },
+}
+
+impl Record {
+    pub fn class(&self) -> RecordClass {
+        match self {
+            Record::Activity(_) => RecordClass::Activity,
+            Record::PinLockout { .. }
+            | Record::StorageUnavailable { .. }
+            | Record::StorageRecovered { .. } => RecordClass::Alarm,
+        }
+    }
+
+    pub fn at(&self) -> Timestamp {
+        match self {
+            Record::Activity(a) => a.at,
+            Record::PinLockout { at, .. }
+            | Record::StorageUnavailable { at, .. }
+            | Record::StorageRecovered { at, .. } => *at,
+        }
+    }
+
+    /// The CBOR body stored in the outbox.
+    pub fn to_cbor(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        // Serialising our own plain data into a Vec cannot fail.
+        ciborium::into_writer(self, &mut out).expect("record serialises");
+        out
+    }
+
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, ciborium::de::Error<std::io::Error>> {
+        ciborium::from_reader(bytes)
+    }
+}
+
+/// A record as read back from the outbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub seq: i64,
+    pub class: RecordClass,
+    pub record: Record,
+}

@@ -1,0 +1,180 @@
+//! The database file: schema migrations, connection settings, the start-up integrity check and
+//! moving a corrupt file aside.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::StoreError;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` holds how many have run.
+/// Never edit one that has shipped: add a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: key sets by generation, use counters, the outbox, named settings.
+    "
+    -- Named values: active_generation, keyset_version, credential_salt, trusted_time.
+    CREATE TABLE meta (
+        name  TEXT PRIMARY KEY,
+        value ANY NOT NULL
+    ) STRICT, WITHOUT ROWID;
+
+    -- Each snapshot is written under a new generation while the old one keeps answering;
+    -- switching meta.active_generation makes it live in one small transaction.
+    CREATE TABLE keys (
+        generation INTEGER NOT NULL,
+        key_id     TEXT NOT NULL,
+        rules      BLOB NOT NULL,          -- CBOR of access::KeyRules
+        PRIMARY KEY (generation, key_id)
+    ) STRICT, WITHOUT ROWID;
+
+    CREATE TABLE credentials (
+        generation INTEGER NOT NULL,
+        digest     BLOB NOT NULL,          -- access::credential::digest, 32 bytes
+        kind       INTEGER NOT NULL,       -- CredentialKind::code
+        key_id     TEXT NOT NULL,
+        PRIMARY KEY (generation, digest)
+    ) STRICT, WITHOUT ROWID;
+
+    -- Uses survive snapshots: a used single-use key stays used when the cloud resends it.
+    CREATE TABLE uses (
+        key_id TEXT NOT NULL,
+        door   TEXT NOT NULL,              -- '' counts all doors
+        count  INTEGER NOT NULL,
+        PRIMARY KEY (key_id, door)
+    ) STRICT, WITHOUT ROWID;
+
+    -- Records waiting for the cloud. seq is never reused (AUTOINCREMENT), so
+    -- gateway id + seq is a stable id for the cloud to deduplicate by.
+    CREATE TABLE outbox (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        class      INTEGER NOT NULL,       -- RecordClass: 0 alarm, 1 activity, 2 telemetry
+        created_ms INTEGER NOT NULL,
+        body       BLOB NOT NULL           -- CBOR of store::Record
+    ) STRICT;
+    CREATE INDEX outbox_by_class ON outbox (class, seq);
+    ",
+];
+
+/// The schema version this build writes.
+pub fn latest_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+/// Runs the migrations the file has not seen yet, each in its own transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > latest_version() {
+        return Err(StoreError::TooNew {
+            found: current,
+            supported: latest_version(),
+        });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(i + 1).unwrap_or(i64::MAX),
+        )?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    Ok(())
+}
+
+/// Opens the writer's connection: WAL, and `synchronous=FULL` so a commit that returned is on
+/// the disk even after a power cut.
+pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // Keep temporary b-trees (sorts of large snapshots) off the SD card.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// Opens a read-only connection; in WAL mode it never waits for the writer.
+pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The result of the start-up check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// The file was corrupt and has been moved here; a fresh database was created.
+    MovedAside(PathBuf),
+}
+
+/// Checks the file with `PRAGMA quick_check` (the b-tree structure and every page, without the
+/// slower cross-checks of every index entry, so it stays seconds on a Pi even with a million
+/// keys). A file SQLite cannot read, or that fails the check, is moved aside together with its
+/// WAL, and the caller starts fresh: the cloud's next snapshot refills the keys.
+pub fn check_or_move_aside(path: &Path, now_label: &str) -> Result<Health, StoreError> {
+    if !path.exists() {
+        return Ok(Health::Ok);
+    }
+    let verdict = match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE) {
+        Ok(conn) => quick_check(&conn),
+        Err(e) => Err(e.to_string()),
+    };
+    let Err(problem) = verdict else {
+        return Ok(Health::Ok);
+    };
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{now_label}"));
+    let aside = PathBuf::from(aside);
+    tracing::error!(
+        path = %path.display(),
+        moved_to = %aside.display(),
+        %problem,
+        "DATABASE IS CORRUPT: moved aside, starting with an empty one; keys return with the next cloud sync"
+    );
+    std::fs::rename(path, &aside).map_err(|e| StoreError::Io {
+        what: "moving the corrupt database aside",
+        source: e,
+    })?;
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if side.exists() {
+            let mut to = aside.as_os_str().to_owned();
+            to.push(suffix);
+            let _ = std::fs::rename(&side, PathBuf::from(to));
+        }
+    }
+    Ok(Health::MovedAside(aside))
+}
+
+fn quick_check(conn: &Connection) -> Result<(), String> {
+    let mut stmt = conn
+        .prepare("PRAGMA quick_check")
+        .map_err(|e| e.to_string())?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(Iterator::collect)
+        .map_err(|e| e.to_string())?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        Ok(())
+    } else {
+        Err(rows.join("; "))
+    }
+}

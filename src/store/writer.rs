@@ -1,0 +1,885 @@
+//! The writer thread: owns the writing connection, makes every decision, and commits
+//! what arrives together in one `synchronous=FULL` transaction (group commit).
+//!
+//! A group is processed in two phases inside one `BEGIN IMMEDIATE` transaction:
+//!
+//! 1. *decide*: each request is judged from the held key set and the use counters, plus the
+//!    uses granted earlier in the same group (kept in an overlay, so two requests for one
+//!    single-use key in one group cannot both pass);
+//! 2. *persist*: counters, outbox records and the trusted-time mark are written, then the
+//!    transaction commits and only then are the answers sent.
+//!
+//! When the disk refuses the write (full, read-only, failing) the transaction is rolled back
+//! and the answers are degraded: a grant that consumed a use becomes "not recorded" (the use
+//! could not be counted), an unlimited key follows the configured policy, and the records
+//! wait in a bounded memory backlog that is written first by the next commit that succeeds.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::records::{Activity, Record};
+use super::{
+    Command, DecisionContext, Health, KeySetHeader, Reply, StoreError, StoreOptions, Verdict,
+    VerifyRequest, is_disk_trouble,
+};
+use crate::access::{
+    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Key, KeyRules, PinGuard,
+    UnlimitedPolicy, UseLimit, Uses,
+};
+
+/// Keys per staging transaction: small enough that a decision waits at most one chunk.
+pub(super) const STAGE_CHUNK: usize = 5_000;
+/// Commands sharing one commit, at most.
+const MAX_GROUP: usize = 512;
+/// Rows removed per step when deleting an old key set while idle.
+const GC_CHUNK: i64 = 5_000;
+/// How often a memory backlog is retried while nothing else happens.
+const BACKLOG_RETRY: Duration = Duration::from_secs(5);
+/// The trusted-time mark is written when it moved at least this far (fewer writes).
+const MARK_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+
+/// A key set being staged.
+struct Staging {
+    generation: i64,
+    header: KeySetHeader,
+    keys: u64,
+    pins: u32,
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    ctx: DecisionContext,
+    health: Arc<Health>,
+    active_generation: i64,
+    keyset_version: u64,
+    salt: Vec<u8>,
+    /// The trusted-time mark as held in memory, and as last written.
+    mark: Option<Timestamp>,
+    mark_written: Option<Timestamp>,
+    guards: HashMap<String, PinGuard>,
+    active_pins: u32,
+    staging: Option<Staging>,
+    /// Generations to delete while idle.
+    garbage: Vec<i64>,
+    backlog: VecDeque<Record>,
+    backlog_limit: usize,
+    /// Records held in memory and dropped during the current disk outage.
+    outage: Option<(u64, u64)>,
+}
+
+/// What one command of a group produced in the decide phase.
+enum Outcome {
+    Verify {
+        reply: Reply<Verdict>,
+        verdict: Verdict,
+        consume: Consume,
+        records: Vec<Record>,
+    },
+    Append {
+        reply: Reply<Vec<i64>>,
+        records: Vec<Record>,
+    },
+    Ack {
+        reply: Reply<usize>,
+        seqs: Vec<i64>,
+    },
+    Done(Reply<()>),
+    Failed(Box<dyn FnOnce(StoreError) + Send>, StoreError),
+}
+
+impl Writer {
+    pub(super) fn new(
+        conn: Connection,
+        options: StoreOptions,
+        health: Arc<Health>,
+    ) -> Result<Self, StoreError> {
+        let meta_i64 = |name: &str| -> Result<Option<i64>, StoreError> {
+            Ok(conn
+                .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        };
+        let active_generation = meta_i64("active_generation")?.unwrap_or(0);
+        let keyset_version =
+            meta_i64("keyset_version")?.map_or(0, |v| u64::try_from(v).unwrap_or(0));
+        let mark = meta_i64("trusted_time")?.and_then(|s| Timestamp::from_second(s).ok());
+        let salt: Vec<u8> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE name = 'credential_salt'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or_default();
+        let active_pins: u32 = conn.query_row(
+            "SELECT count(*) FROM credentials WHERE generation = ?1 AND kind = ?2",
+            params![active_generation, CredentialKind::Pin.code()],
+            |r| r.get(0),
+        )?;
+        // Generations other than the live one are leftovers of an interrupted install.
+        let mut garbage = Vec::new();
+        let mut after = i64::MIN;
+        while let Some(g) = conn
+            .query_row(
+                "SELECT generation FROM keys WHERE generation > ?1 ORDER BY generation LIMIT 1",
+                [after],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+        {
+            if g != active_generation {
+                garbage.push(g);
+            }
+            after = g;
+        }
+        Ok(Writer {
+            conn,
+            path: options.path,
+            ctx: options.context,
+            health,
+            active_generation,
+            keyset_version,
+            salt,
+            mark,
+            mark_written: mark,
+            guards: HashMap::new(),
+            active_pins,
+            staging: None,
+            garbage,
+            backlog: VecDeque::new(),
+            backlog_limit: options.memory_backlog.max(1),
+            outage: None,
+        })
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) fn run(mut self, rx: &Receiver<Command>) {
+        loop {
+            let first = if !self.garbage.is_empty() {
+                match rx.try_recv() {
+                    Ok(c) => c,
+                    // Idle: remove a slice of an old key set, then look again.
+                    Err(TryRecvError::Empty) => {
+                        self.collect_garbage();
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            } else if !self.backlog.is_empty() {
+                match rx.recv_timeout(BACKLOG_RETRY) {
+                    Ok(c) => c,
+                    // Idle with records in memory: try the disk again.
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.commit_group(Vec::new());
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut group = Vec::new();
+            for command in batch {
+                match command {
+                    Command::Shutdown => {
+                        self.commit_group(group);
+                        self.shut_down();
+                        return;
+                    }
+                    Command::BeginKeySet(..)
+                    | Command::StageKeys(..)
+                    | Command::CommitKeySet(..) => {
+                        // Key-set steps are transactions of their own, in order with the rest.
+                        self.commit_group(std::mem::take(&mut group));
+                        self.key_set_step(command);
+                    }
+                    small => group.push(small),
+                }
+            }
+            self.commit_group(group);
+        }
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        if !self.backlog.is_empty() {
+            self.commit_group(Vec::new());
+        }
+        if !self.backlog.is_empty() {
+            tracing::error!(
+                records = self.backlog.len(),
+                "stopping with records the disk would not take; they are lost"
+            );
+        }
+        // Fold the WAL into the main file so the next start reads one file.
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+
+    // ----- the group commit -----
+
+    fn commit_group(&mut self, commands: Vec<Command>) {
+        if commands.is_empty() && self.backlog.is_empty() {
+            return;
+        }
+        let began = self.conn.execute_batch("BEGIN IMMEDIATE");
+        let mut overlay: HashMap<(String, String), u32> = HashMap::new();
+        let outcomes: Vec<Outcome> = commands
+            .into_iter()
+            .map(|c| self.decide_phase(c, &mut overlay))
+            .collect();
+        let persisted = began.and_then(|()| self.persist(&outcomes, &overlay));
+        match persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs)) {
+            Ok(seqs) => {
+                self.health.commits.fetch_add(1, Ordering::Relaxed);
+                self.recovered();
+                self.answer(outcomes, Some(seqs));
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                if is_disk_trouble(&e) {
+                    self.degrade(&e);
+                    self.answer(outcomes, None);
+                } else {
+                    tracing::error!(error = %e, "store commit failed");
+                    let e = std::sync::Arc::new(e);
+                    for o in outcomes {
+                        fail(o, &|| StoreError::Corrupt(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Phase 1: judge every command without writing.
+    fn decide_phase(
+        &mut self,
+        command: Command,
+        overlay: &mut HashMap<(String, String), u32>,
+    ) -> Outcome {
+        match command {
+            Command::Verify(request, reply) => match self.decide(&request, overlay) {
+                Ok((verdict, consume, records)) => Outcome::Verify {
+                    reply,
+                    verdict,
+                    consume,
+                    records,
+                },
+                Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
+            },
+            Command::Append(records, reply) => Outcome::Append { reply, records },
+            Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
+            Command::TrustTime(at, reply) => {
+                self.raise_mark(at);
+                Outcome::Done(reply)
+            }
+            Command::Reconfigure(ctx, reply) => {
+                self.ctx = *ctx;
+                Outcome::Done(reply)
+            }
+            // `run` routes these elsewhere; answer rather than lose a reply if that changes.
+            Command::BeginKeySet(_, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::StageKeys(_, _, reply) | Command::CommitKeySet(_, _, reply) => {
+                Outcome::Failed(
+                    Box::new(move |e| drop(reply.send(Err(e)))),
+                    StoreError::KeySet("misrouted key-set step".into()),
+                )
+            }
+            Command::Shutdown => Outcome::Failed(Box::new(|_| ()), StoreError::WriterGone),
+        }
+    }
+
+    fn decide(
+        &mut self,
+        req: &VerifyRequest,
+        overlay: &mut HashMap<(String, String), u32>,
+    ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
+        let now = req.now;
+        if req.clock_synced {
+            self.raise_mark(now);
+        }
+        let mut records = Vec::with_capacity(1);
+        let mut activity = Activity {
+            at: now,
+            door: req.door.clone(),
+            unit: req.unit.clone(),
+            request_id: req.request_id,
+            credential_kind: req.kind,
+            key_id: None,
+            category: None,
+            granted: false,
+            reason: None,
+            released: Vec::new(),
+        };
+        let is_pin = req.kind == CredentialKind::Pin;
+        let guard = self.guards.entry(req.unit.clone()).or_default();
+        let (decision, consume, rules) = if is_pin && guard.is_locked(now) {
+            (
+                Decision::deny(DenyReason::LockedOut),
+                Consume::Nothing,
+                None,
+            )
+        } else {
+            let digest = access::credential::digest(&self.salt, req.kind, &req.secret);
+            match lookup(&self.conn, self.active_generation, &digest.0)? {
+                None => {
+                    if is_pin
+                        && let Some(started) =
+                            guard.unknown_pin(&self.ctx.lockout, self.active_pins, now)
+                    {
+                        tracing::warn!(unit = %req.unit, door = %req.door, until = %started.until,
+                            failures = started.failures, "PIN keypad locked after repeated unknown PINs");
+                        records.push(Record::PinLockout {
+                            at: now,
+                            unit: req.unit.clone(),
+                            door: req.door.clone(),
+                            until: started.until,
+                            failures: started.failures,
+                        });
+                    }
+                    (
+                        Decision::deny(DenyReason::UnknownCredential),
+                        Consume::Nothing,
+                        None,
+                    )
+                }
+                Some(rules) => {
+                    if is_pin {
+                        guard.known_pin();
+                    }
+                    let uses = self.uses(&rules, &req.door, overlay)?;
+                    let clock = self.clock_trust(now, req.clock_synced);
+                    let (decision, consume) = access::decide(
+                        &self.ctx.site,
+                        self.ctx.policy,
+                        &rules,
+                        &req.door,
+                        uses,
+                        now,
+                        clock,
+                    );
+                    if consume == Consume::OneUse {
+                        *overlay
+                            .entry((rules.id.clone(), String::new()))
+                            .or_default() += 1;
+                        *overlay
+                            .entry((rules.id.clone(), req.door.clone()))
+                            .or_default() += 1;
+                    }
+                    (decision, consume, Some(rules))
+                }
+            }
+        };
+        if let Some(rules) = &rules {
+            activity.key_id = Some(rules.id.clone());
+            activity.category = Some(rules.category);
+        }
+        match &decision {
+            Decision::Grant(g) => {
+                activity.granted = true;
+                activity.released.clone_from(&g.doors);
+            }
+            Decision::Deny { reason } => activity.reason = Some(*reason),
+        }
+        records.insert(0, Record::Activity(activity));
+        let verdict = Verdict {
+            decision,
+            key_id: rules.as_ref().map(|r| r.id.clone()),
+            category: rules.as_ref().map(|r| r.category),
+            seq: None,
+        };
+        Ok((verdict, consume, records))
+    }
+
+    fn uses(
+        &self,
+        rules: &KeyRules,
+        door: &str,
+        overlay: &HashMap<(String, String), u32>,
+    ) -> Result<Uses, StoreError> {
+        if rules.use_limit == UseLimit::Unlimited {
+            return Ok(Uses::default());
+        }
+        let read = |door: &str| -> Result<u32, StoreError> {
+            let stored: Option<u32> = self
+                .conn
+                .prepare_cached("SELECT count FROM uses WHERE key_id = ?1 AND door = ?2")?
+                .query_row(params![rules.id, door], |r| r.get(0))
+                .optional()?;
+            let pending = overlay
+                .get(&(rules.id.clone(), door.to_owned()))
+                .copied()
+                .unwrap_or(0);
+            Ok(stored.unwrap_or(0) + pending)
+        };
+        Ok(Uses {
+            total: read("")?,
+            at_door: read(door)?,
+        })
+    }
+
+    fn clock_trust(&self, now: Timestamp, synced: bool) -> ClockTrust {
+        let trusted = synced
+            || self.mark.is_some_and(|mark| {
+                now.checked_add(self.ctx.clock_tolerance)
+                    .is_ok_and(|ahead| ahead >= mark)
+            });
+        if trusted {
+            ClockTrust::Trusted
+        } else {
+            ClockTrust::Untrusted
+        }
+    }
+
+    fn raise_mark(&mut self, at: Timestamp) {
+        if self.mark.is_none_or(|m| at > m) {
+            self.mark = Some(at);
+        }
+    }
+
+    /// Phase 2: write what phase 1 decided. Returns the outbox sequence numbers per outcome.
+    fn persist(
+        &mut self,
+        outcomes: &[Outcome],
+        overlay: &HashMap<(String, String), u32>,
+    ) -> Result<Vec<Vec<i64>>, rusqlite::Error> {
+        // Deletions first: on a full disk they free the pages the rest needs.
+        let mut acked = HashMap::new();
+        {
+            let mut del = self
+                .conn
+                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for (i, outcome) in outcomes.iter().enumerate() {
+                if let Outcome::Ack { seqs, .. } = outcome {
+                    let mut n = 0;
+                    for s in seqs {
+                        n += del.execute([s])?;
+                    }
+                    acked.insert(i, i64::try_from(n).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        let had_outage = self.outage;
+        for record in &self.backlog {
+            insert_record(&self.conn, record)?;
+        }
+        if let Some((kept, dropped)) = had_outage {
+            insert_record(
+                &self.conn,
+                &Record::StorageRecovered {
+                    at: Timestamp::now(),
+                    kept_in_memory: kept,
+                    dropped,
+                },
+            )?;
+        }
+        {
+            let mut bump = self.conn.prepare_cached(
+                "INSERT INTO uses (key_id, door, count) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key_id, door) DO UPDATE SET count = count + excluded.count",
+            )?;
+            for ((key, door), n) in overlay {
+                bump.execute(params![key, door, n])?;
+            }
+        }
+        let mut seqs = Vec::with_capacity(outcomes.len());
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let mut mine = Vec::new();
+            match outcome {
+                Outcome::Verify { records, .. } | Outcome::Append { records, .. } => {
+                    for r in records {
+                        mine.push(insert_record(&self.conn, r)?);
+                    }
+                }
+                Outcome::Ack { .. } => mine.extend(acked.get(&i)),
+                Outcome::Done(_) | Outcome::Failed(..) => {}
+            }
+            seqs.push(mine);
+        }
+        if let Some(mark) = self.mark
+            && self
+                .mark_written
+                .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
+        {
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta (name, value) VALUES ('trusted_time', ?1)",
+                [mark.as_second()],
+            )?;
+        }
+        Ok(seqs)
+    }
+
+    /// Sends the answers. `seqs` is `None` when the commit failed and the group is degraded.
+    fn answer(&mut self, outcomes: Vec<Outcome>, seqs: Option<Vec<Vec<i64>>>) {
+        let committed = seqs.is_some();
+        let mut seqs = seqs.unwrap_or_default().into_iter();
+        for outcome in outcomes {
+            let mine = seqs.next().unwrap_or_default();
+            match outcome {
+                Outcome::Verify {
+                    reply,
+                    mut verdict,
+                    consume,
+                    records,
+                } => {
+                    if committed {
+                        verdict.seq = mine.first().copied();
+                    } else {
+                        verdict.decision = self.unrecorded(verdict.decision, consume);
+                        for r in records {
+                            self.hold(r);
+                        }
+                    }
+                    let _ = reply.send(Ok(verdict));
+                }
+                Outcome::Append { reply, records } => {
+                    if !committed {
+                        for r in records {
+                            self.hold(r);
+                        }
+                    }
+                    let _ = reply.send(Ok(mine));
+                }
+                Outcome::Ack { reply, .. } => {
+                    let result = if committed {
+                        Ok(mine.first().map_or(0, |&n| usize::try_from(n).unwrap_or(0)))
+                    } else {
+                        Err(StoreError::Io {
+                            what: "deleting acknowledged records",
+                            source: std::io::Error::other("the disk refuses writes"),
+                        })
+                    };
+                    let _ = reply.send(result);
+                }
+                Outcome::Done(reply) => drop(reply.send(Ok(()))),
+                Outcome::Failed(send, e) => send(e),
+            }
+        }
+        if committed {
+            self.backlog.clear();
+            if let Some(mark) = self.mark
+                && self
+                    .mark_written
+                    .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
+            {
+                self.mark_written = Some(mark);
+            }
+        }
+    }
+
+    /// The answer when the decision's record could not be written.
+    fn unrecorded(&self, decision: Decision, consume: Consume) -> Decision {
+        match decision {
+            Decision::Grant(_) if consume == Consume::OneUse => {
+                Decision::deny(DenyReason::NotRecorded)
+            }
+            Decision::Grant(g) => match self.ctx.unrecordable_unlimited {
+                UnlimitedPolicy::Grant => Decision::Grant(g),
+                UnlimitedPolicy::Deny => Decision::deny(DenyReason::NotRecorded),
+            },
+            deny @ Decision::Deny { .. } => deny,
+        }
+    }
+
+    fn degrade(&mut self, e: &rusqlite::Error) {
+        if self.outage.is_none() {
+            tracing::error!(error = %e, path = %self.path.display(),
+                "ALARM: the disk refuses writes; limited keys are refused, records are kept in memory");
+            self.outage = Some((0, 0));
+            self.health.degraded.store(true, Ordering::Relaxed);
+            self.hold(Record::StorageUnavailable {
+                at: Timestamp::now(),
+                detail: e.to_string(),
+            });
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some((kept, dropped)) = self.outage.take() {
+            tracing::warn!(
+                kept,
+                dropped,
+                "the disk takes writes again; held records written"
+            );
+            self.health.degraded.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Keeps a record in memory during a disk outage, dropping the oldest routine record when
+    /// the backlog is full (alarms are kept).
+    fn hold(&mut self, record: Record) {
+        if self.backlog.len() >= self.backlog_limit {
+            let victim = self
+                .backlog
+                .iter()
+                .position(|r| r.class() != super::RecordClass::Alarm)
+                .unwrap_or(0);
+            self.backlog.remove(victim);
+            self.health.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some((_, dropped)) = &mut self.outage {
+                *dropped += 1;
+            }
+        }
+        self.backlog.push_back(record);
+        if let Some((kept, _)) = &mut self.outage {
+            *kept += 1;
+        }
+    }
+
+    // ----- key sets -----
+
+    fn key_set_step(&mut self, command: Command) {
+        match command {
+            Command::BeginKeySet(header, reply) => {
+                let _ = reply.send(self.begin(header));
+            }
+            Command::StageKeys(generation, keys, reply) => {
+                let result = self.stage(generation, &keys);
+                if result.is_err() {
+                    self.abandon_staging();
+                }
+                let _ = reply.send(result);
+            }
+            Command::CommitKeySet(generation, expected, reply) => {
+                let _ = reply.send(self.commit_key_set(generation, expected));
+            }
+            _ => {}
+        }
+    }
+
+    fn begin(&mut self, header: KeySetHeader) -> Result<i64, StoreError> {
+        if header.version <= self.keyset_version {
+            return Err(StoreError::KeySet(format!(
+                "version {} is not newer than the held version {}",
+                header.version, self.keyset_version
+            )));
+        }
+        self.abandon_staging();
+        let newest = self
+            .garbage
+            .iter()
+            .copied()
+            .chain([self.active_generation])
+            .max()
+            .unwrap_or(0);
+        let generation = newest + 1;
+        self.staging = Some(Staging {
+            generation,
+            header,
+            keys: 0,
+            pins: 0,
+        });
+        Ok(generation)
+    }
+
+    fn abandon_staging(&mut self) {
+        if let Some(s) = self.staging.take() {
+            self.garbage.push(s.generation);
+        }
+    }
+
+    fn stage(&mut self, generation: i64, keys: &[Key]) -> Result<(), StoreError> {
+        let staging = match &mut self.staging {
+            Some(s) if s.generation == generation => s,
+            _ => {
+                return Err(StoreError::KeySet(format!(
+                    "no key set is being staged as generation {generation}"
+                )));
+            }
+        };
+        let tx = self.conn.transaction()?;
+        {
+            let mut put_key = tx.prepare_cached(
+                "INSERT INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut put_cred = tx.prepare_cached(
+                "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut buf = Vec::with_capacity(256);
+            for key in keys {
+                buf.clear();
+                ciborium::into_writer(&key.rules, &mut buf)
+                    .map_err(|e| StoreError::KeySet(format!("key {}: {e}", key.rules.id)))?;
+                put_key
+                    .execute(params![generation, key.rules.id, buf])
+                    .map_err(|e| dup(e, "key id", &key.rules.id))?;
+                for c in &key.credentials {
+                    put_cred
+                        .execute(params![generation, c.digest.0, c.kind.code(), key.rules.id])
+                        .map_err(|e| dup(e, "credential of key", &key.rules.id))?;
+                    if c.kind == CredentialKind::Pin {
+                        staging.pins += 1;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        staging.keys += keys.len() as u64;
+        Ok(())
+    }
+
+    fn commit_key_set(&mut self, generation: i64, expected: u64) -> Result<(), StoreError> {
+        let staging = match self.staging.take() {
+            Some(s) if s.generation == generation => s,
+            other => {
+                self.staging = other;
+                return Err(StoreError::KeySet(format!(
+                    "no key set is being staged as generation {generation}"
+                )));
+            }
+        };
+        if staging.keys != expected {
+            self.garbage.push(staging.generation);
+            return Err(StoreError::KeySet(format!(
+                "staged {} keys but the set has {expected}",
+                staging.keys
+            )));
+        }
+        if let Some(at) = staging.header.issued_at {
+            self.raise_mark(at);
+        }
+        let version = i64::try_from(staging.header.version)
+            .map_err(|_| StoreError::KeySet("version out of range".into()))?;
+        let tx = self.conn.transaction()?;
+        {
+            let mut set =
+                tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+            set.execute(params!["active_generation", generation])?;
+            set.execute(params!["keyset_version", version])?;
+            set.execute(params!["credential_salt", staging.header.salt])?;
+            if let Some(mark) = self.mark {
+                set.execute(params!["trusted_time", mark.as_second()])?;
+            }
+        }
+        tx.commit()?;
+        self.garbage.push(self.active_generation);
+        self.active_generation = generation;
+        self.keyset_version = staging.header.version;
+        self.salt = staging.header.salt;
+        self.active_pins = staging.pins;
+        self.mark_written = self.mark;
+        tracing::info!(
+            version = self.keyset_version,
+            keys = staging.keys,
+            "key set installed"
+        );
+        Ok(())
+    }
+
+    /// Deletes one slice of an old generation; when none is left, forgets use counters of keys
+    /// that no longer exist.
+    fn collect_garbage(&mut self) {
+        let Some(&generation) = self.garbage.last() else {
+            return;
+        };
+        let step = || -> Result<usize, rusqlite::Error> {
+            let tx = self.conn.unchecked_transaction()?;
+            let mut n = tx.execute(
+                "DELETE FROM keys WHERE generation = ?1 AND key_id IN
+                   (SELECT key_id FROM keys WHERE generation = ?1 LIMIT ?2)",
+                params![generation, GC_CHUNK],
+            )?;
+            n += tx.execute(
+                "DELETE FROM credentials WHERE generation = ?1 AND digest IN
+                   (SELECT digest FROM credentials WHERE generation = ?1 LIMIT ?2)",
+                params![generation, GC_CHUNK],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        };
+        match step() {
+            Ok(0) => {
+                self.garbage.pop();
+                if self.garbage.is_empty() {
+                    let pruned = self.conn.execute(
+                        "DELETE FROM uses WHERE key_id NOT IN
+                           (SELECT key_id FROM keys WHERE generation = ?1)",
+                        [self.active_generation],
+                    );
+                    if let Err(e) = pruned {
+                        tracing::warn!(error = %e, "pruning old use counters failed");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Leave it for the next start rather than spin on a failing disk.
+                tracing::warn!(error = %e, generation, "removing an old key set failed");
+                self.garbage.clear();
+            }
+        }
+    }
+}
+
+/// Looks a digest up in the live generation.
+fn lookup(
+    conn: &Connection,
+    generation: i64,
+    digest: &[u8; 32],
+) -> Result<Option<KeyRules>, StoreError> {
+    let blob: Option<Vec<u8>> = conn
+        .prepare_cached(
+            "SELECT k.rules FROM credentials c
+               JOIN keys k ON k.generation = c.generation AND k.key_id = c.key_id
+              WHERE c.generation = ?1 AND c.digest = ?2",
+        )?
+        .query_row(params![generation, digest], |r| r.get(0))
+        .optional()?;
+    blob.map(|b| decode_rules(&b)).transpose()
+}
+
+pub(super) fn decode_rules(blob: &[u8]) -> Result<KeyRules, StoreError> {
+    ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("key rules: {e}")))
+}
+
+fn insert_record(conn: &Connection, record: &Record) -> Result<i64, rusqlite::Error> {
+    conn.prepare_cached("INSERT INTO outbox (class, created_ms, body) VALUES (?1, ?2, ?3)")?
+        .execute(params![
+            record.class().code(),
+            record.at().as_millisecond(),
+            record.to_cbor()
+        ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+        StoreError::KeySet(format!("{what} {id} appears twice in the set"))
+    } else {
+        StoreError::Sqlite(e)
+    }
+}
+
+fn fail(outcome: Outcome, error: &dyn Fn() -> StoreError) {
+    match outcome {
+        Outcome::Verify { reply, .. } => drop(reply.send(Err(error()))),
+        Outcome::Append { reply, .. } => drop(reply.send(Err(error()))),
+        Outcome::Ack { reply, .. } => drop(reply.send(Err(error()))),
+        Outcome::Done(reply) => drop(reply.send(Err(error()))),
+        Outcome::Failed(send, e) => send(e),
+    }
+}

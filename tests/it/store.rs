@@ -1,0 +1,524 @@
+//! The SQLite store with real files: decisions recorded durably, use limits across restarts,
+//! group commit, key-set generations, migrations, corruption and a full disk.
+
+use doorbridge::access::{CredentialKind, Decision, DenyReason, UseLimit};
+use doorbridge::store::schema::{self, MIGRATIONS};
+use doorbridge::store::{Record, Store, StoreOptions};
+use rusqlite::Connection;
+
+use crate::fixtures::{self, header, key, open, request};
+
+fn reason(decision: &Decision) -> Option<DenyReason> {
+    decision.deny_reason()
+}
+
+#[tokio::test]
+async fn unknown_credential_is_denied_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    let v = store
+        .verify(request("bus0/1", "main", CredentialKind::Qr, "nope"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&v.decision), Some(DenyReason::UnknownCredential));
+    let seq = v.seq.expect("recorded on disk before the answer");
+    let records = store.reader().unwrap().outbox(0, 10).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].seq, seq);
+    let Record::Activity(a) = &records[0].record else {
+        panic!("activity expected")
+    };
+    assert_eq!(a.reason, Some(DenyReason::UnknownCredential));
+    assert_eq!(a.credential_kind, CredentialKind::Qr);
+    store.close();
+}
+
+#[tokio::test]
+async fn single_use_key_stays_used_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .install_key_set(
+            header(1),
+            vec![key(
+                "courier",
+                CredentialKind::Pin,
+                "482916",
+                UseLimit::Total(1),
+            )],
+        )
+        .await
+        .unwrap();
+    let first = store
+        .verify(request("bus0/1", "main", CredentialKind::Pin, "482916"))
+        .await
+        .unwrap();
+    assert!(first.decision.is_grant(), "{first:?}");
+    assert_eq!(first.key_id.as_deref(), Some("courier"));
+    store.close();
+
+    let store = open(&path);
+    let second = store
+        .verify(request("bus0/1", "main", CredentialKind::Pin, "482916"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&second.decision), Some(DenyReason::UsedUp));
+    store.close();
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_a_single_use_key_grant_once_in_few_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(1),
+            vec![key("once", CredentialKind::Qr, "tok", UseLimit::Total(1))],
+        )
+        .await
+        .unwrap();
+    let before = store
+        .health()
+        .commits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .verify(request(
+                        &format!("bus0/{}", i % 8 + 1),
+                        "main",
+                        CredentialKind::Qr,
+                        "tok",
+                    ))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut grants = 0;
+    for t in tasks {
+        let v = t.await.unwrap();
+        if v.decision.is_grant() {
+            grants += 1;
+        } else {
+            assert_eq!(reason(&v.decision), Some(DenyReason::UsedUp));
+        }
+        assert!(v.seq.is_some());
+    }
+    assert_eq!(grants, 1, "a single-use key opened more than once");
+    let commits = store
+        .health()
+        .commits
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    assert!(
+        commits < 64,
+        "64 decisions took {commits} commits: no group commit"
+    );
+    assert_eq!(store.reader().unwrap().outbox_depth().unwrap(), 64);
+    assert_eq!(
+        store.reader().unwrap().uses("once").unwrap(),
+        vec![(String::new(), 1), ("main".into(), 1)]
+    );
+    store.close();
+}
+
+#[tokio::test]
+async fn per_door_counts_are_kept_per_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    let mut k = key("visitor", CredentialKind::Qr, "qr-1", UseLimit::PerDoor(2));
+    k.rules.doors.push("garage".into());
+    store.install_key_set(header(1), vec![k]).await.unwrap();
+    for door in ["main", "main", "garage", "garage"] {
+        let v = store
+            .verify(request("u", door, CredentialKind::Qr, "qr-1"))
+            .await
+            .unwrap();
+        assert!(v.decision.is_grant(), "{door}: {v:?}");
+    }
+    for door in ["main", "garage"] {
+        let v = store
+            .verify(request("u", door, CredentialKind::Qr, "qr-1"))
+            .await
+            .unwrap();
+        assert_eq!(reason(&v.decision), Some(DenyReason::UsedUp), "{door}");
+    }
+    store.close();
+}
+
+#[tokio::test]
+async fn a_new_key_set_replaces_the_old_and_old_versions_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(5),
+            vec![key("a", CredentialKind::Mobile, "m-a", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    store
+        .install_key_set(
+            header(6),
+            vec![key("b", CredentialKind::Mobile, "m-b", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    let a = store
+        .verify(request("u", "main", CredentialKind::Mobile, "m-a"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&a.decision), Some(DenyReason::UnknownCredential));
+    let b = store
+        .verify(request("u", "main", CredentialKind::Mobile, "m-b"))
+        .await
+        .unwrap();
+    assert!(b.decision.is_grant());
+
+    let err = store.begin_key_set(header(6)).await.unwrap_err();
+    assert!(err.to_string().contains("not newer"), "{err}");
+    let info = store.reader().unwrap().key_set().unwrap();
+    assert_eq!((info.version, info.keys), (6, 1));
+    store.close();
+}
+
+#[tokio::test]
+async fn a_set_with_a_duplicate_credential_is_refused_and_the_old_one_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(1),
+            vec![key("a", CredentialKind::Pin, "1111", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    let twins = vec![
+        key("x", CredentialKind::Pin, "2222", UseLimit::Unlimited),
+        key("y", CredentialKind::Pin, "2222", UseLimit::Unlimited),
+    ];
+    let err = store.install_key_set(header(2), twins).await.unwrap_err();
+    assert!(err.to_string().contains("appears twice"), "{err}");
+    let a = store
+        .verify(request("u", "main", CredentialKind::Pin, "1111"))
+        .await
+        .unwrap();
+    assert!(a.decision.is_grant());
+    assert_eq!(store.reader().unwrap().key_set().unwrap().version, 1);
+    store.close();
+}
+
+#[tokio::test]
+async fn an_interrupted_install_leaves_the_old_set_and_is_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .install_key_set(
+            header(1),
+            vec![key("old", CredentialKind::Qr, "o", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    let generation = store.begin_key_set(header(2)).await.unwrap();
+    store
+        .stage_keys(
+            generation,
+            vec![key("new", CredentialKind::Qr, "n", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    // Stop before the commit, as a power cut would.
+    store.close();
+
+    let store = open(&path);
+    let old = store
+        .verify(request("u", "main", CredentialKind::Qr, "o"))
+        .await
+        .unwrap();
+    assert!(old.decision.is_grant());
+    let new = store
+        .verify(request("u", "main", CredentialKind::Qr, "n"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&new.decision), Some(DenyReason::UnknownCredential));
+    store.close();
+    // The staged rows were removed while idle, before the close returned or after restart.
+    let store = open(&path);
+    let conn = Connection::open(&path).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left: i64 = conn
+            .query_row("SELECT count(*) FROM keys WHERE generation <> (SELECT value FROM meta WHERE name='active_generation')", [], |r| r.get(0))
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "staged rows never removed"
+        );
+        std::thread::yield_now();
+    }
+    store.close();
+}
+
+#[tokio::test]
+async fn pin_guessing_locks_the_keypad_and_raises_an_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(1),
+            vec![key(
+                "courier",
+                CredentialKind::Pin,
+                "482916",
+                UseLimit::Unlimited,
+            )],
+        )
+        .await
+        .unwrap();
+    for guess in 0..5 {
+        let v = store
+            .verify(request(
+                "bus0/3",
+                "main",
+                CredentialKind::Pin,
+                &format!("00000{guess}"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(reason(&v.decision), Some(DenyReason::UnknownCredential));
+    }
+    // Now even the right PIN is refused at that unit, but not at another unit.
+    let locked = store
+        .verify(request("bus0/3", "main", CredentialKind::Pin, "482916"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&locked.decision), Some(DenyReason::LockedOut));
+    let elsewhere = store
+        .verify(request("bus0/4", "main", CredentialKind::Pin, "482916"))
+        .await
+        .unwrap();
+    assert!(elsewhere.decision.is_grant());
+    let alarms: Vec<_> = store
+        .reader()
+        .unwrap()
+        .outbox(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|r| matches!(r.record, Record::PinLockout { .. }))
+        .collect();
+    assert_eq!(alarms.len(), 1);
+    store.close();
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_limited_keys_grants_unlimited_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut options = StoreOptions::new(&path, fixtures::context());
+    options.max_size = Some(256 * 1024);
+    let store = Store::open(options).unwrap();
+    store
+        .install_key_set(
+            header(1),
+            vec![
+                key(
+                    "home",
+                    CredentialKind::Mobile,
+                    "resident",
+                    UseLimit::Unlimited,
+                ),
+                key("courier", CredentialKind::Pin, "482916", UseLimit::Total(3)),
+            ],
+        )
+        .await
+        .unwrap();
+    // Fill the database to its cap with door events.
+    let filler = |i: u32| Record::StorageUnavailable {
+        at: fixtures::now(),
+        detail: format!("filler {i} {}", "x".repeat(400)),
+    };
+    let mut i = 0;
+    while !store.append(vec![filler(i)]).await.unwrap().is_empty() {
+        i += 1;
+        assert!(i < 10_000, "the cap never filled");
+    }
+    assert!(
+        store
+            .health()
+            .degraded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+
+    let courier = store
+        .verify(request("u", "main", CredentialKind::Pin, "482916"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&courier.decision), Some(DenyReason::NotRecorded));
+    assert_eq!(courier.seq, None);
+    let home = store
+        .verify(request("u", "main", CredentialKind::Mobile, "resident"))
+        .await
+        .unwrap();
+    assert!(
+        home.decision.is_grant(),
+        "residents are not locked out by a full disk"
+    );
+    assert_eq!(home.seq, None, "held in memory");
+
+    // The uplink acknowledges records: space frees, the held records are written.
+    let reader = store.reader().unwrap();
+    let seqs: Vec<i64> = reader
+        .outbox(0, 10_000)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    let removed = store.ack(seqs[..seqs.len() / 2].to_vec()).await.unwrap();
+    assert_eq!(removed, seqs.len() / 2);
+    assert!(
+        !store
+            .health()
+            .degraded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let after = reader.outbox(0, 10_000).unwrap();
+    let recovered = after
+        .iter()
+        .find_map(|r| match &r.record {
+            Record::StorageRecovered {
+                kept_in_memory,
+                dropped,
+                ..
+            } => Some((*kept_in_memory, *dropped)),
+            _ => None,
+        })
+        .expect("a recovery record");
+    assert!(
+        recovered.0 >= 3,
+        "the alarm, the two decisions and the filler were kept: {recovered:?}"
+    );
+    assert_eq!(recovered.1, 0);
+    let activities = after
+        .iter()
+        .filter(|r| matches!(r.record, Record::Activity(_)))
+        .count();
+    assert_eq!(activities, 2, "both decisions reached the disk");
+    // And the courier's use was never counted.
+    let courier = store
+        .verify(request("u", "main", CredentialKind::Pin, "482916"))
+        .await
+        .unwrap();
+    assert!(courier.decision.is_grant());
+    assert_eq!(
+        reader.uses("courier").unwrap(),
+        vec![(String::new(), 1), ("main".into(), 1)]
+    );
+    store.close();
+}
+
+#[tokio::test]
+async fn a_corrupt_database_is_moved_aside_and_a_fresh_one_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .install_key_set(
+            header(1),
+            vec![key("a", CredentialKind::Qr, "q", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    store.close();
+    // Scribble over the middle of the file, as a failing SD card would.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let len = bytes.len();
+    for b in &mut bytes[len / 4..len - 10] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let store = open(&path);
+    assert_eq!(
+        store.reader().unwrap().key_set().unwrap().version,
+        0,
+        "starts empty"
+    );
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("db.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    store.close();
+}
+
+#[test]
+fn upgrades_from_every_earlier_schema_version() {
+    for from in 0..MIGRATIONS.len() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for (i, sql) in MIGRATIONS.iter().take(from).enumerate() {
+                conn.execute_batch(sql).unwrap();
+                conn.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+                    .unwrap();
+            }
+            if from >= 1 {
+                // Data written by that version must survive the upgrade.
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ('keyset_version', 7)",
+                    [],
+                )
+                .unwrap();
+                conn.execute(
+                    "INSERT INTO outbox (class, created_ms, body) VALUES (1, 0, x'a0')",
+                    [],
+                )
+                .unwrap();
+            }
+        }
+        let store = open(&path);
+        store.close();
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, schema::latest_version(), "from version {from}");
+        if from >= 1 {
+            let kept: i64 = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE name = 'keyset_version'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(kept, 7, "from version {from}");
+            let rows: i64 = conn
+                .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(rows, 1, "from version {from}");
+        }
+    }
+}
+
+#[test]
+fn a_database_from_a_newer_build_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 999)
+        .unwrap();
+    let err = Store::open(StoreOptions::new(&path, fixtures::context())).unwrap_err();
+    assert!(err.to_string().contains("newer"), "{err}");
+    assert!(!err.is_retryable());
+}
