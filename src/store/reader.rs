@@ -6,7 +6,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::records::{Record, RecordClass, StoredRecord};
-use super::writer::decode_rules;
+use super::writer::{decode_rules, lookup};
 use super::{StoreError, schema};
 use crate::access::KeyRules;
 
@@ -79,16 +79,16 @@ impl Reader {
 
     /// The key a credential digest belongs to, in the live set.
     pub fn key_by_digest(&self, digest: &[u8; 32]) -> Result<Option<KeyRules>, StoreError> {
-        let blob: Option<Vec<u8>> = self
-            .conn
-            .prepare_cached(
-                "SELECT k.rules FROM credentials c
-                   JOIN keys k ON k.generation = c.generation AND k.key_id = c.key_id
-                  WHERE c.generation = ?1 AND c.digest = ?2",
-            )?
-            .query_row(params![self.generation()?, digest], |r| r.get(0))
-            .optional()?;
-        blob.map(|b| decode_rules(&b)).transpose()
+        lookup(&self.conn, self.generation()?, digest)
+    }
+
+    /// The same lookup in a known generation: exactly what the writer does per request.
+    pub fn key_by_digest_in(
+        &self,
+        generation: i64,
+        digest: &[u8; 32],
+    ) -> Result<Option<KeyRules>, StoreError> {
+        lookup(&self.conn, generation, digest)
     }
 
     /// Uses counted for a key: `(door, count)`, with `""` for all doors.

@@ -835,8 +835,8 @@ impl Writer {
     }
 }
 
-/// Looks a digest up in the live generation.
-fn lookup(
+/// Looks a digest up in a generation of the key set.
+pub(super) fn lookup(
     conn: &Connection,
     generation: i64,
     digest: &[u8; 32],
