@@ -81,21 +81,23 @@ pub fn decide(
     (Decision::Grant(grant), consume)
 }
 
-/// Whether the key opens `door`: a listed door, or an inner door behind a listed door when
-/// the key also opens inner doors. Doors the site does not have open nothing.
+/// Whether the key opens `door`: a listed outer door; an inner door only when the key also
+/// opens inner doors (seed 000: "by default, keys cannot open the inner door"), and then when
+/// it is listed or lies behind a listed outer door. Doors the site does not have open nothing.
 pub fn opens(site: &Site, key: &KeyRules, door: &str) -> bool {
     let Some(info) = site.doors.get(door) else {
         return false;
     };
-    if key.doors.iter().any(|d| d == door) {
-        return true;
+    let listed = key.doors.iter().any(|d| d == door);
+    if !info.inner {
+        return listed;
     }
     key.opens_inner_door
-        && info.inner
-        && key.doors.iter().any(|listed| {
-            site.doors.get(listed).is_some_and(|outer| !outer.inner)
-                && (info.behind.is_empty() || info.behind.iter().any(|b| b == listed))
-        })
+        && (listed
+            || key.doors.iter().any(|outer_id| {
+                site.doors.get(outer_id).is_some_and(|outer| !outer.inner)
+                    && (info.behind.is_empty() || info.behind.iter().any(|b| b == outer_id))
+            }))
 }
 
 /// The doors a grant at `door` releases: that door, and for a key that also opens inner doors

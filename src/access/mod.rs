@@ -13,3 +13,6 @@ pub mod model;
 pub use engine::{Consume, Policy, decide};
 pub use lockout::{LockoutPolicy, PinGuard};
 pub use model::*;
+
+#[cfg(test)]
+mod tests;
