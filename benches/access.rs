@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::fmt::Write as _;
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion};
@@ -253,10 +254,11 @@ fn write_report() {
             Some(r) => (fmt_ns(r), format!("{:.2}×", ns / r)),
             None => ("—".into(), "—".into()),
         };
-        table.push_str(&format!(
-            "| {what} (`{id}`) | {} | {rf} | {ratio} |\n",
+        let _ = writeln!(
+            table,
+            "| {what} (`{id}`) | {} | {rf} | {ratio} |",
             fmt_ns(ns)
-        ));
+        );
     }
     let section = format!(
         "<!-- bench:access -->\n### Access engine and lookup (`cargo bench --bench access`)\n\n\
