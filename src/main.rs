@@ -38,6 +38,8 @@ struct Cli {
     command: Command,
 }
 
+// The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
+#[allow(clippy::doc_markdown)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway (what the systemd service starts)
