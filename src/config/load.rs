@@ -37,6 +37,9 @@ use super::{
 /// The most bad values read before giving up (each one costs a read of the whole tree).
 const MAX_TYPE_ERRORS: usize = 100;
 
+/// The key of the one-entry table the toml crate represents a date-time with.
+const TOML_DATETIME: &str = "$__toml_private_datetime";
+
 /// The source named for a value no file or variable set.
 pub(super) const DEFAULT_SOURCE: &str = "default";
 
@@ -220,11 +223,16 @@ fn read_typed(
             Err(error) => error,
         };
         let path = KeyPath::from_figment(root, &error.path);
+        // Taking the value out did not help (it should always): stop rather than repeat.
+        let repeated = rejected.contains(&path);
         let problem = Problem {
             key: path.to_string(),
             source: source_of(figment, root, &path),
             message: describe(&error.kind),
         };
+        if repeated {
+            return None;
+        }
         problems.push((path.clone(), problem));
         if !neutralize(root, schema, &path) {
             return None;
@@ -279,9 +287,9 @@ fn describe(kind: &Kind) -> String {
             )
         }
         Kind::InvalidValue(actual, expected) => format!(
-            "invalid value {}: expected {}",
-            actual_text(actual),
-            expected_text(expected)
+            "expected {}, found {}",
+            expected_text(expected),
+            actual_text(actual)
         ),
         Kind::InvalidLength(len, expected) => {
             format!("expected {}, found {len} items", expected_text(expected))
@@ -365,6 +373,10 @@ fn check_shape(value: &Value, schema: &Value, path: &KeyPath, out: &mut Vec<(Key
 
 fn shape(value: &Value) -> &'static str {
     match value {
+        // How the toml crate hands a date-time to serde.
+        Value::Dict(_, dict) if dict.len() == 1 && dict.contains_key(TOML_DATETIME) => {
+            "a date-time"
+        }
         Value::Dict(..) => "a table",
         Value::Array(..) => "an array",
         Value::String(..) | Value::Char(..) => "a string",

@@ -637,6 +637,35 @@ mod tests {
     }
 
     #[test]
+    fn odd_values_are_named_plainly() {
+        let found = problems(&format!(
+            "{MINIMAL}
+            [pin_lockout]
+            attempts = -1
+            pins_per_step = 2.5
+            [telemetry]
+            interval = 1979-05-27T07:32:00Z
+            low_battery_percent = 300
+            "
+        ));
+        let messages: Vec<String> = found
+            .iter()
+            .map(|p| format!("{}: {}", p.key, p.message))
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "pin_lockout.attempts: expected an integer from 0 to 4294967295, found the number -1",
+                "pin_lockout.pins_per_step: expected an integer from 0 to 4294967295, found the \
+                 number 2.5",
+                "telemetry.interval: expected a string, found a date-time",
+                "telemetry.low_battery_percent: expected an integer from 0 to 255, found the \
+                 number 300",
+            ]
+        );
+    }
+
+    #[test]
     fn enums_are_not_read_from_numbers() {
         let found = problems(&format!(
             "{MINIMAL}\n[storage]\nunrecordable_unlimited = 1\n"
