@@ -151,8 +151,8 @@ fn resolve(layers: &[Layer], schema: &Value, main: &str) -> Result<Config, Confi
         problems.extend(checker.into_problems());
     }
 
-    if let (Some(config), true) = (&config, problems.is_empty()) {
-        return Ok(config.clone());
+    if let (Some(config), true) = (config, problems.is_empty()) {
+        return Ok(config);
     }
     // In the order of the keys as declared, so the list reads like the file.
     let order = Order::of_schema();
@@ -223,16 +223,15 @@ fn read_typed(
             Err(error) => error,
         };
         let path = KeyPath::from_figment(root, &error.path);
-        // Taking the value out did not help (it should always): stop rather than repeat.
-        let repeated = rejected.contains(&path);
+        if rejected.contains(&path) {
+            // Taking the value out did not help (it always should): stop rather than repeat.
+            return None;
+        }
         let problem = Problem {
             key: path.to_string(),
             source: source_of(figment, root, &path),
             message: describe(&error.kind),
         };
-        if repeated {
-            return None;
-        }
         problems.push((path.clone(), problem));
         if !neutralize(root, schema, &path) {
             return None;
@@ -279,14 +278,7 @@ fn neutralize(root: &mut Value, schema: &Value, path: &KeyPath) -> bool {
 fn describe(kind: &Kind) -> String {
     match kind {
         Kind::Message(message) => message.clone(),
-        Kind::InvalidType(actual, expected) => {
-            format!(
-                "expected {}, found {}",
-                expected_text(expected),
-                actual_text(actual)
-            )
-        }
-        Kind::InvalidValue(actual, expected) => format!(
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => format!(
             "expected {}, found {}",
             expected_text(expected),
             actual_text(actual)
