@@ -760,7 +760,8 @@ mod tests {
         assert!(errors.problems[0].source.ends_with("30-c.toml"));
         assert_eq!(errors.problems[0].key, "gateway.id");
 
-        let missing = Sources::new(Some(&dir.path().join("nope.toml")));
+        let mut missing = Sources::new(Some(&dir.path().join("nope.toml")));
+        missing.env = false;
         let errors = load(&missing).unwrap_err();
         assert_eq!(errors.problems.len(), 1);
         assert!(errors.problems[0].source.ends_with("nope.toml"));
