@@ -1,1 +1,139 @@
-fn main() {}
+//! The `doorbridge` binary: parses the command line, loads the configuration, starts logging
+//! and hands over to the library. Everything else lives in the `doorbridge` crate.
+//!
+//! Exit status: 0 success; 2 a configuration (or command-line) problem; 1 any other error.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use doorbridge::config::{self, CONFIG_ENV, ConfigErrors, LOG_ENV, LogLevel, Sources};
+use tracing_subscriber::EnvFilter;
+
+const AFTER_HELP: &str = "\
+Configuration sources, later ones override earlier ones key by key:
+  1. the main file: /etc/doorbridge/doorbridge.toml, or the one named by --config PATH
+     (or DOORBRIDGE_CONFIG); it must exist;
+  2. config.d/*.toml in the main file's directory, in sorted file-name order;
+  3. DOORBRIDGE_* environment variables, with `__` between nested keys, e.g.
+     DOORBRIDGE_STORAGE__PATH=/data/doorbridge.db or DOORBRIDGE_CLOUD__PASSWORD=...
+DOORBRIDGE_LOG is not a configuration key: it overrides log.level with a tracing filter
+directive, e.g. DOORBRIDGE_LOG=\"info,doorbridge::bus=trace\".
+
+Exit status: 0 success, 2 configuration or usage problem, 1 any other error.
+See docs/configuration.md and the annotated example config/doorbridge.toml.";
+
+/// Edge gateway for smart intercoms: syncs key sets from the cloud over MQTT, decides door
+/// requests locally over RS-485 (also offline), uploads activity without loss.
+#[derive(Debug, Parser)]
+#[command(name = "doorbridge", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The main configuration file [default: /etc/doorbridge/doorbridge.toml]
+    #[arg(short, long, global = true, value_name = "PATH", env = CONFIG_ENV)]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+// The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
+#[allow(clippy::doc_markdown)]
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (what the systemd service starts)
+    ///
+    /// Loads and checks the configuration (exit 2 with every problem if it is bad), logs to
+    /// stderr at log.level (DOORBRIDGE_LOG overrides), then serves the door buses and the cloud
+    /// link until stopped.
+    Run,
+    /// Check the configuration and print the effective result
+    ///
+    /// Merges all sources, validates them and prints the effective configuration as TOML
+    /// (defaults filled in, secrets shown as "<redacted>") to stdout, exit 0. Otherwise prints
+    /// every problem to stderr, one per line as `SOURCE: KEY: PROBLEM` where SOURCE is the file
+    /// or environment variable that set the key, and exits 2.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(&error),
+    }
+}
+
+fn execute(cli: &Cli) -> anyhow::Result<()> {
+    let sources = Sources::new(cli.config.as_deref());
+    match cli.command {
+        Command::Run => {
+            let config = config::load(&sources)?;
+            init_logging(config.log.level)?;
+            tracing::info!(
+                gateway = %config.gateway.id,
+                config = %sources.file.display(),
+                "doorbridge {} starting",
+                env!("CARGO_PKG_VERSION")
+            );
+            doorbridge::daemon::run(&config).context("the gateway stopped with an error")?;
+            Ok(())
+        }
+        Command::CheckConfig => {
+            let (config, layers) = config::load_with_layers(&sources)?;
+            let mut text = String::from(
+                "# doorbridge: effective configuration (secrets redacted)\n# sources, later wins:\n",
+            );
+            for layer in &layers {
+                text.push_str("#   ");
+                text.push_str(layer);
+                text.push('\n');
+            }
+            text.push('\n');
+            text.push_str(&config.redacted_toml());
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .context("cannot write to standard output")?;
+            Ok(())
+        }
+    }
+}
+
+/// Logs to stderr at `level`, or as `DOORBRIDGE_LOG` says when it is set.
+fn init_logging(level: LogLevel) -> anyhow::Result<()> {
+    let filter = match std::env::var(LOG_ENV) {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
+            .with_context(|| format!("{LOG_ENV}={directives:?} is not a valid log filter"))?,
+        Ok(_) | Err(std::env::VarError::NotPresent) => EnvFilter::new(level.as_str()),
+        Err(std::env::VarError::NotUnicode(_)) => bail!("{LOG_ENV} is not valid UTF-8"),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .map_err(|error| anyhow!(error).context("cannot start logging"))
+}
+
+/// Prints `error` to stderr: every configuration problem, or the whole chain of causes.
+fn report(error: &anyhow::Error) -> ExitCode {
+    let mut stderr = std::io::stderr().lock();
+    // Nothing sensible is left to do if stderr itself fails.
+    if let Some(errors) = error.downcast_ref::<ConfigErrors>() {
+        let count = errors.problems.len();
+        let noun = if count == 1 { "problem" } else { "problems" };
+        let _ = writeln!(
+            stderr,
+            "doorbridge: the configuration has {count} {noun}:\n{errors}"
+        );
+        return ExitCode::from(2);
+    }
+    let _ = writeln!(stderr, "doorbridge: error: {error}");
+    for cause in error.chain().skip(1) {
+        let _ = writeln!(stderr, "  caused by: {cause}");
+    }
+    ExitCode::FAILURE
+}

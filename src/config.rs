@@ -1,1 +1,0 @@
-//! Configuration: typed, layered (file, config.d, environment), validated after loading.
