@@ -221,12 +221,15 @@ pub struct TlsConfig {
 pub struct StorageConfig {
     /// The database file (with `-wal` and `-shm` next to it).
     pub path: PathBuf,
-    /// At most this many records wait for upload. None is ever dropped to make room: while
-    /// the outbox is full, a new decision counts as one that cannot be recorded.
+    /// At most this many records wait for upload. Enforced by the uplink (a later issue):
+    /// routine telemetry goes first, then the oldest routine activity, never unsent alarms.
     pub outbox_max_records: u64,
     /// At most this many bytes of records wait for upload (same rule when full).
     #[serde(with = "byte_size")]
     pub outbox_max_bytes: u64,
+    /// The most the database file may grow to; reaching it counts as a full disk. 0: no cap.
+    #[serde(with = "byte_size")]
+    pub max_size: u64,
     /// What unlimited keys do when a decision cannot be recorded (disk full or read-only).
     /// Limited keys are always refused then.
     #[serde(with = "string_enum")]
@@ -239,6 +242,7 @@ impl Default for StorageConfig {
             path: PathBuf::from("/var/lib/doorbridge/doorbridge.db"),
             outbox_max_records: 100_000,
             outbox_max_bytes: 64 * 1024 * 1024,
+            max_size: 2 * 1024 * 1024 * 1024,
             unrecordable_unlimited: UnlimitedPolicy::Grant,
         }
     }

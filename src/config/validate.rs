@@ -171,6 +171,14 @@ impl<'a> Checker<'a> {
             64 * 1024,
             1 << 40,
         );
+        if config.storage.max_size != 0 {
+            self.int_range(
+                &at.key("max_size"),
+                config.storage.max_size,
+                1 << 20,
+                1 << 40,
+            );
+        }
     }
 
     fn buses(&mut self, buses: &[BusConfig]) {

@@ -128,12 +128,29 @@ pub enum Health {
 /// keys). A file SQLite cannot read, or that fails the check, is moved aside together with its
 /// WAL, and the caller starts fresh: the cloud's next snapshot refills the keys.
 pub fn check_or_move_aside(path: &Path, now_label: &str) -> Result<Health, StoreError> {
-    if !path.exists() {
-        return Ok(Health::Ok);
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Health::Ok),
+        Err(e) => {
+            return Err(StoreError::Io {
+                what: "reading the database file's metadata",
+                source: e,
+            });
+        }
+    };
+    if !meta.is_file() {
+        // Never move a directory or device aside: that is a configuration mistake.
+        return Err(StoreError::Io {
+            what: "the database path is not a regular file",
+            source: std::io::Error::other(path.display().to_string()),
+        });
     }
     let verdict = match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE) {
         Ok(conn) => quick_check(&conn),
-        Err(e) => Err(e.to_string()),
+        // Only SQLite's own verdict of corruption moves a file aside; a permission problem or
+        // a full disk is an error to fix, not a reason to discard the keys and counters.
+        Err(e) if is_corruption(&e) => Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     let Err(problem) = verdict else {
         return Ok(Health::Ok);
@@ -162,6 +179,13 @@ pub fn check_or_move_aside(path: &Path, now_label: &str) -> Result<Health, Store
         }
     }
     Ok(Health::MovedAside(aside))
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
 }
 
 fn quick_check(conn: &Connection) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, a module per topic, shared helpers in `util` and `fixtures`.
 
 mod config;
+mod daemon;
 mod fixtures;
 mod store;
 mod util;
