@@ -1,1 +1,12 @@
 //! The door bus: frames and messages between the gateway and its door units.
+//!
+//! - [`frame`]: the pure frame codec (COBS, CRC-16, header; a streaming decoder);
+//! - [`message`]: the message types and their CBOR bodies.
+//!
+//! The protocol is specified in `docs/door-bus.md`.
+
+pub mod frame;
+pub mod message;
+
+#[cfg(test)]
+mod vectors;
