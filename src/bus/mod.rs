@@ -13,3 +13,6 @@ pub mod session;
 
 #[cfg(test)]
 mod vectors;
+
+#[cfg(test)]
+mod proptests;

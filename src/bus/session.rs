@@ -710,6 +710,17 @@ impl Session {
         Ok(id)
     }
 
+    /// Entries held in caches and queues (for the boundedness tests).
+    #[cfg(test)]
+    pub(crate) fn footprint(&self) -> usize {
+        self.units
+            .iter()
+            .map(|u| u.cache.len() + usize::from(u.ack.is_some()) + u.commands.len())
+            .sum::<usize>()
+            + self.answers.len()
+            + self.broadcasts.len()
+    }
+
     fn unit_index(&self, addr: Address) -> Option<usize> {
         self.units.iter().position(|u| u.addr == addr)
     }
