@@ -667,6 +667,18 @@ mod tests {
     }
 
     #[test]
+    fn pin_entry_exchange_matches_the_document() {
+        let bytes =
+            vectors::POLL.wire.len() + vectors::VERIFY_PIN.wire.len() + vectors::GRANT.wire.len();
+        assert_eq!(bytes, 74);
+        assert_eq!(wire_time(bytes, 115_200), Duration::from_micros(6_424));
+        assert_eq!(wire_time(bytes, 9600), Duration::from_micros(77_084));
+        let doc = include_str!("../../docs/door-bus.md");
+        assert!(doc.contains("**74 bytes = 6.424 ms at"));
+        assert!(doc.contains("77.08 ms at 9600 baud**"));
+    }
+
+    #[test]
     fn wire_times() {
         assert_eq!(wire_time(10, 9600), Duration::from_micros(10_417));
         assert_eq!(wire_time(10, 115_200), Duration::from_micros(869));
