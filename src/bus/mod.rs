@@ -1,1 +1,18 @@
 //! The door bus: frames and messages between the gateway and its door units.
+//!
+//! - [`frame`]: the pure frame codec (COBS, CRC-16, header; a streaming decoder);
+//! - [`message`]: the message types and their CBOR bodies;
+//! - [`session`]: the pure master-side session (polling, retries, offline units, the answer
+//!   cache that makes retransmitted requests idempotent).
+//!
+//! The protocol is specified in `docs/door-bus.md`.
+
+pub mod frame;
+pub mod message;
+pub mod session;
+
+#[cfg(test)]
+mod vectors;
+
+#[cfg(test)]
+mod proptests;
