@@ -9,7 +9,7 @@
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
 //!   commit, read connections, the trusted-time mark, the outbox;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
-//! - [`bus`]: the door bus (frame codec and messages);
+//! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
 //! - [`daemon`]: wiring and shutdown of the running service.
 //!
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same

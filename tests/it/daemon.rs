@@ -15,7 +15,9 @@ fn wait_for_line(lines: &mpsc::Receiver<String>, needle: &str, within: Duration)
         match lines.recv_timeout(left) {
             Ok(line) if line.contains(needle) => return line,
             Ok(_) => {}
-            Err(_) => panic!("no log line with {needle:?} within {within:?}"),
+            Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("no log line with {needle:?} within {within:?}")
+            }
         }
     }
 }
