@@ -1,13 +1,21 @@
 //! Wiring and shutdown of the running service.
 //!
 //! [`serve`] is the library entry the binary and the tests share: it takes the configuration
-//! and a shutdown signal, starts what the gateway runs and stops it cleanly. Today it opens the
-//! store (integrity check, migrations, writer thread) and holds it until shutdown; the door
-//! buses and the cloud link are wired in here as they land.
+//! and a shutdown signal, starts what the gateway runs and stops it cleanly: the store
+//! (integrity check, migrations, writer thread), then one task per door bus. On shutdown the
+//! buses stop first (decisions being recorded still reach their units), then the store.
+//! The cloud link is wired in here when it lands.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::config::Config;
+use tokio::sync::watch;
+
+use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
+use crate::bus::frame::Address;
+use crate::bus::session::SessionConfig;
+use crate::config::{BusConfig, Config};
 use crate::store::{DecisionContext, Store, StoreError, StoreOptions};
 
 /// Why the daemon stopped with an error.
@@ -75,11 +83,89 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
         ),
         Err(e) => tracing::warn!(path, error = %e, "store open, but its key set cannot be read"),
     }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let buses = start_buses(config, &store, &stop_rx);
     shutdown.await;
     tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    for (name, task) in buses {
+        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            tracing::warn!(bus = %name, "bus did not stop in time");
+        }
+    }
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the bus task for `bus` runs with.
+pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
+    let units: Vec<UnitSpec> = bus
+        .units
+        .iter()
+        .filter_map(|u| {
+            Some(UnitSpec {
+                address: Address::unit(u.address)?,
+                door: u.door.clone(),
+            })
+        })
+        .collect();
+    // A fresh starting id, so a restarted gateway does not reuse ids a unit has just seen.
+    let first_command_id = u16::try_from(jiff::Timestamp::now().subsec_nanosecond() % 65_536)
+        .unwrap_or_default();
+    BusSpec {
+        name: bus.label(),
+        port: bus.port.clone(),
+        baud: bus.baud,
+        rs485: bus.rs485.enabled.then(|| Rs485 {
+            rts_on_send: bus.rs485.rts_on_send,
+            delay_before_send_ms: u32::try_from(bus.rs485.delay_before_send.as_millis())
+                .unwrap_or(u32::MAX),
+            delay_after_send_ms: u32::try_from(bus.rs485.delay_after_send.as_millis())
+                .unwrap_or(u32::MAX),
+        }),
+        session: SessionConfig {
+            units: units.iter().map(|u| u.address).collect(),
+            baud: bus.baud,
+            response_timeout: bus.response_timeout,
+            retries: bus.retries,
+            offline_after: bus.offline_after,
+            min_cycle: bus.poll_interval,
+            first_command_id,
+            ..SessionConfig::default()
+        },
+        units,
+        low_battery_percent: config.telemetry.low_battery_percent,
+    }
+}
+
+/// Starts one task per configured bus.
+fn start_buses(
+    config: &Config,
+    store: &Store,
+    stop: &watch::Receiver<bool>,
+) -> Vec<(String, tokio::task::JoinHandle<()>)> {
+    let specs: Vec<BusSpec> = config.buses.iter().map(|b| bus_spec(config, b)).collect();
+    let mut router = DoorRouter::default();
+    let receivers: Vec<_> = specs.iter().map(|s| router.add_bus(s).1).collect();
+    let router = Arc::new(router);
+    specs
+        .into_iter()
+        .zip(receivers)
+        .map(|(spec, commands)| {
+            let name = spec.name.clone();
+            let status = Arc::new(Mutex::new(BusStatus::default()));
+            let task = tokio::spawn(run_bus(
+                spec,
+                store.clone(),
+                Arc::clone(&router),
+                commands,
+                status,
+                stop.clone(),
+            ));
+            (name, task)
+        })
+        .collect()
 }
 
 /// Runs the gateway on its own runtime until SIGTERM or SIGINT.

@@ -208,8 +208,9 @@ pub struct TimeSync {
     pub utc_offset: i32,
 }
 
-/// What happened at a door.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// What happened at a door. (Serde names are for records; the wire uses [`Self::code`].)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DoorEventKind {
     Opened,
     Closed,

@@ -3,10 +3,12 @@
 //! - [`frame`]: the pure frame codec (COBS, CRC-16, header; a streaming decoder);
 //! - [`message`]: the message types and their CBOR bodies;
 //! - [`session`]: the pure master-side session (polling, retries, offline units, the answer
-//!   cache that makes retransmitted requests idempotent).
+//!   cache that makes retransmitted requests idempotent);
+//! - [`driver`]: the async shell: one task per serial port, reopened with backoff.
 //!
 //! The protocol is specified in `docs/door-bus.md`.
 
+pub mod driver;
 pub mod frame;
 pub mod message;
 pub mod session;

@@ -4,6 +4,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Category, CredentialKind, DenyReason, DoorId};
+use crate::bus::message::DoorEventKind;
 
 /// Upload priority. Alarms jump the queue; telemetry is the first to go when the outbox is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -58,6 +59,43 @@ pub enum Record {
         until: Timestamp,
         failures: u32,
     },
+    /// A door opened, closed, was forced open or held open.
+    DoorEvent {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        event: DoorEventKind,
+    },
+    /// The call button was pressed (the app's call push notification).
+    CallButton {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        button: u8,
+    },
+    /// The unit's housing was opened (`active`) or closed again.
+    Tamper {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        active: bool,
+    },
+    /// A battery reading; `low` when at or below the configured threshold.
+    Battery {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        percent: u8,
+        millivolts: u16,
+        low: bool,
+    },
+    /// A unit stopped answering polls, or answers again.
+    UnitReachability {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        online: bool,
+    },
     /// The disk could not take records; they were kept in memory meanwhile.
     StorageUnavailable {
         at: Timestamp,
@@ -72,10 +110,24 @@ pub enum Record {
 }
 
 impl Record {
+    /// Call buttons and alarms jump the upload queue; telemetry goes first when space runs out.
     pub fn class(&self) -> RecordClass {
         match self {
-            Record::Activity(_) => RecordClass::Activity,
+            Record::Activity(_)
+            | Record::UnitReachability { .. }
+            | Record::DoorEvent {
+                event: DoorEventKind::Opened | DoorEventKind::Closed | DoorEventKind::HeldOpen,
+                ..
+            } => RecordClass::Activity,
+            Record::Battery { low: false, .. } => RecordClass::Telemetry,
             Record::PinLockout { .. }
+            | Record::DoorEvent {
+                event: DoorEventKind::ForcedOpen,
+                ..
+            }
+            | Record::CallButton { .. }
+            | Record::Tamper { .. }
+            | Record::Battery { low: true, .. }
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. } => RecordClass::Alarm,
         }
@@ -85,6 +137,11 @@ impl Record {
         match self {
             Record::Activity(a) => a.at,
             Record::PinLockout { at, .. }
+            | Record::DoorEvent { at, .. }
+            | Record::CallButton { at, .. }
+            | Record::Tamper { at, .. }
+            | Record::Battery { at, .. }
+            | Record::UnitReachability { at, .. }
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. } => *at,
         }

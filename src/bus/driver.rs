@@ -1,0 +1,553 @@
+//! The serial driver: one task per bus owns its port and moves bytes between the line and the
+//! pure [`Session`]. Decisions go through the store (durable before the answer leaves);
+//! reports become outbox records. A port that fails or disappears (a USB adapter unplugged)
+//! is reopened with backoff while the other buses keep working.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::frame::Address;
+use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Tamper};
+use super::session::{
+    Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats,
+};
+use crate::access::{Decision, DenyReason, DoorId};
+use crate::store::{Record, Store, VerifyRequest};
+
+/// How long a unit's own door is released for when it is opened by command (inner doors,
+/// remote open).
+pub const OPEN_PULSE_MS: u16 = 3_000;
+/// The first and longest wait before reopening a port that failed.
+const REOPEN_FIRST: Duration = Duration::from_millis(200);
+const REOPEN_MAX: Duration = Duration::from_secs(30);
+/// Frame errors are logged at most this often (they are always counted).
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Present while systemd-timesyncd has synchronised the clock.
+const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
+
+/// RS-485 transceiver settings applied with `TIOCSRS485`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rs485 {
+    pub rts_on_send: bool,
+    pub delay_before_send_ms: u32,
+    pub delay_after_send_ms: u32,
+}
+
+/// One door unit on a bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnitSpec {
+    pub address: Address,
+    pub door: DoorId,
+}
+
+/// Everything a bus task needs to know.
+#[derive(Clone, Debug)]
+pub struct BusSpec {
+    pub name: String,
+    pub port: PathBuf,
+    pub baud: u32,
+    pub rs485: Option<Rs485>,
+    pub session: SessionConfig,
+    pub units: Vec<UnitSpec>,
+    /// Battery readings at or below this percentage are alarms.
+    pub low_battery_percent: u8,
+}
+
+/// What the bus reports for status.
+#[derive(Clone, Debug, Default)]
+pub struct BusStatus {
+    pub port_open: bool,
+    pub reopens: u64,
+    pub stats: Stats,
+    pub units: HashMap<u8, UnitStatus>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct UnitStatus {
+    pub online: bool,
+    pub last_seen: Option<Timestamp>,
+    pub battery_percent: Option<u8>,
+}
+
+/// A command for a unit, addressed by door.
+pub type DoorCommand = (DoorId, Command);
+
+/// Finds the bus that serves a door, for releases that cross units or buses.
+#[derive(Clone, Debug, Default)]
+pub struct DoorRouter {
+    doors: HashMap<DoorId, (usize, Address)>,
+    buses: Vec<mpsc::Sender<(Address, Command)>>,
+}
+
+impl DoorRouter {
+    /// Registers a bus; returns its index and the receiver its task reads commands from.
+    pub fn add_bus(&mut self, spec: &BusSpec) -> (usize, mpsc::Receiver<(Address, Command)>) {
+        let (tx, rx) = mpsc::channel(64);
+        let index = self.buses.len();
+        self.buses.push(tx);
+        for unit in &spec.units {
+            self.doors.insert(unit.door.clone(), (index, unit.address));
+        }
+        (index, rx)
+    }
+
+    /// Sends `command` to the unit serving `door`. False when no unit serves it or its queue
+    /// is full.
+    pub fn send(&self, door: &str, command: Command) -> bool {
+        let Some(&(bus, unit)) = self.doors.get(door) else {
+            return false;
+        };
+        self.buses
+            .get(bus)
+            .is_some_and(|tx| tx.try_send((unit, command)).is_ok())
+    }
+
+    pub fn serves(&self, door: &str) -> Option<(usize, Address)> {
+        self.doors.get(door).copied()
+    }
+}
+
+/// Why one port session ended.
+enum Ended {
+    Shutdown,
+    PortLost(std::io::Error),
+}
+
+/// Runs one bus until `shutdown` turns true: opens the port, serves it, reopens it with
+/// backoff when it fails.
+pub async fn run_bus(
+    spec: BusSpec,
+    store: Store,
+    router: Arc<DoorRouter>,
+    mut commands: mpsc::Receiver<(Address, Command)>,
+    status: Arc<Mutex<BusStatus>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut session = match Session::new(spec.session.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(bus = %spec.name, error = %e, "bus not started: its configuration is unusable");
+            return;
+        }
+    };
+    let mut wait = REOPEN_FIRST;
+    loop {
+        match open_port(&spec) {
+            Ok(port) => {
+                tracing::info!(bus = %spec.name, port = %spec.port.display(), baud = spec.baud, "bus port open");
+                set_status(&status, |s| s.port_open = true);
+                wait = REOPEN_FIRST;
+                let mut served = Served {
+                    spec: &spec,
+                    store: &store,
+                    router: &router,
+                    status: &status,
+                };
+                let ended = served
+                    .serve(port, &mut session, &mut commands, &mut shutdown)
+                    .await;
+                set_status(&status, |s| {
+                    s.port_open = false;
+                    s.stats = *session.stats();
+                });
+                match ended {
+                    Ended::Shutdown => return,
+                    Ended::PortLost(e) => {
+                        tracing::warn!(bus = %spec.name, port = %spec.port.display(), error = %e,
+                            "bus port lost; reopening");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(bus = %spec.name, port = %spec.port.display(), error = %e,
+                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "cannot open bus port");
+            }
+        }
+        set_status(&status, |s| s.reopens += 1);
+        tokio::select! {
+            // Stop while waiting to reopen.
+            () = stopped(&mut shutdown) => return,
+            // Try the port again.
+            () = tokio::time::sleep(jitter(wait)) => {}
+        }
+        wait = (wait * 2).min(REOPEN_MAX);
+    }
+}
+
+fn set_status(status: &Mutex<BusStatus>, f: impl FnOnce(&mut BusStatus)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
+    }
+}
+
+/// Up to a quarter more, so that several buses do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = Timestamp::now().subsec_nanosecond().unsigned_abs();
+    d + d.mul_f64(f64::from(nanos % 1000) / 4000.0)
+}
+
+fn open_port(spec: &BusSpec) -> std::io::Result<tokio_serial::SerialStream> {
+    use tokio_serial::SerialPortBuilderExt;
+    let port = tokio_serial::new(spec.port.to_string_lossy(), spec.baud)
+        .data_bits(tokio_serial::DataBits::Eight)
+        .parity(tokio_serial::Parity::None)
+        .stop_bits(tokio_serial::StopBits::One)
+        .flow_control(tokio_serial::FlowControl::None)
+        .open_native_async()
+        .map_err(std::io::Error::from)?;
+    if let Some(rs485) = &spec.rs485 {
+        apply_rs485(&port, rs485)?;
+    }
+    Ok(port)
+}
+
+fn apply_rs485(port: &tokio_serial::SerialStream, settings: &Rs485) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut conf = rs485::SerialRs485::new();
+    conf.set_enabled(true)
+        .set_rts_on_send(settings.rts_on_send)
+        .set_rts_after_send(!settings.rts_on_send)
+        .delay_rts_before_send_ms(settings.delay_before_send_ms)
+        .delay_rts_after_send_ms(settings.delay_after_send_ms);
+    conf.set_on_fd(port.as_raw_fd()).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot switch the port to RS-485 mode (TIOCSRS485): {e}"),
+        )
+    })
+}
+
+/// The per-port loop's borrowed context.
+struct Served<'a> {
+    spec: &'a BusSpec,
+    store: &'a Store,
+    router: &'a DoorRouter,
+    status: &'a Mutex<BusStatus>,
+}
+
+impl Served<'_> {
+    async fn serve<P: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        mut port: P,
+        session: &mut Session,
+        commands: &mut mpsc::Receiver<(Address, Command)>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        let start = Instant::now();
+        let now = || start.elapsed();
+        let (decided_tx, mut decided_rx) = mpsc::channel::<(RequestKey, Answer)>(64);
+        let mut in_flight = 0usize;
+        let mut buf = [0u8; 512];
+        let mut last_error_log: Option<Instant> = None;
+        loop {
+            if let Some(tx) = session.poll_next(now())
+                && let Err(e) = port.write_all(&tx.bytes).await
+            {
+                return Ended::PortLost(e);
+            }
+            let deadline = session.next_deadline().map(|d| start + d);
+            tokio::select! {
+                // Bytes from the line.
+                read = port.read(&mut buf) => match read {
+                    Ok(0) => return Ended::PortLost(std::io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => {
+                        let events = session.on_bytes(&buf[..n], now());
+                        self.handle(events, session, &decided_tx, &mut in_flight, &mut last_error_log);
+                    }
+                    Err(e) => return Ended::PortLost(e),
+                },
+                // The session's answer or turn deadline passed.
+                () = sleep_until(deadline) => {
+                    let events = session.on_timeout(now());
+                    self.handle(events, session, &decided_tx, &mut in_flight, &mut last_error_log);
+                }
+                // A decision is on disk: send it.
+                Some((key, answer)) = decided_rx.recv() => {
+                    in_flight = in_flight.saturating_sub(1);
+                    if let Err(e) = session.answer(&key, answer) {
+                        tracing::debug!(bus = %self.spec.name, error = %e, "decision not sent");
+                    }
+                }
+                // A command for a unit on this bus (inner door release, remote open, settings).
+                Some((unit, command)) = commands.recv() => {
+                    if let Err(e) = session.send(unit, &command) {
+                        tracing::warn!(bus = %self.spec.name, %unit, error = %e, "command not queued");
+                    }
+                }
+                // Stop: let the decisions already being recorded reach their units first.
+                () = stopped(shutdown) => {
+                    self.drain(&mut port, session, &mut decided_rx, in_flight).await;
+                    return Ended::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// On shutdown: sends the answers of decisions still being recorded, for a short while.
+    async fn drain<P: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        port: &mut P,
+        session: &mut Session,
+        decided: &mut mpsc::Receiver<(RequestKey, Answer)>,
+        mut in_flight: usize,
+    ) {
+        let until = Instant::now() + Duration::from_secs(2);
+        while in_flight > 0 {
+            match tokio::time::timeout_at(until, decided.recv()).await {
+                Ok(Some((key, answer))) => {
+                    in_flight -= 1;
+                    let _ = session.answer(&key, answer);
+                }
+                _ => break,
+            }
+        }
+        // Best effort: the answers go ahead of polls, so the next transmissions carry them.
+        let start = Instant::now();
+        for _ in 0..8 {
+            let Some(tx) = session.poll_next(start.elapsed()) else {
+                break;
+            };
+            if port.write_all(&tx.bytes).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    fn unit_door(&self, unit: Address) -> Option<&DoorId> {
+        self.spec
+            .units
+            .iter()
+            .find(|u| u.address == unit)
+            .map(|u| &u.door)
+    }
+
+    fn label(&self, unit: Address) -> String {
+        format!("{}/{}", self.spec.name, unit.get())
+    }
+
+    fn handle(
+        &self,
+        events: Vec<SessionEvent>,
+        session: &Session,
+        decided: &mpsc::Sender<(RequestKey, Answer)>,
+        in_flight: &mut usize,
+        last_error_log: &mut Option<Instant>,
+    ) {
+        for event in events {
+            match event {
+                SessionEvent::Request(request) => {
+                    self.seen(request.key.unit);
+                    *in_flight += 1;
+                    self.decide(request, decided.clone());
+                }
+                SessionEvent::Report { unit, report, .. } => {
+                    self.seen(unit);
+                    self.report(unit, report);
+                }
+                SessionEvent::Repeat { unit, id, answered } => {
+                    tracing::debug!(bus = %self.spec.name, %unit, id, answered, "retransmitted request");
+                }
+                SessionEvent::UnitOnline(unit) => self.reachability(unit, true),
+                SessionEvent::UnitOffline(unit) => self.reachability(unit, false),
+                SessionEvent::UnitRestarted { unit, boot_id } => {
+                    tracing::info!(bus = %self.spec.name, %unit, boot_id, "door unit restarted");
+                }
+                SessionEvent::CommandDone { unit, id } => {
+                    tracing::debug!(bus = %self.spec.name, %unit, id, "command done");
+                }
+                SessionEvent::CommandFailed { unit, id } => {
+                    tracing::warn!(bus = %self.spec.name, %unit, id, "command got no answer");
+                }
+                SessionEvent::FrameError(error) => {
+                    let stats = session.stats();
+                    if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+                        *last_error_log = Some(Instant::now());
+                        tracing::warn!(bus = %self.spec.name, %error, frame_errors = stats.frame_errors(),
+                            "bad bytes on the bus (counted; the bus keeps serving)");
+                    }
+                    set_status(self.status, |s| s.stats = *stats);
+                }
+                SessionEvent::BadMessage { unit, id, error } => {
+                    tracing::warn!(bus = %self.spec.name, %unit, id, %error, "bad message from a unit");
+                }
+                SessionEvent::Unexpected { unit, id, msg_type } => {
+                    tracing::debug!(bus = %self.spec.name, %unit, id, msg_type, "frame outside its turn");
+                }
+            }
+        }
+    }
+
+    fn seen(&self, unit: Address) {
+        set_status(self.status, |s| {
+            let u = s.units.entry(unit.get()).or_default();
+            u.online = true;
+            u.last_seen = Some(Timestamp::now());
+        });
+    }
+
+    /// Decides on a task of its own so the bus keeps polling while the store commits.
+    fn decide(
+        &self,
+        request: super::session::VerifyRequest,
+        decided: mpsc::Sender<(RequestKey, Answer)>,
+    ) {
+        let unit = request.key.unit;
+        let Some(door) = self.unit_door(unit).cloned() else {
+            return;
+        };
+        let store = self.store.clone();
+        let router = self.router.clone();
+        let bus = self.spec.name.clone();
+        let label = self.label(unit);
+        tokio::spawn(async move {
+            let verify = VerifyRequest {
+                unit: label.clone(),
+                door: door.clone(),
+                request_id: Some(u32::from(request.key.id)),
+                kind: request.verify.kind,
+                secret: request.verify.value,
+                now: Timestamp::now(),
+                clock_synced: Path::new(TIMESYNC_FLAG).exists(),
+            };
+            let answer = match store.verify(verify).await {
+                Ok(verdict) => {
+                    log_decision(&label, &door, &verdict.decision, verdict.key_id.as_deref());
+                    match verdict.decision {
+                        Decision::Grant(grant) => {
+                            release_elsewhere(&router, &door, &grant.doors);
+                            Answer::Grant(Grant::from_access(&grant, |d| (d == door).then_some(0)))
+                        }
+                        Decision::Deny { reason } => Answer::Deny(reason),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(%bus, unit = %label, %door, error = %e, "decision failed");
+                    Answer::Deny(DenyReason::NotRecorded)
+                }
+            };
+            let _ = decided.send((request.key, answer)).await;
+        });
+    }
+
+    fn report(&self, unit: Address, report: Report) {
+        let Some(door) = self.unit_door(unit).cloned() else {
+            return;
+        };
+        let unit_label = self.label(unit);
+        let at = Timestamp::now();
+        let record = match report {
+            Report::DoorEvent(DoorEvent { event, .. }) => Record::DoorEvent {
+                at,
+                unit: unit_label,
+                door,
+                event,
+            },
+            Report::CallButton(CallButton { button, .. }) => Record::CallButton {
+                at,
+                unit: unit_label,
+                door,
+                button,
+            },
+            Report::Tamper(Tamper { active, .. }) => Record::Tamper {
+                at,
+                unit: unit_label,
+                door,
+                active,
+            },
+            Report::Battery(Battery {
+                percent,
+                millivolts,
+                ..
+            }) => {
+                set_status(self.status, |s| {
+                    s.units.entry(unit.get()).or_default().battery_percent = Some(percent);
+                });
+                Record::Battery {
+                    at,
+                    unit: unit_label,
+                    door,
+                    percent,
+                    millivolts,
+                    low: percent <= self.spec.low_battery_percent,
+                }
+            }
+            Report::Status(status) => {
+                tracing::info!(bus = %self.spec.name, %unit, firmware = %status.firmware, "door unit status");
+                return;
+            }
+        };
+        self.append(record);
+    }
+
+    fn reachability(&self, unit: Address, online: bool) {
+        let Some(door) = self.unit_door(unit).cloned() else {
+            return;
+        };
+        if online {
+            tracing::info!(bus = %self.spec.name, %unit, %door, "door unit online");
+        } else {
+            tracing::warn!(bus = %self.spec.name, %unit, %door, "door unit offline: it stopped answering polls");
+        }
+        set_status(self.status, |s| s.units.entry(unit.get()).or_default().online = online);
+        self.append(Record::UnitReachability {
+            at: Timestamp::now(),
+            unit: self.label(unit),
+            door,
+            online,
+        });
+    }
+
+    fn append(&self, record: Record) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.append(vec![record]).await {
+                tracing::error!(error = %e, "a door record could not be stored");
+            }
+        });
+    }
+}
+
+/// Opens the other doors a grant releases (an inner door on another unit).
+fn release_elsewhere(router: &DoorRouter, at: &str, doors: &[DoorId]) {
+    for door in doors.iter().filter(|d| d.as_str() != at) {
+        let command = Command::OpenDoor(OpenDoor {
+            door: 0,
+            pulse_ms: OPEN_PULSE_MS,
+        });
+        if !router.send(door, command) {
+            tracing::warn!(%door, "a granted door could not be released: no unit serves it or its queue is full");
+        }
+    }
+}
+
+fn log_decision(unit: &str, door: &str, decision: &Decision, key: Option<&str>) {
+    match decision {
+        Decision::Grant(g) => {
+            tracing::info!(unit, door, key_id = key.unwrap_or("-"), released = ?g.doors, "granted");
+        }
+        Decision::Deny { reason } => {
+            tracing::info!(unit, door, key_id = key.unwrap_or("-"), reason = %reason, "denied");
+        }
+    }
+}
+
+/// Completes when the shutdown flag turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here, not across an await.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
