@@ -18,8 +18,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion};
 use doorbridge::access::{
-    self, Category, ClockTrust, Credential, CredentialKind, Door, Key, KeyRules, LockoutPolicy,
-    Policy, Schedule, Site, UnlimitedPolicy, UseLimit, Uses, WeekdaySet, Window, credential,
+    self, Category, ClockTrust, Credential, CredentialKind, Door, Key, KeyRules, Policy, Schedule,
+    Site, UseLimit, Uses, WeekdaySet, Window, credential,
 };
 use doorbridge::store::{DecisionContext, KeySetHeader, Store, StoreOptions};
 use jiff::civil::{Weekday, time};
@@ -73,13 +73,7 @@ fn secret(i: u32) -> String {
 }
 
 fn context() -> DecisionContext {
-    DecisionContext {
-        site: site(),
-        policy: Policy::default(),
-        lockout: LockoutPolicy::default(),
-        clock_tolerance: jiff::SignedDuration::from_secs(2),
-        unrecordable_unlimited: UnlimitedPolicy::Grant,
-    }
+    DecisionContext::new(site())
 }
 
 /// Builds (once) a store with a million keys, one QR credential each.

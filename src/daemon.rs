@@ -89,7 +89,10 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     for (name, task) in buses {
-        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
             tracing::warn!(bus = %name, "bus did not stop in time");
         }
     }
@@ -111,8 +114,8 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
         })
         .collect();
     // A fresh starting id, so a restarted gateway does not reuse ids a unit has just seen.
-    let first_command_id = u16::try_from(jiff::Timestamp::now().subsec_nanosecond() % 65_536)
-        .unwrap_or_default();
+    let first_command_id =
+        u16::try_from(jiff::Timestamp::now().subsec_nanosecond() % 65_536).unwrap_or_default();
     BusSpec {
         name: bus.label(),
         port: bus.port.clone(),

@@ -496,7 +496,9 @@ impl Served<'_> {
         } else {
             tracing::warn!(bus = %self.spec.name, %unit, %door, "door unit offline: it stopped answering polls");
         }
-        set_status(self.status, |s| s.units.entry(unit.get()).or_default().online = online);
+        set_status(self.status, |s| {
+            s.units.entry(unit.get()).or_default().online = online
+        });
         self.append(Record::UnitReachability {
             at: Timestamp::now(),
             unit: self.label(unit),

@@ -92,6 +92,19 @@ pub struct DecisionContext {
     pub unrecordable_unlimited: UnlimitedPolicy,
 }
 
+impl DecisionContext {
+    /// The rules for `site` with the configuration's defaults for everything else.
+    pub fn new(site: Site) -> Self {
+        DecisionContext {
+            site,
+            policy: Policy::default(),
+            lockout: LockoutPolicy::default(),
+            clock_tolerance: jiff::SignedDuration::from_secs(2),
+            unrecordable_unlimited: UnlimitedPolicy::Grant,
+        }
+    }
+}
+
 /// How to open the store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use doorbridge::access::{
-    Category, Credential, CredentialKind, Door, Key, KeyRules, LockoutPolicy, Policy, Schedule,
-    Site, UnlimitedPolicy, UseLimit, credential,
+    Category, Credential, CredentialKind, Door, Key, KeyRules, Schedule, Site, UseLimit, credential,
 };
 use doorbridge::store::{DecisionContext, KeySetHeader, Store, StoreOptions, VerifyRequest};
 use jiff::Timestamp;
@@ -32,13 +31,7 @@ pub fn site() -> Site {
 }
 
 pub fn context() -> DecisionContext {
-    DecisionContext {
-        site: site(),
-        policy: Policy::default(),
-        lockout: LockoutPolicy::default(),
-        clock_tolerance: jiff::SignedDuration::from_secs(2),
-        unrecordable_unlimited: UnlimitedPolicy::Grant,
-    }
+    DecisionContext::new(site())
 }
 
 pub fn open(path: &Path) -> Store {
