@@ -497,7 +497,7 @@ impl Served<'_> {
             tracing::warn!(bus = %self.spec.name, %unit, %door, "door unit offline: it stopped answering polls");
         }
         set_status(self.status, |s| {
-            s.units.entry(unit.get()).or_default().online = online
+            s.units.entry(unit.get()).or_default().online = online;
         });
         self.append(Record::UnitReachability {
             at: Timestamp::now(),
