@@ -96,6 +96,9 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    // Another connection (an operator command, a restore tool) may hold the write lock for a
+    // moment; wait for it rather than mistake it for a disk that refuses writes.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
