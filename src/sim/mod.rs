@@ -17,8 +17,8 @@
 //!   late answer, a retransmission of the last request, silence.
 //! - `run_sim`: the async shell that moves bytes between a port and [`SimUnits`];
 //!   `HangupTolerant` keeps it running on a pty master while nobody has the slave open.
-//! - `script`: the line-oriented command language of `door-sim`; `JsonLine`: the JSON
-//!   lines it prints (`Output::to_json`).
+//! - [`script`]: the line-oriented command language of `door-sim`; [`JsonLine`]: the JSON
+//!   lines it prints ([`Output::to_json`]).
 //!
 //! ```text
 //! let units = SimUnits::new(&[addr(1), addr(2)], SimConfig::default())?;
@@ -29,8 +29,11 @@
 //! while let Some(o) = outputs.recv().await { println!("{}", o.to_json()); }
 //! ```
 
+mod json;
+pub mod script;
 mod units;
 
+pub use json::JsonLine;
 pub use units::{
     GaveUpReason, MAX_GARBAGE, MAX_WAITING_CREDENTIALS, Output, ReportKind, SimCommand, SimConfig,
     SimError, SimStats, SimUnits,
