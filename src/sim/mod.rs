@@ -15,8 +15,8 @@
 //! - [`SimCommand`]: what happens at a unit (a PIN typed, a QR code shown, a door forced, a
 //!   battery reading…) and faults to inject: noise on the line, a bad CRC, a frame cut off, a
 //!   late answer, a retransmission of the last request, silence.
-//! - `run_sim`: the async shell that moves bytes between a port and [`SimUnits`];
-//!   `HangupTolerant` keeps it running on a pty master while nobody has the slave open.
+//! - [`run_sim`]: the async shell that moves bytes between a port and [`SimUnits`];
+//!   [`HangupTolerant`] keeps it running on a pty master while nobody has the slave open.
 //! - [`script`]: the line-oriented command language of `door-sim`; [`JsonLine`]: the JSON
 //!   lines it prints ([`Output::to_json`]).
 //!
@@ -31,9 +31,11 @@
 
 mod json;
 pub mod script;
+mod shell;
 mod units;
 
 pub use json::JsonLine;
+pub use shell::{HangupTolerant, run_sim};
 pub use units::{
     GaveUpReason, MAX_GARBAGE, MAX_WAITING_CREDENTIALS, Output, ReportKind, SimCommand, SimConfig,
     SimError, SimStats, SimUnits,
