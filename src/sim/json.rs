@@ -73,11 +73,16 @@ impl Output {
                 request,
                 answer,
                 sends,
+                latency,
                 repeat,
             } => {
                 let mut v = answer_json(unit.get(), *id, Some(request), answer);
                 v.set("reader", request.reader);
                 v.set("sends", *sends);
+                v.set(
+                    "after_ms",
+                    u64::try_from(latency.as_millis()).unwrap_or(u64::MAX),
+                );
                 if *repeat {
                     v.set("repeat", true);
                 }
@@ -247,11 +252,12 @@ mod tests {
                 floors: vec![3],
             }),
             sends: 1,
+            latency: std::time::Duration::from_millis(12),
             repeat: false,
         };
         assert_eq!(
             grant.to_json().to_string(),
-            r#"{"unit":1,"type":"grant","request":"pin","id":17,"doors":[0],"welcome":"Hi","floors":[3],"reader":0,"sends":1}"#
+            r#"{"unit":1,"type":"grant","request":"pin","id":17,"doors":[0],"welcome":"Hi","floors":[3],"reader":0,"sends":1,"after_ms":12}"#
         );
         let deny = Output::Decision {
             unit: unit(1),
@@ -259,6 +265,7 @@ mod tests {
             request: pin(),
             answer: Answer::Deny(DenyReason::UsedUp),
             sends: 2,
+            latency: std::time::Duration::ZERO,
             repeat: true,
         };
         let v = deny.to_json().to_value();

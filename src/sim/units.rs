@@ -205,13 +205,15 @@ pub enum Output {
     /// The first frame from the gateway to this unit (since start or restart).
     Contact { unit: Address },
     /// The decision for the unit's verify `id`. `sends` counts how often the unit sent the
-    /// verify; `repeat` marks a decision for a verify re-sent by [`SimCommand::Retransmit`].
+    /// verify, `latency` is the time from its first send to the decision; `repeat` marks a
+    /// decision for a verify re-sent by [`SimCommand::Retransmit`].
     Decision {
         unit: Address,
         id: u16,
         request: Verify,
         answer: Answer,
         sends: u32,
+        latency: Duration,
         repeat: bool,
     },
     /// A decision for no verify in flight (a gateway retransmission, or one the unit gave
@@ -1000,8 +1002,8 @@ fn apply(
     let memory = config.command_memory;
     let addr = unit.addr;
     match msg {
-        Message::Grant(g) => decision(unit, id, Answer::Grant(g), out),
-        Message::Deny(d) => decision(unit, id, Answer::Deny(d.reason), out),
+        Message::Grant(g) => decision(unit, id, Answer::Grant(g), now, out),
+        Message::Deny(d) => decision(unit, id, Answer::Deny(d.reason), now, out),
         Message::Ack => {
             if let Some(pos) = unit.reports.iter().position(|r| r.id == id)
                 && let Some(r) = unit.reports.remove(pos)
@@ -1073,7 +1075,7 @@ fn apply(
     false
 }
 
-fn decision(unit: &mut Unit, id: u16, answer: Answer, out: &mut Vec<Output>) {
+fn decision(unit: &mut Unit, id: u16, answer: Answer, now: Duration, out: &mut Vec<Output>) {
     let addr = unit.addr;
     match unit.verify.take() {
         Some(v) if v.id == id => out.push(Output::Decision {
@@ -1082,6 +1084,7 @@ fn decision(unit: &mut Unit, id: u16, answer: Answer, out: &mut Vec<Output>) {
             request: v.what,
             answer,
             sends: v.sends,
+            latency: now.saturating_sub(v.first_sent.unwrap_or(now)),
             repeat: v.repeat,
         }),
         other => {

@@ -114,12 +114,14 @@ fn pin_verify_vector_is_repeated_identically_until_the_grant_vector() {
         request,
         answer: decision,
         sends,
+        latency,
         repeat,
     } = &outputs[0]
     else {
         panic!("{outputs:?}");
     };
     assert_eq!((*u, *id, *sends, *repeat), (unit(5), 0x1234, 2, false));
+    assert_eq!(*latency, ms(40));
     assert_eq!(request.value, b"482916");
     assert_eq!(decision, &grant_doors_0_1());
     // The grant serves as the next poll: idle with the grant's id.
