@@ -10,6 +10,7 @@
 //!   commit, read connections, the trusted-time mark, the outbox;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
+//! - [`sim`]: simulated door units (the unit side of the bus) for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service.
 //!
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same
@@ -19,4 +20,5 @@ pub mod access;
 pub mod bus;
 pub mod config;
 pub mod daemon;
+pub mod sim;
 pub mod store;

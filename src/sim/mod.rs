@@ -1,0 +1,42 @@
+//! Simulated door units: the unit side of the door bus, for tests, the demo and installers.
+//!
+//! The protocol is `docs/door-bus.md`; the `door-sim` binary and its command language are
+//! `docs/door-sim.md`. The pieces:
+//!
+//! - [`SimUnits`] (pure, like the gateway's [`Session`](crate::bus::session::Session)): one
+//!   or many units on one line. It takes the gateway's frames and answers exactly as a unit
+//!   must: only when addressed, one frame per frame, with the verify in flight (same id,
+//!   identical bytes until its decision comes), else the oldest unacknowledged report, else
+//!   idle echoing the gateway's id. It carries out grants, denies, acks, open door, settings
+//!   (then reports its status) and time at most once per id within 5 s, stays silent on
+//!   broadcasts, gives up on a verify after 10 s, and starts each unit with a random boot id,
+//!   a random first id and a status report. Everything the gateway sent that matters comes
+//!   out as an [`Output`].
+//! - [`SimCommand`]: what happens at a unit (a PIN typed, a QR code shown, a door forced, a
+//!   battery reading…) and faults to inject: noise on the line, a bad CRC, a frame cut off, a
+//!   late answer, a retransmission of the last request, silence.
+//! - [`run_sim`]: the async shell that moves bytes between a port and [`SimUnits`];
+//!   [`HangupTolerant`] keeps it running on a pty master while nobody has the slave open.
+//! - [`script`]: the line-oriented command language of `door-sim`; [`JsonLine`]: the JSON
+//!   lines it prints ([`Output::to_json`]).
+//!
+//! ```text
+//! let units = SimUnits::new(&[addr(1), addr(2)], SimConfig::default())?;
+//! let (commands, rx) = mpsc::channel(16);
+//! let (tx, mut outputs) = mpsc::channel(64);
+//! tokio::spawn(run_sim(port, units, rx, tx, shutdown));
+//! commands.send(SimCommand::Verify { unit: addr(1), kind: Pin, value: b"482916".into(), reader: 0 }).await?;
+//! while let Some(o) = outputs.recv().await { println!("{}", o.to_json()); }
+//! ```
+
+mod json;
+pub mod script;
+mod shell;
+mod units;
+
+pub use json::JsonLine;
+pub use shell::{HangupTolerant, run_sim};
+pub use units::{
+    GaveUpReason, MAX_GARBAGE, MAX_WAITING_CREDENTIALS, Output, ReportKind, SimCommand, SimConfig,
+    SimError, SimStats, SimUnits,
+};
