@@ -1,6 +1,10 @@
 //! End to end, offline: the daemon's own entry point with a real SQLite store, simulated door
 //! units on a real pseudo-terminal, and no broker at all.
 
+// Tables of cases, one row per seed rule, read best unbroken.
+#![allow(clippy::too_many_lines)]
+
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,7 +13,9 @@ use doorbridge::bus::frame::Address;
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::bus::session::Answer;
 use doorbridge::config::Config;
-use doorbridge::sim::{HangupTolerant, Output, SimCommand, SimConfig, SimUnits, run_sim};
+use doorbridge::sim::{
+    HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
+};
 use doorbridge::store::{Record, Store, StoreOptions};
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use tokio::sync::{mpsc, oneshot};
@@ -22,7 +28,8 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// A building with its gateway running and simulated units on one bus.
 struct Building {
-    dir: tempfile::TempDir,
+    /// Keeps the building's files (database, pty link) until the test ends.
+    _dir: tempfile::TempDir,
     db: PathBuf,
     link: PathBuf,
     stop_daemon: Option<oneshot::Sender<()>>,
@@ -76,7 +83,10 @@ offline_after = 3
             3 => ("inner".to_owned(), "inner = true\nbehind = [\"main\"]\n"),
             n => (format!("door-{n}"), ""),
         };
-        text.push_str(&format!("[[buses.units]]\naddress = {n}\ndoor = \"{door}\"\n{inner}"));
+        let _ = write!(
+            text,
+            "[[buses.units]]\naddress = {n}\ndoor = \"{door}\"\n{inner}"
+        );
     }
     text
 }
@@ -96,22 +106,20 @@ impl Building {
     async fn open(units: u8, keys: Vec<Key>, extra: &str) -> Building {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("doorbridge.db");
-        let link = dir.path().join("ttyDOOR");
         let store = Store::open(StoreOptions::new(&db, fixtures::context())).unwrap();
         store.install_key_set(header_now(1), keys).await.unwrap();
         store.close();
-        let mut b = Building {
-            dir,
-            db,
-            link,
-            stop_daemon: None,
-            daemon: None,
-            sim: None,
-            seen: Vec::new(),
-        };
-        b.start_sim(units);
-        b.start_daemon(units, extra);
-        b
+        Building::open_at(dir, units, extra).await
+    }
+
+    /// Waits until every unit's start-up status report was acknowledged by the gateway.
+    async fn ready(&mut self, units: u8) {
+        for n in 1..=units {
+            self.next(|o| {
+                matches!(o, Output::Acked { unit: u, report: ReportKind::Status, .. } if *u == unit(n))
+            })
+            .await;
+        }
     }
 
     /// Starts a gateway on a database prepared in `dir` (as `doorbridge.db`).
@@ -119,7 +127,7 @@ impl Building {
         let db = dir.path().join("doorbridge.db");
         let link = dir.path().join("ttyDOOR");
         let mut b = Building {
-            dir,
+            _dir: dir,
             db,
             link,
             stop_daemon: None,
@@ -129,6 +137,7 @@ impl Building {
         };
         b.start_sim(units);
         b.start_daemon(units, extra);
+        b.ready(units).await;
         b
     }
 
@@ -232,7 +241,10 @@ impl Building {
                 Ok(Some(o)) if want(&o) => return o,
                 Ok(Some(o)) => self.seen.push(o),
                 Ok(None) => panic!("the simulator stopped"),
-                Err(_) => panic!("nothing expected from the door units within {WAIT:?}; saw {:?}", self.seen),
+                Err(elapsed) => panic!(
+                    "nothing expected from the door units ({elapsed}); saw {:?}",
+                    self.seen
+                ),
             }
         }
     }
@@ -242,18 +254,21 @@ impl Building {
         let reader = doorbridge::store::Reader::open(&self.db).unwrap();
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            let records: Vec<Record> =
-                reader.outbox(0, 100_000).unwrap().into_iter().map(|r| r.record).collect();
+            let records: Vec<Record> = reader
+                .outbox(0, 100_000)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.record)
+                .collect();
             if done(&records) {
                 return records;
             }
-            assert!(std::time::Instant::now() < deadline, "records never arrived: {records:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "records never arrived: {records:?}"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
     }
 }
 
@@ -295,87 +310,249 @@ fn with<F: FnOnce(&mut Key)>(mut k: Key, f: F) -> Key {
     k
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_key_type_is_decided_at_the_door() {
+/// One key of each type in the seeds, with times relative to now.
+fn seed_keys() -> Vec<Key> {
     let hour = SignedDuration::from_hours(1);
     let now = Timestamp::now();
-    let keys = vec![
+    vec![
         // seed 000: unlimited app key.
-        key("resident", CredentialKind::Mobile, "app-resident", UseLimit::Unlimited),
+        key(
+            "resident",
+            CredentialKind::Mobile,
+            "app-resident",
+            UseLimit::Unlimited,
+        ),
         // seed 001: courier PIN, single use, with start and expiry.
-        with(key("courier", CredentialKind::Pin, "482916", UseLimit::Total(1)), |k| {
-            k.rules.valid_from = Some(now - 1.hour());
-            k.rules.valid_until = Some(now + 2.hours());
-        }),
+        with(
+            key("courier", CredentialKind::Pin, "482916", UseLimit::Total(1)),
+            |k| {
+                k.rules.valid_from = Some(now - 1.hour());
+                k.rules.valid_until = Some(now + 2.hours());
+            },
+        ),
         // seed 000 multi-use: three uses in total.
-        key("cleaner", CredentialKind::Qr, "qr-cleaner", UseLimit::Total(3)),
+        key(
+            "cleaner",
+            CredentialKind::Qr,
+            "qr-cleaner",
+            UseLimit::Total(3),
+        ),
         // seed 001 Each Door Counts: one use per door, at main and garage.
-        with(key("visitor", CredentialKind::Qr, "qr-visitor", UseLimit::PerDoor(1)), |k| {
-            k.rules.doors.push("garage".into());
-        }),
+        with(
+            key(
+                "visitor",
+                CredentialKind::Qr,
+                "qr-visitor",
+                UseLimit::PerDoor(1),
+            ),
+            |k| {
+                k.rules.doors.push("garage".into());
+            },
+        ),
         // Not yet valid, and expired.
-        with(key("early", CredentialKind::Qr, "qr-early", UseLimit::Unlimited), |k| {
-            k.rules.valid_from = Some(now + 1.hour());
-        }),
-        with(key("late", CredentialKind::Qr, "qr-late", UseLimit::Unlimited), |k| {
-            k.rules.valid_until = Some(now - 1.minute());
-        }),
+        with(
+            key("early", CredentialKind::Qr, "qr-early", UseLimit::Unlimited),
+            |k| {
+                k.rules.valid_from = Some(now + 1.hour());
+            },
+        ),
+        with(
+            key("late", CredentialKind::Qr, "qr-late", UseLimit::Unlimited),
+            |k| {
+                k.rules.valid_until = Some(now - 1.minute());
+            },
+        ),
         // seed 001 Daily: a window around now, and one that is not now.
-        with(key("daily-in", CredentialKind::Pin, "111111", UseLimit::Unlimited), |k| {
-            k.rules.schedule = Schedule::Daily {
-                window: Window { start: local_time(-hour), end: local_time(hour) },
-            };
-        }),
-        with(key("daily-out", CredentialKind::Pin, "222222", UseLimit::Unlimited), |k| {
-            k.rules.schedule = Schedule::Daily {
-                window: Window { start: local_time(hour * 2), end: local_time(hour * 3) },
-            };
-        }),
+        with(
+            key(
+                "daily-in",
+                CredentialKind::Pin,
+                "111111",
+                UseLimit::Unlimited,
+            ),
+            |k| {
+                k.rules.schedule = Schedule::Daily {
+                    window: Window {
+                        start: local_time(-hour),
+                        end: local_time(hour),
+                    },
+                };
+            },
+        ),
+        with(
+            key(
+                "daily-out",
+                CredentialKind::Pin,
+                "222222",
+                UseLimit::Unlimited,
+            ),
+            |k| {
+                k.rules.schedule = Schedule::Daily {
+                    window: Window {
+                        start: local_time(hour * 2),
+                        end: local_time(hour * 3),
+                    },
+                };
+            },
+        ),
         // seed 000 recurring: today, and every day but today.
-        with(key("weekly-in", CredentialKind::Mobile, "app-weekly-in", UseLimit::Unlimited), |k| {
-            k.rules.schedule = Schedule::Weekly { days: WeekdaySet::of(&[today()]), window: None };
-        }),
-        with(key("weekly-out", CredentialKind::Mobile, "app-weekly-out", UseLimit::Unlimited), |k| {
-            k.rules.schedule = Schedule::Weekly {
-                days: WeekdaySet(WeekdaySet::EVERY_DAY.0 & !WeekdaySet::of(&[today()]).0),
-                window: None,
-            };
-        }),
+        with(
+            key(
+                "weekly-in",
+                CredentialKind::Mobile,
+                "app-weekly-in",
+                UseLimit::Unlimited,
+            ),
+            |k| {
+                k.rules.schedule = Schedule::Weekly {
+                    days: WeekdaySet::of(&[today()]),
+                    window: None,
+                };
+            },
+        ),
+        with(
+            key(
+                "weekly-out",
+                CredentialKind::Mobile,
+                "app-weekly-out",
+                UseLimit::Unlimited,
+            ),
+            |k| {
+                k.rules.schedule = Schedule::Weekly {
+                    days: WeekdaySet(WeekdaySet::EVERY_DAY.0 & !WeekdaySet::of(&[today()]).0),
+                    window: None,
+                };
+            },
+        ),
         // seed 000 Also Opens Inner Door, welcome message; seed 001 floors.
-        with(key("friend", CredentialKind::Mobile, "app-friend", UseLimit::Unlimited), |k| {
-            k.rules.opens_inner_door = true;
-            k.rules.welcome = Some("Welcome home".into());
-            k.rules.floors = vec![3, 4];
-        }),
-    ];
-    let mut b = Building::open(3, keys, "").await;
+        with(
+            key(
+                "friend",
+                CredentialKind::Mobile,
+                "app-friend",
+                UseLimit::Unlimited,
+            ),
+            |k| {
+                k.rules.opens_inner_door = true;
+                k.rules.welcome = Some("Welcome home".into());
+                k.rules.floors = vec![3, 4];
+            },
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_key_type_is_decided_at_the_door() {
     use CredentialKind::{Mobile, Pin, Qr};
-    use DenyReason::{
-        Expired, NotYetValid, OutsideSchedule, UnknownCredential, UsedUp, WrongDoor,
-    };
+    use DenyReason::{Expired, NotYetValid, OutsideSchedule, UnknownCredential, UsedUp, WrongDoor};
+    let mut b = Building::open(3, seed_keys(), "").await;
     let cases: &[(&str, u8, CredentialKind, &str, Option<DenyReason>)] = &[
-        ("seed 000 unlimited key at its door", 1, Mobile, "app-resident", None),
-        ("seed 000 unlimited key again", 1, Mobile, "app-resident", None),
-        ("seed 001 a door the key does not list", 2, Mobile, "app-resident", Some(WrongDoor)),
-        ("seed 000 inner door without the option", 3, Mobile, "app-resident", Some(WrongDoor)),
+        (
+            "seed 000 unlimited key at its door",
+            1,
+            Mobile,
+            "app-resident",
+            None,
+        ),
+        (
+            "seed 000 unlimited key again",
+            1,
+            Mobile,
+            "app-resident",
+            None,
+        ),
+        (
+            "seed 001 a door the key does not list",
+            2,
+            Mobile,
+            "app-resident",
+            Some(WrongDoor),
+        ),
+        (
+            "seed 000 inner door without the option",
+            3,
+            Mobile,
+            "app-resident",
+            Some(WrongDoor),
+        ),
         ("seed 001 courier PIN opens once", 1, Pin, "482916", None),
-        ("seed 000 single-use key is then used up", 1, Pin, "482916", Some(UsedUp)),
+        (
+            "seed 000 single-use key is then used up",
+            1,
+            Pin,
+            "482916",
+            Some(UsedUp),
+        ),
         ("seed 000 N uses: 1 of 3", 1, Qr, "qr-cleaner", None),
         ("seed 000 N uses: 2 of 3", 1, Qr, "qr-cleaner", None),
         ("seed 000 N uses: 3 of 3", 1, Qr, "qr-cleaner", None),
-        ("seed 000 N uses: a 4th is refused", 1, Qr, "qr-cleaner", Some(UsedUp)),
+        (
+            "seed 000 N uses: a 4th is refused",
+            1,
+            Qr,
+            "qr-cleaner",
+            Some(UsedUp),
+        ),
         ("seed 001 each door counts: main", 1, Qr, "qr-visitor", None),
-        ("seed 001 each door counts: main used up", 1, Qr, "qr-visitor", Some(UsedUp)),
-        ("seed 001 each door counts: garage counts apart", 2, Qr, "qr-visitor", None),
-        ("seed 001 each door counts: garage used up", 2, Qr, "qr-visitor", Some(UsedUp)),
-        ("seed 000 start date not reached", 1, Qr, "qr-early", Some(NotYetValid)),
+        (
+            "seed 001 each door counts: main used up",
+            1,
+            Qr,
+            "qr-visitor",
+            Some(UsedUp),
+        ),
+        (
+            "seed 001 each door counts: garage counts apart",
+            2,
+            Qr,
+            "qr-visitor",
+            None,
+        ),
+        (
+            "seed 001 each door counts: garage used up",
+            2,
+            Qr,
+            "qr-visitor",
+            Some(UsedUp),
+        ),
+        (
+            "seed 000 start date not reached",
+            1,
+            Qr,
+            "qr-early",
+            Some(NotYetValid),
+        ),
         ("seed 000 expiry passed", 1, Qr, "qr-late", Some(Expired)),
         ("seed 001 daily window now", 1, Pin, "111111", None),
-        ("seed 001 daily window later", 1, Pin, "222222", Some(OutsideSchedule)),
+        (
+            "seed 001 daily window later",
+            1,
+            Pin,
+            "222222",
+            Some(OutsideSchedule),
+        ),
         ("seed 000 recurring today", 1, Mobile, "app-weekly-in", None),
-        ("seed 000 recurring not today", 1, Mobile, "app-weekly-out", Some(OutsideSchedule)),
-        ("seed 000 also opens inner door, at the inner door", 3, Mobile, "app-friend", None),
-        ("an unknown QR token", 1, Qr, "qr-nobody", Some(UnknownCredential)),
+        (
+            "seed 000 recurring not today",
+            1,
+            Mobile,
+            "app-weekly-out",
+            Some(OutsideSchedule),
+        ),
+        (
+            "seed 000 also opens inner door, at the inner door",
+            3,
+            Mobile,
+            "app-friend",
+            None,
+        ),
+        (
+            "an unknown QR token",
+            1,
+            Qr,
+            "qr-nobody",
+            Some(UnknownCredential),
+        ),
     ];
     for (rule, at, kind, value, want) in cases {
         let answer = b.present(*at, *kind, value).await;
@@ -385,16 +562,34 @@ async fn every_key_type_is_decided_at_the_door() {
     // The grant at the outer door carries the welcome text and floors, and the inner door
     // (another unit) is released by command.
     let answer = b.present(1, Mobile, "app-friend").await;
-    let Answer::Grant(grant) = answer else { panic!("friend at main: {answer:?}") };
+    let Answer::Grant(grant) = answer else {
+        panic!("friend at main: {answer:?}")
+    };
     assert_eq!(grant.doors, vec![0]);
     assert_eq!(grant.welcome.as_deref(), Some("Welcome home"));
     assert_eq!(grant.floors, vec![3, 4]);
-    let open = b.next(|o| matches!(o, Output::OpenDoor { unit: u, .. } if *u == unit(3))).await;
-    assert!(matches!(open, Output::OpenDoor { broadcast: false, .. }), "{open:?}");
+    let open = b
+        .next(|o| matches!(o, Output::OpenDoor { unit: u, .. } if *u == unit(3)))
+        .await;
+    assert!(
+        matches!(
+            open,
+            Output::OpenDoor {
+                broadcast: false,
+                ..
+            }
+        ),
+        "{open:?}"
+    );
 
     // Every decision is in the outbox with the key's category and never the credential.
     let records = b
-        .records_until(|r| r.iter().filter(|r| matches!(r, Record::Activity(_))).count() >= cases.len() + 1)
+        .records_until(|r| {
+            r.iter()
+                .filter(|r| matches!(r, Record::Activity(_)))
+                .count()
+                > cases.len()
+        })
         .await;
     let courier = records
         .iter()
@@ -406,13 +601,21 @@ async fn every_key_type_is_decided_at_the_door() {
     assert_eq!(courier.credential_kind, Pin);
     assert_eq!(courier.unit, "entrance/1");
     let raw = std::fs::read(&b.db).unwrap();
-    assert!(!raw.windows(6).any(|w| w == b"482916"), "a clear PIN reached the disk");
+    assert!(
+        !raw.windows(6).any(|w| w == b"482916"),
+        "a clear PIN reached the disk"
+    );
     b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retransmitted_single_use_request_is_answered_alike_and_counted_once() {
-    let keys = vec![key("courier", CredentialKind::Pin, "482916", UseLimit::Total(1))];
+    let keys = vec![key(
+        "courier",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Total(1),
+    )];
     let mut b = Building::open(1, keys, "").await;
     let first = b.present(1, CredentialKind::Pin, "482916").await;
     assert!(granted(&first), "{first:?}");
@@ -421,10 +624,15 @@ async fn a_retransmitted_single_use_request_is_answered_alike_and_counted_once()
     let again = b
         .next(|o| matches!(o, Output::Decision { repeat: true, .. }))
         .await;
-    let Output::Decision { answer, .. } = again else { unreachable!() };
+    let Output::Decision { answer, .. } = again else {
+        unreachable!()
+    };
     assert_eq!(answer, first, "a retransmission gets the same answer");
     let reader = doorbridge::store::Reader::open(&b.db).unwrap();
-    assert_eq!(reader.uses("courier").unwrap(), vec![(String::new(), 1), ("main".into(), 1)]);
+    assert_eq!(
+        reader.uses("courier").unwrap(),
+        vec![(String::new(), 1), ("main".into(), 1)]
+    );
     // A new presentation of the same PIN is a new request: used up.
     let third = b.present(1, CredentialKind::Pin, "482916").await;
     assert_eq!(denied(&third), Some(DenyReason::UsedUp));
@@ -433,7 +641,12 @@ async fn a_retransmitted_single_use_request_is_answered_alike_and_counted_once()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pin_guessing_locks_out_and_door_reports_land_in_the_store() {
-    let keys = vec![key("courier", CredentialKind::Pin, "482916", UseLimit::Unlimited)];
+    let keys = vec![key(
+        "courier",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Unlimited,
+    )];
     let mut b = Building::open(2, keys, "").await;
     for guess in ["000000", "111111", "123456", "654321", "999999"] {
         let a = b.present(1, CredentialKind::Pin, guess).await;
@@ -442,12 +655,34 @@ async fn pin_guessing_locks_out_and_door_reports_land_in_the_store() {
     let locked = b.present(1, CredentialKind::Pin, "482916").await;
     assert_eq!(denied(&locked), Some(DenyReason::LockedOut));
     let other_unit = b.present(2, CredentialKind::Pin, "482916").await;
-    assert_eq!(denied(&other_unit), Some(DenyReason::WrongDoor), "unit 2 is the garage: not locked, just not this key's door");
+    assert_eq!(
+        denied(&other_unit),
+        Some(DenyReason::WrongDoor),
+        "unit 2 is the garage: not locked, just not this key's door"
+    );
 
-    b.command(SimCommand::Call { unit: unit(1), button: 0 }).await;
-    b.command(SimCommand::Door { unit: unit(2), door: 0, event: DoorEventKind::ForcedOpen }).await;
-    b.command(SimCommand::Battery { unit: unit(2), percent: 12, millivolts: 3410 }).await;
-    b.command(SimCommand::Tamper { unit: unit(1), active: true }).await;
+    b.command(SimCommand::Call {
+        unit: unit(1),
+        button: 0,
+    })
+    .await;
+    b.command(SimCommand::Door {
+        unit: unit(2),
+        door: 0,
+        event: DoorEventKind::ForcedOpen,
+    })
+    .await;
+    b.command(SimCommand::Battery {
+        unit: unit(2),
+        percent: 12,
+        millivolts: 3410,
+    })
+    .await;
+    b.command(SimCommand::Tamper {
+        unit: unit(1),
+        active: true,
+    })
+    .await;
     let records = b
         .records_until(|r| {
             r.iter().any(|r| matches!(r, Record::CallButton { .. }))
@@ -456,8 +691,16 @@ async fn pin_guessing_locks_out_and_door_reports_land_in_the_store() {
                 && r.iter().any(|r| matches!(r, Record::Tamper { .. }))
         })
         .await;
-    assert!(records.iter().any(|r| matches!(r, Record::PinLockout { door, .. } if door == "main")));
-    assert!(records.iter().any(|r| matches!(r, Record::CallButton { door, .. } if door == "main")));
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(r, Record::PinLockout { door, .. } if door == "main"))
+    );
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(r, Record::CallButton { door, .. } if door == "main"))
+    );
     assert!(records.iter().any(
         |r| matches!(r, Record::DoorEvent { door, event: DoorEventKind::ForcedOpen, .. } if door == "garage")
     ));
@@ -465,8 +708,20 @@ async fn pin_guessing_locks_out_and_door_reports_land_in_the_store() {
         .iter()
         .find(|r| matches!(r, Record::Battery { .. }))
         .unwrap();
-    assert!(matches!(battery, Record::Battery { percent: 12, millivolts: 3410, low: true, .. }));
-    assert_eq!(battery.class(), doorbridge::store::RecordClass::Alarm, "a low battery is an alarm");
+    assert!(matches!(
+        battery,
+        Record::Battery {
+            percent: 12,
+            millivolts: 3410,
+            low: true,
+            ..
+        }
+    ));
+    assert_eq!(
+        battery.class(),
+        doorbridge::store::RecordClass::Alarm,
+        "a low battery is an alarm"
+    );
     b.stop().await;
 }
 
@@ -474,15 +729,23 @@ async fn pin_guessing_locks_out_and_door_reports_land_in_the_store() {
 async fn garbage_and_broken_frames_do_not_stop_the_bus_and_eight_units_are_served() {
     let keys: Vec<Key> = (1..=8u8)
         .map(|n| {
-            with(key(&format!("k{n}"), CredentialKind::Qr, &format!("qr-{n}"), UseLimit::Unlimited), |k| {
-                k.rules.doors = vec![match n {
-                    1 => "main".into(),
-                    2 => "garage".into(),
-                    3 => "inner".into(),
-                    n => format!("door-{n}"),
-                }];
-                k.rules.opens_inner_door = n == 3;
-            })
+            with(
+                key(
+                    &format!("k{n}"),
+                    CredentialKind::Qr,
+                    &format!("qr-{n}"),
+                    UseLimit::Unlimited,
+                ),
+                |k| {
+                    k.rules.doors = vec![match n {
+                        1 => "main".into(),
+                        2 => "garage".into(),
+                        3 => "inner".into(),
+                        n => format!("door-{n}"),
+                    }];
+                    k.rules.opens_inner_door = n == 3;
+                },
+            )
         })
         .collect();
     let mut b = Building::open(8, keys, "").await;
@@ -510,7 +773,12 @@ async fn garbage_and_broken_frames_do_not_stop_the_bus_and_eight_units_are_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_limited_keys_grants_residents_and_recovers() {
     let keys = vec![
-        key("resident", CredentialKind::Mobile, "app-resident", UseLimit::Unlimited),
+        key(
+            "resident",
+            CredentialKind::Mobile,
+            "app-resident",
+            UseLimit::Unlimited,
+        ),
         key("courier", CredentialKind::Pin, "482916", UseLimit::Total(5)),
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -520,45 +788,89 @@ async fn a_full_disk_refuses_limited_keys_grants_residents_and_recovers() {
         let mut options = StoreOptions::new(&db, fixtures::context());
         options.max_size = Some(1 << 20);
         let store = Store::open(options).unwrap();
-        store.install_key_set(header_now(1), keys.clone()).await.unwrap();
+        store
+            .install_key_set(header_now(1), keys.clone())
+            .await
+            .unwrap();
         let filler: Vec<Record> = (0..50)
-            .map(|i| Record::StorageUnavailable { at: Timestamp::now(), detail: format!("{i}{}", "x".repeat(500)) })
+            .map(|i| Record::StorageUnavailable {
+                at: Timestamp::now(),
+                detail: format!("{i}{}", "x".repeat(500)),
+            })
             .collect();
         while !store.append(filler.clone()).await.unwrap().is_empty() {}
+        store.close();
+        // Then the last corners, with the smallest records, from a fresh start.
+        let mut options = StoreOptions::new(&db, fixtures::context());
+        options.max_size = Some(1 << 20);
+        let store = Store::open(options).unwrap();
+        let crumb = Record::StorageUnavailable {
+            at: Timestamp::now(),
+            detail: String::new(),
+        };
+        while !store.append(vec![crumb.clone()]).await.unwrap().is_empty() {}
         store.close();
     }
     let mut b = Building::open_at(dir, 1, "max_size = \"1 MiB\"").await;
     let courier = b.present(1, CredentialKind::Pin, "482916").await;
-    assert_eq!(denied(&courier), Some(DenyReason::NotRecorded), "a use that cannot be counted is refused");
+    assert_eq!(
+        denied(&courier),
+        Some(DenyReason::NotRecorded),
+        "a use that cannot be counted is refused"
+    );
     let resident = b.present(1, CredentialKind::Mobile, "app-resident").await;
-    assert!(granted(&resident), "a full disk does not lock residents out");
+    assert!(
+        granted(&resident),
+        "a full disk does not lock residents out"
+    );
 
     // The uplink frees space (here: deleting the oldest records from another connection).
     let conn = rusqlite::Connection::open(&b.db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
-    conn.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 1000)", [])
-        .unwrap();
+    conn.execute(
+        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 1000)",
+        [],
+    )
+    .unwrap();
     drop(conn);
     let courier = b.present(1, CredentialKind::Pin, "482916").await;
     assert!(granted(&courier), "recovered by itself: {courier:?}");
     let records = b
-        .records_until(|r| r.iter().any(|r| matches!(r, Record::StorageRecovered { .. })))
+        .records_until(|r| {
+            r.iter()
+                .any(|r| matches!(r, Record::StorageRecovered { .. }))
+        })
         .await;
-    let activities = records.iter().filter(|r| matches!(r, Record::Activity(_))).count();
-    assert_eq!(activities, 3, "the two decisions held in memory and the new one are on disk");
+    let activities = records
+        .iter()
+        .filter(|r| matches!(r, Record::Activity(_)))
+        .count();
+    assert_eq!(
+        activities, 3,
+        "the two decisions held in memory and the new one are on disk"
+    );
     b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_that_disappears_is_reopened() {
-    let keys = vec![key("resident", CredentialKind::Mobile, "app-resident", UseLimit::Unlimited)];
+    let keys = vec![key(
+        "resident",
+        CredentialKind::Mobile,
+        "app-resident",
+        UseLimit::Unlimited,
+    )];
     let mut b = Building::open(1, keys, "").await;
-    assert!(granted(&b.present(1, CredentialKind::Mobile, "app-resident").await));
+    assert!(granted(
+        &b.present(1, CredentialKind::Mobile, "app-resident").await
+    ));
     // Unplug: the pty goes away, then a new one appears at the same path.
     b.stop_sim().await;
     let _ = std::fs::remove_file(&b.link);
     b.start_sim(1);
-    assert!(granted(&b.present(1, CredentialKind::Mobile, "app-resident").await));
-    let _ = b.path();
+    b.ready(1).await;
+    assert!(granted(
+        &b.present(1, CredentialKind::Mobile, "app-resident").await
+    ));
     b.stop().await;
 }
