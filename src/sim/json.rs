@@ -350,10 +350,13 @@ mod tests {
             ),
             (
                 Output::Rejected {
-                    command: SimCommand::Retransmit { unit: unit(4) },
+                    command: SimCommand::Retransmit {
+                        unit: unit(4),
+                        report: false,
+                    },
                     error: SimError::NothingSent(unit(4)),
                 },
-                r#"{"unit":4,"type":"error","command":"retransmit","error":"unit 4 has sent no request or report yet"}"#,
+                r#"{"unit":4,"type":"error","command":"retransmit","error":"unit 4 has sent nothing of that kind yet"}"#,
             ),
         ];
         for (output, want) in cases {
