@@ -3,5 +3,6 @@
 mod config;
 mod daemon;
 mod fixtures;
+mod sim;
 mod store;
 mod util;
