@@ -47,7 +47,8 @@ ms, s or min (300ms, 2s).
   badcrc UNIT                       the unit's next answer has a wrong CRC
   truncate UNIT                     the unit's next answer breaks off halfway
   late UNIT DURATION                the unit's next answer comes DURATION late
-  retransmit UNIT                   send the last request again (same id, same bytes)
+  retransmit UNIT [verify|report]   send the last verify (or report) again: same id, same
+                                    bytes, as if the unit had missed the gateway's answer
   silent UNIT on|off                stop answering (the gateway reports it offline) / resume
   sleep DURATION                    pause the script
   wait-decision UNIT [DURATION]     pause the script until every credential presented at

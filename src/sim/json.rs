@@ -350,10 +350,13 @@ mod tests {
             ),
             (
                 Output::Rejected {
-                    command: SimCommand::Retransmit { unit: unit(4) },
+                    command: SimCommand::Retransmit {
+                        unit: unit(4),
+                        report: false,
+                    },
                     error: SimError::NothingSent(unit(4)),
                 },
-                r#"{"unit":4,"type":"error","command":"retransmit","error":"unit 4 has sent no request or report yet"}"#,
+                r#"{"unit":4,"type":"error","command":"retransmit","error":"unit 4 has sent nothing of that kind yet"}"#,
             ),
         ];
         for (output, want) in cases {
@@ -362,5 +365,63 @@ mod tests {
             let parsed: Value = serde_json::from_str(&line).unwrap();
             assert_eq!(parsed, output.to_json().to_value());
         }
+    }
+
+    /// The manual's examples are JSON lines as printed, and its table names every type.
+    #[test]
+    fn the_manual_shows_valid_lines_and_every_type() {
+        let doc = include_str!("../../docs/door-sim.md");
+        let mut in_json = false;
+        let mut lines = 0;
+        for line in doc.lines() {
+            if line.starts_with("```") {
+                in_json = line == "```json";
+                continue;
+            }
+            if in_json {
+                let v: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not JSON in the manual: {line}: {e}"));
+                assert!(v["type"].is_string(), "{line}");
+                lines += 1;
+            }
+        }
+        assert!(lines > 10);
+        for t in [
+            "ready",
+            "contact",
+            "grant",
+            "deny",
+            "gave_up",
+            "ack",
+            "dropped",
+            "open_door",
+            "settings",
+            "time",
+            "line_error",
+            "bad_message",
+            "error",
+            "timeout",
+            "stopped",
+        ] {
+            assert!(
+                doc.contains(&format!("| `{t}` |")),
+                "{t} missing from the table"
+            );
+        }
+        // The grant example is exactly what the code prints.
+        let grant = Output::Decision {
+            unit: unit(1),
+            id: 40114,
+            request: pin(),
+            answer: Answer::Grant(Grant {
+                doors: vec![0],
+                welcome: Some("Hi".into()),
+                floors: vec![3],
+            }),
+            sends: 1,
+            latency: std::time::Duration::from_millis(6),
+            repeat: false,
+        };
+        assert!(doc.contains(&grant.to_json().to_string()));
     }
 }

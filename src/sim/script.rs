@@ -7,7 +7,7 @@
 //! call 1 [button=0]              battery 1 18 3650           door 1 opened|closed|forced|held [door=0]
 //! tamper 1 on|off                status 1 [fw=1.2.0]         restart 1 [fw=1.3.0]
 //! garbage 40                     badcrc 1                    truncate 1
-//! late 1 300ms                   retransmit 1                silent 1 on|off
+//! late 1 300ms                   retransmit 1 [report]       silent 1 on|off
 //! sleep 200ms                    wait-decision 1 [2s]        quit
 //! ```
 //!
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::units::SimCommand;
+use super::units::{MAX_GARBAGE, SimCommand};
 use crate::access::CredentialKind;
 use crate::bus::frame::Address;
 use crate::bus::message::{DoorEventKind, MAX_CREDENTIAL};
@@ -69,7 +69,7 @@ pub const USAGE: &[(&str, &str)] = &[
     ("badcrc", "badcrc UNIT"),
     ("truncate", "truncate UNIT"),
     ("late", "late UNIT DURATION"),
-    ("retransmit", "retransmit UNIT"),
+    ("retransmit", "retransmit UNIT [verify|report]"),
     ("silent", "silent UNIT on|off"),
     ("sleep", "sleep DURATION"),
     ("wait-decision", "wait-decision UNIT [TIMEOUT]"),
@@ -242,30 +242,17 @@ fn parse_command(word: &str, a: &mut Args<'_>) -> Result<ScriptLine, ParseError>
                 SimCommand::Restart { unit, firmware }
             })
         }
-        "garbage" => {
-            a.expect(1, 1)?;
-            let n = a.pos(0)?;
-            let len = n
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=super::units::MAX_GARBAGE).contains(n))
-                .ok_or_else(|| {
-                    a.usage(&format!(
-                        "{n:?} is not a byte count (1 to {})",
-                        super::units::MAX_GARBAGE
-                    ))
-                })?;
-            ScriptLine::Sim(SimCommand::Garbage { len })
-        }
-        "badcrc" | "truncate" | "retransmit" => {
+        "garbage" => ScriptLine::Sim(parse_garbage(a)?),
+        "badcrc" | "truncate" => {
             a.expect(1, 1)?;
             let unit = a.unit()?;
-            ScriptLine::Sim(match word {
-                "badcrc" => SimCommand::BadCrc { unit },
-                "truncate" => SimCommand::Truncate { unit },
-                _ => SimCommand::Retransmit { unit },
+            ScriptLine::Sim(if word == "badcrc" {
+                SimCommand::BadCrc { unit }
+            } else {
+                SimCommand::Truncate { unit }
             })
         }
+        "retransmit" => ScriptLine::Sim(parse_retransmit(a)?),
         "late" => {
             a.expect(2, 2)?;
             let unit = a.unit()?;
@@ -347,6 +334,28 @@ fn parse_battery(a: &Args<'_>) -> Result<SimCommand, ParseError> {
         percent,
         millivolts,
     })
+}
+
+fn parse_garbage(a: &Args<'_>) -> Result<SimCommand, ParseError> {
+    a.expect(1, 1)?;
+    let n = a.pos(0)?;
+    let len = n
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=MAX_GARBAGE).contains(n))
+        .ok_or_else(|| a.usage(&format!("{n:?} is not a byte count (1 to {MAX_GARBAGE})")))?;
+    Ok(SimCommand::Garbage { len })
+}
+
+fn parse_retransmit(a: &Args<'_>) -> Result<SimCommand, ParseError> {
+    a.expect(1, 2)?;
+    let unit = a.unit()?;
+    let report = match a.positional.get(1).copied() {
+        None | Some("verify") => false,
+        Some("report") => true,
+        Some(other) => return Err(a.usage(&format!("{other:?} is neither verify nor report"))),
+    };
+    Ok(SimCommand::Retransmit { unit, report })
 }
 
 fn on_off(a: &Args<'_>, text: &str) -> Result<bool, ParseError> {
@@ -530,10 +539,14 @@ mod tests {
         assert!(err("garbage 5000").contains("byte count"));
         assert_eq!(sim("badcrc 1"), SimCommand::BadCrc { unit: unit(1) });
         assert_eq!(sim("truncate 2"), SimCommand::Truncate { unit: unit(2) });
-        assert_eq!(
-            sim("retransmit 3"),
-            SimCommand::Retransmit { unit: unit(3) }
-        );
+        let retransmit = |report| SimCommand::Retransmit {
+            unit: unit(3),
+            report,
+        };
+        assert_eq!(sim("retransmit 3"), retransmit(false));
+        assert_eq!(sim("retransmit 3 verify"), retransmit(false));
+        assert_eq!(sim("retransmit 3 report"), retransmit(true));
+        assert!(err("retransmit 3 status").contains("neither verify nor report"));
         assert_eq!(
             sim("late 1 300ms"),
             SimCommand::Late {

@@ -311,7 +311,10 @@ mod tests {
 
         // A command that fails comes back as an output; one that works changes the answer.
         cmd_tx
-            .send(SimCommand::Retransmit { unit: unit(5) })
+            .send(SimCommand::Retransmit {
+                unit: unit(5),
+                report: false,
+            })
             .await
             .unwrap();
         assert!(matches!(out_rx.recv().await, Some(Output::Rejected { .. })));

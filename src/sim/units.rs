@@ -171,9 +171,10 @@ pub enum SimCommand {
     Truncate { unit: Address },
     /// The unit's next answer goes out `delay` after the frame it answers.
     Late { unit: Address, delay: Duration },
-    /// Send the last request or report again at the next turn: same id, identical bytes, even
-    /// if it was already answered (as if the unit had missed the answer).
-    Retransmit { unit: Address },
+    /// Send the unit's last verify (or, with `report`, its last report) again at its next
+    /// turn: same id, identical bytes, even if it was already answered, as a unit does that
+    /// missed the answer. A verify still in flight is sent again anyway.
+    Retransmit { unit: Address, report: bool },
     /// Stop answering anything (`on`: the cable is cut) or answer again.
     Silent { unit: Address, on: bool },
 }
@@ -192,7 +193,7 @@ impl SimCommand {
             | SimCommand::BadCrc { unit }
             | SimCommand::Truncate { unit }
             | SimCommand::Late { unit, .. }
-            | SimCommand::Retransmit { unit }
+            | SimCommand::Retransmit { unit, .. }
             | SimCommand::Silent { unit, .. } => Some(*unit),
             SimCommand::Garbage { .. } => None,
         }
@@ -292,7 +293,7 @@ pub enum SimError {
     UnknownUnit(Address),
     #[error("{0} already has {MAX_WAITING_CREDENTIALS} credentials waiting")]
     QueueFull(Address),
-    #[error("{0} has sent no request or report yet")]
+    #[error("{0} has sent nothing of that kind yet")]
     NothingSent(Address),
     #[error("{0} has another verify in flight")]
     VerifyInFlight(Address),
@@ -342,12 +343,6 @@ struct Pending<T> {
     repeat: bool,
 }
 
-#[derive(Clone, Debug)]
-enum LastSent {
-    Verify(Pending<Verify>),
-    Report(Pending<ReportKind>),
-}
-
 #[derive(Clone, Copy, Debug, Default)]
 struct Faults {
     bad_crc: bool,
@@ -369,7 +364,9 @@ struct Unit {
     verify: Option<Pending<Verify>>,
     credentials: VecDeque<Pending<Verify>>,
     reports: VecDeque<Pending<ReportKind>>,
-    last: Option<LastSent>,
+    /// The last verify and the last report sent, for [`SimCommand::Retransmit`].
+    last_verify: Option<Pending<Verify>>,
+    last_report: Option<Pending<ReportKind>>,
     faults: Faults,
     /// Commands carried out: type, id, when.
     done: VecDeque<(u8, u16, Duration)>,
@@ -494,7 +491,8 @@ impl SimUnits {
                 verify: None,
                 credentials: VecDeque::new(),
                 reports: VecDeque::new(),
-                last: None,
+                last_verify: None,
+                last_report: None,
                 faults: Faults::default(),
                 done: VecDeque::new(),
             };
@@ -618,7 +616,7 @@ impl SimUnits {
             SimCommand::BadCrc { .. } => unit.faults.bad_crc = true,
             SimCommand::Truncate { .. } => unit.faults.truncate = true,
             SimCommand::Late { delay, .. } => unit.faults.late = Some(delay),
-            SimCommand::Retransmit { .. } => retransmit(unit)?,
+            SimCommand::Retransmit { report, .. } => retransmit(unit, report)?,
             SimCommand::Silent { on, .. } => {
                 unit.silent = on;
                 if on {
@@ -817,14 +815,14 @@ impl SimUnits {
             v.first_sent.get_or_insert(now);
             v.sends += 1;
             let bytes = v.wire.clone();
-            unit.last = Some(LastSent::Verify(v.clone()));
+            unit.last_verify = Some(v.clone());
             return (bytes, false);
         }
         if let Some(r) = unit.reports.front_mut() {
             r.first_sent.get_or_insert(now);
             r.sends += 1;
             let bytes = r.wire.clone();
-            unit.last = Some(LastSent::Report(r.clone()));
+            unit.last_report = Some(r.clone());
             return (bytes, false);
         }
         (unit_frame(&Message::Idle, unit.addr, frame_id), true)
@@ -889,7 +887,8 @@ fn restart(
     }
     unit.contacted = false;
     unit.clock = None;
-    unit.last = None;
+    unit.last_verify = None;
+    unit.last_report = None;
     unit.faults = Faults::default();
     unit.done.clear();
     power_up(unit, config, rng, true)
@@ -960,29 +959,34 @@ fn push_report(
     Ok(())
 }
 
-/// Re-arms the last request or report sent, unless it is still waiting anyway.
-fn retransmit(unit: &mut Unit) -> Result<(), SimError> {
-    match unit.last.clone() {
-        None => Err(SimError::NothingSent(unit.addr)),
-        Some(LastSent::Verify(mut v)) => match &unit.verify {
-            Some(current) if current.id == v.id && current.wire == v.wire => Ok(()),
-            Some(_) => Err(SimError::VerifyInFlight(unit.addr)),
-            None => {
-                v.repeat = true;
-                v.first_sent = None;
-                unit.verify = Some(v);
-                Ok(())
-            }
-        },
-        Some(LastSent::Report(mut r)) => {
-            if !unit
-                .reports
-                .iter()
-                .any(|p| p.id == r.id && p.wire == r.wire)
-            {
-                r.repeat = true;
-                unit.reports.push_front(r);
-            }
+/// Re-arms the last verify (or report) sent, unless it is still waiting anyway.
+fn retransmit(unit: &mut Unit, report: bool) -> Result<(), SimError> {
+    if report {
+        let mut r = unit
+            .last_report
+            .clone()
+            .ok_or(SimError::NothingSent(unit.addr))?;
+        if !unit
+            .reports
+            .iter()
+            .any(|p| p.id == r.id && p.wire == r.wire)
+        {
+            r.repeat = true;
+            unit.reports.push_front(r);
+        }
+        return Ok(());
+    }
+    let mut v = unit
+        .last_verify
+        .clone()
+        .ok_or(SimError::NothingSent(unit.addr))?;
+    match &unit.verify {
+        Some(current) if current.id == v.id && current.wire == v.wire => Ok(()),
+        Some(_) => Err(SimError::VerifyInFlight(unit.addr)),
+        None => {
+            v.repeat = true;
+            v.first_sent = None;
+            unit.verify = Some(v);
             Ok(())
         }
     }

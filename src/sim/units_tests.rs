@@ -509,20 +509,38 @@ fn garbage_is_non_zero_noise_sent_at_once() {
 fn retransmit_fault_resends_an_answered_verify_byte_for_byte() {
     let mut sim = quiet(&[5], 0x1234);
     assert_eq!(
-        sim.command(SimCommand::Retransmit { unit: unit(5) }, ms(0)),
+        sim.command(
+            SimCommand::Retransmit {
+                unit: unit(5),
+                report: false,
+            },
+            ms(0)
+        ),
         Err(SimError::NothingSent(unit(5)))
     );
     sim.command(pin(5, "482916"), ms(0)).unwrap();
     exchange(&mut sim, POLL.wire, ms(0));
     // Still in flight: a retransmission is what happens anyway.
-    sim.command(SimCommand::Retransmit { unit: unit(5) }, ms(1))
-        .unwrap();
+    sim.command(
+        SimCommand::Retransmit {
+            unit: unit(5),
+            report: false,
+        },
+        ms(1),
+    )
+    .unwrap();
     assert_eq!(exchange(&mut sim, POLL.wire, ms(2)).1, VERIFY_PIN.wire);
     exchange(&mut sim, GRANT.wire, ms(3));
     assert_eq!(sim.verify_in_flight(unit(5)), None);
 
-    sim.command(SimCommand::Retransmit { unit: unit(5) }, ms(10))
-        .unwrap();
+    sim.command(
+        SimCommand::Retransmit {
+            unit: unit(5),
+            report: false,
+        },
+        ms(10),
+    )
+    .unwrap();
     assert_eq!(exchange(&mut sim, &poll(5, 9), ms(20)).1, VERIFY_PIN.wire);
     let (outputs, _) = exchange(&mut sim, GRANT.wire, ms(30));
     assert!(matches!(
@@ -538,6 +556,16 @@ fn retransmit_fault_resends_an_answered_verify_byte_for_byte() {
 #[test]
 fn retransmit_fault_resends_an_acknowledged_report() {
     let mut sim = quiet(&[9], 0x42);
+    assert_eq!(
+        sim.command(
+            SimCommand::Retransmit {
+                unit: unit(9),
+                report: true
+            },
+            ms(0)
+        ),
+        Err(SimError::NothingSent(unit(9)))
+    );
     sim.command(
         SimCommand::Battery {
             unit: unit(9),
@@ -549,8 +577,14 @@ fn retransmit_fault_resends_an_acknowledged_report() {
     .unwrap();
     exchange(&mut sim, &poll(9, 1), ms(0));
     exchange(&mut sim, ACK.wire, ms(1));
-    sim.command(SimCommand::Retransmit { unit: unit(9) }, ms(2))
-        .unwrap();
+    sim.command(
+        SimCommand::Retransmit {
+            unit: unit(9),
+            report: true,
+        },
+        ms(2),
+    )
+    .unwrap();
     assert_eq!(exchange(&mut sim, &poll(9, 2), ms(3)).1, BATTERY.wire);
     let (outputs, answer) = exchange(&mut sim, ACK.wire, ms(4));
     assert!(matches!(outputs[..], [Output::Acked { id: 0x42, .. }]));

@@ -4,5 +4,6 @@ mod bus;
 mod config;
 mod daemon;
 mod fixtures;
+mod sim;
 mod store;
 mod util;
