@@ -65,7 +65,7 @@ fn config(db: &Path, link: &Path) -> Config {
          [cloud]\nurl = \"mqtt://127.0.0.1\"\n\
          trusted_keys = [\"3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c\"]\n\
          [storage]\npath = \"{}\"\n[[buses]]\nname = \"bench\"\nport = \"{}\"\n\
-         response_timeout = \"50ms\"\npoll_interval = \"1ms\"\n",
+         response_timeout = \"50ms\"\npoll_interval = \"10ms\"\n",
         db.display(),
         link.display()
     );
