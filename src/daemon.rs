@@ -139,6 +139,7 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
         },
         units,
         low_battery_percent: config.telemetry.low_battery_percent,
+        tz: config.time_zone(),
     }
 }
 

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::frame::Address;
-use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Tamper};
+use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Tamper, TimeSync};
 use super::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats,
 };
@@ -29,6 +29,8 @@ const REOPEN_FIRST: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 /// Frame errors are logged at most this often (they are always counted).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the time is broadcast to the units (and at every port open).
+const TIME_EVERY: Duration = Duration::from_secs(3600);
 /// Present while systemd-timesyncd has synchronised the clock.
 const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
 
@@ -58,6 +60,8 @@ pub struct BusSpec {
     pub units: Vec<UnitSpec>,
     /// Battery readings at or below this percentage are alarms.
     pub low_battery_percent: u8,
+    /// The site's time zone, for the time shown on the units' displays.
+    pub tz: jiff::tz::TimeZone,
 }
 
 /// What the bus reports for status.
@@ -247,6 +251,7 @@ impl Served<'_> {
         let mut in_flight = 0usize;
         let mut buf = [0u8; 512];
         let mut last_error_log: Option<Instant> = None;
+        let mut clock = tokio::time::interval(TIME_EVERY);
         loop {
             if let Some(tx) = session.poll_next(now())
                 && let Err(e) = port.write_all(&tx.bytes).await
@@ -276,6 +281,8 @@ impl Served<'_> {
                         tracing::debug!(bus = %self.spec.name, error = %e, "decision not sent");
                     }
                 }
+                // Time for the units' displays: at the start and hourly.
+                _ = clock.tick() => self.broadcast_time(session),
                 // A command for a unit on this bus (inner door release, remote open, settings).
                 Some((unit, command)) = commands.recv() => {
                     if let Err(e) = session.send(unit, &command) {
@@ -318,6 +325,18 @@ impl Served<'_> {
             if port.write_all(&tx.bytes).await.is_err() {
                 break;
             }
+        }
+    }
+
+    fn broadcast_time(&self, session: &mut Session) {
+        let now = Timestamp::now();
+        let offset = self.spec.tz.to_offset(now).seconds();
+        let time = TimeSync {
+            unix: u64::try_from(now.as_second()).unwrap_or(0),
+            utc_offset: offset,
+        };
+        if let Err(e) = session.send(Address::BROADCAST, &Command::Time(time)) {
+            tracing::debug!(bus = %self.spec.name, error = %e, "time not broadcast");
         }
     }
 

@@ -876,5 +876,29 @@ async fn a_port_that_disappears_is_reopened() {
     assert!(granted(
         &b.present(1, CredentialKind::Mobile, "app-resident").await
     ));
+    // The reopened line gets the time for the units' displays, as every opened line does.
+    let time = b
+        .next(|o| {
+            matches!(
+                o,
+                Output::Time {
+                    broadcast: true,
+                    ..
+                }
+            )
+        })
+        .await;
+    let Output::Time { time, .. } = time else {
+        unreachable!()
+    };
+    let skew = Timestamp::now()
+        .as_second()
+        .abs_diff(i64::try_from(time.unix).unwrap());
+    assert!(skew < 60, "the units were told the gateway's time");
+    assert!(
+        time.utc_offset == 3600 || time.utc_offset == 7200,
+        "Berlin's offset: {}",
+        time.utc_offset
+    );
     b.stop().await;
 }
