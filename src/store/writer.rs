@@ -69,6 +69,8 @@ pub(super) struct Writer {
     staging: Option<Staging>,
     /// Generations to delete while idle.
     garbage: Vec<i64>,
+    /// The next staging generation: never one that may still hold rows.
+    next_generation: i64,
     backlog: VecDeque<Record>,
     backlog_limit: usize,
     /// Records held in memory and dropped during the current disk outage.
@@ -125,22 +127,28 @@ impl Writer {
             params![active_generation, CredentialKind::Pin.code()],
             |r| r.get(0),
         )?;
-        // Generations other than the live one are leftovers of an interrupted install.
-        let mut garbage = Vec::new();
-        let mut after = i64::MIN;
-        while let Some(g) = conn
-            .query_row(
-                "SELECT generation FROM keys WHERE generation > ?1 ORDER BY generation LIMIT 1",
-                [after],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()?
-        {
-            if g != active_generation {
-                garbage.push(g);
+        // Generations other than the live one are leftovers of an interrupted install or of an
+        // old set not yet removed; both tables are scanned, since a removal can stop between
+        // them.
+        let mut seen = std::collections::BTreeSet::new();
+        for table in ["keys", "credentials"] {
+            let sql = format!(
+                "SELECT generation FROM {table} WHERE generation > ?1 ORDER BY generation LIMIT 1"
+            );
+            let mut after = i64::MIN;
+            while let Some(g) = conn
+                .query_row(&sql, [after], |r| r.get::<_, i64>(0))
+                .optional()?
+            {
+                seen.insert(g);
+                after = g;
             }
-            after = g;
         }
+        let next_generation = seen.last().copied().unwrap_or(0).max(active_generation) + 1;
+        let garbage: Vec<i64> = seen
+            .into_iter()
+            .filter(|&g| g != active_generation)
+            .collect();
         Ok(Writer {
             conn,
             path: options.path,
@@ -154,6 +162,7 @@ impl Writer {
             guards: HashMap::new(),
             active_pins,
             staging: None,
+            next_generation,
             garbage,
             backlog: VecDeque::new(),
             backlog_limit: options.memory_backlog.max(1),
@@ -258,16 +267,14 @@ impl Writer {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                if is_disk_trouble(&e) {
-                    self.degrade(&e);
-                    self.answer(outcomes, None);
-                } else {
-                    tracing::error!(error = %e, "store commit failed");
-                    let e = std::sync::Arc::new(e);
-                    for o in outcomes {
-                        fail(o, &|| StoreError::Corrupt(e.to_string()));
-                    }
+                // Whatever refused the write (a full or read-only disk, or a damaged page),
+                // the records wait in memory and the decisions follow the unrecordable policy:
+                // failing them outright would lock residents out and lose the records.
+                if !is_disk_trouble(&e) {
+                    tracing::error!(error = %e, "store commit failed for a reason other than the disk's space or mode");
                 }
+                self.degrade(&e);
+                self.answer(outcomes, None);
             }
         }
     }
@@ -659,13 +666,31 @@ impl Writer {
             }
             Command::StageKeys(generation, keys, reply) => {
                 let result = self.stage(generation, &keys);
-                if result.is_err() {
+                // A stale chunk for another generation leaves the current install alone.
+                if result.is_err()
+                    && self
+                        .staging
+                        .as_ref()
+                        .is_some_and(|s| s.generation == generation)
+                {
                     self.abandon_staging();
                 }
                 let _ = reply.send(result);
             }
             Command::CommitKeySet(generation, expected, reply) => {
-                let _ = reply.send(self.commit_key_set(generation, expected));
+                let result = self.commit_key_set(generation, expected);
+                if result.is_err()
+                    && !self.garbage.contains(&generation)
+                    && generation != self.active_generation
+                    && self
+                        .staging
+                        .as_ref()
+                        .is_none_or(|s| s.generation != generation)
+                {
+                    // A switch that failed: its rows are never live, remove them.
+                    self.garbage.push(generation);
+                }
+                let _ = reply.send(result);
             }
             _ => {}
         }
@@ -679,14 +704,8 @@ impl Writer {
             )));
         }
         self.abandon_staging();
-        let newest = self
-            .garbage
-            .iter()
-            .copied()
-            .chain([self.active_generation])
-            .max()
-            .unwrap_or(0);
-        let generation = newest + 1;
+        let generation = self.next_generation;
+        self.next_generation += 1;
         self.staging = Some(Staging {
             generation,
             header,
@@ -790,8 +809,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes one slice of an old generation; when none is left, forgets use counters of keys
-    /// that no longer exist.
+    /// Deletes one slice of an old generation.
     fn collect_garbage(&mut self) {
         let Some(&generation) = self.garbage.last() else {
             return;
@@ -799,31 +817,23 @@ impl Writer {
         let step = || -> Result<usize, rusqlite::Error> {
             let tx = self.conn.unchecked_transaction()?;
             let mut n = tx.execute(
-                "DELETE FROM keys WHERE generation = ?1 AND key_id IN
-                   (SELECT key_id FROM keys WHERE generation = ?1 LIMIT ?2)",
+                "DELETE FROM credentials WHERE generation = ?1 AND digest IN
+                   (SELECT digest FROM credentials WHERE generation = ?1 LIMIT ?2)",
                 params![generation, GC_CHUNK],
             )?;
             n += tx.execute(
-                "DELETE FROM credentials WHERE generation = ?1 AND digest IN
-                   (SELECT digest FROM credentials WHERE generation = ?1 LIMIT ?2)",
+                "DELETE FROM keys WHERE generation = ?1 AND key_id IN
+                   (SELECT key_id FROM keys WHERE generation = ?1 LIMIT ?2)",
                 params![generation, GC_CHUNK],
             )?;
             tx.commit()?;
             Ok(n)
         };
         match step() {
+            // Use counters are kept even for keys no longer in the set: a key that one snapshot
+            // leaves out and a later one brings back must not get its uses again.
             Ok(0) => {
                 self.garbage.pop();
-                if self.garbage.is_empty() {
-                    let pruned = self.conn.execute(
-                        "DELETE FROM uses WHERE key_id NOT IN
-                           (SELECT key_id FROM keys WHERE generation = ?1)",
-                        [self.active_generation],
-                    );
-                    if let Err(e) = pruned {
-                        tracing::warn!(error = %e, "pruning old use counters failed");
-                    }
-                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -871,15 +881,5 @@ fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {
         StoreError::KeySet(format!("{what} {id} appears twice in the set"))
     } else {
         StoreError::Sqlite(e)
-    }
-}
-
-fn fail(outcome: Outcome, error: &dyn Fn() -> StoreError) {
-    match outcome {
-        Outcome::Verify { reply, .. } => drop(reply.send(Err(error()))),
-        Outcome::Append { reply, .. } => drop(reply.send(Err(error()))),
-        Outcome::Ack { reply, .. } => drop(reply.send(Err(error()))),
-        Outcome::Done(reply) => drop(reply.send(Err(error()))),
-        Outcome::Failed(send, e) => send(e),
     }
 }

@@ -522,3 +522,56 @@ fn a_database_from_a_newer_build_is_refused_with_a_clear_error() {
     assert!(err.to_string().contains("newer"), "{err}");
     assert!(!err.is_retryable());
 }
+
+#[tokio::test]
+async fn a_new_set_never_reuses_a_generation_that_still_holds_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .install_key_set(
+            header(1),
+            vec![key("k", CredentialKind::Pin, "1111", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    // An install of version 2 stops half-way (its PIN 2222 leaked, so the cloud changes it)...
+    let generation = store.begin_key_set(header(2)).await.unwrap();
+    store
+        .stage_keys(
+            generation,
+            vec![key("k", CredentialKind::Pin, "2222", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    store.close();
+    // ...and its removal was cut off between the two tables: credential rows without keys.
+    Connection::open(&path)
+        .unwrap()
+        .execute("DELETE FROM keys WHERE generation = ?1", [generation])
+        .unwrap();
+
+    let store = open(&path);
+    store
+        .install_key_set(
+            header(3),
+            vec![key("k", CredentialKind::Pin, "3333", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    let leaked = store
+        .verify(request("u", "main", CredentialKind::Pin, "2222"))
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&leaked.decision),
+        Some(DenyReason::UnknownCredential),
+        "an old row joined the new set"
+    );
+    let current = store
+        .verify(request("u", "main", CredentialKind::Pin, "3333"))
+        .await
+        .unwrap();
+    assert!(current.decision.is_grant());
+    store.close();
+}
