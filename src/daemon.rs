@@ -74,7 +74,12 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
             path: path.clone(),
             source,
         })?;
-    match store.reader().and_then(|r| r.key_set()) {
+    // Counting a large key set reads the whole index: keep it off the async workers.
+    let counted = store.clone();
+    let key_set = tokio::task::spawn_blocking(move || counted.reader().and_then(|r| r.key_set()))
+        .await
+        .map_err(|e| DaemonError::Runtime(std::io::Error::other(e)))?;
+    match key_set {
         Ok(set) => tracing::info!(
             path,
             keyset_version = set.version,

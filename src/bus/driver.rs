@@ -29,6 +29,9 @@ const REOPEN_FIRST: Duration = Duration::from_millis(200);
 const REOPEN_MAX: Duration = Duration::from_secs(30);
 /// Frame errors are logged at most this often (they are always counted).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// A command (a door release) not sent within this long is dropped: an inner door opening
+/// long after its grant would open for nobody.
+const COMMAND_TTL: Duration = Duration::from_secs(5);
 /// How often the time is broadcast to the units (and at every port open).
 const TIME_EVERY: Duration = Duration::from_secs(3600);
 /// Present while systemd-timesyncd has synchronised the clock.
@@ -87,12 +90,15 @@ pub type DoorCommand = (DoorId, Command);
 #[derive(Clone, Debug, Default)]
 pub struct DoorRouter {
     doors: HashMap<DoorId, (usize, Address)>,
-    buses: Vec<mpsc::Sender<(Address, Command)>>,
+    buses: Vec<mpsc::Sender<(Address, Command, Instant)>>,
 }
 
 impl DoorRouter {
     /// Registers a bus; returns its index and the receiver its task reads commands from.
-    pub fn add_bus(&mut self, spec: &BusSpec) -> (usize, mpsc::Receiver<(Address, Command)>) {
+    pub fn add_bus(
+        &mut self,
+        spec: &BusSpec,
+    ) -> (usize, mpsc::Receiver<(Address, Command, Instant)>) {
         let (tx, rx) = mpsc::channel(64);
         let index = self.buses.len();
         self.buses.push(tx);
@@ -108,9 +114,10 @@ impl DoorRouter {
         let Some(&(bus, unit)) = self.doors.get(door) else {
             return false;
         };
-        self.buses
-            .get(bus)
-            .is_some_and(|tx| tx.try_send((unit, command)).is_ok())
+        self.buses.get(bus).is_some_and(|tx| {
+            tx.try_send((unit, command, Instant::now() + COMMAND_TTL))
+                .is_ok()
+        })
     }
 
     pub fn serves(&self, door: &str) -> Option<(usize, Address)> {
@@ -130,7 +137,7 @@ pub async fn run_bus(
     spec: BusSpec,
     store: Store,
     router: Arc<DoorRouter>,
-    mut commands: mpsc::Receiver<(Address, Command)>,
+    mut commands: mpsc::Receiver<(Address, Command, Instant)>,
     status: Arc<Mutex<BusStatus>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -141,6 +148,9 @@ pub async fn run_bus(
             return;
         }
     };
+    // Lives as long as the bus task, across port reopens: the session's clock, and the
+    // decisions still being recorded (their answers go out on whichever port is open).
+    let mut line = Line::new();
     let mut wait = REOPEN_FIRST;
     loop {
         match open_port(&spec) {
@@ -155,7 +165,7 @@ pub async fn run_bus(
                     status: &status,
                 };
                 let ended = served
-                    .serve(port, &mut session, &mut commands, &mut shutdown)
+                    .serve(port, &mut session, &mut line, &mut commands, &mut shutdown)
                     .await;
                 set_status(&status, |s| {
                     s.port_open = false;
@@ -229,6 +239,34 @@ fn apply_rs485(port: &tokio_serial::SerialStream, settings: &Rs485) -> std::io::
     })
 }
 
+/// What outlives one opening of the port.
+struct Line {
+    /// The session's time base: one for the life of the task, so its deadlines stay valid
+    /// across a reopen.
+    start: Instant,
+    decided_tx: mpsc::Sender<(RequestKey, Answer)>,
+    decided_rx: mpsc::Receiver<(RequestKey, Answer)>,
+    /// Decisions handed to the store and not yet answered.
+    in_flight: usize,
+    /// While stopping: when the last answers have had their turn.
+    settled_at: Option<Instant>,
+    last_error_log: Option<Instant>,
+}
+
+impl Line {
+    fn new() -> Line {
+        let (decided_tx, decided_rx) = mpsc::channel(64);
+        Line {
+            start: Instant::now(),
+            decided_tx,
+            decided_rx,
+            in_flight: 0,
+            settled_at: None,
+            last_error_log: None,
+        }
+    }
+}
+
 /// The per-port loop's borrowed context.
 struct Served<'a> {
     spec: &'a BusSpec,
@@ -242,90 +280,88 @@ impl Served<'_> {
         &mut self,
         mut port: P,
         session: &mut Session,
-        commands: &mut mpsc::Receiver<(Address, Command)>,
+        line: &mut Line,
+        commands: &mut mpsc::Receiver<(Address, Command, Instant)>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Ended {
-        let start = Instant::now();
+        let start = line.start;
         let now = || start.elapsed();
-        let (decided_tx, mut decided_rx) = mpsc::channel::<(RequestKey, Answer)>(64);
-        let mut in_flight = 0usize;
         let mut buf = [0u8; 512];
-        let mut last_error_log: Option<Instant> = None;
         let mut clock = tokio::time::interval(TIME_EVERY);
+        // Set once a stop is asked for: keep serving until then, so that decisions being
+        // recorded still reach their units.
+        let mut stop_by: Option<Instant> = None;
         loop {
             if let Some(tx) = session.poll_next(now())
                 && let Err(e) = port.write_all(&tx.bytes).await
             {
                 return Ended::PortLost(e);
             }
+            if let Some(by) = stop_by {
+                // Done once nothing is being decided and the last answers had their turn.
+                if Instant::now() >= by
+                    || (line.in_flight == 0 && line.settled_at.is_some_and(|t| Instant::now() >= t))
+                {
+                    return Ended::Shutdown;
+                }
+            }
             let deadline = session.next_deadline().map(|d| start + d);
+            let wake = match (deadline, stop_by) {
+                (Some(d), Some(b)) => Some(d.min(b)),
+                (d, b) => d.or(b),
+            };
             tokio::select! {
                 // Bytes from the line.
                 read = port.read(&mut buf) => match read {
                     Ok(0) => return Ended::PortLost(std::io::ErrorKind::UnexpectedEof.into()),
                     Ok(n) => {
                         let events = session.on_bytes(&buf[..n], now());
-                        self.handle(events, session, &decided_tx, &mut in_flight, &mut last_error_log);
+                        self.handle(events, session, line);
                     }
                     Err(e) => return Ended::PortLost(e),
                 },
-                // The session's answer or turn deadline passed.
-                () = sleep_until(deadline) => {
+                // The session's answer or turn deadline passed (or the stop deadline).
+                () = sleep_until(wake) => {
                     let events = session.on_timeout(now());
-                    self.handle(events, session, &decided_tx, &mut in_flight, &mut last_error_log);
+                    self.handle(events, session, line);
                 }
                 // A decision is on disk: send it.
-                Some((key, answer)) = decided_rx.recv() => {
-                    in_flight = in_flight.saturating_sub(1);
+                Some((key, answer)) = line.decided_rx.recv() => {
+                    line.in_flight = line.in_flight.saturating_sub(1);
                     if let Err(e) = session.answer(&key, answer) {
                         tracing::debug!(bus = %self.spec.name, error = %e, "decision not sent");
                     }
+                    if stop_by.is_some() && line.in_flight == 0 {
+                        line.settled_at = Some(Instant::now() + self.grace());
+                    }
                 }
                 // Time for the units' displays: at the start and hourly.
-                _ = clock.tick() => self.broadcast_time(session),
-                // A command for a unit on this bus (inner door release, remote open, settings).
-                Some((unit, command)) = commands.recv() => {
-                    if let Err(e) = session.send(unit, &command) {
+                _ = clock.tick(), if stop_by.is_none() => self.broadcast_time(session),
+                // A command for a unit on this bus (inner door release, remote open, settings);
+                // one that waited past its moment (the port was down) is dropped, not carried out late.
+                Some((unit, command, expires)) = commands.recv(), if stop_by.is_none() => {
+                    if Instant::now() > expires {
+                        tracing::warn!(bus = %self.spec.name, %unit, "command expired before the unit could be reached");
+                    } else if let Err(e) = session.send(unit, &command) {
                         tracing::warn!(bus = %self.spec.name, %unit, error = %e, "command not queued");
                     }
                 }
-                // Stop: let the decisions already being recorded reach their units first.
-                () = stopped(shutdown) => {
-                    self.drain(&mut port, session, &mut decided_rx, in_flight).await;
-                    return Ended::Shutdown;
+                // Stop asked for: finish what is being decided, for at most 2 s.
+                () = stopped(shutdown), if stop_by.is_none() => {
+                    stop_by = Some(Instant::now() + Duration::from_secs(2));
+                    if line.in_flight == 0 {
+                        line.settled_at = Some(Instant::now() + self.grace());
+                    }
                 }
             }
         }
     }
 
-    /// On shutdown: sends the answers of decisions still being recorded, for a short while.
-    async fn drain<P: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        port: &mut P,
-        session: &mut Session,
-        decided: &mut mpsc::Receiver<(RequestKey, Answer)>,
-        mut in_flight: usize,
-    ) {
-        let until = Instant::now() + Duration::from_secs(2);
-        while in_flight > 0 {
-            match tokio::time::timeout_at(until, decided.recv()).await {
-                Ok(Some((key, answer))) => {
-                    in_flight -= 1;
-                    let _ = session.answer(&key, answer);
-                }
-                _ => break,
-            }
-        }
-        // Best effort: the answers go ahead of polls, so the next transmissions carry them.
-        let start = Instant::now();
-        for _ in 0..8 {
-            let Some(tx) = session.poll_next(start.elapsed()) else {
-                break;
-            };
-            if port.write_all(&tx.bytes).await.is_err() {
-                break;
-            }
-        }
+    /// Long enough for a queued answer to get its turn on the line.
+    fn grace(&self) -> Duration {
+        self.spec.session.response_timeout * 2
+            + self.spec.session.turnaround * 2
+            + Duration::from_millis(20)
     }
 
     fn broadcast_time(&self, session: &mut Session) {
@@ -352,20 +388,13 @@ impl Served<'_> {
         format!("{}/{}", self.spec.name, unit.get())
     }
 
-    fn handle(
-        &self,
-        events: Vec<SessionEvent>,
-        session: &Session,
-        decided: &mpsc::Sender<(RequestKey, Answer)>,
-        in_flight: &mut usize,
-        last_error_log: &mut Option<Instant>,
-    ) {
+    fn handle(&self, events: Vec<SessionEvent>, session: &Session, line: &mut Line) {
         for event in events {
             match event {
                 SessionEvent::Request(request) => {
                     self.seen(request.key.unit);
-                    *in_flight += 1;
-                    self.decide(request, decided.clone());
+                    line.in_flight += 1;
+                    self.decide(request, line.decided_tx.clone());
                 }
                 SessionEvent::Report { unit, report, .. } => {
                     self.seen(unit);
@@ -387,8 +416,11 @@ impl Served<'_> {
                 }
                 SessionEvent::FrameError(error) => {
                     let stats = session.stats();
-                    if last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
-                        *last_error_log = Some(Instant::now());
+                    if line
+                        .last_error_log
+                        .is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY)
+                    {
+                        line.last_error_log = Some(Instant::now());
                         tracing::warn!(bus = %self.spec.name, %error, frame_errors = stats.frame_errors(),
                             "bad bytes on the bus (counted; the bus keeps serving)");
                     }
@@ -420,6 +452,12 @@ impl Served<'_> {
     ) {
         let unit = request.key.unit;
         let Some(door) = self.unit_door(unit).cloned() else {
+            // Not configured here: refuse rather than leave the unit waiting.
+            tokio::spawn(async move {
+                let _ = decided
+                    .send((request.key, Answer::Deny(DenyReason::WrongDoor)))
+                    .await;
+            });
             return;
         };
         let store = self.store.clone();
