@@ -140,6 +140,8 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
             offline_after: bus.offline_after,
             min_cycle: bus.poll_interval,
             first_command_id,
+            // A unit keeps a report until it is on disk here.
+            defer_report_acks: true,
             ..SessionConfig::default()
         },
         units,

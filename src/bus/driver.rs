@@ -248,6 +248,8 @@ struct Line {
     decided_rx: mpsc::Receiver<(RequestKey, Answer)>,
     /// Decisions handed to the store and not yet answered.
     in_flight: usize,
+    stored_tx: mpsc::Sender<(Address, u16, [u8; 32])>,
+    stored_rx: mpsc::Receiver<(Address, u16, [u8; 32])>,
     /// While stopping: when the last answers have had their turn.
     settled_at: Option<Instant>,
     last_error_log: Option<Instant>,
@@ -256,10 +258,13 @@ struct Line {
 impl Line {
     fn new() -> Line {
         let (decided_tx, decided_rx) = mpsc::channel(64);
+        let (stored_tx, stored_rx) = mpsc::channel(64);
         Line {
             start: Instant::now(),
             decided_tx,
             decided_rx,
+            stored_tx,
+            stored_rx,
             in_flight: 0,
             settled_at: None,
             last_error_log: None,
@@ -335,6 +340,12 @@ impl Served<'_> {
                         line.settled_at = Some(Instant::now() + self.grace());
                     }
                 }
+                // A report is on disk: acknowledge it to its unit.
+                Some((unit, id, fingerprint)) = line.stored_rx.recv() => {
+                    if let Err(e) = session.ack_report(unit, id, &fingerprint) {
+                        tracing::debug!(bus = %self.spec.name, error = %e, "report ack not sent");
+                    }
+                }
                 // Time for the units' displays: at the start and hourly.
                 _ = clock.tick(), if stop_by.is_none() => self.broadcast_time(session),
                 // A command for a unit on this bus (inner door release, remote open, settings);
@@ -396,9 +407,14 @@ impl Served<'_> {
                     line.in_flight += 1;
                     self.decide(request, line.decided_tx.clone());
                 }
-                SessionEvent::Report { unit, report, .. } => {
+                SessionEvent::Report {
+                    unit,
+                    id,
+                    report,
+                    fingerprint,
+                } => {
                     self.seen(unit);
-                    self.report(unit, report);
+                    self.report(unit, report, line.stored_tx.clone(), (id, fingerprint));
                 }
                 SessionEvent::Repeat { unit, id, answered } => {
                     tracing::debug!(bus = %self.spec.name, %unit, id, answered, "retransmitted request");
@@ -494,7 +510,15 @@ impl Served<'_> {
         });
     }
 
-    fn report(&self, unit: Address, report: Report) {
+    /// Makes an outbox record of a report; once it is on disk, `stored` tells the loop to
+    /// acknowledge it (a unit keeps a report until acknowledged, so nothing is lost between).
+    fn report(
+        &self,
+        unit: Address,
+        report: Report,
+        stored: mpsc::Sender<(Address, u16, [u8; 32])>,
+        (id, fingerprint): (u16, [u8; 32]),
+    ) {
         let Some(door) = self.unit_door(unit).cloned() else {
             return;
         };
@@ -541,7 +565,17 @@ impl Served<'_> {
                 return;
             }
         };
-        self.append(record);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            match store.append(vec![record]).await {
+                Ok(seqs) if !seqs.is_empty() => {
+                    let _ = stored.send((unit, id, fingerprint)).await;
+                }
+                // Held in memory (the disk refuses): leave it with the unit, which sends it again.
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "a door report could not be stored"),
+            }
+        });
     }
 
     fn reachability(&self, unit: Address, online: bool) {

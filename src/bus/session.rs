@@ -40,7 +40,8 @@
 //!   same id with a different body is a new request. A [`Status`] with a new boot id clears the
 //!   unit's cache (the unit restarted and may reuse ids).
 //! - Reports (door events, tamper, call button, battery, status) come out as
-//!   [`SessionEvent::Report`] once; the session acknowledges them itself.
+//!   [`SessionEvent::Report`] once; the session acknowledges them itself, or, with
+//!   [`SessionConfig::defer_report_acks`], when [`Session::ack_report`] says they are stored.
 //! - [`Session::send`] queues a command (open door, settings, time) for a unit or a broadcast.
 
 use std::collections::VecDeque;
@@ -89,6 +90,9 @@ pub struct SessionConfig {
     /// The first id the gateway uses for its own commands (pick at random at startup, so a
     /// restarted gateway does not reuse the ids a unit has just seen).
     pub first_command_id: u16,
+    /// Acknowledge a report only once [`Session::ack_report`] says it is stored, so a unit
+    /// keeps it until it is safe. Status reports are always acknowledged at once.
+    pub defer_report_acks: bool,
 }
 
 impl Default for SessionConfig {
@@ -105,6 +109,7 @@ impl Default for SessionConfig {
             cache_size: 8,
             cache_ttl: Duration::from_secs(60),
             first_command_id: 0,
+            defer_report_acks: false,
         }
     }
 }
@@ -213,6 +218,8 @@ pub enum SessionEvent {
         unit: Address,
         id: u16,
         report: Report,
+        /// SHA-256 over type and body, for [`Session::ack_report`].
+        fingerprint: [u8; 32],
     },
     /// A retransmitted request or report: answered from the cache (`answered`), or dropped
     /// because its decision is still pending.
@@ -685,6 +692,30 @@ impl Session {
         Ok(())
     }
 
+    /// With [`SessionConfig::defer_report_acks`]: the report is stored, acknowledge it at the
+    /// unit's next turn.
+    pub fn ack_report(
+        &mut self,
+        unit: Address,
+        id: u16,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), AnswerError> {
+        let not_pending = AnswerError::NotPending { unit, id };
+        let i = self
+            .unit_index(unit)
+            .ok_or(AnswerError::UnknownUnit(unit))?;
+        let slot = self.units.get_mut(i).ok_or(not_pending.clone())?;
+        let entry = slot
+            .cache
+            .iter_mut()
+            .find(|e| e.id == id && e.fingerprint == *fingerprint && e.answer.is_none())
+            .ok_or(not_pending)?;
+        let ack = gateway_frame(&Message::Ack, unit, id);
+        entry.answer = Some(ack.clone());
+        slot.ack = Some(ack);
+        Ok(())
+    }
+
     /// Queues a command for a unit, or for all units at [`Address::BROADCAST`] (time and open
     /// door only). Returns the command's id ([`SessionEvent::CommandDone`] names it).
     pub fn send(&mut self, to: Address, command: &Command) -> Result<u16, SendError> {
@@ -823,17 +854,22 @@ impl Session {
         };
         let addr = unit.addr;
         if let Some(entry) = lookup(&mut unit.cache, id, &fingerprint, now, ttl) {
-            // A repeated report: its ack was lost. Ack again, report nothing new.
-            unit.ack.clone_from(&entry.answer);
+            // A repeated report: its ack was lost (ack again), or it is still being stored
+            // (say nothing yet). Either way nothing new to report.
+            let answered = entry.answer.is_some();
+            if let Some(ack) = &entry.answer {
+                unit.ack = Some(ack.clone());
+            }
             self.stats.repeats += 1;
             events.push(SessionEvent::Repeat {
                 unit: addr,
                 id,
-                answered: true,
+                answered,
             });
             return;
         }
         let ack = gateway_frame(&Message::Ack, addr, id);
+        let deferred = self.config.defer_report_acks && !matches!(report, Report::Status(_));
         insert(
             &mut unit.cache,
             size,
@@ -841,14 +877,17 @@ impl Session {
                 id,
                 fingerprint,
                 at: now,
-                answer: Some(ack.clone()),
+                answer: (!deferred).then(|| ack.clone()),
             },
         );
-        unit.ack = Some(ack);
+        if !deferred {
+            unit.ack = Some(ack);
+        }
         events.push(SessionEvent::Report {
             unit: addr,
             id,
             report,
+            fingerprint,
         });
     }
 
@@ -988,6 +1027,7 @@ mod tests {
             cache_size: 4,
             cache_ttl: Duration::from_secs(60),
             first_command_id: 100,
+            defer_report_acks: false,
         }
     }
 
@@ -1299,6 +1339,41 @@ mod tests {
     }
 
     #[test]
+    fn deferred_report_acks_wait_until_the_report_is_stored() {
+        let mut cfg = config(&[1, 2]);
+        cfg.defer_report_acks = true;
+        let mut bus = Bus::new(cfg);
+        bus.expect_to(1);
+        let event = from_unit(1, 0x0042, &door_opened());
+        let events = bus.reply(&event);
+        let Some(SessionEvent::Report { fingerprint, .. }) = events.last().cloned() else {
+            panic!("no report: {events:?}");
+        };
+        // Not stored yet: unit 1's next turn is a poll, not an ack.
+        let (_, f, _) = bus.expect_to(2);
+        bus.reply(&from_unit(2, f.id(), &Message::Idle));
+        let (_, _, m) = bus.expect_to(1);
+        assert_eq!(m, Message::Poll);
+        // The unit repeats it meanwhile: nothing new is reported, nothing acked.
+        assert_eq!(
+            bus.reply(&from_unit(1, 0x0042, &door_opened())),
+            vec![SessionEvent::Repeat {
+                unit: addr(1),
+                id: 0x0042,
+                answered: false
+            }]
+        );
+        // Stored: the ack goes out at unit 1's next turn.
+        bus.s.ack_report(addr(1), 0x0042, &fingerprint).unwrap();
+        let (_, f, _) = bus.expect_to(2);
+        bus.reply(&from_unit(2, f.id(), &Message::Idle));
+        let (_, f, m) = bus.expect_to(1);
+        assert_eq!((m, f.id()), (Message::Ack, 0x0042));
+        // A second ack for it is refused.
+        assert!(bus.s.ack_report(addr(1), 0x0042, &fingerprint).is_err());
+    }
+
+    #[test]
     fn reports_are_acknowledged_and_reported_once() {
         let mut bus = Bus::new(config(&[1, 2]));
         bus.expect_to(1);
@@ -1313,7 +1388,8 @@ mod tests {
                     door: 0,
                     event: DoorEventKind::Opened,
                     at: None
-                })
+                }),
+                fingerprint: fingerprint(&Decoder::new().feed(&event)[0].clone().unwrap()),
             })
         );
         // Acks wait for the unit's turn.
