@@ -9,4 +9,6 @@ pub mod envelope;
 pub mod payload;
 pub mod sync;
 #[cfg(test)]
+mod tests;
+#[cfg(test)]
 mod vectors;

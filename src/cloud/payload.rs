@@ -21,6 +21,8 @@ pub const MAX_CHUNKS: u32 = 1024;
 pub const MAX_KEYS: u64 = 1_000_000;
 /// The largest signed body (manifest, delta, command).
 pub const MAX_BODY_BYTES: usize = MAX_CHUNK_BYTES;
+/// The largest envelope: a body of [`MAX_BODY_BYTES`] and room for kind, kid and signature.
+pub const MAX_ENVELOPE_BYTES: usize = MAX_BODY_BYTES + 256;
 /// The most keys one delta may add, change or delete in total.
 pub const MAX_DELTA_ENTRIES: usize = 4096;
 /// The longest site, gateway, door, key or command id.
@@ -82,6 +84,7 @@ impl<'de> Deserialize<'de> for Sha256Digest {
 /// Which gateway a signed message is for. Every signed body names it, so a message signed for
 /// one gateway cannot be replayed to another.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Target {
     pub site: String,
     pub gateway: String,
@@ -89,6 +92,7 @@ pub struct Target {
 
 /// The signed description of a full snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub target: Target,
     /// The version the gateway holds once this snapshot is committed.
@@ -106,6 +110,7 @@ pub struct Manifest {
 
 /// One part of a snapshot. Not signed: its SHA-256 must equal the manifest's entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Chunk {
     pub version: u64,
     pub index: u32,
@@ -118,6 +123,7 @@ pub struct Chunk {
 /// key's credential is denied as "revoked" rather than "unknown credential" until the next
 /// snapshot, which leaves tombstones out or keeps them as the cloud decides.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Delta {
     pub target: Target,
     pub from_version: u64,
@@ -131,6 +137,7 @@ pub struct Delta {
 
 /// A remote "open this door" from the app.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OpenDoor {
     pub target: Target,
     /// Unique per command; a second command with the same id is a replay.
@@ -156,7 +163,16 @@ fn check_id(id: &str, what: &'static str) -> Result<(), PayloadError> {
 
 fn check_target(t: &Target) -> Result<(), PayloadError> {
     check_id(&t.site, "site id empty or too long")?;
-    check_id(&t.gateway, "gateway id empty or too long")
+    check_id(&t.gateway, "gateway id empty or too long")?;
+    check(
+        is_topic_segment(&t.site) && is_topic_segment(&t.gateway),
+        "site or gateway id is not one topic segment",
+    )
+}
+
+/// Whether `s` can stand as one MQTT topic level: no `/`, wildcards or NUL.
+pub fn is_topic_segment(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['/', '+', '#', '\0'])
 }
 
 fn check_keys(keys: &[Key]) -> Result<(), PayloadError> {

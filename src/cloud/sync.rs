@@ -425,6 +425,13 @@ pub enum CommandRejection {
     Full,
 }
 
+/// How long an open-door command may live, by default.
+pub const DEFAULT_COMMAND_LIFETIME: SignedDuration = SignedDuration::from_secs(60);
+/// How far in the future a command's `issued_at` may lie, by default.
+pub const DEFAULT_CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(5);
+/// How many live command ids are remembered, by default.
+pub const DEFAULT_REPLAY_CAPACITY: usize = 1024;
+
 /// Remembers the ids of open-door commands until they expire: expired or seen → rejected.
 /// Bounded: commands may live at most `max_lifetime`, and at most `capacity` are remembered
 /// at once (beyond that new commands are refused, failing closed).
@@ -445,6 +452,15 @@ impl ReplayCache {
             skew,
             seen: HashMap::new(),
         }
+    }
+
+    /// A cache with the default capacity, lifetime and skew.
+    pub fn with_defaults() -> Self {
+        ReplayCache::new(
+            DEFAULT_REPLAY_CAPACITY,
+            DEFAULT_COMMAND_LIFETIME,
+            DEFAULT_CLOCK_SKEW,
+        )
     }
 
     /// Decides on a verified command at `now`, and remembers it when accepted.
