@@ -115,7 +115,8 @@ pub struct Sync {
     target: Target,
     held: u64,
     pending: Option<Pending>,
-    early: Vec<(Sha256Digest, Chunk)>,
+    /// Chunks waiting for their manifest, with their hash and arrival time.
+    early: Vec<(Sha256Digest, Chunk, Timestamp)>,
 }
 
 impl Sync {
@@ -158,6 +159,12 @@ impl Sync {
 
     /// A verified manifest arrived.
     pub fn on_manifest(&mut self, manifest: Manifest, now: Timestamp) -> Vec<Action> {
+        let mut actions = self.tick(now);
+        actions.extend(self.manifest(manifest, now));
+        actions
+    }
+
+    fn manifest(&mut self, manifest: Manifest, now: Timestamp) -> Vec<Action> {
         if let Some(reject) = self.wrong_target(&manifest.target) {
             return vec![reject];
         }
@@ -208,10 +215,10 @@ impl Sync {
         });
         let (now_ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
             .into_iter()
-            .filter(|(_, c)| c.version >= version)
-            .partition(|(_, c)| c.version == version);
+            .filter(|(_, c, _)| c.version >= version)
+            .partition(|(_, c, _)| c.version == version);
         self.early = later;
-        for (hash, chunk) in now_ready {
+        for (hash, chunk, _) in now_ready {
             actions.extend(self.accept_chunk(hash, chunk));
         }
         actions.extend(self.finish_if_complete());
@@ -251,7 +258,7 @@ impl Sync {
         } else if self
             .early
             .iter()
-            .any(|(_, c)| c.version == chunk.version && c.index == chunk.index)
+            .any(|(_, c, _)| c.version == chunk.version && c.index == chunk.index)
         {
             actions.push(Action::Ignore {
                 reason: "chunk already waiting for its manifest",
@@ -261,7 +268,7 @@ impl Sync {
                 reason: RejectReason::TooManyEarlyChunks,
             });
         } else {
-            self.early.push((hash, chunk));
+            self.early.push((hash, chunk, now));
         }
         actions
     }
@@ -345,7 +352,7 @@ impl Sync {
             ];
         }
         self.held = version;
-        self.early.retain(|(_, c)| c.version > version);
+        self.early.retain(|(_, c, _)| c.version > version);
         vec![
             Action::Commit {
                 version,
@@ -384,7 +391,7 @@ impl Sync {
         if self.pending().is_some_and(|p| p <= self.held) {
             self.pending = None;
         }
-        self.early.retain(|(_, c)| c.version > delta.version);
+        self.early.retain(|(_, c, _)| c.version > delta.version);
         let issued_at = delta.issued_at;
         actions.push(Action::ApplyDelta(delta));
         actions.push(Action::TrustTime(issued_at));
@@ -392,8 +399,11 @@ impl Sync {
     }
 
     /// Drops a snapshot that stayed incomplete for longer than [`SNAPSHOT_TIMEOUT`] and asks
-    /// for a resync. Call it now and then (every chunk and delta calls it too).
+    /// for a resync, and forgets chunks that waited that long for a manifest. Call it now and
+    /// then (every manifest, chunk and delta calls it too).
     pub fn tick(&mut self, now: Timestamp) -> Vec<Action> {
+        self.early
+            .retain(|(_, _, arrived)| now.duration_since(*arrived) <= SNAPSHOT_TIMEOUT);
         match &self.pending {
             Some(p) if now.duration_since(p.started) > SNAPSHOT_TIMEOUT => {
                 let version = p.manifest.version;

@@ -402,6 +402,41 @@ fn chunks_before_their_manifest_are_held_a_bounded_number() {
 }
 
 #[test]
+fn chunks_waiting_too_long_for_a_manifest_are_forgotten() {
+    let mut s = Sync::new(target(), 0);
+    // Chunks of a version whose manifest never comes must not block the waiting room.
+    for c in &chunks(u64::MAX, 4) {
+        s.on_chunk(&c.encode(), t0());
+    }
+    let later = t0() + SNAPSHOT_TIMEOUT + SignedDuration::from_secs(1);
+    let cs = chunks(5, 1);
+    assert!(s.on_chunk(&cs[0].encode(), later).is_empty(), "held again");
+    assert_eq!(
+        commits(&s.on_manifest(keys_manifest(5, &cs), later)),
+        Some(5)
+    );
+}
+
+#[test]
+fn a_timed_out_snapshot_can_be_sent_again() {
+    let mut s = Sync::new(target(), 0);
+    let cs = chunks(5, 2);
+    s.on_manifest(keys_manifest(5, &cs), t0());
+    s.on_chunk(&cs[0].encode(), t0());
+    let later = t0() + SNAPSHOT_TIMEOUT + SignedDuration::from_secs(1);
+    let a = s.on_manifest(keys_manifest(5, &cs), later);
+    assert!(matches!(
+        a[..],
+        [
+            Action::RequestResync { .. },
+            Action::Begin { version: 5, .. }
+        ]
+    ));
+    s.on_chunk(&cs[0].encode(), later);
+    assert_eq!(commits(&s.on_chunk(&cs[1].encode(), later)), Some(5));
+}
+
+#[test]
 fn rollback_and_equal_versions_are_refused() {
     let mut s = Sync::new(target(), 5);
     for v in [4, 5] {
