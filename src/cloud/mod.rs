@@ -10,5 +10,6 @@ pub mod payload;
 pub mod sync;
 #[cfg(test)]
 mod tests;
+pub mod topics;
 #[cfg(test)]
 mod vectors;
