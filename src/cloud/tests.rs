@@ -153,6 +153,22 @@ fn malformed_envelopes_are_refused() {
     ));
 }
 
+#[test]
+fn huge_length_claims_fail_without_allocating() {
+    // {"kind": "delta", "body": bytes of 2^63 − 1 …} and a body array of 2^63 − 1 keys.
+    let mut env = vec![0xa2, 0x64, b'k', b'i', b'n', b'd', 0x65];
+    env.extend_from_slice(b"delta");
+    env.extend_from_slice(&[0x64, b'b', b'o', b'd', b'y', 0x5b]);
+    env.extend_from_slice(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    assert!(matches!(
+        open(&env, &trusted(), MAX),
+        Err(EnvelopeError::Cbor(_))
+    ));
+    let mut chunk = vec![0xa3, 0x64, b'k', b'e', b'y', b's', 0x9b];
+    chunk.extend_from_slice(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    assert!(Chunk::decode(&chunk).is_err());
+}
+
 // --- payloads ---
 
 #[test]
