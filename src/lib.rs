@@ -9,6 +9,8 @@
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
 //!   commit, read connections, the trusted-time mark, the outbox;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
+//! - [`cloud`]: the cloud link's pure core: signed envelopes, key-set payloads, the sync state
+//!   machine and the open-door replay cache;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
 //! - [`sim`]: simulated door units (the unit side of the bus) for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service.
@@ -18,6 +20,7 @@
 
 pub mod access;
 pub mod bus;
+pub mod cloud;
 pub mod config;
 pub mod daemon;
 pub mod sim;

@@ -1,0 +1,150 @@
+//! Test vectors of `docs/cloud-protocol.md`, made with the fixed test key (seed: 32 × 0x42).
+//! The tests check that each vector appears in the document byte for byte.
+
+use ed25519_dalek::SigningKey;
+use jiff::Timestamp;
+
+use super::envelope::{Kind, seal};
+use super::payload::{Chunk, Delta, Manifest, OpenDoor, Sha256Digest, Target};
+use crate::access::{
+    Category, Credential, CredentialDigest, CredentialKind, Key, KeyRules, Schedule, UseLimit,
+};
+
+pub fn test_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x42; 32])
+}
+
+pub fn target() -> Target {
+    Target {
+        site: "s1".into(),
+        gateway: "gw1".into(),
+    }
+}
+
+pub fn at(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+pub fn key(id: &str) -> Key {
+    Key {
+        rules: KeyRules {
+            id: id.into(),
+            name: "Ann".into(),
+            category: Category::Friend,
+            doors: vec!["main".into()],
+            opens_inner_door: false,
+            valid_from: None,
+            valid_until: None,
+            schedule: Schedule::Always,
+            use_limit: UseLimit::Unlimited,
+            welcome: None,
+            floors: vec![],
+            revoked: false,
+        },
+        credentials: vec![Credential {
+            kind: CredentialKind::Pin,
+            digest: CredentialDigest([0x11; 32]),
+        }],
+    }
+}
+
+pub fn chunk() -> Chunk {
+    Chunk {
+        version: 7,
+        index: 0,
+        keys: vec![key("k1")],
+    }
+}
+
+pub fn manifest() -> Manifest {
+    Manifest {
+        target: target(),
+        version: 7,
+        issued_at: at("2026-01-01T00:00:00Z"),
+        salt: vec![0x5a; 16],
+        chunk_count: 1,
+        chunk_hashes: vec![Sha256Digest::of(&chunk().encode())],
+        key_count: 1,
+    }
+}
+
+pub fn delta() -> Delta {
+    Delta {
+        target: target(),
+        from_version: 7,
+        version: 8,
+        issued_at: at("2026-01-01T00:01:00Z"),
+        upserts: vec![],
+        deletes: vec!["k1".into()],
+    }
+}
+
+pub fn open_door() -> OpenDoor {
+    OpenDoor {
+        target: target(),
+        command_id: "c1".into(),
+        door: "main".into(),
+        key_id: "k1".into(),
+        issued_at: at("2026-01-01T00:02:00Z"),
+        expires_at: at("2026-01-01T00:02:30Z"),
+    }
+}
+
+/// Named vectors: (name, bytes).
+pub fn all() -> Vec<(&'static str, Vec<u8>)> {
+    let k = test_key();
+    vec![
+        ("public key", k.verifying_key().as_bytes().to_vec()),
+        (
+            "kid",
+            super::envelope::KeyId::of(&k.verifying_key()).0.to_vec(),
+        ),
+        ("chunk", chunk().encode()),
+        ("manifest body", manifest().encode()),
+        (
+            "manifest envelope",
+            seal(Kind::Manifest, &manifest().encode(), &k),
+        ),
+        ("delta envelope", seal(Kind::Delta, &delta().encode(), &k)),
+        (
+            "open-door envelope",
+            seal(Kind::OpenDoor, &open_door().encode(), &k),
+        ),
+    ]
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = include_str!("../../docs/cloud-protocol.md");
+
+    #[test]
+    fn vectors_are_in_the_document() {
+        let doc: String = DOC.chars().filter(|c| !c.is_whitespace()).collect();
+        for (name, bytes) in all() {
+            let h = hex(&bytes);
+            assert!(doc.contains(&h), "{name} vector missing from the doc: {h}");
+        }
+    }
+
+    /// `cargo test -- --ignored print_vectors --nocapture` prints the vectors for the doc.
+    #[test]
+    #[ignore = "prints the vectors for the document"]
+    fn print_vectors() {
+        for (name, bytes) in all() {
+            println!("{name} ({} bytes):", bytes.len());
+            for line in hex(&bytes).as_bytes().chunks(64) {
+                println!("{}", String::from_utf8_lossy(line));
+            }
+        }
+    }
+}
