@@ -26,7 +26,6 @@ use doorbridge::sim::{
 };
 use doorbridge::store::{KeySetHeader, Store, StoreOptions};
 use tokio::sync::{mpsc, oneshot};
-use tokio_serial::SerialPort;
 
 const SALT: &[u8] = b"bench-salt";
 const UNITS: u8 = 8;
@@ -134,10 +133,7 @@ async fn run(samples: usize, load_for: Duration) -> Run {
         .expect("keys");
     store.close();
 
-    let (master, slave) = tokio_serial::SerialStream::pair().expect("pty");
-    let name = slave.name().expect("pty name");
-    drop(slave);
-    std::os::unix::fs::symlink(name, &link).expect("link");
+    let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
     let addresses: Vec<Address> = (1..=UNITS).filter_map(Address::unit).collect();
     let units = SimUnits::new(&addresses, SimConfig::default()).expect("sim");
     let (commands, command_rx) = mpsc::channel(256);

@@ -19,7 +19,7 @@ use doorbridge::sim::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_serial::{SerialPort, SerialStream};
+use tokio_serial::SerialStream;
 use tracing_subscriber::EnvFilter;
 
 /// The variable that sets the log filter (logs go to stderr).
@@ -235,13 +235,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         units: cli.units.0.clone(),
     };
     if let Some(link) = &cli.pty {
-        let (master, slave) = SerialStream::pair().context("cannot create a pseudo-terminal")?;
-        let device = slave
-            .name()
-            .context("the pseudo-terminal has no device name")?;
-        // The slave opens exclusively: hold it and the gateway could not open it.
-        drop(slave);
-        make_link(link, Path::new(&device))?;
+        let (master, device) = doorbridge::sim::linked_pty(link)
+            .with_context(|| format!("cannot set up a pseudo-terminal at {}", link.display()))?;
         tracing::info!(link = %link.display(), device, "pseudo-terminal ready");
         emit(
             &JsonLine::new()
@@ -252,7 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         let port = HangupTolerant::new(master, HANGUP_BACKOFF);
         let result = serve(port, units, input).await;
-        remove_link(link, Path::new(&device));
+        doorbridge::sim::pty::remove_link(link, Path::new(&device));
         result
     } else if let Some(path) = &cli.port {
         let name = path.to_string_lossy().into_owned();
@@ -280,48 +275,6 @@ fn clock_seed() -> u64 {
         .unwrap_or_default();
     let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or_default();
     low ^ u64::from(std::process::id()).rotate_left(32)
-}
-
-/// Points `link` at `device`, replacing an old symlink (atomically, by renaming a new one
-/// over it). Anything else at `link` is left alone and is an error.
-fn make_link(link: &Path, device: &Path) -> anyhow::Result<()> {
-    match std::fs::symlink_metadata(link) {
-        Ok(meta) if meta.file_type().is_symlink() => {
-            let old = std::fs::read_link(link).unwrap_or_default();
-            tracing::info!(link = %link.display(), old = %old.display(), "replacing the old link");
-        }
-        Ok(_) => bail!(
-            "{} exists and is not a symlink; not replacing it",
-            link.display()
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(anyhow!(e).context(format!("cannot look at {}", link.display())));
-        }
-    }
-    let name = link
-        .file_name()
-        .with_context(|| format!("{} is not a file path", link.display()))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".door-sim-{}", std::process::id()));
-    let tmp = link.with_file_name(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(device, &tmp)
-        .with_context(|| format!("cannot create a symlink at {}", tmp.display()))?;
-    std::fs::rename(&tmp, link).with_context(|| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot create the symlink {}", link.display())
-    })
-}
-
-/// Removes `link` if it still points at `device` (another door-sim may have taken it over).
-fn remove_link(link: &Path, device: &Path) {
-    if std::fs::read_link(link).is_ok_and(|target| target == device) {
-        if let Err(e) = std::fs::remove_file(link) {
-            tracing::warn!(link = %link.display(), error = %e, "cannot remove the link");
-        }
-    }
 }
 
 /// Where commands come from.

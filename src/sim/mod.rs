@@ -16,6 +16,7 @@
 //!   battery reading…) and faults to inject: noise on the line, a bad CRC, a frame cut off, a
 //!   late answer, a retransmission of the last request, silence.
 //! - [`run_sim`]: the async shell that moves bytes between a port and [`SimUnits`];
+//! - [`linked_pty`]: a pseudo-terminal linked where a gateway expects its port;
 //!   [`HangupTolerant`] keeps it running on a pty master while nobody has the slave open.
 //! - [`script`]: the line-oriented command language of `door-sim`; [`JsonLine`]: the JSON
 //!   lines it prints ([`Output::to_json`]).
@@ -30,11 +31,13 @@
 //! ```
 
 mod json;
+pub mod pty;
 pub mod script;
 mod shell;
 mod units;
 
 pub use json::JsonLine;
+pub use pty::linked_pty;
 pub use shell::{HangupTolerant, run_sim};
 pub use units::{
     GaveUpReason, MAX_GARBAGE, MAX_WAITING_CREDENTIALS, Output, ReportKind, SimCommand, SimConfig,

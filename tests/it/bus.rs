@@ -20,7 +20,6 @@ use doorbridge::store::{Record, Store, StoreOptions};
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_serial::SerialPort;
 
 use crate::fixtures::{self, header, key};
 
@@ -91,17 +90,6 @@ offline_after = 3
     text
 }
 
-/// Creates a pty pair, links its slave at `link` for the daemon, and returns the master.
-fn pty_at(link: &Path) -> tokio_serial::SerialStream {
-    let (master, slave) = tokio_serial::SerialStream::pair().expect("pty pair");
-    let name = slave.name().expect("slave has a device name");
-    // The daemon opens the slave itself (exclusively): let go of this handle.
-    drop(slave);
-    let _ = std::fs::remove_file(link);
-    std::os::unix::fs::symlink(&name, link).expect("link the pty");
-    master
-}
-
 impl Building {
     async fn open(units: u8, keys: Vec<Key>, extra: &str) -> Building {
         let dir = tempfile::tempdir().unwrap();
@@ -156,7 +144,7 @@ impl Building {
     }
 
     fn start_sim(&mut self, units: u8) {
-        let master = pty_at(&self.link);
+        let (master, _) = doorbridge::sim::linked_pty(&self.link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=units).map(unit).collect();
         let sim_units = SimUnits::new(&addresses, SimConfig::default()).unwrap();
         let (commands, command_rx) = mpsc::channel(64);
