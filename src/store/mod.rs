@@ -1,6 +1,6 @@
 //! The SQLite store: key sets, use counters, the trusted-time mark and the outbox.
 //!
-//! One thread owns the writing connection ([`writer`]); everything that changes the database
+//! One thread owns the writing connection (`writer`); everything that changes the database
 //! goes to it over a channel and waits for its reply. Decisions are made on that thread too,
 //! so "read the counter, decide, count the use" can never interleave with another decision.
 //! Commands that arrive together share one `synchronous=FULL` commit (group commit): a

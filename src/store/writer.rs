@@ -462,6 +462,15 @@ impl Writer {
         }
     }
 
+    /// The trusted-time mark, when it moved far enough since it was last written to be worth a
+    /// write (the same answer in `persist`, which writes it, and `answer`, which notes it).
+    fn mark_due(&self) -> Option<Timestamp> {
+        self.mark.filter(|&mark| {
+            self.mark_written
+                .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
+        })
+    }
+
     fn raise_mark(&mut self, at: Timestamp) {
         if self.mark.is_none_or(|m| at > m) {
             self.mark = Some(at);
@@ -527,11 +536,7 @@ impl Writer {
             }
             seqs.push(mine);
         }
-        if let Some(mark) = self.mark
-            && self
-                .mark_written
-                .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
-        {
+        if let Some(mark) = self.mark_due() {
             self.conn.execute(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES ('trusted_time', ?1)",
                 [mark.as_second()],
@@ -588,11 +593,7 @@ impl Writer {
         }
         if committed {
             self.backlog.clear();
-            if let Some(mark) = self.mark
-                && self
-                    .mark_written
-                    .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
-            {
+            if let Some(mark) = self.mark_due() {
                 self.mark_written = Some(mark);
             }
         }
