@@ -119,10 +119,6 @@ impl DoorRouter {
                 .is_ok()
         })
     }
-
-    pub fn serves(&self, door: &str) -> Option<(usize, Address)> {
-        self.doors.get(door).copied()
-    }
 }
 
 /// Why one port session ended.
