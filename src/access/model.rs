@@ -93,8 +93,50 @@ impl CredentialKind {
 
 /// SHA-256 over the site salt, the credential kind and the value: how a credential is stored
 /// and looked up. The clear value never reaches the disk.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Serialised as a byte string (CBOR major type 2); a sequence of 32 integers is accepted too,
+/// which is how formats without bytes (JSON) write it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CredentialDigest(pub [u8; 32]);
+
+impl Serialize for CredentialDigest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for CredentialDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CredentialDigest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a 32-byte credential digest")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                v.try_into()
+                    .map(CredentialDigest)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = [0u8; 32];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = seq
+                        .next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                }
+                if seq.next_element::<u8>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(33, &self));
+                }
+                Ok(CredentialDigest(out))
+            }
+        }
+        d.deserialize_bytes(Visitor)
+    }
+}
 
 impl fmt::Debug for CredentialDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
