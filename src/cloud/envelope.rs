@@ -37,10 +37,13 @@ pub enum Kind {
     Delta,
     /// A remote open-door command ([`super::payload::OpenDoor`]).
     OpenDoor,
+    /// The cloud asks the gateway to report its held version and take a snapshot
+    /// ([`super::payload::ResyncCommand`]).
+    Resync,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Manifest, Kind::Delta, Kind::OpenDoor];
+    pub const ALL: [Kind; 4] = [Kind::Manifest, Kind::Delta, Kind::OpenDoor, Kind::Resync];
 
     /// The kind's name on the wire and in the signing input.
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Manifest => "manifest",
             Kind::Delta => "delta",
             Kind::OpenDoor => "open-door",
+            Kind::Resync => "resync",
         }
     }
 

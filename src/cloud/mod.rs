@@ -7,6 +7,7 @@
 
 pub mod envelope;
 pub mod payload;
+pub mod report;
 pub mod sync;
 #[cfg(test)]
 mod tests;

@@ -149,6 +149,15 @@ pub struct OpenDoor {
     pub expires_at: Timestamp,
 }
 
+/// The cloud asks the gateway for a full snapshot: the gateway answers with a `resync` report
+/// naming its held version (see [`super::report::Report::Resync`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncCommand {
+    pub target: Target,
+    pub issued_at: Timestamp,
+}
+
 fn check(ok: bool, what: &'static str) -> Result<(), PayloadError> {
     if ok {
         Ok(())
@@ -274,14 +283,26 @@ impl OpenDoor {
     }
 }
 
-fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
+impl ResyncCommand {
+    pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
+        let c: ResyncCommand = from_cbor(body, MAX_BODY_BYTES)?;
+        check_target(&c.target)?;
+        Ok(c)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+}
+
+pub(crate) fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::new();
     // Serialising these types into a Vec cannot fail.
     let _ = ciborium::ser::into_writer(value, &mut out);
     out
 }
 
-fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, PayloadError> {
+pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, PayloadError> {
     if bytes.len() > max {
         return Err(PayloadError::TooLarge {
             len: bytes.len(),

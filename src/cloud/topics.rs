@@ -24,28 +24,37 @@ pub enum Channel {
     Delta,
     /// Open-door commands (signed), cloud → gateway.
     OpenDoor,
+    /// Resync commands (signed), cloud → gateway.
+    Resync,
     /// Online/offline, retained, gateway → cloud.
     State,
     /// Acks, rejections and resync requests, gateway → cloud.
     Sync,
+    /// Results of commands, gateway → cloud.
+    CommandResult,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 6] = [
+    pub const ALL: [Channel; 8] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
         Channel::OpenDoor,
+        Channel::Resync,
         Channel::State,
         Channel::Sync,
+        Channel::CommandResult,
     ];
     /// The channels the gateway subscribes to.
-    pub const INBOUND: [Channel; 4] = [
+    pub const INBOUND: [Channel; 5] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
         Channel::OpenDoor,
+        Channel::Resync,
     ];
+    /// The channels the gateway publishes on.
+    pub const OUTBOUND: [Channel; 3] = [Channel::State, Channel::Sync, Channel::CommandResult];
 
     pub fn suffix(self) -> &'static str {
         match self {
@@ -53,8 +62,10 @@ impl Channel {
             Channel::Chunk => "keys/chunk",
             Channel::Delta => "keys/delta",
             Channel::OpenDoor => "cmd/open-door",
+            Channel::Resync => "cmd/resync",
             Channel::State => "state",
             Channel::Sync => "sync",
+            Channel::CommandResult => "cmd/result",
         }
     }
 
@@ -64,7 +75,8 @@ impl Channel {
             Channel::Manifest => Some(Kind::Manifest),
             Channel::Delta => Some(Kind::Delta),
             Channel::OpenDoor => Some(Kind::OpenDoor),
-            Channel::Chunk | Channel::State | Channel::Sync => None,
+            Channel::Resync => Some(Kind::Resync),
+            Channel::Chunk | Channel::State | Channel::Sync | Channel::CommandResult => None,
         }
     }
 }
