@@ -167,6 +167,42 @@ pub struct KeySetHeader {
     pub issued_at: Option<Timestamp>,
 }
 
+/// An incremental change to the live key set (a cloud delta), applied in one transaction.
+#[derive(Clone, Debug)]
+pub struct DeltaChange {
+    /// The version the change applies on top of: must be the held version.
+    pub from_version: u64,
+    /// The version held afterwards; greater than `from_version`.
+    pub version: u64,
+    /// The cloud's signing time, a trusted instant for the clock mark.
+    pub issued_at: Option<Timestamp>,
+    /// Keys added, or replaced whole with all their credentials (matched by id).
+    pub upserts: Vec<Key>,
+    /// Ids of keys to revoke: they stay in the set, marked revoked.
+    pub revokes: Vec<String>,
+}
+
+/// What a delta changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeltaApplied {
+    pub upserted: usize,
+    pub revoked: usize,
+    /// Revocations naming a key the set does not hold (nothing to do).
+    pub unknown: usize,
+}
+
+/// A remote open-door request (the app, through the cloud), judged by the key set like a
+/// credential at the door and recorded the same way.
+#[derive(Clone, Debug)]
+pub struct RemoteOpen {
+    pub command_id: String,
+    pub key_id: String,
+    pub door: String,
+    pub now: Timestamp,
+    /// The system clock is NTP-synchronised now.
+    pub clock_synced: bool,
+}
+
 /// Counters the daemon exposes in its status.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -187,6 +223,8 @@ pub(crate) enum Command {
     BeginKeySet(KeySetHeader, Reply<i64>),
     StageKeys(i64, Vec<Key>, Reply<()>),
     CommitKeySet(i64, u64, Reply<()>),
+    ApplyDelta(Box<DeltaChange>, Reply<DeltaApplied>),
+    Remote(Box<RemoteOpen>, Reply<Verdict>),
     Reconfigure(Box<DecisionContext>, Reply<()>),
     Ack(Vec<i64>, Reply<usize>),
     /// Finish what came before, then stop.
@@ -308,6 +346,18 @@ impl Store {
             self.stage_keys(generation, chunk).await?;
         }
         self.commit_key_set(generation, count).await
+    }
+
+    /// Applies a delta on top of the held key set in one transaction: all of it or, on any
+    /// error (wrong base version, a credential another key holds), none of it.
+    pub async fn apply_delta(&self, delta: DeltaChange) -> Result<DeltaApplied, StoreError> {
+        self.call(|r| Command::ApplyDelta(Box::new(delta), r)).await
+    }
+
+    /// Decides a remote open-door request against the held key set (validity, schedule, use
+    /// limits, the door) and records it durably before returning, like [`Store::verify`].
+    pub async fn remote_open(&self, request: RemoteOpen) -> Result<Verdict, StoreError> {
+        self.call(|r| Command::Remote(Box::new(request), r)).await
     }
 
     /// Replaces the decision rules (after a config reload).

@@ -44,6 +44,10 @@ pub struct Activity {
     pub reason: Option<DenyReason>,
     /// The doors released on a grant.
     pub released: Vec<DoorId>,
+    /// Set when the request was a remote open-door command from the cloud (the app), not a
+    /// credential at the door.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
 }
 
 /// A record for the outbox.
@@ -107,6 +111,14 @@ pub enum Record {
         kept_in_memory: u64,
         dropped: u64,
     },
+    /// A key-set message or command from the cloud was refused (bad signature, rollback, …);
+    /// the held key set is unchanged.
+    CloudRejected {
+        at: Timestamp,
+        /// The topic channel it came on, e.g. `keys/delta`.
+        channel: String,
+        reason: String,
+    },
 }
 
 impl Record {
@@ -129,7 +141,8 @@ impl Record {
             | Record::Tamper { .. }
             | Record::Battery { low: true, .. }
             | Record::StorageUnavailable { .. }
-            | Record::StorageRecovered { .. } => RecordClass::Alarm,
+            | Record::StorageRecovered { .. }
+            | Record::CloudRejected { .. } => RecordClass::Alarm,
         }
     }
 
@@ -143,7 +156,8 @@ impl Record {
             | Record::Battery { at, .. }
             | Record::UnitReachability { at, .. }
             | Record::StorageUnavailable { at, .. }
-            | Record::StorageRecovered { at, .. } => *at,
+            | Record::StorageRecovered { at, .. }
+            | Record::CloudRejected { at, .. } => *at,
         }
     }
 

@@ -53,6 +53,10 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX outbox_by_class ON outbox (class, seq);
     ",
+    // 2: deltas replace one key's credentials, found by key id.
+    "
+    CREATE INDEX credentials_by_key ON credentials (generation, key_id);
+    ",
 ];
 
 /// The schema version this build writes.

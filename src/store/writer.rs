@@ -26,8 +26,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::records::{Activity, Record};
 use super::{
-    Command, DecisionContext, Health, KeySetHeader, Reply, StoreError, StoreOptions, Verdict,
-    VerifyRequest, is_disk_trouble,
+    Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
+    StoreError, StoreOptions, Verdict, VerifyRequest, is_disk_trouble,
 };
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Key, KeyRules, PinGuard,
@@ -219,7 +219,8 @@ impl Writer {
                     }
                     Command::BeginKeySet(..)
                     | Command::StageKeys(..)
-                    | Command::CommitKeySet(..) => {
+                    | Command::CommitKeySet(..)
+                    | Command::ApplyDelta(..) => {
                         // Key-set steps are transactions of their own, in order with the rest.
                         self.commit_group(std::mem::take(&mut group));
                         self.key_set_step(command);
@@ -295,6 +296,15 @@ impl Writer {
                 },
                 Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
             },
+            Command::Remote(request, reply) => match self.decide_remote(&request, overlay) {
+                Ok((verdict, consume, records)) => Outcome::Verify {
+                    reply,
+                    verdict,
+                    consume,
+                    records,
+                },
+                Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
+            },
             Command::Append(records, reply) => Outcome::Append { reply, records },
             Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
             Command::TrustTime(at, reply) => {
@@ -307,6 +317,10 @@ impl Writer {
             }
             // `run` routes these elsewhere; answer rather than lose a reply if that changes.
             Command::BeginKeySet(_, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::ApplyDelta(_, reply) => Outcome::Failed(
                 Box::new(move |e| drop(reply.send(Err(e)))),
                 StoreError::KeySet("misrouted key-set step".into()),
             ),
@@ -341,6 +355,7 @@ impl Writer {
             granted: false,
             reason: None,
             released: Vec::new(),
+            command_id: None,
         };
         let is_pin = req.kind == CredentialKind::Pin;
         let guard = self.guards.entry(req.unit.clone()).or_default();
@@ -378,25 +393,8 @@ impl Writer {
                     if is_pin {
                         guard.known_pin();
                     }
-                    let uses = self.uses(&rules, &req.door, overlay)?;
-                    let clock = self.clock_trust(now, req.clock_synced);
-                    let (decision, consume) = access::decide(
-                        &self.ctx.site,
-                        self.ctx.policy,
-                        &rules,
-                        &req.door,
-                        uses,
-                        now,
-                        clock,
-                    );
-                    if consume == Consume::OneUse {
-                        *overlay
-                            .entry((rules.id.clone(), String::new()))
-                            .or_default() += 1;
-                        *overlay
-                            .entry((rules.id.clone(), req.door.clone()))
-                            .or_default() += 1;
-                    }
+                    let (decision, consume) =
+                        self.judge(&rules, &req.door, now, req.clock_synced, overlay)?;
                     (decision, consume, Some(rules))
                 }
             }
@@ -420,6 +418,81 @@ impl Writer {
             seq: None,
         };
         Ok((verdict, consume, records))
+    }
+
+    /// The engine's decision for `rules` at `door`, counting a granted use in the overlay.
+    fn judge(
+        &self,
+        rules: &KeyRules,
+        door: &str,
+        now: Timestamp,
+        clock_synced: bool,
+        overlay: &mut HashMap<(String, String), u32>,
+    ) -> Result<(Decision, Consume), StoreError> {
+        let uses = self.uses(rules, door, overlay)?;
+        let clock = self.clock_trust(now, clock_synced);
+        let (decision, consume) = access::decide(
+            &self.ctx.site,
+            self.ctx.policy,
+            rules,
+            door,
+            uses,
+            now,
+            clock,
+        );
+        if consume == Consume::OneUse {
+            *overlay
+                .entry((rules.id.clone(), String::new()))
+                .or_default() += 1;
+            *overlay
+                .entry((rules.id.clone(), door.to_owned()))
+                .or_default() += 1;
+        }
+        Ok((decision, consume))
+    }
+
+    /// A remote open: the key is named by id (the app holds it), so there is no credential to
+    /// look up and no keypad to lock; otherwise judged and recorded like [`Writer::decide`].
+    fn decide_remote(
+        &mut self,
+        req: &RemoteOpen,
+        overlay: &mut HashMap<(String, String), u32>,
+    ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
+        if req.clock_synced {
+            self.raise_mark(req.now);
+        }
+        let rules = key_by_id(&self.conn, self.active_generation, &req.key_id)?;
+        let (decision, consume) = match &rules {
+            Some(rules) => self.judge(rules, &req.door, req.now, req.clock_synced, overlay)?,
+            None => (
+                Decision::deny(DenyReason::UnknownCredential),
+                Consume::Nothing,
+            ),
+        };
+        let (granted, reason, released) = match &decision {
+            Decision::Grant(g) => (true, None, g.doors.clone()),
+            Decision::Deny { reason } => (false, Some(*reason), Vec::new()),
+        };
+        let activity = Activity {
+            at: req.now,
+            door: req.door.clone(),
+            unit: "cloud".into(),
+            request_id: None,
+            credential_kind: CredentialKind::Mobile,
+            key_id: Some(req.key_id.clone()),
+            category: rules.as_ref().map(|r| r.category),
+            granted,
+            reason,
+            released,
+            command_id: Some(req.command_id.clone()),
+        };
+        let verdict = Verdict {
+            decision,
+            key_id: Some(req.key_id.clone()),
+            category: rules.as_ref().map(|r| r.category),
+            seq: None,
+        };
+        Ok((verdict, consume, vec![Record::Activity(activity)]))
     }
 
     fn uses(
@@ -693,8 +766,98 @@ impl Writer {
                 }
                 let _ = reply.send(result);
             }
+            Command::ApplyDelta(delta, reply) => {
+                let _ = reply.send(self.apply_delta(&delta));
+            }
             _ => {}
         }
+    }
+
+    fn apply_delta(&mut self, d: &DeltaChange) -> Result<DeltaApplied, StoreError> {
+        if self.keyset_version == 0 || d.from_version != self.keyset_version {
+            return Err(StoreError::KeySet(format!(
+                "a delta from version {} does not apply on the held version {}",
+                d.from_version, self.keyset_version
+            )));
+        }
+        if d.version <= d.from_version {
+            return Err(StoreError::KeySet(format!(
+                "a delta to version {} is not newer than {}",
+                d.version, d.from_version
+            )));
+        }
+        let version = i64::try_from(d.version)
+            .map_err(|_| StoreError::KeySet("version out of range".into()))?;
+        let generation = self.active_generation;
+        let mut applied = DeltaApplied::default();
+        let mut mark = self.mark;
+        if let Some(at) = d.issued_at
+            && mark.is_none_or(|m| at > m)
+        {
+            mark = Some(at);
+        }
+        // Dropped (rolled back) on any error, so a delta applies whole or not at all.
+        let tx = self.conn.transaction()?;
+        {
+            let mut drop_creds =
+                tx.prepare_cached("DELETE FROM credentials WHERE generation = ?1 AND key_id = ?2")?;
+            let mut put_key = tx.prepare_cached(
+                "INSERT OR REPLACE INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut put_cred = tx.prepare_cached(
+                "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for key in &d.upserts {
+                drop_creds.execute(params![generation, key.rules.id])?;
+                put_key.execute(params![generation, key.rules.id, encode_rules(&key.rules)?])?;
+                for c in &key.credentials {
+                    put_cred
+                        .execute(params![generation, c.digest.0, c.kind.code(), key.rules.id])
+                        .map_err(|e| dup(e, "a credential of key", &key.rules.id))?;
+                }
+                applied.upserted += 1;
+            }
+            for id in &d.revokes {
+                match key_by_id(&tx, generation, id)? {
+                    Some(mut rules) => {
+                        rules.revoked = true;
+                        put_key.execute(params![generation, id, encode_rules(&rules)?])?;
+                        applied.revoked += 1;
+                    }
+                    None => applied.unknown += 1,
+                }
+            }
+            let mut set =
+                tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+            set.execute(params!["keyset_version", version])?;
+            if let Some(mark) = mark {
+                set.execute(params!["trusted_time", mark.as_second()])?;
+            }
+        }
+        tx.commit()?;
+        self.keyset_version = d.version;
+        self.mark = mark;
+        self.mark_written = mark;
+        self.active_pins = self.conn.query_row(
+            "SELECT count(*) FROM credentials WHERE generation = ?1 AND kind = ?2",
+            params![generation, CredentialKind::Pin.code()],
+            |r| r.get(0),
+        )?;
+        // A snapshot being staged for a version the delta reached is stale now.
+        if self
+            .staging
+            .as_ref()
+            .is_some_and(|s| s.header.version <= d.version)
+        {
+            self.abandon_staging();
+        }
+        tracing::info!(
+            version = d.version,
+            upserted = applied.upserted,
+            revoked = applied.revoked,
+            "key-set delta applied"
+        );
+        Ok(applied)
     }
 
     fn begin(&mut self, header: KeySetHeader) -> Result<i64, StoreError> {
@@ -772,6 +935,14 @@ impl Writer {
                 )));
             }
         };
+        if staging.header.version <= self.keyset_version {
+            // A delta reached this version while the snapshot was staged.
+            self.garbage.push(staging.generation);
+            return Err(StoreError::KeySet(format!(
+                "version {} is not newer than the held version {}",
+                staging.header.version, self.keyset_version
+            )));
+        }
         if staging.keys != expected {
             self.garbage.push(staging.generation);
             return Err(StoreError::KeySet(format!(
@@ -861,6 +1032,26 @@ pub(super) fn lookup(
         .query_row(params![generation, digest], |r| r.get(0))
         .optional()?;
     blob.map(|b| decode_rules(&b)).transpose()
+}
+
+/// A key's rules by id in a generation.
+pub(super) fn key_by_id(
+    conn: &Connection,
+    generation: i64,
+    key_id: &str,
+) -> Result<Option<KeyRules>, StoreError> {
+    let blob: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT rules FROM keys WHERE generation = ?1 AND key_id = ?2")?
+        .query_row(params![generation, key_id], |r| r.get(0))
+        .optional()?;
+    blob.map(|b| decode_rules(&b)).transpose()
+}
+
+fn encode_rules(rules: &KeyRules) -> Result<Vec<u8>, StoreError> {
+    let mut buf = Vec::with_capacity(256);
+    ciborium::into_writer(rules, &mut buf)
+        .map_err(|e| StoreError::KeySet(format!("key {}: {e}", rules.id)))?;
+    Ok(buf)
 }
 
 pub(super) fn decode_rules(blob: &[u8]) -> Result<KeyRules, StoreError> {

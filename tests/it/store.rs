@@ -3,7 +3,7 @@
 
 use doorbridge::access::{CredentialKind, Decision, DenyReason, UseLimit};
 use doorbridge::store::schema::{self, MIGRATIONS};
-use doorbridge::store::{Record, Store, StoreOptions};
+use doorbridge::store::{DeltaChange, Record, RemoteOpen, Store, StoreOptions};
 use rusqlite::Connection;
 
 use crate::fixtures::{self, header, key, open, request};
@@ -573,5 +573,186 @@ async fn a_new_set_never_reuses_a_generation_that_still_holds_rows() {
         .await
         .unwrap();
     assert!(current.decision.is_grant());
+    store.close();
+}
+
+fn delta(
+    from: u64,
+    to: u64,
+    upserts: Vec<doorbridge::access::Key>,
+    revokes: &[&str],
+) -> DeltaChange {
+    DeltaChange {
+        from_version: from,
+        version: to,
+        issued_at: Some(fixtures::now()),
+        upserts,
+        revokes: revokes.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_delta_adds_replaces_and_revokes_keys_in_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(1),
+            vec![
+                key("a", CredentialKind::Pin, "1111", UseLimit::Unlimited),
+                key("b", CredentialKind::Pin, "2222", UseLimit::Unlimited),
+            ],
+        )
+        .await
+        .unwrap();
+    let applied = store
+        .apply_delta(delta(
+            1,
+            2,
+            vec![
+                // "a" gets a new PIN: the old one must stop working.
+                key("a", CredentialKind::Pin, "3333", UseLimit::Unlimited),
+                key("c", CredentialKind::Qr, "qr-c", UseLimit::Total(1)),
+            ],
+            &["b", "never-held"],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        (applied.upserted, applied.revoked, applied.unknown),
+        (2, 1, 1)
+    );
+    let try_pin = |pin: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .verify(request("u", "main", CredentialKind::Pin, pin))
+                .await
+                .unwrap()
+                .decision
+        }
+    };
+    assert_eq!(
+        reason(&try_pin("1111").await),
+        Some(DenyReason::UnknownCredential)
+    );
+    assert!(try_pin("3333").await.is_grant());
+    assert_eq!(reason(&try_pin("2222").await), Some(DenyReason::Revoked));
+    let c = store
+        .verify(request("u", "main", CredentialKind::Qr, "qr-c"))
+        .await
+        .unwrap();
+    assert!(c.decision.is_grant());
+    let info = store.reader().unwrap().key_set().unwrap();
+    assert_eq!((info.version, info.keys), (2, 3));
+    store.close();
+
+    // The delta survives a restart.
+    let store = open(&dir.path().join("db"));
+    assert_eq!(store.reader().unwrap().key_set().unwrap().version, 2);
+    let b = store
+        .verify(request("u", "main", CredentialKind::Pin, "2222"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&b.decision), Some(DenyReason::Revoked));
+    store.close();
+}
+
+#[tokio::test]
+async fn a_delta_on_the_wrong_base_or_with_a_clash_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(3),
+            vec![key("a", CredentialKind::Pin, "1111", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    // A gap: the gateway holds 3, the delta starts from 2.
+    let err = store
+        .apply_delta(delta(2, 4, vec![], &["a"]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not apply"), "{err}");
+    // A new key whose PIN another key holds: the whole delta is refused, the revocation too.
+    let err = store
+        .apply_delta(delta(
+            3,
+            4,
+            vec![key("z", CredentialKind::Pin, "1111", UseLimit::Unlimited)],
+            &["a"],
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("appears twice"), "{err}");
+    assert!(!err.is_retryable());
+    let a = store
+        .verify(request("u", "main", CredentialKind::Pin, "1111"))
+        .await
+        .unwrap();
+    assert!(a.decision.is_grant(), "{a:?}");
+    assert_eq!(store.reader().unwrap().key_set().unwrap().version, 3);
+    // Nothing held yet is no base at all.
+    let empty = open(&dir.path().join("db2"));
+    assert!(empty.apply_delta(delta(0, 1, vec![], &[])).await.is_err());
+    empty.close();
+    store.close();
+}
+
+#[tokio::test]
+async fn a_remote_open_is_judged_by_the_key_set_counted_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(1),
+            vec![key("once", CredentialKind::Mobile, "m", UseLimit::Total(1))],
+        )
+        .await
+        .unwrap();
+    let remote = |id: &str, key_id: &str, door: &str| RemoteOpen {
+        command_id: id.into(),
+        key_id: key_id.into(),
+        door: door.into(),
+        now: fixtures::now(),
+        clock_synced: true,
+    };
+    let first = store
+        .remote_open(remote("c1", "once", "main"))
+        .await
+        .unwrap();
+    assert!(first.decision.is_grant(), "{first:?}");
+    let second = store
+        .remote_open(remote("c2", "once", "main"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&second.decision), Some(DenyReason::UsedUp));
+    let wrong_door = store
+        .remote_open(remote("c3", "once", "garage"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&wrong_door.decision), Some(DenyReason::WrongDoor));
+    let unknown = store
+        .remote_open(remote("c4", "nobody", "main"))
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&unknown.decision),
+        Some(DenyReason::UnknownCredential)
+    );
+    // The single use is spent for the credential at the door too.
+    let at_door = store
+        .verify(request("u", "main", CredentialKind::Mobile, "m"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&at_door.decision), Some(DenyReason::UsedUp));
+    let records = store.reader().unwrap().outbox(0, 10).unwrap();
+    let Record::Activity(a) = &records[0].record else {
+        panic!("{records:?}")
+    };
+    assert_eq!(a.command_id.as_deref(), Some("c1"));
+    assert!(a.granted);
+    assert_eq!(records.len(), 5);
     store.close();
 }
