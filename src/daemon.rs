@@ -3,8 +3,9 @@
 //! [`serve`] is the library entry the binary and the tests share: it takes the configuration
 //! and a shutdown signal, starts what the gateway runs and stops it cleanly: the store
 //! (integrity check, migrations, writer thread), then one task per door bus. On shutdown the
-//! buses stop first (decisions being recorded still reach their units), then the store.
-//! The cloud link is wired in here when it lands.
+//! buses stop first (decisions being recorded still reach their units), then the cloud link
+//! (which says `offline`), then the store. The cloud link never holds the doors up: a gateway
+//! that cannot reach its broker, or whose link cannot even start, keeps deciding.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use tokio::sync::watch;
 use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
 use crate::bus::frame::Address;
 use crate::bus::session::SessionConfig;
+use crate::cloud::link::{self, LinkStatus};
 use crate::config::{BusConfig, Config};
 use crate::store::{DecisionContext, Store, StoreError, StoreOptions};
 
@@ -89,7 +91,21 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
         Err(e) => tracing::warn!(path, error = %e, "store open, but its key set cannot be read"),
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let buses = start_buses(config, &store, &stop_rx);
+    let (router, buses) = start_buses(config, &store, &stop_rx);
+    let (link_stop_tx, link_stop_rx) = watch::channel(false);
+    let link = match link::spec(config) {
+        Ok(spec) => Some(tokio::spawn(link::run_link(
+            spec,
+            store.clone(),
+            router,
+            Arc::new(Mutex::new(LinkStatus::default())),
+            link_stop_rx,
+        ))),
+        Err(e) => {
+            tracing::error!(error = %e, "the cloud link cannot start; doors keep working from the held key set");
+            None
+        }
+    };
     shutdown.await;
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
@@ -100,6 +116,14 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
         {
             tracing::warn!(bus = %name, "bus did not stop in time");
         }
+    }
+    let _ = link_stop_tx.send(true);
+    if let Some(link) = link
+        && tokio::time::timeout(Duration::from_secs(5), link)
+            .await
+            .is_err()
+    {
+        tracing::warn!("cloud link did not stop in time");
     }
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     tracing::info!("stopped");
@@ -150,17 +174,17 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
     }
 }
 
-/// Starts one task per configured bus.
+/// Starts one task per configured bus; returns the router that reaches their doors.
 fn start_buses(
     config: &Config,
     store: &Store,
     stop: &watch::Receiver<bool>,
-) -> Vec<(String, tokio::task::JoinHandle<()>)> {
+) -> (Arc<DoorRouter>, Vec<(String, tokio::task::JoinHandle<()>)>) {
     let specs: Vec<BusSpec> = config.buses.iter().map(|b| bus_spec(config, b)).collect();
     let mut router = DoorRouter::default();
     let receivers: Vec<_> = specs.iter().map(|s| router.add_bus(s).1).collect();
     let router = Arc::new(router);
-    specs
+    let tasks = specs
         .into_iter()
         .zip(receivers)
         .map(|(spec, commands)| {
@@ -176,7 +200,8 @@ fn start_buses(
             ));
             (name, task)
         })
-        .collect()
+        .collect();
+    (router, tasks)
 }
 
 /// Runs the gateway on its own runtime until SIGTERM or SIGINT.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::frame::Address;
@@ -86,19 +86,36 @@ pub struct UnitStatus {
 /// A command for a unit, addressed by door.
 pub type DoorCommand = (DoorId, Command);
 
+/// How a tracked command ended at its unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    /// The unit acknowledged it.
+    Done,
+    /// The unit did not answer it (retries exhausted), or it could not be queued.
+    NoAnswer,
+    /// It waited past its moment (the port was down) and was dropped.
+    Expired,
+}
+
+/// A command on its way to a bus task: the unit, the command, when it stops being worth
+/// carrying out, and who wants to hear how it ended.
+type Queued = (
+    Address,
+    Command,
+    Instant,
+    Option<oneshot::Sender<CommandOutcome>>,
+);
+
 /// Finds the bus that serves a door, for releases that cross units or buses.
 #[derive(Clone, Debug, Default)]
 pub struct DoorRouter {
     doors: HashMap<DoorId, (usize, Address)>,
-    buses: Vec<mpsc::Sender<(Address, Command, Instant)>>,
+    buses: Vec<mpsc::Sender<Queued>>,
 }
 
 impl DoorRouter {
     /// Registers a bus; returns its index and the receiver its task reads commands from.
-    pub fn add_bus(
-        &mut self,
-        spec: &BusSpec,
-    ) -> (usize, mpsc::Receiver<(Address, Command, Instant)>) {
+    pub fn add_bus(&mut self, spec: &BusSpec) -> (usize, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(64);
         let index = self.buses.len();
         self.buses.push(tx);
@@ -111,11 +128,36 @@ impl DoorRouter {
     /// Sends `command` to the unit serving `door`. False when no unit serves it or its queue
     /// is full.
     pub fn send(&self, door: &str, command: Command) -> bool {
+        self.queue(door, command, None)
+    }
+
+    /// Like [`DoorRouter::send`], and tells how the command ended at the unit. `None` when no
+    /// unit serves the door or its queue is full.
+    pub fn send_tracked(
+        &self,
+        door: &str,
+        command: Command,
+    ) -> Option<oneshot::Receiver<CommandOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        self.queue(door, command, Some(tx)).then_some(rx)
+    }
+
+    /// Whether a unit serves `door`.
+    pub fn serves(&self, door: &str) -> bool {
+        self.doors.contains_key(door)
+    }
+
+    fn queue(
+        &self,
+        door: &str,
+        command: Command,
+        done: Option<oneshot::Sender<CommandOutcome>>,
+    ) -> bool {
         let Some(&(bus, unit)) = self.doors.get(door) else {
             return false;
         };
         self.buses.get(bus).is_some_and(|tx| {
-            tx.try_send((unit, command, Instant::now() + COMMAND_TTL))
+            tx.try_send((unit, command, Instant::now() + COMMAND_TTL, done))
                 .is_ok()
         })
     }
@@ -133,7 +175,7 @@ pub async fn run_bus(
     spec: BusSpec,
     store: Store,
     router: Arc<DoorRouter>,
-    mut commands: mpsc::Receiver<(Address, Command, Instant)>,
+    mut commands: mpsc::Receiver<Queued>,
     status: Arc<Mutex<BusStatus>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -248,6 +290,8 @@ struct Line {
     stored_rx: mpsc::Receiver<(Address, u16, [u8; 32])>,
     /// While stopping: when the last answers have had their turn.
     settled_at: Option<Instant>,
+    /// Commands whose sender waits to hear how they ended, by unit and message id.
+    tracked: HashMap<(Address, u16), oneshot::Sender<CommandOutcome>>,
     last_error_log: Option<Instant>,
 }
 
@@ -262,6 +306,7 @@ impl Line {
             stored_tx,
             stored_rx,
             in_flight: 0,
+            tracked: HashMap::new(),
             settled_at: None,
             last_error_log: None,
         }
@@ -282,7 +327,7 @@ impl Served<'_> {
         mut port: P,
         session: &mut Session,
         line: &mut Line,
-        commands: &mut mpsc::Receiver<(Address, Command, Instant)>,
+        commands: &mut mpsc::Receiver<Queued>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Ended {
         let start = line.start;
@@ -346,11 +391,22 @@ impl Served<'_> {
                 _ = clock.tick(), if stop_by.is_none() => self.broadcast_time(session),
                 // A command for a unit on this bus (inner door release, remote open, settings);
                 // one that waited past its moment (the port was down) is dropped, not carried out late.
-                Some((unit, command, expires)) = commands.recv(), if stop_by.is_none() => {
+                Some((unit, command, expires, done)) = commands.recv(), if stop_by.is_none() => {
                     if Instant::now() > expires {
                         tracing::warn!(bus = %self.spec.name, %unit, "command expired before the unit could be reached");
-                    } else if let Err(e) = session.send(unit, &command) {
-                        tracing::warn!(bus = %self.spec.name, %unit, error = %e, "command not queued");
+                        finish(done, CommandOutcome::Expired);
+                    } else {
+                        match session.send(unit, &command) {
+                            Ok(id) => {
+                                if let Some(done) = done {
+                                    line.tracked.insert((unit, id), done);
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(bus = %self.spec.name, %unit, error = %e, "command not queued");
+                                finish(done, CommandOutcome::NoAnswer);
+                            }
+                        }
                     }
                 }
                 // Stop asked for: finish what is being decided, for at most 2 s.
@@ -422,9 +478,11 @@ impl Served<'_> {
                 }
                 SessionEvent::CommandDone { unit, id } => {
                     tracing::debug!(bus = %self.spec.name, %unit, id, "command done");
+                    finish(line.tracked.remove(&(unit, id)), CommandOutcome::Done);
                 }
                 SessionEvent::CommandFailed { unit, id } => {
                     tracing::warn!(bus = %self.spec.name, %unit, id, "command got no answer");
+                    finish(line.tracked.remove(&(unit, id)), CommandOutcome::NoAnswer);
                 }
                 SessionEvent::FrameError(error) => {
                     let stats = session.stats();
@@ -625,6 +683,12 @@ fn log_decision(unit: &str, door: &str, decision: &Decision, key: Option<&str>) 
         Decision::Deny { reason } => {
             tracing::info!(unit, door, key_id = key.unwrap_or("-"), reason = %reason, "denied");
         }
+    }
+}
+
+fn finish(done: Option<oneshot::Sender<CommandOutcome>>, outcome: CommandOutcome) {
+    if let Some(done) = done {
+        let _ = done.send(outcome);
     }
 }
 

@@ -6,6 +6,7 @@
 //! `docs/cloud-protocol.md`.
 
 pub mod envelope;
+pub mod link;
 pub mod payload;
 pub mod report;
 pub mod sync;

@@ -1,0 +1,826 @@
+//! The MQTT link to the cloud: receives signed key sets and commands, carries them out
+//! against the store and the doors, and reports back.
+//!
+//! Two tasks, talking over a channel:
+//!
+//! - the **poller** owns rumqttc's event loop and does nothing but poll it, forward what
+//!   arrives and wait out a jittered, growing backoff after a connection error (rumqttc
+//!   reconnects on the next poll). It never awaits anything else, so it cannot deadlock
+//!   against a full request channel;
+//! - the **worker** ([`run_link`]) opens envelopes, feeds the pure [`Sync`] machine, carries
+//!   out its actions against the store and acknowledges each message to the broker only after
+//!   that (`manual_acks`): a key-set message the broker considers delivered is on disk.
+//!
+//! The session is persistent (`clean_session = false`, client id = gateway id), so `QoS` 1
+//! messages sent while the gateway was away are delivered when it returns. When a `ConnAck`
+//! says the broker has no session for us, the worker subscribes again. On every connect it
+//! publishes a retained `online` state naming the held version; the will says `offline`.
+//! Unacknowledged inbound messages are bounded by the broker's in-flight window, which is
+//! what bounds the channel between the two tasks.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ed25519_dalek::VerifyingKey;
+use jiff::Timestamp;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch};
+
+use super::envelope::{self, Kind};
+use super::payload::{Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target};
+use super::report::{Outcome, Presence, Report};
+use super::sync::{Action, ReplayCache, ResyncReason, Sync};
+use super::topics::{Channel, TopicError, Topics};
+use crate::access::Decision;
+use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
+use crate::bus::message::OpenDoor as OpenDoorMsg;
+use crate::bus::session::Command as BusCommand;
+use crate::config::Config;
+use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError};
+
+/// The first wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a unit has to carry out a remote open before the cloud hears "unreachable".
+const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
+/// A signed cloud time further ahead of a synchronised local clock than this is not used for
+/// the trusted-time mark (it would make every later decision "clock untrusted").
+const MAX_CLOUD_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+/// Requests rumqttc may queue between the worker and the event loop.
+const REQUEST_CAPACITY: usize = 1024;
+/// systemd-timesyncd's flag: the clock is synchronised.
+const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
+
+/// Why the link cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cloud topics: {0}")]
+    Topics(#[from] TopicError),
+    #[error("cloud.trusted_keys[{index}] is not a usable Ed25519 public key")]
+    TrustedKey { index: usize },
+    #[error("cannot read {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no usable PEM {expected}")]
+    TlsPem {
+        what: &'static str,
+        path: String,
+        expected: &'static str,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("no CA certificate to verify the broker with (set cloud.tls.ca_file)")]
+    NoRoots,
+}
+
+impl LinkError {
+    /// None of these clear by themselves: the configuration or its files must change.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Everything the link runs with.
+#[derive(Clone)]
+pub struct LinkSpec {
+    pub target: Target,
+    pub topics: Topics,
+    pub trusted: Vec<VerifyingKey>,
+    pub options: MqttOptions,
+}
+
+impl std::fmt::Debug for LinkSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSpec")
+            .field("target", &self.target)
+            .field("trusted", &self.trusted.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the link shows in the gateway's status.
+#[derive(Clone, Debug, Default)]
+pub struct LinkStatus {
+    pub connected: bool,
+    pub connects: u64,
+    pub last_error: Option<String>,
+    /// When a snapshot or delta was last committed.
+    pub last_sync: Option<Timestamp>,
+    pub held_version: u64,
+    /// Messages refused (bad signature, rollback, malformed…).
+    pub rejected: u64,
+}
+
+/// Builds the link's settings from the configuration (reads the TLS files).
+pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
+    let target = Target {
+        site: config.gateway.site_id.clone(),
+        gateway: config.gateway.id.clone(),
+    };
+    let topics = Topics::new(&config.cloud.topic_prefix, &target)?;
+    let trusted = config
+        .cloud
+        .trusted_keys
+        .iter()
+        .enumerate()
+        .map(|(index, k)| {
+            VerifyingKey::from_bytes(k.as_bytes()).map_err(|_| LinkError::TrustedKey { index })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cloud = &config.cloud;
+    let mut options = MqttOptions::new(&config.gateway.id, &cloud.url.host, cloud.url.port);
+    options
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(cloud.keepalive);
+    let max_payload = usize::try_from(cloud.max_payload).unwrap_or(usize::MAX);
+    // Inbound: a key-set chunk in its envelope must fit. A message larger than this breaks the
+    // connection each time the broker redelivers it, so allow well beyond our own limit and
+    // refuse oversized payloads ourselves (logged, counted, acknowledged).
+    let incoming = (4 * max_payload.max(MAX_ENVELOPE_BYTES)).max(1 << 20) + 1024;
+    options.set_max_packet_size(incoming, max_payload + 1024);
+    options.set_last_will(LastWill::new(
+        topics.topic(Channel::State),
+        Report::State {
+            state: Presence::Offline,
+            gateway: target.gateway.clone(),
+            held: None,
+        }
+        .encode(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(user) = &cloud.username {
+        let password = cloud
+            .password
+            .as_ref()
+            .map(|p| p.expose().to_owned())
+            .unwrap_or_default();
+        options.set_credentials(user, password);
+    }
+    if cloud.url.tls {
+        let tls = tls_config(config)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    }
+    Ok(LinkSpec {
+        target,
+        topics,
+        trusted,
+        options,
+    })
+}
+
+/// rustls with ring: the pinned CA (or the system's roots) and the client certificate.
+fn tls_config(config: &Config) -> Result<rustls::ClientConfig, LinkError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = &config.cloud.tls;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = &tls.ca_file {
+        let pem = read_file("CA file", ca)?;
+        for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+            roots.add(cert)?;
+        }
+        if roots.is_empty() {
+            return Err(pem_error("CA file", ca, "certificate"));
+        }
+    } else {
+        let found = rustls_native_certs::load_native_certs();
+        for cert in found.certs {
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            return Err(LinkError::NoRoots);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let pem = read_file("client certificate", cert)?;
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(&pem).flatten().collect();
+            if chain.is_empty() {
+                return Err(pem_error("client certificate", cert, "certificate"));
+            }
+            let pem = read_file("client key", key)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|_| pem_error("client key", key, "private key"))?;
+            Ok(builder.with_client_auth_cert(chain, key_der)?)
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, LinkError> {
+    std::fs::read(path).map_err(|source| LinkError::TlsFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn pem_error(what: &'static str, path: &Path, expected: &'static str) -> LinkError {
+    LinkError::TlsPem {
+        what,
+        path: path.display().to_string(),
+        expected,
+    }
+}
+
+/// What the poller tells the worker.
+enum Polled {
+    Connected { session_present: bool },
+    Message(Publish),
+    Disconnected(String),
+}
+
+/// Owns the event loop: polls, forwards, backs off. See the module header.
+async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Polled>) {
+    let mut wait = BACKOFF_FIRST;
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                wait = BACKOFF_FIRST;
+                if tx
+                    .send(Polled::Connected {
+                        session_present: ack.session_present,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(Polled::Message(p)).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            // The worker asked to disconnect: done.
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                if tx.send(Polled::Disconnected(e.to_string())).is_err() {
+                    return;
+                }
+                tokio::time::sleep(jitter(wait)).await;
+                wait = (wait * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Somewhere in the upper half of `d`, so a building's gateways do not reconnect in step
+/// after a broker restart.
+fn jitter(d: Duration) -> Duration {
+    let nanos = u64::from(Timestamp::now().subsec_nanosecond().unsigned_abs());
+    let half = d / 2;
+    let spread = u64::try_from(half.as_millis()).unwrap_or(u64::MAX).max(1);
+    half + Duration::from_millis(nanos % spread)
+}
+
+/// The snapshot being staged in the store: its version and staging generation.
+struct Staging {
+    version: u64,
+    generation: i64,
+}
+
+struct Worker {
+    spec: LinkSpec,
+    client: AsyncClient,
+    store: Store,
+    router: Arc<DoorRouter>,
+    status: Arc<Mutex<LinkStatus>>,
+    sync: Sync,
+    replay: ReplayCache,
+    staging: Option<Staging>,
+    /// Commands issued before this instant are refused: the replay cache is in memory, so a
+    /// command redelivered after a restart could otherwise open a door twice.
+    started: Timestamp,
+}
+
+/// Runs the cloud link until `shutdown` turns true, then publishes `offline` and disconnects.
+pub async fn run_link(
+    spec: LinkSpec,
+    store: Store,
+    router: Arc<DoorRouter>,
+    status: Arc<Mutex<LinkStatus>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let held = match held_version(&store).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "cloud link not started: the held key set cannot be read");
+            return;
+        }
+    };
+    let (client, eventloop) = AsyncClient::new(spec.options.clone(), REQUEST_CAPACITY);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let poller = tokio::spawn(poll(eventloop, tx));
+    tracing::info!(broker = %format!("{}:{}", spec.options.broker_address().0, spec.options.broker_address().1),
+        held, "cloud link starting");
+    let mut worker = Worker {
+        sync: Sync::new(spec.target.clone(), held),
+        spec,
+        client,
+        store,
+        router,
+        status,
+        replay: ReplayCache::with_defaults(),
+        staging: None,
+        started: Timestamp::now(),
+    };
+    worker.set_status(|s| s.held_version = held);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            // Something from the broker connection.
+            next = rx.recv() => match next {
+                Some(p) => worker.on_polled(p).await,
+                None => break,
+            },
+            // Snapshots that stalled, chunks that waited too long for their manifest.
+            _ = tick.tick() => {
+                let actions = worker.sync.tick(Timestamp::now());
+                worker.execute(actions, Channel::Manifest).await;
+            }
+            // The daemon is stopping.
+            () = stopped(&mut shutdown) => break,
+        }
+    }
+    // A clean disconnect suppresses the will, so say "offline" first.
+    worker.publish_state(Presence::Offline);
+    let _ = worker.client.try_disconnect();
+    if tokio::time::timeout(Duration::from_secs(2), poller)
+        .await
+        .is_err()
+    {
+        tracing::debug!("cloud link poller did not finish in time");
+    }
+    tracing::info!("cloud link stopped");
+}
+
+/// Completes when the flag turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here, not across an await.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+async fn held_version(store: &Store) -> Result<u64, StoreError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.reader()?.key_set().map(|k| k.version))
+        .await
+        .map_err(|e| StoreError::Io {
+            what: "reading the held key set",
+            source: std::io::Error::other(e),
+        })?
+}
+
+impl Worker {
+    fn set_status(&self, f: impl FnOnce(&mut LinkStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    async fn on_polled(&mut self, polled: Polled) {
+        match polled {
+            Polled::Connected { session_present } => {
+                tracing::info!(session_present, "connected to the broker");
+                self.set_status(|s| {
+                    s.connected = true;
+                    s.connects += 1;
+                    s.last_error = None;
+                });
+                if !session_present {
+                    let filters = Channel::INBOUND.map(|c| rumqttc::SubscribeFilter {
+                        path: self.spec.topics.topic(c),
+                        qos: QoS::AtLeastOnce,
+                    });
+                    if let Err(e) = self.client.try_subscribe_many(filters) {
+                        tracing::error!(error = %e, "cannot subscribe to the cloud's topics");
+                    }
+                }
+                self.publish_state(Presence::Online);
+            }
+            Polled::Disconnected(error) => {
+                let was = self.status.lock().is_ok_and(|mut s| {
+                    let was = s.connected;
+                    s.connected = false;
+                    s.last_error = Some(error.clone());
+                    was
+                });
+                if was {
+                    tracing::warn!(%error, "lost the broker connection; reconnecting with backoff");
+                } else {
+                    tracing::debug!(%error, "broker connection failed; retrying with backoff");
+                }
+            }
+            Polled::Message(p) => {
+                self.on_message(&p).await;
+                // Acknowledged only now: what it asked for is on disk (or refused for good).
+                if let Err(e) = self.client.try_ack(&p) {
+                    tracing::debug!(error = %e, "ack not sent; the broker will redeliver");
+                }
+            }
+        }
+    }
+
+    async fn on_message(&mut self, p: &Publish) {
+        let now = Timestamp::now();
+        let Some(channel) = self.spec.topics.channel_of(&p.topic) else {
+            tracing::debug!(topic = %p.topic, "message on a topic the link does not use");
+            return;
+        };
+        if channel == Channel::Chunk {
+            let actions = self.sync.on_chunk(&p.payload, now);
+            self.execute(actions, channel).await;
+            return;
+        }
+        let Some(kind) = channel.kind() else {
+            return;
+        };
+        let opened = match envelope::open(&p.payload, &self.spec.trusted, MAX_ENVELOPE_BYTES) {
+            Ok(o) if o.kind == kind => o,
+            Ok(o) => {
+                return self
+                    .reject(channel, format!("a {} envelope on this topic", o.kind))
+                    .await;
+            }
+            Err(e) => return self.reject(channel, e.to_string()).await,
+        };
+        match kind {
+            Kind::Manifest => match Manifest::decode(&opened.body) {
+                Ok(m) => {
+                    let actions = self.sync.on_manifest(m, now);
+                    self.execute(actions, channel).await;
+                }
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
+            Kind::Delta => match Delta::decode(&opened.body) {
+                Ok(d) => {
+                    let actions = self.sync.on_delta(d, now);
+                    self.execute(actions, channel).await;
+                }
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
+            Kind::OpenDoor => match OpenDoor::decode(&opened.body) {
+                Ok(c) => self.open_door(c, now).await,
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
+            Kind::Resync => match ResyncCommand::decode(&opened.body) {
+                Ok(c) if c.target == self.spec.target => {
+                    self.request_resync("requested by the cloud".into());
+                    self.publish_result(None, "resync", Outcome::Done, None, None);
+                }
+                Ok(_) => self.reject(channel, "for another gateway".into()).await,
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
+        }
+    }
+
+    /// Carries out the sync machine's actions in order.
+    async fn execute(&mut self, actions: Vec<Action>, channel: Channel) {
+        for action in actions {
+            match action {
+                Action::Begin {
+                    version,
+                    salt,
+                    issued_at,
+                    key_count,
+                } => {
+                    tracing::info!(version, keys = key_count, "key-set snapshot started");
+                    let header = KeySetHeader {
+                        version,
+                        salt,
+                        issued_at: Self::plausible(issued_at),
+                    };
+                    match self.store.begin_key_set(header).await {
+                        Ok(generation) => {
+                            self.staging = Some(Staging {
+                                version,
+                                generation,
+                            });
+                        }
+                        Err(e) => return self.store_failed("starting a snapshot", &e).await,
+                    }
+                }
+                Action::Stage {
+                    version,
+                    index,
+                    keys,
+                } => {
+                    let Some(generation) = self.staging_for(version) else {
+                        continue;
+                    };
+                    tracing::debug!(version, index, keys = keys.len(), "chunk staged");
+                    if let Err(e) = self.store.stage_keys(generation, keys).await {
+                        return self.store_failed("staging a chunk", &e).await;
+                    }
+                }
+                Action::Commit { version, key_count } => {
+                    let Some(generation) = self.staging_for(version) else {
+                        continue;
+                    };
+                    self.staging = None;
+                    match self.store.commit_key_set(generation, key_count).await {
+                        Ok(()) => self.applied(version, Some(key_count)),
+                        Err(e) => return self.store_failed("committing a snapshot", &e).await,
+                    }
+                }
+                Action::ApplyDelta(delta) => {
+                    let change = DeltaChange {
+                        from_version: delta.from_version,
+                        version: delta.version,
+                        issued_at: Self::plausible(delta.issued_at),
+                        upserts: delta.upserts,
+                        revokes: delta.deletes,
+                    };
+                    match self.store.apply_delta(change).await {
+                        Ok(applied) => {
+                            tracing::info!(
+                                version = delta.version,
+                                upserted = applied.upserted,
+                                revoked = applied.revoked,
+                                "key-set delta applied"
+                            );
+                            self.applied(delta.version, None);
+                        }
+                        Err(e) => return self.store_failed("applying a delta", &e).await,
+                    }
+                }
+                // The store raises the mark from `issued_at` in the commit's own transaction.
+                Action::TrustTime(_) => {}
+                Action::RequestResync { reason } => self.request_resync(describe(&reason)),
+                Action::Reject { reason } => self.reject(channel, reason.to_string()).await,
+                Action::Ignore { reason } => tracing::debug!(reason, "cloud message ignored"),
+            }
+        }
+    }
+
+    fn staging_for(&self, version: u64) -> Option<i64> {
+        self.staging
+            .as_ref()
+            .filter(|s| s.version == version)
+            .map(|s| s.generation)
+    }
+
+    /// A signed cloud time for the trusted-time mark, unless it lies implausibly far ahead of
+    /// a clock that is synchronised (then the cloud's clock is wrong, not ours).
+    fn plausible(at: Timestamp) -> Option<Timestamp> {
+        let synced = Path::new(TIMESYNC_FLAG).exists();
+        let now = Timestamp::now();
+        if synced && at.duration_since(now) > MAX_CLOUD_AHEAD {
+            tracing::warn!(%at, %now, "a signed cloud time lies more than a day ahead of the synchronised clock; not used for the time mark");
+            None
+        } else {
+            Some(at)
+        }
+    }
+
+    fn applied(&mut self, version: u64, keys: Option<u64>) {
+        let now = Timestamp::now();
+        self.set_status(|s| {
+            s.held_version = version;
+            s.last_sync = Some(now);
+        });
+        self.publish(
+            Channel::Sync,
+            &Report::Applied {
+                version,
+                keys,
+                at: now,
+            },
+            false,
+        );
+        self.publish_state(Presence::Online);
+    }
+
+    /// The store could not do what the sync machine asked: start over from what it holds.
+    async fn store_failed(&mut self, what: &str, e: &StoreError) {
+        tracing::error!(error = %e, retryable = e.is_retryable(), "key set: {what} failed");
+        self.staging = None;
+        let held = held_version(&self.store).await.unwrap_or(self.sync.held());
+        self.sync.reset(held);
+        self.set_status(|s| s.held_version = held);
+        self.request_resync(format!("{what} failed: {e}"));
+    }
+
+    fn request_resync(&mut self, reason: String) {
+        tracing::info!(held = self.sync.held(), %reason, "asking the cloud for a full snapshot");
+        self.publish(
+            Channel::Sync,
+            &Report::Resync {
+                held: self.sync.held(),
+                reason,
+                at: Timestamp::now(),
+            },
+            false,
+        );
+    }
+
+    /// Logs, counts, records and reports a refused message. The held key set is untouched.
+    async fn reject(&mut self, channel: Channel, reason: String) {
+        tracing::warn!(channel = channel.suffix(), %reason, "cloud message refused");
+        self.set_status(|s| s.rejected += 1);
+        let now = Timestamp::now();
+        let record = Record::CloudRejected {
+            at: now,
+            channel: channel.suffix().to_owned(),
+            reason: reason.clone(),
+        };
+        if let Err(e) = self.store.append(vec![record]).await {
+            tracing::error!(error = %e, "the rejection could not be recorded");
+        }
+        let report = Report::Rejected {
+            channel: channel.suffix().to_owned(),
+            reason,
+            version: None,
+            at: now,
+        };
+        if matches!(channel, Channel::OpenDoor | Channel::Resync) {
+            self.publish_result(None, channel.suffix(), Outcome::Rejected, None, None);
+        }
+        self.publish(Channel::Sync, &report, false);
+    }
+
+    async fn open_door(&mut self, command: OpenDoor, now: Timestamp) {
+        let id = command.command_id.clone();
+        let refused = if command.issued_at < self.started {
+            Some("issued before the gateway started (a possible replay)".to_owned())
+        } else {
+            self.replay
+                .check(&command, &self.spec.target, now)
+                .err()
+                .map(|e| e.to_string())
+        };
+        if let Some(reason) = refused {
+            tracing::warn!(command_id = %id, door = %command.door, %reason, "open-door command refused");
+            self.set_status(|s| s.rejected += 1);
+            self.publish_result(
+                Some(id),
+                "open-door",
+                Outcome::Rejected,
+                Some(reason),
+                Some(command.door),
+            );
+            return;
+        }
+        let request = RemoteOpen {
+            command_id: id.clone(),
+            key_id: command.key_id.clone(),
+            door: command.door.clone(),
+            now,
+            clock_synced: Path::new(TIMESYNC_FLAG).exists(),
+        };
+        let verdict = match self.store.remote_open(request).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(command_id = %id, error = %e, "open-door command not decided");
+                self.publish_result(
+                    Some(id),
+                    "open-door",
+                    Outcome::Rejected,
+                    Some(format!("not decided: {e}")),
+                    Some(command.door),
+                );
+                return;
+            }
+        };
+        let doors = match verdict.decision {
+            Decision::Grant(g) => g.doors,
+            Decision::Deny { reason } => {
+                tracing::info!(command_id = %id, door = %command.door, key_id = %command.key_id, %reason, "remote open denied");
+                self.publish_result(
+                    Some(id),
+                    "open-door",
+                    Outcome::Denied,
+                    Some(reason.to_string()),
+                    Some(command.door),
+                );
+                return;
+            }
+        };
+        tracing::info!(command_id = %id, door = %command.door, key_id = %command.key_id, released = ?doors, "remote open granted");
+        let pulse = BusCommand::OpenDoor(OpenDoorMsg {
+            door: 0,
+            pulse_ms: OPEN_PULSE_MS,
+        });
+        let main = self.router.send_tracked(&command.door, pulse.clone());
+        for other in doors.iter().filter(|d| **d != command.door) {
+            if !self.router.send(other, pulse.clone()) {
+                tracing::warn!(door = %other, "a granted door could not be released: no unit serves it or its queue is full");
+            }
+        }
+        // Wait for the unit off this task: the link keeps serving meanwhile.
+        tokio::spawn(report_open_result(
+            main,
+            self.client.clone(),
+            self.spec.topics.topic(Channel::CommandResult),
+            id,
+            command.door,
+        ));
+    }
+
+    fn publish_result(
+        &self,
+        command_id: Option<String>,
+        command: &str,
+        outcome: Outcome,
+        reason: Option<String>,
+        door: Option<String>,
+    ) {
+        let report = Report::CommandResult {
+            command_id,
+            command: command.to_owned(),
+            outcome,
+            reason,
+            door,
+            at: Timestamp::now(),
+        };
+        self.publish(Channel::CommandResult, &report, false);
+    }
+
+    fn publish_state(&self, state: Presence) {
+        let report = Report::State {
+            state,
+            gateway: self.spec.target.gateway.clone(),
+            held: Some(self.sync.held()),
+        };
+        self.publish(Channel::State, &report, true);
+    }
+
+    /// Queues a report without waiting: reports are small and best effort (what must not be
+    /// lost goes through the store's outbox), and the worker must never block on a full
+    /// request queue while the broker is away.
+    fn publish(&self, channel: Channel, report: &Report, retain: bool) {
+        let topic = self.spec.topics.topic(channel);
+        if let Err(e) = self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, retain, report.encode())
+        {
+            tracing::debug!(error = %e, channel = channel.suffix(), "report not queued");
+        }
+    }
+}
+
+/// Waits for the unit to carry out a remote open and tells the cloud how it ended.
+async fn report_open_result(
+    done: Option<tokio::sync::oneshot::Receiver<CommandOutcome>>,
+    client: AsyncClient,
+    topic: String,
+    id: String,
+    door: String,
+) {
+    let outcome = match done {
+        None => Err("no door unit serves that door, or its queue is full".to_owned()),
+        Some(done) => match tokio::time::timeout(OPEN_RESULT_WAIT, done).await {
+            Ok(Ok(CommandOutcome::Done)) => Ok(()),
+            Ok(Ok(CommandOutcome::NoAnswer)) => Err("the door unit did not answer".to_owned()),
+            Ok(Ok(CommandOutcome::Expired) | Err(_)) | Err(_) => {
+                Err("the door unit could not be reached in time".to_owned())
+            }
+        },
+    };
+    let (outcome, reason) = match outcome {
+        Ok(()) => (Outcome::Opened, None),
+        Err(reason) => {
+            tracing::warn!(command_id = %id, %reason, "remote open not carried out");
+            (Outcome::Unreachable, Some(reason))
+        }
+    };
+    let report = Report::CommandResult {
+        command_id: Some(id),
+        command: "open-door".into(),
+        outcome,
+        reason,
+        door: Some(door),
+        at: Timestamp::now(),
+    };
+    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, report.encode());
+}
+
+fn describe(reason: &ResyncReason) -> String {
+    match reason {
+        ResyncReason::DeltaGap { held, from_version } => {
+            format!("a delta from version {from_version} does not apply on the held {held}")
+        }
+        ResyncReason::MissingChunks { version, missing } => {
+            format!("snapshot {version} still missed {missing} chunks when it timed out")
+        }
+        ResyncReason::BadSnapshot { version } => {
+            format!("snapshot {version} does not add up to its manifest")
+        }
+    }
+}
