@@ -1,11 +1,13 @@
 //! The cloud link's pure core: the signed envelope, message bodies and the sync state machine.
 //!
-//! Nothing here does I/O. The MQTT driver (not yet written) receives bytes, opens envelopes
-//! with [`envelope::open`], decodes bodies with [`payload`], feeds them to [`sync::Sync`] and
-//! carries out the [`sync::Action`]s it returns against the store. See
-//! `docs/cloud-protocol.md`.
+//! The pure parts do no I/O: [`envelope`] (signatures), [`payload`] (message bodies),
+//! [`sync`] (which payloads change the key set), [`topics`] and [`report`] (what the gateway
+//! says back). [`link`] is the async shell: it owns the MQTT connection, feeds the machine and
+//! carries out its actions against the store and the doors. [`import`] runs the same checks
+//! on a key set read from a file. See `docs/cloud-protocol.md`.
 
 pub mod envelope;
+pub mod import;
 pub mod link;
 pub mod payload;
 pub mod report;

@@ -50,6 +50,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("key set rejected: {0}")]
     KeySet(String),
+    #[error(
+        "another process has the store {0} open for writing (is the doorbridge service \
+         running? stop it first)"
+    )]
+    InUse(String),
 }
 
 impl StoreError {
@@ -58,9 +63,34 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StoreError::Sqlite(e) => is_disk_trouble(e),
-            StoreError::Io { .. } | StoreError::WriterGone => true,
+            StoreError::Io { .. } | StoreError::WriterGone | StoreError::InUse(_) => true,
             StoreError::TooNew { .. } | StoreError::Corrupt(_) | StoreError::KeySet(_) => false,
         }
+    }
+}
+
+/// Takes the exclusive lock on `{path}.lock`, or says who has it.
+fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&name)
+        .map_err(|source| StoreError::Io {
+            what: "opening the store's lock file",
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StoreError::InUse(path.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(source)) => Err(StoreError::Io {
+            what: "locking the store",
+            source,
+        }),
     }
 }
 
@@ -239,11 +269,15 @@ pub struct Store {
     path: Arc<PathBuf>,
     health: Arc<Health>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    /// Held open for the store's life: its exclusive lock keeps a second writer (another
+    /// daemon, `keys import` while the service runs) away from the file.
+    _lock: Arc<std::fs::File>,
 }
 
 impl Store {
     /// Opens (or creates) the database: integrity check, migrations, then the writer thread.
     pub fn open(options: StoreOptions) -> Result<Store, StoreError> {
+        let lock = lock(&options.path)?;
         let label = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
         schema::check_or_move_aside(&options.path, &label)?;
         let mut conn = schema::open_writer(&options.path)?;
@@ -269,6 +303,7 @@ impl Store {
             path,
             health,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            _lock: Arc::new(lock),
         })
     }
 

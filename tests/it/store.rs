@@ -756,3 +756,15 @@ async fn a_remote_open_is_judged_by_the_key_set_counted_and_recorded() {
     assert_eq!(records.len(), 5);
     store.close();
 }
+
+#[tokio::test]
+async fn a_second_writer_on_the_same_file_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let first = open(&path);
+    let err = Store::open(StoreOptions::new(&path, fixtures::context())).unwrap_err();
+    assert!(err.to_string().contains("stop it first"), "{err}");
+    first.close();
+    // Once the first writer is gone the file opens again.
+    open(&path).close();
+}

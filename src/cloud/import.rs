@@ -1,0 +1,155 @@
+//! Installing a signed key set from a file (`doorbridge keys import`), for sites without
+//! internet: the manifest and chunks are checked exactly as over MQTT (envelope signature
+//! with a trusted key, target, anti-rollback, chunk hashes, key count) by the same [`Sync`]
+//! machine, and the set goes live in one transaction only when all of it checks out.
+
+use ed25519_dalek::VerifyingKey;
+
+use super::envelope::{self, EnvelopeError, Kind};
+use super::payload::{MAX_ENVELOPE_BYTES, Manifest, PayloadError, Target};
+use super::sync::{Action, ResyncReason, Sync};
+use crate::store::{KeySetHeader, Store, StoreError};
+
+/// Why a key-set file was not installed. The held key set is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("the manifest is not acceptable: {0}")]
+    Envelope(#[from] EnvelopeError),
+    #[error("the manifest is signed, but it is not a manifest (it is a {0} message)")]
+    NotAManifest(Kind),
+    #[error("the manifest does not decode: {0}")]
+    Manifest(#[from] PayloadError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the store refused the set: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ImportError {
+    /// Only a busy or full store may clear by itself; a bad file stays bad.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ImportError::Store(e) if e.is_retryable())
+    }
+}
+
+/// What was installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Imported {
+    pub version: u64,
+    pub keys: u64,
+    pub chunks: u32,
+}
+
+/// Checks and installs a snapshot given as its signed manifest and its chunks. `progress` is
+/// called after each chunk with (chunks done, chunks in all).
+pub async fn import(
+    store: &Store,
+    target: &Target,
+    trusted: &[VerifyingKey],
+    manifest: &[u8],
+    chunks: &[Vec<u8>],
+    mut progress: impl FnMut(u32, u32),
+) -> Result<Imported, ImportError> {
+    let held = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.reader()?.key_set().map(|k| k.version))
+            .await
+            .map_err(|e| StoreError::Io {
+                what: "reading the held key set",
+                source: std::io::Error::other(e),
+            })??
+    };
+    let opened = envelope::open(manifest, trusted, MAX_ENVELOPE_BYTES)?;
+    if opened.kind != Kind::Manifest {
+        return Err(ImportError::NotAManifest(opened.kind));
+    }
+    let manifest = Manifest::decode(&opened.body)?;
+    let total = manifest.chunk_count;
+    let mut sync = Sync::new(target.clone(), held);
+    // The file's time is not "now": a set prepared days ago must not time out, so the
+    // machine runs on the manifest's own clock.
+    let now = manifest.issued_at;
+    let mut run = Run {
+        store,
+        generation: None,
+        done: None,
+    };
+    run.execute(sync.on_manifest(manifest, now)).await?;
+    for (i, chunk) in chunks.iter().enumerate() {
+        run.execute(sync.on_chunk(chunk, now)).await?;
+        progress(u32::try_from(i + 1).unwrap_or(u32::MAX), total);
+    }
+    if let Some(mut done) = run.done {
+        done.chunks = total;
+        return Ok(done);
+    }
+    if run.generation.is_some() {
+        return Err(ImportError::Refused(format!(
+            "the file holds {} chunks, the manifest names {total}",
+            chunks.len()
+        )));
+    }
+    Err(ImportError::Refused("nothing to install".into()))
+}
+
+/// Carries out the machine's actions against the store.
+struct Run<'a> {
+    store: &'a Store,
+    generation: Option<(u64, i64)>,
+    done: Option<Imported>,
+}
+
+impl Run<'_> {
+    async fn execute(&mut self, actions: Vec<Action>) -> Result<(), ImportError> {
+        for action in actions {
+            match action {
+                Action::Begin {
+                    version,
+                    salt,
+                    issued_at,
+                    ..
+                } => {
+                    let header = KeySetHeader {
+                        version,
+                        salt,
+                        issued_at: Some(issued_at),
+                    };
+                    let generation = self.store.begin_key_set(header).await?;
+                    self.generation = Some((version, generation));
+                }
+                Action::Stage { version, keys, .. } => {
+                    if let Some((v, generation)) = self.generation
+                        && v == version
+                    {
+                        self.store.stage_keys(generation, keys).await?;
+                    }
+                }
+                Action::Commit { version, key_count } => {
+                    if let Some((v, generation)) = self.generation
+                        && v == version
+                    {
+                        self.store.commit_key_set(generation, key_count).await?;
+                        self.done = Some(Imported {
+                            version,
+                            keys: key_count,
+                            chunks: 0,
+                        });
+                    }
+                }
+                Action::Reject { reason } => return Err(ImportError::Refused(reason.to_string())),
+                Action::RequestResync {
+                    reason: ResyncReason::BadSnapshot { version },
+                } => {
+                    return Err(ImportError::Refused(format!(
+                        "the chunks of version {version} do not add up to its manifest's key count"
+                    )));
+                }
+                Action::RequestResync { reason } => {
+                    return Err(ImportError::Refused(format!("{reason:?}")));
+                }
+                Action::ApplyDelta(_) | Action::TrustTime(_) | Action::Ignore { .. } => {}
+            }
+        }
+        Ok(())
+    }
+}
