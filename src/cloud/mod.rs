@@ -5,6 +5,7 @@
 //! carries out the [`sync::Action`]s it returns against the store. See
 //! `docs/cloud-protocol.md`.
 
+pub mod build;
 pub mod envelope;
 pub mod payload;
 pub mod report;
