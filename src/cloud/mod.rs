@@ -6,6 +6,7 @@
 //! `docs/cloud-protocol.md`.
 
 pub mod build;
+pub mod bundle;
 pub mod envelope;
 pub mod payload;
 pub mod report;
