@@ -14,8 +14,8 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::envelope::{Kind, seal};
 use super::payload::{
-    Chunk, Delta, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ID, MAX_KEYS, Manifest,
-    OpenDoor, PayloadError, ResyncCommand, Sha256Digest, Target,
+    Delta, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ID, MAX_KEYS, Manifest, OpenDoor,
+    PayloadError, ResyncCommand, Sha256Digest, Target,
 };
 use crate::access::Key;
 
@@ -296,17 +296,17 @@ pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     #[allow(clippy::cast_possible_truncation)]
     match n {
         0..=23 => out.push(m | n as u8),
-        24..=0xff => out.extend_from_slice(&[m | 24, n as u8]),
+        24..=0xff => out.extend_from_slice(&[m | 0x18, n as u8]),
         0x100..=0xffff => {
-            out.push(m | 25);
+            out.push(m | 0x19);
             out.extend_from_slice(&(n as u16).to_be_bytes());
         }
         0x1_0000..=0xffff_ffff => {
-            out.push(m | 26);
+            out.push(m | 0x1a);
             out.extend_from_slice(&(n as u32).to_be_bytes());
         }
         _ => {
-            out.push(m | 27);
+            out.push(m | 0x1b);
             out.extend_from_slice(&n.to_be_bytes());
         }
     }
@@ -349,6 +349,7 @@ mod tests {
         Category, Credential, CredentialKind, KeyRules, Schedule, UseLimit, Window,
     };
     use crate::cloud::envelope::open;
+    use crate::cloud::payload::Chunk;
     use crate::cloud::payload::MAX_ENVELOPE_BYTES;
     use crate::cloud::sync::{Action, Sync};
 
@@ -538,6 +539,7 @@ mod tests {
             "1M keys: {:?} in {took:?}",
             result.as_ref().map(|s| s.chunks.len())
         );
+        let started = std::time::Instant::now();
         let few = snapshot(
             &target(),
             1,
@@ -551,7 +553,7 @@ mod tests {
             "500k keys: {} chunks, {} bytes in {:?}",
             few.chunks.len(),
             few.total_bytes(),
-            started.elapsed() - took
+            started.elapsed()
         );
         assert!(took < std::time::Duration::from_secs(10));
     }

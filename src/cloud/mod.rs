@@ -8,6 +8,7 @@
 pub mod build;
 pub mod bundle;
 pub mod envelope;
+pub mod keyfile;
 pub mod payload;
 pub mod report;
 pub mod sync;
