@@ -20,6 +20,8 @@
 //!   [`HangupTolerant`] keeps it running on a pty master while nobody has the slave open.
 //! - [`script`]: the line-oriented command language of `door-sim`; [`JsonLine`]: the JSON
 //!   lines it prints ([`Output::to_json`]).
+//! - [`cloud`]: the other end of the gateway's cloud link, a reference cloud over MQTT
+//!   ([`cloud::CloudClient`]) for `cloud-sim` (`docs/cloud-sim.md`), tests and the demo.
 //!
 //! ```text
 //! let units = SimUnits::new(&[addr(1), addr(2)], SimConfig::default())?;
@@ -30,6 +32,7 @@
 //! while let Some(o) = outputs.recv().await { println!("{}", o.to_json()); }
 //! ```
 
+pub mod cloud;
 mod json;
 pub mod pty;
 pub mod script;
