@@ -1,5 +1,6 @@
 //! Integration tests: one binary, a module per topic, shared helpers in `util` and `fixtures`.
 
+mod broker;
 mod bus;
 mod config;
 mod daemon;
