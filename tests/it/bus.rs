@@ -26,17 +26,23 @@ use crate::fixtures::{self, header, key};
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A building with its gateway running and simulated units on one bus.
-struct Building {
+pub(crate) struct Building {
     /// Keeps the building's files (database, pty link) until the test ends.
     _dir: tempfile::TempDir,
-    db: PathBuf,
+    pub(crate) db: PathBuf,
     link: PathBuf,
     stop_daemon: Option<oneshot::Sender<()>>,
     daemon: Option<JoinHandle<()>>,
     sim: Option<Sim>,
     /// Outputs read while waiting for something else.
-    seen: Vec<Output>,
+    pub(crate) seen: Vec<Output>,
+    /// The `[cloud]` section's body.
+    cloud: String,
 }
+
+/// No broker: port 1 refuses at once, so the link just keeps retrying quietly.
+pub(crate) const NO_CLOUD: &str = r#"url = "mqtt://127.0.0.1:1"
+trusted_keys = ["3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"]"#;
 
 struct Sim {
     commands: mpsc::Sender<SimCommand>,
@@ -45,13 +51,13 @@ struct Sim {
     task: JoinHandle<()>,
 }
 
-fn unit(n: u8) -> Address {
+pub(crate) fn unit(n: u8) -> Address {
     Address::unit(n).unwrap()
 }
 
 /// Doors of `fixtures::site()` on units 1..: 1 main, 2 garage, 3 inner (behind main),
 /// then `extra` more outer doors `door-4`… for load tests.
-fn config_text(db: &Path, link: &Path, units: u8, extra: &str) -> String {
+fn config_text(db: &Path, link: &Path, units: u8, extra: &str, cloud: &str) -> String {
     let mut text = format!(
         r#"
 [gateway]
@@ -60,8 +66,7 @@ site_id = "site-test"
 [site]
 timezone = "Europe/Berlin"
 [cloud]
-url = "mqtt://127.0.0.1"
-trusted_keys = ["3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"]
+{cloud}
 [storage]
 path = "{}"
 {extra}
@@ -91,7 +96,7 @@ offline_after = 3
 }
 
 impl Building {
-    async fn open(units: u8, keys: Vec<Key>, extra: &str) -> Building {
+    pub(crate) async fn open(units: u8, keys: Vec<Key>, extra: &str) -> Building {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("doorbridge.db");
         let store = Store::open(StoreOptions::new(&db, fixtures::context())).unwrap();
@@ -101,7 +106,7 @@ impl Building {
     }
 
     /// Waits until every unit's start-up status report was acknowledged by the gateway.
-    async fn ready(&mut self, units: u8) {
+    pub(crate) async fn ready(&mut self, units: u8) {
         for n in 1..=units {
             self.next(|o| {
                 matches!(o, Output::Acked { unit: u, report: ReportKind::Status, .. } if *u == unit(n))
@@ -112,6 +117,17 @@ impl Building {
 
     /// Starts a gateway on a database prepared in `dir` (as `doorbridge.db`).
     async fn open_at(dir: tempfile::TempDir, units: u8, extra: &str) -> Building {
+        Building::open_with_cloud(dir, units, extra, NO_CLOUD).await
+    }
+
+    /// A gateway whose `[cloud]` section is `cloud`, on a database prepared in `dir` (or a
+    /// fresh one).
+    pub(crate) async fn open_with_cloud(
+        dir: tempfile::TempDir,
+        units: u8,
+        extra: &str,
+        cloud: &str,
+    ) -> Building {
         let db = dir.path().join("doorbridge.db");
         let link = dir.path().join("ttyDOOR");
         let mut b = Building {
@@ -122,6 +138,7 @@ impl Building {
             daemon: None,
             sim: None,
             seen: Vec::new(),
+            cloud: cloud.to_owned(),
         };
         b.start_sim(units);
         b.start_daemon(units, extra);
@@ -129,8 +146,8 @@ impl Building {
         b
     }
 
-    fn start_daemon(&mut self, units: u8, extra: &str) {
-        let text = config_text(&self.db, &self.link, units, extra);
+    pub(crate) fn start_daemon(&mut self, units: u8, extra: &str) {
+        let text = config_text(&self.db, &self.link, units, extra, &self.cloud);
         let config = Config::from_toml_str(&text, "test.toml").expect("test config is valid");
         let (stop, stopped) = oneshot::channel::<()>();
         self.stop_daemon = Some(stop);
@@ -143,7 +160,7 @@ impl Building {
         }));
     }
 
-    fn start_sim(&mut self, units: u8) {
+    pub(crate) fn start_sim(&mut self, units: u8) {
         let (master, _) = doorbridge::sim::linked_pty(&self.link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=units).map(unit).collect();
         let sim_units = SimUnits::new(&addresses, SimConfig::default()).unwrap();
@@ -165,14 +182,14 @@ impl Building {
         });
     }
 
-    async fn stop_sim(&mut self) {
+    pub(crate) async fn stop_sim(&mut self) {
         if let Some(sim) = self.sim.take() {
             let _ = sim.stop.send(());
             let _ = sim.task.await;
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop_daemon.take() {
             let _ = stop.send(());
         }
@@ -185,7 +202,7 @@ impl Building {
         self.stop_sim().await;
     }
 
-    async fn command(&self, command: SimCommand) {
+    pub(crate) async fn command(&self, command: SimCommand) {
         self.sim
             .as_ref()
             .unwrap()
@@ -195,7 +212,7 @@ impl Building {
             .unwrap();
     }
 
-    async fn present(&mut self, at: u8, kind: CredentialKind, value: &str) -> Answer {
+    pub(crate) async fn present(&mut self, at: u8, kind: CredentialKind, value: &str) -> Answer {
         self.command(SimCommand::Verify {
             unit: unit(at),
             kind,
@@ -207,7 +224,7 @@ impl Building {
     }
 
     /// The next decision for unit `at`.
-    async fn decision(&mut self, at: u8) -> Answer {
+    pub(crate) async fn decision(&mut self, at: u8) -> Answer {
         let out = self
             .next(|o| matches!(o, Output::Decision { unit: u, .. } if *u == unit(at)))
             .await;
@@ -218,7 +235,7 @@ impl Building {
     }
 
     /// The next output matching `want`, within the deadline.
-    async fn next(&mut self, want: impl Fn(&Output) -> bool) -> Output {
+    pub(crate) async fn next(&mut self, want: impl Fn(&Output) -> bool) -> Output {
         if let Some(i) = self.seen.iter().position(&want) {
             return self.seen.remove(i);
         }
@@ -238,7 +255,7 @@ impl Building {
     }
 
     /// Outbox records, once `done` holds for them (polled with a deadline).
-    async fn records_until(&self, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    pub(crate) async fn records_until(&self, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
         let reader = doorbridge::store::Reader::open(&self.db).unwrap();
         let deadline = std::time::Instant::now() + WAIT;
         loop {
@@ -267,11 +284,11 @@ fn header_now(version: u64) -> doorbridge::store::KeySetHeader {
     h
 }
 
-fn granted(a: &Answer) -> bool {
+pub(crate) fn granted(a: &Answer) -> bool {
     matches!(a, Answer::Grant(_))
 }
 
-fn denied(a: &Answer) -> Option<DenyReason> {
+pub(crate) fn denied(a: &Answer) -> Option<DenyReason> {
     match a {
         Answer::Deny(r) => Some(*r),
         Answer::Grant(_) => None,

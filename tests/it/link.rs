@@ -1,0 +1,363 @@
+//! The cloud link end to end, in process: an rumqttd broker on an ephemeral port, the
+//! reference cloud client signing what it publishes, the daemon's own entry point, and
+//! simulated door units on a real pty.
+
+use std::time::{Duration, Instant};
+
+use doorbridge::access::{CredentialKind, DenyReason, Key, UseLimit};
+use doorbridge::cloud::build;
+use doorbridge::cloud::payload::Target;
+use doorbridge::cloud::report::{Outcome, Presence, Report};
+use doorbridge::cloud::topics::{Channel, Topics};
+use doorbridge::sim::Output;
+use doorbridge::sim::cloud::{CloudClient, Message};
+use doorbridge::store::Record;
+use ed25519_dalek::SigningKey;
+use jiff::{SignedDuration, Timestamp};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::broker::RumqttdBroker;
+use crate::bus::{Building, denied, granted, unit};
+use crate::fixtures::{SALT, key};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn cloud_key() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32])
+}
+
+fn target() -> Target {
+    Target {
+        site: "site-test".into(),
+        gateway: "gw-test".into(),
+    }
+}
+
+fn topics() -> Topics {
+    Topics::new("doorbridge", &target()).unwrap()
+}
+
+fn cloud_section(url: &str) -> String {
+    let public: String = cloud_key()
+        .verifying_key()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("url = \"{url}\"\ntrusted_keys = [\"{public}\"]\nkeepalive = \"5s\"")
+}
+
+/// The cloud's side: a client and the gateway's reports.
+struct Cloud {
+    client: CloudClient,
+    reports: UnboundedReceiver<Message>,
+    seen: Vec<Report>,
+}
+
+impl Cloud {
+    async fn connect(url: &str) -> Cloud {
+        let client = CloudClient::connect(url, "cloud-test").await.unwrap();
+        let reports = client.subscribe("doorbridge/site-test/gw-test/#").await.unwrap();
+        Cloud {
+            client,
+            reports,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next report matching `want` (reports the gateway sent, not our own messages).
+    async fn report(&mut self, what: &str, want: impl Fn(&Report) -> bool) -> Report {
+        if let Some(i) = self.seen.iter().position(&want) {
+            return self.seen.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let Ok(Some((topic, payload))) =
+                tokio::time::timeout_at(deadline, self.reports.recv()).await
+            else {
+                panic!("no {what} from the gateway; saw {:?}", self.seen);
+            };
+            let outbound = [Channel::State, Channel::Sync, Channel::CommandResult];
+            if !outbound.iter().any(|c| topic == topics().topic(*c)) {
+                continue;
+            }
+            let report = Report::decode(&payload).expect("the gateway's reports decode");
+            if want(&report) {
+                return report;
+            }
+            self.seen.push(report);
+        }
+    }
+
+    async fn online(&mut self) {
+        self.report("online state", |r| {
+            matches!(
+                r,
+                Report::State {
+                    state: Presence::Online,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+
+    async fn applied(&mut self, version: u64) {
+        self.report(&format!("applied {version}"), |r| {
+            matches!(r, Report::Applied { version: v, .. } if *v == version)
+        })
+        .await;
+    }
+
+    async fn snapshot(&self, version: u64, keys: &[Key]) {
+        let snapshot =
+            build::snapshot(&target(), version, Timestamp::now(), SALT, keys, &cloud_key())
+                .unwrap();
+        self.client
+            .publish_snapshot(&topics(), &snapshot)
+            .await
+            .unwrap();
+    }
+
+    async fn delta(&self, from: u64, to: u64, upserts: &[Key], deletes: &[&str]) {
+        let deletes: Vec<String> = deletes.iter().map(|s| (*s).to_owned()).collect();
+        let delta = build::delta(
+            &target(),
+            from,
+            to,
+            Timestamp::now(),
+            upserts,
+            &deletes,
+            &cloud_key(),
+        )
+        .unwrap();
+        self.client.publish_delta(&topics(), delta).await.unwrap();
+    }
+
+    async fn raw(&self, channel: Channel, bytes: Vec<u8>) {
+        self.client
+            .publish(&topics().topic(channel), bytes, false)
+            .await
+            .unwrap();
+    }
+}
+
+async fn building(broker: &RumqttdBroker) -> Building {
+    let dir = tempfile::tempdir().unwrap();
+    Building::open_with_cloud(dir, 3, "", &cloud_section(&broker.url())).await
+}
+
+fn held(b: &Building) -> (u64, u64) {
+    let info = doorbridge::store::Reader::open(&b.db)
+        .unwrap()
+        .key_set()
+        .unwrap();
+    (info.version, info.keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_over_mqtt_opens_doors_and_a_delta_revocation_closes_them() {
+    let broker = RumqttdBroker::start();
+    let mut cloud = Cloud::connect(&broker.url()).await;
+    let mut b = building(&broker).await;
+    cloud.online().await;
+
+    let resident = key("resident", CredentialKind::Pin, "482916", UseLimit::Unlimited);
+    let courier = key("courier", CredentialKind::Pin, "1357", UseLimit::Total(1));
+    cloud.snapshot(1, &[resident, courier.clone()]).await;
+    cloud.applied(1).await;
+    assert_eq!(held(&b), (1, 2));
+    assert!(granted(&b.present(1, CredentialKind::Pin, "482916").await));
+    assert!(granted(&b.present(1, CredentialKind::Pin, "1357").await));
+    assert_eq!(
+        denied(&b.present(1, CredentialKind::Pin, "1357").await),
+        Some(DenyReason::UsedUp)
+    );
+
+    // The cloud deletes the resident's key: the next try at the door is refused.
+    let sent = Instant::now();
+    cloud.delta(1, 2, &[], &["resident"]).await;
+    cloud.applied(2).await;
+    let applied_after = sent.elapsed();
+    assert_eq!(
+        denied(&b.present(1, CredentialKind::Pin, "482916").await),
+        Some(DenyReason::Revoked)
+    );
+    // A replaced key brings the courier back with a fresh credential; its use stays counted.
+    let again = key("courier", CredentialKind::Pin, "2468", UseLimit::Total(1));
+    cloud.delta(2, 3, &[again], &[]).await;
+    cloud.applied(3).await;
+    assert_eq!(
+        denied(&b.present(1, CredentialKind::Pin, "2468").await),
+        Some(DenyReason::UsedUp)
+    );
+    assert_eq!(
+        denied(&b.present(1, CredentialKind::Pin, "1357").await),
+        Some(DenyReason::UnknownCredential)
+    );
+    eprintln!("delta publish → applied: {applied_after:?}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_nothing() {
+    let broker = RumqttdBroker::start();
+    let mut cloud = Cloud::connect(&broker.url()).await;
+    let mut b = building(&broker).await;
+    cloud.online().await;
+    let resident = key("resident", CredentialKind::Pin, "482916", UseLimit::Unlimited);
+    cloud.snapshot(5, std::slice::from_ref(&resident)).await;
+    cloud.applied(5).await;
+
+    let rejected = |channel: &'static str, needle: &'static str| {
+        move |r: &Report| {
+            matches!(r, Report::Rejected { channel: c, reason, .. }
+                if c == channel && reason.contains(needle))
+        }
+    };
+    // Signed by a key the gateway does not trust.
+    let intruder = SigningKey::from_bytes(&[66; 32]);
+    let forged = build::snapshot(&target(), 6, Timestamp::now(), SALT, &[], &intruder).unwrap();
+    cloud.raw(Channel::Manifest, forged.manifest).await;
+    cloud
+        .report("forged manifest refused", rejected("keys/manifest", "not trusted"))
+        .await;
+    // Not an envelope at all.
+    cloud.raw(Channel::Delta, b"revoke everything".to_vec()).await;
+    cloud.report("garbage refused", rejected("keys/delta", "")).await;
+    // A genuine signature over a tampered body.
+    let mut tampered = build::delta(
+        &target(),
+        5,
+        6,
+        Timestamp::now(),
+        &[],
+        &["resident".to_owned()],
+        &cloud_key(),
+    )
+    .unwrap();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    cloud.raw(Channel::Delta, tampered).await;
+    cloud
+        .report("tampered delta refused", rejected("keys/delta", ""))
+        .await;
+    // Rolled back: an older version, correctly signed.
+    cloud.delta(3, 4, &[], &["resident"]).await;
+    cloud
+        .report("rollback refused", rejected("keys/delta", "not newer"))
+        .await;
+    // Oversized: more than an envelope may be.
+    cloud.raw(Channel::Manifest, vec![0xa4; 200 * 1024]).await;
+    cloud
+        .report("oversized refused", rejected("keys/manifest", "too"))
+        .await;
+    // Out of order: a delta from a version the gateway never held asks for a resync.
+    cloud.delta(7, 8, &[], &["resident"]).await;
+    let resync = cloud
+        .report("resync request", |r| matches!(r, Report::Resync { .. }))
+        .await;
+    assert!(matches!(resync, Report::Resync { held: 5, .. }), "{resync:?}");
+    // A chunk whose hash no manifest names.
+    let stray = build::snapshot(&target(), 9, Timestamp::now(), SALT, &[resident], &cloud_key())
+        .unwrap();
+    let mut chunk = stray.chunks[0].clone();
+    chunk.push(0);
+    cloud.raw(Channel::Chunk, chunk).await;
+
+    // Through all of it the held set answered, unchanged.
+    assert_eq!(held(&b), (5, 1));
+    assert!(granted(&b.present(1, CredentialKind::Pin, "482916").await));
+    let records = b
+        .records_until(|r| {
+            r.iter()
+                .filter(|r| matches!(r, Record::CloudRejected { .. }))
+                .count()
+                >= 5
+        })
+        .await;
+    assert!(records.iter().any(
+        |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "keys/manifest")
+    ));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_nothing() {
+    let broker = RumqttdBroker::start();
+    let mut cloud = Cloud::connect(&broker.url()).await;
+    let mut b = building(&broker).await;
+    cloud.online().await;
+    let app = key("app-anna", CredentialKind::Mobile, "phone", UseLimit::Unlimited);
+    cloud.snapshot(1, &[app]).await;
+    cloud.applied(1).await;
+
+    let command = |id: &str, door: &str, issued: Timestamp| {
+        build::open_door(
+            &target(),
+            id,
+            door,
+            "app-anna",
+            issued,
+            SignedDuration::from_secs(30),
+            &cloud_key(),
+        )
+    };
+    let result = |id: &'static str| {
+        move |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), .. } if c == id)
+    };
+    let open = command("c1", "main", Timestamp::now());
+    cloud.raw(Channel::OpenDoor, open.clone()).await;
+    let out = b
+        .next(|o| matches!(o, Output::OpenDoor { unit: u, .. } if *u == unit(1)))
+        .await;
+    assert!(matches!(out, Output::OpenDoor { .. }));
+    let r = cloud.report("c1 result", result("c1")).await;
+    assert!(
+        matches!(r, Report::CommandResult { outcome: Outcome::Opened, .. }),
+        "{r:?}"
+    );
+
+    // The same signed bytes again: a replay.
+    cloud.raw(Channel::OpenDoor, open).await;
+    let r = cloud.report("replay result", result("c1")).await;
+    assert!(
+        matches!(&r, Report::CommandResult { outcome: Outcome::Rejected, reason: Some(why), .. } if why.contains("replay")),
+        "{r:?}"
+    );
+    // Expired before it arrived.
+    let old = Timestamp::now() - SignedDuration::from_secs(120);
+    cloud.raw(Channel::OpenDoor, command("c2", "main", old)).await;
+    let r = cloud.report("expired result", result("c2")).await;
+    assert!(
+        matches!(&r, Report::CommandResult { outcome: Outcome::Rejected, .. }),
+        "{r:?}"
+    );
+    // A door the key does not open: the key set says no.
+    cloud
+        .raw(Channel::OpenDoor, command("c3", "garage", Timestamp::now()))
+        .await;
+    let r = cloud.report("wrong door result", result("c3")).await;
+    assert!(
+        matches!(&r, Report::CommandResult { outcome: Outcome::Denied, .. }),
+        "{r:?}"
+    );
+    // Only c1 opened a door.
+    assert!(
+        !b.seen
+            .iter()
+            .any(|o| matches!(o, Output::OpenDoor { unit: u, .. } if *u == unit(2))),
+        "the garage opened"
+    );
+    let records = b
+        .records_until(|r| {
+            r.iter().any(|r| {
+                matches!(r, Record::Activity(a) if a.command_id.as_deref() == Some("c3"))
+            })
+        })
+        .await;
+    assert!(records.iter().any(
+        |r| matches!(r, Record::Activity(a) if a.command_id.as_deref() == Some("c1") && a.granted)
+    ));
+    b.stop().await;
+}
