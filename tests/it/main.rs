@@ -2,6 +2,7 @@
 
 mod broker;
 mod bus;
+mod cloud_sim;
 mod config;
 mod daemon;
 mod fixtures;

@@ -1,0 +1,508 @@
+//! `cloud-sim`: a reference cloud for doorbridge gateways. Makes signing keys, builds signed
+//! key sets from a keys file (as an offline bundle or published over MQTT), sends open-door
+//! and resync commands, and prints what gateways report. A thin shell around
+//! `doorbridge::cloud::{build, bundle, keyfile}` and `doorbridge::sim::cloud`; the manual is
+//! `docs/cloud-sim.md`.
+//!
+//! Exit status: 0 success; 2 a usage problem; 1 any other error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use doorbridge::cloud::build::{self, SignedSnapshot};
+use doorbridge::cloud::bundle::Bundle;
+use doorbridge::cloud::envelope::KeyId;
+use doorbridge::cloud::keyfile::{KeyFile, parse_hex};
+use doorbridge::cloud::payload::Target;
+use doorbridge::cloud::sync::DEFAULT_COMMAND_LIFETIME;
+use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
+use doorbridge::sim::cloud::{CloudClient, decode_report, hex};
+use ed25519_dalek::SigningKey;
+use jiff::{SignedDuration, Timestamp};
+
+const AFTER_HELP: &str = "\
+A session (docs/cloud-sim.md has more):
+  cloud-sim keygen --out ./cloud-keys            # prints the line for cloud.trusted_keys
+  cloud-sim build --signing-key ./cloud-keys/signing.key --keys config/keys.example.toml \\
+      --site s1 --gateway gw1 --version 1 --out keys.dbk      # for doorbridge keys import
+  cloud-sim watch --url mqtt://localhost:1883 &                 # what gateways report
+  cloud-sim publish --url mqtt://localhost:1883 --site s1 --gateway gw1 \\
+      --signing-key ./cloud-keys/signing.key snapshot --keys config/keys.example.toml --version 2
+  cloud-sim publish ... delta --from 2 --version 3 --delete courier-dhl-0412
+  cloud-sim open-door --url mqtt://localhost:1883 --site s1 --gateway gw1 \\
+      --signing-key ./cloud-keys/signing.key --door main --key-id owner-ann
+
+Keys files: docs/keys-file.md (TOML, or JSON for *.json). Plain MQTT over TCP only.
+Exit status: 0 success; 2 usage problem; 1 any other error.";
+
+/// A reference cloud for doorbridge gateways
+///
+/// Speaks the cloud side of docs/cloud-protocol.md: signs key-set snapshots, deltas and
+/// commands with an Ed25519 key the gateway trusts, publishes them on a gateway's MQTT topics
+/// or writes an offline bundle, and prints the gateways' reports as JSON lines.
+#[derive(Debug, Parser)]
+#[command(name = "cloud-sim", version, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a signing key: DIR/signing.key (secret seed, hex, mode 0600) and DIR/signing.pub
+    /// (public key, hex); print the trusted keys line for the gateway's cloud section
+    Keygen {
+        /// Directory to write into (created if missing); existing key files are not replaced
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Build a signed snapshot from a keys file and write it as a bundle for
+    /// `doorbridge keys import FILE` (no network); prints keys, chunks and bytes
+    Build {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The signing key written by keygen (hex of the 32-byte seed)
+        #[arg(long, value_name = "FILE")]
+        signing_key: PathBuf,
+        /// The keys file (docs/keys-file.md)
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+        /// The key-set version, above the one the gateway holds (1 or more)
+        #[arg(long, value_name = "N")]
+        version: u64,
+        /// The signing time, RFC 3339 [default: now]; the gateway takes it as trusted time
+        #[arg(long, value_name = "TIME")]
+        issued_at: Option<Timestamp>,
+        /// Where to write the bundle (replaced if it exists)
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Publish a key set (snapshot) or a change to it (delta) on a gateway's topics
+    Publish {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        what: PublishWhat,
+    },
+    /// Send a signed open-door command to a gateway (cmd/open-door)
+    OpenDoor {
+        #[command(flatten)]
+        conn: Connection,
+        /// The door to open
+        #[arg(long, value_name = "DOOR")]
+        door: String,
+        /// The key on whose behalf it opens (for the activity record)
+        #[arg(long, value_name = "ID")]
+        key_id: String,
+        /// Unique per command; the gateway refuses a repeated id as a replay [default: from
+        /// the clock]
+        #[arg(long, value_name = "ID")]
+        command_id: Option<String>,
+        /// How long the command stays valid (the gateway accepts at most 60s)
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        lifetime: SignedDuration,
+    },
+    /// Ask a gateway to report its held version and take a new snapshot (cmd/resync)
+    Resync {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Print every message gateways publish (state, sync, cmd/result) as JSON lines, until
+    /// Ctrl-C or --count messages
+    Watch {
+        /// The broker, mqtt://host:port
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The topic prefix the gateways use
+        #[arg(long, default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+        prefix: String,
+        /// Stop after N messages
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// The MQTT client id [default: cloud-sim-watch-<pid>]
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PublishWhat {
+    /// A full key set: the signed manifest, then every chunk in order
+    Snapshot {
+        /// The keys file (docs/keys-file.md); its salt goes into the manifest
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+        /// The key-set version, above the one the gateway holds (1 or more)
+        #[arg(long, value_name = "N")]
+        version: u64,
+    },
+    /// A change on top of the version the gateway holds: upserts and deletes (revocations)
+    Delta {
+        /// The version the gateway holds now
+        #[arg(long = "from", value_name = "V")]
+        from_version: u64,
+        /// The version after the delta
+        #[arg(long, value_name = "N")]
+        version: u64,
+        /// Keys to add or replace whole (made with the held snapshot's salt)
+        #[arg(long, value_name = "FILE")]
+        keys: Option<PathBuf>,
+        /// Id of a key to revoke (repeat for several)
+        #[arg(long = "delete", value_name = "ID")]
+        deletes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// The site id of the gateway
+    #[arg(long, value_name = "SITE")]
+    site: String,
+    /// The gateway id
+    #[arg(long, value_name = "GATEWAY")]
+    gateway: String,
+}
+
+#[derive(Debug, Args)]
+struct Connection {
+    /// The broker, mqtt://host:port
+    #[arg(long, value_name = "URL")]
+    url: String,
+    /// The topic prefix the gateway uses
+    #[arg(long, default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+    prefix: String,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// The signing key written by keygen (hex of the 32-byte seed)
+    #[arg(long, value_name = "FILE")]
+    signing_key: PathBuf,
+    /// The signing time, RFC 3339 [default: now]
+    #[arg(long, value_name = "TIME")]
+    issued_at: Option<Timestamp>,
+    /// The MQTT client id [default: cloud-sim-<pid>]
+    #[arg(long, value_name = "ID")]
+    client_id: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> Target {
+        Target {
+            site: self.site.clone(),
+            gateway: self.gateway.clone(),
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Result<SignedDuration, String> {
+    let (digits, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number with ms, s or min (30s)"))?;
+    match unit {
+        "ms" => Ok(SignedDuration::from_millis(n)),
+        "s" => Ok(SignedDuration::from_secs(n)),
+        "min" => Ok(SignedDuration::from_mins(n)),
+        _ => Err(format!("{text:?}: the unit is ms, s or min (30s)")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cloud-sim: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cloud-sim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Build {
+            target,
+            signing_key,
+            keys,
+            version,
+            issued_at,
+            out,
+        } => {
+            let signer = read_signing_key(&signing_key)?;
+            let file = read_keys(&keys)?;
+            let snap = build_snapshot(&target.target(), version, issued_at, &file, &signer)?;
+            let (chunks, bytes) = (snap.chunks.len(), snap.total_bytes());
+            Bundle::from(snap).write(&out)?;
+            println!(
+                "{}: version {version}, {} keys, {chunks} chunks, {bytes} bytes signed by {}",
+                out.display(),
+                file.keys.len(),
+                KeyId::of(&signer.verifying_key())
+            );
+            Ok(())
+        }
+        Command::Publish { conn, what } => publish(&conn, what).await,
+        Command::OpenDoor {
+            conn,
+            door,
+            key_id,
+            command_id,
+            lifetime,
+        } => {
+            if lifetime.is_zero() || lifetime.is_negative() {
+                bail!("--lifetime must be positive");
+            }
+            if lifetime > DEFAULT_COMMAND_LIFETIME {
+                eprintln!(
+                    "cloud-sim: warning: a lifetime over {DEFAULT_COMMAND_LIFETIME:#} is refused by gateways with default settings"
+                );
+            }
+            let (signer, topics, client) = connect(&conn).await?;
+            let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+            let command_id =
+                command_id.unwrap_or_else(|| format!("cloud-sim-{}", issued_at.as_millisecond()));
+            let command = build::open_door(
+                &conn.target.target(),
+                &command_id,
+                &door,
+                &key_id,
+                issued_at,
+                lifetime,
+                &signer,
+            );
+            client
+                .publish_command(&topics, Channel::OpenDoor, command)
+                .await?;
+            client.disconnect().await?;
+            println!(
+                "{}: open-door {command_id} for door {door}, key {key_id}",
+                topics.topic(Channel::OpenDoor)
+            );
+            Ok(())
+        }
+        Command::Resync { conn } => {
+            let (signer, topics, client) = connect(&conn).await?;
+            let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+            let command = build::resync(&conn.target.target(), issued_at, &signer);
+            client
+                .publish_command(&topics, Channel::Resync, command)
+                .await?;
+            client.disconnect().await?;
+            println!("{}: resync", topics.topic(Channel::Resync));
+            Ok(())
+        }
+        Command::Watch {
+            url,
+            prefix,
+            count,
+            client_id,
+        } => watch(&url, &prefix, count, client_id).await,
+    }
+}
+
+fn keygen(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let secret_path = dir.join("signing.key");
+    let public_path = dir.join("signing.pub");
+    for path in [&secret_path, &public_path] {
+        if path.exists() {
+            bail!("{} exists; not replacing a key", path.display());
+        }
+    }
+    let mut seed = [0u8; 32];
+    getrandom(&mut seed)?;
+    let signer = SigningKey::from_bytes(&seed);
+    let public = hex(signer.verifying_key().as_bytes());
+    write_new(&secret_path, &format!("{}\n", hex(&seed)), 0o600)?;
+    write_new(&public_path, &format!("{public}\n"), 0o644)?;
+    println!("signing key: {} (keep it secret)", secret_path.display());
+    println!("public key:  {}", public_path.display());
+    println!("key id:      {}", KeyId::of(&signer.verifying_key()));
+    println!("for the gateway's configuration ([cloud] section):");
+    println!("trusted_keys = [\"{public}\"]");
+    Ok(())
+}
+
+/// Random bytes from the kernel.
+fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .context("reading /dev/urandom")
+}
+
+/// Creates `path` (never replacing a file) with `mode`, and writes `text`.
+fn write_new(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn read_signing_key(path: &Path) -> anyhow::Result<SigningKey> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the signing key {}", path.display()))?;
+    let seed: [u8; 32] = parse_hex(text.trim())
+        .map_err(|e| anyhow!(e))
+        .and_then(|b| {
+            b.try_into()
+                .map_err(|_| anyhow!("not 32 bytes (64 hex digits)"))
+        })
+        .with_context(|| format!("the signing key {}", path.display()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn read_keys(path: &Path) -> anyhow::Result<KeyFile> {
+    KeyFile::read(path).with_context(|| format!("the keys file {}", path.display()))
+}
+
+fn build_snapshot(
+    target: &Target,
+    version: u64,
+    issued_at: Option<Timestamp>,
+    file: &KeyFile,
+    signer: &SigningKey,
+) -> anyhow::Result<SignedSnapshot> {
+    let issued_at = issued_at.unwrap_or_else(Timestamp::now);
+    Ok(build::snapshot(
+        target, version, issued_at, &file.salt, &file.keys, signer,
+    )?)
+}
+
+async fn connect(conn: &Connection) -> anyhow::Result<(SigningKey, Topics, CloudClient)> {
+    let signer = read_signing_key(&conn.signing_key)?;
+    let topics = Topics::new(&conn.prefix, &conn.target.target())?;
+    let client_id = conn
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("cloud-sim-{}", std::process::id()));
+    let client = CloudClient::connect(&conn.url, &client_id).await?;
+    Ok((signer, topics, client))
+}
+
+async fn publish(conn: &Connection, what: PublishWhat) -> anyhow::Result<()> {
+    let target = conn.target.target();
+    // Everything is built and checked before connecting.
+    let signer = read_signing_key(&conn.signing_key)?;
+    Topics::new(&conn.prefix, &target)?;
+    match what {
+        PublishWhat::Snapshot { keys, version } => {
+            let file = read_keys(&keys)?;
+            let snap = build_snapshot(&target, version, conn.issued_at, &file, &signer)?;
+            let (_, topics, client) = connect(conn).await?;
+            client.publish_snapshot(&topics, &snap).await?;
+            client.disconnect().await?;
+            println!(
+                "{}: snapshot version {version}, {} keys, {} chunks, {} bytes",
+                topics.topic(Channel::Manifest),
+                file.keys.len(),
+                snap.chunks.len(),
+                snap.total_bytes()
+            );
+        }
+        PublishWhat::Delta {
+            from_version,
+            version,
+            keys,
+            deletes,
+        } => {
+            let upserts = match &keys {
+                Some(path) => read_keys(path)?.keys,
+                None => Vec::new(),
+            };
+            let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+            let delta = build::delta(
+                &target,
+                from_version,
+                version,
+                issued_at,
+                &upserts,
+                &deletes,
+                &signer,
+            )?;
+            let (_, topics, client) = connect(conn).await?;
+            let bytes = delta.len();
+            client.publish_delta(&topics, delta).await?;
+            client.disconnect().await?;
+            println!(
+                "{}: delta {from_version} -> {version}, {} upserts, {} deletes, {bytes} bytes",
+                topics.topic(Channel::Delta),
+                upserts.len(),
+                deletes.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn watch(
+    url: &str,
+    prefix: &str,
+    count: Option<u64>,
+    client_id: Option<String>,
+) -> anyhow::Result<()> {
+    let client_id = client_id.unwrap_or_else(|| format!("cloud-sim-watch-{}", std::process::id()));
+    let client = CloudClient::connect(url, &client_id).await?;
+    let mut subscriptions = Vec::new();
+    for channel in Channel::OUTBOUND {
+        subscriptions.push(
+            client
+                .subscribe(&format!("{prefix}/+/+/{}", channel.suffix()))
+                .await?,
+        );
+    }
+    // One stream of every subscription, in arrival order.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for mut sub in subscriptions {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.recv().await {
+                if tx.send(m).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    eprintln!("cloud-sim: watching {prefix}/+/+/{{state,sync,cmd/result}} on {url}");
+    let mut seen = 0u64;
+    let mut stdout = std::io::stdout();
+    while count.is_none_or(|n| seen < n) {
+        tokio::select! {
+            message = rx.recv() => {
+                let Some((topic, payload)) = message else {
+                    bail!("the connection to the broker closed");
+                };
+                writeln!(stdout, "{}", decode_report(prefix, &topic, &payload))?;
+                stdout.flush()?;
+                seen += 1;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // Best effort: the broker forgets the session either way.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    Ok(())
+}
