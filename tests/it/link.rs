@@ -247,10 +247,11 @@ async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_
     cloud
         .report("rollback refused", rejected("keys/delta", "not newer"))
         .await;
-    // Oversized: more than an envelope may be.
-    cloud.raw(Channel::Manifest, vec![0xa4; 200 * 1024]).await;
+    // Oversized: more than an envelope may be (but what the cloud client can still send).
+    let over = doorbridge::cloud::payload::MAX_ENVELOPE_BYTES + 500;
+    cloud.raw(Channel::Manifest, vec![0xa4; over]).await;
     cloud
-        .report("oversized refused", rejected("keys/manifest", "too"))
+        .report("oversized refused", rejected("keys/manifest", "over the limit"))
         .await;
     // Out of order: a delta from a version the gateway never held asks for a resync.
     cloud.delta(7, 8, &[], &["resident"]).await;
