@@ -55,6 +55,30 @@ enum Command {
     /// every problem to stderr, one per line as `SOURCE: KEY: PROBLEM` where SOURCE is the file
     /// or environment variable that set the key, and exits 2.
     CheckConfig,
+    /// Manage the key set held by this gateway
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+// The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
+#[allow(clippy::doc_markdown)]
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Install a signed key set from a file (a site without internet)
+    ///
+    /// FILE is a key-set bundle as `cloud-sim build` or the cloud writes it: a signed manifest
+    /// and its chunks. It is checked exactly as over MQTT: signed by a key in
+    /// cloud.trusted_keys, for this gateway (gateway.id and gateway.site_id), newer than the
+    /// held version, every chunk matching its manifest hash, the key count adding up. Only
+    /// then does it replace the held set, in one transaction; otherwise nothing changes.
+    ///
+    /// The service holds the store while it runs: stop it first (systemctl stop doorbridge),
+    /// import, then start it again.
+    Import {
+        /// The key-set bundle file
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +104,29 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             doorbridge::daemon::run(&config).context("the gateway stopped with an error")?;
             Ok(())
         }
+        Command::Keys(KeysCommand::Import { ref file }) => {
+            let config = config::load(&sources)?;
+            init_logging(config.log.level)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let imported = runtime
+                .block_on(doorbridge::cloud::import::import_file(
+                    &config,
+                    file,
+                    progress(),
+                ))
+                .with_context(|| format!("{} was not imported", file.display()))?;
+            println!(
+                "imported key set version {} ({} keys in {} chunks) from {}",
+                imported.version,
+                imported.keys,
+                imported.chunks,
+                file.display()
+            );
+            Ok(())
+        }
         Command::CheckConfig => {
             let (config, layers) = config::load_with_layers(&sources)?;
             let mut text = String::from(
@@ -98,6 +145,24 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
                 .and_then(|()| stdout.flush())
                 .context("cannot write to standard output")?;
             Ok(())
+        }
+    }
+}
+
+/// Progress on stderr: every chunk on a terminal, every tenth of the way otherwise.
+fn progress() -> impl FnMut(u32, u32) {
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = 0;
+    move |done, total| {
+        let step = (total / 10).max(1);
+        if tty {
+            eprint!("\rchecking and staging chunk {done}/{total}");
+            if done == total {
+                eprintln!();
+            }
+        } else if done == total || done >= shown + step {
+            shown = done;
+            eprintln!("checking and staging chunk {done}/{total}");
         }
     }
 }

@@ -3,16 +3,25 @@
 //! with a trusted key, target, anti-rollback, chunk hashes, key count) by the same [`Sync`]
 //! machine, and the set goes live in one transaction only when all of it checks out.
 
+use std::path::Path;
+
 use ed25519_dalek::VerifyingKey;
 
+use super::bundle::{Bundle, BundleError};
 use super::envelope::{self, EnvelopeError, Kind};
+use super::link::{self, LinkError};
 use super::payload::{MAX_ENVELOPE_BYTES, Manifest, PayloadError, Target};
 use super::sync::{Action, ResyncReason, Sync};
+use crate::config::Config;
 use crate::store::{KeySetHeader, Store, StoreError};
 
 /// Why a key-set file was not installed. The held key set is unchanged in every case.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
+    #[error("cannot read the key-set file")]
+    Bundle(#[from] BundleError),
+    #[error("the configuration's trusted keys")]
+    Config(#[from] LinkError),
     #[error("the manifest is not acceptable: {0}")]
     Envelope(#[from] EnvelopeError),
     #[error("the manifest is signed, but it is not a manifest (it is a {0} message)")]
@@ -38,6 +47,44 @@ pub struct Imported {
     pub version: u64,
     pub keys: u64,
     pub chunks: u32,
+}
+
+/// `doorbridge keys import FILE`: reads a bundle (see [`super::bundle`]), opens the store
+/// named by the configuration (refused while the service runs: it holds the store) and
+/// installs the set after the same checks as over MQTT.
+pub async fn import_file(
+    config: &Config,
+    path: &Path,
+    progress: impl FnMut(u32, u32),
+) -> Result<Imported, ImportError> {
+    let trusted = link::trusted_keys(config)?;
+    let target = link::target(config);
+    let owned = path.to_owned();
+    let bundle = tokio::task::spawn_blocking(move || Bundle::read(&owned))
+        .await
+        .map_err(|e| StoreError::Io {
+            what: "reading the key-set file",
+            source: std::io::Error::other(e),
+        })??;
+    let options = crate::daemon::store_options(config);
+    let store = tokio::task::spawn_blocking(move || Store::open(options))
+        .await
+        .map_err(|e| StoreError::Io {
+            what: "opening the store",
+            source: std::io::Error::other(e),
+        })??;
+    let result = import(
+        &store,
+        &target,
+        &trusted,
+        &bundle.manifest,
+        &bundle.chunks,
+        progress,
+    )
+    .await;
+    drop(bundle);
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    result
 }
 
 /// Checks and installs a snapshot given as its signed manifest and its chunks. `progress` is

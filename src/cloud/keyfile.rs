@@ -289,21 +289,21 @@ impl KeyEntry {
                 ));
             }
         }
-        if let (Some(from), Some(until)) = (self.valid_from, self.valid_until) {
-            if until <= from {
-                return Err(field_err(
-                    "valid_until",
-                    format!("{until} is not after valid_from {from}"),
-                ));
-            }
+        if let (Some(from), Some(until)) = (self.valid_from, self.valid_until)
+            && until <= from
+        {
+            return Err(field_err(
+                "valid_until",
+                format!("{until} is not after valid_from {from}"),
+            ));
         }
-        if let Some(w) = &self.welcome {
-            if w.len() > MAX_WELCOME {
-                return Err(field_err(
-                    "welcome",
-                    format!("{} bytes; door units show at most {MAX_WELCOME}", w.len()),
-                ));
-            }
+        if let Some(w) = &self.welcome
+            && w.len() > MAX_WELCOME
+        {
+            return Err(field_err(
+                "welcome",
+                format!("{} bytes; door units show at most {MAX_WELCOME}", w.len()),
+            ));
         }
         if self.floors.len() > MAX_FLOORS {
             return Err(field_err(
@@ -467,7 +467,7 @@ fn parse_weekday(s: &str) -> Option<Weekday> {
 /// Hex digits (upper or lower case, even count) to bytes.
 pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("{s:?} is not hex: an odd number of digits"));
     }
     (0..s.len())

@@ -118,14 +118,17 @@ pub struct LinkStatus {
     pub rejected: u64,
 }
 
-/// Builds the link's settings from the configuration (reads the TLS files).
-pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
-    let target = Target {
+/// This gateway as signed messages name it.
+pub fn target(config: &Config) -> Target {
+    Target {
         site: config.gateway.site_id.clone(),
         gateway: config.gateway.id.clone(),
-    };
-    let topics = Topics::new(&config.cloud.topic_prefix, &target)?;
-    let trusted = config
+    }
+}
+
+/// The public keys cloud messages must be signed with.
+pub fn trusted_keys(config: &Config) -> Result<Vec<VerifyingKey>, LinkError> {
+    config
         .cloud
         .trusted_keys
         .iter()
@@ -133,7 +136,14 @@ pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
         .map(|(index, k)| {
             VerifyingKey::from_bytes(k.as_bytes()).map_err(|_| LinkError::TrustedKey { index })
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// Builds the link's settings from the configuration (reads the TLS files).
+pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
+    let target = target(config);
+    let topics = Topics::new(&config.cloud.topic_prefix, &target)?;
+    let trusted = trusted_keys(config)?;
     let cloud = &config.cloud;
     let mut options = MqttOptions::new(&config.gateway.id, &cloud.url.host, cloud.url.port);
     options

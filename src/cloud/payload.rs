@@ -16,7 +16,7 @@ use crate::access::Key;
 /// The largest chunk payload: AWS IoT Core's MQTT payload limit, 128 KiB.
 pub const MAX_CHUNK_BYTES: usize = 128 * 1024;
 /// The most chunks one snapshot may have (128 MiB of key data).
-pub const MAX_CHUNKS: u32 = 1024;
+pub const MAX_CHUNKS: u32 = 3072;
 /// The most keys one snapshot may hold.
 pub const MAX_KEYS: u64 = 1_000_000;
 /// The largest signed body (manifest, delta, command).

@@ -97,7 +97,7 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
 /// divides it (`131072` → `128 KiB`).
 pub fn format_byte_size(bytes: u64) -> String {
     for (unit, factor) in [("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-        if bytes != 0 && bytes % factor == 0 {
+        if bytes != 0 && bytes.is_multiple_of(factor) {
             return format!("{} {unit}", bytes / factor);
         }
     }

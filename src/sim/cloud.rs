@@ -366,10 +366,10 @@ async fn run(
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 let mut state = lock(&shared);
                 // A retransmission keeps its waiter; only a first send takes the next one.
-                if !state.publishes.contains_key(&pkid) {
-                    if let Some((Request::Publish, waiter, _)) = state.queued.pop_front() {
-                        state.publishes.insert(pkid, waiter);
-                    }
+                if !state.publishes.contains_key(&pkid)
+                    && let Some((Request::Publish, waiter, _)) = state.queued.pop_front()
+                {
+                    state.publishes.insert(pkid, waiter);
                 }
             }
             Event::Outgoing(Outgoing::Subscribe(pkid)) => {

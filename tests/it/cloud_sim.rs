@@ -409,3 +409,87 @@ async fn watch_prints_gateway_reports_as_json_lines() {
     assert_eq!(lines[1]["report"]["undecodable"], "ff");
     gateway.disconnect().await.unwrap();
 }
+
+/// A gateway configuration for `s1/gw1` trusting `public`, its store at `db`.
+fn gateway_config(dir: &Path, public: &VerifyingKey, db: &Path) -> PathBuf {
+    let path = dir.join("doorbridge.toml");
+    let text = format!(
+        "[gateway]\nid = \"gw1\"\nsite_id = \"s1\"\n[site]\ntimezone = \"Europe/Berlin\"\n\
+         [cloud]\nurl = \"mqtt://127.0.0.1:1\"\ntrusted_keys = [\"{}\"]\n[storage]\npath = \"{}\"\n\
+         [[buses]]\nname = \"b\"\nport = \"/dev/null\"\n\
+         [[buses.units]]\naddress = 1\ndoor = \"main\"\n",
+        doorbridge::sim::cloud::hex(public.as_bytes()),
+        db.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn import(config: &Path, bundle: &Path) -> Outcome {
+    run(
+        &mut crate::util::doorbridge(),
+        [
+            "--config".into(),
+            config.as_os_str().to_owned(),
+            "keys".into(),
+            "import".into(),
+            bundle.as_os_str().to_owned(),
+        ],
+    )
+}
+
+#[test]
+fn doorbridge_keys_import_installs_a_cloud_sim_bundle_once_and_refuses_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let public = keygen(dir.path());
+    let bundle = dir.path().join("keys.dbk");
+    assert_eq!(build(dir.path(), &example_keys(), &bundle).code, Some(0));
+    let db = dir.path().join("doorbridge.db");
+    let config = gateway_config(dir.path(), &public, &db);
+
+    // Tampered: one byte of the file changed.
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x20;
+    let tampered = dir.path().join("tampered.dbk");
+    std::fs::write(&tampered, bytes).unwrap();
+    let out = import(&config, &tampered);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("was not imported"), "{out:?}");
+
+    let out = import(&config, &bundle);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout
+            .contains("imported key set version 3 (8 keys in 1 chunks)"),
+        "{out:?}"
+    );
+    let reader = doorbridge::store::Reader::open(&db).unwrap();
+    assert_eq!(reader.key_set().unwrap().version, 3);
+    let file = KeyFile::read(&example_keys()).unwrap();
+    let pin = doorbridge::access::credential::digest(
+        &file.salt,
+        doorbridge::access::CredentialKind::Pin,
+        b"482916",
+    );
+    assert_eq!(
+        reader.key_by_digest(&pin.0).unwrap().map(|k| k.id),
+        Some("owner-ann".to_owned())
+    );
+
+    // The same file again: not newer than what is held.
+    let out = import(&config, &bundle);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("not newer"), "{out:?}");
+
+    // While something holds the store (the running service), an import is turned away.
+    let options = doorbridge::store::StoreOptions::new(
+        &db,
+        doorbridge::store::DecisionContext::new(crate::fixtures::site()),
+    );
+    let held = doorbridge::store::Store::open(options).unwrap();
+    let out = import(&config, &bundle);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains("stop it first"), "{out:?}");
+    held.close();
+}

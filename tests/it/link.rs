@@ -38,12 +38,7 @@ fn topics() -> Topics {
 }
 
 fn cloud_section(url: &str) -> String {
-    let public: String = cloud_key()
-        .verifying_key()
-        .as_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let public = doorbridge::sim::cloud::hex(cloud_key().verifying_key().as_bytes());
     format!("url = \"{url}\"\ntrusted_keys = [\"{public}\"]\nkeepalive = \"5s\"")
 }
 
@@ -57,7 +52,10 @@ struct Cloud {
 impl Cloud {
     async fn connect(url: &str) -> Cloud {
         let client = CloudClient::connect(url, "cloud-test").await.unwrap();
-        let reports = client.subscribe("doorbridge/site-test/gw-test/#").await.unwrap();
+        let reports = client
+            .subscribe("doorbridge/site-test/gw-test/#")
+            .await
+            .unwrap();
         Cloud {
             client,
             reports,
@@ -103,16 +101,23 @@ impl Cloud {
     }
 
     async fn applied(&mut self, version: u64) {
-        self.report(&format!("applied {version}"), |r| {
-            matches!(r, Report::Applied { version: v, .. } if *v == version)
-        })
+        self.report(
+            &format!("applied {version}"),
+            |r| matches!(r, Report::Applied { version: v, .. } if *v == version),
+        )
         .await;
     }
 
     async fn snapshot(&self, version: u64, keys: &[Key]) {
-        let snapshot =
-            build::snapshot(&target(), version, Timestamp::now(), SALT, keys, &cloud_key())
-                .unwrap();
+        let snapshot = build::snapshot(
+            &target(),
+            version,
+            Timestamp::now(),
+            SALT,
+            keys,
+            &cloud_key(),
+        )
+        .unwrap();
         self.client
             .publish_snapshot(&topics(), &snapshot)
             .await
@@ -162,7 +167,12 @@ async fn a_snapshot_over_mqtt_opens_doors_and_a_delta_revocation_closes_them() {
     let mut b = building(&broker).await;
     cloud.online().await;
 
-    let resident = key("resident", CredentialKind::Pin, "482916", UseLimit::Unlimited);
+    let resident = key(
+        "resident",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Unlimited,
+    );
     let courier = key("courier", CredentialKind::Pin, "1357", UseLimit::Total(1));
     cloud.snapshot(1, &[resident, courier.clone()]).await;
     cloud.applied(1).await;
@@ -205,7 +215,12 @@ async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_
     let mut cloud = Cloud::connect(&broker.url()).await;
     let mut b = building(&broker).await;
     cloud.online().await;
-    let resident = key("resident", CredentialKind::Pin, "482916", UseLimit::Unlimited);
+    let resident = key(
+        "resident",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Unlimited,
+    );
     cloud.snapshot(5, std::slice::from_ref(&resident)).await;
     cloud.applied(5).await;
 
@@ -220,11 +235,18 @@ async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_
     let forged = build::snapshot(&target(), 6, Timestamp::now(), SALT, &[], &intruder).unwrap();
     cloud.raw(Channel::Manifest, forged.manifest).await;
     cloud
-        .report("forged manifest refused", rejected("keys/manifest", "not trusted"))
+        .report(
+            "forged manifest refused",
+            rejected("keys/manifest", "not trusted"),
+        )
         .await;
     // Not an envelope at all.
-    cloud.raw(Channel::Delta, b"revoke everything".to_vec()).await;
-    cloud.report("garbage refused", rejected("keys/delta", "")).await;
+    cloud
+        .raw(Channel::Delta, b"revoke everything".to_vec())
+        .await;
+    cloud
+        .report("garbage refused", rejected("keys/delta", ""))
+        .await;
     // A genuine signature over a tampered body.
     let mut tampered = build::delta(
         &target(),
@@ -251,17 +273,30 @@ async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_
     let over = doorbridge::cloud::payload::MAX_ENVELOPE_BYTES + 500;
     cloud.raw(Channel::Manifest, vec![0xa4; over]).await;
     cloud
-        .report("oversized refused", rejected("keys/manifest", "over the limit"))
+        .report(
+            "oversized refused",
+            rejected("keys/manifest", "over the limit"),
+        )
         .await;
     // Out of order: a delta from a version the gateway never held asks for a resync.
     cloud.delta(7, 8, &[], &["resident"]).await;
     let resync = cloud
         .report("resync request", |r| matches!(r, Report::Resync { .. }))
         .await;
-    assert!(matches!(resync, Report::Resync { held: 5, .. }), "{resync:?}");
+    assert!(
+        matches!(resync, Report::Resync { held: 5, .. }),
+        "{resync:?}"
+    );
     // A chunk whose hash no manifest names.
-    let stray = build::snapshot(&target(), 9, Timestamp::now(), SALT, &[resident], &cloud_key())
-        .unwrap();
+    let stray = build::snapshot(
+        &target(),
+        9,
+        Timestamp::now(),
+        SALT,
+        &[resident],
+        &cloud_key(),
+    )
+    .unwrap();
     let mut chunk = stray.chunks[0].clone();
     chunk.push(0);
     cloud.raw(Channel::Chunk, chunk).await;
@@ -277,9 +312,11 @@ async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_
                 >= 5
         })
         .await;
-    assert!(records.iter().any(
-        |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "keys/manifest")
-    ));
+    assert!(
+        records.iter().any(
+            |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "keys/manifest")
+        )
+    );
     b.stop().await;
 }
 
@@ -289,7 +326,12 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
     let mut cloud = Cloud::connect(&broker.url()).await;
     let mut b = building(&broker).await;
     cloud.online().await;
-    let app = key("app-anna", CredentialKind::Mobile, "phone", UseLimit::Unlimited);
+    let app = key(
+        "app-anna",
+        CredentialKind::Mobile,
+        "phone",
+        UseLimit::Unlimited,
+    );
     cloud.snapshot(1, &[app]).await;
     cloud.applied(1).await;
 
@@ -304,9 +346,7 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
             &cloud_key(),
         )
     };
-    let result = |id: &'static str| {
-        move |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), .. } if c == id)
-    };
+    let result = |id: &'static str| move |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), .. } if c == id);
     let open = command("c1", "main", Timestamp::now());
     cloud.raw(Channel::OpenDoor, open.clone()).await;
     let out = b
@@ -315,7 +355,13 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
     assert!(matches!(out, Output::OpenDoor { .. }));
     let r = cloud.report("c1 result", result("c1")).await;
     assert!(
-        matches!(r, Report::CommandResult { outcome: Outcome::Opened, .. }),
+        matches!(
+            r,
+            Report::CommandResult {
+                outcome: Outcome::Opened,
+                ..
+            }
+        ),
         "{r:?}"
     );
 
@@ -328,10 +374,18 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
     );
     // Expired before it arrived.
     let old = Timestamp::now() - SignedDuration::from_secs(120);
-    cloud.raw(Channel::OpenDoor, command("c2", "main", old)).await;
+    cloud
+        .raw(Channel::OpenDoor, command("c2", "main", old))
+        .await;
     let r = cloud.report("expired result", result("c2")).await;
     assert!(
-        matches!(&r, Report::CommandResult { outcome: Outcome::Rejected, .. }),
+        matches!(
+            &r,
+            Report::CommandResult {
+                outcome: Outcome::Rejected,
+                ..
+            }
+        ),
         "{r:?}"
     );
     // A door the key does not open: the key set says no.
@@ -340,7 +394,13 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
         .await;
     let r = cloud.report("wrong door result", result("c3")).await;
     assert!(
-        matches!(&r, Report::CommandResult { outcome: Outcome::Denied, .. }),
+        matches!(
+            &r,
+            Report::CommandResult {
+                outcome: Outcome::Denied,
+                ..
+            }
+        ),
         "{r:?}"
     );
     // Only c1 opened a door.
@@ -352,9 +412,8 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
     );
     let records = b
         .records_until(|r| {
-            r.iter().any(|r| {
-                matches!(r, Record::Activity(a) if a.command_id.as_deref() == Some("c3"))
-            })
+            r.iter()
+                .any(|r| matches!(r, Record::Activity(a) if a.command_id.as_deref() == Some("c3")))
         })
         .await;
     assert!(records.iter().any(
