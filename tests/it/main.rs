@@ -5,6 +5,7 @@ mod bus;
 mod config;
 mod daemon;
 mod fixtures;
+mod link_reference;
 mod sim;
 mod store;
 mod util;
