@@ -291,18 +291,19 @@ impl Reports {
                     }
                 }
                 Ok(None) => panic!("{what}: the cloud client stopped; seen {:#?}", self.seen),
-                Err(_) => panic!("{what}: not within {within:?}; seen {:#?}", self.seen),
+                Err(elapsed) => panic!("{what}: {elapsed} ({within:?}); seen {:#?}", self.seen),
             }
         }
     }
 
-    /// The next `state` report with `presence` (and, if given, `held`).
-    async fn state(&mut self, presence: Presence, held: Option<Option<u64>>) -> Report {
+    /// The next `state` report with `presence` and `held` (`None`: the will's, which names
+    /// no version).
+    async fn state(&mut self, presence: Presence, held: Option<u64>) -> Report {
         let what = format!("state {presence:?} (held {held:?})");
         self.next(&what, WAIT, |channel, r| {
             channel == Channel::State
                 && matches!(r, Report::State { state, held: h, .. }
-                    if *state == presence && held.is_none_or(|want| *h == want))
+                    if *state == presence && *h == held)
         })
         .await
     }
@@ -312,7 +313,8 @@ impl Reports {
         let what = format!("applied {version}");
         let report = self
             .next(&what, within, |channel, r| {
-                channel == Channel::Sync && !matches!(r, Report::Applied { version: v, .. } if *v < version)
+                channel == Channel::Sync
+                    && !matches!(r, Report::Applied { version: v, .. } if *v < version)
             })
             .await;
         assert!(
@@ -333,10 +335,17 @@ impl Reports {
                 reason,
                 ..
             } => {
-                assert_eq!(on, channel.suffix(), "rejected on the wrong channel: {reason}");
+                assert_eq!(
+                    on,
+                    channel.suffix(),
+                    "rejected on the wrong channel: {reason}"
+                );
                 reason
             }
-            other => panic!("expected a rejection on {}, got {other:?}", channel.suffix()),
+            other => panic!(
+                "expected a rejection on {}, got {other:?}",
+                channel.suffix()
+            ),
         }
     }
 }
@@ -454,7 +463,7 @@ async fn gateway_with(
 ) -> (Daemon, Cloud) {
     let mut cloud = Cloud::connect(&broker.url(), home, "cloud").await;
     let daemon = Daemon::start(home);
-    cloud.reports.state(Presence::Online, Some(Some(0))).await;
+    cloud.reports.state(Presence::Online, Some(0)).await;
     cloud.publish_snapshot(&cloud.snapshot(version, keys)).await;
     cloud.reports.applied(version, WAIT).await;
     (daemon, cloud)
@@ -472,7 +481,7 @@ async fn a_snapshot_and_a_delta_arrive_through_mosquitto() {
     let home = Home::new(&broker.url());
     let mut cloud = Cloud::connect(&broker.url(), &home, "cloud").await;
     let mut daemon = Daemon::start(&home);
-    cloud.reports.state(Presence::Online, Some(Some(0))).await;
+    cloud.reports.state(Presence::Online, Some(0)).await;
 
     let set = keys("k", 2_000);
     let snapshot = cloud.snapshot(1, &set);
@@ -486,7 +495,13 @@ async fn a_snapshot_and_a_delta_arrive_through_mosquitto() {
         started.elapsed()
     );
     assert!(
-        matches!(applied, Report::Applied { keys: Some(2_000), .. }),
+        matches!(
+            applied,
+            Report::Applied {
+                keys: Some(2_000),
+                ..
+            }
+        ),
         "{applied:?}"
     );
     // `applied` follows the commit: the store shows it already.
@@ -496,22 +511,26 @@ async fn a_snapshot_and_a_delta_arrive_through_mosquitto() {
 
     cloud.publish_delta(cloud.delta(1, 2, &[], &["k17"])).await;
     let applied = cloud.reports.applied(2, WAIT).await;
-    assert!(matches!(applied, Report::Applied { keys: None, .. }), "{applied:?}");
-    assert_eq!(home.held(), (2, 2_000), "a deleted key stays as a tombstone");
+    assert!(
+        matches!(applied, Report::Applied { keys: None, .. }),
+        "{applied:?}"
+    );
+    assert_eq!(
+        home.held(),
+        (2, 2_000),
+        "a deleted key stays as a tombstone"
+    );
     assert!(home.by_pin("k17").expect("k17's tombstone").revoked);
     assert!(!home.by_pin("k18").expect("k18").revoked);
     // The state follows every change.
-    cloud.reports.state(Presence::Online, Some(Some(2))).await;
+    cloud.reports.state(Presence::Online, Some(2)).await;
 
     let stopping = Instant::now();
     let exit = daemon.terminate().await;
     eprintln!("SIGTERM to exit: {:?}", stopping.elapsed());
     assert!(exit.success(), "SIGTERM: {exit:?}");
     // The link says `offline` itself on the way out, naming what it holds…
-    cloud
-        .reports
-        .state(Presence::Offline, Some(Some(2)))
-        .await;
+    cloud.reports.state(Presence::Offline, Some(2)).await;
     // …and the broker keeps an `offline` for whoever looks next.
     let state = retained_state(&broker.url(), &home).await;
     assert!(
@@ -563,8 +582,7 @@ async fn a_clean_stop_leaves_the_links_own_offline_not_the_will() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_away_and_back_the_gateway_catches_up() {
-    let Some(mut broker) = mosquitto_or_skip("broker_away_and_back_the_gateway_catches_up")
-    else {
+    let Some(mut broker) = mosquitto_or_skip("broker_away_and_back_the_gateway_catches_up") else {
         return;
     };
     let home = Home::new(&broker.url());
@@ -593,7 +611,7 @@ async fn broker_away_and_back_the_gateway_catches_up() {
     );
     let mut cloud = Cloud::connect(&broker.url(), &home, "cloud-again").await;
     // The retained state names the held version (the one from before, or the new publish).
-    cloud.reports.state(Presence::Online, Some(Some(1))).await;
+    cloud.reports.state(Presence::Online, Some(1)).await;
     cloud.publish_delta(cloud.delta(1, 2, &[], &["k3"])).await;
     cloud.reports.applied(2, WAIT).await;
     assert_eq!(home.held(), (2, 50));
@@ -610,19 +628,23 @@ async fn a_delta_sent_while_the_gateway_is_cut_off_is_applied_once_it_is_back() 
     let proxy = Proxy::start(broker.port());
     let home = Home::new(&proxy.url());
     let (daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
-    cloud.reports.state(Presence::Online, Some(Some(1))).await;
+    cloud.reports.state(Presence::Online, Some(1)).await;
 
     proxy.cut();
     // The broker saw the gateway go (its will) and queues for the persistent session.
-    cloud.reports.state(Presence::Offline, Some(None)).await;
+    cloud.reports.state(Presence::Offline, None).await;
     daemon
         .until_logged(&["lost the broker connection"], 1, WAIT)
         .await;
     cloud.publish_delta(cloud.delta(1, 2, &[], &["k3"])).await;
-    assert_eq!(home.held(), (1, 50), "nothing reaches a gateway that is cut off");
+    assert_eq!(
+        home.held(),
+        (1, 50),
+        "nothing reaches a gateway that is cut off"
+    );
 
     proxy.restore();
-    cloud.reports.state(Presence::Online, Some(Some(1))).await;
+    cloud.reports.state(Presence::Online, Some(1)).await;
     cloud.reports.applied(2, WAIT).await;
     assert_eq!(home.held(), (2, 50));
     assert!(home.by_pin("k3").expect("k3").revoked);
@@ -633,56 +655,31 @@ async fn a_delta_sent_while_the_gateway_is_cut_off_is_applied_once_it_is_back() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one() {
-    const NAME: &str = "kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one";
-    let Some(broker) = mosquitto_or_skip(NAME) else {
-        return;
-    };
-    let home = Home::new(&broker.url());
-    // The large set is built while the gateway starts and takes the small one.
-    let target = home.target.clone();
-    let building = tokio::task::spawn_blocking(move || {
+/// The large snapshot (version 2, [`BIG`] keys `b0…`) for `target`, built off the runtime.
+async fn big_snapshot(target: Target) -> Arc<SignedSnapshot> {
+    let (snapshot, built_in) = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let snapshot = build::snapshot(
-            &target,
-            2,
-            Timestamp::now(),
-            SALT,
-            &keys("b", BIG),
-            &cloud_key(),
-        )
-        .expect("build the large snapshot");
+        let keys = keys("b", BIG);
+        let snapshot = build::snapshot(&target, 2, Timestamp::now(), SALT, &keys, &cloud_key())
+            .expect("build the large snapshot");
         (snapshot, started.elapsed())
-    });
-    let v1 = keys("a", 1_000);
-    let (mut daemon, mut cloud) = gateway_with(&broker, &home, 1, &v1).await;
-    let (big, built_in) = building.await.unwrap();
-    let big = Arc::new(big);
-    let chunks = big.chunks.len();
+    })
+    .await
+    .unwrap();
     eprintln!(
-        "{BIG} keys: {chunks} chunks, {} bytes, built in {built_in:?}",
-        big.total_bytes()
+        "{BIG} keys: {} chunks, {} bytes, built in {built_in:?}",
+        snapshot.chunks.len(),
+        snapshot.total_bytes()
     );
-    assert!(chunks >= 8, "a snapshot large enough to kill mid-way: {chunks} chunks");
+    Arc::new(snapshot)
+}
 
-    // Publish it, and kill the gateway once half of its chunks are staged.
-    let started = Instant::now();
-    let publishing = cloud.publish_snapshot_in_background(Arc::clone(&big));
-    daemon
-        .until_logged(&["key-set snapshot started", "version=2"], 1, BIG_WAIT)
-        .await;
-    daemon
-        .until_logged(&["chunk staged", "version=2"], chunks / 2, BIG_WAIT)
-        .await;
-    daemon.kill9().await;
-    let staged = daemon.count(&["chunk staged", "version=2"]);
-    let first_run = started.elapsed();
-    eprintln!("killed after {staged} of {chunks} chunks staged, {first_run:?} after the publish");
-    cloud.reports.state(Presence::Offline, Some(None)).await;
-    publishing.await.unwrap();
+fn big_count() -> u64 {
+    u64::try_from(BIG).unwrap()
+}
 
-    // Old or new, never a mix.
+/// What the store holds after the kill: the old set or the new one, never a mix.
+fn old_or_new(home: &Home) -> (u64, u64) {
     let (version, count) = home.held();
     match version {
         1 => {
@@ -691,79 +688,181 @@ async fn kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one() 
             assert!(home.by_pin("b0").is_none(), "no PIN of the new set");
         }
         2 => {
-            assert_eq!(count, BIG as u64, "all of the new set");
+            assert_eq!(count, big_count(), "all of the new set");
             assert!(home.by_pin("b99999").is_some());
             assert!(home.by_pin("a0").is_none());
         }
         other => panic!("version {other} after the kill"),
     }
-    // The killed writer's lock is gone with it: the store opens for writing (and recovers).
+    // The killed writer's lock went with it: the store opens for writing (and recovers).
     let store = fixtures::open(&home.db);
     let info = store.reader().unwrap().key_set().unwrap();
     assert_eq!((info.version, info.keys), (version, count));
     store.close();
+    (version, count)
+}
 
-    // Back up; the cloud (this test) republishes while the gateway does not hold version 2.
-    let rejected_before = home.rejections_recorded().len();
-    let seen_before = cloud.reports.seen.len();
-    let mut daemon = Daemon::start(&home);
-    let mut republished = Vec::new();
-    let mut republishes = 0;
-    let mut republish_started = None;
+/// Acting as the cloud after the gateway's restart: republishes `big` whenever the gateway
+/// says it holds less than version 2 (`state`) or asks for a resync, until version 2 is live.
+/// Returns how many times it published and how long version 2 took after the first.
+async fn republish_until_live(
+    cloud: &mut Cloud,
+    big: &Arc<SignedSnapshot>,
+) -> (usize, Option<Duration>) {
+    let mut tasks = Vec::new();
+    let mut first = None;
     let deadline = Instant::now() + BIG_WAIT;
-    let applied = loop {
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let report = cloud
             .reports
-            .next("the large snapshot applied", left, |channel, r| match r {
-                Report::State { state, held, .. } => {
-                    channel == Channel::State
-                        && *state == Presence::Online
-                        && held.is_some_and(|h| h < 2)
+            .next("version 2 live", left, |channel, r| match r {
+                Report::State { state, .. } => {
+                    channel == Channel::State && *state == Presence::Online
                 }
                 Report::Resync { .. } | Report::Applied { .. } => true,
                 _ => false,
             })
             .await;
         match report {
-            Report::Applied { version: 2, .. } => break report,
-            Report::Applied { version, .. } => panic!("applied {version} instead of 2"),
-            _ => {
-                republish_started.get_or_insert_with(Instant::now);
-                republishes += 1;
-                republished.push(cloud.publish_snapshot_in_background(Arc::clone(&big)));
+            Report::Applied {
+                version: 2, keys, ..
+            } => {
+                assert_eq!(keys, Some(big_count()));
+                break;
             }
+            Report::State { held: Some(2), .. } => break,
+            Report::Applied { version, .. } => panic!("applied {version} instead of 2"),
+            Report::State { held: Some(1), .. } | Report::Resync { .. } => {
+                first.get_or_insert_with(Instant::now);
+                tasks.push(cloud.publish_snapshot_in_background(Arc::clone(big)));
+            }
+            other => panic!("unexpected {other:?}"),
         }
-    };
-    let after_restart = republish_started.map(|t| t.elapsed());
-    assert!(
-        matches!(applied, Report::Applied { keys: Some(k), .. } if k == BIG as u64),
-        "{applied:?}"
-    );
-    for task in republished.drain(..) {
+    }
+    let took = first.map(|t| t.elapsed());
+    let count = tasks.len();
+    for task in tasks {
         task.await.unwrap();
     }
-    assert_eq!(home.held(), (2, BIG as u64));
+    (count, took)
+}
+
+/// Installs 1,000 keys `a0…` as version 1, publishes the large snapshot, SIGKILLs the gateway
+/// once `kill_after(chunks)` of its chunks are logged as staged, and checks that the store
+/// holds the old set or the new one, never a mix. Then restarts it and, acting as the cloud,
+/// republishes whenever the gateway says it holds less than version 2 (`state`) or asks for a
+/// resync, until version 2 is live.
+async fn kill_during_the_large_snapshot(test: &str, kill_after: impl Fn(usize) -> usize) {
+    let Some(broker) = mosquitto_or_skip(test) else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let building = tokio::spawn(big_snapshot(home.target.clone()));
+    let (mut daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
+    let big = building.await.unwrap();
+    let chunks = big.chunks.len();
+    assert!(chunks >= 8, "large enough to kill mid-way: {chunks} chunks");
+    let kill_at = kill_after(chunks);
+
+    let started = Instant::now();
+    let publishing = cloud.publish_snapshot_in_background(Arc::clone(&big));
+    daemon
+        .until_logged(&["key-set snapshot started", "version=2"], 1, BIG_WAIT)
+        .await;
+    daemon
+        .until_logged(&["chunk staged", "version=2"], kill_at, BIG_WAIT)
+        .await;
+    daemon.kill9().await;
+    let staged = daemon.count(&["chunk staged", "version=2"]);
+    eprintln!(
+        "killed after {staged} of {chunks} chunks logged as staged, {:?} after the publish \
+         started",
+        started.elapsed()
+    );
+    // The broker saw it go (the will), and holds the rest for its session.
+    cloud.reports.state(Presence::Offline, None).await;
+    publishing.await.unwrap();
+
+    let (version, _) = old_or_new(&home);
+    // Back up.
+    let rejected_before = home.rejections_recorded().len();
+    let seen_before = cloud.reports.seen.len();
+    let mut daemon = Daemon::start(&home);
+    let (republishes, took) = republish_until_live(&mut cloud, &big).await;
+    assert_eq!(home.held(), (2, big_count()));
     assert!(home.by_pin("b0").is_some() && home.by_pin("b99999").is_some());
     assert!(home.by_pin("a0").is_none(), "the old set is gone");
 
-    let reports = &cloud.reports.seen[seen_before..];
-    let chunk_rejections = reports
+    let after = &cloud.reports.seen[seen_before..];
+    let mut rejections: Vec<String> = after
         .iter()
-        .filter(|(_, r)| matches!(r, Report::Rejected { channel, .. } if channel == "keys/chunk"))
-        .count();
-    let resyncs = reports
+        .filter_map(|(_, r)| match r {
+            Report::Rejected {
+                channel, reason, ..
+            } => Some(format!("{channel}: {reason}")),
+            _ => None,
+        })
+        .collect();
+    let rejected = rejections.len();
+    rejections.dedup();
+    let resyncs = after
         .iter()
         .filter(|(_, r)| matches!(r, Report::Resync { .. }))
         .count();
     let recorded = home.rejections_recorded().len() - rejected_before;
     eprintln!(
-        "after the restart: republished {republishes} time(s); applied {after_restart:?} after \
-         the (first) republish; {chunk_rejections} chunk rejections reported, {recorded} \
-         recorded as alarms, {resyncs} resync requests"
+        "after the restart: held {version}; republished {republishes} time(s), version 2 \
+         applied {took:?} after the first; {rejected} rejections reported {rejections:?}, \
+         {recorded} recorded in the outbox; {resyncs} resync requests"
     );
     let exit = daemon.terminate().await;
     assert!(exit.success(), "SIGTERM: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one() {
+    kill_during_the_large_snapshot(
+        "kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one",
+        |chunks| chunks / 2,
+    )
+    .await;
+}
+
+/// The last chunk is being staged or the commit is running when the kill lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_as_a_snapshot_commits_leaves_the_old_set_or_the_new_one() {
+    kill_during_the_large_snapshot(
+        "kill_9_as_a_snapshot_commits_leaves_the_old_set_or_the_new_one",
+        |chunks| chunks,
+    )
+    .await;
+}
+
+/// How long the large snapshot takes from the first publish to the `applied` report, with
+/// nothing else going on. Run with
+/// `cargo test --test it large_snapshot_end_to_end -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by hand"]
+async fn large_snapshot_end_to_end_time() {
+    let Some(broker) = mosquitto_or_skip("large_snapshot_end_to_end_time") else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let big = big_snapshot(home.target.clone()).await;
+    let (_daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
+    let started = Instant::now();
+    cloud.publish_snapshot(&big).await;
+    let published = started.elapsed();
+    cloud.reports.applied(2, BIG_WAIT).await;
+    println!(
+        "{BIG} keys in {} chunks ({} bytes): all published (PubAck) after {published:?}, \
+         applied after {:?}",
+        big.chunks.len(),
+        big.total_bytes(),
+        started.elapsed()
+    );
+    assert_eq!(home.held(), (2, big_count()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -775,7 +874,7 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     let home = Home::new(&broker.url());
     let set = keys("k", 20);
     let (_daemon, mut cloud) = gateway_with(&broker, &home, 5, &set).await;
-    cloud.reports.state(Presence::Online, Some(Some(5))).await;
+    cloud.reports.state(Presence::Online, Some(5)).await;
     let rejected_before = home.rejections_recorded().len();
 
     // A newer set signed by a key the gateway does not trust.
@@ -792,7 +891,9 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     let mut reasons = vec![cloud.reports.rejected(Channel::Manifest).await];
     // (Its one chunk waits, silently, for a manifest that never comes.)
     // An older set, properly signed.
-    cloud.publish_snapshot(&cloud.snapshot(3, &keys("old", 3))).await;
+    cloud
+        .publish_snapshot(&cloud.snapshot(3, &keys("old", 3)))
+        .await;
     reasons.push(cloud.reports.rejected(Channel::Manifest).await);
     // A delta from the past, properly signed.
     cloud.publish_delta(cloud.delta(3, 4, &[], &["k1"])).await;
@@ -811,7 +912,9 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     cloud.publish_delta(forged_delta).await;
     reasons.push(cloud.reports.rejected(Channel::Delta).await);
     // Garbage.
-    cloud.publish_delta(b"\xa1garbage, not an envelope".to_vec()).await;
+    cloud
+        .publish_delta(b"\xa1garbage, not an envelope".to_vec())
+        .await;
     reasons.push(cloud.reports.rejected(Channel::Delta).await);
     eprintln!("rejections: {reasons:#?}");
 
