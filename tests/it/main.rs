@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod fixtures;
 mod link;
+mod link_reference;
 mod sim;
 mod store;
 mod util;

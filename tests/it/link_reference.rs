@@ -1,0 +1,934 @@
+//! The cloud link end to end, as deployed: the real `doorbridge run` binary against the real
+//! mosquitto (the reference broker), with the test acting as the cloud through
+//! [`CloudClient`] and a fixed test signing key.
+//!
+//! The gateway's store is read while it runs with [`Reader`] (read-only, WAL). Every wait
+//! polls a condition with a deadline; the daemon is killed if a test panics ([`Daemon`]'s
+//! `Drop`), and mosquitto by its own guard.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use doorbridge::access::{CredentialKind, Key, KeyRules, UseLimit, credential};
+use doorbridge::cloud::build::{self, SignedSnapshot};
+use doorbridge::cloud::payload::Target;
+use doorbridge::cloud::report::{Presence, Report};
+use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
+use doorbridge::sim::cloud::{CloudClient, Message, hex};
+use doorbridge::store::{Reader, Record};
+use ed25519_dalek::SigningKey;
+use jiff::Timestamp;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::broker::{Mosquitto, Proxy, mosquitto_or_skip, wait_for};
+use crate::fixtures::{self, SALT};
+use crate::util::doorbridge;
+
+/// How long a step that involves no large key set may take.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long installing a 100,000-key snapshot may take in a debug build on 2 cores.
+const BIG_WAIT: Duration = Duration::from_secs(600);
+/// Keys in the large snapshot of the kill test.
+const BIG: usize = 100_000;
+/// The link logs at debug level: one line per staged chunk, which the kill test watches.
+const LOG_FILTER: &str = "info,doorbridge::cloud::link=debug";
+
+/// The cloud's signing key; its public half is the gateway's only trusted key.
+fn cloud_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+/// A key the gateway does not trust.
+fn forger_key() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+// ---------------------------------------------------------------------------------------------
+
+/// A key opening `main` with one PIN `pin`, as the fixtures make them.
+fn pin_key(id: &str, pin: &str) -> Key {
+    fixtures::key(id, CredentialKind::Pin, pin, UseLimit::Unlimited)
+}
+
+/// `n` keys `{prefix}{i}` with PIN `{prefix}{i}` (prefixes keep sets apart).
+fn keys(prefix: &str, n: usize) -> Vec<Key> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i}");
+            pin_key(&id, &id)
+        })
+        .collect()
+}
+
+fn pin_digest(pin: &str) -> [u8; 32] {
+    credential::digest(SALT, CredentialKind::Pin, pin.as_bytes()).0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway's files and process
+// ---------------------------------------------------------------------------------------------
+
+/// A gateway's configuration and store in a temporary directory.
+struct Home {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    db: PathBuf,
+    target: Target,
+    topics: Topics,
+}
+
+impl Home {
+    /// A gateway that talks to the broker at `url` and trusts [`cloud_key`]. Its one bus names
+    /// a serial port that does not exist: the bus task keeps retrying it, which leaves the
+    /// cloud link alone.
+    fn new(url: &str) -> Home {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let db = dir.path().join("doorbridge.db");
+        let config = dir.path().join("doorbridge.toml");
+        let target = Target {
+            site: "site-link".into(),
+            gateway: "gw-link-1".into(),
+        };
+        let trusted = hex(cloud_key().verifying_key().as_bytes());
+        let text = format!(
+            r#"[gateway]
+id = "{gateway}"
+site_id = "{site}"
+[site]
+timezone = "Europe/Berlin"
+[cloud]
+url = "{url}"
+trusted_keys = ["{trusted}"]
+keepalive = "5s"
+[storage]
+path = "{db}"
+[[buses]]
+port = "{port}"
+[[buses.units]]
+address = 1
+door = "main"
+"#,
+            gateway = target.gateway,
+            site = target.site,
+            db = db.display(),
+            port = dir.path().join("no-such-tty").display(),
+        );
+        std::fs::write(&config, text).expect("write the configuration");
+        let topics = Topics::new(DEFAULT_PREFIX, &target).expect("topics");
+        Home {
+            _dir: dir,
+            config,
+            db,
+            target,
+            topics,
+        }
+    }
+
+    fn reader(&self) -> Reader {
+        Reader::open(&self.db).expect("the store opens read-only")
+    }
+
+    /// The live key set's version and size.
+    fn held(&self) -> (u64, u64) {
+        let set = self.reader().key_set().expect("read the key set");
+        (set.version, set.keys)
+    }
+
+    /// The live key holding the PIN `pin`, if any.
+    fn by_pin(&self, pin: &str) -> Option<KeyRules> {
+        self.reader()
+            .key_by_digest(&pin_digest(pin))
+            .expect("look up a digest")
+    }
+
+    /// The `CloudRejected` records in the outbox: `(channel, reason)`.
+    fn rejections_recorded(&self) -> Vec<(String, String)> {
+        self.reader()
+            .outbox(0, 1_000_000)
+            .expect("read the outbox")
+            .into_iter()
+            .filter_map(|r| match r.record {
+                Record::CloudRejected {
+                    channel, reason, ..
+                } => Some((channel, reason)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// `doorbridge run` as a child process; killed on drop (and its log printed if the test failed).
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(home: &Home) -> Daemon {
+        let mut child = doorbridge()
+            .arg("--config")
+            .arg(&home.config)
+            .arg("run")
+            .env("DOORBRIDGE_LOG", LOG_FILTER)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start doorbridge run");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Daemon { child, log }
+    }
+
+    /// How many log lines so far contain every one of `needles`.
+    fn count(&self, needles: &[&str]) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Waits until at least `n` log lines contain every one of `needles`.
+    async fn until_logged(&self, needles: &[&str], n: usize, within: Duration) {
+        let what = format!("{n} log line(s) with {needles:?}");
+        wait_for(within, &what, || (self.count(needles) >= n).then_some(())).await;
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// Waits (polling) until the process has exited.
+    async fn exited(&mut self, within: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for(within, "the daemon to exit", || {
+            child.try_wait().expect("wait for the daemon")
+        })
+        .await
+    }
+
+    /// SIGTERM, as systemd stops it; returns how it exited.
+    async fn terminate(&mut self) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.pid()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM the daemon");
+        self.exited(WAIT).await
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    async fn kill9(&mut self) {
+        self.child.kill().expect("kill -9 the daemon");
+        let status = self.exited(WAIT).await;
+        assert!(!status.success(), "SIGKILL ended it: {status:?}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
+            let tail = log.len().saturating_sub(60);
+            eprintln!("--- doorbridge log (last {} lines) ---", log.len() - tail);
+            for line in &log[tail..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cloud's side
+// ---------------------------------------------------------------------------------------------
+
+/// What the gateway reports on `state` and `sync`, decoded, as it arrives.
+struct Reports {
+    rx: UnboundedReceiver<Message>,
+    topics: Topics,
+    /// Everything received so far, for failure messages and counts.
+    seen: Vec<(Channel, Report)>,
+}
+
+impl Reports {
+    /// The next report for which `want` holds; the others are kept in `seen` only.
+    async fn next(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut want: impl FnMut(Channel, &Report) -> bool,
+    ) -> Report {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some((topic, payload))) => {
+                    let channel = self
+                        .topics
+                        .channel_of(&topic)
+                        .unwrap_or_else(|| panic!("a report on a foreign topic {topic}"));
+                    let report = Report::decode(&payload)
+                        .unwrap_or_else(|e| panic!("an undecodable report on {topic}: {e}"));
+                    self.seen.push((channel, report.clone()));
+                    if want(channel, &report) {
+                        return report;
+                    }
+                }
+                Ok(None) => panic!("{what}: the cloud client stopped; seen {:#?}", self.seen),
+                Err(elapsed) => panic!("{what}: {elapsed} ({within:?}); seen {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// The next `state` report with `presence` and `held` (`None`: the will's, which names
+    /// no version).
+    async fn state(&mut self, presence: Presence, held: Option<u64>) -> Report {
+        let what = format!("state {presence:?} (held {held:?})");
+        self.next(&what, WAIT, |channel, r| {
+            channel == Channel::State
+                && matches!(r, Report::State { state, held: h, .. }
+                    if *state == presence && *h == held)
+        })
+        .await
+    }
+
+    /// The next `applied` report for `version`; any `rejected` or `resync` before it fails.
+    async fn applied(&mut self, version: u64, within: Duration) -> Report {
+        let what = format!("applied {version}");
+        let report = self
+            .next(&what, within, |channel, r| {
+                channel == Channel::Sync
+                    && !matches!(r, Report::Applied { version: v, .. } if *v < version)
+            })
+            .await;
+        assert!(
+            matches!(report, Report::Applied { version: v, .. } if v == version),
+            "{what}: got {report:?} first"
+        );
+        report
+    }
+
+    /// The next `rejected` report; it must come from `channel`. Returns its reason.
+    async fn rejected(&mut self, channel: Channel) -> String {
+        let report = self
+            .next("a rejected report", WAIT, |c, _| c == Channel::Sync)
+            .await;
+        match report {
+            Report::Rejected {
+                channel: on,
+                reason,
+                ..
+            } => {
+                assert_eq!(
+                    on,
+                    channel.suffix(),
+                    "rejected on the wrong channel: {reason}"
+                );
+                reason
+            }
+            other => panic!(
+                "expected a rejection on {}, got {other:?}",
+                channel.suffix()
+            ),
+        }
+    }
+}
+
+/// The test's cloud: a [`CloudClient`] that signs with [`cloud_key`] and hears the gateway.
+struct Cloud {
+    client: Arc<CloudClient>,
+    topics: Topics,
+    target: Target,
+    reports: Reports,
+}
+
+impl Cloud {
+    /// Connects to the broker at `url` as `client_id` and subscribes to the gateway's `state`
+    /// and `sync` (one filter: `{prefix}/{site}/{gateway}/+`).
+    async fn connect(url: &str, home: &Home, client_id: &str) -> Cloud {
+        let client = CloudClient::connect(url, client_id)
+            .await
+            .expect("the cloud connects");
+        let state = home.topics.topic(Channel::State);
+        let filter = format!("{}+", state.strip_suffix("state").expect("…/state"));
+        let rx = client.subscribe(&filter).await.expect("subscribe");
+        Cloud {
+            client: Arc::new(client),
+            topics: home.topics.clone(),
+            target: home.target.clone(),
+            reports: Reports {
+                rx,
+                topics: home.topics.clone(),
+                seen: Vec::new(),
+            },
+        }
+    }
+
+    fn snapshot(&self, version: u64, keys: &[Key]) -> SignedSnapshot {
+        build::snapshot(
+            &self.target,
+            version,
+            Timestamp::now(),
+            SALT,
+            keys,
+            &cloud_key(),
+        )
+        .expect("build a snapshot")
+    }
+
+    fn delta(&self, from: u64, to: u64, upserts: &[Key], deletes: &[&str]) -> Vec<u8> {
+        let deletes: Vec<String> = deletes.iter().map(|&d| d.to_owned()).collect();
+        build::delta(
+            &self.target,
+            from,
+            to,
+            Timestamp::now(),
+            upserts,
+            &deletes,
+            &cloud_key(),
+        )
+        .expect("build a delta")
+    }
+
+    async fn publish_snapshot(&self, snapshot: &SignedSnapshot) {
+        self.client
+            .publish_snapshot(&self.topics, snapshot)
+            .await
+            .expect("publish a snapshot");
+    }
+
+    async fn publish_delta(&self, delta: Vec<u8>) {
+        self.client
+            .publish_delta(&self.topics, delta)
+            .await
+            .expect("publish a delta");
+    }
+
+    /// Publishes `snapshot` from a task of its own; the handle ends when the broker has
+    /// acknowledged every part.
+    fn publish_snapshot_in_background(
+        &self,
+        snapshot: Arc<SignedSnapshot>,
+    ) -> tokio::task::JoinHandle<()> {
+        let client = Arc::clone(&self.client);
+        let topics = self.topics.clone();
+        tokio::spawn(async move {
+            client
+                .publish_snapshot(&topics, &snapshot)
+                .await
+                .expect("publish the snapshot");
+        })
+    }
+}
+
+/// The retained `state` of the gateway, as a new subscriber finds it on the broker.
+async fn retained_state(url: &str, home: &Home) -> Report {
+    let fresh = CloudClient::connect(url, "cloud-fresh")
+        .await
+        .expect("a fresh client connects");
+    let mut rx = fresh
+        .subscribe(&home.topics.topic(Channel::State))
+        .await
+        .expect("subscribe to state");
+    let (_, payload) = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a retained state within the wait")
+        .expect("a retained state");
+    let _ = fresh.disconnect().await;
+    Report::decode(&payload).expect("a state report")
+}
+
+/// A gateway with a key set installed over MQTT: broker, files, daemon, cloud.
+async fn gateway_with(
+    broker: &Mosquitto,
+    home: &Home,
+    version: u64,
+    keys: &[Key],
+) -> (Daemon, Cloud) {
+    let mut cloud = Cloud::connect(&broker.url(), home, "cloud").await;
+    let daemon = Daemon::start(home);
+    cloud.reports.state(Presence::Online, Some(0)).await;
+    cloud.publish_snapshot(&cloud.snapshot(version, keys)).await;
+    cloud.reports.applied(version, WAIT).await;
+    (daemon, cloud)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_and_a_delta_arrive_through_mosquitto() {
+    let Some(broker) = mosquitto_or_skip("a_snapshot_and_a_delta_arrive_through_mosquitto") else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let mut cloud = Cloud::connect(&broker.url(), &home, "cloud").await;
+    let mut daemon = Daemon::start(&home);
+    cloud.reports.state(Presence::Online, Some(0)).await;
+
+    let set = keys("k", 2_000);
+    let snapshot = cloud.snapshot(1, &set);
+    let started = Instant::now();
+    cloud.publish_snapshot(&snapshot).await;
+    let applied = cloud.reports.applied(1, WAIT).await;
+    eprintln!(
+        "2,000 keys: {} chunks, {} bytes, applied {:?} after the publish started",
+        snapshot.chunks.len(),
+        snapshot.total_bytes(),
+        started.elapsed()
+    );
+    assert!(
+        matches!(
+            applied,
+            Report::Applied {
+                keys: Some(2_000),
+                ..
+            }
+        ),
+        "{applied:?}"
+    );
+    // `applied` follows the commit: the store shows it already.
+    assert_eq!(home.held(), (1, 2_000));
+    assert_eq!(home.by_pin("k17").expect("k17's PIN").id, "k17");
+    assert!(home.by_pin("no such pin").is_none());
+
+    cloud.publish_delta(cloud.delta(1, 2, &[], &["k17"])).await;
+    let applied = cloud.reports.applied(2, WAIT).await;
+    assert!(
+        matches!(applied, Report::Applied { keys: None, .. }),
+        "{applied:?}"
+    );
+    assert_eq!(
+        home.held(),
+        (2, 2_000),
+        "a deleted key stays as a tombstone"
+    );
+    assert!(home.by_pin("k17").expect("k17's tombstone").revoked);
+    assert!(!home.by_pin("k18").expect("k18").revoked);
+    // The state follows every change.
+    cloud.reports.state(Presence::Online, Some(2)).await;
+
+    let stopping = Instant::now();
+    let exit = daemon.terminate().await;
+    eprintln!("SIGTERM to exit: {:?}", stopping.elapsed());
+    assert!(exit.success(), "SIGTERM: {exit:?}");
+    // The link says `offline` itself on the way out, naming what it holds…
+    cloud.reports.state(Presence::Offline, Some(2)).await;
+    // …and the broker keeps an `offline` for whoever looks next.
+    let state = retained_state(&broker.url(), &home).await;
+    assert!(
+        matches!(
+            &state,
+            Report::State { state: Presence::Offline, gateway, .. } if *gateway == home.target.gateway
+        ),
+        "{state:?}"
+    );
+}
+
+/// Stricter than the test above: the retained state after a clean stop is the link's own
+/// `offline` (with the held version), not the will, and the stop does not wait out the link's
+/// 2 s poller timeout.
+///
+/// Fails today: after `try_disconnect` the poller in `src/cloud/link.rs` treats the broker
+/// closing the connection as an error, backs off and reconnects (the worker still holds the
+/// `AsyncClient` and the channel's receiver, so neither `RequestsDone` nor a failed send stops
+/// it); `run_link` gives up on it after 2 s ("cloud link poller did not finish in time") and the
+/// process exits with that new connection open, so mosquitto publishes the will, `offline` with
+/// `held: None`, over the link's own retained `offline`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: the link's poller reconnects after its clean disconnect (see the doc comment)"]
+async fn a_clean_stop_leaves_the_links_own_offline_not_the_will() {
+    let Some(broker) = mosquitto_or_skip("a_clean_stop_leaves_the_links_own_offline_not_the_will")
+    else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let (mut daemon, _cloud) = gateway_with(&broker, &home, 1, &keys("k", 5)).await;
+    let exit = daemon.terminate().await;
+    assert!(exit.success(), "SIGTERM: {exit:?}");
+    assert_eq!(
+        daemon.count(&["cloud link poller did not finish in time"]),
+        0,
+        "the poller should end with the clean disconnect"
+    );
+    let state = retained_state(&broker.url(), &home).await;
+    assert_eq!(
+        state,
+        Report::State {
+            state: Presence::Offline,
+            gateway: home.target.gateway.clone(),
+            held: Some(1),
+        },
+        "the link's own offline, not the will"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_away_and_back_the_gateway_catches_up() {
+    let Some(mut broker) = mosquitto_or_skip("broker_away_and_back_the_gateway_catches_up") else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let (daemon, cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
+    drop(cloud);
+
+    broker.stop();
+    daemon
+        .until_logged(&["lost the broker connection"], 1, WAIT)
+        .await;
+    // At least one attempt refused while the broker is down: a real outage, not a blip.
+    daemon
+        .until_logged(&["broker connection failed"], 1, WAIT)
+        .await;
+    assert_eq!(home.held(), (1, 50), "the held set serves on meanwhile");
+
+    broker.start_again();
+    daemon
+        .until_logged(&["connected to the broker"], 2, WAIT)
+        .await;
+    assert_eq!(
+        daemon.count(&["connected to the broker", "session_present=true"]),
+        1,
+        "mosquitto kept the gateway's session across its restart; broker log:\n{}",
+        broker.log()
+    );
+    let mut cloud = Cloud::connect(&broker.url(), &home, "cloud-again").await;
+    // The retained state names the held version (the one from before, or the new publish).
+    cloud.reports.state(Presence::Online, Some(1)).await;
+    cloud.publish_delta(cloud.delta(1, 2, &[], &["k3"])).await;
+    cloud.reports.applied(2, WAIT).await;
+    assert_eq!(home.held(), (2, 50));
+    assert!(home.by_pin("k3").expect("k3").revoked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_sent_while_the_gateway_is_cut_off_is_applied_once_it_is_back() {
+    let Some(broker) =
+        mosquitto_or_skip("a_delta_sent_while_the_gateway_is_cut_off_is_applied_once_it_is_back")
+    else {
+        return;
+    };
+    let proxy = Proxy::start(broker.port());
+    let home = Home::new(&proxy.url());
+    let (daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
+    cloud.reports.state(Presence::Online, Some(1)).await;
+
+    proxy.cut();
+    // The broker saw the gateway go (its will) and queues for the persistent session.
+    cloud.reports.state(Presence::Offline, None).await;
+    daemon
+        .until_logged(&["lost the broker connection"], 1, WAIT)
+        .await;
+    cloud.publish_delta(cloud.delta(1, 2, &[], &["k3"])).await;
+    assert_eq!(
+        home.held(),
+        (1, 50),
+        "nothing reaches a gateway that is cut off"
+    );
+
+    proxy.restore();
+    cloud.reports.state(Presence::Online, Some(1)).await;
+    cloud.reports.applied(2, WAIT).await;
+    assert_eq!(home.held(), (2, 50));
+    assert!(home.by_pin("k3").expect("k3").revoked);
+    assert_eq!(
+        daemon.count(&["connected to the broker", "session_present=true"]),
+        1,
+        "the reconnection found its session"
+    );
+}
+
+/// The large snapshot (version 2, [`BIG`] keys `b0…`) for `target`, built off the runtime.
+async fn big_snapshot(target: Target) -> Arc<SignedSnapshot> {
+    let (snapshot, built_in) = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let keys = keys("b", BIG);
+        let snapshot = build::snapshot(&target, 2, Timestamp::now(), SALT, &keys, &cloud_key())
+            .expect("build the large snapshot");
+        (snapshot, started.elapsed())
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "{BIG} keys: {} chunks, {} bytes, built in {built_in:?}",
+        snapshot.chunks.len(),
+        snapshot.total_bytes()
+    );
+    Arc::new(snapshot)
+}
+
+fn big_count() -> u64 {
+    u64::try_from(BIG).unwrap()
+}
+
+/// What the store holds after the kill: the old set or the new one, never a mix.
+fn old_or_new(home: &Home) -> (u64, u64) {
+    let (version, count) = home.held();
+    match version {
+        1 => {
+            assert_eq!(count, 1_000, "exactly the old set");
+            assert!(home.by_pin("a999").is_some(), "an old PIN still opens");
+            assert!(home.by_pin("b0").is_none(), "no PIN of the new set");
+        }
+        2 => {
+            assert_eq!(count, big_count(), "all of the new set");
+            assert!(home.by_pin("b99999").is_some());
+            assert!(home.by_pin("a0").is_none());
+        }
+        other => panic!("version {other} after the kill"),
+    }
+    // The killed writer's lock went with it: the store opens for writing (and recovers).
+    let store = fixtures::open(&home.db);
+    let info = store.reader().unwrap().key_set().unwrap();
+    assert_eq!((info.version, info.keys), (version, count));
+    store.close();
+    (version, count)
+}
+
+/// Acting as the cloud after the gateway's restart: republishes `big` whenever the gateway
+/// says it holds less than version 2 (`state`) or asks for a resync, until version 2 is live.
+/// Returns how many times it published and how long version 2 took after the first.
+async fn republish_until_live(
+    cloud: &mut Cloud,
+    big: &Arc<SignedSnapshot>,
+) -> (usize, Option<Duration>) {
+    let mut tasks = Vec::new();
+    let mut first = None;
+    let deadline = Instant::now() + BIG_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let report = cloud
+            .reports
+            .next("version 2 live", left, |channel, r| match r {
+                Report::State { state, .. } => {
+                    channel == Channel::State && *state == Presence::Online
+                }
+                Report::Resync { .. } | Report::Applied { .. } => true,
+                _ => false,
+            })
+            .await;
+        match report {
+            Report::Applied {
+                version: 2, keys, ..
+            } => {
+                assert_eq!(keys, Some(big_count()));
+                break;
+            }
+            Report::State { held: Some(2), .. } => break,
+            Report::Applied { version, .. } => panic!("applied {version} instead of 2"),
+            Report::State { held: Some(1), .. } | Report::Resync { .. } => {
+                first.get_or_insert_with(Instant::now);
+                tasks.push(cloud.publish_snapshot_in_background(Arc::clone(big)));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let took = first.map(|t| t.elapsed());
+    let count = tasks.len();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    (count, took)
+}
+
+/// Installs 1,000 keys `a0…` as version 1, publishes the large snapshot, SIGKILLs the gateway
+/// once `kill_after(chunks)` of its chunks are logged as staged, and checks that the store
+/// holds the old set or the new one, never a mix. Then restarts it and, acting as the cloud,
+/// republishes whenever the gateway says it holds less than version 2 (`state`) or asks for a
+/// resync, until version 2 is live.
+async fn kill_during_the_large_snapshot(test: &str, kill_after: impl Fn(usize) -> usize) {
+    let Some(broker) = mosquitto_or_skip(test) else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let building = tokio::spawn(big_snapshot(home.target.clone()));
+    let (mut daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
+    let big = building.await.unwrap();
+    let chunks = big.chunks.len();
+    assert!(chunks >= 8, "large enough to kill mid-way: {chunks} chunks");
+    let kill_at = kill_after(chunks);
+
+    let started = Instant::now();
+    let publishing = cloud.publish_snapshot_in_background(Arc::clone(&big));
+    daemon
+        .until_logged(&["key-set snapshot started", "version=2"], 1, BIG_WAIT)
+        .await;
+    daemon
+        .until_logged(&["chunk staged", "version=2"], kill_at, BIG_WAIT)
+        .await;
+    daemon.kill9().await;
+    let staged = daemon.count(&["chunk staged", "version=2"]);
+    eprintln!(
+        "killed after {staged} of {chunks} chunks logged as staged, {:?} after the publish \
+         started",
+        started.elapsed()
+    );
+    // The broker saw it go (the will), and holds the rest for its session.
+    cloud.reports.state(Presence::Offline, None).await;
+    publishing.await.unwrap();
+
+    let (version, _) = old_or_new(&home);
+    // Back up.
+    let rejected_before = home.rejections_recorded().len();
+    let seen_before = cloud.reports.seen.len();
+    let mut daemon = Daemon::start(&home);
+    let (republishes, took) = republish_until_live(&mut cloud, &big).await;
+    assert_eq!(home.held(), (2, big_count()));
+    assert!(home.by_pin("b0").is_some() && home.by_pin("b99999").is_some());
+    assert!(home.by_pin("a0").is_none(), "the old set is gone");
+
+    let after = &cloud.reports.seen[seen_before..];
+    let mut rejections: Vec<String> = after
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Report::Rejected {
+                channel, reason, ..
+            } => Some(format!("{channel}: {reason}")),
+            _ => None,
+        })
+        .collect();
+    let rejected = rejections.len();
+    rejections.dedup();
+    let resyncs = after
+        .iter()
+        .filter(|(_, r)| matches!(r, Report::Resync { .. }))
+        .count();
+    let recorded = home.rejections_recorded().len() - rejected_before;
+    eprintln!(
+        "after the restart: held {version}; republished {republishes} time(s), version 2 \
+         applied {took:?} after the first; {rejected} rejections reported {rejections:?}, \
+         {recorded} recorded in the outbox; {resyncs} resync requests"
+    );
+    let exit = daemon.terminate().await;
+    assert!(exit.success(), "SIGTERM: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one() {
+    kill_during_the_large_snapshot(
+        "kill_9_in_the_middle_of_a_snapshot_leaves_the_old_set_or_the_new_one",
+        |chunks| chunks / 2,
+    )
+    .await;
+}
+
+/// The last chunk is being staged or the commit is running when the kill lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_as_a_snapshot_commits_leaves_the_old_set_or_the_new_one() {
+    kill_during_the_large_snapshot(
+        "kill_9_as_a_snapshot_commits_leaves_the_old_set_or_the_new_one",
+        |chunks| chunks,
+    )
+    .await;
+}
+
+/// How long the large snapshot takes from the first publish to the `applied` report, with
+/// nothing else going on. Run with
+/// `cargo test --test it large_snapshot_end_to_end -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run by hand"]
+async fn large_snapshot_end_to_end_time() {
+    let Some(broker) = mosquitto_or_skip("large_snapshot_end_to_end_time") else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let big = big_snapshot(home.target.clone()).await;
+    let (_daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
+    let started = Instant::now();
+    cloud.publish_snapshot(&big).await;
+    let published = started.elapsed();
+    cloud.reports.applied(2, BIG_WAIT).await;
+    println!(
+        "{BIG} keys in {} chunks ({} bytes): all published (PubAck) after {published:?}, \
+         applied after {:?}",
+        big.chunks.len(),
+        big.total_bytes(),
+        started.elapsed()
+    );
+    assert_eq!(home.held(), (2, big_count()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
+    let Some(broker) = mosquitto_or_skip("forged_and_rolled_back_sets_are_refused_over_mosquitto")
+    else {
+        return;
+    };
+    let home = Home::new(&broker.url());
+    let set = keys("k", 20);
+    let (_daemon, mut cloud) = gateway_with(&broker, &home, 5, &set).await;
+    cloud.reports.state(Presence::Online, Some(5)).await;
+    let rejected_before = home.rejections_recorded().len();
+
+    // A newer set signed by a key the gateway does not trust.
+    let forged = build::snapshot(
+        &cloud.target,
+        6,
+        Timestamp::now(),
+        SALT,
+        &keys("evil", 3),
+        &forger_key(),
+    )
+    .unwrap();
+    cloud.publish_snapshot(&forged).await;
+    let mut reasons = vec![cloud.reports.rejected(Channel::Manifest).await];
+    // (Its one chunk waits, silently, for a manifest that never comes.)
+    // An older set, properly signed.
+    cloud
+        .publish_snapshot(&cloud.snapshot(3, &keys("old", 3)))
+        .await;
+    reasons.push(cloud.reports.rejected(Channel::Manifest).await);
+    // A delta from the past, properly signed.
+    cloud.publish_delta(cloud.delta(3, 4, &[], &["k1"])).await;
+    reasons.push(cloud.reports.rejected(Channel::Delta).await);
+    // A delta signed by the forger.
+    let forged_delta = build::delta(
+        &cloud.target,
+        5,
+        6,
+        Timestamp::now(),
+        &[],
+        &["k1".to_owned()],
+        &forger_key(),
+    )
+    .unwrap();
+    cloud.publish_delta(forged_delta).await;
+    reasons.push(cloud.reports.rejected(Channel::Delta).await);
+    // Garbage.
+    cloud
+        .publish_delta(b"\xa1garbage, not an envelope".to_vec())
+        .await;
+    reasons.push(cloud.reports.rejected(Channel::Delta).await);
+    eprintln!("rejections: {reasons:#?}");
+
+    assert_eq!(home.held(), (5, 20), "the held set is unchanged");
+    assert!(!home.by_pin("k1").expect("k1").revoked);
+    assert!(home.by_pin("evil0").is_none() && home.by_pin("old0").is_none());
+    let recorded = home.rejections_recorded();
+    assert!(
+        recorded.len() - rejected_before >= 5,
+        "each refusal is recorded: {recorded:#?}"
+    );
+
+    // The link still takes a genuine delta after all that, in order behind them.
+    cloud.publish_delta(cloud.delta(5, 6, &[], &["k1"])).await;
+    cloud.reports.applied(6, WAIT).await;
+    assert!(home.by_pin("k1").expect("k1").revoked);
+}
