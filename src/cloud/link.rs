@@ -25,8 +25,8 @@ use std::time::Duration;
 use ed25519_dalek::VerifyingKey;
 use jiff::Timestamp;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, Publish, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
+    Publish, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -50,6 +50,8 @@ const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
 /// A signed cloud time further ahead of a synchronised local clock than this is not used for
 /// the trusted-time mark (it would make every later decision "clock untrusted").
 const MAX_CLOUD_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+/// Resync requests closer together than this are one request.
+const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// Requests rumqttc may queue between the worker and the event loop.
 const REQUEST_CAPACITY: usize = 1024;
 /// systemd-timesyncd's flag: the clock is synchronised.
@@ -277,9 +279,12 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Polled>) {
                     return;
                 }
             }
+            // The worker asked to disconnect and it is on its way: done (polling on would
+            // reconnect, and the broker would then publish the will over our own `offline`).
+            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(ConnectionError::RequestsDone) => {
+                return;
+            }
             Ok(_) => {}
-            // The worker asked to disconnect: done.
-            Err(ConnectionError::RequestsDone) => return,
             Err(e) => {
                 if tx.send(Polled::Disconnected(e.to_string())).is_err() {
                     return;
@@ -315,6 +320,7 @@ struct Worker {
     sync: Sync,
     replay: ReplayCache,
     staging: Option<Staging>,
+    last_resync: Option<std::time::Instant>,
     /// Commands issued before this instant are refused: the replay cache is in memory, so a
     /// command redelivered after a restart could otherwise open a door twice.
     started: Timestamp,
@@ -349,6 +355,7 @@ pub async fn run_link(
         status,
         replay: ReplayCache::with_defaults(),
         staging: None,
+        last_resync: None,
         started: Timestamp::now(),
     };
     worker.set_status(|s| s.held_version = held);
@@ -628,6 +635,15 @@ impl Worker {
     }
 
     fn request_resync(&mut self, reason: String) {
+        // A burst of refusals (or a peer flooding stray chunks) asks once, not per message.
+        if self
+            .last_resync
+            .is_some_and(|t| t.elapsed() < RESYNC_MIN_INTERVAL)
+        {
+            tracing::debug!(%reason, "resync already asked for moments ago");
+            return;
+        }
+        self.last_resync = Some(std::time::Instant::now());
         tracing::info!(held = self.sync.held(), %reason, "asking the cloud for a full snapshot");
         self.publish(
             Channel::Sync,
@@ -831,6 +847,9 @@ fn describe(reason: &ResyncReason) -> String {
         }
         ResyncReason::BadSnapshot { version } => {
             format!("snapshot {version} does not add up to its manifest")
+        }
+        ResyncReason::ChunksWithoutManifest { version } => {
+            format!("chunks of snapshot {version} arrive without its manifest")
         }
     }
 }

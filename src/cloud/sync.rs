@@ -65,6 +65,9 @@ pub enum ResyncReason {
     MissingChunks { version: u64, missing: u32 },
     /// A snapshot's chunks do not add up to its manifest.
     BadSnapshot { version: u64 },
+    /// Chunks keep arriving for a snapshot whose manifest the gateway does not have (it
+    /// restarted while staging, say: the broker redelivers the chunks, not the manifest).
+    ChunksWithoutManifest { version: u64 },
 }
 
 /// Why a payload was refused.
@@ -90,8 +93,6 @@ pub enum RejectReason {
         expected: u64,
         got: u64,
     },
-    #[error("too many chunks waiting for their manifest")]
-    TooManyEarlyChunks,
 }
 
 #[derive(Debug)]
@@ -117,6 +118,9 @@ pub struct Sync {
     pending: Option<Pending>,
     /// Chunks waiting for their manifest, with their hash and arrival time.
     early: Vec<(Sha256Digest, Chunk, Timestamp)>,
+    /// The version a resync was last asked for because its chunks came without a manifest:
+    /// asked once, not once per chunk.
+    orphan_resync: Option<u64>,
 }
 
 impl Sync {
@@ -127,6 +131,7 @@ impl Sync {
             held,
             pending: None,
             early: Vec::new(),
+            orphan_resync: None,
         }
     }
 
@@ -264,9 +269,20 @@ impl Sync {
                 reason: "chunk already waiting for its manifest",
             });
         } else if self.early.len() >= MAX_EARLY_CHUNKS {
-            actions.push(Action::Reject {
-                reason: RejectReason::TooManyEarlyChunks,
-            });
+            // More chunks than a reordering explains: the manifest is not coming (the gateway
+            // restarted while staging). One resync, not an alarm per chunk.
+            if self.orphan_resync == Some(chunk.version) {
+                actions.push(Action::Ignore {
+                    reason: "chunk without its manifest; a resync was asked for",
+                });
+            } else {
+                self.orphan_resync = Some(chunk.version);
+                actions.push(Action::RequestResync {
+                    reason: ResyncReason::ChunksWithoutManifest {
+                        version: chunk.version,
+                    },
+                });
+            }
         } else {
             self.early.push((hash, chunk, now));
         }

@@ -401,12 +401,17 @@ fn chunks_before_their_manifest_are_held_a_bounded_number() {
         s.on_chunk(&cs[0].encode(), t0())[..],
         [Action::Ignore { .. }]
     ));
+    // A fifth: the manifest is not coming; one resync is asked for, then quiet.
     assert_eq!(
         s.on_chunk(&cs[4].encode(), t0()),
-        vec![Action::Reject {
-            reason: RejectReason::TooManyEarlyChunks
+        vec![Action::RequestResync {
+            reason: ResyncReason::ChunksWithoutManifest { version: 5 }
         }]
     );
+    assert!(matches!(
+        s.on_chunk(&cs[5].encode(), t0())[..],
+        [Action::Ignore { .. }]
+    ));
     let a = s.on_manifest(keys_manifest(5, &cs), t0());
     let staged = a
         .iter()

@@ -545,15 +545,7 @@ async fn a_snapshot_and_a_delta_arrive_through_mosquitto() {
 /// Stricter than the test above: the retained state after a clean stop is the link's own
 /// `offline` (with the held version), not the will, and the stop does not wait out the link's
 /// 2 s poller timeout.
-///
-/// Fails today: after `try_disconnect` the poller in `src/cloud/link.rs` treats the broker
-/// closing the connection as an error, backs off and reconnects (the worker still holds the
-/// `AsyncClient` and the channel's receiver, so neither `RequestsDone` nor a failed send stops
-/// it); `run_link` gives up on it after 2 s ("cloud link poller did not finish in time") and the
-/// process exits with that new connection open, so mosquitto publishes the will, `offline` with
-/// `held: None`, over the link's own retained `offline`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: the link's poller reconnects after its clean disconnect (see the doc comment)"]
 async fn a_clean_stop_leaves_the_links_own_offline_not_the_will() {
     let Some(broker) = mosquitto_or_skip("a_clean_stop_leaves_the_links_own_offline_not_the_will")
     else {
