@@ -9,10 +9,12 @@
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
 //!   commit, read connections, the trusted-time mark, the outbox;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
-//! - [`cloud`]: the cloud link's pure core: signed envelopes, key-set payloads, the sync state
-//!   machine and the open-door replay cache;
+//! - [`cloud`]: the cloud link: signed envelopes, key-set payloads, the sync state machine and
+//!   the open-door replay cache (pure), the MQTT driver, offline import, and the cloud's side
+//!   (builder, bundle and keys files) for `cloud-sim` and the tests;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
-//! - [`sim`]: simulated door units (the unit side of the bus) for tests, the demo and installers;
+//! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
+//!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service.
 //!
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same

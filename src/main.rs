@@ -139,6 +139,11 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             }
             text.push('\n');
             text.push_str(&config.redacted_toml());
+            // Files the configuration names (TLS) are read only by the link; say now if they
+            // will not do, without failing a check that is also run on build machines.
+            if let Err(e) = doorbridge::cloud::link::spec(&config) {
+                eprintln!("doorbridge: warning: the cloud link will not start: {e}");
+            }
             let mut stdout = std::io::stdout().lock();
             stdout
                 .write_all(text.as_bytes())
