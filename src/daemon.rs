@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
 use crate::bus::frame::Address;
+use crate::bus::message::Settings;
 use crate::bus::session::SessionConfig;
 use crate::cloud::link::{self, LinkStatus};
 use crate::config::{BusConfig, Config};
@@ -91,7 +92,23 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
         Err(e) => tracing::warn!(path, error = %e, "store open, but its key set cannot be read"),
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (router, buses) = start_buses(config, &store, &stop_rx);
+    // What the cloud wants on each unit, and what each unit last applied, survive restarts.
+    let reading = store.clone();
+    let settings = match tokio::task::spawn_blocking(move || reading.reader()?.unit_settings())
+        .await
+        .map_err(|e| StoreError::Io {
+            what: "reading door-unit settings",
+            source: std::io::Error::other(e),
+        })
+        .and_then(|r| r)
+    {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::warn!(error = %e, "door-unit settings could not be read");
+            Vec::new()
+        }
+    };
+    let (router, buses) = start_buses(config, &store, &stop_rx, settings);
     let (link_stop_tx, link_stop_rx) = watch::channel(false);
     let link = match link::spec(config) {
         Ok(spec) => Some(tokio::spawn(link::run_link(
@@ -179,10 +196,17 @@ fn start_buses(
     config: &Config,
     store: &Store,
     stop: &watch::Receiver<bool>,
+    settings: Vec<(String, Option<Settings>, Option<Settings>)>,
 ) -> (Arc<DoorRouter>, Vec<(String, tokio::task::JoinHandle<()>)>) {
     let specs: Vec<BusSpec> = config.buses.iter().map(|b| bus_spec(config, b)).collect();
     let mut router = DoorRouter::default();
     let receivers: Vec<_> = specs.iter().map(|s| router.add_bus(s).1).collect();
+    for (door, desired, reported) in settings {
+        router.update_settings(&door, |u| {
+            u.desired = desired;
+            u.reported = reported;
+        });
+    }
     let router = Arc::new(router);
     let tasks = specs
         .into_iter()

@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::frame::Address;
-use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Tamper, TimeSync};
+use super::message::{
+    Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync,
+};
 use super::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats,
 };
@@ -111,6 +113,34 @@ type Queued = (
 pub struct DoorRouter {
     doors: HashMap<DoorId, (usize, Address)>,
     buses: Vec<mpsc::Sender<Queued>>,
+    /// Door-unit settings: what the cloud wants (desired) and what each unit last said it
+    /// applied (reported). A unit that reports otherwise, or comes back online, gets the
+    /// desired settings pushed.
+    settings: Arc<Mutex<HashMap<DoorId, UnitSettings>>>,
+}
+
+/// A door unit's settings, as wanted and as applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnitSettings {
+    pub desired: Option<Settings>,
+    pub reported: Option<Settings>,
+}
+
+impl UnitSettings {
+    /// Settings to push: the desired ones, when the unit is not known to have applied them.
+    pub fn to_push(&self) -> Option<Settings> {
+        let want = self.desired.as_ref()?;
+        let applied = self.reported.as_ref().is_some_and(|got| {
+            want.volume.is_none_or(|v| got.volume == Some(v))
+                && want.name.as_ref().is_none_or(|n| got.name.as_ref() == Some(n))
+                && want
+                    .house_number
+                    .as_ref()
+                    .is_none_or(|h| got.house_number.as_ref() == Some(h))
+                && want.inner_door.is_none_or(|i| got.inner_door == Some(i))
+        });
+        (!applied).then(|| want.clone())
+    }
 }
 
 impl DoorRouter {
@@ -145,6 +175,28 @@ impl DoorRouter {
     /// Whether a unit serves `door`.
     pub fn serves(&self, door: &str) -> bool {
         self.doors.contains_key(door)
+    }
+
+    /// Seeds or updates what is known of a door's unit settings.
+    pub fn update_settings(&self, door: &str, f: impl FnOnce(&mut UnitSettings)) {
+        if let Ok(mut all) = self.settings.lock() {
+            f(all.entry(door.to_owned()).or_default());
+        }
+    }
+
+    /// Pushes the desired settings to the unit at `door` if it is not known to have them.
+    fn push_settings(&self, door: &str) {
+        let push = self
+            .settings
+            .lock()
+            .ok()
+            .and_then(|all| all.get(door).and_then(UnitSettings::to_push));
+        if let Some(settings) = push {
+            tracing::info!(%door, ?settings, "pushing the desired settings to the door unit");
+            if !self.send(door, Command::Settings(settings)) {
+                tracing::warn!(%door, "settings not queued: no unit serves the door or its queue is full");
+            }
+        }
     }
 
     fn queue(
@@ -615,7 +667,18 @@ impl Served<'_> {
                 }
             }
             Report::Status(status) => {
-                tracing::info!(bus = %self.spec.name, %unit, firmware = %status.firmware, "door unit status");
+                tracing::info!(bus = %self.spec.name, %unit, firmware = %status.firmware,
+                    settings = ?status.settings, "door unit status");
+                self.router
+                    .update_settings(&door, |u| u.reported = Some(status.settings.clone()));
+                let store = self.store.clone();
+                let at = door.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.report_settings(at, status.settings).await {
+                        tracing::warn!(error = %e, "a unit's reported settings could not be stored");
+                    }
+                });
+                self.router.push_settings(&door);
                 return;
             }
         };
@@ -644,6 +707,9 @@ impl Served<'_> {
         set_status(self.status, |s| {
             s.units.entry(unit.get()).or_default().online = online;
         });
+        if online {
+            self.router.push_settings(&door);
+        }
         self.append(Record::UnitReachability {
             at: Timestamp::now(),
             unit: self.label(unit),

@@ -15,7 +15,7 @@ use jiff::{SignedDuration, Timestamp};
 use super::envelope::{Kind, seal};
 use super::payload::{
     Delta, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ID, MAX_KEYS, Manifest, OpenDoor,
-    PayloadError, ResyncCommand, Sha256Digest, Target,
+    PayloadError, ResyncCommand, Sha256Digest, Target, UnitSettings,
 };
 use crate::access::Key;
 
@@ -215,6 +215,14 @@ pub fn open_door(
         expires_at: issued_at.checked_add(lifetime).unwrap_or(Timestamp::MAX),
     };
     seal(Kind::OpenDoor, &command.encode(), signer)
+}
+
+/// Builds and signs door-unit settings living `lifetime` from `issued_at`.
+pub fn unit_settings(
+    settings: &UnitSettings,
+    signer: &SigningKey,
+) -> Vec<u8> {
+    seal(Kind::UnitSettings, &settings.encode(), signer)
 }
 
 /// Builds and signs a resync command: the gateway answers with a `resync` report naming its

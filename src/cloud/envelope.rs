@@ -40,10 +40,18 @@ pub enum Kind {
     /// The cloud asks the gateway to report its held version and take a snapshot
     /// ([`super::payload::ResyncCommand`]).
     Resync,
+    /// Settings for a door unit ([`super::payload::UnitSettings`]).
+    UnitSettings,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Manifest, Kind::Delta, Kind::OpenDoor, Kind::Resync];
+    pub const ALL: [Kind; 5] = [
+        Kind::Manifest,
+        Kind::Delta,
+        Kind::OpenDoor,
+        Kind::Resync,
+        Kind::UnitSettings,
+    ];
 
     /// The kind's name on the wire and in the signing input.
     pub fn as_str(self) -> &'static str {
@@ -52,6 +60,7 @@ impl Kind {
             Kind::Delta => "delta",
             Kind::OpenDoor => "open-door",
             Kind::Resync => "resync",
+            Kind::UnitSettings => "unit-settings",
         }
     }
 

@@ -31,13 +31,15 @@ use rumqttc::{
 use tokio::sync::{mpsc, watch};
 
 use super::envelope::{self, Kind};
-use super::payload::{Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target};
+use super::payload::{
+    Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
+};
 use super::report::{Outcome, Presence, Report};
-use super::sync::{Action, ReplayCache, ResyncReason, Sync};
+use super::sync::{Action, CommandParts, ReplayCache, ResyncReason, Sync};
 use super::topics::{Channel, TopicError, Topics};
 use crate::access::Decision;
 use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
-use crate::bus::message::OpenDoor as OpenDoorMsg;
+use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
 use crate::config::Config;
 use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError};
@@ -496,6 +498,10 @@ impl Worker {
                 Ok(c) => self.open_door(c, now).await,
                 Err(e) => self.reject(channel, e.to_string()).await,
             },
+            Kind::UnitSettings => match UnitSettings::decode(&opened.body) {
+                Ok(c) => self.unit_settings(c, now).await,
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
             Kind::Resync => match ResyncCommand::decode(&opened.body) {
                 Ok(c) if c.target == self.spec.target => {
                     self.request_resync("requested by the cloud".into());
@@ -675,7 +681,10 @@ impl Worker {
             version: None,
             at: now,
         };
-        if matches!(channel, Channel::OpenDoor | Channel::Resync) {
+        if matches!(
+            channel,
+            Channel::OpenDoor | Channel::Resync | Channel::Settings
+        ) {
             self.publish_result(None, channel.suffix(), Outcome::Rejected, None, None);
         }
         self.publish(Channel::Sync, &report, false);
@@ -757,6 +766,94 @@ impl Worker {
             id,
             command.door,
         ));
+    }
+
+    /// Door-unit settings: held as desired (on disk, surviving restarts) and pushed to the
+    /// unit now; a unit that cannot take them now gets them when it is next reachable.
+    async fn unit_settings(&mut self, command: UnitSettings, now: Timestamp) {
+        let id = command.command_id.clone();
+        let door = command.door.clone();
+        let refused = if command.issued_at < self.started {
+            Some("issued before the gateway started (a possible replay)".to_owned())
+        } else if !self.router.serves(&door) {
+            Some(format!("no door unit serves door {door:?}"))
+        } else {
+            self.replay
+                .check_parts(
+                    &CommandParts {
+                        target: &command.target,
+                        command_id: &command.command_id,
+                        issued_at: command.issued_at,
+                        expires_at: command.expires_at,
+                    },
+                    &self.spec.target,
+                    now,
+                )
+                .err()
+                .map(|e| e.to_string())
+        };
+        if let Some(reason) = refused {
+            tracing::warn!(command_id = %id, %door, %reason, "settings command refused");
+            self.set_status(|s| s.rejected += 1);
+            self.publish_result(
+                Some(id),
+                "unit-settings",
+                Outcome::Rejected,
+                Some(reason),
+                Some(door),
+            );
+            return;
+        }
+        let given = BusSettings {
+            volume: command.volume,
+            name: command.name,
+            house_number: command.house_number,
+            inner_door: command.inner_door,
+        };
+        let desired = match self.store.desire_settings(door.clone(), given).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(command_id = %id, error = %e, "settings not stored");
+                self.publish_result(
+                    Some(id),
+                    "unit-settings",
+                    Outcome::Rejected,
+                    Some(format!("not stored: {e}")),
+                    Some(door),
+                );
+                return;
+            }
+        };
+        tracing::info!(command_id = %id, %door, settings = ?desired, "door-unit settings desired");
+        self.router
+            .update_settings(&door, |u| u.desired = Some(desired.clone()));
+        let done = self
+            .router
+            .send_tracked(&door, BusCommand::Settings(desired));
+        let client = self.client.clone();
+        let topic = self.spec.topics.topic(Channel::CommandResult);
+        tokio::spawn(async move {
+            let outcome = match done {
+                Some(done) => tokio::time::timeout(OPEN_RESULT_WAIT, done).await,
+                None => Ok(Ok(CommandOutcome::Expired)),
+            };
+            let (outcome, reason) = match outcome {
+                Ok(Ok(CommandOutcome::Done)) => (Outcome::Done, None),
+                _ => (
+                    Outcome::Unreachable,
+                    Some("held as desired; pushed when the unit is next reachable".to_owned()),
+                ),
+            };
+            let report = Report::CommandResult {
+                command_id: Some(id),
+                command: "unit-settings".into(),
+                outcome,
+                reason,
+                door: Some(door),
+                at: Timestamp::now(),
+            };
+            let _ = client.try_publish(topic, QoS::AtLeastOnce, false, report.encode());
+        });
     }
 
     fn publish_result(

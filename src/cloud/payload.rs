@@ -283,6 +283,60 @@ impl OpenDoor {
     }
 }
 
+/// Settings for the door unit serving `door`: the fields given replace the desired ones, the
+/// others stay as they are. The gateway holds them as desired state and pushes them to the
+/// unit now, or when it is next reachable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitSettings {
+    pub target: Target,
+    /// Unique per command; a second command with the same id is a replay.
+    pub command_id: String,
+    pub door: String,
+    /// Sound volume, 0 to 100.
+    pub volume: Option<u8>,
+    /// The name the unit shows.
+    pub name: Option<String>,
+    pub house_number: Option<String>,
+    /// Whether an inner door is wired to this unit.
+    pub inner_door: Option<bool>,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+/// The longest display name or house number a unit takes.
+pub const MAX_SETTING_TEXT: usize = 32;
+
+impl UnitSettings {
+    pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
+        let c: UnitSettings = from_cbor(body, MAX_BODY_BYTES)?;
+        check_target(&c.target)?;
+        check_id(&c.command_id, "command id empty or too long")?;
+        check_id(&c.door, "door id empty or too long")?;
+        check(c.volume.is_none_or(|v| v <= 100), "volume over 100")?;
+        check(
+            c.name.as_ref().is_none_or(|n| n.len() <= MAX_SETTING_TEXT)
+                && c.house_number
+                    .as_ref()
+                    .is_none_or(|n| n.len() <= MAX_SETTING_TEXT),
+            "name or house number longer than 32 bytes",
+        )?;
+        check(
+            c.volume.is_some()
+                || c.name.is_some()
+                || c.house_number.is_some()
+                || c.inner_door.is_some(),
+            "no setting given",
+        )?;
+        check(c.expires_at > c.issued_at, "expires before it is issued")?;
+        Ok(c)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+}
+
 impl ResyncCommand {
     pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
         let c: ResyncCommand = from_cbor(body, MAX_BODY_BYTES)?;

@@ -451,6 +451,15 @@ pub enum CommandRejection {
     Full,
 }
 
+/// What the replay cache needs to know of a command.
+#[derive(Clone, Copy, Debug)]
+pub struct CommandParts<'a> {
+    pub target: &'a Target,
+    pub command_id: &'a str,
+    pub issued_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
 /// How long an open-door command may live, by default.
 pub const DEFAULT_COMMAND_LIFETIME: SignedDuration = SignedDuration::from_secs(60);
 /// How far in the future a command's `issued_at` may lie, by default.
@@ -496,7 +505,26 @@ impl ReplayCache {
         target: &Target,
         now: Timestamp,
     ) -> Result<(), CommandRejection> {
-        if command.target != *target {
+        self.check_parts(
+            &CommandParts {
+                target: &command.target,
+                command_id: &command.command_id,
+                issued_at: command.issued_at,
+                expires_at: command.expires_at,
+            },
+            target,
+            now,
+        )
+    }
+
+    /// [`ReplayCache::check`] for any command with an id, a target and a lifetime.
+    pub fn check_parts(
+        &mut self,
+        command: &CommandParts<'_>,
+        target: &Target,
+        now: Timestamp,
+    ) -> Result<(), CommandRejection> {
+        if command.target != target {
             return Err(CommandRejection::WrongTarget);
         }
         if command.expires_at <= now {
@@ -509,14 +537,14 @@ impl ReplayCache {
             return Err(CommandRejection::LifetimeTooLong);
         }
         self.seen.retain(|_, expires| *expires > now);
-        if self.seen.contains_key(&command.command_id) {
+        if self.seen.contains_key(command.command_id) {
             return Err(CommandRejection::Replayed);
         }
         if self.seen.len() >= self.capacity {
             return Err(CommandRejection::Full);
         }
         self.seen
-            .insert(command.command_id.clone(), command.expires_at);
+            .insert(command.command_id.to_owned(), command.expires_at);
         Ok(())
     }
 

@@ -26,6 +26,8 @@ pub enum Channel {
     OpenDoor,
     /// Resync commands (signed), cloud → gateway.
     Resync,
+    /// Door-unit settings (signed), cloud → gateway.
+    Settings,
     /// Online/offline, retained, gateway → cloud.
     State,
     /// Acks, rejections and resync requests, gateway → cloud.
@@ -35,23 +37,25 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 8] = [
+    pub const ALL: [Channel; 9] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
         Channel::OpenDoor,
         Channel::Resync,
+        Channel::Settings,
         Channel::State,
         Channel::Sync,
         Channel::CommandResult,
     ];
     /// The channels the gateway subscribes to.
-    pub const INBOUND: [Channel; 5] = [
+    pub const INBOUND: [Channel; 6] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
         Channel::OpenDoor,
         Channel::Resync,
+        Channel::Settings,
     ];
     /// The channels the gateway publishes on.
     pub const OUTBOUND: [Channel; 3] = [Channel::State, Channel::Sync, Channel::CommandResult];
@@ -63,6 +67,7 @@ impl Channel {
             Channel::Delta => "keys/delta",
             Channel::OpenDoor => "cmd/open-door",
             Channel::Resync => "cmd/resync",
+            Channel::Settings => "cmd/settings",
             Channel::State => "state",
             Channel::Sync => "sync",
             Channel::CommandResult => "cmd/result",
@@ -76,6 +81,7 @@ impl Channel {
             Channel::Delta => Some(Kind::Delta),
             Channel::OpenDoor => Some(Kind::OpenDoor),
             Channel::Resync => Some(Kind::Resync),
+            Channel::Settings => Some(Kind::UnitSettings),
             Channel::Chunk | Channel::State | Channel::Sync | Channel::CommandResult => None,
         }
     }

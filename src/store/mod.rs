@@ -23,6 +23,7 @@ use std::thread::JoinHandle;
 use jiff::Timestamp;
 use tokio::sync::oneshot;
 
+use crate::bus::message::Settings;
 use crate::access::{
     Category, CredentialKind, Decision, Key, LockoutPolicy, Policy, Site, UnlimitedPolicy,
 };
@@ -254,6 +255,10 @@ pub(crate) enum Command {
     StageKeys(i64, Vec<Key>, Reply<()>),
     CommitKeySet(i64, u64, Reply<()>),
     ApplyDelta(Box<DeltaChange>, Reply<DeltaApplied>),
+    /// Merge settings into a door's desired settings; replies with the merged whole.
+    DesireSettings(String, Settings, Reply<Settings>),
+    /// Record the settings a door's unit reports as applied.
+    ReportSettings(String, Settings, Reply<()>),
     Remote(Box<RemoteOpen>, Reply<Verdict>),
     Reconfigure(Box<DecisionContext>, Reply<()>),
     Ack(Vec<i64>, Reply<usize>),
@@ -393,6 +398,23 @@ impl Store {
     /// limits, the door) and records it durably before returning, like [`Store::verify`].
     pub async fn remote_open(&self, request: RemoteOpen) -> Result<Verdict, StoreError> {
         self.call(|r| Command::Remote(Box::new(request), r)).await
+    }
+
+    /// Merges `settings` (the fields given) into the desired settings of the unit at `door`,
+    /// durably; returns the merged desired settings.
+    pub async fn desire_settings(
+        &self,
+        door: String,
+        settings: Settings,
+    ) -> Result<Settings, StoreError> {
+        self.call(|r| Command::DesireSettings(door, settings, r))
+            .await
+    }
+
+    /// Records the settings the unit at `door` reports as applied.
+    pub async fn report_settings(&self, door: String, settings: Settings) -> Result<(), StoreError> {
+        self.call(|r| Command::ReportSettings(door, settings, r))
+            .await
     }
 
     /// Replaces the decision rules (after a config reload).

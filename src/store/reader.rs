@@ -9,6 +9,7 @@ use super::records::{Record, RecordClass, StoredRecord};
 use super::writer::{decode_rules, lookup};
 use super::{StoreError, schema};
 use crate::access::KeyRules;
+use crate::bus::message::Settings;
 
 /// A read-only connection to the store.
 #[derive(Debug)]
@@ -133,6 +134,36 @@ impl Reader {
     }
 
     /// The raw connection, for benchmarks that compare against plain SQL.
+    /// Each door's desired and reported unit settings, by door.
+    #[allow(clippy::type_complexity)]
+    pub fn unit_settings(
+        &self,
+    ) -> Result<Vec<(String, Option<Settings>, Option<Settings>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT door, desired, reported FROM unit_settings ORDER BY door")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
+            ))
+        })?;
+        let decode = |b: Option<Vec<u8>>| -> Result<Option<Settings>, StoreError> {
+            b.map(|b| {
+                ciborium::from_reader(b.as_slice())
+                    .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))
+            })
+            .transpose()
+        };
+        let mut out = Vec::new();
+        for row in rows {
+            let (door, desired, reported) = row?;
+            out.push((door, decode(desired)?, decode(reported)?));
+        }
+        Ok(out)
+    }
+
     pub fn connection(&self) -> &Connection {
         &self.conn
     }

@@ -57,6 +57,14 @@ pub const MIGRATIONS: &[&str] = &[
     "
     CREATE INDEX credentials_by_key ON credentials (generation, key_id);
     ",
+    // 3: door-unit settings from the cloud (desired) and as the unit applied them (reported).
+    "
+    CREATE TABLE unit_settings (
+        door     TEXT PRIMARY KEY,
+        desired  BLOB,                     -- CBOR of bus::message::Settings, or NULL
+        reported BLOB                      -- CBOR of bus::message::Settings, or NULL
+    ) STRICT;
+    ",
 ];
 
 /// The schema version this build writes.

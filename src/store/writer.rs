@@ -29,6 +29,7 @@ use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
     StoreError, StoreOptions, Verdict, VerifyRequest, is_disk_trouble,
 };
+use crate::bus::message::Settings;
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Key, KeyRules, PinGuard,
     UnlimitedPolicy, UseLimit, Uses,
@@ -220,7 +221,9 @@ impl Writer {
                     Command::BeginKeySet(..)
                     | Command::StageKeys(..)
                     | Command::CommitKeySet(..)
-                    | Command::ApplyDelta(..) => {
+                    | Command::ApplyDelta(..)
+                    | Command::DesireSettings(..)
+                    | Command::ReportSettings(..) => {
                         // Key-set steps are transactions of their own, in order with the rest.
                         self.commit_group(std::mem::take(&mut group));
                         self.key_set_step(command);
@@ -319,6 +322,14 @@ impl Writer {
             Command::BeginKeySet(_, reply) => Outcome::Failed(
                 Box::new(move |e| drop(reply.send(Err(e)))),
                 StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::DesireSettings(_, _, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted settings step".into()),
+            ),
+            Command::ReportSettings(_, _, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted settings step".into()),
             ),
             Command::ApplyDelta(_, reply) => Outcome::Failed(
                 Box::new(move |e| drop(reply.send(Err(e)))),
@@ -769,6 +780,12 @@ impl Writer {
             Command::ApplyDelta(delta, reply) => {
                 let _ = reply.send(self.apply_delta(&delta));
             }
+            Command::DesireSettings(door, settings, reply) => {
+                let _ = reply.send(desire_settings(&self.conn, &door, settings));
+            }
+            Command::ReportSettings(door, settings, reply) => {
+                let _ = reply.send(report_settings(&self.conn, &door, &settings));
+            }
             _ => {}
         }
     }
@@ -1032,6 +1049,47 @@ pub(super) fn lookup(
         .query_row(params![generation, digest], |r| r.get(0))
         .optional()?;
     blob.map(|b| decode_rules(&b)).transpose()
+}
+
+/// Merges `given` into the desired settings of `door` and stores the result.
+fn desire_settings(conn: &Connection, door: &str, given: Settings) -> Result<Settings, StoreError> {
+    let old: Option<Option<Vec<u8>>> = conn
+        .query_row(
+            "SELECT desired FROM unit_settings WHERE door = ?1",
+            [door],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let mut merged: Settings = match old.flatten() {
+        Some(blob) => ciborium::from_reader(blob.as_slice())
+            .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?,
+        None => Settings::default(),
+    };
+    merged.volume = given.volume.or(merged.volume);
+    merged.name = given.name.or(merged.name);
+    merged.house_number = given.house_number.or(merged.house_number);
+    merged.inner_door = given.inner_door.or(merged.inner_door);
+    let mut blob = Vec::new();
+    ciborium::into_writer(&merged, &mut blob)
+        .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?;
+    conn.execute(
+        "INSERT INTO unit_settings (door, desired) VALUES (?1, ?2)
+         ON CONFLICT (door) DO UPDATE SET desired = excluded.desired",
+        params![door, blob],
+    )?;
+    Ok(merged)
+}
+
+fn report_settings(conn: &Connection, door: &str, settings: &Settings) -> Result<(), StoreError> {
+    let mut blob = Vec::new();
+    ciborium::into_writer(settings, &mut blob)
+        .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?;
+    conn.execute(
+        "INSERT INTO unit_settings (door, reported) VALUES (?1, ?2)
+         ON CONFLICT (door) DO UPDATE SET reported = excluded.reported",
+        params![door, blob],
+    )?;
+    Ok(())
 }
 
 /// A key's rules by id in a generation.
