@@ -8,6 +8,8 @@
 //!   generated configuration in a temporary directory; it can be stopped and started again on the
 //!   same port. Without the binary, tests that need it fail and say to `apt-get install mosquitto`,
 //!   unless `DOORBRIDGE_SKIP_MOSQUITTO=1` is set (see [`mosquitto_or_skip`]).
+//!   [`Mosquitto::start_with_tls`] adds a second listener speaking TLS that requires a client
+//!   certificate ([`TlsListener`]).
 //! - [`Proxy`]: a TCP proxy whose [`Proxy::cut`] makes the internet go away for the clients that
 //!   connect through it, until [`Proxy::restore`].
 //! - [`Mqtt`] and [`client`]: a test-side rumqttc client whose event loop is polled by a task that
@@ -174,6 +176,8 @@ pub fn rumqttd_config(port: u16) -> rumqttd::Config {
 #[derive(Debug)]
 pub struct Mosquitto {
     port: u16,
+    /// The TLS listener's files and port, if it has one.
+    tls: Option<(TlsListener, u16)>,
     binary: PathBuf,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -200,11 +204,22 @@ impl Mosquitto {
     ///
     /// Panics, saying how to install it, if the binary is missing.
     pub fn start() -> Mosquitto {
+        Self::start_on(None)
+    }
+
+    /// Like [`Mosquitto::start`], plus a TLS listener on another free port ([`Mosquitto::tls_port`])
+    /// with the files of `tls`. The plain listener stays, for test clients without TLS.
+    pub fn start_with_tls(tls: &TlsListener) -> Mosquitto {
+        Self::start_on(Some(tls))
+    }
+
+    fn start_on(tls: Option<&TlsListener>) -> Mosquitto {
         let binary = Self::binary().unwrap_or_else(|| panic!("{}", missing_mosquitto()));
         let mut dir = tempfile::tempdir().expect("temporary directory for mosquitto");
         for _ in 0..5 {
             let mut broker = Mosquitto {
                 port: free_port(),
+                tls: tls.map(|files| (files.clone(), free_port())),
                 binary: binary.clone(),
                 dir,
                 child: None,
@@ -224,6 +239,11 @@ impl Mosquitto {
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// The TLS listener's port (on 127.0.0.1), if the broker was started with one.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls.as_ref().map(|(_, port)| *port)
     }
 
     /// Stops the broker as its service manager would (SIGTERM, so it saves its sessions) and
@@ -271,8 +291,11 @@ impl Mosquitto {
     /// False if it exited before that (the port was taken).
     fn spawn(&mut self) -> bool {
         let config = self.dir.path().join("mosquitto.conf");
-        std::fs::write(&config, mosquitto_config(self.port, self.dir.path()))
-            .expect("write mosquitto.conf");
+        let mut text = mosquitto_config(self.port, self.dir.path());
+        if let Some((files, port)) = &self.tls {
+            text.push_str(&tls_listener_config(*port, files));
+        }
+        std::fs::write(&config, text).expect("write mosquitto.conf");
         let mut child = Command::new(&self.binary)
             .arg("-c")
             .arg(&config)
@@ -286,7 +309,8 @@ impl Mosquitto {
             if child.try_wait().expect("wait for mosquitto").is_some() {
                 return false;
             }
-            if accepts(self.port) {
+            // Every listener: mosquitto opens them one after the other.
+            if accepts(self.port) && self.tls_port().is_none_or(accepts) {
                 self.child = Some(child);
                 return true;
             }
@@ -340,6 +364,36 @@ connection_messages true
     )
 }
 
+/// The files of a TLS listener (PEM): mosquitto's certificate and key, and the CA that both
+/// signs them and must sign every client's certificate.
+#[derive(Clone, Debug)]
+pub struct TlsListener {
+    /// mosquitto's `cafile`.
+    pub ca: PathBuf,
+    /// mosquitto's `certfile`.
+    pub cert: PathBuf,
+    /// mosquitto's `keyfile`.
+    pub key: PathBuf,
+}
+
+/// A mosquitto 2.0 TLS listener on 127.0.0.1:`port` that requires a client certificate signed
+/// by `files.ca`; appended to a [`mosquitto_config`] (whose `allow_anonymous` it shares).
+pub fn tls_listener_config(port: u16, files: &TlsListener) -> String {
+    format!(
+        "
+listener {port} 127.0.0.1
+cafile {ca}
+certfile {cert}
+keyfile {key}
+require_certificate true
+use_identity_as_username false
+",
+        ca = files.ca.display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
+    )
+}
+
 fn missing_mosquitto() -> String {
     "the mosquitto broker is not installed (looked on PATH and at /usr/sbin/mosquitto): \
      install it with `apt-get install mosquitto`, or set DOORBRIDGE_SKIP_MOSQUITTO=1 to skip \
@@ -350,8 +404,17 @@ fn missing_mosquitto() -> String {
 /// A running mosquitto for test `test`, or `None` (with a notice) if it is not installed and
 /// `DOORBRIDGE_SKIP_MOSQUITTO=1` is set. Without that variable a missing mosquitto fails the test.
 pub fn mosquitto_or_skip(test: &str) -> Option<Mosquitto> {
+    or_skip(test, Mosquitto::start)
+}
+
+/// [`mosquitto_or_skip`] for [`Mosquitto::start_with_tls`].
+pub fn mosquitto_tls_or_skip(test: &str, tls: &TlsListener) -> Option<Mosquitto> {
+    or_skip(test, || Mosquitto::start_with_tls(tls))
+}
+
+fn or_skip(test: &str, start: impl FnOnce() -> Mosquitto) -> Option<Mosquitto> {
     if Mosquitto::available() {
-        return Some(Mosquitto::start());
+        return Some(start());
     }
     if std::env::var("DOORBRIDGE_SKIP_MOSQUITTO").is_ok_and(|v| v == "1") {
         eprintln!("{test}: skipped: mosquitto is not installed and DOORBRIDGE_SKIP_MOSQUITTO=1");

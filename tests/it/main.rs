@@ -8,6 +8,7 @@ mod daemon;
 mod fixtures;
 mod link;
 mod link_reference;
+mod link_tls;
 mod sim;
 mod store;
 mod util;
