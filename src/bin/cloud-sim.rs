@@ -106,6 +106,32 @@ enum Command {
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         lifetime: SignedDuration,
     },
+    /// Send signed door-unit settings to a gateway (cmd/settings)
+    ///
+    /// The gateway keeps them as the unit's desired settings (fields not given stay as they
+    /// are) and pushes them to the unit now, or when it is next reachable.
+    Settings {
+        #[command(flatten)]
+        conn: Connection,
+        /// The door whose unit takes the settings
+        #[arg(long, value_name = "DOOR")]
+        door: String,
+        /// Sound volume, 0 to 100
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+        volume: Option<u8>,
+        /// The name the unit shows (at most 32 bytes)
+        #[arg(long, value_name = "TEXT")]
+        name: Option<String>,
+        /// The house number the unit shows (at most 32 bytes)
+        #[arg(long, value_name = "TEXT")]
+        house_number: Option<String>,
+        /// Whether an inner door is wired to this unit
+        #[arg(long, value_name = "BOOL")]
+        inner_door: Option<bool>,
+        /// Unique per command [default: from the clock]
+        #[arg(long, value_name = "ID")]
+        command_id: Option<String>,
+    },
     /// Ask a gateway to report its held version and take a new snapshot (cmd/resync)
     Resync {
         #[command(flatten)]
@@ -293,6 +319,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{}: open-door {command_id} for door {door}, key {key_id}",
                 topics.topic(Channel::OpenDoor)
+            );
+            Ok(())
+        }
+        Command::Settings {
+            conn,
+            door,
+            volume,
+            name,
+            house_number,
+            inner_door,
+            command_id,
+        } => {
+            if volume.is_none() && name.is_none() && house_number.is_none() && inner_door.is_none()
+            {
+                bail!("give at least one of --volume, --name, --house-number, --inner-door");
+            }
+            let (signer, topics, client) = connect(&conn).await?;
+            let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+            let command_id =
+                command_id.unwrap_or_else(|| format!("cloud-sim-{}", issued_at.as_millisecond()));
+            let settings = doorbridge::cloud::payload::UnitSettings {
+                target: conn.target.target(),
+                command_id: command_id.clone(),
+                door: door.clone(),
+                volume,
+                name,
+                house_number,
+                inner_door,
+                issued_at,
+                expires_at: issued_at
+                    .checked_add(DEFAULT_COMMAND_LIFETIME)
+                    .unwrap_or(Timestamp::MAX),
+            };
+            let command = build::unit_settings(&settings, &signer);
+            client
+                .publish_command(&topics, Channel::Settings, command)
+                .await?;
+            client.disconnect().await?;
+            println!(
+                "{}: unit-settings {command_id} for door {door}",
+                topics.topic(Channel::Settings)
             );
             Ok(())
         }

@@ -14,9 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::frame::Address;
-use super::message::{
-    Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync,
-};
+use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync};
 use super::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats,
 };
@@ -132,7 +130,10 @@ impl UnitSettings {
         let want = self.desired.as_ref()?;
         let applied = self.reported.as_ref().is_some_and(|got| {
             want.volume.is_none_or(|v| got.volume == Some(v))
-                && want.name.as_ref().is_none_or(|n| got.name.as_ref() == Some(n))
+                && want
+                    .name
+                    .as_ref()
+                    .is_none_or(|n| got.name.as_ref() == Some(n))
                 && want
                     .house_number
                     .as_ref()

@@ -218,10 +218,7 @@ pub fn open_door(
 }
 
 /// Builds and signs door-unit settings living `lifetime` from `issued_at`.
-pub fn unit_settings(
-    settings: &UnitSettings,
-    signer: &SigningKey,
-) -> Vec<u8> {
+pub fn unit_settings(settings: &UnitSettings, signer: &SigningKey) -> Vec<u8> {
     seal(Kind::UnitSettings, &settings.encode(), signer)
 }
 

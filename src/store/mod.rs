@@ -23,10 +23,10 @@ use std::thread::JoinHandle;
 use jiff::Timestamp;
 use tokio::sync::oneshot;
 
-use crate::bus::message::Settings;
 use crate::access::{
     Category, CredentialKind, Decision, Key, LockoutPolicy, Policy, Site, UnlimitedPolicy,
 };
+use crate::bus::message::Settings;
 pub use reader::{KeySetInfo, Reader};
 pub use records::{Activity, Record, RecordClass, StoredRecord};
 
@@ -412,7 +412,11 @@ impl Store {
     }
 
     /// Records the settings the unit at `door` reports as applied.
-    pub async fn report_settings(&self, door: String, settings: Settings) -> Result<(), StoreError> {
+    pub async fn report_settings(
+        &self,
+        door: String,
+        settings: Settings,
+    ) -> Result<(), StoreError> {
         self.call(|r| Command::ReportSettings(door, settings, r))
             .await
     }

@@ -29,11 +29,11 @@ use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
     StoreError, StoreOptions, Verdict, VerifyRequest, is_disk_trouble,
 };
-use crate::bus::message::Settings;
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Key, KeyRules, PinGuard,
     UnlimitedPolicy, UseLimit, Uses,
 };
+use crate::bus::message::Settings;
 
 /// Keys per staging transaction: small enough that a decision waits at most one chunk.
 pub(super) const STAGE_CHUNK: usize = 5_000;

@@ -38,6 +38,8 @@ pub(crate) struct Building {
     pub(crate) seen: Vec<Output>,
     /// The `[cloud]` section's body.
     cloud: String,
+    /// How many times the simulated units were started.
+    powered_up: u64,
 }
 
 /// No broker: port 1 refuses at once, so the link just keeps retrying quietly.
@@ -139,6 +141,7 @@ impl Building {
             sim: None,
             seen: Vec::new(),
             cloud: cloud.to_owned(),
+            powered_up: 0,
         };
         b.start_sim(units);
         b.start_daemon(units, extra);
@@ -163,7 +166,13 @@ impl Building {
     pub(crate) fn start_sim(&mut self, units: u8) {
         let (master, _) = doorbridge::sim::linked_pty(&self.link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=units).map(unit).collect();
-        let sim_units = SimUnits::new(&addresses, SimConfig::default()).unwrap();
+        // A unit picks a new boot id at every power-up: a restarted simulator must too.
+        self.powered_up += 1;
+        let config = SimConfig {
+            seed: SimConfig::default().seed + self.powered_up,
+            ..SimConfig::default()
+        };
+        let sim_units = SimUnits::new(&addresses, config).unwrap();
         let (commands, command_rx) = mpsc::channel(64);
         let (output_tx, outputs) = mpsc::channel(1024);
         let (stop, stopped) = oneshot::channel::<()>();

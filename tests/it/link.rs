@@ -442,14 +442,11 @@ fn settings(id: &str, volume: u8, name: Option<&str>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unit_settings_are_pushed_now_or_when_the_unit_is_back() {
-    let _ = tracing_subscriber::fmt().with_env_filter("doorbridge=debug").with_test_writer().try_init();
     let broker = RumqttdBroker::start();
     let mut cloud = Cloud::connect(&broker.url()).await;
     let mut b = building(&broker).await;
     cloud.online().await;
-    let result = |id: &'static str| {
-        move |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), .. } if c == id)
-    };
+    let result = |id: &'static str| move |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), .. } if c == id);
 
     cloud
         .raw(Channel::Settings, settings("s1", 30, Some("Haus 12")))
@@ -460,10 +457,19 @@ async fn unit_settings_are_pushed_now_or_when_the_unit_is_back() {
     let Output::Settings { settings: got, .. } = out else {
         unreachable!()
     };
-    assert_eq!((got.volume, got.name.as_deref()), (Some(30), Some("Haus 12")));
+    assert_eq!(
+        (got.volume, got.name.as_deref()),
+        (Some(30), Some("Haus 12"))
+    );
     let r = cloud.report("s1 result", result("s1")).await;
     assert!(
-        matches!(r, Report::CommandResult { outcome: Outcome::Done, .. }),
+        matches!(
+            r,
+            Report::CommandResult {
+                outcome: Outcome::Done,
+                ..
+            }
+        ),
         "{r:?}"
     );
 
@@ -472,14 +478,23 @@ async fn unit_settings_are_pushed_now_or_when_the_unit_is_back() {
     cloud.raw(Channel::Settings, settings("s2", 70, None)).await;
     let r = cloud.report("s2 result", result("s2")).await;
     assert!(
-        matches!(r, Report::CommandResult { outcome: Outcome::Unreachable, .. }),
+        matches!(
+            r,
+            Report::CommandResult {
+                outcome: Outcome::Unreachable,
+                ..
+            }
+        ),
         "{r:?}"
     );
     let reader = doorbridge::store::Reader::open(&b.db).unwrap();
     let all = reader.unit_settings().unwrap();
     let (_, desired, _) = all.iter().find(|(d, ..)| d == "main").unwrap();
     let desired = desired.clone().unwrap();
-    assert_eq!((desired.volume, desired.name.as_deref()), (Some(70), Some("Haus 12")));
+    assert_eq!(
+        (desired.volume, desired.name.as_deref()),
+        (Some(70), Some("Haus 12"))
+    );
 
     // …and pushed when it powers up again with its factory settings.
     b.start_sim(3);
