@@ -331,37 +331,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             inner_door,
             command_id,
         } => {
-            if volume.is_none() && name.is_none() && house_number.is_none() && inner_door.is_none()
-            {
-                bail!("give at least one of --volume, --name, --house-number, --inner-door");
-            }
-            let (signer, topics, client) = connect(&conn).await?;
-            let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
-            let command_id =
-                command_id.unwrap_or_else(|| format!("cloud-sim-{}", issued_at.as_millisecond()));
-            let settings = doorbridge::cloud::payload::UnitSettings {
-                target: conn.target.target(),
-                command_id: command_id.clone(),
-                door: door.clone(),
+            let given = doorbridge::bus::message::Settings {
                 volume,
                 name,
                 house_number,
                 inner_door,
-                issued_at,
-                expires_at: issued_at
-                    .checked_add(DEFAULT_COMMAND_LIFETIME)
-                    .unwrap_or(Timestamp::MAX),
             };
-            let command = build::unit_settings(&settings, &signer);
-            client
-                .publish_command(&topics, Channel::Settings, command)
-                .await?;
-            client.disconnect().await?;
-            println!(
-                "{}: unit-settings {command_id} for door {door}",
-                topics.topic(Channel::Settings)
-            );
-            Ok(())
+            send_settings(&conn, door, given, command_id).await
         }
         Command::Resync { conn } => {
             let (signer, topics, client) = connect(&conn).await?;
@@ -571,5 +547,50 @@ async fn watch(
     }
     // Best effort: the broker forgets the session either way.
     let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    Ok(())
+}
+
+/// `cloud-sim settings`: signs and publishes door-unit settings.
+async fn send_settings(
+    conn: &Connection,
+    door: String,
+    given: doorbridge::bus::message::Settings,
+    command_id: Option<String>,
+) -> anyhow::Result<()> {
+    let doorbridge::bus::message::Settings {
+        volume,
+        name,
+        house_number,
+        inner_door,
+    } = given;
+    if volume.is_none() && name.is_none() && house_number.is_none() && inner_door.is_none() {
+        bail!("give at least one of --volume, --name, --house-number, --inner-door");
+    }
+    let (signer, topics, client) = connect(conn).await?;
+    let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+    let command_id =
+        command_id.unwrap_or_else(|| format!("cloud-sim-{}", issued_at.as_millisecond()));
+    let settings = doorbridge::cloud::payload::UnitSettings {
+        target: conn.target.target(),
+        command_id: command_id.clone(),
+        door: door.clone(),
+        volume,
+        name,
+        house_number,
+        inner_door,
+        issued_at,
+        expires_at: issued_at
+            .checked_add(DEFAULT_COMMAND_LIFETIME)
+            .unwrap_or(Timestamp::MAX),
+    };
+    let command = build::unit_settings(&settings, &signer);
+    client
+        .publish_command(&topics, Channel::Settings, command)
+        .await?;
+    client.disconnect().await?;
+    println!(
+        "{}: unit-settings {command_id} for door {door}",
+        topics.topic(Channel::Settings)
+    );
     Ok(())
 }
