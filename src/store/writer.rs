@@ -98,6 +98,22 @@ enum Outcome {
     Failed(Box<dyn FnOnce(StoreError) + Send>, StoreError),
 }
 
+/// The outcome of a decision, or of its failure.
+fn verdict(
+    decided: Result<(Verdict, Consume, Vec<Record>), StoreError>,
+    reply: Reply<Verdict>,
+) -> Outcome {
+    match decided {
+        Ok((verdict, consume, records)) => Outcome::Verify {
+            reply,
+            verdict,
+            consume,
+            records,
+        },
+        Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
+    }
+}
+
 impl Writer {
     pub(super) fn new(
         conn: Connection,
@@ -290,24 +306,10 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Outcome {
         match command {
-            Command::Verify(request, reply) => match self.decide(&request, overlay) {
-                Ok((verdict, consume, records)) => Outcome::Verify {
-                    reply,
-                    verdict,
-                    consume,
-                    records,
-                },
-                Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
-            },
-            Command::Remote(request, reply) => match self.decide_remote(&request, overlay) {
-                Ok((verdict, consume, records)) => Outcome::Verify {
-                    reply,
-                    verdict,
-                    consume,
-                    records,
-                },
-                Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
-            },
+            Command::Verify(request, reply) => verdict(self.decide(&request, overlay), reply),
+            Command::Remote(request, reply) => {
+                verdict(self.decide_remote(&request, overlay), reply)
+            }
             Command::Append(records, reply) => Outcome::Append { reply, records },
             Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
             Command::TrustTime(at, reply) => {
