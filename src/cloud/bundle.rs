@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 
 use ciborium::Value;
 
-use super::build::{MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, SignedSnapshot, write_head, write_text};
+use super::build::{
+    MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, MAJOR_TEXT, SignedSnapshot, write_head, write_text,
+};
 use super::payload::{MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ENVELOPE_BYTES};
 
 /// The value of the `format` entry.
@@ -188,9 +190,223 @@ impl Bundle {
     }
 }
 
+/// A bundle file read as a stream: the manifest at once, then the chunks one at a time, so
+/// importing a million-key set holds one chunk in memory, not the whole file.
+///
+/// The entries must come in the order [`Bundle::encode`] writes them (`format`, `manifest`,
+/// then `chunks`), definite lengths only; anything else is refused with a clear error.
+#[derive(Debug)]
+pub struct BundleStream<R> {
+    reader: R,
+    /// The manifest envelope.
+    pub manifest: Vec<u8>,
+    /// How many chunks the file announces.
+    pub chunk_count: u32,
+    next: u32,
+    /// Bytes read so far (bounded by [`MAX_BUNDLE_BYTES`]).
+    read: u64,
+    /// The file, for error messages (empty when reading from elsewhere).
+    path: PathBuf,
+}
+
+impl BundleStream<std::io::BufReader<std::fs::File>> {
+    /// Opens a bundle file and reads its head and manifest.
+    pub fn open(path: &Path) -> Result<Self, BundleError> {
+        let io = |source| BundleError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len > MAX_BUNDLE_BYTES {
+            return Err(BundleError::TooLarge { len });
+        }
+        let mut stream = BundleStream::new(std::io::BufReader::new(file)).map_err(|e| match e {
+            BundleError::Io { source, .. } => io(source),
+            other => other,
+        })?;
+        stream.path = path.to_path_buf();
+        Ok(stream)
+    }
+}
+
+impl<R: Read> BundleStream<R> {
+    /// Reads the head and the manifest from `reader`.
+    pub fn new(reader: R) -> Result<Self, BundleError> {
+        let mut s = BundleStream {
+            reader,
+            manifest: Vec::new(),
+            chunk_count: 0,
+            next: 0,
+            read: 0,
+            path: PathBuf::new(),
+        };
+        let not = |what: &str| BundleError::NotABundle(what.to_string());
+        if s.head(MAJOR_MAP)? != 3 {
+            return Err(not("not a map of format, manifest and chunks"));
+        }
+        if s.text(16)? != "format" {
+            return Err(not("the first entry is not `format`"));
+        }
+        let format = s.text(64)?;
+        if format != FORMAT {
+            return Err(BundleError::UnknownFormat(format));
+        }
+        if s.text(16)? != "manifest" {
+            return Err(not("the second entry is not `manifest`"));
+        }
+        s.manifest = s.bytes(MAX_ENVELOPE_BYTES, "the manifest")?;
+        if s.text(16)? != "chunks" {
+            return Err(not("the third entry is not `chunks`"));
+        }
+        let count = s.head(MAJOR_ARRAY)?;
+        s.chunk_count = u32::try_from(count)
+            .ok()
+            .filter(|&c| c <= MAX_CHUNKS)
+            .ok_or_else(|| {
+                BundleError::NotABundle(format!("{count} chunks, over the limit of {MAX_CHUNKS}"))
+            })?;
+        Ok(s)
+    }
+
+    /// The next chunk, `None` after the last (when the file must end too).
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, BundleError> {
+        if self.next == self.chunk_count {
+            let mut probe = [0u8; 1];
+            return match self.reader.read(&mut probe) {
+                Ok(0) => Ok(None),
+                Ok(_) => Err(BundleError::TrailingBytes(1)),
+                Err(source) => Err(self.io(source)),
+            };
+        }
+        let i = self.next;
+        self.next += 1;
+        self.bytes(MAX_CHUNK_BYTES, &format!("chunk {i}")).map(Some)
+    }
+
+    fn io(&self, source: std::io::Error) -> BundleError {
+        BundleError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), BundleError> {
+        self.read += buf.len() as u64;
+        if self.read > MAX_BUNDLE_BYTES {
+            return Err(BundleError::TooLarge { len: self.read });
+        }
+        self.reader.read_exact(buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                BundleError::NotABundle("the file ends early (truncated?)".into())
+            } else {
+                self.io(e)
+            }
+        })
+    }
+
+    /// A CBOR head of `major` type with a definite length; returns the length.
+    fn head(&mut self, major: u8) -> Result<u64, BundleError> {
+        let mut first = [0u8; 1];
+        self.fill(&mut first)?;
+        if first[0] >> 5 != major {
+            return Err(BundleError::NotABundle(format!(
+                "unexpected CBOR item (initial byte {:#04x})",
+                first[0]
+            )));
+        }
+        let width = match first[0] & 0x1f {
+            info @ 0..24 => return Ok(u64::from(info)),
+            24 => 1,
+            25 => 2,
+            26 => 4,
+            27 => 8,
+            _ => {
+                return Err(BundleError::NotABundle(
+                    "indefinite or reserved CBOR length".into(),
+                ));
+            }
+        };
+        let mut buf = [0u8; 8];
+        self.fill(&mut buf[8 - width..])?;
+        Ok(u64::from_be_bytes(buf))
+    }
+
+    fn bytes(&mut self, max: usize, what: &str) -> Result<Vec<u8>, BundleError> {
+        let len = self.head(MAJOR_BYTES)?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or_else(|| {
+                BundleError::NotABundle(format!("{what} is {len} bytes, over the limit of {max}"))
+            })?;
+        let mut out = vec![0; len];
+        self.fill(&mut out)?;
+        Ok(out)
+    }
+
+    fn text(&mut self, max: usize) -> Result<String, BundleError> {
+        let len = self.head(MAJOR_TEXT)?;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= max)
+            .ok_or_else(|| BundleError::NotABundle("an overlong text entry".into()))?;
+        let mut out = vec![0; len];
+        self.fill(&mut out)?;
+        String::from_utf8(out).map_err(|_| BundleError::NotABundle("text that is not UTF-8".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_reads_what_encode_writes_one_chunk_at_a_time() {
+        let b = bundle();
+        let bytes = b.encode();
+        let mut s = BundleStream::new(bytes.as_slice()).unwrap();
+        assert_eq!(s.manifest, b.manifest);
+        assert_eq!(s.chunk_count, 3);
+        let mut chunks = Vec::new();
+        while let Some(c) = s.next_chunk().unwrap() {
+            chunks.push(c);
+        }
+        assert_eq!(chunks, b.chunks);
+    }
+
+    #[test]
+    fn a_stream_refuses_truncated_reordered_and_trailing_input() {
+        let bytes = bundle().encode();
+        // Truncated anywhere: a clear error, never a panic.
+        for cut in 0..bytes.len() {
+            let r = BundleStream::new(&bytes[..cut]).and_then(|mut s| {
+                while s.next_chunk()?.is_some() {}
+                Ok(())
+            });
+            assert!(r.is_err(), "cut at {cut}");
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        let mut s = BundleStream::new(trailing.as_slice()).unwrap();
+        let r = (|| {
+            while s.next_chunk()?.is_some() {}
+            Ok::<_, BundleError>(())
+        })();
+        assert!(matches!(r, Err(BundleError::TrailingBytes(_))), "{r:?}");
+        // A map whose entries are in another order is refused by the stream (decode takes it).
+        let mut other = Vec::new();
+        write_head(&mut other, MAJOR_MAP, 3);
+        write_text(&mut other, "manifest");
+        write_head(&mut other, MAJOR_BYTES, 1);
+        other.push(0xa4);
+        write_text(&mut other, "format");
+        write_text(&mut other, FORMAT);
+        write_text(&mut other, "chunks");
+        write_head(&mut other, MAJOR_ARRAY, 0);
+        assert!(BundleStream::new(other.as_slice()).is_err());
+        assert!(Bundle::decode(&other).is_ok());
+    }
 
     fn bundle() -> Bundle {
         Bundle {

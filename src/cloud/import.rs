@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ed25519_dalek::VerifyingKey;
 
-use super::bundle::{Bundle, BundleError};
+use super::bundle::{BundleError, BundleStream};
 use super::envelope::{self, EnvelopeError, Kind};
 use super::link::{self, LinkError};
 use super::payload::{MAX_ENVELOPE_BYTES, Manifest, PayloadError, Target};
@@ -49,9 +49,9 @@ pub struct Imported {
     pub chunks: u32,
 }
 
-/// `doorbridge keys import FILE`: reads a bundle (see [`super::bundle`]), opens the store
-/// named by the configuration (refused while the service runs: it holds the store) and
-/// installs the set after the same checks as over MQTT.
+/// `doorbridge keys import FILE`: reads a bundle (see [`super::bundle`]) one chunk at a time,
+/// opens the store named by the configuration (refused while the service runs: it holds the
+/// store) and installs the set after the same checks as over MQTT.
 pub async fn import_file(
     config: &Config,
     path: &Path,
@@ -59,13 +59,7 @@ pub async fn import_file(
 ) -> Result<Imported, ImportError> {
     let trusted = link::trusted_keys(config)?;
     let target = link::target(config);
-    let owned = path.to_owned();
-    let bundle = tokio::task::spawn_blocking(move || Bundle::read(&owned))
-        .await
-        .map_err(|e| StoreError::Io {
-            what: "reading the key-set file",
-            source: std::io::Error::other(e),
-        })??;
+    let mut bundle = BundleStream::open(path)?;
     let options = crate::daemon::store_options(config);
     let store = tokio::task::spawn_blocking(move || Store::open(options))
         .await
@@ -73,16 +67,10 @@ pub async fn import_file(
             what: "opening the store",
             source: std::io::Error::other(e),
         })??;
-    let result = import(
-        &store,
-        &target,
-        &trusted,
-        &bundle.manifest,
-        &bundle.chunks,
-        progress,
-    )
-    .await;
-    drop(bundle);
+    let manifest = std::mem::take(&mut bundle.manifest);
+    // A CLI on its own runtime: reading the next 128 KiB here blocks nothing else.
+    let next = || bundle.next_chunk().map_err(ImportError::from);
+    let result = import(&store, &target, &trusted, &manifest, next, progress).await;
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     result
 }
@@ -94,7 +82,7 @@ pub async fn import(
     target: &Target,
     trusted: &[VerifyingKey],
     manifest: &[u8],
-    chunks: &[Vec<u8>],
+    mut next_chunk: impl FnMut() -> Result<Option<Vec<u8>>, ImportError>,
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Imported, ImportError> {
     let held = {
@@ -122,9 +110,11 @@ pub async fn import(
         done: None,
     };
     run.execute(sync.on_manifest(manifest, now)).await?;
-    for (i, chunk) in chunks.iter().enumerate() {
-        run.execute(sync.on_chunk(chunk, now)).await?;
-        progress(u32::try_from(i + 1).unwrap_or(u32::MAX), total);
+    let mut read = 0u32;
+    while let Some(chunk) = next_chunk()? {
+        run.execute(sync.on_chunk(&chunk, now)).await?;
+        read = read.saturating_add(1);
+        progress(read, total);
     }
     if let Some(mut done) = run.done {
         done.chunks = total;
@@ -132,8 +122,7 @@ pub async fn import(
     }
     if run.generation.is_some() {
         return Err(ImportError::Refused(format!(
-            "the file holds {} chunks, the manifest names {total}",
-            chunks.len()
+            "the file holds {read} chunks, the manifest names {total}"
         )));
     }
     Err(ImportError::Refused("nothing to install".into()))
