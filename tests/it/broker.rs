@@ -186,14 +186,7 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// The `mosquitto` binary: the first on `PATH`, else `/usr/sbin/mosquitto`.
     pub fn binary() -> Option<PathBuf> {
-        let on_path = std::env::var_os("PATH")
-            .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-            .unwrap_or_default();
-        on_path
-            .into_iter()
-            .map(|dir| dir.join("mosquitto"))
-            .chain([PathBuf::from("/usr/sbin/mosquitto")])
-            .find(|candidate| candidate.is_file())
+        crate::util::find_binary("mosquitto", "/usr/sbin/mosquitto")
     }
 
     pub fn available() -> bool {

@@ -2,439 +2,43 @@
 //! mosquitto (the reference broker), with the test acting as the cloud through
 //! [`CloudClient`] and a fixed test signing key.
 //!
-//! The gateway's store is read while it runs with [`Reader`] (read-only, WAL). Every wait
-//! polls a condition with a deadline; the daemon is killed if a test panics ([`Daemon`]'s
-//! `Drop`), and mosquitto by its own guard.
+//! The gateway's process, files and reports are [`crate::gateway`]'s; its store is read while it
+//! runs (read-only, WAL). Every wait polls a condition with a deadline; the daemon is killed if
+//! a test panics ([`Daemon`]'s `Drop`), and mosquitto by its own guard.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doorbridge::access::{CredentialKind, Key, KeyRules, UseLimit, credential};
+use doorbridge::access::Key;
 use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
-use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
-use doorbridge::sim::cloud::{CloudClient, Message, hex};
-use doorbridge::store::{Reader, Record};
+use doorbridge::cloud::topics::Channel;
+use doorbridge::sim::cloud::CloudClient;
 use ed25519_dalek::SigningKey;
 use jiff::Timestamp;
-use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::broker::{Mosquitto, Proxy, mosquitto_or_skip, wait_for};
+use crate::broker::{Mosquitto, Proxy, mosquitto_or_skip};
 use crate::fixtures::{self, SALT};
-use crate::util::doorbridge;
+use crate::gateway::{Cloud, Daemon, Home, WAIT, cloud_key, keys};
 
-/// How long a step that involves no large key set may take.
-const WAIT: Duration = Duration::from_secs(30);
 /// How long installing a 100,000-key snapshot may take in a debug build on 2 cores.
 const BIG_WAIT: Duration = Duration::from_secs(600);
 /// Keys in the large snapshot of the kill test.
 const BIG: usize = 100_000;
-/// The link logs at debug level: one line per staged chunk, which the kill test watches.
-const LOG_FILTER: &str = "info,doorbridge::cloud::link=debug";
-
-/// The cloud's signing key; its public half is the gateway's only trusted key.
-fn cloud_key() -> SigningKey {
-    SigningKey::from_bytes(&[7; 32])
-}
 
 /// A key the gateway does not trust.
 fn forger_key() -> SigningKey {
     SigningKey::from_bytes(&[9; 32])
 }
 
-// ---------------------------------------------------------------------------------------------
-// Keys
-// ---------------------------------------------------------------------------------------------
-
-/// A key opening `main` with one PIN `pin`, as the fixtures make them.
-fn pin_key(id: &str, pin: &str) -> Key {
-    fixtures::key(id, CredentialKind::Pin, pin, UseLimit::Unlimited)
-}
-
-/// `n` keys `{prefix}{i}` with PIN `{prefix}{i}` (prefixes keep sets apart).
-fn keys(prefix: &str, n: usize) -> Vec<Key> {
-    (0..n)
-        .map(|i| {
-            let id = format!("{prefix}{i}");
-            pin_key(&id, &id)
-        })
-        .collect()
-}
-
-fn pin_digest(pin: &str) -> [u8; 32] {
-    credential::digest(SALT, CredentialKind::Pin, pin.as_bytes()).0
-}
-
-// ---------------------------------------------------------------------------------------------
-// The gateway's files and process
-// ---------------------------------------------------------------------------------------------
-
-/// A gateway's configuration and store in a temporary directory.
-struct Home {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    db: PathBuf,
-    target: Target,
-    topics: Topics,
-}
-
-impl Home {
-    /// A gateway that talks to the broker at `url` and trusts [`cloud_key`]. Its one bus names
-    /// a serial port that does not exist: the bus task keeps retrying it, which leaves the
-    /// cloud link alone.
-    fn new(url: &str) -> Home {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let db = dir.path().join("doorbridge.db");
-        let config = dir.path().join("doorbridge.toml");
-        let target = Target {
-            site: "site-link".into(),
-            gateway: "gw-link-1".into(),
-        };
-        let trusted = hex(cloud_key().verifying_key().as_bytes());
-        let text = format!(
-            r#"[gateway]
-id = "{gateway}"
-site_id = "{site}"
-[site]
-timezone = "Europe/Berlin"
-[cloud]
-url = "{url}"
-trusted_keys = ["{trusted}"]
-keepalive = "5s"
-[storage]
-path = "{db}"
-[[buses]]
-port = "{port}"
-[[buses.units]]
-address = 1
-door = "main"
-"#,
-            gateway = target.gateway,
-            site = target.site,
-            db = db.display(),
-            port = dir.path().join("no-such-tty").display(),
-        );
-        std::fs::write(&config, text).expect("write the configuration");
-        let topics = Topics::new(DEFAULT_PREFIX, &target).expect("topics");
-        Home {
-            _dir: dir,
-            config,
-            db,
-            target,
-            topics,
-        }
-    }
-
-    fn reader(&self) -> Reader {
-        Reader::open(&self.db).expect("the store opens read-only")
-    }
-
-    /// The live key set's version and size.
-    fn held(&self) -> (u64, u64) {
-        let set = self.reader().key_set().expect("read the key set");
-        (set.version, set.keys)
-    }
-
-    /// The live key holding the PIN `pin`, if any.
-    fn by_pin(&self, pin: &str) -> Option<KeyRules> {
-        self.reader()
-            .key_by_digest(&pin_digest(pin))
-            .expect("look up a digest")
-    }
-
-    /// The `CloudRejected` records in the outbox: `(channel, reason)`.
-    fn rejections_recorded(&self) -> Vec<(String, String)> {
-        self.reader()
-            .outbox(0, 1_000_000)
-            .expect("read the outbox")
-            .into_iter()
-            .filter_map(|r| match r.record {
-                Record::CloudRejected {
-                    channel, reason, ..
-                } => Some((channel, reason)),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-/// `doorbridge run` as a child process; killed on drop (and its log printed if the test failed).
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(home: &Home) -> Daemon {
-        let mut child = doorbridge()
-            .arg("--config")
-            .arg(&home.config)
-            .arg("run")
-            .env("DOORBRIDGE_LOG", LOG_FILTER)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start doorbridge run");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Daemon { child, log }
-    }
-
-    /// How many log lines so far contain every one of `needles`.
-    fn count(&self, needles: &[&str]) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .count()
-    }
-
-    /// Waits until at least `n` log lines contain every one of `needles`.
-    async fn until_logged(&self, needles: &[&str], n: usize, within: Duration) {
-        let what = format!("{n} log line(s) with {needles:?}");
-        wait_for(within, &what, || (self.count(needles) >= n).then_some(())).await;
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    /// Waits (polling) until the process has exited.
-    async fn exited(&mut self, within: Duration) -> ExitStatus {
-        let child = &mut self.child;
-        wait_for(within, "the daemon to exit", || {
-            child.try_wait().expect("wait for the daemon")
-        })
-        .await
-    }
-
-    /// SIGTERM, as systemd stops it; returns how it exited.
-    async fn terminate(&mut self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM the daemon");
-        self.exited(WAIT).await
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    async fn kill9(&mut self) {
-        self.child.kill().expect("kill -9 the daemon");
-        let status = self.exited(WAIT).await;
-        assert!(!status.success(), "SIGKILL ended it: {status:?}");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
-            let tail = log.len().saturating_sub(60);
-            eprintln!("--- doorbridge log (last {} lines) ---", log.len() - tail);
-            for line in &log[tail..] {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The cloud's side
-// ---------------------------------------------------------------------------------------------
-
-/// What the gateway reports on `state` and `sync`, decoded, as it arrives.
-struct Reports {
-    rx: UnboundedReceiver<Message>,
-    topics: Topics,
-    /// Everything received so far, for failure messages and counts.
-    seen: Vec<(Channel, Report)>,
-}
-
-impl Reports {
-    /// The next report for which `want` holds; the others are kept in `seen` only.
-    async fn next(
-        &mut self,
-        what: &str,
-        within: Duration,
-        mut want: impl FnMut(Channel, &Report) -> bool,
-    ) -> Report {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some((topic, payload))) => {
-                    let channel = self
-                        .topics
-                        .channel_of(&topic)
-                        .unwrap_or_else(|| panic!("a report on a foreign topic {topic}"));
-                    let report = Report::decode(&payload)
-                        .unwrap_or_else(|e| panic!("an undecodable report on {topic}: {e}"));
-                    self.seen.push((channel, report.clone()));
-                    if want(channel, &report) {
-                        return report;
-                    }
-                }
-                Ok(None) => panic!("{what}: the cloud client stopped; seen {:#?}", self.seen),
-                Err(elapsed) => panic!("{what}: {elapsed} ({within:?}); seen {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// The next `state` report with `presence` and `held` (`None`: the will's, which names
-    /// no version).
-    async fn state(&mut self, presence: Presence, held: Option<u64>) -> Report {
-        let what = format!("state {presence:?} (held {held:?})");
-        self.next(&what, WAIT, |channel, r| {
-            channel == Channel::State
-                && matches!(r, Report::State { state, held: h, .. }
-                    if *state == presence && *h == held)
-        })
-        .await
-    }
-
-    /// The next `applied` report for `version`; any `rejected` or `resync` before it fails.
-    async fn applied(&mut self, version: u64, within: Duration) -> Report {
-        let what = format!("applied {version}");
-        let report = self
-            .next(&what, within, |channel, r| {
-                channel == Channel::Sync
-                    && !matches!(r, Report::Applied { version: v, .. } if *v < version)
-            })
-            .await;
-        assert!(
-            matches!(report, Report::Applied { version: v, .. } if v == version),
-            "{what}: got {report:?} first"
-        );
-        report
-    }
-
-    /// The next `rejected` report; it must come from `channel`. Returns its reason.
-    async fn rejected(&mut self, channel: Channel) -> String {
-        let report = self
-            .next("a rejected report", WAIT, |c, _| c == Channel::Sync)
-            .await;
-        match report {
-            Report::Rejected {
-                channel: on,
-                reason,
-                ..
-            } => {
-                assert_eq!(
-                    on,
-                    channel.suffix(),
-                    "rejected on the wrong channel: {reason}"
-                );
-                reason
-            }
-            other => panic!(
-                "expected a rejection on {}, got {other:?}",
-                channel.suffix()
-            ),
-        }
-    }
-}
-
-/// The test's cloud: a [`CloudClient`] that signs with [`cloud_key`] and hears the gateway.
-struct Cloud {
-    client: Arc<CloudClient>,
-    topics: Topics,
-    target: Target,
-    reports: Reports,
-}
-
-impl Cloud {
-    /// Connects to the broker at `url` as `client_id` and subscribes to the gateway's `state`
-    /// and `sync` (one filter: `{prefix}/{site}/{gateway}/+`).
-    async fn connect(url: &str, home: &Home, client_id: &str) -> Cloud {
-        let client = CloudClient::connect(url, client_id)
-            .await
-            .expect("the cloud connects");
-        let state = home.topics.topic(Channel::State);
-        let filter = format!("{}+", state.strip_suffix("state").expect("…/state"));
-        let rx = client.subscribe(&filter).await.expect("subscribe");
-        Cloud {
-            client: Arc::new(client),
-            topics: home.topics.clone(),
-            target: home.target.clone(),
-            reports: Reports {
-                rx,
-                topics: home.topics.clone(),
-                seen: Vec::new(),
-            },
-        }
-    }
-
-    fn snapshot(&self, version: u64, keys: &[Key]) -> SignedSnapshot {
-        build::snapshot(
-            &self.target,
-            version,
-            Timestamp::now(),
-            SALT,
-            keys,
-            &cloud_key(),
-        )
-        .expect("build a snapshot")
-    }
-
-    fn delta(&self, from: u64, to: u64, upserts: &[Key], deletes: &[&str]) -> Vec<u8> {
-        let deletes: Vec<String> = deletes.iter().map(|&d| d.to_owned()).collect();
-        build::delta(
-            &self.target,
-            from,
-            to,
-            Timestamp::now(),
-            upserts,
-            &deletes,
-            &cloud_key(),
-        )
-        .expect("build a delta")
-    }
-
-    async fn publish_snapshot(&self, snapshot: &SignedSnapshot) {
-        self.client
-            .publish_snapshot(&self.topics, snapshot)
-            .await
-            .expect("publish a snapshot");
-    }
-
-    async fn publish_delta(&self, delta: Vec<u8>) {
-        self.client
-            .publish_delta(&self.topics, delta)
-            .await
-            .expect("publish a delta");
-    }
-
-    /// Publishes `snapshot` from a task of its own; the handle ends when the broker has
-    /// acknowledged every part.
-    fn publish_snapshot_in_background(
-        &self,
-        snapshot: Arc<SignedSnapshot>,
-    ) -> tokio::task::JoinHandle<()> {
-        let client = Arc::clone(&self.client);
-        let topics = self.topics.clone();
-        tokio::spawn(async move {
-            client
-                .publish_snapshot(&topics, &snapshot)
-                .await
-                .expect("publish the snapshot");
-        })
-    }
+/// The gateway of these tests, talking to the broker at `url` (plain MQTT).
+fn link_home(url: &str) -> Home {
+    let target = Target {
+        site: "site-link".into(),
+        gateway: "gw-link-1".into(),
+    };
+    Home::new(url, target, &[])
 }
 
 /// The retained `state` of the gateway, as a new subscriber finds it on the broker.
@@ -464,8 +68,7 @@ async fn gateway_with(
     let mut cloud = Cloud::connect(&broker.url(), home, "cloud").await;
     let daemon = Daemon::start(home);
     cloud.reports.state(Presence::Online, Some(0)).await;
-    cloud.publish_snapshot(&cloud.snapshot(version, keys)).await;
-    cloud.reports.applied(version, WAIT).await;
+    cloud.install(version, keys).await;
     (daemon, cloud)
 }
 
@@ -478,7 +81,7 @@ async fn a_snapshot_and_a_delta_arrive_through_mosquitto() {
     let Some(broker) = mosquitto_or_skip("a_snapshot_and_a_delta_arrive_through_mosquitto") else {
         return;
     };
-    let home = Home::new(&broker.url());
+    let home = link_home(&broker.url());
     let mut cloud = Cloud::connect(&broker.url(), &home, "cloud").await;
     let mut daemon = Daemon::start(&home);
     cloud.reports.state(Presence::Online, Some(0)).await;
@@ -551,7 +154,7 @@ async fn a_clean_stop_leaves_the_links_own_offline_not_the_will() {
     else {
         return;
     };
-    let home = Home::new(&broker.url());
+    let home = link_home(&broker.url());
     let (mut daemon, _cloud) = gateway_with(&broker, &home, 1, &keys("k", 5)).await;
     let exit = daemon.terminate().await;
     assert!(exit.success(), "SIGTERM: {exit:?}");
@@ -577,8 +180,8 @@ async fn broker_away_and_back_the_gateway_catches_up() {
     let Some(mut broker) = mosquitto_or_skip("broker_away_and_back_the_gateway_catches_up") else {
         return;
     };
-    let home = Home::new(&broker.url());
-    let (daemon, cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
+    let home = link_home(&broker.url());
+    let (mut daemon, cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
     drop(cloud);
 
     broker.stop();
@@ -618,8 +221,8 @@ async fn a_delta_sent_while_the_gateway_is_cut_off_is_applied_once_it_is_back() 
         return;
     };
     let proxy = Proxy::start(broker.port());
-    let home = Home::new(&proxy.url());
-    let (daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
+    let home = link_home(&proxy.url());
+    let (mut daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("k", 50)).await;
     cloud.reports.state(Presence::Online, Some(1)).await;
 
     proxy.cut();
@@ -749,7 +352,7 @@ async fn kill_during_the_large_snapshot(test: &str, kill_after: impl Fn(usize) -
     let Some(broker) = mosquitto_or_skip(test) else {
         return;
     };
-    let home = Home::new(&broker.url());
+    let home = link_home(&broker.url());
     let building = tokio::spawn(big_snapshot(home.target.clone()));
     let (mut daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
     let big = building.await.unwrap();
@@ -840,7 +443,7 @@ async fn large_snapshot_end_to_end_time() {
     let Some(broker) = mosquitto_or_skip("large_snapshot_end_to_end_time") else {
         return;
     };
-    let home = Home::new(&broker.url());
+    let home = link_home(&broker.url());
     let big = big_snapshot(home.target.clone()).await;
     let (_daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
     let started = Instant::now();
@@ -863,7 +466,7 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     else {
         return;
     };
-    let home = Home::new(&broker.url());
+    let home = link_home(&broker.url());
     let set = keys("k", 20);
     let (_daemon, mut cloud) = gateway_with(&broker, &home, 5, &set).await;
     cloud.reports.state(Presence::Online, Some(5)).await;

@@ -2,7 +2,7 @@
 //! the real mosquitto with a TLS listener that requires a client certificate, and a throw-away
 //! PKI made with the `openssl` command in a temporary directory.
 //!
-//! mosquitto also keeps a plain listener: the test's cloud ([`CloudClient`]) speaks plain TCP
+//! mosquitto also keeps a plain listener: the test's cloud ([`Cloud`]) speaks plain TCP
 //! only. Every wait polls a condition with a deadline; the daemon is killed if a test panics
 //! ([`Daemon`]'s `Drop`), and mosquitto by its own guard. Without `openssl` the tests that need
 //! it are skipped with a notice; without mosquitto they follow [`mosquitto_tls_or_skip`].
@@ -20,57 +20,19 @@
 //! - A `ca_file` without a PEM certificate stops the link from starting (`check-config` warns
 //!   and exits 0; `run` logs it and serves the doors on).
 
-use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
-use doorbridge::access::{CredentialKind, Key, UseLimit};
-use doorbridge::cloud::build;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
-use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
-use doorbridge::sim::cloud::{CloudClient, Message, hex};
-use doorbridge::store::Reader;
-use ed25519_dalek::SigningKey;
-use jiff::Timestamp;
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::broker::{Mosquitto, TlsListener, free_port, mosquitto_tls_or_skip, wait_for};
-use crate::fixtures::{self, SALT};
-use crate::util::{doorbridge, run};
-
-/// How long any one step may take.
-const WAIT: Duration = Duration::from_secs(30);
-/// The link logs failed connections at debug level.
-const LOG_FILTER: &str = "info,doorbridge::cloud::link=debug";
-/// What the daemon logs on each failed attempt to open its (missing) bus port: while these keep
-/// coming, the door side is being served.
-const BUS_RETRY: &str = "cannot open bus port";
-
-/// The cloud's signing key; its public half is the gateway's only trusted key.
-fn cloud_key() -> SigningKey {
-    SigningKey::from_bytes(&[7; 32])
-}
+use crate::gateway::{Cloud, Daemon, Home, WAIT, keys};
+use crate::util::{doorbridge, find_binary, run};
 
 // ---------------------------------------------------------------------------------------------
 // The PKI
 // ---------------------------------------------------------------------------------------------
-
-/// The `openssl` binary: the first on `PATH`, else `/usr/bin/openssl`.
-fn openssl_binary() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .map(|dir| dir.join("openssl"))
-        .chain([PathBuf::from("/usr/bin/openssl")])
-        .find(|candidate| candidate.is_file())
-}
 
 /// Extensions for the certificates, and an empty distinguished name section so that `openssl
 /// req` needs nothing from the system's `openssl.cnf` (subjects are given with `-subj`).
@@ -106,7 +68,7 @@ struct Pki {
 impl Pki {
     /// The PKI, or `None` (with a notice) if `openssl` is not installed.
     fn generate(test: &str) -> Option<Pki> {
-        let Some(openssl) = openssl_binary() else {
+        let Some(openssl) = find_binary("openssl", "/usr/bin/openssl") else {
             eprintln!("{test}: skipped: the openssl command is not installed");
             return None;
         };
@@ -202,311 +164,14 @@ fn pki_and_broker(test: &str) -> Option<(Pki, Mosquitto)> {
     Some((pki, broker))
 }
 
-// ---------------------------------------------------------------------------------------------
-// The gateway's files and process
-// ---------------------------------------------------------------------------------------------
-
-/// A gateway's configuration and store in a temporary directory.
-struct Home {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    db: PathBuf,
-    target: Target,
-    topics: Topics,
-}
-
-impl Home {
-    /// A gateway that talks to the broker at `url` with `[cloud.tls]` set to `tls` (key, file)
-    /// and trusts [`cloud_key`]. Its one bus names a serial port that does not exist, so the
-    /// bus task keeps retrying it ([`BUS_RETRY`]).
-    fn new(url: &str, tls: &[(&str, &Path)]) -> Home {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let db = dir.path().join("doorbridge.db");
-        let config = dir.path().join("doorbridge.toml");
-        let target = Target {
-            site: "site-tls".into(),
-            gateway: "gw-tls-1".into(),
-        };
-        let trusted = hex(cloud_key().verifying_key().as_bytes());
-        let tls = tls.iter().fold(String::new(), |mut text, (key, path)| {
-            writeln!(text, "{key} = \"{}\"", path.display()).expect("write to a string");
-            text
-        });
-        let text = format!(
-            r#"[gateway]
-id = "{gateway}"
-site_id = "{site}"
-[site]
-timezone = "Europe/Berlin"
-[cloud]
-url = "{url}"
-trusted_keys = ["{trusted}"]
-keepalive = "5s"
-[cloud.tls]
-{tls}[storage]
-path = "{db}"
-[[buses]]
-port = "{port}"
-[[buses.units]]
-address = 1
-door = "main"
-"#,
-            gateway = target.gateway,
-            site = target.site,
-            db = db.display(),
-            port = dir.path().join("no-such-tty").display(),
-        );
-        std::fs::write(&config, text).expect("write the configuration");
-        let topics = Topics::new(DEFAULT_PREFIX, &target).expect("topics");
-        Home {
-            _dir: dir,
-            config,
-            db,
-            target,
-            topics,
-        }
-    }
-
-    /// The live key set's version and size.
-    fn held(&self) -> (u64, u64) {
-        let set = Reader::open(&self.db)
-            .expect("the store opens read-only")
-            .key_set()
-            .expect("read the key set");
-        (set.version, set.keys)
-    }
-}
-
-/// `doorbridge run` as a child process; killed on drop (and its log printed if the test failed).
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    fn start(home: &Home) -> Daemon {
-        let mut child = doorbridge()
-            .arg("--config")
-            .arg(&home.config)
-            .arg("run")
-            .env("DOORBRIDGE_LOG", LOG_FILTER)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start doorbridge run");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Daemon { child, log }
-    }
-
-    /// The log lines so far that contain every one of `needles`.
-    fn lines(&self, needles: &[&str]) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| needles.iter().all(|n| l.contains(n)))
-            .cloned()
-            .collect()
-    }
-
-    fn count(&self, needles: &[&str]) -> usize {
-        self.lines(needles).len()
-    }
-
-    /// Waits until at least `n` log lines contain every one of `needles`; fails early if the
-    /// daemon exits meanwhile.
-    async fn until_logged(&mut self, needles: &[&str], n: usize) {
-        let what = format!("{n} log line(s) with {needles:?}");
-        let log = Arc::clone(&self.log);
-        let child = &mut self.child;
-        wait_for(WAIT, &what, || {
-            let seen = log
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|l| needles.iter().all(|needle| l.contains(needle)))
-                .count();
-            if seen >= n {
-                return Some(());
-            }
-            let exited = child.try_wait().expect("wait for the daemon");
-            assert!(exited.is_none(), "{what}: the daemon exited ({exited:?})");
-            None
-        })
-        .await;
-    }
-
-    /// Asserts that the daemon still serves its doors: its bus task goes on retrying the port
-    /// (one more [`BUS_RETRY`] line than now), and the process has not exited.
-    async fn assert_serving(&mut self) {
-        let retries = self.count(&[BUS_RETRY]);
-        self.until_logged(&[BUS_RETRY], retries + 1).await;
-        let exited = self.child.try_wait().expect("wait for the daemon");
-        assert!(exited.is_none(), "the daemon exited: {exited:?}");
-    }
-
-    /// SIGTERM, as systemd stops it; returns how it exited.
-    async fn terminate(&mut self) -> ExitStatus {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill -TERM the daemon");
-        let child = &mut self.child;
-        wait_for(WAIT, "the daemon to exit", || {
-            child.try_wait().expect("wait for the daemon")
-        })
-        .await
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
-            let tail = log.len().saturating_sub(60);
-            eprintln!("--- doorbridge log (last {} lines) ---", log.len() - tail);
-            for line in &log[tail..] {
-                eprintln!("{line}");
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The cloud's side (plain TCP)
-// ---------------------------------------------------------------------------------------------
-
-/// The test's cloud on the broker's plain listener, hearing the gateway's `state` and `sync`.
-struct Cloud {
-    client: CloudClient,
-    rx: UnboundedReceiver<Message>,
-    topics: Topics,
-    target: Target,
-    /// Every report received so far, for failure messages.
-    seen: Vec<(Channel, Report)>,
-}
-
-impl Cloud {
-    async fn connect(broker: &Mosquitto, home: &Home) -> Cloud {
-        let client = CloudClient::connect(&broker.url(), "cloud")
-            .await
-            .expect("the cloud connects");
-        let state = home.topics.topic(Channel::State);
-        let filter = format!("{}+", state.strip_suffix("state").expect("…/state"));
-        let rx = client.subscribe(&filter).await.expect("subscribe");
-        Cloud {
-            client,
-            rx,
-            topics: home.topics.clone(),
-            target: home.target.clone(),
-            seen: Vec::new(),
-        }
-    }
-
-    fn decode(&mut self, (topic, payload): Message) -> (Channel, Report) {
-        let channel = self
-            .topics
-            .channel_of(&topic)
-            .unwrap_or_else(|| panic!("a report on a foreign topic {topic}"));
-        let report = Report::decode(&payload)
-            .unwrap_or_else(|e| panic!("an undecodable report on {topic}: {e}"));
-        self.seen.push((channel, report.clone()));
-        (channel, report)
-    }
-
-    /// The next report for which `want` holds.
-    async fn next(&mut self, what: &str, mut want: impl FnMut(Channel, &Report) -> bool) -> Report {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Ok(Some(message)) => {
-                    let (channel, report) = self.decode(message);
-                    if want(channel, &report) {
-                        return report;
-                    }
-                }
-                Ok(None) => panic!("{what}: the cloud client stopped; seen {:#?}", self.seen),
-                Err(elapsed) => panic!("{what}: {elapsed} ({WAIT:?}); seen {:#?}", self.seen),
-            }
-        }
-    }
-
-    /// Every report received so far (without waiting).
-    fn received(&mut self) -> &[(Channel, Report)] {
-        loop {
-            match self.rx.try_recv() {
-                Ok(message) => {
-                    self.decode(message);
-                }
-                Err(TryRecvError::Empty) => return &self.seen,
-                Err(TryRecvError::Disconnected) => panic!("the cloud client stopped"),
-            }
-        }
-    }
-
-    async fn online(&mut self, held: u64) {
-        let gateway = self.target.gateway.clone();
-        self.next(&format!("state online (held {held})"), |channel, r| {
-            channel == Channel::State
-                && *r
-                    == Report::State {
-                        state: Presence::Online,
-                        gateway: gateway.clone(),
-                        held: Some(held),
-                    }
-        })
-        .await;
-    }
-
-    /// Publishes a snapshot of `keys` as `version` and waits for its `applied` report.
-    async fn install(&mut self, version: u64, keys: &[Key]) -> Report {
-        let snapshot = build::snapshot(
-            &self.target,
-            version,
-            Timestamp::now(),
-            SALT,
-            keys,
-            &cloud_key(),
-        )
-        .expect("build a snapshot");
-        self.client
-            .publish_snapshot(&self.topics, &snapshot)
-            .await
-            .expect("publish the snapshot");
-        let report = self
-            .next(&format!("applied {version}"), |channel, _| {
-                channel == Channel::Sync
-            })
-            .await;
-        assert!(
-            matches!(report, Report::Applied { version: v, .. } if v == version),
-            "expected applied {version}, got {report:?}"
-        );
-        report
-    }
-}
-
-/// `n` keys `{prefix}{i}` with PIN `{prefix}{i}`.
-fn keys(prefix: &str, n: usize) -> Vec<Key> {
-    (0..n)
-        .map(|i| {
-            let id = format!("{prefix}{i}");
-            fixtures::key(&id, CredentialKind::Pin, &id, UseLimit::Unlimited)
-        })
-        .collect()
+/// The gateway of these tests (its client certificate's subject), talking to the broker at
+/// `url` with `[cloud.tls]` set to `tls` (key, file).
+fn tls_home(url: &str, tls: &[(&str, &Path)]) -> Home {
+    let target = Target {
+        site: "site-tls".into(),
+        gateway: "gw-tls-1".into(),
+    };
+    Home::new(url, target, tls)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -520,7 +185,7 @@ async fn connects_over_tls(test: &str, host: &str) {
         return;
     };
     let port = broker.tls_port().expect("a TLS listener");
-    let home = Home::new(
+    let home = tls_home(
         &format!("mqtts://{host}:{port}"),
         &[
             ("ca_file", &pki.ca_file()),
@@ -528,10 +193,10 @@ async fn connects_over_tls(test: &str, host: &str) {
             ("key_file", &pki.client_key()),
         ],
     );
-    let mut cloud = Cloud::connect(&broker, &home).await;
+    let mut cloud = Cloud::connect(&broker.url(), &home, "cloud").await;
     let mut daemon = Daemon::start(&home);
     // It can only have reached the broker through the TLS listener: that is its URL.
-    cloud.online(0).await;
+    cloud.reports.state(Presence::Online, Some(0)).await;
     let applied = cloud.install(1, &keys("k", 5)).await;
     assert!(
         matches!(applied, Report::Applied { keys: Some(5), .. }),
@@ -571,8 +236,9 @@ async fn never_online(home: &Home, cloud: &mut Cloud, needles: &[&str]) {
     let mut daemon = Daemon::start(home);
     let mut failed = vec!["broker connection failed"];
     failed.extend_from_slice(needles);
-    daemon.until_logged(&failed, 2).await;
+    daemon.until_logged(&failed, 2, WAIT).await;
     let online: Vec<_> = cloud
+        .reports
         .received()
         .iter()
         .filter(|(_, r)| {
@@ -603,7 +269,7 @@ async fn a_broker_with_a_certificate_from_another_ca_is_refused() {
         return;
     };
     let port = broker.tls_port().expect("a TLS listener");
-    let home = Home::new(
+    let home = tls_home(
         &format!("mqtts://localhost:{port}"),
         &[
             ("ca_file", &pki.other_ca_file()),
@@ -611,7 +277,7 @@ async fn a_broker_with_a_certificate_from_another_ca_is_refused() {
             ("key_file", &pki.client_key()),
         ],
     );
-    let mut cloud = Cloud::connect(&broker, &home).await;
+    let mut cloud = Cloud::connect(&broker.url(), &home, "cloud").await;
     never_online(
         &home,
         &mut cloud,
@@ -630,11 +296,11 @@ async fn a_gateway_without_a_client_certificate_is_refused_by_the_broker() {
         return;
     };
     let port = broker.tls_port().expect("a TLS listener");
-    let home = Home::new(
+    let home = tls_home(
         &format!("mqtts://localhost:{port}"),
         &[("ca_file", &pki.ca_file())],
     );
-    let mut cloud = Cloud::connect(&broker, &home).await;
+    let mut cloud = Cloud::connect(&broker.url(), &home, "cloud").await;
     never_online(&home, &mut cloud, &["received fatal alert"]).await;
     // And mosquitto says why (OpenSSL's words).
     wait_for(WAIT, "mosquitto to log the missing certificate", || {
@@ -652,7 +318,7 @@ async fn a_bad_ca_file_is_reported_by_check_config_and_the_daemon_keeps_running(
     let files = tempfile::tempdir().expect("temporary directory");
     let ca = files.path().join("ca.pem");
     std::fs::write(&ca, "this is not a certificate\n").expect("write the bad CA file");
-    let home = Home::new(
+    let home = tls_home(
         &format!("mqtts://localhost:{}", free_port()),
         &[("ca_file", &ca)],
     );
@@ -672,7 +338,7 @@ async fn a_bad_ca_file_is_reported_by_check_config_and_the_daemon_keeps_running(
     assert!(checked.stdout.contains("[cloud.tls]"), "{checked:?}");
 
     let mut daemon = Daemon::start(&home);
-    daemon.until_logged(&["store open"], 1).await;
+    daemon.until_logged(&["store open"], 1, WAIT).await;
     daemon
         .until_logged(
             &[
@@ -680,6 +346,7 @@ async fn a_bad_ca_file_is_reported_by_check_config_and_the_daemon_keeps_running(
                 "holds no usable PEM certificate",
             ],
             1,
+            WAIT,
         )
         .await;
     daemon.assert_serving().await;

@@ -6,6 +6,7 @@ mod cloud_sim;
 mod config;
 mod daemon;
 mod fixtures;
+mod gateway;
 mod link;
 mod link_reference;
 mod link_tls;
