@@ -179,7 +179,8 @@ pub struct CloudConfig {
     /// MQTT keep-alive interval (whole seconds, 5 s to 65535 s).
     #[serde(with = "duration")]
     pub keepalive: Duration,
-    /// The largest MQTT payload accepted or sent, in bytes.
+    /// The largest MQTT payload the gateway sends, in bytes (inbound messages are bounded by
+    /// the protocol's own limits).
     #[serde(with = "byte_size")]
     pub max_payload: u64,
     pub tls: TlsConfig,
