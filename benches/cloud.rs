@@ -52,6 +52,14 @@ const SITE: &str = "bench";
 const WAIT: Duration = Duration::from_secs(30);
 /// How long a whole snapshot may take before the run gives up on it.
 const BIG_WAIT: Duration = Duration::from_secs(900);
+/// The pause before each timed revocation. The reference cloud client, the gateway's link and
+/// rumqttd all leave Nagle's algorithm on (no `TCP_NODELAY`): a publish that follows a small
+/// unacknowledged packet (the client's `PubAck` of the report it just received) waits for the
+/// peer's delayed ACK, up to ~40 ms on Linux. The pause lets that ACK go out first, as it has
+/// for a revocation that does not come right after another exchange.
+const PAUSE: Duration = Duration::from_millis(200);
+/// Revocations timed back to back after the paused ones, to show that delay.
+const BACK_TO_BACK: usize = 20;
 /// How long the daemon is left idle, holding the set, for P7.
 const IDLE: Duration = Duration::from_secs(5);
 /// Keys per transaction in the reference insert: the store stages 5,000 keys per transaction.
@@ -417,6 +425,8 @@ struct Revocation {
     to_deny: Vec<Duration>,
     /// Publish of the revoking delta → its `applied` report.
     to_applied: Vec<Duration>,
+    /// Publish → "revoked" when the revocation follows the upsert's exchange at once.
+    back_to_back_deny: Vec<Duration>,
     /// Presentations per sample until the deny (the first ones still granted).
     presentations: usize,
     /// Keys in the set the revocations run against.
@@ -483,12 +493,10 @@ struct Rig {
 
 impl Rig {
     /// Starts everything and waits until the unit is known and the gateway is online.
-    async fn start() -> Rig {
-        let url = start_rumqttd();
-        let gateway = "gw-revoke";
+    async fn start(url: &str, gateway: &str) -> Rig {
         let target = target(gateway);
         let topics = topics(&target);
-        let cloud = CloudClient::connect(&url, "bench-cloud")
+        let cloud = CloudClient::connect(url, &format!("bench-cloud-{gateway}"))
             .await
             .expect("the cloud connects");
         let mut reports = Reports::subscribe(&cloud, &topics).await;
@@ -515,7 +523,7 @@ impl Rig {
             .await;
         });
         let mut door = Door { commands, outputs };
-        let config = daemon_config(&db, &link, &url, gateway);
+        let config = daemon_config(&db, &link, url, gateway);
         let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
         let daemon = tokio::spawn(async move {
             doorbridge::daemon::serve(&config, async {
@@ -555,9 +563,10 @@ impl Rig {
     }
 }
 
-async fn revocation(samples: usize) -> Revocation {
+/// P5 through the broker at `url`, as gateway `gateway`.
+async fn revocation(url: &str, gateway: &str, samples: usize) -> Revocation {
     const BASE_KEYS: usize = 1_000;
-    let mut rig = Rig::start().await;
+    let mut rig = Rig::start(url, gateway).await;
     let base: Vec<Key> = (0..BASE_KEYS)
         .map(|i| {
             let secret = format!("qr-base-{i}");
@@ -573,8 +582,9 @@ async fn revocation(samples: usize) -> Revocation {
     let mut version = 1;
     let mut to_deny = Vec::with_capacity(samples);
     let mut to_applied = Vec::with_capacity(samples);
+    let mut back_to_back_deny = Vec::with_capacity(BACK_TO_BACK);
     let mut presentations = 0;
-    for i in 0..samples {
+    for i in 0..samples + BACK_TO_BACK {
         let id = format!("fresh{i}");
         let secret = format!("qr-fresh-{i}").into_bytes();
         let fresh = key(id.clone(), CredentialKind::Qr, &secret);
@@ -592,6 +602,12 @@ async fn revocation(samples: usize) -> Revocation {
 
         let revoke = delta(&rig.target, version, &[], &[id]);
         version += 1;
+        // An independent revocation, not one sent the instant the previous exchange ended:
+        // the last samples go back to back (see `PAUSE`).
+        let back_to_back = i >= samples;
+        if !back_to_back {
+            tokio::time::sleep(PAUSE).await;
+        }
         let started = Instant::now();
         let (cloud, reports, door) = (&rig.cloud, &mut rig.reports, &mut rig.door);
         let publish_and_applied = async {
@@ -616,15 +632,21 @@ async fn revocation(samples: usize) -> Revocation {
             }
         };
         let (applied_at, denied_at) = tokio::join!(publish_and_applied, until_denied);
-        to_applied.push(applied_at - started);
-        to_deny.push(denied_at - started);
+        if back_to_back {
+            back_to_back_deny.push(denied_at - started);
+        } else {
+            to_applied.push(applied_at - started);
+            to_deny.push(denied_at - started);
+        }
     }
     rig.stop().await;
     to_deny.sort();
     to_applied.sort();
+    back_to_back_deny.sort();
     Revocation {
         to_deny,
         to_applied,
+        back_to_back_deny,
         presentations,
         base_keys: BASE_KEYS,
     }
@@ -758,6 +780,8 @@ struct SnapshotRun {
     idle_rss: u64,
     idle_writes: u64,
     reference: Duration,
+    /// The same insert with one transaction per chunk's worth of keys, as the gateway stages.
+    reference_per_chunk: Duration,
 }
 
 /// Installs `n` keys over mosquitto into a fresh `doorbridge run`, then the reference insert.
@@ -828,11 +852,17 @@ async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
     daemon.stop();
     drop(cloud);
 
-    let reference = {
+    let per_chunk = n.div_ceil(snap.chunks.len().max(1));
+    let (reference, reference_per_chunk) = {
         let keys = Arc::clone(&keys);
-        tokio::task::spawn_blocking(move || reference_insert(&keys))
-            .await
-            .expect("the reference insert")
+        tokio::task::spawn_blocking(move || {
+            (
+                reference_insert(&keys, REFERENCE_BATCH),
+                reference_insert(&keys, per_chunk),
+            )
+        })
+        .await
+        .expect("the reference insert")
     };
     SnapshotRun {
         keys: n,
@@ -846,13 +876,14 @@ async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
         idle_rss,
         idle_writes,
         reference,
+        reference_per_chunk,
     }
 }
 
 /// The reference: a raw rusqlite bulk insert of the same rows into the store's own schema
-/// (WAL, `synchronous=FULL`, one transaction per 5,000 keys, prepared statements), the rules
+/// (WAL, `synchronous=FULL`, one transaction per `batch` keys, prepared statements), the rules
 /// encoded as CBOR beforehand the way the store encodes them. Returns the insert time.
-fn reference_insert(keys: &[Key]) -> Duration {
+fn reference_insert(keys: &[Key], batch: usize) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut conn = rusqlite::Connection::open(dir.path().join("reference.db")).expect("open");
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -873,10 +904,7 @@ fn reference_insert(keys: &[Key]) -> Duration {
         })
         .collect();
     let started = Instant::now();
-    for (batch, blobs) in keys
-        .chunks(REFERENCE_BATCH)
-        .zip(rules.chunks(REFERENCE_BATCH))
-    {
+    for (batch, blobs) in keys.chunks(batch).zip(rules.chunks(batch)) {
         let tx = conn.transaction().expect("begin");
         {
             let mut put_key = tx
@@ -913,17 +941,36 @@ fn reference_insert(keys: &[Key]) -> Duration {
 // Report
 // ---------------------------------------------------------------------------------------------
 
-fn revocation_table(r: &Revocation) -> String {
+/// P5 through rumqttd (the figure) and, beside it, through mosquitto (the reference broker).
+fn revocation_table(r: &Revocation, mosquitto: Option<&Revocation>) -> String {
     let samples = r.to_deny.len();
-    format!(
+    let mut table = format!(
         "| figure | p50 | p99 | target |\n| --- | --- | --- | --- |\n\
-         | P5 revocation: delta publish → \"revoked\" at the door ({samples} samples) | {} | {} | p99 ≤ 100 ms on a loopback broker |\n\
-         | delta publish → `applied` report | {} | {} | — |\n",
+         | P5 revocation: delta publish → \"revoked\" at the door, rumqttd ({samples} samples) | {} | {} | p99 ≤ 100 ms on a loopback broker |\n\
+         | delta publish → `applied` report, rumqttd | {} | {} | — |\n\
+         | publish → \"revoked\", rumqttd, back to back ({BACK_TO_BACK} samples, no pause) | {} | {} | — |\n",
         ms(percentile(&r.to_deny, 50)),
         ms(percentile(&r.to_deny, 99)),
         ms(percentile(&r.to_applied, 50)),
         ms(percentile(&r.to_applied, 99)),
-    )
+        ms(percentile(&r.back_to_back_deny, 50)),
+        ms(percentile(&r.back_to_back_deny, 99)),
+    );
+    if let Some(m) = mosquitto {
+        let _ = write!(
+            table,
+            "| the same through mosquitto: publish → \"revoked\" | {} | {} | reference broker |\n\
+             | the same through mosquitto: publish → `applied` | {} | {} | — |\n\
+             | the same through mosquitto: publish → \"revoked\", back to back | {} | {} | — |\n",
+            ms(percentile(&m.to_deny, 50)),
+            ms(percentile(&m.to_deny, 99)),
+            ms(percentile(&m.to_applied, 50)),
+            ms(percentile(&m.to_applied, 99)),
+            ms(percentile(&m.back_to_back_deny, 50)),
+            ms(percentile(&m.back_to_back_deny, 99)),
+        );
+    }
+    table
 }
 
 fn snapshot_table(runs: &[SnapshotRun]) -> String {
@@ -975,13 +1022,32 @@ fn snapshot_notes(runs: &[SnapshotRun]) -> String {
         );
         let _ = writeln!(
             notes,
-            "- {} keys: snapshot built in {}; {staging}; reference insert {}.",
+            "- {} keys: snapshot built in {}; {staging}; reference insert {} ({}/s); the same \
+             with one transaction per chunk's worth of keys (~{}, as the gateway commits) {} \
+             ({}/s).",
             thousands(run.keys as u64),
             secs(run.built),
             secs(run.reference),
+            rate(run.keys as f64 / run.reference.as_secs_f64()),
+            run.keys.div_ceil(run.chunks.max(1)),
+            secs(run.reference_per_chunk),
+            rate(run.keys as f64 / run.reference_per_chunk.as_secs_f64()),
         );
     }
     notes
+}
+
+/// Total time (µs) some task stalled on I/O, from `/proc/pressure/io` (0 if unavailable).
+fn io_stall_us() -> u64 {
+    std::fs::read_to_string("/proc/pressure/io")
+        .ok()
+        .and_then(|p| {
+            p.lines()
+                .next()
+                .and_then(|l| l.rsplit_once("total="))
+                .and_then(|(_, t)| t.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The CPU model and core count, as `/proc/cpuinfo` names them.
@@ -1009,11 +1075,16 @@ fn main() {
         .build()
         .expect("runtime");
 
-    let revoked = rt.block_on(revocation(samples));
-    let p5 = revocation_table(&revoked);
+    let (run_started, stall_before) = (Instant::now(), io_stall_us());
+    let mosquitto = Mosquitto::start();
+    let revoked = rt.block_on(revocation(&start_rumqttd(), "gw-revoke", samples));
+    let revoked_mosquitto = mosquitto
+        .as_ref()
+        .map(|broker| rt.block_on(revocation(&broker.url(), "gw-revoke-m", samples)));
+    let p5 = revocation_table(&revoked, revoked_mosquitto.as_ref());
     println!("{p5}");
 
-    let (p4, p4_note) = if let Some(broker) = Mosquitto::start() {
+    let (p4, p4_note) = if let Some(broker) = &mosquitto {
         let runs: Vec<SnapshotRun> = sizes
             .iter()
             .map(|&n| {
@@ -1034,14 +1105,23 @@ fn main() {
         (skipped, "without a broker".to_owned())
     };
 
+    // The disk may be shared: how much of the run something waited on it.
+    let stalled = (io_stall_us().saturating_sub(stall_before)) as f64
+        / run_started.elapsed().as_micros().max(1) as f64;
     let section = format!(
         "<!-- bench:cloud -->\n### Cloud link over MQTT (`cargo bench --bench cloud`)\n\n\
-         Measured {when} on {machine}{quick}.\n\n\
+         Measured {when} on {machine}{quick}; some task was stalled on I/O for {stalled:.0} % \
+         of the run (`/proc/pressure/io`: the disk is shared, and fsync-bound figures vary \
+         with it).\n\n\
          **P5 revocation.** In-process rumqttd on loopback, the daemon in process (`serve`) with \
          one simulated unit on a pty, {base} keys held. Per sample: a fresh QR key upserted by a \
          delta and granted at the door; then a delta revoking it is published and the \
          credential presented again and again until the door answers \"revoked\" (on average \
-         {per:.1} presentations per sample).\n\n{p5}\n\
+         {per:.1} presentations per sample). Each timed revocation starts {pause} ms after the \
+         previous exchange, as an independent one would; the back-to-back rows start at once \
+         and show what Nagle's algorithm costs (no `TCP_NODELAY` in the reference cloud client, \
+         the gateway's link or rumqttd: a publish right after a small unacknowledged `PubAck` \
+         waits for the peer's delayed ACK).\n\n{p5}\n\
          **P4 snapshot apply, P7 idle.** The real `doorbridge run` binary (bench profile) as a \
          child, its bus on a serial port that does not exist, {p4_note} (reference broker, no \
          persistence, unlimited queues, 100 in flight), one fresh store per size. Keys: one \
@@ -1055,8 +1135,11 @@ fn main() {
         machine = machine(),
         quick = if quick { " (--quick)" } else { "" },
         base = thousands(revoked.base_keys as u64),
-        per = revoked.presentations as f64 / revoked.to_deny.len() as f64,
+        per = revoked.presentations as f64
+            / (revoked.to_deny.len() + revoked.back_to_back_deny.len()) as f64,
         idle = IDLE.as_secs(),
+        pause = PAUSE.as_millis(),
+        stalled = stalled * 100.0,
         batch = thousands(REFERENCE_BATCH as u64),
     );
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
