@@ -1,3 +1,1159 @@
-//! The cloud link's figures (written by the next commit).
+//! The cloud link end to end over real MQTT, each figure beside its target or reference:
+//!
+//! - P5 revocation latency: an in-process rumqttd on a free port, the daemon in process
+//!   (`daemon::serve`) with one simulated door unit on a pty. Per sample a fresh key is upserted
+//!   by a delta (waiting for `applied`) and granted at the door; then the clock starts, a delta
+//!   revoking it is published, and the credential is presented again and again until the door
+//!   answers "revoked". Also publish → `applied` report. p50/p99.
+//! - P4 snapshot apply: the real `doorbridge run` binary as a child (so its memory is its own)
+//!   against the real mosquitto spawned here, for 100,000 and 1,000,000 keys: first publish →
+//!   `applied`, the publish itself, the daemon's peak RSS at `applied`, its RSS and its disk
+//!   writes after ~5 s idle holding the set (P7), beside a raw rusqlite bulk insert of the same
+//!   rows into the same schema (the reference, measured in the same run).
+//!
+//! Run with `cargo bench --bench cloud` (add `-- --quick` for a short run: 20 revocations and one
+//! 20,000-key snapshot). Writes its section of `docs/performance.md`. Without mosquitto the
+//! snapshot part is skipped, and the section says so.
 
-fn main() {}
+// Rates, sizes and sample counts are small; float conversions are for display.
+#![allow(clippy::cast_precision_loss)]
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use doorbridge::access::{
+    Category, Credential, CredentialKind, DenyReason, Key, KeyRules, Schedule, UseLimit, credential,
+};
+use doorbridge::bus::frame::Address;
+use doorbridge::bus::session::Answer;
+use doorbridge::cloud::build::{self, SignedSnapshot};
+use doorbridge::cloud::payload::Target;
+use doorbridge::cloud::report::{Presence, Report};
+use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
+use doorbridge::config::Config;
+use doorbridge::sim::cloud::{CloudClient, Message, hex};
+use doorbridge::sim::{
+    HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
+};
+use ed25519_dalek::SigningKey;
+use jiff::Timestamp;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tokio::sync::oneshot;
+
+const SALT: &[u8] = b"bench-salt";
+const SITE: &str = "bench";
+/// Any one wait for a small message.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long a whole snapshot may take before the run gives up on it.
+const BIG_WAIT: Duration = Duration::from_secs(900);
+/// The pause before each timed revocation. The reference cloud client, the gateway's link and
+/// rumqttd all leave Nagle's algorithm on (no `TCP_NODELAY`): a publish that follows a small
+/// unacknowledged packet (the client's `PubAck` of the report it just received) waits for the
+/// peer's delayed ACK, up to ~40 ms on Linux. The pause lets that ACK go out first, as it has
+/// for a revocation that does not come right after another exchange.
+const PAUSE: Duration = Duration::from_millis(200);
+/// Revocations timed back to back after the paused ones, to show that delay.
+const BACK_TO_BACK: usize = 20;
+/// How long the daemon is left idle, holding the set, for P7.
+const IDLE: Duration = Duration::from_secs(5);
+/// Keys per transaction in the reference insert: the store stages 5,000 keys per transaction.
+const REFERENCE_BATCH: usize = 5_000;
+/// Largest MQTT packet the brokers accept: a chunk envelope is 128 KiB + 256 bytes.
+const MAX_PACKET: usize = 1024 * 1024;
+
+/// The cloud's signing key; its public half is the gateway's only trusted key.
+fn cloud_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn target(gateway: &str) -> Target {
+    Target {
+        site: SITE.into(),
+        gateway: gateway.into(),
+    }
+}
+
+fn topics(target: &Target) -> Topics {
+    Topics::new(DEFAULT_PREFIX, target).expect("topics")
+}
+
+/// A small realistic key: one credential, one door (`main`), unlimited, no schedule.
+fn key(id: String, kind: CredentialKind, secret: &[u8]) -> Key {
+    Key {
+        rules: KeyRules {
+            name: format!("key {id}"),
+            id,
+            category: Category::Renter,
+            doors: vec!["main".to_owned()],
+            opens_inner_door: false,
+            valid_from: None,
+            valid_until: None,
+            schedule: Schedule::Always,
+            use_limit: UseLimit::Unlimited,
+            welcome: None,
+            floors: vec![],
+            revoked: false,
+        },
+        credentials: vec![Credential {
+            kind,
+            digest: credential::digest(SALT, kind, secret),
+        }],
+    }
+}
+
+/// `n` keys `k0000000…` with unique 8-digit PINs.
+fn pin_keys(n: usize) -> Vec<Key> {
+    (0..n)
+        .map(|i| {
+            let pin = format!("{i:08}");
+            key(format!("k{i:07}"), CredentialKind::Pin, pin.as_bytes())
+        })
+        .collect()
+}
+
+/// The `p`-th percentile (nearest rank) of sorted samples.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (p * sorted.len()).div_ceil(100);
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// `12345678` → `12,345,678`.
+fn thousands(n: u64) -> String {
+    group_digits(&n.to_string())
+}
+
+/// A rate, rounded, in thousands.
+fn rate(per_second: f64) -> String {
+    group_digits(&format!("{per_second:.0}"))
+}
+
+fn group_digits(digits: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Brokers
+// ---------------------------------------------------------------------------------------------
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local address").port()
+}
+
+fn accepts(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// An rumqttd (MQTT 3.1.1) on 127.0.0.1:`port`, as `tests/it/broker.rs` configures it.
+fn rumqttd_config(port: u16) -> rumqttd::Config {
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: MAX_PACKET,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings {
+        name: format!("v4-{port}"),
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections,
+    };
+    rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 128 * 1024 * 1024,
+            max_segment_count: 4,
+            ..rumqttd::RouterConfig::default()
+        },
+        v4: Some(HashMap::from([("1".to_owned(), server)])),
+        ..rumqttd::Config::default()
+    }
+}
+
+/// Starts an in-process rumqttd on a free port (its threads run until the process exits:
+/// rumqttd has no shutdown) and returns its URL once it accepts connections.
+fn start_rumqttd() -> String {
+    for _ in 0..5 {
+        let port = free_port();
+        let config = rumqttd_config(port);
+        let thread = std::thread::Builder::new()
+            .name(format!("rumqttd-{port}"))
+            .spawn(move || {
+                rumqttd::Broker::new(config)
+                    .start()
+                    .map_err(|e| e.to_string())
+            })
+            .expect("spawn the rumqttd thread");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !thread.is_finished() {
+            if accepts(port) {
+                return format!("mqtt://127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("rumqttd could not bind a free port in 5 tries");
+}
+
+/// The real mosquitto on a free port, killed on drop.
+struct Mosquitto {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn binary() -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+            .unwrap_or_default();
+        on_path
+            .into_iter()
+            .map(|dir| dir.join("mosquitto"))
+            .chain([PathBuf::from("/usr/sbin/mosquitto")])
+            .find(|candidate| candidate.is_file())
+    }
+
+    /// Starts it (no persistence, unlimited queues, large packets); `None` if not installed.
+    fn start() -> Option<Mosquitto> {
+        let binary = Self::binary()?;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir for mosquitto");
+            let port = free_port();
+            let config = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+                     persistence false\nmax_packet_size {MAX_PACKET}\n\
+                     max_inflight_messages 100\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+                     set_tcp_nodelay true\nlog_dest file {}/mosquitto.log\n",
+                    dir.path().display()
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let mut child = Command::new(&binary)
+                .arg("-c")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start mosquitto");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().expect("wait for mosquitto").is_some() {
+                    break;
+                }
+                if accepts(port) {
+                    return Some(Mosquitto {
+                        port,
+                        child,
+                        _dir: dir,
+                    });
+                }
+                assert!(Instant::now() < deadline, "mosquitto did not start in 10 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("mosquitto could not bind a free port in 5 tries");
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// `mosquitto -h` prints its version on the first line.
+    fn version() -> String {
+        Self::binary()
+            .and_then(|b| Command::new(b).arg("-h").output().ok())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cloud's side
+// ---------------------------------------------------------------------------------------------
+
+/// The gateway's `state` and `sync` reports as they arrive.
+struct Reports {
+    rx: UnboundedReceiver<Message>,
+    topics: Topics,
+}
+
+impl Reports {
+    async fn subscribe(client: &CloudClient, topics: &Topics) -> Reports {
+        let state = topics.topic(Channel::State);
+        let filter = format!("{}+", state.strip_suffix("state").expect("…/state"));
+        let rx = client.subscribe(&filter).await.expect("subscribe");
+        Reports {
+            rx,
+            topics: topics.clone(),
+        }
+    }
+
+    /// The next report on `state` or `sync` for which `want` holds.
+    async fn next(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut want: impl FnMut(&Report) -> bool,
+    ) -> Result<Report, String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some((topic, payload))) => {
+                    if !matches!(
+                        self.topics.channel_of(&topic),
+                        Some(Channel::State | Channel::Sync)
+                    ) {
+                        continue;
+                    }
+                    let report = Report::decode(&payload)
+                        .map_err(|e| format!("an undecodable report on {topic}: {e}"))?;
+                    if want(&report) {
+                        return Ok(report);
+                    }
+                }
+                Ok(None) => return Err(format!("{what}: the cloud client stopped")),
+                Err(_) => return Err(format!("{what}: nothing within {within:?}")),
+            }
+        }
+    }
+
+    async fn online(&mut self) -> Result<(), String> {
+        self.next("the online state", WAIT, |r| {
+            matches!(
+                r,
+                Report::State {
+                    state: Presence::Online,
+                    ..
+                }
+            )
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Waits for `applied` of `version`; a rejection or resync request first is an error.
+    async fn applied(&mut self, version: u64, within: Duration) -> Result<Instant, String> {
+        let what = format!("applied {version}");
+        let report = self
+            .next(&what, within, |r| {
+                matches!(
+                    r,
+                    Report::Applied { .. } | Report::Rejected { .. } | Report::Resync { .. }
+                )
+            })
+            .await?;
+        match report {
+            Report::Applied { version: v, .. } if v == version => Ok(Instant::now()),
+            other => Err(format!("{what}: the gateway sent {other:?} first")),
+        }
+    }
+}
+
+fn delta(target: &Target, from: u64, upserts: &[Key], deletes: &[String]) -> Vec<u8> {
+    build::delta(
+        target,
+        from,
+        from + 1,
+        Timestamp::now(),
+        upserts,
+        deletes,
+        &cloud_key(),
+    )
+    .expect("build a delta")
+}
+
+fn snapshot(target: &Target, version: u64, keys: &[Key]) -> SignedSnapshot {
+    build::snapshot(target, version, Timestamp::now(), SALT, keys, &cloud_key())
+        .expect("build a snapshot")
+}
+
+// ---------------------------------------------------------------------------------------------
+// P5: revocation latency, in process
+// ---------------------------------------------------------------------------------------------
+
+struct Revocation {
+    /// Publish of the revoking delta → the door's "revoked".
+    to_deny: Vec<Duration>,
+    /// Publish of the revoking delta → its `applied` report.
+    to_applied: Vec<Duration>,
+    /// Publish → "revoked" when the revocation follows the upsert's exchange at once.
+    back_to_back_deny: Vec<Duration>,
+    /// Presentations per sample until the deny (the first ones still granted).
+    presentations: usize,
+    /// Keys in the set the revocations run against.
+    base_keys: usize,
+}
+
+fn daemon_config(db: &Path, link: &Path, url: &str, gateway: &str) -> Config {
+    let trusted = hex(cloud_key().verifying_key().as_bytes());
+    let text = format!(
+        "[gateway]\nid = \"{gateway}\"\nsite_id = \"{SITE}\"\n[site]\ntimezone = \"Europe/Berlin\"\n\
+         [cloud]\nurl = \"{url}\"\ntrusted_keys = [\"{trusted}\"]\nkeepalive = \"5s\"\n\
+         [storage]\npath = \"{}\"\n[[buses]]\nname = \"bench\"\nport = \"{}\"\n\
+         response_timeout = \"50ms\"\npoll_interval = \"10ms\"\n\
+         [[buses.units]]\naddress = 1\ndoor = \"main\"\n",
+        db.display(),
+        link.display()
+    );
+    Config::from_toml_str(&text, "bench.toml").expect("bench config")
+}
+
+/// The door unit's side: present a credential, get the decision.
+struct Door {
+    commands: mpsc::Sender<SimCommand>,
+    outputs: mpsc::Receiver<Output>,
+}
+
+impl Door {
+    async fn present(&mut self, secret: &[u8]) -> Answer {
+        let unit = Address::unit(1).expect("addr");
+        self.commands
+            .send(SimCommand::Verify {
+                unit,
+                kind: CredentialKind::Qr,
+                value: secret.to_vec(),
+                reader: 0,
+            })
+            .await
+            .expect("sim");
+        loop {
+            let out = tokio::time::timeout(WAIT, self.outputs.recv())
+                .await
+                .expect("a decision in time")
+                .expect("sim output");
+            if let Output::Decision { answer, .. } = out {
+                return answer;
+            }
+        }
+    }
+}
+
+/// The in-process rig of P5: rumqttd, the cloud client, the daemon and its one door unit.
+struct Rig {
+    cloud: CloudClient,
+    reports: Reports,
+    target: Target,
+    topics: Topics,
+    door: Door,
+    stop_daemon: oneshot::Sender<()>,
+    daemon: tokio::task::JoinHandle<Result<(), doorbridge::daemon::DaemonError>>,
+    stop_sim: oneshot::Sender<()>,
+    sim: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Starts everything and waits until the unit is known and the gateway is online.
+    async fn start(url: &str, gateway: &str) -> Rig {
+        let target = target(gateway);
+        let topics = topics(&target);
+        let cloud = CloudClient::connect(url, &format!("bench-cloud-{gateway}"))
+            .await
+            .expect("the cloud connects");
+        let mut reports = Reports::subscribe(&cloud, &topics).await;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("doorbridge.db");
+        let link = dir.path().join("ttyBENCH");
+        let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
+        let units =
+            SimUnits::new(&[Address::unit(1).expect("addr")], SimConfig::default()).expect("sim");
+        let (commands, command_rx) = mpsc::channel(16);
+        let (output_tx, outputs) = mpsc::channel(1024);
+        let (stop_sim, sim_stopped) = oneshot::channel::<()>();
+        let sim = tokio::spawn(async move {
+            let _ = run_sim(
+                HangupTolerant::new(master, Duration::from_millis(2)),
+                units,
+                command_rx,
+                output_tx,
+                async {
+                    let _ = sim_stopped.await;
+                },
+            )
+            .await;
+        });
+        let mut door = Door { commands, outputs };
+        let config = daemon_config(&db, &link, url, gateway);
+        let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
+        let daemon = tokio::spawn(async move {
+            doorbridge::daemon::serve(&config, async {
+                let _ = daemon_stopped.await;
+            })
+            .await
+        });
+        loop {
+            if let Some(Output::Acked {
+                report: ReportKind::Status,
+                ..
+            }) = door.outputs.recv().await
+            {
+                break;
+            }
+        }
+        reports.online().await.expect("the gateway comes online");
+        Rig {
+            cloud,
+            reports,
+            target,
+            topics,
+            door,
+            stop_daemon,
+            daemon,
+            stop_sim,
+            sim,
+            _dir: dir,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop_daemon.send(());
+        let _ = self.daemon.await;
+        let _ = self.stop_sim.send(());
+        let _ = self.sim.await;
+    }
+}
+
+/// P5 through the broker at `url`, as gateway `gateway`.
+async fn revocation(url: &str, gateway: &str, samples: usize) -> Revocation {
+    const BASE_KEYS: usize = 1_000;
+    let mut rig = Rig::start(url, gateway).await;
+    let base: Vec<Key> = (0..BASE_KEYS)
+        .map(|i| {
+            let secret = format!("qr-base-{i}");
+            key(format!("base{i}"), CredentialKind::Qr, secret.as_bytes())
+        })
+        .collect();
+    rig.cloud
+        .publish_snapshot(&rig.topics, &snapshot(&rig.target, 1, &base))
+        .await
+        .expect("publish the base set");
+    rig.reports.applied(1, WAIT).await.expect("the base set");
+
+    let mut version = 1;
+    let mut to_deny = Vec::with_capacity(samples);
+    let mut to_applied = Vec::with_capacity(samples);
+    let mut back_to_back_deny = Vec::with_capacity(BACK_TO_BACK);
+    let mut presentations = 0;
+    for i in 0..samples + BACK_TO_BACK {
+        let id = format!("fresh{i}");
+        let secret = format!("qr-fresh-{i}").into_bytes();
+        let fresh = key(id.clone(), CredentialKind::Qr, &secret);
+        rig.cloud
+            .publish_delta(&rig.topics, delta(&rig.target, version, &[fresh], &[]))
+            .await
+            .expect("publish the upsert");
+        version += 1;
+        rig.reports
+            .applied(version, WAIT)
+            .await
+            .expect("the upsert");
+        let answer = rig.door.present(&secret).await;
+        assert!(matches!(answer, Answer::Grant(_)), "fresh key: {answer:?}");
+
+        let revoke = delta(&rig.target, version, &[], &[id]);
+        version += 1;
+        // An independent revocation, not one sent the instant the previous exchange ended:
+        // the last samples go back to back (see `PAUSE`).
+        let back_to_back = i >= samples;
+        if !back_to_back {
+            tokio::time::sleep(PAUSE).await;
+        }
+        let started = Instant::now();
+        let (cloud, reports, door) = (&rig.cloud, &mut rig.reports, &mut rig.door);
+        let publish_and_applied = async {
+            cloud
+                .publish_delta(&rig.topics, revoke)
+                .await
+                .expect("publish the revocation");
+            reports
+                .applied(version, WAIT)
+                .await
+                .expect("the revocation")
+        };
+        let until_denied = async {
+            loop {
+                presentations += 1;
+                match door.present(&secret).await {
+                    Answer::Deny(DenyReason::Revoked) => return Instant::now(),
+                    Answer::Grant(_) => {}
+                    Answer::Deny(other) => panic!("denied for {other:?}, not revoked"),
+                }
+                assert!(started.elapsed() < WAIT, "not revoked within {WAIT:?}");
+            }
+        };
+        let (applied_at, denied_at) = tokio::join!(publish_and_applied, until_denied);
+        if back_to_back {
+            back_to_back_deny.push(denied_at - started);
+        } else {
+            to_applied.push(applied_at - started);
+            to_deny.push(denied_at - started);
+        }
+    }
+    rig.stop().await;
+    to_deny.sort();
+    to_applied.sort();
+    back_to_back_deny.sort();
+    Revocation {
+        to_deny,
+        to_applied,
+        back_to_back_deny,
+        presentations,
+        base_keys: BASE_KEYS,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// P4: snapshot apply, the real binary against mosquitto
+// ---------------------------------------------------------------------------------------------
+
+/// `doorbridge run` as a child; killed on drop. Its stderr is drained by a thread that keeps
+/// the last lines and stamps the link's "chunk staged" lines.
+struct Daemon {
+    child: Child,
+    log: Arc<Mutex<DaemonLog>>,
+}
+
+#[derive(Default)]
+struct DaemonLog {
+    tail: Vec<String>,
+    first_staged: Option<Instant>,
+    last_staged: Option<Instant>,
+    staged: usize,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_doorbridge"))
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            // The link logs one debug line per staged chunk: the staging rate.
+            .env("DOORBRIDGE_LOG", "info,doorbridge::cloud::link=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start doorbridge run");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(DaemonLog::default()));
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                let mut log = lines.lock().expect("log lock");
+                if line.contains("chunk staged") {
+                    log.first_staged.get_or_insert(now);
+                    log.last_staged = Some(now);
+                    log.staged += 1;
+                    continue;
+                }
+                if log.tail.len() >= 40 {
+                    log.tail.remove(0);
+                }
+                log.tail.push(line);
+            }
+        });
+        Daemon { child, log }
+    }
+
+    /// A `kB` field of `/proc/<pid>/status`, in bytes.
+    fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// `write_bytes` of `/proc/<pid>/io`: bytes the process caused to be written to storage.
+    fn write_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("write_bytes:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    fn tail(&self) -> String {
+        self.log.lock().expect("log lock").tail.join("\n")
+    }
+
+    /// SIGTERM, as systemd stops it; SIGKILL if it has not exited within 10 s.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct SnapshotRun {
+    keys: usize,
+    chunks: usize,
+    bytes: usize,
+    built: Duration,
+    /// The publish of manifest and chunks, each acknowledged (`PubAck`) before the next.
+    published: Duration,
+    /// First publish → `applied`, or why it did not come.
+    applied: Result<Duration, String>,
+    /// First and last chunk logged as staged, from the first publish.
+    staging: Option<(Duration, Duration)>,
+    peak_rss: u64,
+    idle_rss: u64,
+    idle_writes: u64,
+    reference: Duration,
+    /// The same insert with one transaction per chunk's worth of keys, as the gateway stages.
+    reference_per_chunk: Duration,
+}
+
+/// Installs `n` keys over mosquitto into a fresh `doorbridge run`, then the reference insert.
+async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
+    let gateway = format!("gw-snap-{n}");
+    let target = target(&gateway);
+    let topics = topics(&target);
+    let keys = Arc::new(pin_keys(n));
+    let built_at = Instant::now();
+    let snap = {
+        let (keys, target) = (Arc::clone(&keys), target.clone());
+        tokio::task::spawn_blocking(move || snapshot(&target, 1, &keys))
+            .await
+            .expect("build the snapshot")
+    };
+    let built = built_at.elapsed();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("doorbridge.db");
+    let config = dir.path().join("doorbridge.toml");
+    let trusted = hex(cloud_key().verifying_key().as_bytes());
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\nid = \"{gateway}\"\nsite_id = \"{SITE}\"\n[site]\n\
+             timezone = \"Europe/Berlin\"\n[cloud]\nurl = \"{url}\"\n\
+             trusted_keys = [\"{trusted}\"]\nkeepalive = \"5s\"\n[storage]\npath = \"{}\"\n\
+             [[buses]]\nport = \"{}\"\n[[buses.units]]\naddress = 1\ndoor = \"main\"\n",
+            db.display(),
+            dir.path().join("no-such-tty").display()
+        ),
+    )
+    .expect("write the daemon's config");
+
+    let cloud = CloudClient::connect(url, &format!("bench-cloud-{n}"))
+        .await
+        .expect("the cloud connects");
+    let mut reports = Reports::subscribe(&cloud, &topics).await;
+    let mut daemon = Daemon::start(&config);
+    if let Err(e) = reports.online().await {
+        panic!("{e}; the daemon's log:\n{}", daemon.tail());
+    }
+
+    let started = Instant::now();
+    cloud
+        .publish_snapshot(&topics, &snap)
+        .await
+        .expect("publish the snapshot");
+    let published = started.elapsed();
+    let applied = reports
+        .applied(1, BIG_WAIT.saturating_sub(published))
+        .await
+        .map(|at| at - started);
+    let peak_rss = daemon.status_bytes("VmHWM:");
+    let writes_before = daemon.write_bytes();
+    let staging = {
+        let log = daemon.log.lock().expect("log lock");
+        log.first_staged
+            .zip(log.last_staged)
+            .map(|(a, b)| (a - started, b - started))
+    };
+    if let Err(e) = &applied {
+        eprintln!("{n} keys: {e}; the daemon's log:\n{}", daemon.tail());
+    }
+    tokio::time::sleep(IDLE).await;
+    let idle_rss = daemon.status_bytes("VmRSS:");
+    let idle_writes = daemon.write_bytes().saturating_sub(writes_before);
+    daemon.stop();
+    drop(cloud);
+
+    let per_chunk = n.div_ceil(snap.chunks.len().max(1));
+    let (reference, reference_per_chunk) = {
+        let keys = Arc::clone(&keys);
+        tokio::task::spawn_blocking(move || {
+            (
+                reference_insert(&keys, REFERENCE_BATCH),
+                reference_insert(&keys, per_chunk),
+            )
+        })
+        .await
+        .expect("the reference insert")
+    };
+    SnapshotRun {
+        keys: n,
+        chunks: snap.chunks.len(),
+        bytes: snap.total_bytes(),
+        built,
+        published,
+        applied,
+        staging,
+        peak_rss,
+        idle_rss,
+        idle_writes,
+        reference,
+        reference_per_chunk,
+    }
+}
+
+/// The reference: a raw rusqlite bulk insert of the same rows into the store's own schema
+/// (WAL, `synchronous=FULL`, one transaction per `batch` keys, prepared statements), the rules
+/// encoded as CBOR beforehand the way the store encodes them. Returns the insert time.
+fn reference_insert(keys: &[Key], batch: usize) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut conn = rusqlite::Connection::open(dir.path().join("reference.db")).expect("open");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("WAL");
+    conn.pragma_update(None, "synchronous", "FULL")
+        .expect("FULL");
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .expect("temp_store");
+    for sql in doorbridge::store::schema::MIGRATIONS {
+        conn.execute_batch(sql).expect("migration");
+    }
+    let rules: Vec<Vec<u8>> = keys
+        .iter()
+        .map(|k| {
+            let mut buf = Vec::with_capacity(256);
+            ciborium::into_writer(&k.rules, &mut buf).expect("CBOR");
+            buf
+        })
+        .collect();
+    let started = Instant::now();
+    for (batch, blobs) in keys.chunks(batch).zip(rules.chunks(batch)) {
+        let tx = conn.transaction().expect("begin");
+        {
+            let mut put_key = tx
+                .prepare_cached("INSERT INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)")
+                .expect("prepare");
+            let mut put_cred = tx
+                .prepare_cached(
+                    "INSERT INTO credentials (generation, digest, kind, key_id) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .expect("prepare");
+            for (key, blob) in batch.iter().zip(blobs) {
+                put_key
+                    .execute(rusqlite::params![1, key.rules.id, blob])
+                    .expect("insert key");
+                for c in &key.credentials {
+                    put_cred
+                        .execute(rusqlite::params![
+                            1,
+                            c.digest.0,
+                            c.kind.code(),
+                            key.rules.id
+                        ])
+                        .expect("insert credential");
+                }
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    started.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+/// P5 through rumqttd (the figure) and, beside it, through mosquitto (the reference broker).
+fn revocation_table(r: &Revocation, mosquitto: Option<&Revocation>) -> String {
+    let samples = r.to_deny.len();
+    let mut table = format!(
+        "| figure | p50 | p99 | target |\n| --- | --- | --- | --- |\n\
+         | P5 revocation: delta publish → \"revoked\" at the door, rumqttd ({samples} samples) | {} | {} | p99 ≤ 100 ms on a loopback broker |\n\
+         | delta publish → `applied` report, rumqttd | {} | {} | — |\n\
+         | publish → \"revoked\", rumqttd, back to back ({BACK_TO_BACK} samples, no pause) | {} | {} | — |\n",
+        ms(percentile(&r.to_deny, 50)),
+        ms(percentile(&r.to_deny, 99)),
+        ms(percentile(&r.to_applied, 50)),
+        ms(percentile(&r.to_applied, 99)),
+        ms(percentile(&r.back_to_back_deny, 50)),
+        ms(percentile(&r.back_to_back_deny, 99)),
+    );
+    if let Some(m) = mosquitto {
+        let _ = write!(
+            table,
+            "| the same through mosquitto: publish → \"revoked\" | {} | {} | reference broker |\n\
+             | the same through mosquitto: publish → `applied` | {} | {} | — |\n\
+             | the same through mosquitto: publish → \"revoked\", back to back | {} | {} | — |\n",
+            ms(percentile(&m.to_deny, 50)),
+            ms(percentile(&m.to_deny, 99)),
+            ms(percentile(&m.to_applied, 50)),
+            ms(percentile(&m.to_applied, 99)),
+            ms(percentile(&m.back_to_back_deny, 50)),
+            ms(percentile(&m.back_to_back_deny, 99)),
+        );
+    }
+    table
+}
+
+fn snapshot_table(runs: &[SnapshotRun]) -> String {
+    let mut table = String::from(
+        "| keys | snapshot | publish (PubAck each) | publish → `applied` | gateway keys/s | reference keys/s | ratio (target ≥ 50 %) | peak RSS (target ≤ 64 MiB) | RSS after 5 s idle (P7: ≤ 16 MB at 1M) | written while idle |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for run in runs {
+        let reference_rate = run.keys as f64 / run.reference.as_secs_f64();
+        let (applied, gateway_rate, ratio) = match &run.applied {
+            Ok(d) => {
+                let per_second = run.keys as f64 / d.as_secs_f64();
+                (
+                    secs(*d),
+                    format!("{}/s", rate(per_second)),
+                    format!("{:.0} %", 100.0 * per_second / reference_rate),
+                )
+            }
+            Err(e) => (format!("not applied: {e}"), "—".into(), "—".into()),
+        };
+        let _ = writeln!(
+            table,
+            "| {} | {} chunks, {} | {} | {applied} | {gateway_rate} | {}/s | {ratio} | {} | {} | {} |",
+            thousands(run.keys as u64),
+            thousands(run.chunks as u64),
+            mib(run.bytes as u64),
+            secs(run.published),
+            rate(reference_rate),
+            mib(run.peak_rss),
+            mib(run.idle_rss),
+            mib(run.idle_writes),
+        );
+    }
+    table
+}
+
+fn snapshot_notes(runs: &[SnapshotRun]) -> String {
+    let mut notes = String::new();
+    for run in runs {
+        let staging = run.staging.map_or_else(
+            || "no chunk logged as staged".to_owned(),
+            |(first, last)| {
+                format!(
+                    "chunks staged from {} to {} after the first publish",
+                    secs(first),
+                    secs(last)
+                )
+            },
+        );
+        let _ = writeln!(
+            notes,
+            "- {} keys: snapshot built in {}; {staging}; reference insert {} ({}/s); the same \
+             with one transaction per chunk's worth of keys (~{}, as the gateway commits) {} \
+             ({}/s).",
+            thousands(run.keys as u64),
+            secs(run.built),
+            secs(run.reference),
+            rate(run.keys as f64 / run.reference.as_secs_f64()),
+            run.keys.div_ceil(run.chunks.max(1)),
+            secs(run.reference_per_chunk),
+            rate(run.keys as f64 / run.reference_per_chunk.as_secs_f64()),
+        );
+    }
+    notes
+}
+
+/// Total time (µs) some task stalled on I/O, from `/proc/pressure/io` (0 if unavailable).
+fn io_stall_us() -> u64 {
+    std::fs::read_to_string("/proc/pressure/io")
+        .ok()
+        .and_then(|p| {
+            p.lines()
+                .next()
+                .and_then(|l| l.rsplit_once("total="))
+                .and_then(|(_, t)| t.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The CPU model and core count, as `/proc/cpuinfo` names them.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|rest| rest.split_once(':'))
+        .map_or("an unknown CPU", |(_, name)| name.trim());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    format!("{model}, {cores} cores")
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (samples, sizes): (usize, &[usize]) = if quick {
+        (20, &[20_000])
+    } else {
+        (200, &[100_000, 1_000_000])
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let (run_started, stall_before) = (Instant::now(), io_stall_us());
+    let mosquitto = Mosquitto::start();
+    let revoked = rt.block_on(revocation(&start_rumqttd(), "gw-revoke", samples));
+    let revoked_mosquitto = mosquitto
+        .as_ref()
+        .map(|broker| rt.block_on(revocation(&broker.url(), "gw-revoke-m", samples)));
+    let p5 = revocation_table(&revoked, revoked_mosquitto.as_ref());
+    println!("{p5}");
+
+    let (p4, p4_note) = if let Some(broker) = &mosquitto {
+        let runs: Vec<SnapshotRun> = sizes
+            .iter()
+            .map(|&n| {
+                let run = rt.block_on(snapshot_apply(&broker.url(), n));
+                println!("{}", snapshot_table(std::slice::from_ref(&run)));
+                run
+            })
+            .collect();
+        (
+            format!("{}\n{}", snapshot_table(&runs), snapshot_notes(&runs)),
+            format!("against {}", Mosquitto::version()),
+        )
+    } else {
+        let skipped = "Skipped: mosquitto is not installed (looked on PATH and at \
+                       /usr/sbin/mosquitto; `apt-get install mosquitto`).\n"
+            .to_owned();
+        println!("{skipped}");
+        (skipped, "without a broker".to_owned())
+    };
+
+    // The disk may be shared: how much of the run something waited on it.
+    let stalled = (io_stall_us().saturating_sub(stall_before)) as f64
+        / run_started.elapsed().as_micros().max(1) as f64;
+    let section = format!(
+        "<!-- bench:cloud -->\n### Cloud link over MQTT (`cargo bench --bench cloud`)\n\n\
+         Measured {when} on {machine}{quick}; some task was stalled on I/O for {stalled:.0} % \
+         of the run (`/proc/pressure/io`: the disk is shared, and fsync-bound figures vary \
+         with it).\n\n\
+         **P5 revocation.** In-process rumqttd on loopback, the daemon in process (`serve`) with \
+         one simulated unit on a pty, {base} keys held. Per sample: a fresh QR key upserted by a \
+         delta and granted at the door; then a delta revoking it is published and the \
+         credential presented again and again until the door answers \"revoked\" (on average \
+         {per:.1} presentations per sample). Each timed revocation starts {pause} ms after the \
+         previous exchange, as an independent one would; the back-to-back rows start at once \
+         and show what Nagle's algorithm costs (no `TCP_NODELAY` in the reference cloud client, \
+         the gateway's link or rumqttd: a publish right after a small unacknowledged `PubAck` \
+         waits for the peer's delayed ACK).\n\n{p5}\n\
+         **P4 snapshot apply, P7 idle.** The real `doorbridge run` binary (bench profile) as a \
+         child, its bus on a serial port that does not exist, {p4_note} (reference broker, no \
+         persistence, unlimited queues, 100 in flight), one fresh store per size. Keys: one \
+         PIN, one door, unlimited. The reference cloud publishes the manifest, then each chunk \
+         after the previous one's `PubAck`. Peak RSS is the daemon's `VmHWM` read at `applied`; \
+         then it idles {idle} s holding the set (`VmRSS`, `/proc/<pid>/io` `write_bytes`). \
+         Reference: a raw rusqlite insert of the same rows into the same schema (WAL, \
+         `synchronous=FULL`, one transaction per {batch} keys, prepared statements, rules \
+         CBOR-encoded beforehand), same disk, same run.\n\n{p4}\n<!-- /bench:cloud -->",
+        when = jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
+        machine = machine(),
+        quick = if quick { " (--quick)" } else { "" },
+        base = thousands(revoked.base_keys as u64),
+        per = revoked.presentations as f64
+            / (revoked.to_deny.len() + revoked.back_to_back_deny.len()) as f64,
+        idle = IDLE.as_secs(),
+        pause = PAUSE.as_millis(),
+        stalled = stalled * 100.0,
+        batch = thousands(REFERENCE_BATCH as u64),
+    );
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
+    let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
+    let (open, close) = ("<!-- bench:cloud -->", "<!-- /bench:cloud -->");
+    let new = match (old.find(open), old.find(close)) {
+        (Some(a), Some(b)) if b > a => {
+            format!("{}{section}{}", &old[..a], &old[b + close.len()..])
+        }
+        // First run: before the notes that discuss the figures, else at the end.
+        _ => match old.find("### What the figures say") {
+            Some(at) => format!("{}{section}\n\n{}", &old[..at], &old[at..]),
+            None => format!("{}\n\n{section}\n", old.trim_end()),
+        },
+    };
+    std::fs::write(&doc, new).expect("write docs/performance.md");
+}
