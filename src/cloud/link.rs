@@ -5,8 +5,9 @@
 //!
 //! - the **poller** owns rumqttc's event loop and does nothing but poll it, forward what
 //!   arrives and wait out a jittered, growing backoff after a connection error (rumqttc
-//!   reconnects on the next poll). It never awaits anything else, so it cannot deadlock
-//!   against a full request channel;
+//!   reconnects on the next poll). It waits for nothing but room in the small channel to the
+//!   worker, and the worker never waits for the poller (it queues acks and reports with
+//!   `try_*`), so the two cannot deadlock;
 //! - the **worker** ([`run_link`]) opens envelopes, feeds the pure [`Sync`] machine, carries
 //!   out its actions against the store and acknowledges each message to the broker only after
 //!   that (`manual_acks`): a key-set message the broker considers delivered is on disk.
@@ -15,8 +16,10 @@
 //! messages sent while the gateway was away are delivered when it returns. When a `ConnAck`
 //! says the broker has no session for us, the worker subscribes again. On every connect it
 //! publishes a retained `online` state naming the held version; the will says `offline`.
-//! Unacknowledged inbound messages are bounded by the broker's in-flight window, which is
-//! what bounds the channel between the two tasks.
+//! Memory stays bounded whatever the broker does: brokers do not all honour an in-flight window
+//! (mosquitto sent a whole million-key snapshot, 1,886 chunks, unacknowledged), so the channel
+//! holds at most [`BACKLOG`] messages; beyond that the poller stops reading and TCP pushes back
+//! on the broker.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -54,6 +57,8 @@ const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
 const MAX_CLOUD_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
 /// Resync requests closer together than this are one request.
 const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Messages received and not yet carried out, at most (each at most ~128 KiB).
+pub const BACKLOG: usize = 16;
 /// Requests rumqttc may queue between the worker and the event loop.
 const REQUEST_CAPACITY: usize = 1024;
 /// systemd-timesyncd's flag: the clock is synchronised.
@@ -261,7 +266,7 @@ enum Polled {
 }
 
 /// Owns the event loop: polls, forwards, backs off. See the module header.
-async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Polled>) {
+async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>) {
     let mut wait = BACKOFF_FIRST;
     loop {
         match eventloop.poll().await {
@@ -271,13 +276,15 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Polled>) {
                     .send(Polled::Connected {
                         session_present: ack.session_present,
                     })
+                    .await
                     .is_err()
                 {
                     return;
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                if tx.send(Polled::Message(p)).is_err() {
+                // Waits while the worker is BACKLOG messages behind: the broker waits with us.
+                if tx.send(Polled::Message(p)).await.is_err() {
                     return;
                 }
             }
@@ -288,7 +295,7 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::UnboundedSender<Polled>) {
             }
             Ok(_) => {}
             Err(e) => {
-                if tx.send(Polled::Disconnected(e.to_string())).is_err() {
+                if tx.send(Polled::Disconnected(e.to_string())).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(jitter(wait)).await;
@@ -343,8 +350,12 @@ pub async fn run_link(
             return;
         }
     };
-    let (client, eventloop) = AsyncClient::new(spec.options.clone(), REQUEST_CAPACITY);
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (client, mut eventloop) = AsyncClient::new(spec.options.clone(), REQUEST_CAPACITY);
+    // Small messages (acks, reports) go out at once, not after a delayed ACK (~40 ms).
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    let (tx, mut rx) = mpsc::channel(BACKLOG);
     let poller = tokio::spawn(poll(eventloop, tx));
     tracing::info!(broker = %format!("{}:{}", spec.options.broker_address().0, spec.options.broker_address().1),
         held, "cloud link starting");

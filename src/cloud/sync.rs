@@ -22,7 +22,8 @@ use crate::access::Key;
 
 /// Chunks held while their manifest has not arrived yet.
 pub const MAX_EARLY_CHUNKS: usize = 4;
-/// How long a snapshot may stay incomplete before it is dropped and a resync is asked for.
+/// How long a snapshot may go without a new chunk before it is dropped and a resync is asked
+/// for.
 pub const SNAPSHOT_TIMEOUT: SignedDuration = SignedDuration::from_secs(120);
 
 /// What the driver should do, in order.
@@ -98,7 +99,9 @@ pub enum RejectReason {
 #[derive(Debug)]
 struct Pending {
     manifest: Manifest,
-    started: Timestamp,
+    /// When the manifest or the latest new chunk arrived: a snapshot times out only when it
+    /// stops making progress, however large it is.
+    progress: Timestamp,
     received: Vec<bool>,
     keys_seen: u64,
 }
@@ -214,7 +217,7 @@ impl Sync {
         let count = manifest.chunk_hashes.len();
         self.pending = Some(Pending {
             manifest,
-            started: now,
+            progress: now,
             received: vec![false; count],
             keys_seen: 0,
         });
@@ -224,7 +227,7 @@ impl Sync {
             .partition(|(_, c, _)| c.version == version);
         self.early = later;
         for (hash, chunk, _) in now_ready {
-            actions.extend(self.accept_chunk(hash, chunk));
+            actions.extend(self.accept_chunk(hash, chunk, now));
         }
         actions.extend(self.finish_if_complete());
         actions
@@ -258,7 +261,7 @@ impl Sync {
                 reason: "chunk of a held or superseded snapshot",
             });
         } else if pending_version == Some(chunk.version) {
-            actions.extend(self.accept_chunk(hash, chunk));
+            actions.extend(self.accept_chunk(hash, chunk, now));
             actions.extend(self.finish_if_complete());
         } else if self
             .early
@@ -290,7 +293,7 @@ impl Sync {
     }
 
     /// A chunk of the snapshot in progress: check it against the manifest and stage it.
-    fn accept_chunk(&mut self, hash: Sha256Digest, chunk: Chunk) -> Vec<Action> {
+    fn accept_chunk(&mut self, hash: Sha256Digest, chunk: Chunk, now: Timestamp) -> Vec<Action> {
         let Some(p) = self.pending.as_mut() else {
             return Vec::new();
         };
@@ -317,6 +320,7 @@ impl Sync {
             }];
         }
         *slot = true;
+        p.progress = p.progress.max(now);
         p.keys_seen = p.keys_seen.saturating_add(chunk.keys.len() as u64);
         if p.keys_seen > p.manifest.key_count {
             let got = p.keys_seen;
@@ -421,7 +425,7 @@ impl Sync {
         self.early
             .retain(|(_, _, arrived)| now.duration_since(*arrived) <= SNAPSHOT_TIMEOUT);
         match &self.pending {
-            Some(p) if now.duration_since(p.started) > SNAPSHOT_TIMEOUT => {
+            Some(p) if now.duration_since(p.progress) > SNAPSHOT_TIMEOUT => {
                 let version = p.manifest.version;
                 let missing = p.missing();
                 self.pending = None;

@@ -356,6 +356,25 @@ fn a_missing_chunk_times_out_into_a_resync() {
 }
 
 #[test]
+fn a_large_snapshot_that_keeps_making_progress_never_times_out() {
+    let mut s = Sync::new(target(), 2);
+    let cs = chunks(5, 10);
+    s.on_manifest(keys_manifest(5, &cs), t0());
+    // One chunk a minute: ten minutes in all, far beyond the timeout, but never stalled.
+    for (i, c) in (1..).zip(&cs) {
+        let at = t0() + SignedDuration::from_mins(i);
+        let a = s.on_chunk(&c.encode(), at);
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::RequestResync { .. })),
+            "{a:?}"
+        );
+        if i == 10 {
+            assert_eq!(commits(&a), Some(5));
+        }
+    }
+}
+
+#[test]
 fn a_newer_manifest_supersedes_the_one_in_progress() {
     let mut s = Sync::new(target(), 0);
     let old = chunks(5, 2);

@@ -166,7 +166,11 @@ impl CloudClient {
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
-        let (client, eventloop) = AsyncClient::new(options, 64);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        // Each publish waits for its PubAck: without this, Nagle adds a delayed ACK to each.
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let shared: Shared = Arc::default();
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(run(eventloop, Arc::clone(&shared), ready_tx));

@@ -809,6 +809,8 @@ impl Writer {
             .map_err(|_| StoreError::KeySet("version out of range".into()))?;
         let generation = self.active_generation;
         let mut applied = DeltaApplied::default();
+        // Counted as the delta goes (a full count would read a million-key set per delta).
+        let mut pins = self.active_pins;
         let mut mark = self.mark;
         if let Some(at) = d.issued_at
             && mark.is_none_or(|m| at > m)
@@ -826,7 +828,20 @@ impl Writer {
             let mut put_cred = tx.prepare_cached(
                 "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let mut pins_of = tx.prepare_cached(
+                "SELECT count(*) FROM credentials WHERE generation = ?1 AND key_id = ?2 AND kind = ?3",
+            )?;
+            let pin = CredentialKind::Pin.code();
             for key in &d.upserts {
+                let old: u32 =
+                    pins_of.query_row(params![generation, key.rules.id, pin], |r| r.get(0))?;
+                pins = pins.saturating_sub(old);
+                let new = key
+                    .credentials
+                    .iter()
+                    .filter(|c| c.kind == CredentialKind::Pin)
+                    .count();
+                pins = pins.saturating_add(u32::try_from(new).unwrap_or(u32::MAX));
                 drop_creds.execute(params![generation, key.rules.id])?;
                 put_key.execute(params![generation, key.rules.id, encode_rules(&key.rules)?])?;
                 for c in &key.credentials {
@@ -857,11 +872,7 @@ impl Writer {
         self.keyset_version = d.version;
         self.mark = mark;
         self.mark_written = mark;
-        self.active_pins = self.conn.query_row(
-            "SELECT count(*) FROM credentials WHERE generation = ?1 AND kind = ?2",
-            params![generation, CredentialKind::Pin.code()],
-            |r| r.get(0),
-        )?;
+        self.active_pins = pins;
         // A snapshot being staged for a version the delta reached is stale now.
         if self
             .staging
