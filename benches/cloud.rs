@@ -52,11 +52,10 @@ const SITE: &str = "bench";
 const WAIT: Duration = Duration::from_secs(30);
 /// How long a whole snapshot may take before the run gives up on it.
 const BIG_WAIT: Duration = Duration::from_secs(900);
-/// The pause before each timed revocation. The reference cloud client, the gateway's link and
-/// rumqttd all leave Nagle's algorithm on (no `TCP_NODELAY`): a publish that follows a small
-/// unacknowledged packet (the client's `PubAck` of the report it just received) waits for the
-/// peer's delayed ACK, up to ~40 ms on Linux. The pause lets that ACK go out first, as it has
-/// for a revocation that does not come right after another exchange.
+/// The pause before each timed revocation, as for a revocation that does not come right after
+/// another exchange. rumqttd leaves Nagle's algorithm on (the gateway's link and the reference
+/// cloud client turn it off): a small packet right after another may wait for the peer's
+/// delayed ACK, up to ~40 ms on Linux; the back-to-back rows show what is left of that.
 const PAUSE: Duration = Duration::from_millis(200);
 /// Revocations timed back to back after the paused ones, to show that delay.
 const BACK_TO_BACK: usize = 20;
@@ -1119,9 +1118,9 @@ fn main() {
          credential presented again and again until the door answers \"revoked\" (on average \
          {per:.1} presentations per sample). Each timed revocation starts {pause} ms after the \
          previous exchange, as an independent one would; the back-to-back rows start at once \
-         and show what Nagle's algorithm costs (no `TCP_NODELAY` in the reference cloud client, \
-         the gateway's link or rumqttd: a publish right after a small unacknowledged `PubAck` \
-         waits for the peer's delayed ACK).\n\n{p5}\n\
+         (the gateway's link and the reference cloud client set `TCP_NODELAY`; rumqttd does \
+         not, so a small packet right after another may still wait for a delayed ACK \
+         there).\n\n{p5}\n\
          **P4 snapshot apply, P7 idle.** The real `doorbridge run` binary (bench profile) as a \
          child, its bus on a serial port that does not exist, {p4_note} (reference broker, no \
          persistence, unlimited queues, 100 in flight), one fresh store per size. Keys: one \
