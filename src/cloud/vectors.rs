@@ -5,7 +5,10 @@ use ed25519_dalek::SigningKey;
 use jiff::Timestamp;
 
 use super::envelope::{Kind, seal};
-use super::payload::{Chunk, Delta, Manifest, OpenDoor, Sha256Digest, Target};
+use super::payload::{
+    Chunk, Delta, Manifest, OpenDoor, ResyncCommand, Sha256Digest, Target, UnitSettings,
+};
+use super::report::{Presence, Report};
 use crate::access::{
     Category, Credential, CredentialDigest, CredentialKind, Key, KeyRules, Schedule, UseLimit,
 };
@@ -90,6 +93,27 @@ pub fn open_door() -> OpenDoor {
     }
 }
 
+pub fn unit_settings() -> UnitSettings {
+    UnitSettings {
+        target: target(),
+        command_id: "c2".into(),
+        door: "main".into(),
+        volume: Some(30),
+        name: Some("Haus 12".into()),
+        house_number: None,
+        inner_door: None,
+        issued_at: at("2026-01-01T00:03:00Z"),
+        expires_at: at("2026-01-01T00:03:30Z"),
+    }
+}
+
+pub fn resync() -> ResyncCommand {
+    ResyncCommand {
+        target: target(),
+        issued_at: at("2026-01-01T00:04:00Z"),
+    }
+}
+
 /// Named vectors: (name, bytes).
 pub fn all() -> Vec<(&'static str, Vec<u8>)> {
     let k = test_key();
@@ -109,6 +133,32 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
         (
             "open-door envelope",
             seal(Kind::OpenDoor, &open_door().encode(), &k),
+        ),
+        (
+            "unit-settings envelope",
+            seal(Kind::UnitSettings, &unit_settings().encode(), &k),
+        ),
+        (
+            "resync envelope",
+            seal(Kind::Resync, &resync().encode(), &k),
+        ),
+        (
+            "state report",
+            Report::State {
+                state: Presence::Online,
+                gateway: "gw1".into(),
+                held: Some(8),
+            }
+            .encode(),
+        ),
+        (
+            "applied report",
+            Report::Applied {
+                version: 8,
+                keys: None,
+                at: at("2026-01-01T00:01:01Z"),
+            }
+            .encode(),
         ),
     ]
 }
