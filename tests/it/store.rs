@@ -768,3 +768,47 @@ async fn a_second_writer_on_the_same_file_is_refused_with_a_clear_error() {
     // Once the first writer is gone the file opens again.
     open(&path).close();
 }
+
+#[tokio::test]
+async fn a_delta_that_overtakes_a_staged_snapshot_wins_and_the_snapshot_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    store
+        .install_key_set(
+            header(1),
+            vec![key("a", CredentialKind::Pin, "1111", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    // Snapshot 3 is being staged when delta 1→4 arrives.
+    let generation = store.begin_key_set(header(3)).await.unwrap();
+    store
+        .stage_keys(
+            generation,
+            vec![key("b", CredentialKind::Pin, "2222", UseLimit::Unlimited)],
+        )
+        .await
+        .unwrap();
+    store
+        .apply_delta(delta(1, 4, vec![], &["a"]))
+        .await
+        .unwrap();
+    let err = store.commit_key_set(generation, 1).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no key set is being staged"),
+        "{err}"
+    );
+    // The delta's result stands: version 4, "a" revoked, "b" never live.
+    assert_eq!(store.reader().unwrap().key_set().unwrap().version, 4);
+    let a = store
+        .verify(request("u", "main", CredentialKind::Pin, "1111"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&a.decision), Some(DenyReason::Revoked));
+    let b = store
+        .verify(request("u", "main", CredentialKind::Pin, "2222"))
+        .await
+        .unwrap();
+    assert_eq!(reason(&b.decision), Some(DenyReason::UnknownCredential));
+    store.close();
+}
