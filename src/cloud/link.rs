@@ -392,9 +392,15 @@ pub async fn run_link(
     // A clean disconnect suppresses the will, so say "offline" first.
     worker.publish_state(Presence::Offline);
     let _ = worker.client.try_disconnect();
-    if tokio::time::timeout(Duration::from_secs(2), poller)
-        .await
-        .is_err()
+    // Keep taking (and not acknowledging: they come again next time) what the poller still
+    // forwards, so a poller waiting for room reaches the disconnect; it ends there, and its
+    // sender with it.
+    let drain = async { while rx.recv().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = tokio::join!(poller, drain);
+    })
+    .await
+    .is_err()
     {
         tracing::debug!("cloud link poller did not finish in time");
     }
