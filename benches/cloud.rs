@@ -18,10 +18,8 @@
 // Rates, sizes and sample counts are small; float conversions are for display.
 #![allow(clippy::cast_precision_loss)]
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -46,6 +44,10 @@ use jiff::Timestamp;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::sync::oneshot;
 
+#[path = "../tests/support/brokers.rs"]
+mod brokers;
+use brokers::{MAX_PACKET, accepts, free_port, rumqttd_config};
+
 const SALT: &[u8] = b"bench-salt";
 const SITE: &str = "bench";
 /// Any one wait for a small message.
@@ -63,9 +65,6 @@ const BACK_TO_BACK: usize = 20;
 const IDLE: Duration = Duration::from_secs(5);
 /// Keys per transaction in the reference insert: the store stages 5,000 keys per transaction.
 const REFERENCE_BATCH: usize = 5_000;
-/// Largest MQTT packet the brokers accept: a chunk envelope is 128 KiB + 256 bytes.
-const MAX_PACKET: usize = 1024 * 1024;
-
 /// The cloud's signing key; its public half is the gateway's only trusted key.
 fn cloud_key() -> SigningKey {
     SigningKey::from_bytes(&[7; 32])
@@ -158,48 +157,6 @@ fn group_digits(digits: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Brokers
 // ---------------------------------------------------------------------------------------------
-
-/// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
-fn accepts(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
-
-/// An rumqttd (MQTT 3.1.1) on 127.0.0.1:`port`, as `tests/it/broker.rs` configures it.
-fn rumqttd_config(port: u16) -> rumqttd::Config {
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: MAX_PACKET,
-        max_inflight_count: 500,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = rumqttd::ServerSettings {
-        name: format!("v4-{port}"),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 128 * 1024 * 1024,
-            max_segment_count: 4,
-            ..rumqttd::RouterConfig::default()
-        },
-        v4: Some(HashMap::from([("1".to_owned(), server)])),
-        ..rumqttd::Config::default()
-    }
-}
 
 /// Starts an in-process rumqttd on a free port (its threads run until the process exits:
 /// rumqttd has no shutdown) and returns its URL once it accepts connections.

@@ -27,9 +27,8 @@
 //!   directory.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,21 +43,9 @@ use tokio::task::JoinHandle;
 /// How long any wait in these tests may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Largest MQTT packet the test clients and brokers accept: a key-set chunk is up to 128 KiB plus
-/// its envelope, so this leaves room.
-pub const MAX_PACKET: usize = 1024 * 1024;
-
-/// A port that was free a moment ago on 127.0.0.1 (bound on port 0, read, released).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local address").port()
-}
-
-/// Whether something accepts TCP connections on 127.0.0.1:`port` right now.
-pub fn accepts(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
+#[path = "../support/brokers.rs"]
+mod brokers;
+pub use brokers::{MAX_PACKET, accepts, free_port, rumqttd_config};
 
 /// Polls `f` until it returns `Some`, or fails naming `what` after `within`.
 pub async fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -128,39 +115,6 @@ impl RumqttdBroker {
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-/// A rumqttd configuration with one MQTT 3.1.1 listener on 127.0.0.1:`port`, sized for key-set
-/// snapshots of 100,000 keys (about 1,000 chunks of at most 128 KiB on one topic).
-pub fn rumqttd_config(port: u16) -> rumqttd::Config {
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 10_000,
-        max_payload_size: MAX_PACKET,
-        max_inflight_count: 500,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = rumqttd::ServerSettings {
-        name: format!("v4-{port}"),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            // The commit log of one topic keeps up to 4 x 128 MiB in memory: a whole snapshot.
-            max_segment_size: 128 * 1024 * 1024,
-            max_segment_count: 4,
-            ..rumqttd::RouterConfig::default()
-        },
-        v4: Some(HashMap::from([("1".to_owned(), server)])),
-        ..rumqttd::Config::default()
     }
 }
 

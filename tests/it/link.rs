@@ -147,9 +147,14 @@ impl Cloud {
     }
 }
 
-async fn building(broker: &RumqttdBroker) -> Building {
+/// A broker, the cloud connected to it, and a building whose gateway said it is online.
+async fn online() -> (RumqttdBroker, Cloud, Building) {
+    let broker = RumqttdBroker::start();
+    let mut cloud = Cloud::connect(&broker.url()).await;
     let dir = tempfile::tempdir().unwrap();
-    Building::open_with_cloud(dir, 3, "", &cloud_section(&broker.url())).await
+    let b = Building::open_with_cloud(dir, 3, "", &cloud_section(&broker.url())).await;
+    cloud.online().await;
+    (broker, cloud, b)
 }
 
 fn held(b: &Building) -> (u64, u64) {
@@ -162,10 +167,7 @@ fn held(b: &Building) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_over_mqtt_opens_doors_and_a_delta_revocation_closes_them() {
-    let broker = RumqttdBroker::start();
-    let mut cloud = Cloud::connect(&broker.url()).await;
-    let mut b = building(&broker).await;
-    cloud.online().await;
+    let (_broker, mut cloud, mut b) = online().await;
 
     let resident = key(
         "resident",
@@ -211,10 +213,7 @@ async fn a_snapshot_over_mqtt_opens_doors_and_a_delta_revocation_closes_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_nothing() {
-    let broker = RumqttdBroker::start();
-    let mut cloud = Cloud::connect(&broker.url()).await;
-    let mut b = building(&broker).await;
-    cloud.online().await;
+    let (_broker, mut cloud, mut b) = online().await;
     let resident = key(
         "resident",
         CredentialKind::Pin,
@@ -322,10 +321,7 @@ async fn forged_unsigned_rolled_back_oversized_and_out_of_order_messages_change_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_nothing() {
-    let broker = RumqttdBroker::start();
-    let mut cloud = Cloud::connect(&broker.url()).await;
-    let mut b = building(&broker).await;
-    cloud.online().await;
+    let (_broker, mut cloud, mut b) = online().await;
     let app = key(
         "app-anna",
         CredentialKind::Mobile,
@@ -442,10 +438,7 @@ fn settings(id: &str, volume: u8, name: Option<&str>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unit_settings_are_pushed_now_or_when_the_unit_is_back() {
-    let broker = RumqttdBroker::start();
-    let mut cloud = Cloud::connect(&broker.url()).await;
-    let mut b = building(&broker).await;
-    cloud.online().await;
+    let (_broker, mut cloud, mut b) = online().await;
     let result = |id: &'static str| move |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), .. } if c == id);
 
     cloud
