@@ -62,6 +62,8 @@ pub fn decision_context(config: &Config) -> DecisionContext {
 pub fn store_options(config: &Config) -> StoreOptions {
     let mut options = StoreOptions::new(&config.storage.path, decision_context(config));
     options.max_size = (config.storage.max_size != 0).then_some(config.storage.max_size);
+    options.outbox_max_records = Some(config.storage.outbox_max_records);
+    options.outbox_max_bytes = Some(config.storage.outbox_max_bytes);
     options
 }
 

@@ -222,8 +222,8 @@ pub struct TlsConfig {
 pub struct StorageConfig {
     /// The database file (with `-wal` and `-shm` next to it).
     pub path: PathBuf,
-    /// At most this many records wait for upload. Enforced by the uplink (a later issue):
-    /// routine telemetry goes first, then the oldest routine activity, never unsent alarms.
+    /// At most this many records wait for upload. When full, routine telemetry goes first,
+    /// then the oldest routine activity, never unsent alarms (enforced by the store).
     pub outbox_max_records: u64,
     /// At most this many bytes of records wait for upload (same rule when full).
     #[serde(with = "byte_size")]

@@ -147,6 +147,10 @@ pub struct StoreOptions {
     /// The most the database file may grow to, in bytes (`None`: as far as the disk allows).
     /// Reaching it behaves like a full disk.
     pub max_size: Option<u64>,
+    /// The outbox holds at most this many records / bytes of records; beyond, routine telemetry
+    /// and then the oldest routine activity are dropped, never alarms (`None`: no bound).
+    pub outbox_max_records: Option<u64>,
+    pub outbox_max_bytes: Option<u64>,
 }
 
 impl StoreOptions {
@@ -157,6 +161,8 @@ impl StoreOptions {
             context,
             memory_backlog: 10_000,
             max_size: None,
+            outbox_max_records: None,
+            outbox_max_bytes: None,
         }
     }
 }

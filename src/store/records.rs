@@ -111,6 +111,12 @@ pub enum Record {
         kept_in_memory: u64,
         dropped: u64,
     },
+    /// The outbox was full: this many routine records were dropped, oldest first (alarms never).
+    OutboxDropped {
+        at: Timestamp,
+        telemetry: u64,
+        activity: u64,
+    },
     /// A key-set message or command from the cloud was refused (bad signature, rollback, …);
     /// the held key set is unchanged.
     CloudRejected {
@@ -142,7 +148,8 @@ impl Record {
             | Record::Battery { low: true, .. }
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
-            | Record::CloudRejected { .. } => RecordClass::Alarm,
+            | Record::CloudRejected { .. }
+            | Record::OutboxDropped { .. } => RecordClass::Alarm,
         }
     }
 
@@ -157,7 +164,8 @@ impl Record {
             | Record::UnitReachability { at, .. }
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. }
-            | Record::CloudRejected { at, .. } => *at,
+            | Record::CloudRejected { at, .. }
+            | Record::OutboxDropped { at, .. } => *at,
         }
     }
 

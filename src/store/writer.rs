@@ -24,7 +24,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::records::{Activity, Record};
+use super::records::{Activity, Record, RecordClass};
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
     StoreError, StoreOptions, Verdict, VerifyRequest, is_disk_trouble,
@@ -74,6 +74,12 @@ pub(super) struct Writer {
     next_generation: i64,
     backlog: VecDeque<Record>,
     backlog_limit: usize,
+    /// The outbox's bounds (records, bytes), what it holds as committed, and the change the
+    /// transaction being built makes to that.
+    outbox_limits: (Option<i64>, Option<i64>),
+    outbox_count: i64,
+    outbox_bytes: i64,
+    outbox_delta: (i64, i64),
     /// Records held in memory and dropped during the current disk outage.
     outage: Option<(u64, u64)>,
 }
@@ -162,6 +168,12 @@ impl Writer {
             }
         }
         let next_generation = seen.last().copied().unwrap_or(0).max(active_generation) + 1;
+        // Read once; kept up to date by every commit after.
+        let (outbox_count, outbox_bytes): (i64, i64) = conn.query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM outbox",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         let garbage: Vec<i64> = seen
             .into_iter()
             .filter(|&g| g != active_generation)
@@ -183,6 +195,17 @@ impl Writer {
             garbage,
             backlog: VecDeque::new(),
             backlog_limit: options.memory_backlog.max(1),
+            outbox_limits: (
+                options
+                    .outbox_max_records
+                    .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+                options
+                    .outbox_max_bytes
+                    .map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+            ),
+            outbox_count,
+            outbox_bytes,
+            outbox_delta: (0, 0),
             outage: None,
         })
     }
@@ -272,6 +295,7 @@ impl Writer {
         if commands.is_empty() && self.backlog.is_empty() {
             return;
         }
+        self.outbox_delta = (0, 0);
         let began = self.conn.execute_batch("BEGIN IMMEDIATE");
         let mut overlay: HashMap<(String, String), u32> = HashMap::new();
         let outcomes: Vec<Outcome> = commands
@@ -281,6 +305,8 @@ impl Writer {
         let persisted = began.and_then(|()| self.persist(&outcomes, &overlay));
         match persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs)) {
             Ok(seqs) => {
+                self.outbox_count += self.outbox_delta.0;
+                self.outbox_bytes += self.outbox_delta.1;
                 self.health.commits.fetch_add(1, Ordering::Relaxed);
                 self.recovered();
                 self.answer(outcomes, Some(seqs));
@@ -574,23 +600,29 @@ impl Writer {
         {
             let mut del = self
                 .conn
-                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+                .prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?;
             for (i, outcome) in outcomes.iter().enumerate() {
                 if let Outcome::Ack { seqs, .. } = outcome {
                     let mut n = 0;
                     for s in seqs {
-                        n += del.execute([s])?;
+                        if let Some(len) = del.query_row([s], |r| r.get::<_, i64>(0)).optional()? {
+                            n += 1;
+                            self.outbox_delta.0 -= 1;
+                            self.outbox_delta.1 -= len;
+                        }
                     }
-                    acked.insert(i, i64::try_from(n).unwrap_or(i64::MAX));
+                    acked.insert(i, n);
                 }
             }
         }
         let had_outage = self.outage;
         for record in &self.backlog {
-            insert_record(&self.conn, record)?;
+            let (_, len) = insert_record(&self.conn, record)?;
+            self.outbox_delta.0 += 1;
+            self.outbox_delta.1 += len;
         }
         if let Some((kept, dropped)) = had_outage {
-            insert_record(
+            let (_, len) = insert_record(
                 &self.conn,
                 &Record::StorageRecovered {
                     at: Timestamp::now(),
@@ -598,6 +630,8 @@ impl Writer {
                     dropped,
                 },
             )?;
+            self.outbox_delta.0 += 1;
+            self.outbox_delta.1 += len;
         }
         {
             let mut bump = self.conn.prepare_cached(
@@ -614,7 +648,10 @@ impl Writer {
             match outcome {
                 Outcome::Verify { records, .. } | Outcome::Append { records, .. } => {
                     for r in records {
-                        mine.push(insert_record(&self.conn, r)?);
+                        let (seq, len) = insert_record(&self.conn, r)?;
+                        self.outbox_delta.0 += 1;
+                        self.outbox_delta.1 += len;
+                        mine.push(seq);
                     }
                 }
                 Outcome::Ack { .. } => mine.extend(acked.get(&i)),
@@ -622,6 +659,7 @@ impl Writer {
             }
             seqs.push(mine);
         }
+        self.bound_outbox()?;
         if let Some(mark) = self.mark_due() {
             self.conn.execute(
                 "INSERT OR REPLACE INTO meta (name, value) VALUES ('trusted_time', ?1)",
@@ -629,6 +667,63 @@ impl Writer {
             )?;
         }
         Ok(seqs)
+    }
+
+    /// Keeps the outbox within its configured records and bytes, inside the commit that
+    /// would overflow it: routine telemetry goes first, then the oldest routine activity, never
+    /// an alarm; it drops down to 90 % of the limits so that losses come in rare bursts, each
+    /// recorded as one `outbox_dropped` alarm.
+    fn bound_outbox(&mut self) -> Result<(), rusqlite::Error> {
+        let (max_records, max_bytes) = self.outbox_limits;
+        let count = |w: &Writer| w.outbox_count + w.outbox_delta.0;
+        let bytes = |w: &Writer| w.outbox_bytes + w.outbox_delta.1;
+        let over = |w: &Writer, share: i64| {
+            max_records.is_some_and(|m| count(w) * 10 > m * share)
+                || max_bytes.is_some_and(|m| bytes(w) * 10 > m * share)
+        };
+        if !over(self, 10) {
+            return Ok(());
+        }
+        let mut dropped = [0u64; 2];
+        for (slot, class) in [(0, RecordClass::Telemetry), (1, RecordClass::Activity)] {
+            let mut drop = self.conn.prepare_cached(
+                "DELETE FROM outbox WHERE seq IN
+                   (SELECT seq FROM outbox WHERE class = ?1 ORDER BY seq LIMIT 256)
+                 RETURNING length(body)",
+            )?;
+            while over(self, 9) {
+                let lens: Vec<i64> = drop
+                    .query_map([class.code()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                if lens.is_empty() {
+                    break;
+                }
+                dropped[slot] += lens.len() as u64;
+                self.outbox_delta.0 -= i64::try_from(lens.len()).unwrap_or(i64::MAX);
+                self.outbox_delta.1 -= lens.iter().sum::<i64>();
+            }
+        }
+        if dropped != [0, 0] {
+            tracing::warn!(
+                telemetry = dropped[0],
+                activity = dropped[1],
+                "outbox full: oldest routine records dropped (alarms kept)"
+            );
+            let (_, len) = insert_record(
+                &self.conn,
+                &Record::OutboxDropped {
+                    at: Timestamp::now(),
+                    telemetry: dropped[0],
+                    activity: dropped[1],
+                },
+            )?;
+            self.outbox_delta.0 += 1;
+            self.outbox_delta.1 += len;
+            self.health
+                .dropped
+                .fetch_add(dropped[0] + dropped[1], Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Sends the answers. `seqs` is `None` when the commit failed and the group is degraded.
@@ -1129,14 +1224,17 @@ pub(super) fn decode_rules(blob: &[u8]) -> Result<KeyRules, StoreError> {
     ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("key rules: {e}")))
 }
 
-fn insert_record(conn: &Connection, record: &Record) -> Result<i64, rusqlite::Error> {
+/// Appends a record to the outbox; returns its sequence number and its body's size.
+fn insert_record(conn: &Connection, record: &Record) -> Result<(i64, i64), rusqlite::Error> {
+    let body = record.to_cbor();
+    let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
     conn.prepare_cached("INSERT INTO outbox (class, created_ms, body) VALUES (?1, ?2, ?3)")?
         .execute(params![
             record.class().code(),
             record.at().as_millisecond(),
-            record.to_cbor()
+            body
         ])?;
-    Ok(conn.last_insert_rowid())
+    Ok((conn.last_insert_rowid(), len))
 }
 
 fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {

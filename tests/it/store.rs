@@ -812,3 +812,75 @@ async fn a_delta_that_overtakes_a_staged_snapshot_wins_and_the_snapshot_is_refus
     assert_eq!(reason(&b.decision), Some(DenyReason::UnknownCredential));
     store.close();
 }
+
+#[tokio::test]
+async fn a_full_outbox_drops_telemetry_then_old_activity_never_alarms_and_says_so() {
+    use doorbridge::store::RecordClass;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = StoreOptions::new(dir.path().join("db"), fixtures::context());
+    options.outbox_max_records = Some(100);
+    let store = Store::open(options).unwrap();
+    let at = fixtures::now();
+    let battery = |low| Record::Battery {
+        at,
+        unit: "b/1".into(),
+        door: "main".into(),
+        percent: if low { 5 } else { 80 },
+        millivolts: 3000,
+        low,
+    };
+    let call = Record::CallButton {
+        at,
+        unit: "b/1".into(),
+        door: "main".into(),
+        button: 0,
+    };
+    // 40 routine battery readings, 40 alarms, then activity until the outbox overflows.
+    for _ in 0..40 {
+        store.append(vec![battery(false)]).await.unwrap();
+        store.append(vec![call.clone()]).await.unwrap();
+    }
+    for _ in 0..30 {
+        store
+            .verify(request("u", "main", CredentialKind::Qr, "not-a-key"))
+            .await
+            .unwrap();
+    }
+    let all = store.reader().unwrap().outbox(0, 1000).unwrap();
+    assert!(all.len() <= 100, "{} records", all.len());
+    let class = |c| all.iter().filter(|r| r.class == c).count();
+    // Every alarm is kept (40 call buttons plus the one drop record); routine telemetry went
+    // first, and the newest activity is still there.
+    let alarms = class(RecordClass::Alarm);
+    assert_eq!(alarms, 41, "{all:?}");
+    assert_eq!(class(RecordClass::Telemetry), 0);
+    assert!(class(RecordClass::Activity) > 0);
+    let dropped: Vec<_> = all
+        .iter()
+        .filter_map(|r| match &r.record {
+            Record::OutboxDropped {
+                telemetry,
+                activity,
+                ..
+            } => Some((*telemetry, *activity)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dropped.len(), 1, "one burst, one record: {dropped:?}");
+    assert_eq!(dropped[0].0, 40);
+    store.close();
+
+    // The bound holds across a restart: the counts are read back from the file.
+    let mut options = StoreOptions::new(dir.path().join("db"), fixtures::context());
+    options.outbox_max_records = Some(100);
+    let store = Store::open(options).unwrap();
+    for _ in 0..20 {
+        store
+            .verify(request("u", "main", CredentialKind::Qr, "not-a-key"))
+            .await
+            .unwrap();
+    }
+    let n = store.reader().unwrap().outbox_depth().unwrap();
+    assert!(n <= 100, "{n} records");
+    store.close();
+}
