@@ -15,7 +15,8 @@
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
 //! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
 //!   client, for tests, the demo and installers;
-//! - [`daemon`]: wiring and shutdown of the running service.
+//! - [`daemon`]: wiring and shutdown of the running service;
+//! - [`task`]: what long-running tasks share (stop flag, jittered waits, clock sync).
 //!
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same
 //! entry points with their own I/O and shutdown signal.
@@ -27,3 +28,4 @@ pub mod config;
 pub mod daemon;
 pub mod sim;
 pub mod store;
+pub mod task;

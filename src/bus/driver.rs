@@ -4,7 +4,7 @@
 //! is reopened with backoff while the other buses keep working.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use super::session::{
 };
 use crate::access::{Decision, DenyReason, DoorId};
 use crate::store::{Record, Store, VerifyRequest};
+use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit's own door is released for when it is opened by command (inner doors,
 /// remote open).
@@ -34,8 +35,6 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 const COMMAND_TTL: Duration = Duration::from_secs(5);
 /// How often the time is broadcast to the units (and at every port open).
 const TIME_EVERY: Duration = Duration::from_secs(3600);
-/// Present while systemd-timesyncd has synchronised the clock.
-const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
 
 /// RS-485 transceiver settings applied with `TIOCSRS485`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -291,12 +290,6 @@ fn set_status(status: &Mutex<BusStatus>, f: impl FnOnce(&mut BusStatus)) {
     if let Ok(mut s) = status.lock() {
         f(&mut s);
     }
-}
-
-/// Up to a quarter more, so that several buses do not retry in step.
-fn jitter(d: Duration) -> Duration {
-    let nanos = Timestamp::now().subsec_nanosecond().unsigned_abs();
-    d + d.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
 fn open_port(spec: &BusSpec) -> std::io::Result<tokio_serial::SerialStream> {
@@ -595,7 +588,7 @@ impl Served<'_> {
                 kind: request.verify.kind,
                 secret: request.verify.value,
                 now: Timestamp::now(),
-                clock_synced: Path::new(TIMESYNC_FLAG).exists(),
+                clock_synced: clock_synced(),
             };
             let answer = match store.verify(verify).await {
                 Ok(verdict) => {
@@ -757,12 +750,6 @@ fn finish(done: Option<oneshot::Sender<CommandOutcome>>, outcome: CommandOutcome
     if let Some(done) = done {
         let _ = done.send(outcome);
     }
-}
-
-/// Completes when the shutdown flag turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`: drop it here, not across an await.
-    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

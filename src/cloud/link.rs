@@ -46,6 +46,7 @@ use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
 use crate::config::Config;
 use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError};
+use crate::task::{clock_synced, jitter, stopped};
 
 /// The first wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -61,8 +62,6 @@ const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(5);
 pub const BACKLOG: usize = 16;
 /// Requests rumqttc may queue between the worker and the event loop.
 const REQUEST_CAPACITY: usize = 1024;
-/// systemd-timesyncd's flag: the clock is synchronised.
-const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
 
 /// Why the link cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -305,15 +304,6 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>) {
     }
 }
 
-/// Somewhere in the upper half of `d`, so a building's gateways do not reconnect in step
-/// after a broker restart.
-fn jitter(d: Duration) -> Duration {
-    let nanos = u64::from(Timestamp::now().subsec_nanosecond().unsigned_abs());
-    let half = d / 2;
-    let spread = u64::try_from(half.as_millis()).unwrap_or(u64::MAX).max(1);
-    half + Duration::from_millis(nanos % spread)
-}
-
 /// The snapshot being staged in the store: its version and staging generation.
 struct Staging {
     version: u64,
@@ -405,12 +395,6 @@ pub async fn run_link(
         tracing::debug!("cloud link poller did not finish in time");
     }
     tracing::info!("cloud link stopped");
-}
-
-/// Completes when the flag turns true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`: drop it here, not across an await.
-    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 async fn held_version(store: &Store) -> Result<u64, StoreError> {
@@ -619,7 +603,7 @@ impl Worker {
     /// A signed cloud time for the trusted-time mark, unless it lies implausibly far ahead of
     /// a clock that is synchronised (then the cloud's clock is wrong, not ours).
     fn plausible(at: Timestamp) -> Option<Timestamp> {
-        let synced = Path::new(TIMESYNC_FLAG).exists();
+        let synced = clock_synced();
         let now = Timestamp::now();
         if synced && at.duration_since(now) > MAX_CLOUD_AHEAD {
             tracing::warn!(%at, %now, "a signed cloud time lies more than a day ahead of the synchronised clock; not used for the time mark");
@@ -734,7 +718,7 @@ impl Worker {
             key_id: command.key_id.clone(),
             door: command.door.clone(),
             now,
-            clock_synced: Path::new(TIMESYNC_FLAG).exists(),
+            clock_synced: clock_synced(),
         };
         let verdict = match self.store.remote_open(request).await {
             Ok(v) => v,
