@@ -19,7 +19,7 @@ use crate::bus::message::Settings;
 use crate::bus::session::SessionConfig;
 use crate::cloud::link::{self, LinkStatus};
 use crate::config::{BusConfig, Config};
-use crate::store::{DecisionContext, Store, StoreError, StoreOptions};
+use crate::store::{DecisionContext, Reader, Store, StoreError, StoreOptions};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -79,12 +79,7 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
             path: path.clone(),
             source,
         })?;
-    // Counting a large key set reads the whole index: keep it off the async workers.
-    let counted = store.clone();
-    let key_set = tokio::task::spawn_blocking(move || counted.reader().and_then(|r| r.key_set()))
-        .await
-        .map_err(|e| DaemonError::Runtime(std::io::Error::other(e)))?;
-    match key_set {
+    match store.read(Reader::key_set).await {
         Ok(set) => tracing::info!(
             path,
             keyset_version = set.version,
@@ -95,15 +90,7 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     // What the cloud wants on each unit, and what each unit last applied, survive restarts.
-    let reading = store.clone();
-    let settings = match tokio::task::spawn_blocking(move || reading.reader()?.unit_settings())
-        .await
-        .map_err(|e| StoreError::Io {
-            what: "reading door-unit settings",
-            source: std::io::Error::other(e),
-        })
-        .and_then(|r| r)
-    {
+    let settings = match store.read(Reader::unit_settings).await {
         Ok(all) => all,
         Err(e) => {
             tracing::warn!(error = %e, "door-unit settings could not be read");

@@ -85,15 +85,7 @@ pub async fn import(
     mut next_chunk: impl FnMut() -> Result<Option<Vec<u8>>, ImportError>,
     mut progress: impl FnMut(u32, u32),
 ) -> Result<Imported, ImportError> {
-    let held = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.reader()?.key_set().map(|k| k.version))
-            .await
-            .map_err(|e| StoreError::Io {
-                what: "reading the held key set",
-                source: std::io::Error::other(e),
-            })??
-    };
+    let held = link::held_version(store).await?;
     let opened = envelope::open(manifest, trusted, MAX_ENVELOPE_BYTES)?;
     if opened.kind != Kind::Manifest {
         return Err(ImportError::NotAManifest(opened.kind));

@@ -397,14 +397,8 @@ pub async fn run_link(
     tracing::info!("cloud link stopped");
 }
 
-async fn held_version(store: &Store) -> Result<u64, StoreError> {
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.reader()?.key_set().map(|k| k.version))
-        .await
-        .map_err(|e| StoreError::Io {
-            what: "reading the held key set",
-            source: std::io::Error::other(e),
-        })?
+pub(crate) async fn held_version(store: &Store) -> Result<u64, StoreError> {
+    store.read(|r| r.key_set().map(|k| k.version)).await
 }
 
 impl Worker {

@@ -331,6 +331,21 @@ impl Store {
         Reader::open(&self.path)
     }
 
+    /// Runs `f` on a new read-only connection off the async workers (reads of a large key set
+    /// may take a while).
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let path = Arc::clone(&self.path);
+        tokio::task::spawn_blocking(move || f(&Reader::open(&path)?))
+            .await
+            .map_err(|e| StoreError::Io {
+                what: "reading the store",
+                source: std::io::Error::other(e),
+            })?
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
