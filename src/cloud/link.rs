@@ -754,12 +754,9 @@ impl Worker {
             }
         }
         // Wait for the unit off this task: the link keeps serving meanwhile.
-        tokio::spawn(report_open_result(
+        tokio::spawn(report_unit_result(
             main,
-            self.client.clone(),
-            self.spec.topics.topic(Channel::CommandResult),
-            id,
-            command.door,
+            self.unit_result(id, "open-door", command.door, Outcome::Opened, None),
         ));
     }
 
@@ -825,30 +822,35 @@ impl Worker {
         let done = self
             .router
             .send_tracked(&door, BusCommand::Settings(desired));
-        let client = self.client.clone();
-        let topic = self.spec.topics.topic(Channel::CommandResult);
-        tokio::spawn(async move {
-            let outcome = match done {
-                Some(done) => tokio::time::timeout(OPEN_RESULT_WAIT, done).await,
-                None => Ok(Ok(CommandOutcome::Expired)),
-            };
-            let (outcome, reason) = match outcome {
-                Ok(Ok(CommandOutcome::Done)) => (Outcome::Done, None),
-                _ => (
-                    Outcome::Unreachable,
-                    Some("held as desired; pushed when the unit is next reachable".to_owned()),
-                ),
-            };
-            let report = Report::CommandResult {
-                command_id: Some(id),
-                command: "unit-settings".into(),
-                outcome,
-                reason,
-                door: Some(door),
-                at: Timestamp::now(),
-            };
-            let _ = client.try_publish(topic, QoS::AtLeastOnce, false, report.encode());
-        });
+        tokio::spawn(report_unit_result(
+            done,
+            self.unit_result(
+                id,
+                "unit-settings",
+                door,
+                Outcome::Done,
+                Some("held as desired; pushed when the unit is next reachable"),
+            ),
+        ));
+    }
+
+    fn unit_result(
+        &self,
+        command_id: String,
+        command: &'static str,
+        door: String,
+        done_as: Outcome,
+        otherwise: Option<&'static str>,
+    ) -> UnitResult {
+        UnitResult {
+            client: self.client.clone(),
+            topic: self.spec.topics.topic(Channel::CommandResult),
+            command_id,
+            command,
+            door,
+            done_as,
+            otherwise,
+        }
     }
 
     fn publish_result(
@@ -893,40 +895,56 @@ impl Worker {
     }
 }
 
-/// Waits for the unit to carry out a remote open and tells the cloud how it ended.
-async fn report_open_result(
-    done: Option<tokio::sync::oneshot::Receiver<CommandOutcome>>,
+/// Where and how to report a command carried out by a door unit.
+struct UnitResult {
     client: AsyncClient,
     topic: String,
-    id: String,
+    command_id: String,
+    command: &'static str,
     door: String,
+    /// The outcome when the unit confirms it.
+    done_as: Outcome,
+    /// What happens when it does not (added to the reason).
+    otherwise: Option<&'static str>,
+}
+
+/// Waits for the unit to carry out a command and tells the cloud how it ended.
+async fn report_unit_result(
+    done: Option<tokio::sync::oneshot::Receiver<CommandOutcome>>,
+    r: UnitResult,
 ) {
-    let outcome = match done {
-        None => Err("no door unit serves that door, or its queue is full".to_owned()),
+    let failed = match done {
+        None => Some("no door unit serves that door, or its queue is full"),
         Some(done) => match tokio::time::timeout(OPEN_RESULT_WAIT, done).await {
-            Ok(Ok(CommandOutcome::Done)) => Ok(()),
-            Ok(Ok(CommandOutcome::NoAnswer)) => Err("the door unit did not answer".to_owned()),
+            Ok(Ok(CommandOutcome::Done)) => None,
+            Ok(Ok(CommandOutcome::NoAnswer)) => Some("the door unit did not answer"),
             Ok(Ok(CommandOutcome::Expired) | Err(_)) | Err(_) => {
-                Err("the door unit could not be reached in time".to_owned())
+                Some("the door unit could not be reached in time")
             }
         },
     };
-    let (outcome, reason) = match outcome {
-        Ok(()) => (Outcome::Opened, None),
-        Err(reason) => {
-            tracing::warn!(command_id = %id, %reason, "remote open not carried out");
+    let (outcome, reason) = match failed {
+        None => (r.done_as, None),
+        Some(why) => {
+            let reason = match r.otherwise {
+                Some(then) => format!("{why}; {then}"),
+                None => why.to_owned(),
+            };
+            tracing::warn!(command_id = %r.command_id, command = r.command, %reason, "command not carried out");
             (Outcome::Unreachable, Some(reason))
         }
     };
     let report = Report::CommandResult {
-        command_id: Some(id),
-        command: "open-door".into(),
+        command_id: Some(r.command_id),
+        command: r.command.into(),
         outcome,
         reason,
-        door: Some(door),
+        door: Some(r.door),
         at: Timestamp::now(),
     };
-    let _ = client.try_publish(topic, QoS::AtLeastOnce, false, report.encode());
+    let _ = r
+        .client
+        .try_publish(r.topic, QoS::AtLeastOnce, false, report.encode());
 }
 
 fn describe(reason: &ResyncReason) -> String {
