@@ -434,32 +434,6 @@ async fn kill_9_as_a_snapshot_commits_leaves_the_old_set_or_the_new_one() {
     .await;
 }
 
-/// How long the large snapshot takes from the first publish to the `applied` report, with
-/// nothing else going on. Run with
-/// `cargo test --test it large_snapshot_end_to_end -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check: run by hand"]
-async fn large_snapshot_end_to_end_time() {
-    let Some(broker) = mosquitto_or_skip("large_snapshot_end_to_end_time") else {
-        return;
-    };
-    let home = link_home(&broker.url());
-    let big = big_snapshot(home.target.clone()).await;
-    let (_daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("a", 1_000)).await;
-    let started = Instant::now();
-    cloud.publish_snapshot(&big).await;
-    let published = started.elapsed();
-    cloud.reports.applied(2, BIG_WAIT).await;
-    println!(
-        "{BIG} keys in {} chunks ({} bytes): all published (PubAck) after {published:?}, \
-         applied after {:?}",
-        big.chunks.len(),
-        big.total_bytes(),
-        started.elapsed()
-    );
-    assert_eq!(home.held(), (2, big_count()));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     let Some(broker) = mosquitto_or_skip("forged_and_rolled_back_sets_are_refused_over_mosquitto")
