@@ -18,6 +18,7 @@ use crate::bus::frame::Address;
 use crate::bus::message::Settings;
 use crate::bus::session::SessionConfig;
 use crate::cloud::link::{self, LinkStatus};
+use crate::cloud::telemetry::{BusProbe, TelemetrySpec};
 use crate::config::{BusConfig, Config};
 use crate::store::{DecisionContext, Reader, Store, StoreError, StoreOptions};
 
@@ -97,7 +98,7 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
             Vec::new()
         }
     };
-    let (router, buses) = start_buses(config, &store, &stop_rx, settings);
+    let (router, buses, probes) = start_buses(config, &store, &stop_rx, settings);
     let (link_stop_tx, link_stop_rx) = watch::channel(false);
     let link = match link::spec(config) {
         Ok(spec) => Some(tokio::spawn(link::run_link(
@@ -105,6 +106,7 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
             store.clone(),
             router,
             Arc::new(Mutex::new(LinkStatus::default())),
+            telemetry_spec(config, probes),
             link_stop_rx,
         ))),
         Err(e) => {
@@ -134,6 +136,17 @@ pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Resul
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What the telemetry summary is made of: the buses' status and the configured thresholds.
+fn telemetry_spec(config: &Config, buses: Vec<BusProbe>) -> TelemetrySpec {
+    TelemetrySpec {
+        interval: config.telemetry.interval,
+        low_battery_percent: config.telemetry.low_battery_percent,
+        clock_tolerance: config.clock.tolerance,
+        buses,
+        started: std::time::Instant::now(),
+    }
 }
 
 /// What the bus task for `bus` runs with.
@@ -180,13 +193,17 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
     }
 }
 
-/// Starts one task per configured bus; returns the router that reaches their doors.
+/// A running bus task.
+type BusTask = (String, tokio::task::JoinHandle<()>);
+
+/// Starts one task per configured bus; returns the router that reaches their doors, the
+/// tasks, and where each bus shows its status.
 fn start_buses(
     config: &Config,
     store: &Store,
     stop: &watch::Receiver<bool>,
     settings: Vec<(String, Option<Settings>, Option<Settings>)>,
-) -> (Arc<DoorRouter>, Vec<(String, tokio::task::JoinHandle<()>)>) {
+) -> (Arc<DoorRouter>, Vec<BusTask>, Vec<BusProbe>) {
     let specs: Vec<BusSpec> = config.buses.iter().map(|b| bus_spec(config, b)).collect();
     let mut router = DoorRouter::default();
     let receivers: Vec<_> = specs.iter().map(|s| router.add_bus(s).1).collect();
@@ -197,12 +214,22 @@ fn start_buses(
         });
     }
     let router = Arc::new(router);
+    let mut probes = Vec::new();
     let tasks = specs
         .into_iter()
         .zip(receivers)
         .map(|(spec, commands)| {
             let name = spec.name.clone();
             let status = Arc::new(Mutex::new(BusStatus::default()));
+            probes.push(BusProbe {
+                name: name.clone(),
+                status: Arc::clone(&status),
+                units: spec
+                    .units
+                    .iter()
+                    .map(|u| (u.address.get(), u.door.clone()))
+                    .collect(),
+            });
             let task = tokio::spawn(run_bus(
                 spec,
                 store.clone(),
@@ -214,7 +241,7 @@ fn start_buses(
             (name, task)
         })
         .collect();
-    (router, tasks)
+    (router, tasks, probes)
 }
 
 /// Runs the gateway on its own runtime until SIGTERM or SIGINT.

@@ -20,7 +20,8 @@ use doorbridge::cloud::keyfile::{KeyFile, parse_hex};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::sync::DEFAULT_COMMAND_LIFETIME;
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
-use doorbridge::sim::cloud::{CloudClient, decode_report, hex};
+use doorbridge::cloud::uplink::Batch;
+use doorbridge::sim::cloud::{CloudClient, RecordLedger, decode_report, hex, record_json};
 use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 
@@ -30,6 +31,7 @@ A session (docs/cloud-sim.md has more):
   cloud-sim build --signing-key ./cloud-keys/signing.key --keys config/keys.example.toml \\
       --site s1 --gateway gw1 --version 1 --out keys.dbk      # for doorbridge keys import
   cloud-sim watch --url mqtt://localhost:1883 &                 # what gateways report
+  cloud-sim records --url mqtt://localhost:1883 > records.jsonl # their activity, each once
   cloud-sim publish --url mqtt://localhost:1883 --site s1 --gateway gw1 \\
       --signing-key ./cloud-keys/signing.key snapshot --keys config/keys.example.toml --version 2
   cloud-sim publish ... delta --from 2 --version 3 --delete courier-dhl-0412
@@ -152,6 +154,40 @@ enum Command {
         /// The MQTT client id [default: cloud-sim-watch-<pid>]
         #[arg(long, value_name = "ID")]
         client_id: Option<String>,
+    },
+    /// Receive the records gateways upload (activity, door events, alarms, battery
+    /// readings), each once: print every new record as a JSON line
+    /// {"gateway","seq","class","record"}, count duplicates (same gateway and seq) and, at the
+    /// end, print on stderr how many arrived and which sequence numbers are missing
+    Records {
+        /// The broker, mqtt://host:port
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The topic prefix the gateways use
+        #[arg(long, default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+        prefix: String,
+        /// Only this gateway's records [default: every gateway's]
+        #[arg(long, value_name = "ID")]
+        gateway: Option<String>,
+        /// Stop once N distinct records have arrived
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Stop after this long without a new record, e.g. 10s
+        #[arg(long, value_name = "DURATION", value_parser = parse_std_duration)]
+        idle: Option<Duration>,
+        /// Exit with status 1 when a gateway's records have gaps
+        #[arg(long)]
+        check: bool,
+        /// The MQTT client id [default: cloud-sim-records-<pid>]
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+    },
+    /// Check a JSON-lines file written by `records` for duplicates and missing sequence
+    /// numbers; exit 1 if any are missing
+    Check {
+        /// The file ("-" for standard input)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
 }
 
@@ -356,7 +392,106 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             client_id,
         } => watch(&url, &prefix, count, client_id).await,
+        Command::Records {
+            url,
+            prefix,
+            gateway,
+            count,
+            idle,
+            check,
+            client_id,
+        } => {
+            let client_id =
+                client_id.unwrap_or_else(|| format!("cloud-sim-records-{}", std::process::id()));
+            let filter = format!(
+                "{prefix}/+/{}/{}",
+                gateway.as_deref().unwrap_or("+"),
+                Channel::Records.suffix()
+            );
+            records(&url, &filter, &client_id, count, idle, check).await
+        }
+        Command::Check { file } => check_file(&file),
     }
+}
+
+fn parse_std_duration(text: &str) -> Result<Duration, String> {
+    doorbridge::config::values::parse_duration(text)
+}
+
+/// `cloud-sim records`: receives, deduplicates and prints uploaded records.
+async fn records(
+    url: &str,
+    filter: &str,
+    client_id: &str,
+    count: Option<u64>,
+    idle: Option<Duration>,
+    check: bool,
+) -> anyhow::Result<()> {
+    let client = CloudClient::connect(url, client_id).await?;
+    let mut rx = client.subscribe(filter).await?;
+    eprintln!("cloud-sim: receiving records on {filter} from {url}");
+    let mut ledger = RecordLedger::default();
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    let idle = idle.unwrap_or(Duration::MAX);
+    while count.is_none_or(|n| ledger.unique() < n) {
+        tokio::select! {
+            // A batch from a gateway.
+            message = rx.recv() => {
+                let Some((topic, payload)) = message else {
+                    bail!("the connection to the broker closed");
+                };
+                match Batch::decode(&payload) {
+                    Ok(batch) => {
+                        for r in ledger.add(&batch) {
+                            writeln!(stdout, "{}", record_json(&batch.gateway, r))?;
+                        }
+                        stdout.flush()?;
+                    }
+                    Err(e) => eprintln!("cloud-sim: {topic}: not a record batch: {e}"),
+                }
+            }
+            // Nothing new for a while.
+            () = tokio::time::sleep(idle) => break,
+            // Ctrl-C.
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
+    eprintln!("cloud-sim: {}", ledger.summary());
+    if check && !ledger.gaps().is_empty() {
+        bail!("records are missing");
+    }
+    Ok(())
+}
+
+/// `cloud-sim check`: gaps and duplicates in a JSON-lines file of records.
+fn check_file(file: &Path) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let input: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?,
+        ))
+    };
+    let mut ledger = RecordLedger::default();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not JSON", file.display(), n + 1))?;
+        let (Some(gateway), Some(seq)) = (value["gateway"].as_str(), value["seq"].as_u64()) else {
+            bail!("{}:{}: no \"gateway\" and \"seq\"", file.display(), n + 1);
+        };
+        ledger.add_id(gateway, seq);
+    }
+    println!("{}", ledger.summary());
+    if !ledger.gaps().is_empty() {
+        bail!("records are missing");
+    }
+    Ok(())
 }
 
 fn keygen(dir: &Path) -> anyhow::Result<()> {

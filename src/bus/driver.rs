@@ -79,7 +79,8 @@ pub struct BusStatus {
 pub struct UnitStatus {
     pub online: bool,
     pub last_seen: Option<Timestamp>,
-    pub battery_percent: Option<u8>,
+    /// The latest battery reading: percent, millivolts, when.
+    pub battery: Option<(u8, u16, Timestamp)>,
 }
 
 /// A command for a unit, addressed by door.
@@ -114,6 +115,9 @@ pub struct DoorRouter {
     /// applied (reported). A unit that reports otherwise, or comes back online, gets the
     /// desired settings pushed.
     settings: Arc<Mutex<HashMap<DoorId, UnitSettings>>>,
+    /// Signalled when a unit's battery falls to the low threshold: the cloud link sends a
+    /// telemetry summary at once instead of at its next interval.
+    pub telemetry_now: Arc<tokio::sync::Notify>,
 }
 
 /// A door unit's settings, as wanted and as applied.
@@ -648,9 +652,17 @@ impl Served<'_> {
                 millivolts,
                 ..
             }) => {
+                let low = self.spec.low_battery_percent;
+                let mut crossed = false;
                 set_status(self.status, |s| {
-                    s.units.entry(unit.get()).or_default().battery_percent = Some(percent);
+                    let u = s.units.entry(unit.get()).or_default();
+                    crossed = percent <= low && u.battery.is_none_or(|(was, _, _)| was > low);
+                    u.battery = Some((percent, millivolts, at));
                 });
+                if crossed {
+                    tracing::warn!(bus = %self.spec.name, unit = %unit_label, %door, percent, "door unit battery low");
+                    self.router.telemetry_now.notify_one();
+                }
                 Record::Battery {
                     at,
                     unit: unit_label,

@@ -32,14 +32,18 @@ use rumqttc::{
     Publish, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
+use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
 use super::payload::{
     Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
 };
 use super::report::{Outcome, Presence, Report};
 use super::sync::{Action, CommandParts, ReplayCache, ResyncReason, Sync};
+use super::telemetry::{TelemetryLink, TelemetrySpec, run_telemetry};
 use super::topics::{Channel, TopicError, Topics};
+use super::uplink::{Planner, Uplink, WINDOW, run_uplink};
 use crate::access::Decision;
 use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
@@ -102,6 +106,8 @@ pub struct LinkSpec {
     pub topics: Topics,
     pub trusted: Vec<VerifyingKey>,
     pub options: MqttOptions,
+    /// The largest message the gateway publishes (upload batches fill up to it).
+    pub max_payload: usize,
 }
 
 impl std::fmt::Debug for LinkSpec {
@@ -194,6 +200,7 @@ pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
         topics,
         trusted,
         options,
+        max_payload,
     })
 }
 
@@ -264,13 +271,47 @@ enum Polled {
     Disconnected(String),
 }
 
+/// The poller's side of the uplink: broker acks matched to upload batches, and whether the
+/// connection is up.
+struct Uplinked {
+    correlator: Correlator,
+    acks: mpsc::UnboundedSender<Ack>,
+    connected: watch::Sender<bool>,
+}
+
 /// Owns the event loop: polls, forwards, backs off. See the module header.
-async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>) {
+async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, mut up: Uplinked) {
     let mut wait = BACKOFF_FIRST;
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+        let event = match eventloop.poll().await {
+            Ok(event) => event,
+            Err(ConnectionError::RequestsDone) => return,
+            Err(e) => {
+                let (acked, lost) = up.correlator.connection_lost(
+                    &mut eventloop.pending,
+                    &mut eventloop.state.events,
+                    &mut eventloop.state.collision,
+                );
+                for batch in acked {
+                    let _ = up.acks.send(Ack::Acked(batch));
+                }
+                let _ = up.acks.send(Ack::Lost(lost));
+                up.connected.send_replace(false);
+                if tx.send(Polled::Disconnected(e.to_string())).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(jitter(wait)).await;
+                wait = (wait * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        if let Some(batch) = up.correlator.on_event(&event) {
+            let _ = up.acks.send(Ack::Acked(batch));
+        }
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
                 wait = BACKOFF_FIRST;
+                up.connected.send_replace(true);
                 if tx
                     .send(Polled::Connected {
                         session_present: ack.session_present,
@@ -281,25 +322,17 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>) {
                     return;
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
+            Event::Incoming(Packet::Publish(p)) => {
                 // Waits while the worker is BACKLOG messages behind: the broker waits with us.
-                if tx.send(Polled::Message(p)).await.is_err() {
+                let forwarded = tx.send(Polled::Message(p)).await;
+                if forwarded.is_err() {
                     return;
                 }
             }
             // The worker asked to disconnect and it is on its way: done (polling on would
             // reconnect, and the broker would then publish the will over our own `offline`).
-            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(ConnectionError::RequestsDone) => {
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if tx.send(Polled::Disconnected(e.to_string())).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(jitter(wait)).await;
-                wait = (wait * 2).min(BACKOFF_MAX);
-            }
+            Event::Outgoing(Outgoing::Disconnect) => return,
+            _ => {}
         }
     }
 }
@@ -312,7 +345,7 @@ struct Staging {
 
 struct Worker {
     spec: LinkSpec,
-    client: AsyncClient,
+    publisher: Publisher,
     store: Store,
     router: Arc<DoorRouter>,
     status: Arc<Mutex<LinkStatus>>,
@@ -331,6 +364,7 @@ pub async fn run_link(
     store: Store,
     router: Arc<DoorRouter>,
     status: Arc<Mutex<LinkStatus>>,
+    telemetry: TelemetrySpec,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let held = match held_version(&store).await {
@@ -346,13 +380,34 @@ pub async fn run_link(
     network.set_tcp_nodelay(true);
     eventloop.set_network_options(network);
     let (tx, mut rx) = mpsc::channel(BACKLOG);
-    let poller = tokio::spawn(poll(eventloop, tx));
+    let publisher = Publisher::new(client);
+    let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let poller = tokio::spawn(poll(
+        eventloop,
+        tx,
+        Uplinked {
+            correlator: Correlator::new(publisher.clone()),
+            acks: acks_tx,
+            connected: connected_tx,
+        },
+    ));
     tracing::info!(broker = %format!("{}:{}", spec.options.broker_address().0, spec.options.broker_address().1),
         held, "cloud link starting");
+    let (helpers_stop, helpers_stopped) = watch::channel(false);
+    let helpers = start_helpers(
+        &spec,
+        &publisher,
+        &store,
+        (&status, &router),
+        (acks_rx, connected_rx),
+        telemetry,
+        &helpers_stopped,
+    );
     let mut worker = Worker {
         sync: Sync::new(spec.target.clone(), held),
         spec,
-        client,
+        publisher,
         store,
         router,
         status,
@@ -379,9 +434,16 @@ pub async fn run_link(
             () = stopped(&mut shutdown) => break,
         }
     }
+    // The uplink waits briefly for the acks of batches in flight (what stays unacknowledged
+    // goes again after the next start), then the link says goodbye.
+    let _ = helpers_stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        let _ = tokio::join!(helpers.0, helpers.1);
+    })
+    .await;
     // A clean disconnect suppresses the will, so say "offline" first.
     worker.publish_state(Presence::Offline);
-    let _ = worker.client.try_disconnect();
+    let _ = worker.publisher.client().try_disconnect();
     // Keep taking (and not acknowledging: they come again next time) what the poller still
     // forwards, so a poller waiting for room reaches the disconnect; it ends there, and its
     // sender with it.
@@ -395,6 +457,48 @@ pub async fn run_link(
         tracing::debug!("cloud link poller did not finish in time");
     }
     tracing::info!("cloud link stopped");
+}
+
+/// Starts the uplink and the telemetry task beside the worker.
+fn start_helpers(
+    spec: &LinkSpec,
+    publisher: &Publisher,
+    store: &Store,
+    (status, router): (&Arc<Mutex<LinkStatus>>, &Arc<DoorRouter>),
+    (acks, connected): (mpsc::UnboundedReceiver<Ack>, watch::Receiver<bool>),
+    telemetry: TelemetrySpec,
+    stop: &watch::Receiver<bool>,
+) -> (JoinHandle<()>, JoinHandle<()>) {
+    let uplink = tokio::spawn(run_uplink(
+        Uplink {
+            publisher: publisher.clone(),
+            topic: spec.topics.topic(Channel::Records),
+            planner: Planner::new(
+                &spec.target.gateway,
+                &spec.target.site,
+                spec.max_payload,
+                WINDOW,
+            ),
+            store: store.clone(),
+            connected: connected.clone(),
+            acks,
+        },
+        stop.clone(),
+    ));
+    let telemetry = tokio::spawn(run_telemetry(
+        telemetry,
+        TelemetryLink {
+            publisher: publisher.clone(),
+            topic: spec.topics.topic(Channel::Telemetry),
+            gateway: spec.target.gateway.clone(),
+            store: store.clone(),
+            status: Arc::clone(status),
+            connected,
+            now: Arc::clone(&router.telemetry_now),
+        },
+        stop.clone(),
+    ));
+    (uplink, telemetry)
 }
 
 pub(crate) async fn held_version(store: &Store) -> Result<u64, StoreError> {
@@ -422,7 +526,7 @@ impl Worker {
                         path: self.spec.topics.topic(c),
                         qos: QoS::AtLeastOnce,
                     });
-                    if let Err(e) = self.client.try_subscribe_many(filters) {
+                    if let Err(e) = self.publisher.client().try_subscribe_many(filters) {
                         tracing::error!(error = %e, "cannot subscribe to the cloud's topics");
                     }
                 }
@@ -444,7 +548,7 @@ impl Worker {
             Polled::Message(p) => {
                 self.on_message(&p).await;
                 // Acknowledged only now: what it asked for is on disk (or refused for good).
-                if let Err(e) = self.client.try_ack(&p) {
+                if let Err(e) = self.publisher.client().try_ack(&p) {
                     tracing::debug!(error = %e, "ack not sent; the broker will redeliver");
                 }
             }
@@ -843,7 +947,7 @@ impl Worker {
         otherwise: Option<&'static str>,
     ) -> UnitResult {
         UnitResult {
-            client: self.client.clone(),
+            publisher: self.publisher.clone(),
             topic: self.spec.topics.topic(Channel::CommandResult),
             command_id,
             command,
@@ -887,8 +991,8 @@ impl Worker {
     fn publish(&self, channel: Channel, report: &Report, retain: bool) {
         let topic = self.spec.topics.topic(channel);
         if let Err(e) = self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, report.encode())
+            .publisher
+            .try_publish(topic, retain, report.encode(), None)
         {
             tracing::debug!(error = %e, channel = channel.suffix(), "report not queued");
         }
@@ -897,7 +1001,7 @@ impl Worker {
 
 /// Where and how to report a command carried out by a door unit.
 struct UnitResult {
-    client: AsyncClient,
+    publisher: Publisher,
     topic: String,
     command_id: String,
     command: &'static str,
@@ -943,8 +1047,8 @@ async fn report_unit_result(
         at: Timestamp::now(),
     };
     let _ = r
-        .client
-        .try_publish(r.topic, QoS::AtLeastOnce, false, report.encode());
+        .publisher
+        .try_publish(r.topic, false, report.encode(), None);
 }
 
 fn describe(reason: &ResyncReason) -> String {

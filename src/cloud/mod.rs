@@ -3,10 +3,13 @@
 //! The pure parts do no I/O: [`envelope`] (signatures), [`payload`] (message bodies),
 //! [`sync`] (which payloads change the key set), [`topics`] and [`report`] (what the gateway
 //! says back). [`link`] is the async shell: it owns the MQTT connection, feeds the machine and
-//! carries out its actions against the store and the doors. [`import`] runs the same checks
+//! carries out its actions against the store and the doors. [`uplink`] drains the outbox to
+//! the cloud over the same connection ([`acks`] matches broker acks to batches) and
+//! [`telemetry`] sends the health summary. [`import`] runs the same checks
 //! on a key set read from a file. [`build`], [`bundle`] and [`keyfile`] are the cloud's side
 //! (signing what the gateway accepts), for `cloud-sim`, tests and benchmarks. See `docs/cloud-protocol.md`.
 
+pub mod acks;
 pub mod build;
 pub mod bundle;
 pub mod envelope;
@@ -16,8 +19,10 @@ pub mod link;
 pub mod payload;
 pub mod report;
 pub mod sync;
+pub mod telemetry;
 #[cfg(test)]
 mod tests;
 pub mod topics;
+pub mod uplink;
 #[cfg(test)]
 mod vectors;

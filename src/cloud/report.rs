@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::payload::{PayloadError, from_cbor, to_cbor};
 
-/// The largest report the cloud side accepts when decoding (reports are small).
-pub const MAX_REPORT_BYTES: usize = 16 * 1024;
+/// The largest report the cloud side accepts when decoding (a telemetry summary of many door
+/// units is the largest, a few hundred bytes per unit).
+pub const MAX_REPORT_BYTES: usize = 256 * 1024;
 
 /// Online or offline, on the retained `state` topic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +75,8 @@ pub enum Report {
         door: Option<String>,
         at: Timestamp,
     },
+    /// On `telemetry`: battery per door unit and the gateway's health.
+    Telemetry(Box<super::telemetry::Summary>),
 }
 
 impl Report {

@@ -34,10 +34,15 @@ pub enum Channel {
     Sync,
     /// Results of commands, gateway → cloud.
     CommandResult,
+    /// Outbox records (activity, door events, alarms, battery readings) in batches,
+    /// gateway → cloud.
+    Records,
+    /// Telemetry summaries (battery per unit, gateway health), gateway → cloud.
+    Telemetry,
 }
 
 impl Channel {
-    pub const ALL: [Channel; 9] = [
+    pub const ALL: [Channel; 11] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
@@ -47,6 +52,8 @@ impl Channel {
         Channel::State,
         Channel::Sync,
         Channel::CommandResult,
+        Channel::Records,
+        Channel::Telemetry,
     ];
     /// The channels the gateway subscribes to.
     pub const INBOUND: [Channel; 6] = [
@@ -58,7 +65,13 @@ impl Channel {
         Channel::Settings,
     ];
     /// The channels the gateway publishes on.
-    pub const OUTBOUND: [Channel; 3] = [Channel::State, Channel::Sync, Channel::CommandResult];
+    pub const OUTBOUND: [Channel; 5] = [
+        Channel::State,
+        Channel::Sync,
+        Channel::CommandResult,
+        Channel::Records,
+        Channel::Telemetry,
+    ];
 
     pub fn suffix(self) -> &'static str {
         match self {
@@ -71,6 +84,8 @@ impl Channel {
             Channel::State => "state",
             Channel::Sync => "sync",
             Channel::CommandResult => "cmd/result",
+            Channel::Records => "records",
+            Channel::Telemetry => "telemetry",
         }
     }
 
@@ -82,7 +97,12 @@ impl Channel {
             Channel::OpenDoor => Some(Kind::OpenDoor),
             Channel::Resync => Some(Kind::Resync),
             Channel::Settings => Some(Kind::UnitSettings),
-            Channel::Chunk | Channel::State | Channel::Sync | Channel::CommandResult => None,
+            Channel::Chunk
+            | Channel::State
+            | Channel::Sync
+            | Channel::CommandResult
+            | Channel::Records
+            | Channel::Telemetry => None,
         }
     }
 }

@@ -30,6 +30,8 @@ use crate::cloud::build::SignedSnapshot;
 use crate::cloud::payload::MAX_ENVELOPE_BYTES;
 use crate::cloud::report::Report;
 use crate::cloud::topics::{Channel, Topics};
+use crate::cloud::uplink::{Batch, MAX_BATCH_BYTES, Uploaded};
+use crate::store::Record;
 
 /// The largest MQTT packet sent or accepted: a full envelope plus topic and header.
 pub const MAX_PACKET_BYTES: usize = MAX_ENVELOPE_BYTES + 1024;
@@ -165,7 +167,8 @@ impl CloudClient {
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
-            .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+            // Upload batches may be as large as a gateway's cloud.max_payload allows.
+            .set_max_packet_size(MAX_BATCH_BYTES + 1024, MAX_PACKET_BYTES);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         // Each publish waits for its PubAck: without this, Nagle adds a delayed ACK to each.
         let mut network = eventloop.network_options();
@@ -426,8 +429,15 @@ async fn run(
 /// from the topic under `prefix` (null when it does not have that shape).
 pub fn decode_report(prefix: &str, topic: &str, payload: &[u8]) -> Value {
     let (site, gateway, channel) = split_topic(prefix, topic);
-    let report = match Report::decode(payload) {
-        Ok(report) => serde_json::to_value(&report).unwrap_or(Value::Null),
+    let decoded = if channel == Some(Channel::Records.suffix()) {
+        Batch::decode(payload).map(|b| {
+            json!({ "records": b.records.iter().map(|r| record_json(&b.gateway, r)).collect::<Vec<_>>() })
+        })
+    } else {
+        Report::decode(payload).map(|r| serde_json::to_value(&r).unwrap_or(Value::Null))
+    };
+    let report = match decoded {
+        Ok(value) => value,
         Err(e) => json!({ "undecodable": hex(payload), "error": e.to_string() }),
     };
     json!({
@@ -437,6 +447,141 @@ pub fn decode_report(prefix: &str, topic: &str, payload: &[u8]) -> Value {
         "channel": channel,
         "report": report,
     })
+}
+
+/// One uploaded record as a JSON line: `{"gateway", "seq", "class", "record"}`.
+pub fn record_json(gateway: &str, r: &Uploaded) -> Value {
+    json!({
+        "gateway": gateway,
+        "seq": r.seq,
+        "class": r.class,
+        "record": r.record,
+    })
+}
+
+/// What the reference cloud has received from gateways' uploads: each record once, by
+/// `(gateway, seq)`, and what is missing.
+#[derive(Debug, Default)]
+pub struct RecordLedger {
+    seen: HashMap<String, std::collections::BTreeSet<u64>>,
+    duplicates: u64,
+    /// Records the gateways reported dropping from a full outbox (`outbox_dropped`).
+    reported_dropped: u64,
+}
+
+/// A gateway's sequence numbers that never arrived, as inclusive ranges.
+pub type Gaps = Vec<(u64, u64)>;
+
+impl RecordLedger {
+    /// Takes a batch; returns the records not seen before (duplicates are counted, not
+    /// returned).
+    pub fn add<'a>(&mut self, batch: &'a Batch) -> Vec<&'a Uploaded> {
+        let seen = self.seen.entry(batch.gateway.clone()).or_default();
+        let mut new = Vec::new();
+        for r in &batch.records {
+            if seen.insert(r.seq) {
+                if let Record::OutboxDropped {
+                    telemetry,
+                    activity,
+                    ..
+                } = r.record
+                {
+                    self.reported_dropped += telemetry + activity;
+                }
+                new.push(r);
+            } else {
+                self.duplicates += 1;
+            }
+        }
+        new
+    }
+
+    /// Takes one record by id (e.g. read back from a JSON-lines file); true when new.
+    pub fn add_id(&mut self, gateway: &str, seq: u64) -> bool {
+        let new = self.seen.entry(gateway.to_owned()).or_default().insert(seq);
+        if !new {
+            self.duplicates += 1;
+        }
+        new
+    }
+
+    /// Distinct records received, over all gateways.
+    pub fn unique(&self) -> u64 {
+        self.seen.values().map(|s| s.len() as u64).sum()
+    }
+
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    pub fn reported_dropped(&self) -> u64 {
+        self.reported_dropped
+    }
+
+    /// Whether `gateway`'s record `seq` arrived.
+    pub fn has(&self, gateway: &str, seq: u64) -> bool {
+        self.seen.get(gateway).is_some_and(|s| s.contains(&seq))
+    }
+
+    /// Per gateway, the sequence numbers missing between the lowest and the highest received
+    /// (records still on their way, or lost: a gateway's `seq` has no holes of its own making
+    /// except records it reported dropping).
+    pub fn gaps(&self) -> Vec<(String, Gaps)> {
+        let mut out = Vec::new();
+        for (gateway, seqs) in &self.seen {
+            let mut gaps = Vec::new();
+            let mut prev: Option<u64> = None;
+            for &s in seqs {
+                if let Some(p) = prev
+                    && s > p + 1
+                {
+                    gaps.push((p + 1, s - 1));
+                }
+                prev = Some(s);
+            }
+            if !gaps.is_empty() {
+                out.push((gateway.clone(), gaps));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// One line: how many, duplicates, and the gaps.
+    pub fn summary(&self) -> String {
+        let gaps = self.gaps();
+        let missing: u64 = gaps
+            .iter()
+            .flat_map(|(_, g)| g.iter().map(|(a, b)| b - a + 1))
+            .sum();
+        let mut line = format!(
+            "{} records from {} gateway(s), {} duplicates",
+            self.unique(),
+            self.seen.len(),
+            self.duplicates
+        );
+        if self.reported_dropped > 0 {
+            line.push_str(&format!(
+                ", {} reported dropped by a full outbox",
+                self.reported_dropped
+            ));
+        }
+        if missing == 0 {
+            line.push_str(", no gaps");
+        } else {
+            line.push_str(&format!(", {missing} missing:"));
+            for (gateway, g) in &gaps {
+                for (a, b) in g.iter().take(10) {
+                    if a == b {
+                        line.push_str(&format!(" {gateway}#{a}"));
+                    } else {
+                        line.push_str(&format!(" {gateway}#{a}-{b}"));
+                    }
+                }
+            }
+        }
+        line
+    }
 }
 
 /// `{prefix}/{site}/{gateway}/{channel…}` → its parts.

@@ -249,6 +249,9 @@ pub struct Health {
     pub dropped: AtomicU64,
     /// Commits (group commits count once).
     pub commits: AtomicU64,
+    /// Signalled after each commit that may have added outbox records: the uplink waits on it
+    /// instead of polling the database.
+    pub outbox_grew: tokio::sync::Notify,
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;

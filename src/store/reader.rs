@@ -23,6 +23,8 @@ pub struct KeySetInfo {
     pub version: u64,
     pub generation: i64,
     pub keys: u64,
+    /// When the cloud signed the held version (its age is what status and telemetry show).
+    pub issued_at: Option<jiff::Timestamp>,
 }
 
 impl Reader {
@@ -58,6 +60,9 @@ impl Reader {
                 .map_or(0, |v| u64::try_from(v).unwrap_or(0)),
             generation,
             keys: u64::try_from(keys).unwrap_or(0),
+            issued_at: self
+                .meta_i64("keyset_issued_at")?
+                .and_then(|s| jiff::Timestamp::from_second(s).ok()),
         })
     }
 
@@ -107,6 +112,23 @@ impl Reader {
             .conn
             .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The stored CBOR bodies of one class's outbox records after `after_seq`, oldest first,
+    /// at most `limit`: what the uplink sends, without decoding them.
+    pub fn outbox_raw(
+        &self,
+        class: RecordClass,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, body FROM outbox WHERE class = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![class.code(), after_seq, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Outbox records after `after_seq`, oldest first, at most `limit`.

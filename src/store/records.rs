@@ -7,7 +7,8 @@ use crate::access::{Category, CredentialKind, DenyReason, DoorId};
 use crate::bus::message::DoorEventKind;
 
 /// Upload priority. Alarms jump the queue; telemetry is the first to go when the outbox is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RecordClass {
     Alarm = 0,
     Activity = 1,
@@ -15,6 +16,21 @@ pub enum RecordClass {
 }
 
 impl RecordClass {
+    /// In upload order: alarms first.
+    pub const ALL: [RecordClass; 3] = [
+        RecordClass::Alarm,
+        RecordClass::Activity,
+        RecordClass::Telemetry,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordClass::Alarm => "alarm",
+            RecordClass::Activity => "activity",
+            RecordClass::Telemetry => "telemetry",
+        }
+    }
+
     pub fn code(self) -> i64 {
         self as i64
     }

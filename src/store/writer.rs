@@ -310,6 +310,9 @@ impl Writer {
                 self.health.commits.fetch_add(1, Ordering::Relaxed);
                 self.recovered();
                 self.answer(outcomes, Some(seqs));
+                // A spurious wake-up costs the uplink one indexed query; a missed one would
+                // leave records waiting.
+                self.health.outbox_grew.notify_one();
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -959,6 +962,9 @@ impl Writer {
             let mut set =
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
             set.execute(params!["keyset_version", version])?;
+            if let Some(at) = d.issued_at {
+                set.execute(params!["keyset_issued_at", at.as_second()])?;
+            }
             if let Some(mark) = mark {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
@@ -1087,6 +1093,9 @@ impl Writer {
             set.execute(params!["active_generation", generation])?;
             set.execute(params!["keyset_version", version])?;
             set.execute(params!["credential_salt", staging.header.salt])?;
+            if let Some(at) = staging.header.issued_at {
+                set.execute(params!["keyset_issued_at", at.as_second()])?;
+            }
             if let Some(mark) = self.mark {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }

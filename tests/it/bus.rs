@@ -4,15 +4,19 @@
 // Tables of cases, one row per seed rule, read best unbroken.
 #![allow(clippy::too_many_lines)]
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use doorbridge::access::{CredentialKind, DenyReason, Key, Schedule, UseLimit, WeekdaySet, Window};
 use doorbridge::bus::frame::Address;
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::bus::session::Answer;
+use doorbridge::cloud::uplink::Batch;
 use doorbridge::config::Config;
+use doorbridge::sim::cloud::CloudClient;
 use doorbridge::sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
@@ -40,6 +44,34 @@ pub(crate) struct Building {
     cloud: String,
     /// How many times the simulated units were started.
     powered_up: u64,
+    /// Records the gateway uploaded to the test's broker, by seq (with a cloud).
+    uploaded: Arc<Mutex<BTreeMap<u64, Record>>>,
+    _receiver: Option<CloudClient>,
+}
+
+/// Subscribes to the gateway's uploads on the broker named in the `[cloud]` section `cloud`
+/// and keeps every record received in `into`.
+async fn receive_records(cloud: &str, into: Arc<Mutex<BTreeMap<u64, Record>>>) -> CloudClient {
+    let url = cloud
+        .lines()
+        .find_map(|l| l.strip_prefix("url = \""))
+        .and_then(|rest| rest.split('"').next())
+        .expect("the cloud section has a url");
+    let client = CloudClient::connect(url, "records-test").await.unwrap();
+    let mut rx = client
+        .subscribe("doorbridge/site-test/gw-test/records")
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Some((_, payload)) = rx.recv().await {
+            let batch = Batch::decode(&payload).expect("upload batches decode");
+            let mut map = into.lock().unwrap();
+            for r in batch.records {
+                map.insert(r.seq, r.record);
+            }
+        }
+    });
+    client
 }
 
 /// No broker: port 1 refuses at once, so the link just keeps retrying quietly.
@@ -132,6 +164,12 @@ impl Building {
     ) -> Building {
         let db = dir.path().join("doorbridge.db");
         let link = dir.path().join("ttyDOOR");
+        let uploaded = Arc::new(Mutex::new(BTreeMap::new()));
+        let receiver = if cloud == NO_CLOUD {
+            None
+        } else {
+            Some(receive_records(cloud, Arc::clone(&uploaded)).await)
+        };
         let mut b = Building {
             _dir: dir,
             db,
@@ -142,6 +180,8 @@ impl Building {
             seen: Vec::new(),
             cloud: cloud.to_owned(),
             powered_up: 0,
+            uploaded,
+            _receiver: receiver,
         };
         b.start_sim(units);
         b.start_daemon(units, extra);
@@ -263,17 +303,17 @@ impl Building {
         }
     }
 
-    /// Outbox records, once `done` holds for them (polled with a deadline).
+    /// Outbox records, still on disk or already uploaded, once `done` holds for them (polled
+    /// with a deadline).
     pub(crate) async fn records_until(&self, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
         let reader = doorbridge::store::Reader::open(&self.db).unwrap();
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            let records: Vec<Record> = reader
-                .outbox(0, 100_000)
-                .unwrap()
-                .into_iter()
-                .map(|r| r.record)
-                .collect();
+            let mut all = self.uploaded.lock().unwrap().clone();
+            for r in reader.outbox(0, 100_000).unwrap() {
+                all.insert(u64::try_from(r.seq).unwrap(), r.record);
+            }
+            let records: Vec<Record> = all.into_values().collect();
             if done(&records) {
                 return records;
             }

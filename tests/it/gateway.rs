@@ -7,6 +7,7 @@
 //! Every wait polls a condition with a deadline; the daemon is killed on drop, and its log
 //! printed if the test failed.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
+use doorbridge::cloud::uplink::Batch;
 use doorbridge::sim::cloud::{CloudClient, Message, hex};
 use doorbridge::store::{Reader, Record};
 use ed25519_dalek::SigningKey;
@@ -135,21 +137,6 @@ door = "main"
         self.reader()
             .key_by_digest(&digest)
             .expect("look up a digest")
-    }
-
-    /// The `CloudRejected` records in the outbox: `(channel, reason)`.
-    pub fn rejections_recorded(&self) -> Vec<(String, String)> {
-        self.reader()
-            .outbox(0, 1_000_000)
-            .expect("read the outbox")
-            .into_iter()
-            .filter_map(|r| match r.record {
-                Record::CloudRejected {
-                    channel, reason, ..
-                } => Some((channel, reason)),
-                _ => None,
-            })
-            .collect()
     }
 }
 
@@ -286,19 +273,46 @@ pub struct Reports {
     gateway: String,
     /// Everything received so far, for failure messages and counts.
     pub seen: Vec<(Channel, Report)>,
+    /// Uploaded outbox records, by seq.
+    pub uploaded: BTreeMap<u64, Record>,
 }
 
 impl Reports {
-    /// Decodes `message` and keeps it in `seen`.
-    fn decode(&mut self, (topic, payload): Message) -> (Channel, Report) {
+    /// Decodes `message` and keeps it in `seen`, or its records in `uploaded` (`None`).
+    fn decode(&mut self, (topic, payload): Message) -> Option<(Channel, Report)> {
         let channel = self
             .topics
             .channel_of(&topic)
             .unwrap_or_else(|| panic!("a report on a foreign topic {topic}"));
+        if channel == Channel::Records {
+            let batch = Batch::decode(&payload)
+                .unwrap_or_else(|e| panic!("an undecodable batch on {topic}: {e}"));
+            for r in batch.records {
+                self.uploaded.insert(r.seq, r.record);
+            }
+            return None;
+        }
         let report = Report::decode(&payload)
             .unwrap_or_else(|e| panic!("an undecodable report on {topic}: {e}"));
         self.seen.push((channel, report.clone()));
-        (channel, report)
+        Some((channel, report))
+    }
+
+    /// The `CloudRejected` records, uploaded or still in `home`'s outbox: `(channel, reason)`.
+    pub fn rejections_recorded(&mut self, home: &Home) -> Vec<(String, String)> {
+        self.received();
+        let mut all = self.uploaded.clone();
+        for r in home.reader().outbox(0, 1_000_000).expect("read the outbox") {
+            all.insert(u64::try_from(r.seq).expect("seq"), r.record);
+        }
+        all.into_values()
+            .filter_map(|r| match r {
+                Record::CloudRejected {
+                    channel, reason, ..
+                } => Some((channel, reason)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The next report for which `want` holds; the others are kept in `seen` only.
@@ -312,8 +326,9 @@ impl Reports {
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(message)) => {
-                    let (channel, report) = self.decode(message);
-                    if want(channel, &report) {
+                    if let Some((channel, report)) = self.decode(message)
+                        && want(channel, &report)
+                    {
                         return report;
                     }
                 }
@@ -420,6 +435,7 @@ impl Cloud {
                 topics: home.topics.clone(),
                 gateway: home.target.gateway.clone(),
                 seen: Vec::new(),
+                uploaded: BTreeMap::new(),
             },
         }
     }

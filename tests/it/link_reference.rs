@@ -381,7 +381,7 @@ async fn kill_during_the_large_snapshot(test: &str, kill_after: impl Fn(usize) -
 
     let (version, _) = old_or_new(&home);
     // Back up.
-    let rejected_before = home.rejections_recorded().len();
+    let rejected_before = cloud.reports.rejections_recorded(&home).len();
     let seen_before = cloud.reports.seen.len();
     let mut daemon = Daemon::start(&home);
     let (republishes, took) = republish_until_live(&mut cloud, &big).await;
@@ -405,7 +405,7 @@ async fn kill_during_the_large_snapshot(test: &str, kill_after: impl Fn(usize) -
         .iter()
         .filter(|(_, r)| matches!(r, Report::Resync { .. }))
         .count();
-    let recorded = home.rejections_recorded().len() - rejected_before;
+    let recorded = cloud.reports.rejections_recorded(&home).len() - rejected_before;
     eprintln!(
         "after the restart: held {version}; republished {republishes} time(s), version 2 \
          applied {took:?} after the first; {rejected} rejections reported {rejections:?}, \
@@ -444,7 +444,7 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     let set = keys("k", 20);
     let (_daemon, mut cloud) = gateway_with(&broker, &home, 5, &set).await;
     cloud.reports.state(Presence::Online, Some(5)).await;
-    let rejected_before = home.rejections_recorded().len();
+    let rejected_before = cloud.reports.rejections_recorded(&home).len();
 
     // A newer set signed by a key the gateway does not trust.
     let forged = build::snapshot(
@@ -490,7 +490,7 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     assert_eq!(home.held(), (5, 20), "the held set is unchanged");
     assert!(!home.by_pin("k1").expect("k1").revoked);
     assert!(home.by_pin("evil0").is_none() && home.by_pin("old0").is_none());
-    let recorded = home.rejections_recorded();
+    let recorded = cloud.reports.rejections_recorded(&home);
     assert!(
         recorded.len() - rejected_before >= 5,
         "each refusal is recorded: {recorded:#?}"

@@ -1,0 +1,313 @@
+//! The telemetry summary: the latest battery reading of every door unit and the gateway's
+//! health, sent on the `telemetry` topic every `telemetry.interval` (default 15 minutes), at
+//! once when a unit's battery falls to the low threshold, and on every connect.
+//!
+//! A summary is a picture of now, superseded by the next one, so it is published directly and
+//! never written to disk: an idle gateway writes nothing. What must not be lost is in the
+//! outbox already (every battery reading, the low-battery alarm).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use super::acks::Publisher;
+use super::link::LinkStatus;
+use crate::bus::driver::BusStatus;
+use crate::store::{Reader, Store, StoreError};
+use crate::task::{clock_synced, stopped};
+
+/// The gateway's health and its units' batteries at one moment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Summary {
+    pub gateway: String,
+    pub at: Timestamp,
+    /// Seconds since the daemon started.
+    pub uptime_s: u64,
+    /// The held key set (`None` when it could not be read).
+    pub keyset: Option<KeySetHealth>,
+    /// When a snapshot or delta was last committed by this process.
+    pub last_sync: Option<Timestamp>,
+    /// Records waiting for upload (`None` when it could not be read).
+    pub outbox_depth: Option<u64>,
+    pub clock: ClockHealth,
+    pub buses: Vec<BusHealth>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySetHealth {
+    pub version: u64,
+    pub keys: u64,
+    /// When the cloud signed it, and how long ago that was.
+    pub issued_at: Option<Timestamp>,
+    pub age_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClockHealth {
+    /// The system clock is NTP-synchronised.
+    pub synced: bool,
+    /// Time-bound keys are decided normally (the clock is not behind the trusted-time mark).
+    pub trusted: bool,
+    /// The trusted-time mark: the latest instant known to have passed.
+    pub mark: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusHealth {
+    pub name: String,
+    pub port_open: bool,
+    pub reopens: u64,
+    pub timeouts: u64,
+    pub retransmits: u64,
+    /// Frames that failed to decode (length, COBS, CRC, version, address) or held a bad message.
+    pub errors: u64,
+    pub units: Vec<UnitHealth>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnitHealth {
+    /// `bus/address`.
+    pub unit: String,
+    pub door: String,
+    pub online: bool,
+    pub last_seen: Option<Timestamp>,
+    pub battery_percent: Option<u8>,
+    pub battery_millivolts: Option<u16>,
+    pub battery_at: Option<Timestamp>,
+    pub battery_low: bool,
+}
+
+/// One bus as telemetry sees it.
+#[derive(Clone, Debug)]
+pub struct BusProbe {
+    pub name: String,
+    pub status: Arc<Mutex<BusStatus>>,
+    /// The configured units: address and door.
+    pub units: Vec<(u8, String)>,
+}
+
+/// What the telemetry task runs with.
+#[derive(Clone, Debug)]
+pub struct TelemetrySpec {
+    pub interval: Duration,
+    pub low_battery_percent: u8,
+    /// How far behind the trusted-time mark the clock may be and still be trusted.
+    pub clock_tolerance: Duration,
+    pub buses: Vec<BusProbe>,
+    /// When the daemon started.
+    pub started: Instant,
+}
+
+impl TelemetrySpec {
+    /// A spec with no buses (tests, tools).
+    pub fn new(interval: Duration) -> Self {
+        TelemetrySpec {
+            interval,
+            low_battery_percent: 20,
+            clock_tolerance: Duration::from_secs(2),
+            buses: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Builds a summary from the store's figures and the buses' status.
+fn summarize(
+    spec: &TelemetrySpec,
+    gateway: &str,
+    link: &LinkStatus,
+    stored: Result<(crate::store::KeySetInfo, u64, Option<Timestamp>), StoreError>,
+    now: Timestamp,
+) -> Summary {
+    let (keyset, outbox_depth, mark) = match stored {
+        Ok((set, depth, mark)) => (
+            Some(KeySetHealth {
+                version: set.version,
+                keys: set.keys,
+                issued_at: set.issued_at,
+                age_s: set
+                    .issued_at
+                    .map(|t| u64::try_from(now.duration_since(t).as_secs()).unwrap_or(0)),
+            }),
+            Some(depth),
+            mark,
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "telemetry: the store's figures cannot be read");
+            (None, None, None)
+        }
+    };
+    let tolerance = jiff::SignedDuration::try_from(spec.clock_tolerance).unwrap_or_default();
+    let buses = spec
+        .buses
+        .iter()
+        .map(|probe| {
+            let status = probe.status.lock().map(|s| s.clone()).unwrap_or_default();
+            let counters = status.stats;
+            BusHealth {
+                name: probe.name.clone(),
+                port_open: status.port_open,
+                reopens: status.reopens,
+                timeouts: counters.timeouts,
+                retransmits: counters.retransmits,
+                errors: counters.frame_errors() + counters.bad_messages,
+                units: probe
+                    .units
+                    .iter()
+                    .map(|(address, door)| {
+                        let u = status.units.get(address).cloned().unwrap_or_default();
+                        UnitHealth {
+                            unit: format!("{}/{address}", probe.name),
+                            door: door.clone(),
+                            online: u.online,
+                            last_seen: u.last_seen,
+                            battery_percent: u.battery.map(|b| b.0),
+                            battery_millivolts: u.battery.map(|b| b.1),
+                            battery_at: u.battery.map(|b| b.2),
+                            battery_low: u.battery.is_some_and(|b| b.0 <= spec.low_battery_percent),
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Summary {
+        gateway: gateway.to_owned(),
+        at: now,
+        uptime_s: spec.started.elapsed().as_secs(),
+        keyset,
+        last_sync: link.last_sync,
+        outbox_depth,
+        clock: ClockHealth {
+            synced: clock_synced(),
+            trusted: mark.is_none_or(|m| now >= m - tolerance),
+            mark,
+        },
+        buses,
+    }
+}
+
+/// What [`run_telemetry`] needs from the link.
+#[derive(Debug)]
+pub struct TelemetryLink {
+    pub publisher: Publisher,
+    pub topic: String,
+    pub gateway: String,
+    pub store: Store,
+    pub status: Arc<Mutex<LinkStatus>>,
+    pub connected: watch::Receiver<bool>,
+    /// Signalled when a battery falls to the low threshold.
+    pub now: Arc<Notify>,
+}
+
+/// Sends a summary every interval, at once on a low battery and on every connect, until
+/// `shutdown`. Nothing is sent (or queued) while the broker is away: the next connect sends a
+/// fresh one.
+pub async fn run_telemetry(
+    spec: TelemetrySpec,
+    mut link: TelemetryLink,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let period = spec.interval.max(Duration::from_secs(1));
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // The regular summary.
+            _ = interval.tick() => {}
+            // A battery fell to the low threshold.
+            () = link.now.notified() => {}
+            // Connected (a fresh summary) or disconnected (nothing to do).
+            changed = link.connected.changed() => {
+                if changed.is_err() { break }
+                if !*link.connected.borrow() { continue }
+            }
+            // The daemon is stopping.
+            () = stopped(&mut shutdown) => break,
+        }
+        if !*link.connected.borrow() {
+            continue;
+        }
+        let stored = link
+            .store
+            .read(|r: &Reader| Ok((r.key_set()?, r.outbox_depth()?, r.trusted_time()?)))
+            .await;
+        let status = link.status.lock().map(|s| s.clone()).unwrap_or_default();
+        let summary = summarize(&spec, &link.gateway, &status, stored, Timestamp::now());
+        let report = super::report::Report::Telemetry(Box::new(summary));
+        if let Err(e) = link
+            .publisher
+            .try_publish(link.topic.clone(), false, report.encode(), None)
+        {
+            tracing::debug!(error = %e, "telemetry summary not queued");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::driver::UnitStatus;
+    use crate::store::KeySetInfo;
+
+    #[test]
+    fn a_summary_shows_batteries_errors_and_the_key_sets_age() {
+        let status = Arc::new(Mutex::new(BusStatus::default()));
+        let seen: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
+        {
+            let mut s = status.lock().unwrap();
+            s.port_open = true;
+            s.stats.timeouts = 3;
+            s.stats.bad_crc = 2;
+            s.units.insert(
+                1,
+                UnitStatus {
+                    online: true,
+                    last_seen: Some(seen),
+                    battery: Some((15, 3400, seen)),
+                },
+            );
+        }
+        let mut spec = TelemetrySpec::new(Duration::from_secs(900));
+        spec.buses.push(BusProbe {
+            name: "entrance".into(),
+            status,
+            units: vec![(1, "main".into()), (2, "lobby".into())],
+        });
+        let now: Timestamp = "2026-11-22T12:00:00Z".parse().unwrap();
+        let stored = Ok((
+            KeySetInfo {
+                version: 7,
+                generation: 1,
+                keys: 40,
+                issued_at: Some("2026-11-22T11:00:00Z".parse().unwrap()),
+            },
+            12,
+            Some("2026-11-22T12:00:01Z".parse().unwrap()),
+        ));
+        let s = summarize(&spec, "gw", &LinkStatus::default(), stored, now);
+        assert_eq!(s.keyset.as_ref().unwrap().age_s, Some(3600));
+        assert_eq!(s.outbox_depth, Some(12));
+        assert!(
+            s.clock.trusted,
+            "one second behind the mark is within tolerance"
+        );
+        let bus = &s.buses[0];
+        assert_eq!((bus.timeouts, bus.errors), (3, 2));
+        assert_eq!(bus.units[0].battery_percent, Some(15));
+        assert!(bus.units[0].battery_low);
+        assert_eq!(bus.units[1].unit, "entrance/2");
+        assert!(!bus.units[1].online && bus.units[1].battery_percent.is_none());
+        let report = super::super::report::Report::Telemetry(Box::new(s.clone()));
+        let back = super::super::report::Report::decode(&report.encode()).unwrap();
+        assert_eq!(back, report);
+    }
+}

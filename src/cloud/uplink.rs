@@ -1,0 +1,588 @@
+//! The uplink: drains the store's outbox to the cloud, losing nothing.
+//!
+//! Records (decisions, door events, battery readings, alarms) are appended to the outbox in
+//! the same commit as what they describe, each with a never-reused `seq`. This module sends
+//! them in batches on the `records` topic at `QoS` 1 and deletes rows only once the broker has
+//! acknowledged the message that carried them ([`super::acks`] finds which ack is whose).
+//!
+//! - [`Batch`] is the wire format: one CBOR map per message, under `cloud.max_payload`, the
+//!   stored record bodies spliced in without decoding them.
+//! - [`Planner`] is the pure core: per-class cursors, the batches in flight, what an ack
+//!   frees and what a lost connection sends again. Alarms (call button, forced door, tamper,
+//!   low battery, lockout, refused cloud messages) go before activity, activity before
+//!   telemetry; within a class, in `seq` order.
+//! - [`run_uplink`] is the shell: it reads rows on a read-only connection of its own, waits
+//!   for the store's "outbox grew" signal instead of polling, keeps at most [`WINDOW`] batches
+//!   in flight and deletes acknowledged rows in one store command per wake-up.
+//!
+//! Whatever was not acknowledged is sent again (after a reconnect, or after a restart: the
+//! rows are still there) with the same ids, so the cloud sees each record at least once and
+//! deduplicates by `(gateway, seq)`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use super::acks::{Ack, BatchId, Publisher};
+use super::payload::{PayloadError, from_cbor};
+use crate::store::{Reader, Record, RecordClass, Store, StoreError};
+use crate::task::stopped;
+
+/// Batches in flight (sent, not yet acknowledged) at most.
+pub const WINDOW: usize = 8;
+/// A batch not acknowledged this long after it was queued is sent again (a safety net: a lost
+/// connection already reports its batches lost at once).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest batch the cloud side decodes.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Bytes a batch spends besides the record bodies: the map with gateway and site ids (at most
+/// 64 bytes each) and the array head.
+const BATCH_OVERHEAD: usize = 3 * 16 + 2 * 64 + 16;
+
+// ----- the wire format -----
+
+/// One uploaded record as the cloud decodes it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Uploaded {
+    /// With the gateway id, the record's stable unique id.
+    pub seq: u64,
+    pub class: RecordClass,
+    pub record: Record,
+}
+
+/// An upload message: `{"gateway": id, "site": id, "records": [{"seq", "class", "record"}…]}`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub gateway: String,
+    pub site: String,
+    pub records: Vec<Uploaded>,
+}
+
+impl Batch {
+    /// Decodes a batch (the cloud's side), bounded like every decoder that faces the network.
+    pub fn decode(bytes: &[u8]) -> Result<Batch, PayloadError> {
+        from_cbor(bytes, MAX_BATCH_BYTES)
+    }
+}
+
+/// CBOR head of `major` type with argument `n`, shortest form.
+fn head(out: &mut Vec<u8>, major: u8, n: u64) {
+    let m = major << 5;
+    match n {
+        0..=23 => out.push(m | u8::try_from(n).unwrap_or(0)),
+        24..=0xff => out.extend([m | 0x18, u8::try_from(n).unwrap_or(0)]),
+        0x100..=0xffff => {
+            out.push(m | 0x19);
+            out.extend(u16::try_from(n).unwrap_or(0).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 0x1a);
+            out.extend(u32::try_from(n).unwrap_or(0).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 0x1b);
+            out.extend(n.to_be_bytes());
+        }
+    }
+}
+
+fn text(out: &mut Vec<u8>, s: &str) {
+    head(out, 3, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Builds one batch from stored record bodies, up to a size limit.
+#[derive(Debug)]
+pub struct BatchWriter {
+    entries: Vec<u8>,
+    count: u64,
+    limit: usize,
+}
+
+impl BatchWriter {
+    /// A batch whose encoding stays within `max_payload` bytes.
+    pub fn new(max_payload: usize) -> Self {
+        BatchWriter {
+            entries: Vec::with_capacity(max_payload.min(1 << 20)),
+            count: 0,
+            limit: max_payload.saturating_sub(BATCH_OVERHEAD),
+        }
+    }
+
+    /// Adds a record unless the batch would grow past its limit; the first record always goes
+    /// in (a record larger than a whole batch is the caller's to refuse).
+    pub fn push(&mut self, seq: i64, class: RecordClass, body: &[u8]) -> bool {
+        let mut entry = Vec::with_capacity(body.len() + 40);
+        head(&mut entry, 5, 3);
+        text(&mut entry, "seq");
+        head(&mut entry, 0, u64::try_from(seq).unwrap_or(0));
+        text(&mut entry, "class");
+        text(&mut entry, class.as_str());
+        text(&mut entry, "record");
+        if self.count > 0 && self.entries.len() + entry.len() + body.len() > self.limit {
+            return false;
+        }
+        self.entries.extend_from_slice(&entry);
+        self.entries.extend_from_slice(body);
+        self.count += 1;
+        true
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The message: the stored bodies are CBOR already, so they are spliced in as they are.
+    pub fn finish(self, gateway: &str, site: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.entries.len() + BATCH_OVERHEAD);
+        head(&mut out, 5, 3);
+        text(&mut out, "gateway");
+        text(&mut out, gateway);
+        text(&mut out, "site");
+        text(&mut out, site);
+        text(&mut out, "records");
+        head(&mut out, 4, self.count);
+        out.extend_from_slice(&self.entries);
+        out
+    }
+}
+
+// ----- the pure core -----
+
+/// A batch sent and not yet acknowledged.
+#[derive(Clone, Debug)]
+struct InFlight {
+    class: RecordClass,
+    seqs: Vec<i64>,
+    queued: Instant,
+}
+
+/// A batch ready to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Planned {
+    pub id: BatchId,
+    pub payload: Vec<u8>,
+    pub records: usize,
+    /// Records too large for any batch, dropped from the outbox (logged by the caller).
+    pub oversized: Vec<i64>,
+}
+
+/// What to send next and what an ack frees; no I/O, the time is an argument.
+#[derive(Debug)]
+pub struct Planner {
+    gateway: String,
+    site: String,
+    max_payload: usize,
+    window: usize,
+    /// Per class (indexed by its code), the last `seq` sent or queued.
+    cursor: [i64; 3],
+    inflight: BTreeMap<BatchId, InFlight>,
+    next_id: BatchId,
+}
+
+impl Planner {
+    pub fn new(gateway: &str, site: &str, max_payload: usize, window: usize) -> Self {
+        Planner {
+            gateway: gateway.to_owned(),
+            site: site.to_owned(),
+            max_payload,
+            window: window.max(1),
+            cursor: [0; 3],
+            inflight: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Whether another batch may go out now.
+    pub fn has_room(&self) -> bool {
+        self.inflight.len() < self.window
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Where reading `class` continues.
+    pub fn cursor(&self, class: RecordClass) -> i64 {
+        self.cursor[index(class)]
+    }
+
+    /// How many rows to read per query: about what fits in one batch.
+    pub fn rows_per_read(&self) -> u32 {
+        u32::try_from((self.max_payload / 96).clamp(16, 4096)).unwrap_or(4096)
+    }
+
+    /// Builds the next batch of `class` from rows read after its cursor (oldest first) and
+    /// counts it in flight; `None` when `rows` is empty.
+    pub fn plan(
+        &mut self,
+        class: RecordClass,
+        rows: &[(i64, Vec<u8>)],
+        now: Instant,
+    ) -> Option<Planned> {
+        let mut writer = BatchWriter::new(self.max_payload);
+        let mut seqs = Vec::new();
+        let mut oversized = Vec::new();
+        for (seq, body) in rows {
+            if body.len() + BATCH_OVERHEAD > self.max_payload {
+                oversized.push(*seq);
+                continue;
+            }
+            if !writer.push(*seq, class, body) {
+                break;
+            }
+            seqs.push(*seq);
+        }
+        let last = seqs.last().copied().max(oversized.last().copied())?;
+        self.cursor[index(class)] = last;
+        let id = self.next_id;
+        self.next_id += 1;
+        let records = seqs.len();
+        if !seqs.is_empty() {
+            self.inflight.insert(
+                id,
+                InFlight {
+                    class,
+                    seqs,
+                    queued: now,
+                },
+            );
+        }
+        Some(Planned {
+            id,
+            payload: if writer.is_empty() {
+                Vec::new()
+            } else {
+                writer.finish(&self.gateway, &self.site)
+            },
+            records,
+            oversized,
+        })
+    }
+
+    /// The broker acknowledged `id`: its rows may go.
+    pub fn acked(&mut self, id: BatchId) -> Option<Vec<i64>> {
+        self.inflight.remove(&id).map(|b| b.seqs)
+    }
+
+    /// These batches will not be acknowledged: read their records again.
+    pub fn lost(&mut self, ids: &[BatchId]) {
+        for id in ids {
+            if let Some(b) = self.inflight.remove(id) {
+                let first = b.seqs.first().copied().unwrap_or(i64::MAX);
+                let c = &mut self.cursor[index(b.class)];
+                *c = (*c).min(first - 1);
+            }
+        }
+    }
+
+    /// Batches queued more than `timeout` ago; the caller declares them [`Planner::lost`].
+    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<BatchId> {
+        self.inflight
+            .iter()
+            .filter(|(_, b)| now.duration_since(b.queued) >= timeout)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+fn index(class: RecordClass) -> usize {
+    usize::try_from(class.code()).unwrap_or(0)
+}
+
+// ----- the async shell -----
+
+/// What the uplink runs with.
+#[derive(Debug)]
+pub struct Uplink {
+    pub publisher: Publisher,
+    pub topic: String,
+    pub planner: Planner,
+    pub store: Store,
+    /// True while the broker connection is up.
+    pub connected: watch::Receiver<bool>,
+    /// Acks and losses, from the poller.
+    pub acks: mpsc::UnboundedReceiver<Ack>,
+}
+
+/// Drains the outbox until `shutdown` turns true. Rows not acknowledged by then stay in the
+/// outbox and go out after the next start.
+pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
+    let mut reader = match up.store.reader() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "uplink not started: the outbox cannot be read");
+            return;
+        }
+    };
+    let mut check = tokio::time::interval(Duration::from_secs(5));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent_total: u64 = 0;
+    loop {
+        if *up.connected.borrow() {
+            match send_round(&mut up, &mut reader).await {
+                Ok((n, _)) => sent_total += n,
+                Err(e) => {
+                    tracing::error!(error = %e, "the outbox cannot be read; uploads wait");
+                    if e.is_retryable() {
+                        reader = up.store.reader().ok();
+                    }
+                }
+            }
+        }
+        if reader.is_none() {
+            reader = up.store.reader().ok();
+        }
+        tokio::select! {
+            // An ack (delete its rows) or a lost connection (send its batches again).
+            Some(ack) = up.acks.recv() => handle_acks(&mut up, ack).await,
+            // New records were committed.
+            () = up.store.health().outbox_grew.notified() => {}
+            // Connected or disconnected.
+            changed = up.connected.changed() => if changed.is_err() { break },
+            // The safety net for acks that never come.
+            _ = check.tick() => {
+                let overdue = up.planner.overdue(Instant::now(), ACK_TIMEOUT);
+                if !overdue.is_empty() {
+                    tracing::warn!(batches = overdue.len(), "upload batches unacknowledged for too long; sending them again");
+                    up.planner.lost(&overdue);
+                }
+            }
+            // The daemon is stopping.
+            () = stopped(&mut shutdown) => break,
+        }
+    }
+    // Batches in flight get a moment for their acks, so their rows are not sent twice.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while up.planner.in_flight() > 0 && *up.connected.borrow() {
+        match tokio::time::timeout_at(deadline, up.acks.recv()).await {
+            Ok(Some(ack)) => handle_acks(&mut up, ack).await,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tracing::debug!(
+        sent_total,
+        in_flight = up.planner.in_flight(),
+        "uplink stopped"
+    );
+}
+
+/// Deletes the rows of every batch acknowledged so far (one store command for all of them).
+async fn handle_acks(up: &mut Uplink, first: Ack) {
+    let mut seqs = Vec::new();
+    let mut next = Some(first);
+    while let Some(ack) = next {
+        match ack {
+            Ack::Acked(id) => seqs.extend(up.planner.acked(id).unwrap_or_default()),
+            Ack::Lost(ids) => {
+                if !ids.is_empty() {
+                    tracing::debug!(
+                        batches = ids.len(),
+                        "upload batches lost with the connection; sending them again"
+                    );
+                }
+                up.planner.lost(&ids);
+            }
+        }
+        next = up.acks.try_recv().ok();
+    }
+    if seqs.is_empty() {
+        return;
+    }
+    if let Err(e) = up.store.ack(seqs).await {
+        // The rows stay and go out again: duplicates with the same ids, never a loss.
+        tracing::warn!(error = %e, "acknowledged records could not be deleted");
+    }
+}
+
+/// Sends batches while the window has room and the outbox has records, alarms first.
+/// Returns how many records went out, and false when rumqttc's request queue was full.
+async fn send_round(
+    up: &mut Uplink,
+    reader: &mut Option<Reader>,
+) -> Result<(u64, bool), StoreError> {
+    let mut sent = 0;
+    'window: while up.planner.has_room() {
+        for class in RecordClass::ALL {
+            let rows = read_rows(
+                reader,
+                class,
+                up.planner.cursor(class),
+                up.planner.rows_per_read(),
+            )
+            .await?;
+            let Some(planned) = up.planner.plan(class, &rows, Instant::now()) else {
+                continue;
+            };
+            if !planned.oversized.is_empty() {
+                tracing::error!(seqs = ?planned.oversized, "outbox records larger than cloud.max_payload cannot be sent; deleted");
+                let _ = up.store.ack(planned.oversized.clone()).await;
+            }
+            if planned.records == 0 {
+                continue 'window;
+            }
+            match up.publisher.try_publish(
+                up.topic.clone(),
+                false,
+                planned.payload,
+                Some(planned.id),
+            ) {
+                Ok(()) => sent += planned.records as u64,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upload batch not queued; trying again after the next ack");
+                    up.planner.lost(&[planned.id]);
+                    return Ok((sent, false));
+                }
+            }
+            continue 'window;
+        }
+        break;
+    }
+    Ok((sent, true))
+}
+
+/// Reads rows off the async workers on the uplink's own read-only connection.
+async fn read_rows(
+    reader: &mut Option<Reader>,
+    class: RecordClass,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+    let r = reader.take().ok_or(StoreError::WriterGone)?;
+    let (r, rows) = tokio::task::spawn_blocking(move || {
+        let rows = r.outbox_raw(class, after, limit);
+        (r, rows)
+    })
+    .await
+    .map_err(|e| StoreError::Io {
+        what: "reading the outbox",
+        source: std::io::Error::other(e),
+    })?;
+    *reader = Some(r);
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Record;
+
+    fn body(n: u64) -> Vec<u8> {
+        Record::StorageRecovered {
+            at: jiff::Timestamp::UNIX_EPOCH,
+            kept_in_memory: n,
+            dropped: 0,
+        }
+        .to_cbor()
+    }
+
+    #[test]
+    fn a_batch_decodes_to_the_records_it_was_built_from() {
+        let mut w = BatchWriter::new(128 * 1024);
+        for seq in [1, 300, 70_000, 5_000_000_000] {
+            assert!(w.push(seq, RecordClass::Alarm, &body(seq.unsigned_abs())));
+        }
+        let batch = Batch::decode(&w.finish("gw-1", "site-1")).unwrap();
+        assert_eq!(batch.gateway, "gw-1");
+        assert_eq!(batch.site, "site-1");
+        let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [1, 300, 70_000, 5_000_000_000]);
+        assert_eq!(
+            batch.records[2].record,
+            Record::from_cbor(&body(70_000)).unwrap()
+        );
+        assert_eq!(batch.records[0].class, RecordClass::Alarm);
+    }
+
+    #[test]
+    fn batches_stay_under_the_payload_limit() {
+        let max = 16 * 1024;
+        let mut p = Planner::new("gw-with-a-long-name-0123456789", "site", max, 4);
+        let rows: Vec<(i64, Vec<u8>)> = (1..=2000).map(|s| (s, body(7))).collect();
+        let now = Instant::now();
+        let mut covered = 0;
+        while let Some(plan) = p.plan(RecordClass::Activity, &rows[covered..], now) {
+            assert!(plan.payload.len() <= max, "{} > {max}", plan.payload.len());
+            let batch = Batch::decode(&plan.payload).unwrap();
+            assert_eq!(batch.records.len(), plan.records);
+            assert_eq!(batch.records[0].seq, rows[covered].0.cast_unsigned());
+            covered += plan.records;
+            p.acked(plan.id).unwrap();
+        }
+        assert_eq!(covered, rows.len());
+    }
+
+    #[test]
+    fn acks_free_rows_and_lost_batches_are_read_again() {
+        let mut p = Planner::new("gw", "site", 1024, 2);
+        let now = Instant::now();
+        let rows: Vec<(i64, Vec<u8>)> = (10..20).map(|s| (s, body(1))).collect();
+        let a = p.plan(RecordClass::Activity, &rows, now).unwrap();
+        let a_last = 9 + i64::try_from(a.records).unwrap();
+        assert_eq!(p.cursor(RecordClass::Activity), a_last);
+        let rest: Vec<_> = rows.iter().filter(|r| r.0 > a_last).cloned().collect();
+        let b = p.plan(RecordClass::Activity, &rest, now).unwrap();
+        assert!(!p.has_room());
+        // Alarms keep their own cursor.
+        assert_eq!(p.cursor(RecordClass::Alarm), 0);
+        let freed = p.acked(b.id).unwrap();
+        assert_eq!(freed.first(), Some(&(a_last + 1)));
+        assert_eq!(p.acked(b.id), None, "an ack counts once");
+        p.lost(&[a.id]);
+        assert_eq!(
+            p.cursor(RecordClass::Activity),
+            9,
+            "read again from the lost batch"
+        );
+        assert!(p.has_room());
+    }
+
+    #[test]
+    fn overdue_batches_are_found_by_the_time_given() {
+        let mut p = Planner::new("gw", "site", 4096, 8);
+        let t0 = Instant::now();
+        let plan = p.plan(RecordClass::Alarm, &[(5, body(1))], t0).unwrap();
+        assert!(
+            p.overdue(t0 + Duration::from_secs(59), ACK_TIMEOUT)
+                .is_empty()
+        );
+        assert_eq!(p.overdue(t0 + ACK_TIMEOUT, ACK_TIMEOUT), [plan.id]);
+    }
+
+    #[test]
+    fn a_record_larger_than_any_batch_is_set_aside_not_sent() {
+        let mut p = Planner::new("gw", "site", 1024, 8);
+        let big = vec![0x40; 2000];
+        let plan = p
+            .plan(
+                RecordClass::Alarm,
+                &[(1, big), (2, body(1))],
+                Instant::now(),
+            )
+            .unwrap();
+        assert_eq!(plan.oversized, [1]);
+        assert_eq!(plan.records, 1);
+        assert_eq!(p.cursor(RecordClass::Alarm), 2);
+    }
+
+    #[test]
+    fn garbage_is_a_typed_error() {
+        assert!(Batch::decode(&[0xa1, 0x61]).is_err());
+        let mut w = BatchWriter::new(4096);
+        w.push(1, RecordClass::Alarm, &body(1));
+        let mut bytes = w.finish("gw", "s");
+        bytes.push(0);
+        assert!(matches!(
+            Batch::decode(&bytes),
+            Err(PayloadError::TrailingBytes(1))
+        ));
+    }
+}
