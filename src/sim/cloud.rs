@@ -549,6 +549,7 @@ impl RecordLedger {
 
     /// One line: how many, duplicates, and the gaps.
     pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
         let gaps = self.gaps();
         let missing: u64 = gaps
             .iter()
@@ -561,21 +562,22 @@ impl RecordLedger {
             self.duplicates
         );
         if self.reported_dropped > 0 {
-            line.push_str(&format!(
+            let _ = write!(
+                line,
                 ", {} reported dropped by a full outbox",
                 self.reported_dropped
-            ));
+            );
         }
         if missing == 0 {
             line.push_str(", no gaps");
         } else {
-            line.push_str(&format!(", {missing} missing:"));
+            let _ = write!(line, ", {missing} missing:");
             for (gateway, g) in &gaps {
                 for (a, b) in g.iter().take(10) {
                     if a == b {
-                        line.push_str(&format!(" {gateway}#{a}"));
+                        let _ = write!(line, " {gateway}#{a}");
                     } else {
-                        line.push_str(&format!(" {gateway}#{a}-{b}"));
+                        let _ = write!(line, " {gateway}#{a}-{b}");
                     }
                 }
             }
