@@ -159,29 +159,7 @@ enum Command {
     /// readings), each once: print every new record as a JSON line
     /// {"gateway","seq","class","record"}, count duplicates (same gateway and seq) and, at the
     /// end, print on stderr how many arrived and which sequence numbers are missing
-    Records {
-        /// The broker, mqtt://host:port
-        #[arg(long, value_name = "URL")]
-        url: String,
-        /// The topic prefix the gateways use
-        #[arg(long, default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
-        prefix: String,
-        /// Only this gateway's records [default: every gateway's]
-        #[arg(long, value_name = "ID")]
-        gateway: Option<String>,
-        /// Stop once N distinct records have arrived
-        #[arg(long, value_name = "N")]
-        count: Option<u64>,
-        /// Stop after this long without a new record, e.g. 10s
-        #[arg(long, value_name = "DURATION", value_parser = parse_std_duration)]
-        idle: Option<Duration>,
-        /// Exit with status 1 when a gateway's records have gaps
-        #[arg(long)]
-        check: bool,
-        /// The MQTT client id [default: cloud-sim-records-<pid>]
-        #[arg(long, value_name = "ID")]
-        client_id: Option<String>,
-    },
+    Records(RecordsArgs),
     /// Check a JSON-lines file written by `records` for duplicates and missing sequence
     /// numbers; exit 1 if any are missing
     Check {
@@ -189,6 +167,31 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct RecordsArgs {
+    /// The broker, mqtt://host:port
+    #[arg(long, value_name = "URL")]
+    url: String,
+    /// The topic prefix the gateways use
+    #[arg(long, default_value = DEFAULT_PREFIX, value_name = "PREFIX")]
+    prefix: String,
+    /// Only this gateway's records [default: every gateway's]
+    #[arg(long, value_name = "ID")]
+    gateway: Option<String>,
+    /// Stop once N distinct records have arrived
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Stop after this long without a new record, e.g. 10s
+    #[arg(long, value_name = "DURATION", value_parser = parse_std_duration)]
+    idle: Option<Duration>,
+    /// Exit with status 1 when a gateway's records have gaps
+    #[arg(long)]
+    check: bool,
+    /// The MQTT client id [default: cloud-sim-records-<pid>]
+    #[arg(long, value_name = "ID")]
+    client_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,24 +395,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             client_id,
         } => watch(&url, &prefix, count, client_id).await,
-        Command::Records {
-            url,
-            prefix,
-            gateway,
-            count,
-            idle,
-            check,
-            client_id,
-        } => {
-            let client_id =
-                client_id.unwrap_or_else(|| format!("cloud-sim-records-{}", std::process::id()));
-            let filter = format!(
-                "{prefix}/+/{}/{}",
-                gateway.as_deref().unwrap_or("+"),
-                Channel::Records.suffix()
-            );
-            records(&url, &filter, &client_id, count, idle, check).await
-        }
+        Command::Records(args) => records(args).await,
         Command::Check { file } => check_file(&file),
     }
 }
@@ -419,15 +405,25 @@ fn parse_std_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// `cloud-sim records`: receives, deduplicates and prints uploaded records.
-async fn records(
-    url: &str,
-    filter: &str,
-    client_id: &str,
-    count: Option<u64>,
-    idle: Option<Duration>,
-    check: bool,
-) -> anyhow::Result<()> {
-    let client = CloudClient::connect(url, client_id).await?;
+async fn records(args: RecordsArgs) -> anyhow::Result<()> {
+    let RecordsArgs {
+        url,
+        prefix,
+        gateway,
+        count,
+        idle,
+        check,
+        client_id,
+    } = args;
+    let filter = format!(
+        "{prefix}/+/{}/{}",
+        gateway.as_deref().unwrap_or("+"),
+        Channel::Records.suffix()
+    );
+    let client_id =
+        client_id.unwrap_or_else(|| format!("cloud-sim-records-{}", std::process::id()));
+    let (url, filter) = (url.as_str(), filter.as_str());
+    let client = CloudClient::connect(url, &client_id).await?;
     let mut rx = client.subscribe(filter).await?;
     eprintln!("cloud-sim: receiving records on {filter} from {url}");
     let mut ledger = RecordLedger::default();
