@@ -378,17 +378,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             send_settings(&conn, door, given, command_id).await
         }
-        Command::Resync { conn } => {
-            let (signer, topics, client) = connect(&conn).await?;
-            let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
-            let command = build::resync(&conn.target.target(), issued_at, &signer);
-            client
-                .publish_command(&topics, Channel::Resync, command)
-                .await?;
-            client.disconnect().await?;
-            println!("{}: resync", topics.topic(Channel::Resync));
-            Ok(())
-        }
+        Command::Resync { conn } => resync(&conn).await,
         Command::Watch {
             url,
             prefix,
@@ -398,6 +388,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Records(args) => records(args).await,
         Command::Check { file } => check_file(&file),
     }
+}
+
+/// `cloud-sim resync`: signs and publishes a resync command.
+async fn resync(conn: &Connection) -> anyhow::Result<()> {
+    let (signer, topics, client) = connect(conn).await?;
+    let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+    let command = build::resync(&conn.target.target(), issued_at, &signer);
+    client
+        .publish_command(&topics, Channel::Resync, command)
+        .await?;
+    client.disconnect().await?;
+    println!("{}: resync", topics.topic(Channel::Resync));
+    Ok(())
 }
 
 fn parse_std_duration(text: &str) -> Result<Duration, String> {
