@@ -1,8 +1,8 @@
 //! Fuzz target: everything the gateway decodes from the cloud side.
 //!
 //! The bytes go through the envelope decoder (with the fixed test key trusted), every body
-//! decoder, the sync state machine as a manifest, chunk and delta, the report decoder and the
-//! streaming bundle reader. None may panic; the sync machine must never stage a chunk whose
+//! decoder, the sync state machine as a manifest, chunk and delta, the report decoder, the
+//! upload batch decoder (the cloud's side of the uplink) and the streaming bundle reader. None may panic; the sync machine must never stage a chunk whose
 //! hash its manifest does not name.
 
 #![no_main]
@@ -14,6 +14,7 @@ use doorbridge::cloud::payload::{
 };
 use doorbridge::cloud::report::Report;
 use doorbridge::cloud::sync::{Action, Sync};
+use doorbridge::cloud::uplink::Batch;
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
 
@@ -24,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = ResyncCommand::decode(data);
     let _ = UnitSettings::decode(data);
     let _ = Report::decode(data);
+    let _ = Batch::decode(data);
     let _ = Chunk::decode(data);
     let target = Target {
         site: "s1".into(),

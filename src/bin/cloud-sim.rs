@@ -663,7 +663,9 @@ async fn watch(
         });
     }
     drop(tx);
-    eprintln!("cloud-sim: watching {prefix}/+/+/{{state,sync,cmd/result}} on {url}");
+    eprintln!(
+        "cloud-sim: watching {prefix}/+/+/{{state,sync,cmd/result,records,telemetry}} on {url}"
+    );
     let mut seen = 0u64;
     let mut stdout = std::io::stdout();
     while count.is_none_or(|n| seen < n) {

@@ -160,7 +160,22 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
             }
             .encode(),
         ),
+        ("record batch", batch()),
     ]
+}
+
+/// An upload batch of gateway `gw1`, site `s1`: record 41, a call-button alarm at unit
+/// `entrance/1` (door `main`, button 0) at `2026-01-01T00:02:00Z`.
+pub fn batch() -> Vec<u8> {
+    let record = crate::store::Record::CallButton {
+        at: at("2026-01-01T00:02:00Z"),
+        unit: "entrance/1".into(),
+        door: "main".into(),
+        button: 0,
+    };
+    let mut w = super::uplink::BatchWriter::new(128 * 1024);
+    w.push(41, record.class(), &record.to_cbor());
+    w.finish("gw1", "s1")
 }
 
 pub fn hex(bytes: &[u8]) -> String {
