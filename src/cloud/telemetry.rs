@@ -195,6 +195,20 @@ fn summarize(
     }
 }
 
+/// The gateway's health now: the store's figures, the link's and the buses' status.
+pub async fn snapshot(
+    spec: &TelemetrySpec,
+    gateway: &str,
+    store: &Store,
+    link: &Mutex<LinkStatus>,
+) -> Summary {
+    let stored = store
+        .read(|r: &Reader| Ok((r.key_set()?, r.outbox_depth()?, r.trusted_time()?)))
+        .await;
+    let status = link.lock().map(|s| s.clone()).unwrap_or_default();
+    summarize(spec, gateway, &status, stored, Timestamp::now())
+}
+
 /// What [`run_telemetry`] needs from the link.
 #[derive(Debug)]
 pub struct TelemetryLink {
@@ -236,12 +250,7 @@ pub async fn run_telemetry(
         if !*link.connected.borrow() {
             continue;
         }
-        let stored = link
-            .store
-            .read(|r: &Reader| Ok((r.key_set()?, r.outbox_depth()?, r.trusted_time()?)))
-            .await;
-        let status = link.status.lock().map(|s| s.clone()).unwrap_or_default();
-        let summary = summarize(&spec, &link.gateway, &status, stored, Timestamp::now());
+        let summary = snapshot(&spec, &link.gateway, &link.store, &link.status).await;
         let report = super::report::Report::Telemetry(Box::new(summary));
         if let Err(e) = link
             .publisher

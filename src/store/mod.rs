@@ -240,8 +240,11 @@ pub struct RemoteOpen {
     pub clock_synced: bool,
 }
 
+/// How many committed records [`Health::recent`] keeps for `doorbridge events tail`.
+pub const RECENT_RECORDS: usize = 1000;
+
 /// Counters the daemon exposes in its status.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     /// Set while records are held in memory because the disk refuses them.
     pub degraded: AtomicBool,
@@ -252,6 +255,45 @@ pub struct Health {
     /// Signalled after each commit that may have added outbox records: the uplink waits on it
     /// instead of polling the database.
     pub outbox_grew: tokio::sync::Notify,
+    /// The latest committed records (seq, record), newest last, at most [`RECENT_RECORDS`]:
+    /// what happened lately, whether uploaded (and deleted) or not.
+    pub recent: std::sync::Mutex<std::collections::VecDeque<(i64, Record)>>,
+    /// Every committed record as it is committed, for followers (`events tail --follow`).
+    pub records: tokio::sync::broadcast::Sender<(i64, Record)>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            degraded: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            outbox_grew: tokio::sync::Notify::new(),
+            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            records: tokio::sync::broadcast::channel(256).0,
+        }
+    }
+}
+
+impl Health {
+    /// Keeps records just committed in [`Health::recent`] and hands them to followers.
+    pub(crate) fn committed(&self, records: Vec<(i64, Record)>) {
+        if records.is_empty() {
+            return;
+        }
+        if let Ok(mut recent) = self.recent.lock() {
+            for r in &records {
+                if recent.len() == RECENT_RECORDS {
+                    recent.pop_front();
+                }
+                recent.push_back(r.clone());
+            }
+        }
+        for r in records {
+            // No follower is the common case.
+            let _ = self.records.send(r);
+        }
+    }
 }
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;

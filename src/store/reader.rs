@@ -83,6 +83,32 @@ impl Reader {
         blob.map(|b| decode_rules(&b)).transpose()
     }
 
+    /// Keys of the live set in id order, after `after_id` (`""` from the start), at most
+    /// `limit`: their rules, never their credentials.
+    pub fn keys_page(&self, after_id: &str, limit: u32) -> Result<Vec<KeyRules>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT rules FROM keys WHERE generation = ?1 AND key_id > ?2 ORDER BY key_id LIMIT ?3",
+        )?;
+        let blobs = stmt
+            .query_map(params![self.generation()?, after_id, limit], |r| {
+                r.get::<_, Vec<u8>>(0)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        blobs.iter().map(|b| decode_rules(b)).collect()
+    }
+
+    /// How many credentials of each kind a key of the live set has (kind code, count).
+    pub fn credential_counts(&self, key_id: &str) -> Result<Vec<(u8, u32)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT kind, count(*) FROM credentials WHERE generation = ?1 AND key_id = ?2
+             GROUP BY kind ORDER BY kind",
+        )?;
+        let rows = stmt.query_map(params![self.generation()?, key_id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The key a credential digest belongs to, in the live set.
     pub fn key_by_digest(&self, digest: &[u8; 32]) -> Result<Option<KeyRules>, StoreError> {
         lookup(&self.conn, self.generation()?, digest)

@@ -80,6 +80,8 @@ pub(super) struct Writer {
     outbox_count: i64,
     outbox_bytes: i64,
     outbox_delta: (i64, i64),
+    /// Records appended by the commit in progress, for [`Health::committed`].
+    fresh: Vec<(i64, Record)>,
     /// Records held in memory and dropped during the current disk outage.
     outage: Option<(u64, u64)>,
 }
@@ -206,6 +208,7 @@ impl Writer {
             outbox_count,
             outbox_bytes,
             outbox_delta: (0, 0),
+            fresh: Vec::new(),
             outage: None,
         })
     }
@@ -296,6 +299,7 @@ impl Writer {
             return;
         }
         self.outbox_delta = (0, 0);
+        self.fresh.clear();
         let began = self.conn.execute_batch("BEGIN IMMEDIATE");
         let mut overlay: HashMap<(String, String), u32> = HashMap::new();
         let outcomes: Vec<Outcome> = commands
@@ -310,6 +314,7 @@ impl Writer {
                 self.health.commits.fetch_add(1, Ordering::Relaxed);
                 self.recovered();
                 self.answer(outcomes, Some(seqs));
+                self.health.committed(std::mem::take(&mut self.fresh));
                 // A spurious wake-up costs the uplink one indexed query; a missed one would
                 // leave records waiting.
                 self.health.outbox_grew.notify_one();
@@ -619,22 +624,16 @@ impl Writer {
             }
         }
         let had_outage = self.outage;
-        for record in &self.backlog {
-            let (_, len) = insert_record(&self.conn, record)?;
-            self.outbox_delta.0 += 1;
-            self.outbox_delta.1 += len;
+        for i in 0..self.backlog.len() {
+            let record = self.backlog[i].clone();
+            self.insert(record)?;
         }
         if let Some((kept, dropped)) = had_outage {
-            let (_, len) = insert_record(
-                &self.conn,
-                &Record::StorageRecovered {
-                    at: Timestamp::now(),
-                    kept_in_memory: kept,
-                    dropped,
-                },
-            )?;
-            self.outbox_delta.0 += 1;
-            self.outbox_delta.1 += len;
+            self.insert(Record::StorageRecovered {
+                at: Timestamp::now(),
+                kept_in_memory: kept,
+                dropped,
+            })?;
         }
         {
             let mut bump = self.conn.prepare_cached(
@@ -651,10 +650,7 @@ impl Writer {
             match outcome {
                 Outcome::Verify { records, .. } | Outcome::Append { records, .. } => {
                     for r in records {
-                        let (seq, len) = insert_record(&self.conn, r)?;
-                        self.outbox_delta.0 += 1;
-                        self.outbox_delta.1 += len;
-                        mine.push(seq);
+                        mine.push(self.insert(r.clone())?);
                     }
                 }
                 Outcome::Ack { .. } => mine.extend(acked.get(&i)),
@@ -712,16 +708,11 @@ impl Writer {
                 activity = dropped[1],
                 "outbox full: oldest routine records dropped (alarms kept)"
             );
-            let (_, len) = insert_record(
-                &self.conn,
-                &Record::OutboxDropped {
-                    at: Timestamp::now(),
-                    telemetry: dropped[0],
-                    activity: dropped[1],
-                },
-            )?;
-            self.outbox_delta.0 += 1;
-            self.outbox_delta.1 += len;
+            self.insert(Record::OutboxDropped {
+                at: Timestamp::now(),
+                telemetry: dropped[0],
+                activity: dropped[1],
+            })?;
             self.health
                 .dropped
                 .fetch_add(dropped[0] + dropped[1], Ordering::Relaxed);
@@ -1234,6 +1225,17 @@ pub(super) fn decode_rules(blob: &[u8]) -> Result<KeyRules, StoreError> {
 }
 
 /// Appends a record to the outbox; returns its sequence number and its body's size.
+impl Writer {
+    /// Appends a record to the outbox in the open transaction; returns its seq.
+    fn insert(&mut self, record: Record) -> Result<i64, rusqlite::Error> {
+        let (seq, len) = insert_record(&self.conn, &record)?;
+        self.outbox_delta.0 += 1;
+        self.outbox_delta.1 += len;
+        self.fresh.push((seq, record));
+        Ok(seq)
+    }
+}
+
 fn insert_record(conn: &Connection, record: &Record) -> Result<(i64, i64), rusqlite::Error> {
     let body = record.to_cbor();
     let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
