@@ -46,7 +46,8 @@ enum Command {
     ///
     /// Loads and checks the configuration (exit 2 with every problem if it is bad), logs at
     /// log.level (DOORBRIDGE_LOG overrides) to journald under systemd, else to stderr, then
-    /// serves the door buses and the cloud link until stopped.
+    /// serves the door buses and the cloud link until SIGTERM or SIGINT. SIGHUP reloads the
+    /// configuration; see docs/service.md.
     Run,
     /// Check the configuration and print the effective result
     ///
@@ -102,7 +103,8 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
                 "doorbridge {} starting",
                 env!("CARGO_PKG_VERSION")
             );
-            doorbridge::daemon::run(&config).context("the gateway stopped with an error")?;
+            doorbridge::daemon::run(&config, sources.clone(), Some(logging))
+                .context("the gateway stopped with an error")?;
             Ok(())
         }
         Command::Keys(KeysCommand::Import { ref file }) => {
