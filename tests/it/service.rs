@@ -5,19 +5,21 @@
 //! No broker runs: the cloud URL names a closed port, since offline is normal and must not hold
 //! up readiness. Every wait has a deadline (`gateway::WAIT`).
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use doorbridge::cloud::payload::Target;
+use doorbridge::store::Record;
 
 use crate::broker::{free_port, wait_for};
-use crate::gateway::{Daemon, Home, WAIT};
+use crate::fixtures;
+use crate::gateway::{Daemon, Home, WAIT, keys};
 use crate::util::doorbridge_bin;
 
 /// systemd's watchdog interval for these tests: 200 ms, so `WATCHDOG=1` every 100 ms.
@@ -317,6 +319,141 @@ async fn a_reload_keeps_the_running_configuration_when_the_new_one_is_bad_or_nee
         .await;
     assert!(!moved.exists(), "a second store was opened");
     daemon.assert_serving().await;
+    stop(&mut daemon, &notify).await;
+    assert_store_consistent(&home);
+}
+
+/// `door-sim` answering for `units` (`"1,2"`) on a pseudo-terminal at `link`; killed on drop.
+struct DoorSim {
+    child: Child,
+    stdin: ChildStdin,
+    /// Its JSON lines so far.
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl DoorSim {
+    fn start(link: &Path, units: &str) -> DoorSim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_door-sim"))
+            .arg("--pty")
+            .arg(link)
+            .args(["--units", units, "--seed", "7"])
+            .env("DOOR_SIM_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start door-sim");
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let value = serde_json::from_str(&line).expect("door-sim prints JSON lines");
+                sink.lock().unwrap().push(value);
+            }
+        });
+        DoorSim {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Waits for a line of `type`, from `unit` if given.
+    async fn line(&self, kind: &str, unit: Option<u8>) -> serde_json::Value {
+        wait_for(WAIT, &format!("a door-sim {kind} line"), || {
+            let lines = self.lines.lock().unwrap();
+            lines
+                .iter()
+                .find(|l| l["type"] == kind && unit.is_none_or(|u| l["unit"] == u))
+                .cloned()
+        })
+        .await
+    }
+
+    fn type_line(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").expect("write to door-sim");
+        self.stdin.flush().expect("flush door-sim's stdin");
+    }
+}
+
+impl Drop for DoorSim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gateway whose store holds PIN 48290 for `main`, its bus on `door-sim` playing `units`,
+/// started as systemd starts it; returns once unit 1 is online.
+async fn start_with_units(units: &str) -> (Datagrams, Home, Daemon, DoorSim) {
+    let home = Home::new(&closed_broker(), target(), &[]);
+    let store = fixtures::open(&home.db);
+    let mut header = fixtures::header(1);
+    header.issued_at = Some(jiff::Timestamp::now());
+    store
+        .install_key_set(header, keys("4829", 1))
+        .await
+        .expect("install the key set");
+    store.close();
+    // The units answer on a pseudo-terminal where the configuration names the bus port.
+    let sim = DoorSim::start(&home.config.with_file_name("no-such-tty"), units);
+    sim.line("ready", None).await;
+    let notify = Datagrams::bind("notify");
+    let mut daemon = Daemon::start_with(&home, |c| supervised(c, &notify.path));
+    notify.ready("READY=1", 0).await;
+    daemon
+        .until_logged(&["door unit online", "unit=unit 1"], 1, WAIT)
+        .await;
+    (notify, home, daemon, sim)
+}
+
+/// The granted activity records in the outbox.
+fn grants_recorded(home: &Home) -> usize {
+    home.reader()
+        .outbox(0, 1000)
+        .expect("read the outbox")
+        .into_iter()
+        .filter(|r| matches!(&r.record, Record::Activity(a) if a.granted))
+        .count()
+}
+
+#[tokio::test]
+async fn sigterm_right_after_a_decision_still_delivers_it_and_exits_cleanly() {
+    let (notify, home, mut daemon, mut sim) = start_with_units("1").await;
+
+    sim.type_line("pin 1 48290");
+    daemon
+        .until_logged(&["granted", "key_id=\"48290\""], 1, WAIT)
+        .await;
+    // Stopped the moment the decision is on disk: its answer still reaches the unit.
+    stop(&mut daemon, &notify).await;
+    sim.line("grant", Some(1)).await;
+    assert_eq!(grants_recorded(&home), 1);
+    assert_store_consistent(&home);
+}
+
+#[tokio::test]
+async fn sighup_serves_a_new_unit_and_the_bus_restart_drops_no_decision() {
+    let (notify, home, mut daemon, mut sim) = start_with_units("1,2").await;
+    assert_eq!(daemon.count(&["unit=unit 2"]), 0);
+    append_config(&home, "[[buses.units]]\naddress = 2\ndoor = \"garage\"\n");
+    // A PIN typed as the reload begins: decided by the bus before it stops, or by the
+    // restarted one when the unit sends it again; never lost.
+    sim.type_line("pin 1 48290");
+    daemon.signal("HUP");
+    daemon
+        .until_logged(&["configuration reloaded", "door buses"], 1, WAIT)
+        .await;
+    daemon
+        .until_logged(&["door unit online", "unit=unit 2", "door=garage"], 1, WAIT)
+        .await;
+    sim.line("grant", Some(1)).await;
+    wait_for(WAIT, "the grant on disk", || {
+        (grants_recorded(&home) == 1).then_some(())
+    })
+    .await;
     stop(&mut daemon, &notify).await;
     assert_store_consistent(&home);
 }
