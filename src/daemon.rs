@@ -6,21 +6,44 @@
 //! buses stop first (decisions being recorded still reach their units), then the cloud link
 //! (which says `offline`), then the store. The cloud link never holds the doors up: a gateway
 //! that cannot reach its broker, or whose link cannot even start, keeps deciding.
+//!
+//! [`serve_with`] adds what a service manager asks for ([`Supervision`]): `READY=1` once the
+//! store is open and the buses run, `WATCHDOG=1` while the store writer answers and no bus task
+//! has ended, a `STATUS=` line, `STOPPING=1`, and reloads of the configuration (SIGHUP): the
+//! log level, the decision rules, the door buses and the cloud link change in place, and what
+//! needs a restart says so in the log. [`run`] is that under systemd, with the signals.
+//! `docs/service.md` has the whole protocol.
 
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
 use crate::bus::frame::Address;
 use crate::bus::message::Settings;
 use crate::bus::session::SessionConfig;
-use crate::cloud::link::{self, LinkStatus};
+use crate::cloud::link::{self, LinkSpec, LinkStatus};
 use crate::cloud::telemetry::{BusProbe, TelemetrySpec};
-use crate::config::{BusConfig, Config};
+use crate::config::{self, BusConfig, Config, Sources};
+use crate::service::logging::{LevelChange, Logging};
+use crate::service::notify::{self, Notifier};
+use crate::service::reload;
+use crate::service::status::{Cloud, Summary};
 use crate::store::{DecisionContext, Reader, Store, StoreError, StoreOptions};
+
+/// How long a stopping bus task or cloud link may take.
+const STOP_WITHIN: Duration = Duration::from_secs(5);
+/// How often the tasks are checked when systemd runs no watchdog.
+const CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How often the `STATUS=` line is brought up to date (sent only when it changed).
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// A cloud link that ended on its own starts again after this long.
+const LINK_RESTART_AFTER: Duration = Duration::from_secs(30);
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -68,84 +91,524 @@ pub fn store_options(config: &Config) -> StoreOptions {
     options
 }
 
+/// What the daemon gets from its service manager besides the configuration. The default
+/// sends nothing, runs no watchdog and takes no reloads (tests, benchmarks).
+#[derive(Debug, Default)]
+pub struct Supervision {
+    pub notifier: Notifier,
+    /// systemd's watchdog interval: `WATCHDOG=1` goes out every half of it while the tasks
+    /// live. `None`: the tasks are still checked (every 10 s) and a dead one logged.
+    pub watchdog: Option<Duration>,
+    /// Where a reload reads the configuration again; `None`: reloads are refused.
+    pub sources: Option<Sources>,
+    /// The logging whose level a reload changes; `None`: the level stays.
+    pub logging: Option<Logging>,
+    /// One message per reload request (SIGHUP).
+    pub reloads: Option<mpsc::Receiver<()>>,
+}
+
 /// Runs the gateway until `shutdown` completes.
 pub async fn serve(config: &Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
-    let options = store_options(config);
-    let path = options.path.display().to_string();
-    // Opening runs the integrity check, which may take seconds on a large database.
-    let store = tokio::task::spawn_blocking(move || Store::open(options))
-        .await
-        .map_err(|e| DaemonError::Runtime(std::io::Error::other(e)))?
-        .map_err(|source| DaemonError::Store {
-            path: path.clone(),
-            source,
-        })?;
-    match store.read(Reader::key_set).await {
-        Ok(set) => tracing::info!(
-            path,
-            keyset_version = set.version,
-            keys = set.keys,
-            "store open"
-        ),
-        Err(e) => tracing::warn!(path, error = %e, "store open, but its key set cannot be read"),
+    serve_with(config, Supervision::default(), shutdown).await
+}
+
+/// Runs the gateway until `shutdown` completes, telling `supervision`'s notifier how it goes
+/// and applying the reloads it asks for.
+pub async fn serve_with(
+    config: &Config,
+    mut supervision: Supervision,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let store = open_store(config).await?;
+    let mut running = Running::start(config.clone(), store).await;
+    // The doors are served from here on, whether or not the cloud is reachable.
+    let status = running.summary().to_string();
+    supervision.notifier.ready(&status);
+    running.status_sent = status;
+    let mut check = tokio::time::interval(supervision.watchdog.map_or(CHECK_EVERY, |w| w / 2));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = tokio::time::interval(STATUS_EVERY);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            // SIGTERM or SIGINT (systemctl stop, Ctrl-C), or the caller's own signal.
+            () = &mut shutdown => break,
+            // SIGHUP: read the configuration again and apply what can change while running.
+            Some(()) = next_reload(&mut supervision.reloads) => running.reload(&supervision).await,
+            // Are the tasks alive? Then reset systemd's watchdog.
+            _ = check.tick() => running.check(&supervision).await,
+            // The one-line status, sent when it changed.
+            _ = status.tick() => running.publish_status(&supervision.notifier),
+        }
     }
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // What the cloud wants on each unit, and what each unit last applied, survive restarts.
-    let settings = match store.read(Reader::unit_settings).await {
-        Ok(all) => all,
-        Err(e) => {
-            tracing::warn!(error = %e, "door-unit settings could not be read");
-            Vec::new()
-        }
-    };
-    let (router, buses, probes) = start_buses(config, &store, &stop_rx, settings);
-    let (link_stop_tx, link_stop_rx) = watch::channel(false);
-    let link = match link::spec(config) {
-        Ok(spec) => Some(tokio::spawn(link::run_link(
-            spec,
-            store.clone(),
-            router,
-            Arc::new(Mutex::new(LinkStatus::default())),
-            telemetry_spec(config, probes),
-            link_stop_rx,
-        ))),
-        Err(e) => {
-            tracing::error!(error = %e, "the cloud link cannot start; doors keep working from the held key set");
-            None
-        }
-    };
-    shutdown.await;
+    supervision.notifier.stopping();
     tracing::info!("stopping");
-    let _ = stop_tx.send(true);
-    for (name, task) in buses {
-        if tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!(bus = %name, "bus did not stop in time");
-        }
-    }
-    let _ = link_stop_tx.send(true);
-    if let Some(link) = link
-        && tokio::time::timeout(Duration::from_secs(5), link)
-            .await
-            .is_err()
-    {
-        tracing::warn!("cloud link did not stop in time");
-    }
-    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    running.stop().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// What the telemetry summary is made of: the buses' status and the configured thresholds.
-fn telemetry_spec(config: &Config, buses: Vec<BusProbe>) -> TelemetrySpec {
-    TelemetrySpec {
-        interval: config.telemetry.interval,
-        low_battery_percent: config.telemetry.low_battery_percent,
-        clock_tolerance: config.clock.tolerance,
-        buses,
-        started: std::time::Instant::now(),
+/// The next reload request; never, without a channel or once it closed.
+async fn next_reload(reloads: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
+    match reloads {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Opens the store off the async workers: the integrity check may take seconds on a large
+/// database.
+async fn open_store(config: &Config) -> Result<Store, DaemonError> {
+    let options = store_options(config);
+    let path = options.path.display().to_string();
+    tokio::task::spawn_blocking(move || Store::open(options))
+        .await
+        .map_err(|e| DaemonError::Runtime(std::io::Error::other(e)))?
+        .map_err(|source| DaemonError::Store { path, source })
+}
+
+/// One bus's task.
+#[derive(Debug)]
+struct BusTask {
+    name: String,
+    units: usize,
+    /// Its units' addresses and doors, for telemetry.
+    doors: Vec<(u8, String)>,
+    status: Arc<Mutex<BusStatus>>,
+    task: JoinHandle<()>,
+}
+
+/// The cloud link's task.
+#[derive(Debug)]
+struct LinkTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+    /// When it was seen to have ended without being asked to.
+    ended: Option<Instant>,
+}
+
+/// A fingerprint of the TLS files the link reads, so that a reload notices a renewed
+/// certificate at the same path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TlsFiles(Vec<Option<[u8; 32]>>);
+
+impl TlsFiles {
+    fn read(config: &Config) -> TlsFiles {
+        let tls = &config.cloud.tls;
+        TlsFiles(
+            [&tls.ca_file, &tls.cert_file, &tls.key_file]
+                .into_iter()
+                .map(|file| {
+                    let bytes = std::fs::read(file.as_ref()?).ok()?;
+                    Some(Sha256::digest(bytes).into())
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What runs, and with which configuration.
+#[derive(Debug)]
+struct Running {
+    config: Config,
+    store: Store,
+    router: Arc<DoorRouter>,
+    buses: Vec<BusTask>,
+    /// Turns true to stop the current bus tasks.
+    bus_stop: watch::Sender<bool>,
+    link: Option<LinkTask>,
+    /// One for the daemon's life, handed to every link task started.
+    link_status: Arc<Mutex<LinkStatus>>,
+    tls: TlsFiles,
+    /// The store probe in flight (an empty write the writer must answer), and since when.
+    probe: Option<(Instant, JoinHandle<bool>)>,
+    /// Whether a slow probe was logged already.
+    probe_late_logged: bool,
+    /// Why the watchdog is no longer reset, once a task died.
+    failed: Option<String>,
+    status_sent: String,
+    /// When the daemon started (uptime in telemetry).
+    started: Instant,
+}
+
+impl Running {
+    /// Starts the buses and the link on an open store.
+    async fn start(config: Config, store: Store) -> Running {
+        let path = store.path().display().to_string();
+        let held = match store.read(Reader::key_set).await {
+            Ok(set) => {
+                tracing::info!(
+                    path,
+                    keyset_version = set.version,
+                    keys = set.keys,
+                    "store open"
+                );
+                set.version
+            }
+            Err(e) => {
+                tracing::warn!(path, error = %e, "store open, but its key set cannot be read");
+                0
+            }
+        };
+        let link_status = Arc::new(Mutex::new(LinkStatus {
+            held_version: held,
+            ..LinkStatus::default()
+        }));
+        let (bus_stop, _) = watch::channel(false);
+        let mut running = Running {
+            tls: TlsFiles::read(&config),
+            config,
+            store,
+            router: Arc::new(DoorRouter::default()),
+            buses: Vec::new(),
+            bus_stop,
+            link: None,
+            link_status,
+            probe: None,
+            probe_late_logged: false,
+            failed: None,
+            status_sent: String::new(),
+            started: Instant::now(),
+        };
+        running.start_buses().await;
+        running.link = match link::spec(&running.config) {
+            Ok(spec) => Some(running.start_link(spec)),
+            Err(e) => {
+                tracing::error!(error = %e, "the cloud link cannot start; doors keep working from the held key set");
+                None
+            }
+        };
+        running
+    }
+
+    /// Starts one task per configured bus, and the router that reaches their doors.
+    async fn start_buses(&mut self) {
+        // What the cloud wants on each unit, and what each unit last applied, survive restarts.
+        let settings = match self.store.read(Reader::unit_settings).await {
+            Ok(all) => all,
+            Err(e) => {
+                tracing::warn!(error = %e, "door-unit settings could not be read");
+                Vec::new()
+            }
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let (router, buses) = start_buses(&self.config, &self.store, &stop_rx, settings);
+        self.bus_stop = stop;
+        self.router = router;
+        self.buses = buses;
+    }
+
+    fn start_link(&self, spec: LinkSpec) -> LinkTask {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(link::run_link(
+            spec,
+            self.store.clone(),
+            Arc::clone(&self.router),
+            Arc::clone(&self.link_status),
+            self.telemetry_spec(),
+            stop_rx,
+        ));
+        LinkTask {
+            stop,
+            task,
+            ended: None,
+        }
+    }
+
+    /// What the telemetry summary is made of: the buses' status and the configured thresholds.
+    fn telemetry_spec(&self) -> TelemetrySpec {
+        TelemetrySpec {
+            interval: self.config.telemetry.interval,
+            low_battery_percent: self.config.telemetry.low_battery_percent,
+            clock_tolerance: self.config.clock.tolerance,
+            buses: self
+                .buses
+                .iter()
+                .map(|b| BusProbe {
+                    name: b.name.clone(),
+                    status: Arc::clone(&b.status),
+                    units: b.doors.clone(),
+                })
+                .collect(),
+            started: self.started,
+        }
+    }
+
+    /// Stops the bus tasks; each finishes the decisions it has in flight first.
+    async fn stop_buses(&mut self) {
+        let _ = self.bus_stop.send(true);
+        for bus in self.buses.drain(..) {
+            if tokio::time::timeout(STOP_WITHIN, bus.task).await.is_err() {
+                tracing::warn!(bus = %bus.name, "bus did not stop in time");
+            }
+        }
+    }
+
+    async fn stop_link(&mut self) {
+        let Some(link) = self.link.take() else {
+            return;
+        };
+        let _ = link.stop.send(true);
+        if tokio::time::timeout(STOP_WITHIN, link.task).await.is_err() {
+            tracing::warn!("cloud link did not stop in time");
+        }
+        if let Ok(mut status) = self.link_status.lock() {
+            status.connected = false;
+        }
+    }
+
+    /// The buses first (decisions in flight reach their units), then the link, then the store.
+    async fn stop(mut self) {
+        self.stop_buses().await;
+        self.stop_link().await;
+        if let Some((_, probe)) = self.probe.take() {
+            probe.abort();
+        }
+        let store = self.store;
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+
+    /// Gives the store writer the decision rules of `config`.
+    async fn reconfigure(&self, config: &Config) {
+        if let Err(e) = self.store.reconfigure(decision_context(config)).await {
+            tracing::error!(error = %e, "the new decision rules could not be given to the store");
+        }
+    }
+
+    /// Checks that the tasks live: no bus task has ended, and the store writer answered the
+    /// empty write sent at the previous check. Then resets the watchdog and sends the next
+    /// empty write. A task found dead stops the resets for good: systemd restarts the service.
+    async fn check(&mut self, supervision: &Supervision) {
+        if self.failed.is_none()
+            && let Some(bus) = self.buses.iter().find(|b| b.task.is_finished())
+        {
+            let why = format!("the task of bus {} ended", bus.name);
+            self.fail(why, supervision.watchdog.is_some());
+        }
+        self.look_after_link();
+        if let Some((since, probe)) = &mut self.probe {
+            if !probe.is_finished() {
+                // Late by a whole check (at least a second): worth a line, once.
+                let late = supervision.watchdog.map_or(CHECK_EVERY, |w| w / 2);
+                if !self.probe_late_logged && since.elapsed() >= late.max(Duration::from_secs(1)) {
+                    self.probe_late_logged = true;
+                    tracing::warn!(
+                        waited_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "the store writer has not answered yet; the watchdog is not reset meanwhile"
+                    );
+                }
+                return;
+            }
+            let answered = probe.await.unwrap_or(false);
+            self.probe = None;
+            if !answered {
+                self.fail(
+                    "the store writer is gone".into(),
+                    supervision.watchdog.is_some(),
+                );
+            } else if self.failed.is_none() && supervision.watchdog.is_some() {
+                // Sent from here, never from the probe: nothing follows `STOPPING=1`.
+                supervision.notifier.watchdog();
+            }
+        }
+        if self.failed.is_some() {
+            return;
+        }
+        self.probe_late_logged = false;
+        let store = self.store.clone();
+        // Any answer, even a refused write, shows the writer thread at work.
+        let probe = tokio::spawn(async move {
+            !matches!(store.ack(Vec::new()).await, Err(StoreError::WriterGone))
+        });
+        self.probe = Some((Instant::now(), probe));
+    }
+
+    fn fail(&mut self, why: String, watchdog: bool) {
+        if watchdog {
+            tracing::error!(failure = %why, "a task died: the watchdog is no longer reset, so systemd restarts the service");
+        } else {
+            tracing::error!(failure = %why, "a task died; with no watchdog the service goes on without it");
+        }
+        self.failed = Some(why);
+    }
+
+    /// Starts the link again some time after it ended without being asked to: the doors do
+    /// not need it, but the key sets come through it.
+    fn look_after_link(&mut self) {
+        let Some(link) = &mut self.link else {
+            return;
+        };
+        if !link.task.is_finished() {
+            return;
+        }
+        match link.ended {
+            None => {
+                tracing::error!(
+                    retry_in_s = LINK_RESTART_AFTER.as_secs(),
+                    "the cloud link ended on its own; it starts again shortly"
+                );
+                link.ended = Some(Instant::now());
+                if let Ok(mut status) = self.link_status.lock() {
+                    status.connected = false;
+                }
+            }
+            Some(at) if at.elapsed() >= LINK_RESTART_AFTER => {
+                self.link = match link::spec(&self.config) {
+                    Ok(spec) => Some(self.start_link(spec)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the cloud link cannot start again");
+                        None
+                    }
+                };
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn summary(&self) -> Summary {
+        let mut summary = Summary {
+            buses: self.buses.len(),
+            ports_open: 0,
+            units: 0,
+            units_online: 0,
+            key_set: 0,
+            cloud: Cloud::NotRunning,
+            store_degraded: self.store.health().degraded.load(Ordering::Relaxed),
+            failed: self.failed.clone(),
+        };
+        for bus in &self.buses {
+            summary.units += bus.units;
+            if let Ok(status) = bus.status.lock() {
+                summary.ports_open += usize::from(status.port_open);
+                summary.units_online += status.units.values().filter(|u| u.online).count();
+            }
+        }
+        if let Ok(link) = self.link_status.lock() {
+            summary.key_set = link.held_version;
+            let running = self.link.as_ref().is_some_and(|l| l.ended.is_none());
+            summary.cloud = match (running, link.connected) {
+                (false, _) => Cloud::NotRunning,
+                (true, true) => Cloud::Connected,
+                (true, false) => Cloud::Offline,
+            };
+        }
+        summary
+    }
+
+    fn publish_status(&mut self, notifier: &Notifier) {
+        let status = self.summary().to_string();
+        if status != self.status_sent {
+            notifier.status(&status);
+            self.status_sent = status;
+        }
+    }
+
+    /// Reads the configuration again from the same sources and applies it; a configuration
+    /// with problems changes nothing. systemd hears `RELOADING=1` … `READY=1` around it.
+    async fn reload(&mut self, supervision: &Supervision) {
+        supervision.notifier.reloading();
+        if let Some(sources) = &supervision.sources {
+            tracing::info!(config = %sources.file.display(), "reloading the configuration");
+            let sources = sources.clone();
+            match tokio::task::spawn_blocking(move || config::load(&sources)).await {
+                Ok(Ok(loaded)) => self.apply(loaded, supervision.logging.as_ref()).await,
+                Ok(Err(errors)) => {
+                    for problem in &errors.problems {
+                        tracing::error!("configuration problem: {problem}");
+                    }
+                    tracing::error!(
+                        problems = errors.problems.len(),
+                        "the configuration was not reloaded: it has problems; running on with the configuration as it was"
+                    );
+                }
+                Err(e) => tracing::error!(error = %e, "the configuration could not be read"),
+            }
+        } else {
+            tracing::warn!("no configuration file to reload from; nothing changed");
+        }
+        let status = self.summary().to_string();
+        supervision.notifier.ready(&status);
+        self.status_sent = status;
+    }
+
+    /// Applies a loaded configuration: see [`reload::plan`]. Decisions are never dropped: a
+    /// bus that stops finishes the ones it has in flight, and the store writer decides the
+    /// next ones with whichever rules it holds when they arrive.
+    async fn apply(&mut self, loaded: Config, logging: Option<&Logging>) {
+        let mut plan = reload::plan(&self.config, loaded);
+        for key in &plan.restart_needed {
+            tracing::warn!(
+                key,
+                "changed in the configuration, but only a restart applies it: restart needed (systemctl restart doorbridge); the old value stays meanwhile"
+            );
+        }
+        let tls = TlsFiles::read(&plan.effective);
+        let mut restart_link = plan.link || tls != self.tls;
+        // Checked before anything stops: with settings it cannot use, the link keeps its own.
+        let mut spec = None;
+        if restart_link || plan.buses {
+            match link::spec(&plan.effective) {
+                Ok(s) => spec = Some(s),
+                Err(e) => {
+                    if restart_link {
+                        tracing::error!(error = %e, "the cloud link cannot start with the new [cloud] settings; it keeps the ones it has");
+                    }
+                    plan.effective.cloud = self.config.cloud.clone();
+                    plan.effective.telemetry.interval = self.config.telemetry.interval;
+                    plan.link = false;
+                    restart_link = false;
+                }
+            }
+        }
+        let mut changed = plan.changed();
+        if restart_link && !plan.link {
+            changed.push("cloud link (TLS files)");
+        }
+        if let (Some(level), Some(logging)) = (plan.log_level, logging) {
+            match logging.set_level(level) {
+                Ok(LevelChange::Applied) => tracing::info!(%level, "log level changed"),
+                Ok(LevelChange::Overridden) => tracing::warn!(
+                    %level,
+                    filter = logging.env_filter().unwrap_or_default(),
+                    "log.level changed, but DOORBRIDGE_LOG overrides it"
+                ),
+                Err(e) => tracing::error!(error = %e, "the log level could not be changed"),
+            }
+        }
+        self.config = plan.effective;
+        if plan.buses {
+            // The door routes change: every bus task and the link start again with new ones.
+            self.stop_buses().await;
+            if spec.is_some() {
+                self.stop_link().await;
+            }
+            self.reconfigure(&self.config).await;
+            self.start_buses().await;
+            match spec {
+                Some(spec) => self.link = Some(self.start_link(spec)),
+                None if self.link.is_some() => tracing::warn!(
+                    "the cloud link keeps its old door routes: commands for the restarted buses fail until it starts again"
+                ),
+                None => {}
+            }
+        } else {
+            if plan.rules {
+                self.reconfigure(&self.config).await;
+            }
+            if restart_link && let Some(spec) = spec {
+                self.stop_link().await;
+                self.link = Some(self.start_link(spec));
+            }
+        }
+        if restart_link {
+            self.tls = tls;
+        }
+        if changed.is_empty() {
+            tracing::info!("configuration reloaded: nothing to change");
+        } else {
+            tracing::info!(changed = %changed.join(", "), "configuration reloaded");
+        }
     }
 }
 
@@ -193,17 +656,13 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
     }
 }
 
-/// A running bus task.
-type BusTask = (String, tokio::task::JoinHandle<()>);
-
-/// Starts one task per configured bus; returns the router that reaches their doors, the
-/// tasks, and where each bus shows its status.
+/// Starts one task per configured bus; returns the router that reaches their doors.
 fn start_buses(
     config: &Config,
     store: &Store,
     stop: &watch::Receiver<bool>,
     settings: Vec<(String, Option<Settings>, Option<Settings>)>,
-) -> (Arc<DoorRouter>, Vec<BusTask>, Vec<BusProbe>) {
+) -> (Arc<DoorRouter>, Vec<BusTask>) {
     let specs: Vec<BusSpec> = config.buses.iter().map(|b| bus_spec(config, b)).collect();
     let mut router = DoorRouter::default();
     let receivers: Vec<_> = specs.iter().map(|s| router.add_bus(s).1).collect();
@@ -214,46 +673,64 @@ fn start_buses(
         });
     }
     let router = Arc::new(router);
-    let mut probes = Vec::new();
     let tasks = specs
         .into_iter()
         .zip(receivers)
         .map(|(spec, commands)| {
             let name = spec.name.clone();
+            let units = spec.units.len();
+            let doors = spec
+                .units
+                .iter()
+                .map(|u| (u.address.get(), u.door.clone()))
+                .collect();
             let status = Arc::new(Mutex::new(BusStatus::default()));
-            probes.push(BusProbe {
-                name: name.clone(),
-                status: Arc::clone(&status),
-                units: spec
-                    .units
-                    .iter()
-                    .map(|u| (u.address.get(), u.door.clone()))
-                    .collect(),
-            });
             let task = tokio::spawn(run_bus(
                 spec,
                 store.clone(),
                 Arc::clone(&router),
                 commands,
-                status,
+                Arc::clone(&status),
                 stop.clone(),
             ));
-            (name, task)
+            BusTask {
+                name,
+                units,
+                doors,
+                status,
+                task,
+            }
         })
         .collect();
-    (router, tasks, probes)
+    (router, tasks)
 }
 
-/// Runs the gateway on its own runtime until SIGTERM or SIGINT.
-pub fn run(config: &Config) -> Result<(), DaemonError> {
+/// Runs the gateway on its own runtime as the systemd service: until SIGTERM or SIGINT,
+/// reloading on SIGHUP from `sources`, notifying systemd when `NOTIFY_SOCKET` is set.
+pub fn run(config: &Config, sources: Sources, logging: Option<Logging>) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(DaemonError::Runtime)?;
     runtime.block_on(async {
+        // Listening before the store opens: an early SIGHUP waits rather than kills.
         let stop = stop_signal().map_err(DaemonError::Signals)?;
-        serve(config, stop).await
+        let reloads = reload_requests().map_err(DaemonError::Signals)?;
+        let supervision = Supervision {
+            notifier: Notifier::systemd(),
+            watchdog: notify::watchdog_interval(),
+            sources: Some(sources),
+            logging,
+            reloads: Some(reloads),
+        };
+        if let Some(interval) = supervision.watchdog {
+            tracing::info!(
+                interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+                "systemd watchdog on"
+            );
+        }
+        serve_with(config, supervision, stop).await
     })
 }
 
@@ -270,4 +747,19 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+/// One message per SIGHUP (`systemctl reload`); several arriving during a reload make one more.
+fn reload_requests() -> std::io::Result<mpsc::Receiver<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received");
+            // Full: a reload is pending already and will read the newest files.
+            let _ = tx.try_send(());
+        }
+    });
+    Ok(rx)
 }

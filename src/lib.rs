@@ -16,6 +16,8 @@
 //! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
 //!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service;
+//! - [`service`]: running under systemd: `sd_notify`, watchdog, status line, reload plan,
+//!   journald or stderr logging;
 //! - [`task`]: what long-running tasks share (stop flag, jittered waits, clock sync).
 //!
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same
@@ -26,6 +28,7 @@ pub mod bus;
 pub mod cloud;
 pub mod config;
 pub mod daemon;
+pub mod service;
 pub mod sim;
 pub mod store;
 pub mod task;

@@ -7,10 +7,10 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use doorbridge::config::{self, CONFIG_ENV, ConfigErrors, LOG_ENV, LogLevel, Sources};
-use tracing_subscriber::EnvFilter;
+use doorbridge::config::{self, CONFIG_ENV, ConfigErrors, Sources};
+use doorbridge::service::logging;
 
 const AFTER_HELP: &str = "\
 Configuration sources, later ones override earlier ones key by key:
@@ -44,9 +44,10 @@ struct Cli {
 enum Command {
     /// Run the gateway (what the systemd service starts)
     ///
-    /// Loads and checks the configuration (exit 2 with every problem if it is bad), logs to
-    /// stderr at log.level (DOORBRIDGE_LOG overrides), then serves the door buses and the cloud
-    /// link until stopped.
+    /// Loads and checks the configuration (exit 2 with every problem if it is bad), logs at
+    /// log.level (DOORBRIDGE_LOG overrides) to journald under systemd, else to stderr, then
+    /// serves the door buses and the cloud link until SIGTERM or SIGINT. SIGHUP reloads the
+    /// configuration; see docs/service.md.
     Run,
     /// Check the configuration and print the effective result
     ///
@@ -94,19 +95,21 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run => {
             let config = config::load(&sources)?;
-            init_logging(config.log.level)?;
+            let logging = logging::init(config.log.level)?;
             tracing::info!(
                 gateway = %config.gateway.id,
                 config = %sources.file.display(),
+                log = ?logging.sink(),
                 "doorbridge {} starting",
                 env!("CARGO_PKG_VERSION")
             );
-            doorbridge::daemon::run(&config).context("the gateway stopped with an error")?;
+            doorbridge::daemon::run(&config, sources.clone(), Some(logging))
+                .context("the gateway stopped with an error")?;
             Ok(())
         }
         Command::Keys(KeysCommand::Import { ref file }) => {
             let config = config::load(&sources)?;
-            init_logging(config.log.level)?;
+            logging::init(config.log.level)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -170,22 +173,6 @@ fn progress() -> impl FnMut(u32, u32) {
             eprintln!("checking and staging chunk {done}/{total}");
         }
     }
-}
-
-/// Logs to stderr at `level`, or as `DOORBRIDGE_LOG` says when it is set.
-fn init_logging(level: LogLevel) -> anyhow::Result<()> {
-    let filter = match std::env::var(LOG_ENV) {
-        Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
-            .with_context(|| format!("{LOG_ENV}={directives:?} is not a valid log filter"))?,
-        Ok(_) | Err(std::env::VarError::NotPresent) => EnvFilter::new(level.as_str()),
-        Err(std::env::VarError::NotUnicode(_)) => bail!("{LOG_ENV} is not valid UTF-8"),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init()
-        .map_err(|error| anyhow!(error).context("cannot start logging"))
 }
 
 /// Prints `error` to stderr: every configuration problem, or the whole chain of causes.

@@ -162,16 +162,22 @@ fn matching(log: &Mutex<Vec<String>>, needles: &[&str]) -> Vec<String> {
 
 impl Daemon {
     pub fn start(home: &Home) -> Daemon {
-        let mut child = doorbridge()
+        Daemon::start_with(home, |_| {})
+    }
+
+    /// Like [`Daemon::start`], with `adjust` changing the command first (its environment).
+    pub fn start_with(home: &Home, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let mut command = doorbridge();
+        command
             .arg("--config")
             .arg(&home.config)
             .arg("run")
             .env("DOORBRIDGE_LOG", LOG_FILTER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start doorbridge run");
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("start doorbridge run");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
         let lines = Arc::clone(&log);
@@ -227,13 +233,19 @@ impl Daemon {
         .await
     }
 
-    /// SIGTERM, as systemd stops it; returns how it exited.
-    pub async fn terminate(&mut self) -> ExitStatus {
+    /// Sends `signal` (`"HUP"`, `"TERM"`…) to the daemon.
+    pub fn signal(&self, signal: &str) {
         let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
             .status()
             .expect("run kill");
-        assert!(sent.success(), "kill -TERM the daemon");
+        assert!(sent.success(), "kill -{signal} the daemon");
+    }
+
+    /// SIGTERM, as systemd stops it; returns how it exited.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.signal("TERM");
         self.exited(WAIT).await
     }
 
