@@ -442,7 +442,7 @@ async fn records(args: RecordsArgs) -> anyhow::Result<()> {
                 match Batch::decode(&payload) {
                     Ok(batch) => {
                         for r in ledger.add(&batch) {
-                            writeln!(stdout, "{}", record_json(&batch.gateway, r))?;
+                            writeln!(stdout, "{}", record_json(&batch, r))?;
                         }
                         stdout.flush()?;
                     }
@@ -484,7 +484,7 @@ fn check_file(file: &Path) -> anyhow::Result<()> {
         let (Some(gateway), Some(seq)) = (value["gateway"].as_str(), value["seq"].as_u64()) else {
             bail!("{}:{}: no \"gateway\" and \"seq\"", file.display(), n + 1);
         };
-        ledger.add_id(gateway, seq);
+        ledger.add_id(gateway, value["epoch"].as_u64().unwrap_or(0), seq);
     }
     println!("{}", ledger.summary());
     if !ledger.gaps().is_empty() {

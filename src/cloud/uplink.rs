@@ -38,8 +38,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest batch the cloud side decodes.
 pub const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Bytes a batch spends besides the record bodies: the map with gateway and site ids (at most
-/// 64 bytes each) and the array head.
-const BATCH_OVERHEAD: usize = 3 * 16 + 2 * 64 + 16;
+/// 64 bytes each), the epoch and the array head.
+const BATCH_OVERHEAD: usize = 4 * 16 + 2 * 64 + 16;
 
 // ----- the wire format -----
 
@@ -53,12 +53,16 @@ pub struct Uploaded {
     pub record: Record,
 }
 
-/// An upload message: `{"gateway": id, "site": id, "records": [{"seq", "class", "record"}…]}`.
+/// An upload message:
+/// `{"gateway": id, "site": id, "epoch": uint, "records": [{"seq", "class", "record"}…]}`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
     pub gateway: String,
     pub site: String,
+    /// When the gateway's database began numbering (µs since 1970): `(gateway, epoch, seq)`
+    /// is a record's unique id, also across a replaced database.
+    pub epoch: u64,
     pub records: Vec<Uploaded>,
 }
 
@@ -141,13 +145,15 @@ impl BatchWriter {
     }
 
     /// The message: the stored bodies are CBOR already, so they are spliced in as they are.
-    pub fn finish(self, gateway: &str, site: &str) -> Vec<u8> {
+    pub fn finish(self, gateway: &str, site: &str, epoch: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.entries.len() + BATCH_OVERHEAD);
-        head(&mut out, 5, 3);
+        head(&mut out, 5, 4);
         text(&mut out, "gateway");
         text(&mut out, gateway);
         text(&mut out, "site");
         text(&mut out, site);
+        text(&mut out, "epoch");
+        head(&mut out, 0, epoch);
         text(&mut out, "records");
         head(&mut out, 4, self.count);
         out.extend_from_slice(&self.entries);
@@ -180,6 +186,7 @@ pub struct Planned {
 pub struct Planner {
     gateway: String,
     site: String,
+    epoch: u64,
     max_payload: usize,
     window: usize,
     /// Per class (indexed by its code), the last `seq` sent or queued.
@@ -193,12 +200,18 @@ impl Planner {
         Planner {
             gateway: gateway.to_owned(),
             site: site.to_owned(),
+            epoch: 0,
             max_payload,
             window: window.max(1),
             cursor: [0; 3],
             inflight: BTreeMap::new(),
             next_id: 1,
         }
+    }
+
+    /// Sets the store's outbox epoch (see [`Batch::epoch`]).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
     }
 
     /// Whether another batch may go out now.
@@ -261,7 +274,7 @@ impl Planner {
             payload: if writer.is_empty() {
                 Vec::new()
             } else {
-                writer.finish(&self.gateway, &self.site)
+                writer.finish(&self.gateway, &self.site, self.epoch)
             },
             records,
             oversized,
@@ -316,8 +329,15 @@ pub struct Uplink {
 /// Drains the outbox until `shutdown` turns true. Rows not acknowledged by then stay in the
 /// outbox and go out after the next start.
 pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
-    let mut reader = match up.store.reader() {
-        Ok(r) => Some(r),
+    let mut reader = match up
+        .store
+        .reader()
+        .and_then(|r| r.outbox_epoch().map(|e| (r, e)))
+    {
+        Ok((r, epoch)) => {
+            up.planner.set_epoch(epoch);
+            Some(r)
+        }
         Err(e) => {
             tracing::error!(error = %e, "uplink not started: the outbox cannot be read");
             return;
@@ -490,8 +510,9 @@ mod tests {
         for seq in [1, 300, 70_000, 5_000_000_000] {
             assert!(w.push(seq, RecordClass::Alarm, &body(seq.unsigned_abs())));
         }
-        let batch = Batch::decode(&w.finish("gw-1", "site-1")).unwrap();
+        let batch = Batch::decode(&w.finish("gw-1", "site-1", 1_700_000_000_000_000)).unwrap();
         assert_eq!(batch.gateway, "gw-1");
+        assert_eq!(batch.epoch, 1_700_000_000_000_000);
         assert_eq!(batch.site, "site-1");
         let seqs: Vec<u64> = batch.records.iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [1, 300, 70_000, 5_000_000_000]);
@@ -578,7 +599,7 @@ mod tests {
         assert!(Batch::decode(&[0xa1, 0x61]).is_err());
         let mut w = BatchWriter::new(4096);
         w.push(1, RecordClass::Alarm, &body(1));
-        let mut bytes = w.finish("gw", "s");
+        let mut bytes = w.finish("gw", "s", 1);
         bytes.push(0);
         assert!(matches!(
             Batch::decode(&bytes),

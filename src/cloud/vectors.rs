@@ -164,7 +164,7 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// An upload batch of gateway `gw1`, site `s1`: record 41, a call-button alarm at unit
+/// An upload batch of gateway `gw1`, site `s1`, epoch 1767225600000000 (2026-01-01): record 41, a call-button alarm at unit
 /// `entrance/1` (door `main`, button 0) at `2026-01-01T00:02:00Z`.
 pub fn batch() -> Vec<u8> {
     let record = crate::store::Record::CallButton {
@@ -175,7 +175,7 @@ pub fn batch() -> Vec<u8> {
     };
     let mut w = super::uplink::BatchWriter::new(128 * 1024);
     w.push(41, record.class(), &record.to_cbor());
-    w.finish("gw1", "s1")
+    w.finish("gw1", "s1", 1_767_225_600_000_000)
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -431,7 +431,7 @@ pub fn decode_report(prefix: &str, topic: &str, payload: &[u8]) -> Value {
     let (site, gateway, channel) = split_topic(prefix, topic);
     let decoded = if channel == Some(Channel::Records.suffix()) {
         Batch::decode(payload).map(|b| {
-            json!({ "records": b.records.iter().map(|r| record_json(&b.gateway, r)).collect::<Vec<_>>() })
+            json!({ "records": b.records.iter().map(|r| record_json(&b, r)).collect::<Vec<_>>() })
         })
     } else {
         Report::decode(payload).map(|r| serde_json::to_value(&r).unwrap_or(Value::Null))
@@ -449,10 +449,12 @@ pub fn decode_report(prefix: &str, topic: &str, payload: &[u8]) -> Value {
     })
 }
 
-/// One uploaded record as a JSON line: `{"gateway", "seq", "class", "record"}`.
-pub fn record_json(gateway: &str, r: &Uploaded) -> Value {
+/// One uploaded record of `batch` as a JSON line: `{"gateway", "epoch", "seq", "class",
+/// "record"}`.
+pub fn record_json(batch: &Batch, r: &Uploaded) -> Value {
     json!({
-        "gateway": gateway,
+        "gateway": batch.gateway,
+        "epoch": batch.epoch,
         "seq": r.seq,
         "class": r.class,
         "record": r.record,
@@ -460,10 +462,11 @@ pub fn record_json(gateway: &str, r: &Uploaded) -> Value {
 }
 
 /// What the reference cloud has received from gateways' uploads: each record once, by
-/// `(gateway, seq)`, and what is missing.
+/// `(gateway, epoch, seq)`, and what is missing.
 #[derive(Debug, Default)]
 pub struct RecordLedger {
-    seen: HashMap<String, std::collections::BTreeSet<u64>>,
+    /// By gateway and epoch (a gateway's database), the seqs received.
+    seen: HashMap<(String, u64), std::collections::BTreeSet<u64>>,
     duplicates: u64,
     /// Records the gateways reported dropping from a full outbox (`outbox_dropped`).
     reported_dropped: u64,
@@ -476,7 +479,10 @@ impl RecordLedger {
     /// Takes a batch; returns the records not seen before (duplicates are counted, not
     /// returned).
     pub fn add<'a>(&mut self, batch: &'a Batch) -> Vec<&'a Uploaded> {
-        let seen = self.seen.entry(batch.gateway.clone()).or_default();
+        let seen = self
+            .seen
+            .entry((batch.gateway.clone(), batch.epoch))
+            .or_default();
         let mut new = Vec::new();
         for r in &batch.records {
             if seen.insert(r.seq) {
@@ -497,8 +503,12 @@ impl RecordLedger {
     }
 
     /// Takes one record by id (e.g. read back from a JSON-lines file); true when new.
-    pub fn add_id(&mut self, gateway: &str, seq: u64) -> bool {
-        let new = self.seen.entry(gateway.to_owned()).or_default().insert(seq);
+    pub fn add_id(&mut self, gateway: &str, epoch: u64, seq: u64) -> bool {
+        let new = self
+            .seen
+            .entry((gateway.to_owned(), epoch))
+            .or_default()
+            .insert(seq);
         if !new {
             self.duplicates += 1;
         }
@@ -518,17 +528,26 @@ impl RecordLedger {
         self.reported_dropped
     }
 
-    /// Whether `gateway`'s record `seq` arrived.
+    /// Whether `gateway`'s record `seq` arrived (in any epoch).
     pub fn has(&self, gateway: &str, seq: u64) -> bool {
-        self.seen.get(gateway).is_some_and(|s| s.contains(&seq))
+        self.seen
+            .iter()
+            .any(|((g, _), s)| g == gateway && s.contains(&seq))
     }
 
-    /// Per gateway, the sequence numbers missing between the lowest and the highest received
-    /// (records still on their way, or lost: a gateway's `seq` has no holes of its own making
-    /// except records it reported dropping).
+    /// Per gateway (and epoch, shown as `gateway@epoch` when a gateway has several), the
+    /// sequence numbers missing between the lowest and the highest received (records still on
+    /// their way, or lost: a gateway's `seq` has no holes of its own making except records it
+    /// reported dropping).
     pub fn gaps(&self) -> Vec<(String, Gaps)> {
         let mut out = Vec::new();
-        for (gateway, seqs) in &self.seen {
+        for ((gateway, epoch), seqs) in &self.seen {
+            let several = self.seen.keys().filter(|(g, _)| g == gateway).count() > 1;
+            let gateway = if several {
+                format!("{gateway}@{epoch}")
+            } else {
+                gateway.clone()
+            };
             let mut gaps = Vec::new();
             let mut prev: Option<u64> = None;
             for &s in seqs {
@@ -540,7 +559,7 @@ impl RecordLedger {
                 prev = Some(s);
             }
             if !gaps.is_empty() {
-                out.push((gateway.clone(), gaps));
+                out.push((gateway, gaps));
             }
         }
         out.sort();
@@ -558,7 +577,11 @@ impl RecordLedger {
         let mut line = format!(
             "{} records from {} gateway(s), {} duplicates",
             self.unique(),
-            self.seen.len(),
+            self.seen
+                .keys()
+                .map(|(g, _)| g)
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
             self.duplicates
         );
         if self.reported_dropped > 0 {

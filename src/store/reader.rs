@@ -132,6 +132,15 @@ impl Reader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// When this database began numbering outbox records (microseconds since 1970): with the
+    /// gateway id and a record's seq, its unique id.
+    pub fn outbox_epoch(&self) -> Result<u64, StoreError> {
+        Ok(self
+            .meta_i64("outbox_epoch")?
+            .and_then(|e| u64::try_from(e).ok())
+            .unwrap_or(0))
+    }
+
     /// Records waiting in the outbox.
     pub fn outbox_depth(&self) -> Result<u64, StoreError> {
         let n: i64 = self

@@ -44,7 +44,7 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
 
     -- Records waiting for the cloud. seq is never reused (AUTOINCREMENT), so
-    -- gateway id + seq is a stable id for the cloud to deduplicate by.
+    -- gateway id + epoch (meta, migration 4) + seq is a stable id for the cloud.
     CREATE TABLE outbox (
         seq        INTEGER PRIMARY KEY AUTOINCREMENT,
         class      INTEGER NOT NULL,       -- RecordClass: 0 alarm, 1 activity, 2 telemetry
@@ -64,6 +64,13 @@ pub const MIGRATIONS: &[&str] = &[
         desired  BLOB,                     -- CBOR of bus::message::Settings, or NULL
         reported BLOB                      -- CBOR of bus::message::Settings, or NULL
     ) STRICT;
+    ",
+    // 4: the outbox epoch: when this database began numbering records, in microseconds since
+    // 1970. A replaced or re-created database starts seq at 1 again; (gateway, epoch, seq)
+    // stays unique, so the cloud does not take new records for duplicates of old ones.
+    "
+    INSERT OR IGNORE INTO meta (name, value)
+    VALUES ('outbox_epoch', CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER));
     ",
 ];
 
