@@ -443,7 +443,7 @@ impl Served<'_> {
                 // one that waited past its moment (the port was down) is dropped, not carried out late.
                 Some((unit, command, expires, done)) = commands.recv(), if stop_by.is_none() => {
                     if Instant::now() > expires {
-                        tracing::warn!(bus = %self.spec.name, %unit, "command expired before the unit could be reached");
+                        tracing::warn!(bus = %self.spec.name, unit = %self.label(unit), "command expired before the unit could be reached");
                         finish(done, CommandOutcome::Expired);
                     } else {
                         match session.send(unit, &command) {
@@ -453,7 +453,7 @@ impl Served<'_> {
                                 }
                             }
                             Err(e) => {
-                                tracing::warn!(bus = %self.spec.name, %unit, error = %e, "command not queued");
+                                tracing::warn!(bus = %self.spec.name, unit = %self.label(unit), error = %e, "command not queued");
                                 finish(done, CommandOutcome::NoAnswer);
                             }
                         }
@@ -519,19 +519,19 @@ impl Served<'_> {
                     self.report(unit, report, line.stored_tx.clone(), (id, fingerprint));
                 }
                 SessionEvent::Repeat { unit, id, answered } => {
-                    tracing::debug!(bus = %self.spec.name, %unit, id, answered, "retransmitted request");
+                    tracing::debug!(bus = %self.spec.name, unit = %self.label(unit), id, answered, "retransmitted request");
                 }
                 SessionEvent::UnitOnline(unit) => self.reachability(unit, true),
                 SessionEvent::UnitOffline(unit) => self.reachability(unit, false),
                 SessionEvent::UnitRestarted { unit, boot_id } => {
-                    tracing::info!(bus = %self.spec.name, %unit, boot_id, "door unit restarted");
+                    tracing::info!(bus = %self.spec.name, unit = %self.label(unit), boot_id, "door unit restarted");
                 }
                 SessionEvent::CommandDone { unit, id } => {
-                    tracing::debug!(bus = %self.spec.name, %unit, id, "command done");
+                    tracing::debug!(bus = %self.spec.name, unit = %self.label(unit), id, "command done");
                     finish(line.tracked.remove(&(unit, id)), CommandOutcome::Done);
                 }
                 SessionEvent::CommandFailed { unit, id } => {
-                    tracing::warn!(bus = %self.spec.name, %unit, id, "command got no answer");
+                    tracing::warn!(bus = %self.spec.name, unit = %self.label(unit), id, "command got no answer");
                     finish(line.tracked.remove(&(unit, id)), CommandOutcome::NoAnswer);
                 }
                 SessionEvent::FrameError(error) => {
@@ -547,10 +547,10 @@ impl Served<'_> {
                     set_status(self.status, |s| s.stats = *stats);
                 }
                 SessionEvent::BadMessage { unit, id, error } => {
-                    tracing::warn!(bus = %self.spec.name, %unit, id, %error, "bad message from a unit");
+                    tracing::warn!(bus = %self.spec.name, unit = %self.label(unit), id, %error, "bad message from a unit");
                 }
                 SessionEvent::Unexpected { unit, id, msg_type } => {
-                    tracing::debug!(bus = %self.spec.name, %unit, id, msg_type, "frame outside its turn");
+                    tracing::debug!(bus = %self.spec.name, unit = %self.label(unit), id, msg_type, "frame outside its turn");
                 }
             }
         }
@@ -673,7 +673,7 @@ impl Served<'_> {
                 }
             }
             Report::Status(status) => {
-                tracing::info!(bus = %self.spec.name, %unit, firmware = %status.firmware,
+                tracing::info!(bus = %self.spec.name, unit = %self.label(unit), firmware = %status.firmware,
                     settings = ?status.settings, "door unit status");
                 self.router
                     .update_settings(&door, |u| u.reported = Some(status.settings.clone()));
@@ -706,9 +706,9 @@ impl Served<'_> {
             return;
         };
         if online {
-            tracing::info!(bus = %self.spec.name, %unit, %door, "door unit online");
+            tracing::info!(bus = %self.spec.name, unit = %self.label(unit), %door, "door unit online");
         } else {
-            tracing::warn!(bus = %self.spec.name, %unit, %door, "door unit offline: it stopped answering polls");
+            tracing::warn!(bus = %self.spec.name, unit = %self.label(unit), %door, "door unit offline: it stopped answering polls");
         }
         set_status(self.status, |s| {
             s.units.entry(unit.get()).or_default().online = online;
