@@ -30,6 +30,7 @@ use crate::bus::session::SessionConfig;
 use crate::cloud::link::{self, LinkSpec, LinkStatus};
 use crate::cloud::telemetry::{BusProbe, TelemetrySpec};
 use crate::config::{self, BusConfig, Config, Sources};
+use crate::control::{self, ControlState};
 use crate::service::logging::{LevelChange, Logging};
 use crate::service::notify::{self, Notifier};
 use crate::service::reload;
@@ -230,6 +231,8 @@ struct Running {
     status_sent: String,
     /// When the daemon started (uptime in telemetry).
     started: Instant,
+    /// What the control socket answers from, and its task's stop.
+    control: Option<(ControlState, watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Running {
@@ -270,8 +273,10 @@ impl Running {
             failed: None,
             status_sent: String::new(),
             started: Instant::now(),
+            control: None,
         };
         running.start_buses().await;
+        running.start_control();
         running.link = match link::spec(&running.config) {
             Ok(spec) => Some(running.start_link(spec)),
             Err(e) => {
@@ -297,6 +302,9 @@ impl Running {
         self.bus_stop = stop;
         self.router = router;
         self.buses = buses;
+        if let Some((control, _, _)) = &self.control {
+            control.set_buses(self.telemetry_spec().buses);
+        }
     }
 
     fn start_link(&self, spec: LinkSpec) -> LinkTask {
@@ -314,6 +322,31 @@ impl Running {
             task,
             ended: None,
         }
+    }
+
+    /// Opens the control socket (`doorbridge status`, `events tail`) next to the database. A
+    /// socket that cannot be opened costs the operator commands, never the doors.
+    fn start_control(&mut self) {
+        let path = control::socket_path(self.store.path());
+        let listener = match control::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "no control socket: doorbridge status and events tail will not reach this daemon");
+                return;
+            }
+        };
+        let url = &self.config.cloud.url;
+        let state = ControlState {
+            store: self.store.clone(),
+            link: Arc::clone(&self.link_status),
+            telemetry: Arc::new(Mutex::new(self.telemetry_spec())),
+            gateway: self.config.gateway.id.clone(),
+            site: self.config.gateway.site_id.clone(),
+            broker: format!("{}:{}", url.host, url.port),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(control::serve(listener, path, state.clone(), stop_rx));
+        self.control = Some((state, stop, task));
     }
 
     /// What the telemetry summary is made of: the buses' status and the configured thresholds.
@@ -362,6 +395,10 @@ impl Running {
     async fn stop(mut self) {
         self.stop_buses().await;
         self.stop_link().await;
+        if let Some((_, stop, task)) = self.control.take() {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(STOP_WITHIN, task).await;
+        }
         if let Some((_, probe)) = self.probe.take() {
             probe.abort();
         }

@@ -10,12 +10,14 @@
 //!   commit, read connections, the trusted-time mark, the outbox;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
 //! - [`cloud`]: the cloud link: signed envelopes, key-set payloads, the sync state machine and
-//!   the open-door replay cache (pure), the MQTT driver, offline import, and the cloud's side
-//!   (builder, bundle and keys files) for `cloud-sim` and the tests;
+//!   the open-door replay cache (pure), the MQTT driver, the outbox uplink and telemetry,
+//!   offline import, and the cloud's side (builder, bundle and keys files) for `cloud-sim` and
+//!   the tests;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
 //! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
 //!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service;
+//! - [`control`]: the control socket the operator commands (`status`, `events tail`) ask;
 //! - [`service`]: running under systemd: `sd_notify`, watchdog, status line, reload plan,
 //!   journald or stderr logging;
 //! - [`task`]: what long-running tasks share (stop flag, jittered waits, clock sync).
@@ -27,6 +29,7 @@ pub mod access;
 pub mod bus;
 pub mod cloud;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod service;
 pub mod sim;
