@@ -12,4 +12,5 @@ mod link_reference;
 mod link_tls;
 mod sim;
 mod store;
+mod uplink;
 mod util;

@@ -1,0 +1,441 @@
+//! The uplink against real brokers (issue 5 §6): records that pile up while the broker is
+//! away all arrive, a `kill -9` in the middle of a drain loses nothing, a full outbox drops
+//! exactly what `docs/storage.md` says and says so, a call button and a low battery reach the
+//! cloud at once, and `cloud-sim records` / `check` see what a cloud would.
+//!
+//! The cloud's side is [`Uploads`]: a [`CloudClient`] connected straight to the broker (never
+//! through the proxy that cuts the gateway off) that feeds a [`RecordLedger`] and keeps each
+//! record's contents and when it first arrived. The gateways are
+//! - [`Gateway`]: the daemon's own `run_link` in process, on a real SQLite file whose
+//!   [`Store`] the test appends to as the bus tasks would (no door buses);
+//! - [`Daemon`]: the real `doorbridge run` binary, for `kill -9`;
+//! - [`Building`]: the daemon's entry point with simulated door units on a pty.
+//!
+//! Every wait is for a condition, with a deadline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use doorbridge::access::{Category, CredentialKind, DenyReason};
+use doorbridge::bus::driver::DoorRouter;
+use doorbridge::bus::message::DoorEventKind;
+use doorbridge::cloud::link::{self, LinkStatus};
+use doorbridge::cloud::payload::Target;
+use doorbridge::cloud::telemetry::TelemetrySpec;
+use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
+use doorbridge::cloud::uplink::{Batch, Uploaded};
+use doorbridge::config::Config;
+use doorbridge::sim::cloud::{CloudClient, RecordLedger};
+use doorbridge::store::{Activity, Record, RecordClass, Store};
+use jiff::SignedDuration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::broker::{Proxy, RumqttdBroker, mosquitto_or_skip, wait_for};
+use crate::fixtures;
+use crate::gateway::Home;
+/// How long a step may take on a loaded machine; every wait ends as soon as it holds.
+const WAIT: Duration = Duration::from_secs(30);
+const GATEWAY: &str = "gw-up";
+const SITE: &str = "site-up";
+
+fn target() -> Target {
+    Target {
+        site: SITE.into(),
+        gateway: GATEWAY.into(),
+    }
+}
+
+fn topics() -> Topics {
+    Topics::new(DEFAULT_PREFIX, &target()).expect("topics")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records
+// ---------------------------------------------------------------------------------------------
+
+/// Record `i` of `class`; its time is `i` seconds after a fixed instant, so no two records of a
+/// test are alike and a record arriving under the wrong id would be seen.
+fn record(i: u64, class: RecordClass) -> Record {
+    let at = fixtures::now() + SignedDuration::from_secs(i64::try_from(i).expect("small"));
+    let unit = "entrance/1".to_owned();
+    let door = "main".to_owned();
+    let made = match (class, i % 3) {
+        (RecordClass::Alarm, 0) => Record::CallButton {
+            at,
+            unit,
+            door,
+            button: 0,
+        },
+        (RecordClass::Alarm, 1) => Record::DoorEvent {
+            at,
+            unit,
+            door,
+            event: DoorEventKind::ForcedOpen,
+        },
+        (RecordClass::Alarm, _) => Record::Tamper {
+            at,
+            unit,
+            door,
+            active: true,
+        },
+        (RecordClass::Telemetry, _) => Record::Battery {
+            at,
+            unit,
+            door,
+            percent: 80,
+            millivolts: 3600,
+            low: false,
+        },
+        (RecordClass::Activity, 0) => Record::DoorEvent {
+            at,
+            unit,
+            door,
+            event: DoorEventKind::Opened,
+        },
+        (RecordClass::Activity, _) => {
+            let granted = i.is_multiple_of(2);
+            Record::Activity(Activity {
+                at,
+                door: door.clone(),
+                unit,
+                request_id: u32::try_from(i % 65_536).ok(),
+                credential_kind: CredentialKind::Pin,
+                key_id: Some(format!("key-{i}")),
+                category: Some(Category::Friend),
+                granted,
+                reason: (!granted).then_some(DenyReason::UnknownCredential),
+                released: if granted { vec![door] } else { vec![] },
+                command_id: None,
+            })
+        }
+    };
+    assert_eq!(made.class(), class, "{made:?}");
+    made
+}
+
+/// A day at a busy building: mostly activity, a tenth routine battery readings, 2 % alarms.
+fn busy_class(i: u64) -> RecordClass {
+    if i.is_multiple_of(50) {
+        RecordClass::Alarm
+    } else if i % 10 == 1 {
+        RecordClass::Telemetry
+    } else {
+        RecordClass::Activity
+    }
+}
+
+/// Appends `n` records of the busy mix, `per_commit` per store command; returns them by the
+/// sequence number the store gave each.
+async fn append_busy(store: &Store, n: u64, per_commit: u64) -> BTreeMap<u64, Record> {
+    let mut appended = BTreeMap::new();
+    let mut next = 0;
+    while next < n {
+        let records: Vec<Record> = (next..n.min(next + per_commit))
+            .map(|i| record(i, busy_class(i)))
+            .collect();
+        next += records.len() as u64;
+        let seqs = store.append(records.clone()).await.expect("append");
+        assert_eq!(seqs.len(), records.len(), "the disk took every record");
+        for (seq, r) in seqs.into_iter().zip(records) {
+            appended.insert(u64::try_from(seq).expect("seq"), r);
+        }
+    }
+    appended
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cloud's side
+// ---------------------------------------------------------------------------------------------
+
+/// What the cloud has received on a gateway's `records` topic.
+#[derive(Debug, Default)]
+struct Received {
+    ledger: RecordLedger,
+    /// Each record as it first arrived, by seq.
+    records: HashMap<u64, Uploaded>,
+    /// Seqs that arrived again with other contents (a duplicate must be the same record).
+    conflicts: Vec<u64>,
+    /// Messages on the topic that are not record batches.
+    undecodable: Vec<String>,
+}
+
+impl Received {
+    fn take(&mut self, batch: &Batch) {
+        self.ledger.add(batch);
+        for r in &batch.records {
+            match self.records.get(&r.seq) {
+                Some(first) if first != r => self.conflicts.push(r.seq),
+                Some(_) => {}
+                None => {
+                    self.records.insert(r.seq, r.clone());
+                }
+            }
+        }
+    }
+
+    /// Asserts that exactly `expected` arrived, each under its own seq, and nothing else: no
+    /// gaps, duplicates only of the same record.
+    fn assert_exactly(&self, expected: &BTreeMap<u64, Record>) {
+        assert!(
+            self.conflicts.is_empty(),
+            "seqs reused: {:?}",
+            self.conflicts
+        );
+        assert_eq!(
+            self.ledger.unique(),
+            expected.len() as u64,
+            "{}",
+            self.ledger.summary()
+        );
+        for (seq, record) in expected {
+            let got = self
+                .records
+                .get(seq)
+                .unwrap_or_else(|| panic!("seq {seq} never arrived; {}", self.ledger.summary()));
+            assert_eq!(&got.record, record, "seq {seq} arrived with other contents");
+            assert_eq!(got.class, record.class(), "seq {seq}");
+        }
+    }
+}
+
+/// The cloud: a client subscribed to one gateway's uploads, keeping what arrives.
+struct Uploads {
+    _client: CloudClient,
+    received: Arc<Mutex<Received>>,
+    _task: JoinHandle<()>,
+}
+
+impl Uploads {
+    /// Connects to the broker at `url` as `client_id` and subscribes to `topics`' records.
+    async fn connect(url: &str, topics: &Topics, client_id: &str) -> Uploads {
+        let client = CloudClient::connect(url, client_id)
+            .await
+            .expect("the cloud connects");
+        let mut rx = client
+            .subscribe(&topics.topic(Channel::Records))
+            .await
+            .expect("subscribe to the records");
+        let received = Arc::new(Mutex::new(Received::default()));
+        let into = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            while let Some((topic, payload)) = rx.recv().await {
+                let mut received = into.lock().unwrap();
+                match Batch::decode(&payload) {
+                    Ok(batch) => received.take(&batch),
+                    Err(e) => received.undecodable.push(format!("{topic}: {e}")),
+                }
+            }
+        });
+        Uploads {
+            _client: client,
+            received,
+            _task: task,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Received) -> T) -> T {
+        f(&self.received.lock().unwrap())
+    }
+
+    fn unique(&self) -> u64 {
+        self.with(|r| r.ledger.unique())
+    }
+
+    /// Waits until `done` holds for what arrived; fails after `within` with the ledger's summary,
+    /// or at once if something undecodable arrived.
+    async fn until(&self, what: &str, within: Duration, mut done: impl FnMut(&Received) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            let failed = self.with(|r| {
+                assert!(r.undecodable.is_empty(), "{what}: {:?}", r.undecodable);
+                if done(r) {
+                    return Ok(());
+                }
+                Err((Instant::now() >= deadline).then(|| r.ledger.summary()))
+            });
+            match failed {
+                Ok(()) => return,
+                Err(Some(summary)) => {
+                    panic!("{what}: not within {within:?}; the cloud has {summary}")
+                }
+                Err(None) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A gateway's link and store, in process
+// ---------------------------------------------------------------------------------------------
+
+/// The daemon's cloud link (`run_link`, uplink and telemetry included) on a real SQLite file,
+/// configured from TOML as the daemon is; no door buses. The test appends to [`Gateway::store`]
+/// as the bus tasks do.
+struct Gateway {
+    /// The configuration file and the database, in a temporary directory.
+    _home: Home,
+    config: Config,
+    store: Store,
+    status: Arc<Mutex<LinkStatus>>,
+    link: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+impl Gateway {
+    /// A gateway for the broker at `url` with its store open and its link not yet started;
+    /// `storage` is added to the `[storage]` table.
+    fn open(url: &str, storage: &str) -> Gateway {
+        let home = Home::new(url, target(), &[]);
+        if !storage.is_empty() {
+            home.set("storage", storage);
+        }
+        let text = std::fs::read_to_string(&home.config).expect("read the configuration");
+        let config = Config::from_toml_str(&text, "doorbridge.toml").expect("a valid config");
+        let store = Store::open(doorbridge::daemon::store_options(&config)).expect("store opens");
+        Gateway {
+            _home: home,
+            config,
+            store,
+            status: Arc::default(),
+            link: None,
+        }
+    }
+
+    /// Starts the cloud link as the daemon does.
+    fn start_link(&mut self) {
+        let spec = link::spec(&self.config).expect("the link's settings");
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(link::run_link(
+            spec,
+            self.store.clone(),
+            Arc::new(DoorRouter::default()),
+            Arc::clone(&self.status),
+            TelemetrySpec::new(Duration::from_secs(3600)),
+            stopped,
+        ));
+        self.link = Some((stop, task));
+    }
+
+    fn depth(&self) -> u64 {
+        let reader = self.store.reader().expect("a reader");
+        reader.outbox_depth().expect("the outbox depth")
+    }
+
+    /// Waits until the link is connected, for at least the `n`-th time.
+    async fn connected(&self, n: u64) {
+        let status = &self.status;
+        wait_for(WAIT, &format!("connection {n} to the broker"), || {
+            let s = status.lock().unwrap();
+            (s.connected && s.connects >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the link has noticed that the broker is gone.
+    async fn disconnected(&self) {
+        let status = &self.status;
+        wait_for(WAIT, "the link to notice the cut", || {
+            (!status.lock().unwrap().connected).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until every acknowledged record was deleted: the outbox is empty.
+    async fn drained(&self) {
+        wait_for(WAIT, "an empty outbox", || {
+            (self.depth() == 0).then_some(())
+        })
+        .await;
+    }
+
+    async fn stop(mut self) {
+        if let Some((stop, task)) = self.link.take() {
+            let _ = stop.send(true);
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the link stops")
+                .expect("the link task");
+        }
+        self.store.close();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The broker unreachable while 50,000 records accumulate
+// ---------------------------------------------------------------------------------------------
+
+/// A gateway linked through a proxy to the broker at `broker_url` is cut off; 50,000 records
+/// accumulate; the link comes back, is cut once more in the middle of the drain, and comes
+/// back again: the cloud has every record, each under its own id, and the outbox is empty.
+async fn everything_arrives_after_an_outage(broker_url: &str, broker_port: u16, broker: &str) {
+    const N: u64 = 50_000;
+    let proxy = Proxy::start(broker_port);
+    let uploads = Uploads::connect(broker_url, &topics(), "cloud-outage").await;
+    let mut gw = Gateway::open(&proxy.url(), "");
+    gw.start_link();
+    gw.connected(1).await;
+
+    proxy.cut();
+    gw.disconnected().await;
+    let started = Instant::now();
+    // 5,000 per commit: a commit costs an fsync, 0.1 s on a busy disk.
+    let appended = append_busy(&gw.store, N, 5_000).await;
+    let filled = started.elapsed();
+    assert_eq!(gw.depth(), N, "every record waits while the broker is away");
+    assert_eq!(uploads.unique(), 0);
+
+    proxy.restore();
+    gw.connected(2).await;
+    let back = Instant::now();
+    // The internet goes away again in the middle of the drain, with batches in flight.
+    uploads
+        .until("a fifth of the records", WAIT, |r| {
+            r.ledger.unique() >= N / 5
+        })
+        .await;
+    proxy.cut();
+    let at_cut = uploads.unique();
+    assert!(at_cut < N, "the drain was over before the cut");
+    gw.disconnected().await;
+    proxy.restore();
+    gw.connected(3).await;
+    let resumed = (Instant::now(), uploads.unique());
+    uploads
+        .until("every record", WAIT, |r| r.ledger.unique() >= N)
+        .await;
+    let done = Instant::now();
+    gw.drained().await;
+    uploads.with(|r| {
+        r.assert_exactly(&appended);
+        assert!(r.ledger.gaps().is_empty(), "{}", r.ledger.summary());
+    });
+    #[allow(clippy::cast_precision_loss)]
+    let rate = (N - resumed.1) as f64 / done.duration_since(resumed.0).as_secs_f64();
+    eprintln!(
+        "{broker}: {N} records appended offline in {filled:.2?}; all at the cloud {:.2?} after \
+         the link came back, through a cut at {at_cut}; after the cut {} records in {:.2?} \
+         ({rate:.0} records/s); {} duplicates",
+        done.duration_since(back),
+        N - resumed.1,
+        done.duration_since(resumed.0),
+        uploads.with(|r| r.ledger.duplicates()),
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_records_from_an_outage_all_arrive_through_rumqttd() {
+    let broker = RumqttdBroker::start();
+    everything_arrives_after_an_outage(&broker.url(), broker.port, "rumqttd").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_thousand_records_from_an_outage_all_arrive_through_mosquitto() {
+    let Some(broker) =
+        mosquitto_or_skip("fifty_thousand_records_from_an_outage_all_arrive_through_mosquitto")
+    else {
+        return;
+    };
+    everything_arrives_after_an_outage(&broker.url(), broker.port(), "mosquitto").await;
+}
