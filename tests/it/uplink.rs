@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::{Proxy, RumqttdBroker, mosquitto_or_skip, wait_for};
 use crate::fixtures;
-use crate::gateway::Home;
+use crate::gateway::{Daemon, Home};
 /// How long a step may take on a loaded machine; every wait ends as soon as it holds.
 const WAIT: Duration = Duration::from_secs(30);
 const GATEWAY: &str = "gw-up";
@@ -438,4 +438,56 @@ async fn fifty_thousand_records_from_an_outage_all_arrive_through_mosquitto() {
         return;
     };
     everything_arrives_after_an_outage(&broker.url(), broker.port(), "mosquitto").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. kill -9 in the middle of a drain
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_drain_loses_no_record() {
+    const N: u64 = 30_000;
+    let broker = RumqttdBroker::start();
+    let home = Home::new(&broker.url(), target(), &[]);
+    // The smallest batches: many round trips, so the kill lands in the middle of the drain.
+    home.set("cloud", "max_payload = \"16 KiB\"");
+    let store = fixtures::open(&home.db);
+    let appended = append_busy(&store, N, 5_000).await;
+    store.close();
+    let uploads = Uploads::connect(&broker.url(), &home.topics, "cloud-kill").await;
+
+    let mut daemon = Daemon::start(&home);
+    uploads
+        .until("the first records", WAIT, |r| r.ledger.unique() > 0)
+        .await;
+    daemon.kill9().await;
+    let waiting = home.reader().outbox_depth().expect("the outbox depth");
+    let before = uploads.unique();
+    assert!(
+        waiting > 0 && before < N,
+        "the kill came in the middle of the drain: {before} uploaded, {waiting} waiting"
+    );
+
+    let started = Instant::now();
+    let mut daemon = Daemon::start(&home);
+    uploads
+        .until("every record after the restart", WAIT, |r| {
+            r.ledger.unique() >= N
+        })
+        .await;
+    let took = started.elapsed();
+    wait_for(WAIT, "an empty outbox", || {
+        (home.reader().outbox_depth().ok()? == 0).then_some(())
+    })
+    .await;
+    uploads.with(|r| {
+        r.assert_exactly(&appended);
+        assert!(r.ledger.gaps().is_empty(), "{}", r.ledger.summary());
+    });
+    eprintln!(
+        "kill -9 after {before} of {N} records reached the cloud ({waiting} still in the \
+         outbox); after the restart all were there in {took:.2?}; {} duplicates",
+        uploads.with(|r| r.ledger.duplicates())
+    );
+    assert!(daemon.terminate().await.success());
 }
