@@ -13,7 +13,7 @@
 //!
 //! Every wait is for a condition, with a deadline.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -490,4 +490,233 @@ async fn kill_9_in_the_middle_of_a_drain_loses_no_record() {
         uploads.with(|r| r.ledger.duplicates())
     );
     assert!(daemon.terminate().await.success());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. A full outbox
+// ---------------------------------------------------------------------------------------------
+
+/// One commit: the seq and class of each record it appended.
+type Commit = Vec<(u64, RecordClass)>;
+
+/// What a full outbox did while the broker was away, and what reached the cloud afterwards.
+struct FullOutbox {
+    limit: u64,
+    commits: Vec<Commit>,
+    appended: BTreeMap<u64, Record>,
+    /// The `outbox_dropped` alarms: seq, telemetry and activity dropped.
+    bursts: Vec<(u64, u64, u64)>,
+    /// What reached the cloud: exactly what the outbox held when the broker came back.
+    received: BTreeSet<u64>,
+    /// How many records the gateway said it dropped, as the cloud's ledger counted them.
+    reported_dropped: u64,
+}
+
+impl FullOutbox {
+    /// Seqs of `class` appended, oldest first, and how many of them never reached the cloud.
+    fn lost(&self, class: RecordClass) -> (Vec<u64>, usize) {
+        let of: Vec<u64> = self
+            .appended
+            .iter()
+            .filter(|(_, r)| r.class() == class)
+            .map(|(s, _)| *s)
+            .collect();
+        let lost = of.iter().filter(|s| !self.received.contains(s)).count();
+        (of, lost)
+    }
+}
+
+/// A gateway with `outbox_max_records = limit` never reaches its broker while routine
+/// activity, then alarms and routine battery readings, then more activity pile up to more than
+/// the limit; then the broker is reachable. The outbox never holds more than the limit, and the
+/// cloud gets exactly what it held.
+async fn a_full_outbox_offline(limit: u64) -> FullOutbox {
+    let broker = RumqttdBroker::start();
+    let proxy = Proxy::start(broker.port);
+    proxy.cut();
+    let uploads = Uploads::connect(&broker.url(), &topics(), "cloud-full").await;
+    let mut gw = Gateway::open(&proxy.url(), &format!("outbox_max_records = {limit}"));
+    gw.start_link();
+    // Oldest first: 400 activity; 50 alarms among 300 battery readings; 800 activity. Few
+    // commits, since each costs an fsync and the link's backoff grows meanwhile.
+    let mut plan = vec![vec![RecordClass::Activity; 100]; 4];
+    for _ in 0..10 {
+        plan.push(vec![RecordClass::Alarm; 5]);
+        plan.push(vec![RecordClass::Telemetry; 30]);
+    }
+    plan.extend(vec![vec![RecordClass::Activity; 100]; 8]);
+    let (mut commits, mut appended, mut i) = (Vec::new(), BTreeMap::new(), 0);
+    for classes in plan {
+        let records: Vec<Record> = classes
+            .iter()
+            .map(|c| {
+                i += 1;
+                record(i, *c)
+            })
+            .collect();
+        let seqs = gw.store.append(records.clone()).await.expect("append");
+        assert_eq!(seqs.len(), records.len(), "the disk took every record");
+        let seqs: Vec<u64> = seqs
+            .into_iter()
+            .map(|s| u64::try_from(s).unwrap())
+            .collect();
+        let depth = gw.depth();
+        assert!(
+            depth <= limit,
+            "the outbox holds {depth} records, over {limit}"
+        );
+        commits.push(seqs.iter().copied().zip(classes).collect());
+        appended.extend(seqs.into_iter().zip(records));
+    }
+    let reader = gw.store.reader().expect("a reader");
+    let waiting: BTreeMap<u64, Record> = reader
+        .outbox(0, 1_000_000)
+        .expect("the outbox")
+        .into_iter()
+        .map(|r| (u64::try_from(r.seq).unwrap(), r.record))
+        .collect();
+    let bursts = waiting
+        .iter()
+        .filter_map(|(seq, r)| match r {
+            Record::OutboxDropped {
+                telemetry,
+                activity,
+                ..
+            } => Some((*seq, *telemetry, *activity)),
+            _ => None,
+        })
+        .collect();
+
+    proxy.restore();
+    gw.connected(1).await;
+    uploads
+        .until("what the outbox held", WAIT, |r| {
+            waiting.keys().all(|s| r.records.contains_key(s))
+        })
+        .await;
+    gw.drained().await;
+    let (received, reported_dropped) = uploads.with(|r| {
+        r.assert_exactly(&waiting);
+        (
+            r.records.keys().copied().collect(),
+            r.ledger.reported_dropped(),
+        )
+    });
+    gw.stop().await;
+    FullOutbox {
+        limit,
+        commits,
+        appended,
+        bursts,
+        received,
+        reported_dropped,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_drops_telemetry_then_the_oldest_activity_never_alarms_and_says_so() {
+    let f = a_full_outbox_offline(1_000).await;
+    assert!(f.bursts.len() >= 2, "the outbox overflowed: {:?}", f.bursts);
+    let (alarms, lost_alarms) = f.lost(RecordClass::Alarm);
+    assert_eq!(lost_alarms, 0, "an alarm was dropped");
+    assert_eq!(alarms.len(), 50);
+    // Every loss is reported, class by class, and the cloud can account for every seq it
+    // misses (a fresh gateway's first seq is 1).
+    let (telemetry, lost_telemetry) = f.lost(RecordClass::Telemetry);
+    let (activity, lost_activity) = f.lost(RecordClass::Activity);
+    let reported = f.bursts.iter().fold((0, 0), |(t, a), b| (t + b.1, a + b.2));
+    assert_eq!(
+        (lost_telemetry as u64, lost_activity as u64),
+        reported,
+        "lost (telemetry, activity) against what the outbox_dropped alarms say"
+    );
+    assert_eq!(f.appended.keys().next(), Some(&1));
+    let last = *f.received.last().expect("records arrived");
+    let missing = (1..=last).filter(|s| !f.received.contains(s)).count();
+    assert_eq!(f.reported_dropped, reported.0 + reported.1);
+    assert_eq!(missing as u64, f.reported_dropped);
+    // Within each class, the oldest went.
+    for (class, of, lost) in [
+        ("telemetry", &telemetry, lost_telemetry),
+        ("activity", &activity, lost_activity),
+    ] {
+        assert!(lost > 0, "no {class} was dropped");
+        assert!(
+            of[..lost].iter().all(|s| !f.received.contains(s))
+                && of[lost..].iter().all(|s| f.received.contains(s)),
+            "not the oldest {class} went"
+        );
+    }
+    // Telemetry first: the first overflow took battery readings although older activity
+    // waited, and activity went only once no older reading was left.
+    let first = f.bursts[0];
+    assert!(first.1 > 0 && first.2 == 0, "first overflow: {first:?}");
+    assert!(
+        activity[0] < first.0,
+        "older activity waited at the first overflow"
+    );
+    for &(seq, _, dropped_activity) in &f.bursts {
+        if dropped_activity > 0 {
+            assert!(
+                telemetry
+                    .iter()
+                    .filter(|s| **s < seq)
+                    .all(|s| !f.received.contains(s)),
+                "activity dropped at seq {seq} while older battery readings were kept"
+            );
+        }
+    }
+}
+
+/// `docs/storage.md`, "A bounded outbox", as a model: in the commit that passes the limit,
+/// routine telemetry oldest first, then the oldest routine activity, are deleted until the
+/// outbox holds 90 % of the limit, and one `outbox_dropped` alarm is added. Returns
+/// (telemetry, activity) dropped per overflow, and the seqs kept.
+fn documented_policy(commits: &[Commit], limit: u64) -> (Vec<(u64, u64)>, BTreeSet<u64>) {
+    let mut kept: BTreeMap<u64, RecordClass> = BTreeMap::new();
+    let mut drop_alarms = 0;
+    let mut bursts = Vec::new();
+    for commit in commits {
+        kept.extend(commit.iter().copied());
+        let count = |kept: &BTreeMap<u64, RecordClass>, extra| kept.len() as u64 + extra;
+        if count(&kept, drop_alarms) <= limit {
+            continue;
+        }
+        let mut dropped = [0, 0];
+        for (slot, class) in [(0, RecordClass::Telemetry), (1, RecordClass::Activity)] {
+            while count(&kept, drop_alarms) * 10 > limit * 9 {
+                let Some(oldest) = kept.iter().find(|(_, c)| **c == class).map(|(s, _)| *s) else {
+                    break;
+                };
+                kept.remove(&oldest);
+                dropped[slot] += 1;
+            }
+        }
+        if dropped != [0, 0] {
+            drop_alarms += 1;
+            bursts.push((dropped[0], dropped[1]));
+        }
+    }
+    (bursts, kept.into_keys().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: the store drops 256 records at a time (LIMIT 256 in Writer::bound_outbox) and \
+            checks the 90 % mark only between chunks, so an overflow loses up to 255 routine \
+            records more than docs/storage.md allows"]
+async fn a_full_outbox_drops_only_down_to_90_percent_of_its_limit() {
+    let f = a_full_outbox_offline(1_000).await;
+    let (bursts, kept) = documented_policy(&f.commits, f.limit);
+    let got: Vec<(u64, u64)> = f.bursts.iter().map(|b| (b.1, b.2)).collect();
+    assert_eq!(
+        got, bursts,
+        "(telemetry, activity) dropped per overflow, against docs/storage.md"
+    );
+    let received: BTreeSet<u64> = f
+        .received
+        .iter()
+        .copied()
+        .filter(|s| f.appended.contains_key(s))
+        .collect();
+    assert_eq!(received, kept);
 }
