@@ -22,21 +22,28 @@ use doorbridge::bus::driver::DoorRouter;
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::cloud::link::{self, LinkStatus};
 use doorbridge::cloud::payload::Target;
-use doorbridge::cloud::telemetry::TelemetrySpec;
+use doorbridge::cloud::report::{Presence, Report};
+use doorbridge::cloud::telemetry::{Summary, TelemetrySpec};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::{Batch, Uploaded};
 use doorbridge::config::Config;
-use doorbridge::sim::cloud::{CloudClient, RecordLedger};
+use doorbridge::sim::cloud::{CloudClient, Message, RecordLedger};
+use doorbridge::sim::{Output, ReportKind, SimCommand};
 use doorbridge::store::{Activity, Record, RecordClass, Store};
 use jiff::SignedDuration;
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::broker::{Proxy, RumqttdBroker, mosquitto_or_skip, wait_for};
+use crate::bus::{Building, unit};
 use crate::fixtures;
 use crate::gateway::{Daemon, Home};
+use crate::link::{cloud_section, topics as building_topics};
 /// How long a step may take on a loaded machine; every wait ends as soon as it holds.
 const WAIT: Duration = Duration::from_secs(30);
+/// The issue's limit for a call button or an alarm, press to cloud, when online.
+const CALL_LIMIT: Duration = Duration::from_secs(1);
 const GATEWAY: &str = "gw-up";
 const SITE: &str = "site-up";
 
@@ -157,12 +164,14 @@ struct Received {
     records: HashMap<u64, Uploaded>,
     /// Seqs that arrived again with other contents (a duplicate must be the same record).
     conflicts: Vec<u64>,
+    /// Seqs in the order they first arrived, with when.
+    order: Vec<(u64, Instant)>,
     /// Messages on the topic that are not record batches.
     undecodable: Vec<String>,
 }
 
 impl Received {
-    fn take(&mut self, batch: &Batch) {
+    fn take(&mut self, batch: &Batch, at: Instant) {
         self.ledger.add(batch);
         for r in &batch.records {
             match self.records.get(&r.seq) {
@@ -170,6 +179,7 @@ impl Received {
                 Some(_) => {}
                 None => {
                     self.records.insert(r.seq, r.clone());
+                    self.order.push((r.seq, at));
                 }
             }
         }
@@ -202,7 +212,7 @@ impl Received {
 
 /// The cloud: a client subscribed to one gateway's uploads, keeping what arrives.
 struct Uploads {
-    _client: CloudClient,
+    client: CloudClient,
     received: Arc<Mutex<Received>>,
     _task: JoinHandle<()>,
 }
@@ -221,15 +231,16 @@ impl Uploads {
         let into = Arc::clone(&received);
         let task = tokio::spawn(async move {
             while let Some((topic, payload)) = rx.recv().await {
+                let at = Instant::now();
                 let mut received = into.lock().unwrap();
                 match Batch::decode(&payload) {
-                    Ok(batch) => received.take(&batch),
+                    Ok(batch) => received.take(&batch, at),
                     Err(e) => received.undecodable.push(format!("{topic}: {e}")),
                 }
             }
         });
         Uploads {
-            _client: client,
+            client,
             received,
             _task: task,
         }
@@ -262,6 +273,52 @@ impl Uploads {
                 }
                 Err(None) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
+        }
+    }
+
+    /// The first record to arrive for which `want` holds, once it has, and when it did.
+    async fn first(&self, what: &str, want: impl Fn(&Uploaded) -> bool) -> (Uploaded, Instant) {
+        let (mut scanned, mut hit) = (0, None);
+        self.until(what, WAIT, |r| {
+            hit = r.order[scanned..]
+                .iter()
+                .find(|(seq, _)| want(&r.records[seq]))
+                .map(|(seq, at)| (r.records[seq].clone(), *at));
+            scanned = r.order.len();
+            hit.is_some()
+        })
+        .await;
+        hit.expect("it arrived")
+    }
+
+    /// Subscribes to another of the gateway's topics.
+    async fn subscribe(&self, topics: &Topics, channel: Channel) -> UnboundedReceiver<Message> {
+        self.client
+            .subscribe(&topics.topic(channel))
+            .await
+            .expect("subscribe")
+    }
+}
+
+/// The next report on `rx` for which `want` holds, and when it arrived.
+async fn report(
+    rx: &mut UnboundedReceiver<Message>,
+    what: &str,
+    want: impl Fn(&Report) -> bool,
+) -> (Report, Instant) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((topic, payload))) => {
+                let at = Instant::now();
+                let r = Report::decode(&payload)
+                    .unwrap_or_else(|e| panic!("an undecodable report on {topic}: {e}"));
+                if want(&r) {
+                    return (r, at);
+                }
+            }
+            Ok(None) => panic!("{what}: the cloud client stopped"),
+            Err(elapsed) => panic!("{what}: {elapsed} ({WAIT:?})"),
         }
     }
 }
@@ -719,4 +776,194 @@ async fn a_full_outbox_drops_only_down_to_90_percent_of_its_limit() {
         .filter(|s| f.appended.contains_key(s))
         .collect();
     assert_eq!(received, kept);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. and 5. A call button and a low battery, online
+// ---------------------------------------------------------------------------------------------
+
+/// A building whose gateway is online with the in-process broker at `url` (its retained
+/// `online` state has arrived), and the cloud watching its uploads and telemetry.
+async fn online_building(
+    url: &str,
+    dir: tempfile::TempDir,
+    extra: &str,
+) -> (Building, Uploads, UnboundedReceiver<Message>) {
+    let topics = building_topics();
+    let uploads = Uploads::connect(url, &topics, "cloud-online").await;
+    let mut state = uploads.subscribe(&topics, Channel::State).await;
+    let telemetry = uploads.subscribe(&topics, Channel::Telemetry).await;
+    let b = Building::open_with_cloud(dir, 1, extra, &cloud_section(url)).await;
+    report(&mut state, "the gateway online", |r| {
+        matches!(
+            r,
+            Report::State {
+                state: Presence::Online,
+                ..
+            }
+        )
+    })
+    .await;
+    (b, uploads, telemetry)
+}
+
+/// The call-button record for `button`, once it has arrived, and when.
+async fn call_arrived(uploads: &Uploads, button: u8) -> Instant {
+    let (call, at) = uploads
+        .first(
+            &format!("the call on button {button}"),
+            |u| matches!(u.record, Record::CallButton { button: b, .. } if b == button),
+        )
+        .await;
+    assert_eq!(call.class, RecordClass::Alarm);
+    at
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_button_pressed_while_online_is_at_the_cloud_within_a_second() {
+    let broker = RumqttdBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, uploads, _) = online_building(&broker.url(), dir, "").await;
+    let (mut took, mut acked) = (Vec::new(), Vec::new());
+    for button in 0..5 {
+        let pressed = Instant::now();
+        b.command(SimCommand::Call {
+            unit: unit(1),
+            button,
+        })
+        .await;
+        // The unit hears its report was stored (an upper bound for the disk's share).
+        let stored = async {
+            b.next(|o| {
+                matches!(
+                    o,
+                    Output::Acked {
+                        report: ReportKind::CallButton,
+                        ..
+                    }
+                )
+            })
+            .await;
+            Instant::now()
+        };
+        let (stored, arrived) = tokio::join!(stored, call_arrived(&uploads, button));
+        took.push(arrived.duration_since(pressed));
+        acked.push(stored.duration_since(pressed));
+    }
+    eprintln!("call button, press to cloud: {took:.1?} (acknowledged to the unit: {acked:.1?})");
+    let slowest = took.iter().max().unwrap();
+    assert!(
+        *slowest <= CALL_LIMIT,
+        "a call took {slowest:?}, over {CALL_LIMIT:?}: {took:?} (acknowledged to the unit, \
+         so on disk, after {acked:?})"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_button_overtakes_a_backlog_of_routine_records() {
+    const N: u64 = 50_000;
+    let broker = RumqttdBroker::start();
+    // The gateway was offline for a while: 50,000 routine records wait.
+    let dir = tempfile::tempdir().unwrap();
+    let store = fixtures::open(&dir.path().join("doorbridge.db"));
+    let classes = [RecordClass::Activity, RecordClass::Telemetry];
+    let mut i = 0;
+    while i < N {
+        let records = (i..i + 5_000)
+            .map(|i| record(i, classes[usize::from(i % 10 == 0)]))
+            .collect();
+        store.append(records).await.expect("append");
+        i += 5_000;
+    }
+    store.close();
+    let (b, uploads, _) = online_building(&broker.url(), dir, "").await;
+    uploads
+        .until("the drain under way", WAIT, |r| r.ledger.unique() > 0)
+        .await;
+    let pressed = Instant::now();
+    b.command(SimCommand::Call {
+        unit: unit(1),
+        button: 2,
+    })
+    .await;
+    let arrived = call_arrived(&uploads, 2).await;
+    let routine_before =
+        uploads.with(|r| r.order.iter().take_while(|(_, at)| *at < arrived).count());
+    let took = arrived.duration_since(pressed);
+    eprintln!(
+        "call button during a backlog of {N}: press to cloud {took:.1?}, after {routine_before} \
+         routine records"
+    );
+    assert!(took <= CALL_LIMIT, "the call took {took:?}");
+    assert!(
+        (routine_before as u64) < N,
+        "the call waited for the whole backlog"
+    );
+    uploads
+        .until("the backlog", WAIT, |r| r.ledger.unique() > N)
+        .await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_battery_sends_telemetry_at_once_and_its_alarm_within_a_second() {
+    let broker = RumqttdBroker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[telemetry]\ninterval = \"1h\"\nlow_battery_percent = 20";
+    let (b, uploads, mut telemetry) = online_building(&broker.url(), dir, extra).await;
+    let summary = |r: Report| match r {
+        Report::Telemetry(s) => s,
+        other => panic!("not a summary on the telemetry topic: {other:?}"),
+    };
+    report(&mut telemetry, "the summary sent on connect", |_| true).await;
+    let reading = |percent, millivolts| SimCommand::Battery {
+        unit: unit(1),
+        percent,
+        millivolts,
+    };
+    let uploaded = |percent: u8| {
+        uploads.first(
+            "the battery reading",
+            move |u| matches!(u.record, Record::Battery { percent: p, .. } if p == percent),
+        )
+    };
+
+    // A routine reading is uploaded as telemetry and sends no summary.
+    b.command(reading(80, 3900)).await;
+    let (routine, _) = uploaded(80).await;
+    assert_eq!(routine.class, RecordClass::Telemetry);
+    assert!(matches!(routine.record, Record::Battery { low: false, .. }));
+
+    // At the threshold: the summary goes at once (the next one is an hour away), and the alarm.
+    let sent = Instant::now();
+    b.command(reading(20, 3350)).await;
+    let (next, summary_at) = report(&mut telemetry, "the next summary", |_| true).await;
+    let s: Box<Summary> = summary(next);
+    let u = &s.buses[0].units[0];
+    assert_eq!(
+        (
+            u.unit.as_str(),
+            u.door.as_str(),
+            u.battery_percent,
+            u.battery_millivolts
+        ),
+        ("entrance/1", "main", Some(20), Some(3350)),
+        "the first summary after the reading at 80 % is the low one: {s:?}"
+    );
+    assert!(u.battery_low, "{s:?}");
+    let (alarm, alarm_at) = uploaded(20).await;
+    assert_eq!(alarm.class, RecordClass::Alarm);
+    assert!(matches!(alarm.record, Record::Battery { low: true, .. }));
+    let (summary_took, alarm_took) = (
+        summary_at.duration_since(sent),
+        alarm_at.duration_since(sent),
+    );
+    eprintln!("low battery: summary after {summary_took:.1?}, alarm record after {alarm_took:.1?}");
+    assert!(
+        summary_took <= CALL_LIMIT,
+        "the summary took {summary_took:?}"
+    );
+    assert!(alarm_took <= CALL_LIMIT, "the alarm took {alarm_took:?}");
+    b.stop().await;
 }
