@@ -14,6 +14,8 @@
 //! Every wait is for a condition, with a deadline.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,7 @@ use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::telemetry::{Summary, TelemetrySpec};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
-use doorbridge::cloud::uplink::{Batch, Uploaded};
+use doorbridge::cloud::uplink::{Batch, BatchWriter, Uploaded};
 use doorbridge::config::Config;
 use doorbridge::sim::cloud::{CloudClient, Message, RecordLedger};
 use doorbridge::sim::{Output, ReportKind, SimCommand};
@@ -40,6 +42,7 @@ use crate::bus::{Building, unit};
 use crate::fixtures;
 use crate::gateway::{Daemon, Home};
 use crate::link::{cloud_section, topics as building_topics};
+
 /// How long a step may take on a loaded machine; every wait ends as soon as it holds.
 const WAIT: Duration = Duration::from_secs(30);
 /// The limit for a call button or an alarm, press to cloud, when online.
@@ -966,4 +969,134 @@ async fn a_low_battery_sends_telemetry_at_once_and_its_alarm_within_a_second() {
     );
     assert!(alarm_took <= CALL_LIMIT, "the alarm took {alarm_took:?}");
     b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. cloud-sim records and check
+// ---------------------------------------------------------------------------------------------
+
+fn cloud_sim() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cloud-sim"))
+}
+
+/// Reads `from` line by line into a shared list, in a thread that ends at its end of file.
+fn read_lines(
+    from: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let into = Arc::clone(&lines);
+    let thread = std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            into.lock().unwrap().push(line);
+        }
+    });
+    (lines, thread)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_sim_records_prints_each_uploaded_record_once_and_check_names_the_gaps() {
+    const N: u64 = 2_000;
+    let broker = RumqttdBroker::start();
+    let mut gw = Gateway::open(&broker.url(), "");
+    let appended = append_busy(&gw.store, N, 1_000).await;
+    let mut child = cloud_sim()
+        .args(["records", "--url", &broker.url(), "--count", &N.to_string()])
+        .args(["--check", "--client-id", "cloud-sim-records-test"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cloud-sim records");
+    let (stdout, out_thread) = read_lines(child.stdout.take().expect("piped"));
+    let (stderr, err_thread) = read_lines(child.stderr.take().expect("piped"));
+    wait_for(WAIT, "cloud-sim records subscribed", || {
+        let lines = stderr.lock().unwrap();
+        lines
+            .iter()
+            .any(|l| l.contains("receiving records on"))
+            .then_some(())
+    })
+    .await;
+    // The first ten records arrive twice: once as a resend (after a lost ack, say), once with
+    // the gateway's own upload.
+    let mut resend = BatchWriter::new(1 << 20);
+    for (seq, r) in appended.iter().take(10) {
+        assert!(resend.push(i64::try_from(*seq).unwrap(), r.class(), &r.to_cbor()));
+    }
+    let cloud = CloudClient::connect(&broker.url(), "cloud-resend")
+        .await
+        .unwrap();
+    cloud
+        .publish(
+            &topics().topic(Channel::Records),
+            resend.finish(GATEWAY, SITE),
+            false,
+        )
+        .await
+        .unwrap();
+    gw.start_link();
+    let status = wait_for(WAIT, "cloud-sim records to stop at the count", || {
+        child.try_wait().expect("wait for cloud-sim")
+    })
+    .await;
+    out_thread.join().unwrap();
+    err_thread.join().unwrap();
+    let (stdout, stderr) = (
+        stdout.lock().unwrap().clone(),
+        stderr.lock().unwrap().join("\n"),
+    );
+    assert!(status.success(), "{status:?}: {stderr}");
+
+    // N lines, each record once, each as the gateway stored it.
+    assert_eq!(stdout.len() as u64, N, "{stderr}");
+    let mut seqs = BTreeSet::new();
+    for line in &stdout {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        let seq = v["seq"].as_u64().expect("a seq");
+        let stored = &appended[&seq];
+        assert_eq!(v["gateway"], GATEWAY);
+        assert_eq!(v["class"], stored.class().as_str());
+        assert_eq!(v["record"], serde_json::to_value(stored).unwrap(), "{line}");
+        assert!(seqs.insert(seq), "seq {seq} printed twice");
+    }
+    assert!(
+        stderr.contains(&format!(
+            "{N} records from 1 gateway(s), 10 duplicates, no gaps"
+        )),
+        "{stderr}"
+    );
+
+    // `check` on what it printed, plus one line again: duplicates are counted, not missing.
+    let dir = tempfile::tempdir().unwrap();
+    let all = dir.path().join("all.jsonl");
+    std::fs::write(&all, format!("{}\n{}\n", stdout.join("\n"), stdout[7])).unwrap();
+    let out = crate::util::run(&mut cloud_sim(), ["check".as_ref(), all.as_os_str()]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(
+        out.stdout.contains(&format!(
+            "{N} records from 1 gateway(s), 1 duplicates, no gaps"
+        )),
+        "{out:?}"
+    );
+    // Without records 57 and 100 to 102: exit 1, naming them.
+    let holes = [57, 100, 101, 102];
+    let kept: Vec<&str> = stdout
+        .iter()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            !holes.contains(&v["seq"].as_u64().unwrap())
+        })
+        .map(String::as_str)
+        .collect();
+    let gappy = dir.path().join("gappy.jsonl");
+    std::fs::write(&gappy, kept.join("\n")).unwrap();
+    let out = crate::util::run(&mut cloud_sim(), ["check".as_ref(), gappy.as_os_str()]);
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stdout
+            .contains(&format!("4 missing: {GATEWAY}#57 {GATEWAY}#100-102")),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("records are missing"), "{out:?}");
+    gw.stop().await;
 }
