@@ -121,6 +121,26 @@ door = "main"
         }
     }
 
+    /// Adds `line` (`key = value`) to the table `[section]` of the configuration: right after
+    /// its header, or in a new table at the end. Not for arrays of tables (`[[buses]]`).
+    pub fn set(&self, section: &str, line: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read the configuration");
+        let header = format!("[{section}]");
+        let mut out = String::with_capacity(text.len() + line.len() + header.len() + 3);
+        let mut placed = false;
+        for l in text.lines() {
+            writeln!(out, "{l}").expect("write to a string");
+            if !placed && l.trim() == header {
+                writeln!(out, "{line}").expect("write to a string");
+                placed = true;
+            }
+        }
+        if !placed {
+            writeln!(out, "{header}\n{line}").expect("write to a string");
+        }
+        std::fs::write(&self.config, out).expect("write the configuration");
+    }
+
     pub fn reader(&self) -> Reader {
         Reader::open(&self.db).expect("the store opens read-only")
     }

@@ -33,11 +33,14 @@ fn target() -> Target {
     }
 }
 
-fn topics() -> Topics {
+/// The topics of a [`Building`]'s gateway.
+pub(crate) fn topics() -> Topics {
     Topics::new("doorbridge", &target()).unwrap()
 }
 
-fn cloud_section(url: &str) -> String {
+/// A `[cloud]` section for a [`Building`] whose gateway uses the broker at `url` and trusts
+/// [`cloud_key`].
+pub(crate) fn cloud_section(url: &str) -> String {
     let public = doorbridge::sim::cloud::hex(cloud_key().verifying_key().as_bytes());
     format!("url = \"{url}\"\ntrusted_keys = [\"{public}\"]\nkeepalive = \"5s\"")
 }

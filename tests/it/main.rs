@@ -13,4 +13,5 @@ mod link_tls;
 mod service;
 mod sim;
 mod store;
+mod uplink;
 mod util;
