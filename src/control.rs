@@ -106,11 +106,10 @@ impl ControlState {
     }
 
     async fn status(&self) -> Status {
-        let spec = self
-            .telemetry
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_else(|_| TelemetrySpec::new(Duration::from_secs(900)));
+        let spec = self.telemetry.lock().map_or_else(
+            |_| TelemetrySpec::new(Duration::from_secs(900)),
+            |s| s.clone(),
+        );
         let health = telemetry::snapshot(&spec, &self.gateway, &self.store, &self.link).await;
         let link = self.link.lock().map(|l| l.clone()).unwrap_or_default();
         Status {
@@ -243,7 +242,7 @@ async fn answer(
         }
         Request::Events { last, follow } => {
             // Subscribed before the history is read, so nothing falls between the two.
-            let mut live = state.store.health().records.subscribe();
+            let mut committed = state.store.health().records.subscribe();
             let recent: Vec<(i64, Record)> = state
                 .store
                 .health()
@@ -261,7 +260,7 @@ async fn answer(
             loop {
                 tokio::select! {
                     // A record was committed.
-                    next = live.recv() => match next {
+                    next = committed.recv() => match next {
                         Ok((seq, record)) if seq > shown => {
                             shown = seq;
                             write.write_all(&json_line(&Event { seq, record })).await?;

@@ -685,21 +685,32 @@ impl Writer {
         }
         let mut dropped = [0u64; 2];
         for (slot, class) in [(0, RecordClass::Telemetry), (1, RecordClass::Activity)] {
-            let mut drop = self.conn.prepare_cached(
-                "DELETE FROM outbox WHERE seq IN
-                   (SELECT seq FROM outbox WHERE class = ?1 ORDER BY seq LIMIT 256)
-                 RETURNING length(body)",
-            )?;
-            while over(self, 9) {
-                let lens: Vec<i64> = drop
-                    .query_map([class.code()], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                if lens.is_empty() {
-                    break;
+            if !over(self, 9) {
+                break;
+            }
+            // Oldest first, exactly as many as it takes to get under 90 %: one scan, then one
+            // range delete.
+            let (mut n, mut last) = (0u64, None);
+            {
+                let mut scan = self.conn.prepare_cached(
+                    "SELECT seq, length(body) FROM outbox WHERE class = ?1 ORDER BY seq",
+                )?;
+                let mut rows = scan.query([class.code()])?;
+                while let Some(row) = rows.next()? {
+                    n += 1;
+                    last = Some(row.get::<_, i64>(0)?);
+                    self.outbox_delta.0 -= 1;
+                    self.outbox_delta.1 -= row.get::<_, i64>(1)?;
+                    if !over(self, 9) {
+                        break;
+                    }
                 }
-                dropped[slot] += lens.len() as u64;
-                self.outbox_delta.0 -= i64::try_from(lens.len()).unwrap_or(i64::MAX);
-                self.outbox_delta.1 -= lens.iter().sum::<i64>();
+            }
+            if let Some(last) = last {
+                self.conn
+                    .prepare_cached("DELETE FROM outbox WHERE class = ?1 AND seq <= ?2")?
+                    .execute(params![class.code(), last])?;
+                dropped[slot] = n;
             }
         }
         if dropped != [0, 0] {
