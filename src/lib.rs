@@ -18,6 +18,7 @@
 //!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service;
 //! - [`control`]: the control socket the operator commands (`status`, `events tail`) ask;
+//! - [`operator`]: what the operator commands print;
 //! - [`service`]: running under systemd: `sd_notify`, watchdog, status line, reload plan,
 //!   journald or stderr logging;
 //! - [`task`]: what long-running tasks share (stop flag, jittered waits, clock sync).
@@ -31,6 +32,7 @@ pub mod cloud;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod operator;
 pub mod service;
 pub mod sim;
 pub mod store;

@@ -7,10 +7,12 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use doorbridge::config::{self, CONFIG_ENV, ConfigErrors, Sources};
 use doorbridge::service::logging;
+use doorbridge::store::Reader;
+use doorbridge::{control, operator};
 
 const AFTER_HELP: &str = "\
 Configuration sources, later ones override earlier ones key by key:
@@ -56,9 +58,47 @@ enum Command {
     /// every problem to stderr, one per line as `SOURCE: KEY: PROBLEM` where SOURCE is the file
     /// or environment variable that set the key, and exits 2.
     CheckConfig,
+    /// Show the running gateway: cloud connection, key set, outbox, clock, door units
+    ///
+    /// Asks the running daemon over its control socket (next to the database:
+    /// storage.path + ".sock"; run as root or in the doorbridge group). Shows the cloud
+    /// connection, the key-set version and age, the outbox depth, the clock's trust, and each
+    /// bus and door unit with when it was last seen, its battery and error counts. When the
+    /// daemon does not answer, prints what the database says and exits 3.
+    Status {
+        /// One JSON document instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the key set held by this gateway
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// What happened at the doors lately
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+// The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
+#[allow(clippy::doc_markdown)]
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Print the latest decisions, door events and alarms; with --follow, new ones as they
+    /// happen
+    ///
+    /// Asks the running daemon, which keeps the last 1000 records it committed, uploaded or
+    /// not. One line per record (time, seq, type, fields; never a credential) or, with
+    /// --json, one JSON object per line. --follow runs until Ctrl-C.
+    Tail {
+        /// How many of the latest records to print first
+        #[arg(short = 'n', long, default_value_t = 20, value_name = "N")]
+        lines: usize,
+        /// Keep printing new records as they are committed
+        #[arg(short, long)]
+        follow: bool,
+        /// JSON lines instead of text
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 // The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
@@ -79,6 +119,25 @@ enum KeysCommand {
         /// The key-set bundle file
         #[arg(value_name = "FILE")]
         file: PathBuf,
+    },
+    /// List the keys of the held set: id, category, doors, use limit, revoked
+    ///
+    /// Reads the database (read-only; works whether the service runs or not). Never prints a
+    /// credential: --json adds how many credentials of each kind a key has, and its use
+    /// counts.
+    List {
+        /// One JSON object per key instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key of the held set in full (never its credentials)
+    Show {
+        /// The key's id
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Compact JSON instead of indented
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -130,6 +189,42 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Status { json } => status(&config::load(&sources)?, json),
+        Command::Keys(KeysCommand::List { json }) => {
+            let reader = read_store(&config::load(&sources)?)?;
+            let mut out = std::io::stdout().lock();
+            operator::keys_list(&reader, json, &mut out)?;
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Show { ref id, json }) => {
+            let reader = read_store(&config::load(&sources)?)?;
+            if !operator::key_show(&reader, id, json, &mut std::io::stdout().lock())? {
+                bail!("the held key set has no key {id:?}");
+            }
+            Ok(())
+        }
+        Command::Events(EventsCommand::Tail {
+            lines,
+            follow,
+            json,
+        }) => {
+            let config = config::load(&sources)?;
+            let socket = control::socket_path(&config.storage.path);
+            let request = control::Request::Events {
+                last: lines,
+                follow,
+            };
+            let mut out = std::io::stdout().lock();
+            control::ask(&socket, &request, |event: control::Event| {
+                let line = if json {
+                    serde_json::to_string(&event).unwrap_or_default()
+                } else {
+                    operator::event_line(&event)
+                };
+                writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
+            })?;
+            Ok(())
+        }
         Command::CheckConfig => {
             let (config, layers) = config::load_with_layers(&sources)?;
             let mut text = String::from(
@@ -153,6 +248,60 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
                 .and_then(|()| stdout.flush())
                 .context("cannot write to standard output")?;
             Ok(())
+        }
+    }
+}
+
+/// The store at `config.storage.path`, read-only.
+fn read_store(config: &config::Config) -> anyhow::Result<Reader> {
+    let path = &config.storage.path;
+    if !path.exists() {
+        bail!(
+            "no database at {} (storage.path): has the gateway run yet?",
+            path.display()
+        );
+    }
+    Reader::open(path).with_context(|| format!("cannot read the database {}", path.display()))
+}
+
+/// `doorbridge status`: the daemon's answer, or what the database says and exit 3.
+fn status(config: &config::Config, json: bool) -> anyhow::Result<()> {
+    let socket = control::socket_path(&config.storage.path);
+    let mut answer = None;
+    let asked = control::ask(&socket, &control::Request::Status, |s: control::Status| {
+        answer = Some(s);
+        false
+    });
+    let mut out = std::io::stdout().lock();
+    match (asked, answer) {
+        (Ok(()), Some(s)) => {
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+            } else {
+                write!(out, "{}", operator::status_text(&s, jiff::Timestamp::now()))?;
+            }
+            Ok(())
+        }
+        (result, _) => {
+            let why = result
+                .err()
+                .map_or_else(|| "the daemon gave no answer".to_owned(), |e| e.to_string());
+            let stored = read_store(config).and_then(|r| Ok(operator::offline_status(&r)?));
+            match (json, stored) {
+                (true, Ok(mut v)) => {
+                    v["error"] = serde_json::Value::String(why.clone());
+                    writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+                }
+                (false, Ok(v)) => writeln!(
+                    out,
+                    "daemon    not running\nkey set   version {}, {} keys\noutbox    {} records waiting for upload",
+                    v["keyset"]["version"], v["keyset"]["keys"], v["outbox_depth"]
+                )?,
+                (_, Err(e)) => eprintln!("doorbridge: {e:#}"),
+            }
+            out.flush()?;
+            eprintln!("doorbridge: {why}");
+            std::process::exit(3);
         }
     }
 }

@@ -189,6 +189,17 @@ impl Building {
         b
     }
 
+    /// Writes the building's configuration to a file, for the binary's operator commands.
+    pub(crate) fn config_file(&self, units: u8) -> PathBuf {
+        let path = self.db.with_file_name("doorbridge.toml");
+        std::fs::write(
+            &path,
+            config_text(&self.db, &self.link, units, "", &self.cloud),
+        )
+        .unwrap();
+        path
+    }
+
     pub(crate) fn start_daemon(&mut self, units: u8, extra: &str) {
         let text = config_text(&self.db, &self.link, units, extra, &self.cloud);
         let config = Config::from_toml_str(&text, "test.toml").expect("test config is valid");
@@ -239,6 +250,17 @@ impl Building {
     }
 
     pub(crate) async fn stop(mut self) {
+        self.stop_daemon().await;
+        self.stop_sim().await;
+    }
+
+    /// Stops the gateway (cleanly) and the units, keeping the building's files.
+    pub(crate) async fn stop_keeping_files(&mut self) {
+        self.stop_daemon().await;
+        self.stop_sim().await;
+    }
+
+    async fn stop_daemon(&mut self) {
         if let Some(stop) = self.stop_daemon.take() {
             let _ = stop.send(());
         }
@@ -248,7 +270,6 @@ impl Building {
                 .expect("the daemon stops")
                 .unwrap();
         }
-        self.stop_sim().await;
     }
 
     pub(crate) async fn command(&self, command: SimCommand) {

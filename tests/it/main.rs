@@ -10,6 +10,7 @@ mod gateway;
 mod link;
 mod link_reference;
 mod link_tls;
+mod operator;
 mod service;
 mod sim;
 mod store;

@@ -1,0 +1,203 @@
+//! The operator commands against a running gateway: `doorbridge status`, `keys list`,
+//! `keys show`, `events tail` (with `--follow`), and `status` when no daemon runs.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use doorbridge::access::{CredentialKind, UseLimit};
+use doorbridge::sim::SimCommand;
+use doorbridge::store::Record;
+use serde_json::Value;
+
+use crate::bus::{Building, unit};
+use crate::fixtures::key;
+use crate::util::doorbridge;
+
+fn run(config: &Path, args: &[&str]) -> Output {
+    doorbridge()
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run doorbridge")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("UTF-8")
+}
+
+/// A building with a granted PIN, a refused one, a call and a low battery behind it.
+async fn busy_building() -> Building {
+    let keys = vec![key(
+        "courier",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Total(1),
+    )];
+    let mut b = Building::open(2, keys, "").await;
+    b.present(1, CredentialKind::Pin, "482916").await;
+    b.present(1, CredentialKind::Pin, "000000").await;
+    b.command(SimCommand::Call {
+        unit: unit(2),
+        button: 0,
+    })
+    .await;
+    b.command(SimCommand::Battery {
+        unit: unit(2),
+        percent: 12,
+        millivolts: 3310,
+    })
+    .await;
+    b.records_until(|r| {
+        r.iter().any(|r| matches!(r, Record::CallButton { .. }))
+            && r.iter().any(|r| matches!(r, Record::Battery { .. }))
+    })
+    .await;
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_cloud_key_set_outbox_and_every_unit() {
+    let b = busy_building().await;
+    let config = b.config_file(2);
+    let json: Value = serde_json::from_str(&stdout(&run(&config, &["status", "--json"])))
+        .expect("status --json is JSON");
+    assert_eq!(
+        json["cloud"]["connected"], false,
+        "no broker here: {json:#}"
+    );
+    assert_eq!(json["health"]["keyset"]["version"], 1);
+    assert_eq!(json["health"]["keyset"]["keys"], 1);
+    let units = &json["health"]["buses"][0]["units"];
+    assert_eq!(units.as_array().map(Vec::len), Some(2), "{json:#}");
+    assert_eq!(units[0]["unit"], "entrance/1");
+    assert_eq!(units[0]["online"], true);
+    assert_eq!(units[1]["battery_percent"], 12);
+    assert_eq!(units[1]["battery_low"], true);
+    assert!(json["health"]["outbox_depth"].as_u64().unwrap() >= 4);
+
+    let text = stdout(&run(&config, &["status"]));
+    eprintln!("{text}");
+    assert!(text.contains("key set   version 1, 1 keys"), "{text}");
+    assert!(text.contains("entrance/2"), "{text}");
+    assert!(text.contains("battery 12% (3.31 V, LOW)"), "{text}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_list_and_show_never_print_a_credential() {
+    let b = busy_building().await;
+    let config = b.config_file(2);
+    let list = stdout(&run(&config, &["keys", "list"]));
+    assert!(list.contains("key set version 1, 1 keys"), "{list}");
+    assert!(list.lines().any(|l| l.starts_with("courier")), "{list}");
+    let show: Value = serde_json::from_str(&stdout(&run(
+        &config,
+        &["keys", "show", "courier", "--json"],
+    )))
+    .expect("keys show --json is JSON");
+    assert_eq!(show["id"], "courier");
+    assert_eq!(show["credentials"]["pin"], 1);
+    assert!(
+        show["uses"].as_array().is_some_and(|u| !u.is_empty()),
+        "the use is counted: {show:#}"
+    );
+    let all = format!("{list}{show}");
+    assert!(!all.contains("482916") && !all.contains("digest"), "{all}");
+    let missing = run(&config, &["keys", "show", "nobody"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no key \"nobody\""));
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tail_shows_what_happened_and_follows_new_events() {
+    let b = busy_building().await;
+    let config = b.config_file(2);
+    let tail = stdout(&run(&config, &["events", "tail", "-n", "10"]));
+    eprintln!("{tail}");
+    assert!(
+        tail.contains("activity GRANTED door=main unit=entrance/1 key=courier pin"),
+        "{tail}"
+    );
+    assert!(
+        tail.contains("DENIED") && tail.contains("reason="),
+        "{tail}"
+    );
+    assert!(
+        tail.contains("call_button button=0 door=garage unit=entrance/2"),
+        "{tail}"
+    );
+    assert!(!tail.contains("482916"), "{tail}");
+
+    let mut follow = doorbridge()
+        .arg("--config")
+        .arg(&config)
+        .args(["events", "tail", "-n", "0", "--follow", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start events tail --follow");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = follow.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            if tx.send(line.expect("a line")).is_err() {
+                break;
+            }
+        }
+    });
+    // Pressed until the follower (which may still be connecting) prints it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        b.command(SimCommand::Call {
+            unit: unit(1),
+            button: 1,
+        })
+        .await;
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            break line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "follow printed nothing"
+        );
+    };
+    let event: Value = serde_json::from_str(&line).expect("a JSON line");
+    assert_eq!(event["record"]["type"], "call_button", "{line}");
+    assert_eq!(event["record"]["unit"], "entrance/1");
+    follow.kill().expect("stop the follower");
+    let _ = follow.wait();
+    let _ = reader.join();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_a_daemon_says_so_and_exits_3() {
+    let mut b = busy_building().await;
+    let config = b.config_file(2);
+    b.stop_keeping_files().await;
+    let out = run(&config, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("daemon    not running"), "{text}");
+    assert!(text.contains("version 1, 1 keys"), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no daemon answers"),
+        "{out:?}"
+    );
+    let json: Value = serde_json::from_str(&String::from_utf8_lossy(
+        &run(&config, &["status", "--json"]).stdout,
+    ))
+    .expect("JSON even when not running");
+    assert_eq!(json["running"], false);
+}
