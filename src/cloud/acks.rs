@@ -247,8 +247,7 @@ mod tests {
         }
         c.on_event(&written(1)); // batch 1 in flight
         // The event loop failed: batch 1 waits to be resent, batch 2 was taken from the
-        // channel but never written, an event for an ack of … nothing arrived; batches 3 and 4
-        // are still in the client's channel.
+        // channel but never written, and batches 3 and 4 are still in the client's channel.
         let mut pending: VecDeque<Request> = VecDeque::new();
         let mut resend = rumqttc::Publish::new("b", QoS::AtLeastOnce, vec![]);
         resend.pkid = 1;
