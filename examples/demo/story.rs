@@ -405,8 +405,13 @@ fn credential_name(kind: CredentialKind) -> &'static str {
 /// [`KEYS`] filled in for `now` in `tz`, with `salt`.
 fn keys_file(salt: &[u8], now: Timestamp, tz: &TimeZone) -> String {
     let at = |hours: i64| now + SignedDuration::from_hours(hours);
-    let local = |hours: i64| at(hours).to_zoned(tz.clone()).strftime("%H:%M").to_string();
-    let today = format!("{:?}", now.to_zoned(tz.clone()).weekday()).to_lowercase();
+    let here = now.to_zoned(tz.clone());
+    // On the wall clock, so that a change to or from summer time cannot make the window empty.
+    let local = |hours: i64| {
+        let t = here.time().wrapping_add(SignedDuration::from_hours(hours));
+        t.strftime("%H:%M").to_string()
+    };
+    let today = format!("{:?}", here.weekday()).to_lowercase();
     [
         ("{salt}", hex(salt)),
         ("{an hour ago}", at(-1).to_string()),
