@@ -1,11 +1,19 @@
-//! Broker helpers shared by the integration tests (`tests/it/broker.rs`) and the cloud
-//! benchmark (`benches/cloud.rs`), which cannot import test modules: included in both with
-//! `#[path]`.
+//! Broker helpers shared by the integration tests (`tests/it/broker.rs`), the cloud benchmark
+//! (`benches/cloud.rs`) and the demo (`examples/demo/story.rs`), which cannot import test
+//! modules: included in each with `#[path]`.
+//!
+//! - [`RumqttdBroker`]: an in-process rumqttd on a free port;
+//! - [`Proxy`]: a TCP proxy whose [`Proxy::cut`] makes the internet go away for the clients
+//!   that connect through it, until [`Proxy::restore`].
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// Largest MQTT packet the test clients and brokers accept: a key-set chunk is up to 128 KiB plus
 /// its envelope, so this leaves room.
@@ -54,4 +62,183 @@ pub fn rumqttd_config(port: u16) -> rumqttd::Config {
         v4: Some(HashMap::from([("1".to_owned(), server)])),
         ..rumqttd::Config::default()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// rumqttd
+// ---------------------------------------------------------------------------------------------
+
+/// An in-process rumqttd (MQTT 3.1.1) listening on 127.0.0.1:`port`.
+///
+/// Its threads run until the test process exits: rumqttd has no shutdown.
+#[derive(Debug)]
+pub struct RumqttdBroker {
+    pub port: u16,
+}
+
+impl RumqttdBroker {
+    /// Starts a broker on a free port and returns once it accepts TCP connections.
+    pub fn start() -> RumqttdBroker {
+        // The port is picked before rumqttd binds it, so another process may take it in between:
+        // then rumqttd's server thread ends, and a new port is tried.
+        for _ in 0..5 {
+            let port = free_port();
+            let config = rumqttd_config(port);
+            let thread = thread::Builder::new()
+                .name(format!("rumqttd-{port}"))
+                .spawn(move || {
+                    let mut broker = rumqttd::Broker::new(config);
+                    broker.start().map_err(|e| e.to_string())
+                })
+                .expect("spawn the rumqttd thread");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !thread.is_finished() {
+                if accepts(port) {
+                    return RumqttdBroker { port };
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                thread.is_finished(),
+                "rumqttd did not accept connections on port {port} within 10 s"
+            );
+        }
+        panic!("rumqttd could not bind a free port in 5 tries");
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP proxy on 127.0.0.1 forwarding to 127.0.0.1:`target`.
+///
+/// [`Proxy::cut`] closes every live connection and closes new ones at once until
+/// [`Proxy::restore`]: the internet going away between a gateway and its cloud.
+#[derive(Debug)]
+pub struct Proxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyShared {
+    /// Whether the link is cut, and both sockets of every live connection (taken together under
+    /// one lock, so no connection slips past a cut).
+    state: Mutex<ProxyState>,
+    forwarded: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    cut: bool,
+    live: Vec<TcpStream>,
+}
+
+impl Proxy {
+    /// Starts a proxy on a free port forwarding to 127.0.0.1:`target`.
+    pub fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let shared = Arc::new(ProxyShared::default());
+        let accepting = Arc::clone(&shared);
+        thread::Builder::new()
+            .name(format!("proxy-{port}"))
+            .spawn(move || accept_loop(&listener, target, &accepting))
+            .expect("spawn the proxy thread");
+        Proxy { port, shared }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// How many connections were forwarded to the target so far (not those closed by a cut).
+    pub fn forwarded(&self) -> usize {
+        self.shared.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// Closes every live connection (both ends see it closed at once) and closes every new one
+    /// until [`Proxy::restore`].
+    pub fn cut(&self) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.cut = true;
+        for stream in state.live.drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.shared.state.lock().unwrap().cut = false;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        self.cut();
+        // Wakes the accept loop so it sees `stopping`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn accept_loop(listener: &TcpListener, target: u16, shared: &Arc<ProxyShared>) {
+    for incoming in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(client) = incoming else { continue };
+        let mut state = shared.state.lock().unwrap();
+        if state.cut {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let (Ok(c1), Ok(c2), Ok(u1), Ok(u2)) = (
+            client.try_clone(),
+            client.try_clone(),
+            upstream.try_clone(),
+            upstream.try_clone(),
+        ) else {
+            continue;
+        };
+        state.live.push(client);
+        state.live.push(upstream);
+        drop(state);
+        shared.forwarded.fetch_add(1, Ordering::SeqCst);
+        thread::spawn(move || pump(c1, u1));
+        thread::spawn(move || pump(u2, c2));
+    }
+}
+
+/// Copies `from` to `to` until either side closes, then closes both.
+fn pump(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
 }
