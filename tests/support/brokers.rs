@@ -1,15 +1,20 @@
-//! Broker helpers shared by the integration tests (`tests/it/broker.rs`), the cloud benchmark
-//! (`benches/cloud.rs`) and the demo (`examples/demo/story.rs`), which cannot import test
-//! modules: included in each with `#[path]`.
+//! Broker helpers shared by the integration tests (`tests/it/broker.rs`), the benchmarks
+//! (`benches/cloud.rs`, `benches/uplink.rs`) and the demo (`examples/demo/story.rs`), which
+//! cannot import test modules: included in each with `#[path]`.
 //!
 //! - [`RumqttdBroker`]: an in-process rumqttd on a free port;
 //! - [`Proxy`]: a TCP proxy whose [`Proxy::cut`] makes the internet go away for the clients
-//!   that connect through it, until [`Proxy::restore`].
+//!   that connect through it, until [`Proxy::restore`];
+//! - [`start_rumqttd`] and [`Mosquitto`]: the benchmarks' brokers, started once per run and
+//!   left as they are. The integration tests have a richer mosquitto of their own
+//!   (`tests/it/broker.rs`: stop and start again with the session kept, TLS listeners).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -241,4 +246,118 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
     }
     let _ = from.shutdown(Shutdown::Both);
     let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Starts an in-process rumqttd on a free port (its threads run until the process exits:
+/// rumqttd has no shutdown) and returns its URL once it accepts connections.
+pub fn start_rumqttd() -> String {
+    for _ in 0..5 {
+        let port = free_port();
+        let config = rumqttd_config(port);
+        let thread = std::thread::Builder::new()
+            .name(format!("rumqttd-{port}"))
+            .spawn(move || {
+                rumqttd::Broker::new(config)
+                    .start()
+                    .map_err(|e| e.to_string())
+            })
+            .expect("spawn the rumqttd thread");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !thread.is_finished() {
+            if accepts(port) {
+                return format!("mqtt://127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("rumqttd could not bind a free port in 5 tries");
+}
+
+/// The real mosquitto on a free port, killed on drop.
+pub struct Mosquitto {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn binary() -> Option<PathBuf> {
+        let on_path = std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+            .unwrap_or_default();
+        on_path
+            .into_iter()
+            .map(|dir| dir.join("mosquitto"))
+            .chain([PathBuf::from("/usr/sbin/mosquitto")])
+            .find(|candidate| candidate.is_file())
+    }
+
+    /// Starts it (no persistence, unlimited queues, large packets); `None` if not installed.
+    pub fn start() -> Option<Mosquitto> {
+        let binary = Self::binary()?;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir for mosquitto");
+            let port = free_port();
+            let config = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\n\
+                     persistence false\nmax_packet_size {MAX_PACKET}\n\
+                     max_inflight_messages 100\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+                     set_tcp_nodelay true\nlog_dest file {}/mosquitto.log\n",
+                    dir.path().display()
+                ),
+            )
+            .expect("write mosquitto.conf");
+            let mut child = Command::new(&binary)
+                .arg("-c")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start mosquitto");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if child.try_wait().expect("wait for mosquitto").is_some() {
+                    break;
+                }
+                if accepts(port) {
+                    return Some(Mosquitto {
+                        port,
+                        child,
+                        _dir: dir,
+                    });
+                }
+                assert!(Instant::now() < deadline, "mosquitto did not start in 10 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("mosquitto could not bind a free port in 5 tries");
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// `mosquitto -h` prints its version on the first line.
+    pub fn version() -> String {
+        Self::binary()
+            .and_then(|b| Command::new(b).arg("-h").output().ok())
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
