@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
 use crate::bus::frame::Address;
 use crate::bus::message::Settings;
-use crate::bus::session::SessionConfig;
+use crate::bus::session::{SessionConfig, default_turnaround};
 use crate::cloud::link::{self, LinkSpec, LinkStatus};
 use crate::cloud::telemetry::{BusProbe, TelemetrySpec};
 use crate::config::{self, BusConfig, Config, Sources};
@@ -682,6 +682,9 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
             retries: bus.retries,
             offline_after: bus.offline_after,
             min_cycle: bus.poll_interval,
+            turnaround: bus
+                .turnaround
+                .unwrap_or_else(|| default_turnaround(bus.baud)),
             first_command_id,
             // A unit keeps a report until it is on disk here.
             defer_report_acks: true,

@@ -35,6 +35,8 @@ const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 const COMMAND_TTL: Duration = Duration::from_secs(5);
 /// How often the time is broadcast to the units (and at every port open).
 const TIME_EVERY: Duration = Duration::from_secs(3600);
+/// The resolution of tokio's timers: shorter waits are slept precisely (see `serve`).
+const TIMER_TICK: Duration = Duration::from_millis(1);
 
 /// RS-485 transceiver settings applied with `TIOCSRS485`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -399,6 +401,21 @@ impl Served<'_> {
                     || (line.in_flight == 0 && line.settled_at.is_some_and(|t| Instant::now() >= t))
                 {
                     return Ended::Shutdown;
+                }
+            }
+            // The quiet gap after an answer is a few character times (304 µs at 115 200
+            // baud), and tokio's timers tick in whole milliseconds: left to them, the gap
+            // would last up to 1.3 ms, most of a poll and its answer on the wire. A gap shorter
+            // than a tick is slept here instead, to the microsecond. That holds this worker
+            // for less than a millisecond, while the line is quiet anyway; nothing is lost
+            // meanwhile (bytes wait in the port, messages in their channels).
+            if let Some(until) = session.quiet_until() {
+                let left = (start + until).saturating_duration_since(Instant::now());
+                if left < TIMER_TICK {
+                    std::thread::sleep(left);
+                    let events = session.on_timeout(now());
+                    self.handle(events, session, line);
+                    continue;
                 }
             }
             let deadline = session.next_deadline().map(|d| start + d);

@@ -81,7 +81,7 @@ pub struct SessionConfig {
     /// between. Answers and broadcasts are not held back by it.
     pub min_cycle: Duration,
     /// The quiet gap after an answer or a broadcast before the gateway transmits again, so
-    /// that transceivers can turn the line around.
+    /// that transceivers can turn the line around. See [`default_turnaround`].
     pub turnaround: Duration,
     /// Requests and reports remembered per unit for idempotency.
     pub cache_size: usize,
@@ -105,13 +105,32 @@ impl Default for SessionConfig {
             offline_after: 3,
             offline_poll_every: 10,
             min_cycle: Duration::from_millis(100),
-            turnaround: Duration::from_millis(2),
+            turnaround: default_turnaround(115_200),
             cache_size: 8,
             cache_ttl: Duration::from_secs(60),
             first_command_id: 0,
             defer_report_acks: false,
         }
     }
+}
+
+/// The shortest default [`SessionConfig::turnaround`], whatever the line speed: transceivers
+/// with automatic direction control (a timer, not the UART, releases the driver) and slow
+/// isolated transceivers take their time whatever the baud rate.
+pub const TURNAROUND_FLOOR: Duration = Duration::from_micros(250);
+
+/// The default quiet gap before the gateway transmits again: 3.5 character times at `baud`
+/// (Modbus RTU's gap; a transceiver releases the line within a character time or two), at
+/// least [`TURNAROUND_FLOOR`]. 304 µs at 115 200 baud, 3.65 ms at 9600 baud. A fixed gap of
+/// milliseconds would cost more than the frames themselves at 115 200 baud: a poll and an
+/// idle answer take 1.74 ms on the wire.
+pub fn default_turnaround(baud: u32) -> Duration {
+    if baud == 0 {
+        return TURNAROUND_FLOOR;
+    }
+    // 3.5 characters of 10 bits (8N1).
+    let micros = 35_000_000u64.div_ceil(u64::from(baud));
+    Duration::from_micros(micros).max(TURNAROUND_FLOOR)
 }
 
 /// A configuration the session cannot work with.
@@ -569,6 +588,16 @@ impl Session {
                     _ => Some(Duration::ZERO),
                 }
             }
+        }
+    }
+
+    /// The end of the quiet gap the line is in (after an answer or a broadcast), if it is in
+    /// one. The gap is a few character times, shorter than a millisecond at 115 200 baud:
+    /// the driver waits for it with a finer clock than its timers.
+    pub fn quiet_until(&self) -> Option<Duration> {
+        match self.line {
+            Line::Quiet { until } => Some(until),
+            _ => None,
         }
     }
 
@@ -1600,5 +1629,59 @@ mod tests {
         let before = tx.deadline.saturating_sub(ms(1));
         assert!(s.on_timeout(before).is_empty());
         assert_eq!(s.poll_next(before), None);
+    }
+
+    #[test]
+    fn the_default_turnaround_is_a_few_characters_with_a_floor() {
+        assert_eq!(default_turnaround(115_200), Duration::from_micros(304));
+        assert_eq!(default_turnaround(9600), Duration::from_micros(3646));
+        assert_eq!(default_turnaround(921_600), TURNAROUND_FLOOR);
+        assert_eq!(default_turnaround(0), TURNAROUND_FLOOR);
+        assert_eq!(
+            SessionConfig::default().turnaround,
+            default_turnaround(115_200)
+        );
+    }
+
+    /// P8 (issue 7) on a virtual line: every frame takes its wire time, units answer at once.
+    /// A saturated cycle over 32 idle units at 115 200 baud stays within 1.25× the wire time
+    /// of its polls and answers.
+    #[test]
+    fn a_cycle_over_32_units_costs_little_more_than_its_wire_time() {
+        let units: Vec<u8> = (1..=32).collect();
+        let mut cfg = SessionConfig {
+            units: units.iter().map(|&n| addr(n)).collect(),
+            min_cycle: Duration::ZERO,
+            ..SessionConfig::default()
+        };
+        cfg.first_command_id = 1;
+        let mut s = Session::new(cfg).unwrap();
+        let mut now = Duration::ZERO;
+        let mut starts = Vec::new();
+        let mut wire = Duration::ZERO;
+        while starts.len() < 3 {
+            let Some(tx) = s.poll_next(now) else {
+                now = now.max(s.next_deadline().unwrap());
+                assert!(s.on_timeout(now).is_empty());
+                continue;
+            };
+            let (frame, _) = decode(&tx);
+            if tx.to == addr(1) {
+                starts.push(now);
+            }
+            let answer = from_unit(frame.address().get(), frame.id(), &Message::Idle);
+            if starts.len() == 2 {
+                wire += wire_time(tx.bytes.len(), 115_200) + wire_time(answer.len(), 115_200);
+            }
+            now += wire_time(tx.bytes.len(), 115_200) + wire_time(answer.len(), 115_200);
+            s.on_bytes(&answer, now);
+        }
+        let cycle = starts[2].checked_sub(starts[1]).unwrap();
+        assert_eq!(wire, 32 * 2 * wire_time(10, 115_200));
+        assert_eq!(cycle, wire + 32 * default_turnaround(115_200));
+        assert!(
+            cycle.as_secs_f64() <= 1.25 * wire.as_secs_f64(),
+            "{cycle:?}"
+        );
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{Door, DoorId, LockoutPolicy, Policy, Site, UnlimitedPolicy};
 pub use values::{BrokerUrl, LogLevel, Secret, SiteTimeZone, TrustedKey};
-use values::{byte_size, duration, string_enum, unit_address};
+use values::{auto_duration, byte_size, duration, string_enum, unit_address};
 
 /// The main configuration file when `--config` is not given.
 pub const DEFAULT_FILE: &str = "/etc/doorbridge/doorbridge.toml";
@@ -269,6 +269,11 @@ pub struct BusConfig {
     /// How often each unit is polled when there is nothing else to say.
     #[serde(with = "duration")]
     pub poll_interval: Duration,
+    /// The quiet gap after a unit's frame before the gateway transmits again. `None`
+    /// (`"auto"`): 3.5 character times at `baud`, at least 250 µs
+    /// (`bus::session::default_turnaround`).
+    #[serde(with = "auto_duration")]
+    pub turnaround: Option<Duration>,
     /// After this many missed polls in a row a unit is reported offline.
     pub offline_after: u32,
     pub units: Vec<UnitConfig>,
@@ -293,6 +298,7 @@ impl Default for BusConfig {
             response_timeout: Duration::from_millis(100),
             retries: 2,
             poll_interval: Duration::from_millis(200),
+            turnaround: None,
             offline_after: 5,
             units: Vec::new(),
         }
@@ -535,6 +541,28 @@ mod tests {
             UnlimitedPolicy::Grant
         );
         assert_eq!(config.log.level, LogLevel::Info);
+        assert_eq!(config.buses[0].turnaround, None);
+        assert!(config.redacted_toml().contains("turnaround = \"auto\""));
+    }
+
+    #[test]
+    fn a_bus_turnaround_is_auto_or_a_short_duration() {
+        let with = |value: &str| {
+            MINIMAL.replace("[[buses]]", &format!("[[buses]]\nturnaround = \"{value}\""))
+        };
+        let config = Config::from_toml_str(&with("500us"), "test.toml").unwrap();
+        assert_eq!(config.buses[0].turnaround, Some(Duration::from_micros(500)));
+        let again = Config::from_toml_str(&config.redacted_toml(), "printed").unwrap();
+        assert_eq!(again.buses, config.buses);
+        let config = Config::from_toml_str(&with("auto"), "test.toml").unwrap();
+        assert_eq!(config.buses[0].turnaround, None);
+        for bad in ["50us", "1s", "soon"] {
+            assert_eq!(
+                keys(&problems(&with(bad))),
+                ["buses[0].turnaround"],
+                "{bad}"
+            );
+        }
     }
 
     #[test]

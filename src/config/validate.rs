@@ -18,6 +18,8 @@ const STANDARD_BAUD_RATES: [u32; 11] = [
 ];
 
 const MS: Duration = Duration::from_millis(1);
+/// The shortest quiet gap a bus may be given: about one character time at 115 200 baud.
+const TURNAROUND_MIN: Duration = Duration::from_micros(100);
 const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -257,6 +259,14 @@ impl<'a> Checker<'a> {
                 10 * MS,
                 60 * SECOND,
             );
+            if let Some(turnaround) = bus.turnaround {
+                self.duration_range(
+                    &here.key("turnaround"),
+                    turnaround,
+                    TURNAROUND_MIN,
+                    100 * MS,
+                );
+            }
             self.int_range(
                 &here.key("offline_after"),
                 bus.offline_after.into(),

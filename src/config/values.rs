@@ -63,6 +63,50 @@ pub(crate) mod duration {
     }
 }
 
+/// Serde for a [`Duration`] that may be `"auto"` (`None`: the program works it out), else a
+/// human string as for [`duration`].
+pub(crate) mod auto_duration {
+    use super::{Deserializer, Duration, Serializer, Visitor, de, fmt, format_duration};
+
+    /// The word for `None`.
+    pub const AUTO: &str = "auto";
+
+    // serde's `with` hands over a reference to the field.
+    #[allow(clippy::ref_option)]
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(d) => serializer.serialize_str(&format_duration(*d)),
+            None => serializer.serialize_str(AUTO),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        struct AutoVisitor;
+
+        impl Visitor<'_> for AutoVisitor {
+            type Value = Option<Duration>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"auto\" or a duration string such as \"300us\" or \"2ms\"")
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Option<Duration>, E> {
+                if text.trim() == AUTO {
+                    return Ok(None);
+                }
+                super::parse_duration(text).map(Some).map_err(E::custom)
+            }
+        }
+
+        deserializer.deserialize_str(AutoVisitor)
+    }
+}
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
