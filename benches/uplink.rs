@@ -617,8 +617,8 @@ struct BytesRun {
     granted: usize,
     deciding: Duration,
     decisions_cost: Cost,
-    /// Records the cloud received in the decisions window (with a broker).
-    uploaded: u64,
+    /// Records and batches the cloud received in the decisions window (with a broker).
+    uploaded: (u64, u64),
     idle: Duration,
     idle_cost: Cost,
     /// The records' own CBOR bytes per decision.
@@ -789,7 +789,11 @@ async fn bytes_run(broker: Option<(&str, &str)>, decisions: usize, idle: Duratio
             .expect("the start-up records uploaded");
     }
     tokio::time::sleep(SETTLE).await;
-    let uploaded = || cloud.as_ref().map_or(0, |c| c.tally(|t| t.ledger.unique()));
+    let uploaded = || {
+        cloud
+            .as_ref()
+            .map_or((0, 0), |c| c.tally(|t| (t.ledger.unique(), t.batches)))
+    };
     let uploaded_before = uploaded();
 
     let before = Cost::of(&daemon);
@@ -803,7 +807,10 @@ async fn bytes_run(broker: Option<(&str, &str)>, decisions: usize, idle: Duratio
             .expect("every record uploaded");
     }
     let decisions_cost = Cost::of(&daemon).since(before);
-    let uploaded = uploaded() - uploaded_before;
+    let uploaded = (
+        uploaded().0 - uploaded_before.0,
+        uploaded().1 - uploaded_before.1,
+    );
 
     tokio::time::sleep(SETTLE).await;
     let before = Cost::of(&daemon);
@@ -1078,7 +1085,7 @@ fn bytes_table(runs: &[BytesRun]) -> String {
             "P7 target: 0".into(),
         ),
         (
-            "`wchar` per idle hour (extrapolated; the bus frames to the pty)",
+            "`wchar` per idle hour (extrapolated; bus frames to the pty, runtime wake-ups)",
             &per_hour,
             1,
             "—".into(),
@@ -1105,8 +1112,8 @@ fn bytes_notes(runs: &[BytesRun]) -> String {
     for r in runs {
         let _ = writeln!(
             notes,
-            "- {}: {} decisions ({} granted) in {} ({:.0}/s); {} records reached the cloud in \
-             the window; idle window {} (log {} in it).",
+            "- {}: {} decisions ({} granted) in {} ({:.0}/s); {} records in {} batches reached \
+             the cloud in the window; idle window {} (log {} in it).",
             r.broker
                 .as_ref()
                 .map_or_else(|| "no broker".to_owned(), |b| format!("link up, {b}")),
@@ -1114,7 +1121,8 @@ fn bytes_notes(runs: &[BytesRun]) -> String {
             thousands(r.granted as u64),
             secs(r.deciding),
             r.decisions as f64 / r.deciding.as_secs_f64(),
-            thousands(r.uploaded),
+            thousands(r.uploaded.0),
+            thousands(r.uploaded.1),
             secs(r.idle),
             bytes(r.idle_cost.log as f64),
         );
@@ -1204,10 +1212,14 @@ fn main() {
          of {idle} s (units polled, no events), extrapolated to an hour. `write_bytes` is \
          charged to the task that dirties a page-cache page, when it turns dirty, in whole \
          4 KiB pages (a page dirtied again before writeback counts once), so delayed writeback \
-         does not hide anything from it; it does not include the file system's journal. \
-         `wchar` counts every byte handed to `write`: SQLite's file writes, but also the bus \
-         frames to the pty and the log lines (stderr, here at `warn`); the `store-writer` \
-         thread's own `wchar` (`/proc/<pid>/task/<tid>/io`) is SQLite's share.\n\n{disk}\n\
+         does not hide anything from it; it leaves out the file system's journal, and it \
+         includes pages dirtied through `mmap` (SQLite's WAL index, `-shm`), which `write` never \
+         sees. `wchar` counts every byte handed to `write`: SQLite's file writes, but also the \
+         bus frames to the pty, the log lines (stderr, here at `warn`) and the async runtime's \
+         8-byte wake-ups (eventfd); the `store-writer` thread's own `wchar` \
+         (`/proc/<pid>/task/<tid>/io`) is SQLite's share. `write_bytes` exceeds SQLite's \
+         `wchar` because each WAL frame (24 + 4,096 bytes) straddles two 4 KiB pages of the \
+         file and each commit dirties the WAL index too.\n\n{disk}\n\
          <!-- /bench:uplink -->",
         when = support::now(),
         machine = machine(),
