@@ -838,7 +838,9 @@ async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
 
 /// The reference: a raw rusqlite bulk insert of the same rows into the store's own schema
 /// (WAL, `synchronous=FULL`, one transaction per `batch` keys, prepared statements), the rules
-/// encoded as CBOR beforehand the way the store encodes them. Returns the insert time.
+/// encoded beforehand the way the store encodes them (`store::rules`) and written, as the
+/// store writes them, into the key's row and into each credential row. Returns the insert
+/// time.
 fn reference_insert(keys: &[Key], batch: usize) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut conn = rusqlite::Connection::open(dir.path().join("reference.db")).expect("open");
@@ -853,11 +855,7 @@ fn reference_insert(keys: &[Key], batch: usize) -> Duration {
     }
     let rules: Vec<Vec<u8>> = keys
         .iter()
-        .map(|k| {
-            let mut buf = Vec::with_capacity(256);
-            ciborium::into_writer(&k.rules, &mut buf).expect("CBOR");
-            buf
-        })
+        .map(|k| doorbridge::store::rules::encode(&k.rules))
         .collect();
     let started = Instant::now();
     for (batch, blobs) in keys.chunks(batch).zip(rules.chunks(batch)) {
@@ -868,8 +866,8 @@ fn reference_insert(keys: &[Key], batch: usize) -> Duration {
                 .expect("prepare");
             let mut put_cred = tx
                 .prepare_cached(
-                    "INSERT INTO credentials (generation, digest, kind, key_id) \
-                     VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO credentials (generation, digest, kind, key_id, rules) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .expect("prepare");
             for (key, blob) in batch.iter().zip(blobs) {
@@ -882,7 +880,8 @@ fn reference_insert(keys: &[Key], batch: usize) -> Duration {
                             1,
                             c.digest.0,
                             c.kind.code(),
-                            key.rules.id
+                            key.rules.id,
+                            blob
                         ])
                         .expect("insert credential");
                 }
@@ -1086,7 +1085,8 @@ fn main() {
          then it idles {idle} s holding the set (`VmRSS`, `/proc/<pid>/io` `write_bytes`). \
          Reference: a raw rusqlite insert of the same rows into the same schema (WAL, \
          `synchronous=FULL`, one transaction per {batch} keys, prepared statements, rules \
-         CBOR-encoded beforehand), same disk, same run.\n\n{p4}\n<!-- /bench:cloud -->",
+         encoded beforehand as the store encodes them, in the key row and the credential \
+         row as the store writes them), same disk, same run.\n\n{p4}\n<!-- /bench:cloud -->",
         when = jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
         machine = machine(),
         quick = if quick { " (--quick)" } else { "" },

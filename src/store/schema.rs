@@ -72,6 +72,12 @@ pub const MIGRATIONS: &[&str] = &[
     INSERT OR IGNORE INTO meta (name, value)
     VALUES ('outbox_epoch', CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER));
     ",
+    // 5: each credential row carries its key's rules (store::rules), so a lookup is one
+    // descent instead of two. Rows written before stay NULL, and the lookup reads `keys` for
+    // them until the next snapshot replaces them (no rewrite of a million rows at start-up).
+    "
+    ALTER TABLE credentials ADD COLUMN rules BLOB;
+    ",
 ];
 
 /// The schema version this build writes.

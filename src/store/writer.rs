@@ -22,9 +22,11 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::types::ValueRef;
+use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
 use super::records::{Activity, Record, RecordClass};
+use super::rules;
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
     StoreError, StoreOptions, Verdict, VerifyRequest, is_disk_trouble,
@@ -926,7 +928,8 @@ impl Writer {
                 "INSERT OR REPLACE INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)",
             )?;
             let mut put_cred = tx.prepare_cached(
-                "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO credentials (generation, digest, kind, key_id, rules)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut pins_of = tx.prepare_cached(
                 "SELECT count(*) FROM credentials WHERE generation = ?1 AND key_id = ?2 AND kind = ?3",
@@ -936,31 +939,12 @@ impl Writer {
                 let old: u32 =
                     pins_of.query_row(params![generation, key.rules.id, pin], |r| r.get(0))?;
                 pins = pins.saturating_sub(old);
-                let new = key
-                    .credentials
-                    .iter()
-                    .filter(|c| c.kind == CredentialKind::Pin)
-                    .count();
-                pins = pins.saturating_add(u32::try_from(new).unwrap_or(u32::MAX));
                 drop_creds.execute(params![generation, key.rules.id])?;
-                put_key.execute(params![generation, key.rules.id, encode_rules(&key.rules)?])?;
-                for c in &key.credentials {
-                    put_cred
-                        .execute(params![generation, c.digest.0, c.kind.code(), key.rules.id])
-                        .map_err(|e| dup(e, "a credential of key", &key.rules.id))?;
-                }
+                let new = put_key_rows(&mut put_key, &mut put_cred, generation, key)?;
+                pins = pins.saturating_add(new);
                 applied.upserted += 1;
             }
-            for id in &d.revokes {
-                match key_by_id(&tx, generation, id)? {
-                    Some(mut rules) => {
-                        rules.revoked = true;
-                        put_key.execute(params![generation, id, encode_rules(&rules)?])?;
-                        applied.revoked += 1;
-                    }
-                    None => applied.unknown += 1,
-                }
-            }
+            revoke_rows(&tx, generation, &d.revokes, &mut applied)?;
             let mut set =
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
             set.execute(params!["keyset_version", version])?;
@@ -1027,33 +1011,7 @@ impl Writer {
                 )));
             }
         };
-        let tx = self.conn.transaction()?;
-        {
-            let mut put_key = tx.prepare_cached(
-                "INSERT INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)",
-            )?;
-            let mut put_cred = tx.prepare_cached(
-                "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            let mut buf = Vec::with_capacity(256);
-            for key in keys {
-                buf.clear();
-                ciborium::into_writer(&key.rules, &mut buf)
-                    .map_err(|e| StoreError::KeySet(format!("key {}: {e}", key.rules.id)))?;
-                put_key
-                    .execute(params![generation, key.rules.id, buf])
-                    .map_err(|e| dup(e, "key id", &key.rules.id))?;
-                for c in &key.credentials {
-                    put_cred
-                        .execute(params![generation, c.digest.0, c.kind.code(), key.rules.id])
-                        .map_err(|e| dup(e, "credential of key", &key.rules.id))?;
-                    if c.kind == CredentialKind::Pin {
-                        staging.pins += 1;
-                    }
-                }
-            }
-        }
-        tx.commit()?;
+        staging.pins += stage_rows(&mut self.conn, generation, keys)?;
         staging.keys += keys.len() as u64;
         Ok(())
     }
@@ -1153,21 +1111,106 @@ impl Writer {
     }
 }
 
-/// Looks a digest up in a generation of the key set.
+/// Inserts a chunk of keys and their credentials into a generation in one transaction, each
+/// credential row with its key's rules; returns how many PINs it added.
+fn stage_rows(conn: &mut Connection, generation: i64, keys: &[Key]) -> Result<u32, StoreError> {
+    let tx = conn.transaction()?;
+    let mut pins = 0;
+    {
+        let mut put_key =
+            tx.prepare_cached("INSERT INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)")?;
+        let mut put_cred = tx.prepare_cached(
+            "INSERT INTO credentials (generation, digest, kind, key_id, rules)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for key in keys {
+            pins += put_key_rows(&mut put_key, &mut put_cred, generation, key)?;
+        }
+    }
+    tx.commit()?;
+    Ok(pins)
+}
+
+/// Writes a key's row and one row per credential, each carrying the key's rules; returns
+/// how many of the credentials are PINs.
+fn put_key_rows(
+    put_key: &mut CachedStatement<'_>,
+    put_cred: &mut CachedStatement<'_>,
+    generation: i64,
+    key: &Key,
+) -> Result<u32, StoreError> {
+    let blob = rules::encode(&key.rules);
+    put_key
+        .execute(params![generation, key.rules.id, blob])
+        .map_err(|e| dup(e, "key id", &key.rules.id))?;
+    let mut pins = 0;
+    for c in &key.credentials {
+        put_cred
+            .execute(params![
+                generation,
+                c.digest.0,
+                c.kind.code(),
+                key.rules.id,
+                blob
+            ])
+            .map_err(|e| dup(e, "a credential of key", &key.rules.id))?;
+        pins += u32::from(c.kind == CredentialKind::Pin);
+    }
+    Ok(pins)
+}
+
+/// Marks keys of a generation revoked, in `keys` and in every one of their credential rows
+/// (each carries the rules a lookup decides with).
+fn revoke_rows(
+    conn: &Connection,
+    generation: i64,
+    ids: &[String],
+    applied: &mut DeltaApplied,
+) -> Result<(), StoreError> {
+    let mut put_key =
+        conn.prepare_cached("UPDATE keys SET rules = ?3 WHERE generation = ?1 AND key_id = ?2")?;
+    let mut put_creds = conn.prepare_cached(
+        "UPDATE credentials SET rules = ?3 WHERE generation = ?1 AND key_id = ?2",
+    )?;
+    for id in ids {
+        match key_by_id(conn, generation, id)? {
+            Some(mut revoked) => {
+                revoked.revoked = true;
+                let blob = rules::encode(&revoked);
+                put_key.execute(params![generation, id, blob])?;
+                put_creds.execute(params![generation, id, blob])?;
+                applied.revoked += 1;
+            }
+            None => applied.unknown += 1,
+        }
+    }
+    Ok(())
+}
+
+/// Looks a digest up in a generation of the key set: one descent into `credentials`, whose
+/// row carries the key's rules (rows written before schema version 5 carry none: their rules
+/// are read from `keys`).
 pub(super) fn lookup(
     conn: &Connection,
     generation: i64,
     digest: &[u8; 32],
 ) -> Result<Option<KeyRules>, StoreError> {
-    let blob: Option<Vec<u8>> = conn
+    let found = conn
         .prepare_cached(
-            "SELECT k.rules FROM credentials c
-               JOIN keys k ON k.generation = c.generation AND k.key_id = c.key_id
-              WHERE c.generation = ?1 AND c.digest = ?2",
+            "SELECT rules, key_id FROM credentials WHERE generation = ?1 AND digest = ?2",
         )?
-        .query_row(params![generation, digest], |r| r.get(0))
+        .query_row(params![generation, digest], |r| {
+            Ok(match r.get_ref(0)? {
+                ValueRef::Blob(blob) => Ok(rules::decode(blob)),
+                _ => Err(r.get::<_, String>(1)?),
+            })
+        })
         .optional()?;
-    blob.map(|b| decode_rules(&b)).transpose()
+    match found {
+        None => Ok(None),
+        Some(Ok(decoded)) => decoded.map(Some),
+        Some(Err(key_id)) => key_by_id(conn, generation, &key_id),
+    }
 }
 
 /// Merges `given` into the desired settings of `door` and stores the result.
@@ -1221,18 +1264,7 @@ pub(super) fn key_by_id(
         .prepare_cached("SELECT rules FROM keys WHERE generation = ?1 AND key_id = ?2")?
         .query_row(params![generation, key_id], |r| r.get(0))
         .optional()?;
-    blob.map(|b| decode_rules(&b)).transpose()
-}
-
-fn encode_rules(rules: &KeyRules) -> Result<Vec<u8>, StoreError> {
-    let mut buf = Vec::with_capacity(256);
-    ciborium::into_writer(rules, &mut buf)
-        .map_err(|e| StoreError::KeySet(format!("key {}: {e}", rules.id)))?;
-    Ok(buf)
-}
-
-pub(super) fn decode_rules(blob: &[u8]) -> Result<KeyRules, StoreError> {
-    ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("key rules: {e}")))
+    blob.map(|b| rules::decode(&b)).transpose()
 }
 
 /// Appends a record to the outbox; returns its sequence number and its body's size.
