@@ -86,6 +86,8 @@ pub(super) struct Writer {
     fresh: Vec<(i64, Record)>,
     /// Records held in memory and dropped during the current disk outage.
     outage: Option<(u64, u64)>,
+    /// Set while the connection may be at `synchronous=NORMAL` (staging a chunk).
+    relaxed: bool,
 }
 
 /// What one command of a group produced in the decide phase.
@@ -212,6 +214,7 @@ impl Writer {
             outbox_delta: (0, 0),
             fresh: Vec::new(),
             outage: None,
+            relaxed: false,
         })
     }
 
@@ -302,7 +305,9 @@ impl Writer {
         }
         self.outbox_delta = (0, 0);
         self.fresh.clear();
-        let began = self.conn.execute_batch("BEGIN IMMEDIATE");
+        let began = self
+            .durable()
+            .and_then(|()| self.conn.execute_batch("BEGIN IMMEDIATE"));
         let mut overlay: HashMap<(String, String), u32> = HashMap::new();
         let outcomes: Vec<Outcome> = commands
             .into_iter()
@@ -885,16 +890,21 @@ impl Writer {
                 let _ = reply.send(self.apply_delta(&delta));
             }
             Command::DesireSettings(door, settings, reply) => {
-                let _ = reply.send(desire_settings(&self.conn, &door, settings));
+                let result = self.durable().map_err(StoreError::from);
+                let _ =
+                    reply.send(result.and_then(|()| desire_settings(&self.conn, &door, settings)));
             }
             Command::ReportSettings(door, settings, reply) => {
-                let _ = reply.send(report_settings(&self.conn, &door, &settings));
+                let result = self.durable().map_err(StoreError::from);
+                let _ =
+                    reply.send(result.and_then(|()| report_settings(&self.conn, &door, &settings)));
             }
             _ => {}
         }
     }
 
     fn apply_delta(&mut self, d: &DeltaChange) -> Result<DeltaApplied, StoreError> {
+        self.durable()?;
         if self.keyset_version == 0 || d.from_version != self.keyset_version {
             return Err(StoreError::KeySet(format!(
                 "a delta from version {} does not apply on the held version {}",
@@ -1002,17 +1012,43 @@ impl Writer {
         }
     }
 
+    /// Writes one chunk of a staging generation in a transaction of its own, committed with
+    /// `synchronous=NORMAL`: no fsync of its own. The staging generation is not live, so a
+    /// chunk a power cut takes is only a snapshot to send again (its rows are removed at the
+    /// next start); the `FULL` commit that makes the set live syncs the WAL, these frames
+    /// included, before it counts. Everything else stays `FULL` (docs/storage.md).
     fn stage(&mut self, generation: i64, keys: &[Key]) -> Result<(), StoreError> {
-        let staging = match &mut self.staging {
-            Some(s) if s.generation == generation => s,
-            _ => {
-                return Err(StoreError::KeySet(format!(
-                    "no key set is being staged as generation {generation}"
-                )));
-            }
-        };
-        staging.pins += stage_rows(&mut self.conn, generation, keys)?;
-        staging.keys += keys.len() as u64;
+        if self
+            .staging
+            .as_ref()
+            .is_none_or(|s| s.generation != generation)
+        {
+            return Err(StoreError::KeySet(format!(
+                "no key set is being staged as generation {generation}"
+            )));
+        }
+        self.relaxed = true;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let written = stage_rows(&mut self.conn, generation, keys);
+        // Before anything else can commit, even when the chunk failed.
+        if let Err(e) = self.durable() {
+            tracing::error!(error = %e, "could not restore synchronous=FULL after staging keys");
+        }
+        let pins = written?;
+        if let Some(staging) = &mut self.staging {
+            staging.keys += keys.len() as u64;
+            staging.pins += pins;
+        }
+        Ok(())
+    }
+
+    /// Puts the connection back to `synchronous=FULL` if staging left it relaxed. Every
+    /// transaction that must be durable calls this first and fails when it cannot.
+    fn durable(&mut self) -> Result<(), rusqlite::Error> {
+        if self.relaxed {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            self.relaxed = false;
+        }
         Ok(())
     }
 
@@ -1046,6 +1082,8 @@ impl Writer {
         }
         let version = i64::try_from(staging.header.version)
             .map_err(|_| StoreError::KeySet("version out of range".into()))?;
+        // The switch is durable, and so are the staged chunks the WAL holds before it.
+        self.durable()?;
         let tx = self.conn.transaction()?;
         {
             let mut set =
@@ -1080,7 +1118,9 @@ impl Writer {
         let Some(&generation) = self.garbage.last() else {
             return;
         };
+        let durable = self.durable();
         let step = || -> Result<usize, rusqlite::Error> {
+            durable?;
             let tx = self.conn.unchecked_transaction()?;
             let mut n = tx.execute(
                 "DELETE FROM credentials WHERE generation = ?1 AND digest IN
@@ -1296,5 +1336,70 @@ fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {
         StoreError::KeySet(format!("{what} {id} appears twice in the set"))
     } else {
         StoreError::Sqlite(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::{Credential, CredentialDigest, Site};
+    use crate::store::schema;
+
+    fn writer(path: &Path) -> Writer {
+        let mut conn = schema::open_writer(path).unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let site = Site {
+            tz: jiff::tz::TimeZone::UTC,
+            doors: std::collections::BTreeMap::new(),
+        };
+        Writer::new(
+            conn,
+            StoreOptions::new(path, DecisionContext::new(site)),
+            Arc::new(Health::default()),
+        )
+        .unwrap()
+    }
+
+    fn key(id: &str, digest: u8) -> Key {
+        Key {
+            rules: KeyRules {
+                id: id.into(),
+                ..rules::tests::full()
+            },
+            credentials: vec![Credential {
+                kind: CredentialKind::Qr,
+                digest: CredentialDigest([digest; 32]),
+            }],
+        }
+    }
+
+    fn synchronous(w: &Writer) -> i64 {
+        w.conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn staging_relaxes_synchronous_for_its_own_transaction_only() {
+        const FULL: i64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(&dir.path().join("db"));
+        assert_eq!(synchronous(&w), FULL);
+        let generation = w
+            .begin(KeySetHeader {
+                version: 1,
+                salt: b"salt".to_vec(),
+                issued_at: None,
+            })
+            .unwrap();
+        w.stage(generation, &[key("a", 1)]).unwrap();
+        assert_eq!(synchronous(&w), FULL, "after a chunk");
+        // A chunk that fails half-way (a key id twice) leaves FULL behind as well.
+        let err = w
+            .stage(generation, &[key("b", 2), key("b", 3)])
+            .unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        assert_eq!(synchronous(&w), FULL, "after a failed chunk");
+        assert!(!w.relaxed);
     }
 }
