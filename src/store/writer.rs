@@ -15,9 +15,10 @@
 //! wait in a bounded memory backlog that is written first by the next commit that succeeds.
 
 use std::collections::{HashMap, VecDeque};
+use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
@@ -47,6 +48,14 @@ const GC_CHUNK: i64 = 5_000;
 const BACKLOG_RETRY: Duration = Duration::from_secs(5);
 /// The trusted-time mark is written when it moved at least this far (fewer writes).
 const MARK_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+/// How long the command channel must stay empty before the writer folds the WAL into the
+/// database file (a checkpoint), off the decision path.
+const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
+/// The WAL is checkpointed at this many frames (pages) even when the writer is never idle,
+/// so it cannot grow without bound under constant load (16 MiB at 4 KiB pages).
+const CHECKPOINT_BOUND: i64 = 4_096;
+/// Idle checkpoints tried after one commit when a reader keeps one from finishing.
+const CHECKPOINT_TRIES: u32 = 3;
 
 /// A key set being staged.
 struct Staging {
@@ -88,6 +97,21 @@ pub(super) struct Writer {
     outage: Option<(u64, u64)>,
     /// Set while the connection may be at `synchronous=NORMAL` (staging a chunk).
     relaxed: bool,
+    /// What SQLite's WAL hook saw, and the commit count the last checkpoint covered.
+    wal: Arc<WalState>,
+    checkpointed: u64,
+    /// Idle checkpoints that could not finish (a reader held part of the WAL) since the last
+    /// commit.
+    checkpoint_tries: u32,
+}
+
+/// Filled in by SQLite's WAL hook after every commit of the writer's connection.
+#[derive(Debug, Default)]
+struct WalState {
+    /// Frames (pages) in the WAL after the latest commit, checkpointed or not.
+    frames: AtomicI64,
+    /// Commits so far.
+    commits: AtomicU64,
 }
 
 /// What one command of a group produced in the decide phase.
@@ -128,10 +152,19 @@ fn verdict(
 
 impl Writer {
     pub(super) fn new(
-        conn: Connection,
+        mut conn: Connection,
         options: StoreOptions,
         health: Arc<Health>,
     ) -> Result<Self, StoreError> {
+        // SQLite's auto-checkpoint is off (`open_writer`); the writer checkpoints itself, and
+        // this hook tells it how far the WAL has grown.
+        let wal = Arc::new(WalState::default());
+        let seen = Arc::clone(&wal);
+        conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames: c_int| {
+            seen.frames.store(i64::from(frames), Ordering::Relaxed);
+            seen.commits.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }))?;
         let meta_i64 = |name: &str| -> Result<Option<i64>, StoreError> {
             Ok(conn
                 .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
@@ -215,6 +248,9 @@ impl Writer {
             fresh: Vec::new(),
             outage: None,
             relaxed: false,
+            wal,
+            checkpointed: 0,
+            checkpoint_tries: 0,
         })
     }
 
@@ -224,6 +260,10 @@ impl Writer {
 
     pub(super) fn run(mut self, rx: &Receiver<Command>) {
         loop {
+            if self.wal.frames.load(Ordering::Relaxed) >= CHECKPOINT_BOUND {
+                // Busy for a long while: bound the WAL now, after the answers went out.
+                self.checkpoint();
+            }
             let first = if !self.garbage.is_empty() {
                 match rx.try_recv() {
                     Ok(c) => c,
@@ -240,6 +280,16 @@ impl Writer {
                     // Idle with records in memory: try the disk again.
                     Err(RecvTimeoutError::Timeout) => {
                         self.commit_group(Vec::new());
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else if self.checkpoint_due() {
+                match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
+                    Ok(c) => c,
+                    // Idle after writing: fold the WAL into the database file, once.
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.checkpoint();
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -295,6 +345,48 @@ impl Writer {
         }
         // Fold the WAL into the main file so the next start reads one file.
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+
+    // ----- checkpoints -----
+
+    /// Whether something was committed since the last checkpoint (an idle gateway that has
+    /// checkpointed writes nothing more).
+    fn checkpoint_due(&self) -> bool {
+        self.wal.commits.load(Ordering::Relaxed) != self.checkpointed
+    }
+
+    /// Copies the WAL's frames into the database file (`PASSIVE`: it never waits for readers,
+    /// and copies what no reader still needs). The WAL restarts from its beginning at the
+    /// next commit once all of it was copied.
+    fn checkpoint(&mut self) {
+        let commits = self.wal.commits.load(Ordering::Relaxed);
+        let result = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            });
+        match result {
+            Ok((frames, copied)) if copied < frames => {
+                // A reader still uses part of the WAL: try again later, a few times at most
+                // (the next commit makes it due again anyway).
+                self.checkpoint_tries += 1;
+                if self.checkpoint_tries >= CHECKPOINT_TRIES {
+                    self.checkpointed = commits;
+                    self.checkpoint_tries = 0;
+                }
+            }
+            Ok(_) => {
+                self.checkpointed = commits;
+                self.checkpoint_tries = 0;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL checkpoint failed; trying again after the next commit");
+                self.checkpointed = commits;
+                self.checkpoint_tries = 0;
+            }
+        }
+        // Until the next commit's hook says otherwise, the bound is met.
+        self.wal.frames.store(0, Ordering::Relaxed);
     }
 
     // ----- the group commit -----

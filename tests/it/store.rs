@@ -1074,3 +1074,68 @@ async fn a_key_set_stored_before_version_5_keeps_deciding_after_the_upgrade() {
     assert_credential_rules_match_keys(&path);
     store.close();
 }
+
+/// Size and modification time of the database file and of its WAL.
+fn on_disk(path: &std::path::Path) -> Vec<(u64, std::time::SystemTime)> {
+    ["", "-wal"]
+        .iter()
+        .map(|suffix| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let meta = std::fs::metadata(name).unwrap();
+            (meta.len(), meta.modified().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_idle_store_folds_its_wal_into_the_file_once_then_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .verify(request("u", "main", CredentialKind::Qr, "nope"))
+        .await
+        .unwrap();
+    // A commit only appends to the WAL; the checkpoint while idle writes the database file.
+    let before = on_disk(&path)[0];
+    crate::broker::wait_for(
+        std::time::Duration::from_secs(10),
+        "a checkpoint while idle",
+        || (on_disk(&path)[0] != before).then_some(()),
+    )
+    .await;
+    let settled = on_disk(&path);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(on_disk(&path), settled, "an idle store wrote to its files");
+    store.close();
+}
+
+#[tokio::test]
+async fn a_store_that_is_never_idle_still_bounds_its_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    let at = fixtures::now();
+    // Commits back to back, never a pause long enough for the idle checkpoint; without a
+    // bound the WAL would grow to about 6,000 pages.
+    for round in 0..400u32 {
+        let records = (0..250u8)
+            .map(|button| Record::CallButton {
+                at,
+                unit: format!("bus0/{round}"),
+                door: "main".into(),
+                button,
+            })
+            .collect();
+        store.append(records).await.unwrap();
+    }
+    let page = 4096 + 24;
+    let wal = on_disk(&path)[1].0;
+    assert!(
+        wal <= (4096 + 200) * page,
+        "the WAL grew to {} pages",
+        wal / page
+    );
+    store.close();
+}
