@@ -1133,7 +1133,7 @@ async fn a_store_that_is_never_idle_still_bounds_its_wal() {
     let page = 4096 + 24;
     let wal = on_disk(&path)[1].0;
     assert!(
-        wal <= (4096 + 200) * page,
+        wal <= (1000 + 100) * page,
         "the WAL grew to {} pages",
         wal / page
     );
