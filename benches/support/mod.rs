@@ -308,6 +308,15 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// Bytes written, small amounts exactly (P7 asks for none at all).
+pub fn written(bytes: u64) -> String {
+    match bytes {
+        0 => "0 B".into(),
+        1..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => mib(bytes),
+    }
+}
+
 /// `n` things in `d`, per second.
 pub fn per_second(n: u64, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
