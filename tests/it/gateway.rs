@@ -347,6 +347,31 @@ impl Reports {
             .collect()
     }
 
+    /// [`Reports::rejections_recorded`] once it holds at least `count`, or as it is after
+    /// `within`: a refusal is reported at once, its record is committed and uploaded on the
+    /// writer's and the uplink's schedule.
+    pub async fn await_rejections_recorded(
+        &mut self,
+        home: &Home,
+        count: usize,
+        within: Duration,
+    ) -> Vec<(String, String)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let recorded = self.rejections_recorded(home);
+            if recorded.len() >= count || tokio::time::Instant::now() >= deadline {
+                return recorded;
+            }
+            // The next message (the batch that carries the record, perhaps), or a moment for
+            // the writer to commit it.
+            if let Ok(Some(message)) =
+                tokio::time::timeout(Duration::from_millis(20), self.rx.recv()).await
+            {
+                self.decode(message);
+            }
+        }
+    }
+
     /// The next report for which `want` holds; the others are kept in `seen` only.
     pub async fn next(
         &mut self,

@@ -490,7 +490,10 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     assert_eq!(home.held(), (5, 20), "the held set is unchanged");
     assert!(!home.by_pin("k1").expect("k1").revoked);
     assert!(home.by_pin("evil0").is_none() && home.by_pin("old0").is_none());
-    let recorded = cloud.reports.rejections_recorded(&home);
+    let recorded = cloud
+        .reports
+        .await_rejections_recorded(&home, rejected_before + 5, Duration::from_secs(10))
+        .await;
     assert!(
         recorded.len() - rejected_before >= 5,
         "each refusal is recorded: {recorded:#?}"
