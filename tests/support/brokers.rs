@@ -1,11 +1,11 @@
-//! Broker helpers shared by the integration tests (`tests/it/broker.rs`) and the cloud
-//! benchmark (`benches/cloud.rs`), which cannot import test modules: included in both with
-//! `#[path]`.
+//! Broker helpers shared by the integration tests (`tests/it/broker.rs`) and the benchmarks
+//! (`benches/cloud.rs`, `benches/idle.rs`), which cannot import test modules: included in each
+//! with `#[path]`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest MQTT packet the test clients and brokers accept: a key-set chunk is up to 128 KiB plus
 /// its envelope, so this leaves room.
@@ -54,4 +54,29 @@ pub fn rumqttd_config(port: u16) -> rumqttd::Config {
         v4: Some(HashMap::from([("1".to_owned(), server)])),
         ..rumqttd::Config::default()
     }
+}
+
+/// Starts an in-process rumqttd (`rumqttd_config`) on a free port and returns its URL once it
+/// accepts connections. Its threads run until the process exits: rumqttd has no shutdown.
+pub fn start_rumqttd() -> String {
+    for _ in 0..5 {
+        let port = free_port();
+        let config = rumqttd_config(port);
+        let thread = std::thread::Builder::new()
+            .name(format!("rumqttd-{port}"))
+            .spawn(move || {
+                rumqttd::Broker::new(config)
+                    .start()
+                    .map_err(|e| e.to_string())
+            })
+            .expect("spawn the rumqttd thread");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && !thread.is_finished() {
+            if accepts(port) {
+                return format!("mqtt://127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("rumqttd could not bind a free port in 5 tries");
 }
