@@ -76,17 +76,19 @@ fn context() -> DecisionContext {
     DecisionContext::new(site())
 }
 
-/// Builds (once) a store with a million keys, one QR credential each.
+/// Builds (once per schema version, since a migrated file would keep the old rows' layout) a
+/// store with a million keys, one QR credential each.
 fn million_key_db() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let path = dir.join("keys-1m.db");
-    let ready = dir.join("keys-1m.ready");
+    let name = format!("keys-1m-v{}", doorbridge::store::schema::latest_version());
+    let path = dir.join(format!("{name}.db"));
+    let ready = dir.join(format!("{name}.ready"));
     if ready.exists() && path.exists() {
         return path;
     }
     for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(dir.join(format!("keys-1m.db{suffix}")));
+        let _ = std::fs::remove_file(dir.join(format!("{name}.db{suffix}")));
     }
     eprintln!(
         "building a {KEYS}-key store under {} (once)…",

@@ -36,16 +36,14 @@ use tokio::sync::{mpsc, oneshot};
 #[path = "support/mod.rs"]
 mod support;
 
-const SALT: &[u8] = b"bench-salt";
 const UNITS: u8 = 8;
 
 fn key(n: u8) -> Key {
     let mut key = support::key(
         format!("k{n}"),
-        format!("door-{n}"),
+        &format!("door-{n}"),
         CredentialKind::Qr,
         format!("qr-{n:02}").as_bytes(),
-        SALT,
     );
     key.rules.welcome = Some("Welcome".into());
     key
@@ -111,7 +109,7 @@ async fn run(samples: usize, load_for: Duration) -> Run {
     support::install_keys(
         &db,
         config(&db, &link, UNITS).site(),
-        SALT,
+        support::SALT,
         (1..=UNITS).map(key).collect(),
     )
     .await;

@@ -30,7 +30,6 @@ mod support;
 use support::Process;
 
 const KEYS: usize = 1_000_000;
-const SALT: &[u8] = b"idle-salt";
 /// The window starts once the daemon has written nothing for this long (at most `SETTLE_MAX`).
 const SETTLE_QUIET: Duration = Duration::from_secs(3);
 const SETTLE_MAX: Duration = Duration::from_secs(60);
@@ -41,10 +40,9 @@ const CPU_TARGET_PERCENT: f64 = 0.1;
 fn key(n: usize) -> Key {
     support::key(
         format!("k{n:07}"),
-        format!("door-{}", n % 4 + 1),
+        &format!("door-{}", n % 4 + 1),
         CredentialKind::Pin,
         format!("{n:08}").as_bytes(),
-        SALT,
     )
 }
 
@@ -79,7 +77,7 @@ fn install_keys(db: &Path, config: &Config) -> Duration {
     rt.block_on(support::install_keys(
         db,
         config.site(),
-        SALT,
+        support::SALT,
         (0..KEYS).map(key).collect(),
     ));
     started.elapsed()
@@ -343,7 +341,7 @@ fn main() {
          never written) is not in it. The units are played by the `door-sim` binary (its CPU \
          is not counted).\n\n{table}\n<!-- /bench:idle -->",
         jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
-        support::cpu_model(),
+        support::machine(),
         support::load_average(),
         if quick { " (--quick)" } else { "" },
         support::group_digits(&KEYS.to_string()),

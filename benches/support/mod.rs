@@ -1,6 +1,9 @@
-//! Helpers shared by the bench binaries, included in each with `#[path]`: keys and their
-//! installation, a child process stopped as systemd stops it, what they say about the machine,
-//! and their sections of `docs/performance.md`.
+//! What the load-harness benches share (`benches/bus.rs`, `benches/cloud.rs`, `benches/idle.rs`,
+//! `benches/uplink.rs`): keys and their installation, the real daemon binary (or any child) with
+//! its `/proc` counters, number formatting, the machine's description and the writing of one
+//! section of `docs/performance.md`.
+//!
+//! The brokers are in `tests/support/brokers.rs`, shared with the integration tests.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -10,20 +13,41 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use doorbridge::access::Site;
 use doorbridge::access::{
-    Category, Credential, CredentialKind, Key, KeyRules, Schedule, Site, UseLimit,
+    Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, credential,
 };
+use doorbridge::cloud::payload::Target;
 use doorbridge::store::{DecisionContext, KeySetHeader, Store, StoreOptions};
+use ed25519_dalek::SigningKey;
 
-/// An unlimited key valid at all times at `door`, with one credential: `secret` of `kind`
-/// under `salt`.
-pub fn key(id: String, door: String, kind: CredentialKind, secret: &[u8], salt: &[u8]) -> Key {
+// ---------------------------------------------------------------------------------------------
+// The site, its keys and the cloud's signing key
+// ---------------------------------------------------------------------------------------------
+
+pub const SALT: &[u8] = b"bench-salt";
+pub const SITE: &str = "bench";
+
+/// The cloud's signing key; its public half is the gateway's only trusted key.
+pub fn cloud_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+pub fn target(gateway: &str) -> Target {
+    Target {
+        site: SITE.into(),
+        gateway: gateway.into(),
+    }
+}
+
+/// A small realistic key: one credential, one door, unlimited, no schedule.
+pub fn key(id: String, door: &str, kind: CredentialKind, secret: &[u8]) -> Key {
     Key {
         rules: KeyRules {
             name: format!("key {id}"),
             id,
-            category: Category::Friend,
-            doors: vec![door],
+            category: Category::Renter,
+            doors: vec![door.to_owned()],
             opens_inner_door: false,
             valid_from: None,
             valid_until: None,
@@ -35,7 +59,7 @@ pub fn key(id: String, door: String, kind: CredentialKind, secret: &[u8], salt: 
         },
         credentials: vec![Credential {
             kind,
-            digest: doorbridge::access::credential::digest(salt, kind, secret),
+            digest: credential::digest(SALT, kind, secret),
         }],
     }
 }
@@ -148,7 +172,286 @@ impl Drop for Process {
     }
 }
 
-/// `"1234567"` → `"1,234,567"`.
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
+}
+
+/// The benches' runtime: two workers, as the daemon's.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon as a child
+// ---------------------------------------------------------------------------------------------
+
+/// `doorbridge run` (the bench profile's binary) as a child, so its memory, CPU and I/O
+/// counters are its own; killed on drop. Its stderr is drained by a thread that keeps the last
+/// lines, counts the bytes and stamps the lines that contain a marker.
+pub struct Daemon {
+    child: Child,
+    pub log: Arc<Mutex<DaemonLog>>,
+}
+
+#[derive(Default)]
+pub struct DaemonLog {
+    pub tail: Vec<String>,
+    /// When the first and the last line containing the marker arrived, and how many did.
+    pub first_stamped: Option<Instant>,
+    pub last_stamped: Option<Instant>,
+    pub stamped: usize,
+    /// Bytes the daemon wrote to stderr (they count in its `wchar`).
+    pub bytes: u64,
+}
+
+/// The write counters of `/proc/<pid>/io` (or of one thread's `/proc/<pid>/task/<tid>/io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Io {
+    /// Bytes handed to `write(2)` and friends, whatever the file: disk files, the pty, pipes.
+    pub wchar: u64,
+    /// Write system calls.
+    pub syscw: u64,
+    /// Bytes of page cache this task dirtied (charged when the page turns dirty, whole pages),
+    /// i.e. what it caused to be sent to the storage layer.
+    pub write_bytes: u64,
+    /// Dirty page cache dropped before it was written (a truncated file).
+    pub cancelled_write_bytes: u64,
+}
+
+impl Io {
+    fn parse(text: &str) -> Io {
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Io {
+            wchar: field("wchar:"),
+            syscw: field("syscw:"),
+            write_bytes: field("write_bytes:"),
+            cancelled_write_bytes: field("cancelled_write_bytes:"),
+        }
+    }
+
+    /// What was counted since `before`.
+    pub fn since(self, before: Io) -> Io {
+        Io {
+            wchar: self.wchar.saturating_sub(before.wchar),
+            syscw: self.syscw.saturating_sub(before.syscw),
+            write_bytes: self.write_bytes.saturating_sub(before.write_bytes),
+            cancelled_write_bytes: self
+                .cancelled_write_bytes
+                .saturating_sub(before.cancelled_write_bytes),
+        }
+    }
+}
+
+/// CPU time (user + system) in `/proc/.../stat`, from clock ticks of 10 ms (`USER_HZ`).
+fn cpu_of(stat: &str) -> Duration {
+    // The command name may hold spaces and parentheses: fields count from the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+impl Daemon {
+    /// Starts `doorbridge --config CONFIG run` with `DOORBRIDGE_LOG=filter`; lines that contain
+    /// `stamp` are timed and counted instead of kept.
+    pub fn start(config: &Path, filter: &str, stamp: Option<&'static str>) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_doorbridge"))
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("DOORBRIDGE_LOG", filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start doorbridge run");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(DaemonLog::default()));
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                let mut log = lines.lock().expect("log lock");
+                log.bytes += line.len() as u64 + 1;
+                if stamp.is_some_and(|s| line.contains(s)) {
+                    log.first_stamped.get_or_insert(now);
+                    log.last_stamped = Some(now);
+                    log.stamped += 1;
+                    continue;
+                }
+                if log.tail.len() >= 40 {
+                    log.tail.remove(0);
+                }
+                log.tail.push(line);
+            }
+        });
+        Daemon { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A `kB` field of `/proc/<pid>/status`, in bytes.
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// The whole process's write counters (threads that ended included).
+    pub fn io(&self) -> Io {
+        std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+            .map(|t| Io::parse(&t))
+            .unwrap_or_default()
+    }
+
+    /// `write_bytes` of `/proc/<pid>/io`: bytes the process caused to be written to storage.
+    pub fn write_bytes(&self) -> u64 {
+        self.io().write_bytes
+    }
+
+    /// The live threads whose name (`comm`, at most 15 bytes) starts with `name`: their write
+    /// counters and CPU time, summed.
+    pub fn threads(&self, name: &str) -> (Io, Duration) {
+        let dir = format!("/proc/{}/task", self.child.id());
+        let mut io = Io::default();
+        let mut cpu = Duration::ZERO;
+        for task in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if !comm.starts_with(name) {
+                continue;
+            }
+            let t = Io::parse(&std::fs::read_to_string(path.join("io")).unwrap_or_default());
+            io.wchar += t.wchar;
+            io.syscw += t.syscw;
+            io.write_bytes += t.write_bytes;
+            io.cancelled_write_bytes += t.cancelled_write_bytes;
+            cpu += cpu_of(&std::fs::read_to_string(path.join("stat")).unwrap_or_default());
+        }
+        (io, cpu)
+    }
+
+    /// The process's CPU time so far (user + system, threads that ended included).
+    pub fn cpu(&self) -> Duration {
+        cpu_of(
+            &std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default(),
+        )
+    }
+
+    /// Bytes written to stderr so far.
+    pub fn log_bytes(&self) -> u64 {
+        self.log.lock().expect("log lock").bytes
+    }
+
+    pub fn tail(&self) -> String {
+        self.log.lock().expect("log lock").tail.join("\n")
+    }
+
+    /// SIGTERM, as systemd stops it; SIGKILL if it has not exited within 10 s.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Numbers
+// ---------------------------------------------------------------------------------------------
+
+/// The `p`-th percentile (nearest rank) of sorted samples.
+pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (p * sorted.len()).div_ceil(100);
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Bytes written, small amounts exactly (P7 asks for none at all).
+pub fn written(bytes: u64) -> String {
+    match bytes {
+        0 => "0 B".into(),
+        1..1_048_576 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => mib(bytes),
+    }
+}
+
+/// `n` things in `d`, per second.
+pub fn per_second(n: u64, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+/// `12345678` → `12,345,678`.
+pub fn thousands(n: u64) -> String {
+    group_digits(&n.to_string())
+}
+
+/// A rate, rounded, in thousands.
+pub fn rate(per_second: f64) -> String {
+    group_digits(&format!("{per_second:.0}"))
+}
+
 pub fn group_digits(digits: &str) -> String {
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -160,43 +463,53 @@ pub fn group_digits(digits: &str) -> String {
     out
 }
 
-/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").map_or_else(
-        |_| "unknown".into(),
-        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-    )
+// ---------------------------------------------------------------------------------------------
+// The machine and the document
+// ---------------------------------------------------------------------------------------------
+
+/// Total time (µs) some task stalled on I/O, from `/proc/pressure/io` (0 if unavailable).
+pub fn io_stall_us() -> u64 {
+    std::fs::read_to_string("/proc/pressure/io")
+        .ok()
+        .and_then(|p| {
+            p.lines()
+                .next()
+                .and_then(|l| l.rsplit_once("total="))
+                .and_then(|(_, t)| t.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The CPU model and core count, as `/proc/cpuinfo` names them.
-pub fn cpu_model() -> String {
+pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
         .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map_or("an unknown CPU", |(_, m)| m.trim())
-        .to_owned();
-    let cores = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
+        .and_then(|rest| rest.split_once(':'))
+        .map_or("an unknown CPU", |(_, name)| name.trim());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
     format!("{model}, {cores} cores")
 }
 
-/// Replaces the section `<!-- bench:{name} -->` … `<!-- /bench:{name} -->` of
-/// `docs/performance.md` with `section` (which carries both markers). A new section goes
-/// before the commentary ("What the figures say"), after the other sections.
+/// Now, as the sections of `docs/performance.md` date their runs.
+pub fn now() -> String {
+    jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z").to_string()
+}
+
+/// Puts `section` (which starts with `<!-- bench:NAME -->` and ends with
+/// `<!-- /bench:NAME -->`) into `docs/performance.md` in place of the previous one; the first
+/// time, before the notes that discuss the figures, else at the end.
 pub fn write_section(name: &str, section: &str) {
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
     let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
-    let (start, end) = (
+    let (open, close) = (
         format!("<!-- bench:{name} -->"),
         format!("<!-- /bench:{name} -->"),
     );
-    let new = match (old.find(&start), old.find(&end)) {
+    let new = match (old.find(&open), old.find(&close)) {
         (Some(a), Some(b)) if b > a => {
-            format!("{}{section}{}", &old[..a], &old[b + end.len()..])
+            format!("{}{section}{}", &old[..a], &old[b + close.len()..])
         }
         _ => match old.find("### What the figures say") {
             Some(at) => format!("{}{section}\n\n{}", &old[..at], &old[at..]),

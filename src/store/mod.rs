@@ -11,6 +11,7 @@
 
 mod reader;
 pub mod records;
+pub mod rules;
 pub mod schema;
 mod writer;
 

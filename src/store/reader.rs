@@ -6,7 +6,8 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::records::{Record, RecordClass, StoredRecord};
-use super::writer::{decode_rules, lookup};
+use super::rules;
+use super::writer::lookup;
 use super::{StoreError, schema};
 use crate::access::KeyRules;
 use crate::bus::message::Settings;
@@ -80,7 +81,7 @@ impl Reader {
             .prepare_cached("SELECT rules FROM keys WHERE generation = ?1 AND key_id = ?2")?
             .query_row(params![self.generation()?, key_id], |r| r.get(0))
             .optional()?;
-        blob.map(|b| decode_rules(&b)).transpose()
+        blob.map(|b| rules::decode(&b)).transpose()
     }
 
     /// Keys of the live set in id order, after `after_id` (`""` from the start), at most
@@ -94,7 +95,7 @@ impl Reader {
                 r.get::<_, Vec<u8>>(0)
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        blobs.iter().map(|b| decode_rules(b)).collect()
+        blobs.iter().map(|b| rules::decode(b)).collect()
     }
 
     /// How many credentials of each kind a key of the live set has (kind code, count).

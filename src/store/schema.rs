@@ -72,6 +72,12 @@ pub const MIGRATIONS: &[&str] = &[
     INSERT OR IGNORE INTO meta (name, value)
     VALUES ('outbox_epoch', CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER));
     ",
+    // 5: each credential row carries its key's rules (store::rules), so a lookup is one
+    // descent instead of two. Rows written before stay NULL, and the lookup reads `keys` for
+    // them until the next snapshot replaces them (no rewrite of a million rows at start-up).
+    "
+    ALTER TABLE credentials ADD COLUMN rules BLOB;
+    ",
 ];
 
 /// The schema version this build writes.
@@ -107,7 +113,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// Opens the writer's connection: WAL, and `synchronous=FULL` so a commit that returned is on
-/// the disk even after a power cut.
+/// the disk even after a power cut. SQLite's auto-checkpoint is off: it would copy the WAL
+/// into the database file inside whichever commit passes 1,000 pages, a decision's included;
+/// the writer checkpoints while idle instead (`writer::Writer::checkpoint`).
 pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -120,6 +128,7 @@ pub fn open_writer(path: &Path) -> Result<Connection, StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     // Keep temporary b-trees (sorts of large snapshots) off the SD card.
     conn.pragma_update(None, "temp_store", "MEMORY")?;

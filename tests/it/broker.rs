@@ -1,17 +1,18 @@
 //! Real MQTT brokers for the tests, and the bare-MQTT facts the cloud link is built on.
 //!
 //! Helpers (all `pub`, for the other test modules):
-//! - [`RumqttdBroker`]: an in-process rumqttd on a free port. rumqttd's `Broker::start()` blocks
-//!   forever and has no shutdown, so each broker runs on its own std thread that leaks until the
-//!   test process exits; every test starts its own broker.
+//! - [`RumqttdBroker`] (from `tests/support/brokers.rs`, shared with the benches and the demo):
+//!   an in-process rumqttd on a free port. rumqttd's `Broker::start()` blocks forever and has no
+//!   shutdown, so each broker runs on its own std thread that leaks until the test process exits;
+//!   every test starts its own broker.
 //! - [`Mosquitto`]: the real `mosquitto` binary (the reference broker) on a free port, with a
 //!   generated configuration in a temporary directory; it can be stopped and started again on the
 //!   same port. Without the binary, tests that need it fail and say to `apt-get install mosquitto`,
 //!   unless `DOORBRIDGE_SKIP_MOSQUITTO=1` is set (see [`mosquitto_or_skip`]).
 //!   [`Mosquitto::start_with_tls`] adds a second listener speaking TLS that requires a client
 //!   certificate ([`TlsListener`]).
-//! - [`Proxy`]: a TCP proxy whose [`Proxy::cut`] makes the internet go away for the clients that
-//!   connect through it, until [`Proxy::restore`].
+//! - [`Proxy`] (from `tests/support/brokers.rs` too): a TCP proxy whose [`Proxy::cut`] makes the
+//!   internet go away for the clients that connect through it, until [`Proxy::restore`].
 //! - [`Mqtt`] and [`client`]: a test-side rumqttc client whose event loop is polled by a task that
 //!   forwards incoming publishes and reconnects with a short backoff.
 //! - [`wait_for`]: polls a condition with a deadline.
@@ -27,12 +28,8 @@
 //!   directory.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -45,7 +42,7 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 #[path = "../support/brokers.rs"]
 mod brokers;
-pub use brokers::{MAX_PACKET, accepts, free_port, rumqttd_config};
+pub use brokers::{MAX_PACKET, Proxy, RumqttdBroker, accepts, free_port};
 
 /// Polls `f` until it returns `Some`, or fails naming `what` after `within`.
 pub async fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -68,53 +65,6 @@ pub fn wait_for_blocking<T>(within: Duration, what: &str, mut f: impl FnMut() ->
         }
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
         thread::sleep(Duration::from_millis(10));
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// rumqttd
-// ---------------------------------------------------------------------------------------------
-
-/// An in-process rumqttd (MQTT 3.1.1) listening on 127.0.0.1:`port`.
-///
-/// Its threads run until the test process exits: rumqttd has no shutdown.
-#[derive(Debug)]
-pub struct RumqttdBroker {
-    pub port: u16,
-}
-
-impl RumqttdBroker {
-    /// Starts a broker on a free port and returns once it accepts TCP connections.
-    pub fn start() -> RumqttdBroker {
-        // The port is picked before rumqttd binds it, so another process may take it in between:
-        // then rumqttd's server thread ends, and a new port is tried.
-        for _ in 0..5 {
-            let port = free_port();
-            let config = rumqttd_config(port);
-            let thread = thread::Builder::new()
-                .name(format!("rumqttd-{port}"))
-                .spawn(move || {
-                    let mut broker = rumqttd::Broker::new(config);
-                    broker.start().map_err(|e| e.to_string())
-                })
-                .expect("spawn the rumqttd thread");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && !thread.is_finished() {
-                if accepts(port) {
-                    return RumqttdBroker { port };
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            assert!(
-                thread.is_finished(),
-                "rumqttd did not accept connections on port {port} within 10 s"
-            );
-        }
-        panic!("rumqttd could not bind a free port in 5 tries");
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
     }
 }
 
@@ -368,138 +318,6 @@ fn or_skip(test: &str, start: impl FnOnce() -> Mosquitto) -> Option<Mosquitto> {
         return None;
     }
     panic!("{test}: {}", missing_mosquitto());
-}
-
-// ---------------------------------------------------------------------------------------------
-// Proxy
-// ---------------------------------------------------------------------------------------------
-
-/// A TCP proxy on 127.0.0.1 forwarding to 127.0.0.1:`target`.
-///
-/// [`Proxy::cut`] closes every live connection and closes new ones at once until
-/// [`Proxy::restore`]: the internet going away between a gateway and its cloud.
-#[derive(Debug)]
-pub struct Proxy {
-    port: u16,
-    shared: Arc<ProxyShared>,
-}
-
-#[derive(Debug, Default)]
-struct ProxyShared {
-    /// Whether the link is cut, and both sockets of every live connection (taken together under
-    /// one lock, so no connection slips past a cut).
-    state: Mutex<ProxyState>,
-    forwarded: AtomicUsize,
-    stopping: AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct ProxyState {
-    cut: bool,
-    live: Vec<TcpStream>,
-}
-
-impl Proxy {
-    /// Starts a proxy on a free port forwarding to 127.0.0.1:`target`.
-    pub fn start(target: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let shared = Arc::new(ProxyShared::default());
-        let accepting = Arc::clone(&shared);
-        thread::Builder::new()
-            .name(format!("proxy-{port}"))
-            .spawn(move || accept_loop(&listener, target, &accepting))
-            .expect("spawn the proxy thread");
-        Proxy { port, shared }
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// How many connections were forwarded to the target so far (not those closed by a cut).
-    pub fn forwarded(&self) -> usize {
-        self.shared.forwarded.load(Ordering::SeqCst)
-    }
-
-    /// Closes every live connection (both ends see it closed at once) and closes every new one
-    /// until [`Proxy::restore`].
-    pub fn cut(&self) {
-        let mut state = self.shared.state.lock().unwrap();
-        state.cut = true;
-        for stream in state.live.drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Forwards new connections again.
-    pub fn restore(&self) {
-        self.shared.state.lock().unwrap().cut = false;
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
-        self.cut();
-        // Wakes the accept loop so it sees `stopping`.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
-}
-
-fn accept_loop(listener: &TcpListener, target: u16, shared: &Arc<ProxyShared>) {
-    for incoming in listener.incoming() {
-        if shared.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(client) = incoming else { continue };
-        let mut state = shared.state.lock().unwrap();
-        if state.cut {
-            let _ = client.shutdown(Shutdown::Both);
-            continue;
-        }
-        let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else {
-            let _ = client.shutdown(Shutdown::Both);
-            continue;
-        };
-        let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
-        let (Ok(c1), Ok(c2), Ok(u1), Ok(u2)) = (
-            client.try_clone(),
-            client.try_clone(),
-            upstream.try_clone(),
-            upstream.try_clone(),
-        ) else {
-            continue;
-        };
-        state.live.push(client);
-        state.live.push(upstream);
-        drop(state);
-        shared.forwarded.fetch_add(1, Ordering::SeqCst);
-        thread::spawn(move || pump(c1, u1));
-        thread::spawn(move || pump(u2, c2));
-    }
-}
-
-/// Copies `from` to `to` until either side closes, then closes both.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
 }
 
 // ---------------------------------------------------------------------------------------------

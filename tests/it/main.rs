@@ -5,6 +5,7 @@ mod bus;
 mod cloud_sim;
 mod config;
 mod daemon;
+mod demo;
 mod fixtures;
 mod gateway;
 mod link;

@@ -898,3 +898,244 @@ async fn a_full_outbox_drops_telemetry_then_old_activity_never_alarms_and_says_s
     assert!(n <= 100, "{n} records");
     store.close();
 }
+
+/// A key opening `main` with a PIN, a QR token and a mobile key.
+fn three_credential_key(id: &str) -> doorbridge::access::Key {
+    let mut k = key(id, CredentialKind::Pin, "7777", UseLimit::Unlimited);
+    for (kind, secret) in [
+        (CredentialKind::Qr, "qr-7"),
+        (CredentialKind::Mobile, "m-7"),
+    ] {
+        k.credentials.push(doorbridge::access::Credential {
+            kind,
+            digest: doorbridge::access::credential::digest(fixtures::SALT, kind, secret.as_bytes()),
+        });
+    }
+    k
+}
+
+/// Presents each of the three credentials at `door`: each must be granted (`None`) or denied
+/// for `expected`.
+async fn assert_three(store: &Store, door: &str, expected: Option<DenyReason>, when: &str) {
+    for (kind, secret) in [
+        (CredentialKind::Pin, "7777"),
+        (CredentialKind::Qr, "qr-7"),
+        (CredentialKind::Mobile, "m-7"),
+    ] {
+        let d = store
+            .verify(request("u", door, kind, secret))
+            .await
+            .unwrap()
+            .decision;
+        match expected {
+            None => assert!(d.is_grant(), "{kind:?} at {door} {when}: {d:?}"),
+            Some(r) => assert_eq!(reason(&d), Some(r), "{kind:?} at {door} {when}"),
+        }
+    }
+}
+
+/// Every credential row carries exactly its key's rules (the lookup decides with the copy).
+fn assert_credential_rules_match_keys(path: &std::path::Path) {
+    let stale: i64 = Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM credentials c JOIN keys k USING (generation, key_id)
+              WHERE c.rules IS NOT NULL AND c.rules IS NOT k.rules",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stale, 0,
+        "credential rows whose rules differ from their key's"
+    );
+}
+
+#[tokio::test]
+async fn a_key_with_three_credentials_revoked_by_a_delta_is_denied_on_every_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    let set = vec![three_credential_key("k")];
+    store.install_key_set(header(1), set).await.unwrap();
+    assert_three(&store, "main", None, "when installed").await;
+    let revoke = delta(1, 2, vec![], &["k"]);
+    store.apply_delta(revoke).await.unwrap();
+    assert_three(&store, "main", Some(DenyReason::Revoked), "once revoked").await;
+    assert_credential_rules_match_keys(&path);
+    store.close();
+    let store = open(&path);
+    assert_three(&store, "main", Some(DenyReason::Revoked), "after a restart").await;
+    store.close();
+}
+
+#[tokio::test]
+async fn a_delta_upsert_gives_every_credential_of_the_key_its_new_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    let set = vec![three_credential_key("k")];
+    store.install_key_set(header(1), set).await.unwrap();
+    // The key moves from `main` to `garage`, same credentials.
+    let mut moved = three_credential_key("k");
+    moved.rules.doors = vec!["garage".into()];
+    let steps = [
+        (delta(1, 2, vec![moved.clone()], &[]), "garage", None),
+        (
+            delta(2, 3, vec![], &["k"]),
+            "garage",
+            Some(DenyReason::Revoked),
+        ),
+        // Revoked, then issued again by an upsert: every credential opens again.
+        (delta(3, 4, vec![moved], &[]), "garage", None),
+        // Upserted and revoked in one delta: revoked, on every credential.
+        (
+            delta(4, 5, vec![three_credential_key("k")], &["k"]),
+            "main",
+            Some(DenyReason::Revoked),
+        ),
+    ];
+    for (step, door, expected) in steps {
+        let version = step.version;
+        store.apply_delta(step).await.unwrap();
+        assert_three(&store, door, expected, &format!("at version {version}")).await;
+        if version == 2 {
+            let wrong = Some(DenyReason::WrongDoor);
+            assert_three(&store, "main", wrong, "after the move").await;
+        }
+    }
+    assert_credential_rules_match_keys(&path);
+    store.close();
+}
+
+#[tokio::test]
+async fn a_key_set_stored_before_version_5_keeps_deciding_after_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    {
+        // Version 4: rules as CBOR in `keys` only, credential rows without rules.
+        let conn = Connection::open(&path).unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(4).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+                .unwrap();
+        }
+        let mut limited = three_credential_key("k");
+        limited.rules.use_limit = UseLimit::Total(1);
+        let other = key("o", CredentialKind::Pin, "1111", UseLimit::Unlimited);
+        for k in [&limited, &other] {
+            let mut cbor = Vec::new();
+            ciborium::into_writer(&k.rules, &mut cbor).unwrap();
+            conn.execute(
+                "INSERT INTO keys (generation, key_id, rules) VALUES (1, ?1, ?2)",
+                rusqlite::params![k.rules.id, cbor],
+            )
+            .unwrap();
+            for c in &k.credentials {
+                conn.execute(
+                    "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (1, ?1, ?2, ?3)",
+                    rusqlite::params![c.digest.0, c.kind.code(), k.rules.id],
+                )
+                .unwrap();
+            }
+        }
+        conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('active_generation', 1), ('keyset_version', 1),
+             ('credential_salt', ?1)",
+            [fixtures::SALT],
+        )
+        .unwrap();
+    }
+    let store = open(&path);
+    // The rules come from `keys`, the use limit included: one use, then used up.
+    let pin = store
+        .verify(request("u", "main", CredentialKind::Pin, "7777"))
+        .await
+        .unwrap();
+    assert!(pin.decision.is_grant(), "{pin:?}");
+    assert_three(&store, "main", Some(DenyReason::UsedUp), "once used").await;
+    let reader = store.reader().unwrap();
+    assert_eq!(
+        reader.key("k").unwrap().unwrap().use_limit,
+        UseLimit::Total(1)
+    );
+    assert_eq!(reader.keys_page("", 10).unwrap().len(), 2);
+    // A revocation reaches the rows written before the upgrade too.
+    store
+        .apply_delta(delta(1, 2, vec![], &["k"]))
+        .await
+        .unwrap();
+    assert_three(&store, "main", Some(DenyReason::Revoked), "once revoked").await;
+    let other = store
+        .verify(request("u", "main", CredentialKind::Pin, "1111"))
+        .await
+        .unwrap();
+    assert!(other.decision.is_grant(), "{other:?}");
+    assert_credential_rules_match_keys(&path);
+    store.close();
+}
+
+/// Size and modification time of the database file and of its WAL.
+fn on_disk(path: &std::path::Path) -> Vec<(u64, std::time::SystemTime)> {
+    ["", "-wal"]
+        .iter()
+        .map(|suffix| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let meta = std::fs::metadata(name).unwrap();
+            (meta.len(), meta.modified().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_idle_store_folds_its_wal_into_the_file_once_then_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .verify(request("u", "main", CredentialKind::Qr, "nope"))
+        .await
+        .unwrap();
+    // A commit only appends to the WAL; the checkpoint while idle writes the database file.
+    let before = on_disk(&path)[0];
+    crate::broker::wait_for(
+        std::time::Duration::from_secs(10),
+        "a checkpoint while idle",
+        || (on_disk(&path)[0] != before).then_some(()),
+    )
+    .await;
+    let settled = on_disk(&path);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(on_disk(&path), settled, "an idle store wrote to its files");
+    store.close();
+}
+
+#[tokio::test]
+async fn a_store_that_is_never_idle_still_bounds_its_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    let at = fixtures::now();
+    // Commits back to back, never a pause long enough for the idle checkpoint; without a
+    // bound the WAL would grow to about 6,000 pages.
+    for round in 0..400u32 {
+        let records = (0..250u8)
+            .map(|button| Record::CallButton {
+                at,
+                unit: format!("bus0/{round}"),
+                door: "main".into(),
+                button,
+            })
+            .collect();
+        store.append(records).await.unwrap();
+    }
+    let page = 4096 + 24;
+    let wal = on_disk(&path)[1].0;
+    assert!(
+        wal <= (1000 + 100) * page,
+        "the WAL grew to {} pages",
+        wal / page
+    );
+    store.close();
+}
