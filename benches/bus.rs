@@ -4,7 +4,12 @@
 //!   unit (lookup, decision, a `synchronous=FULL` commit, the answer), p50/p99, beside the
 //!   wire time of the same bytes at 115200 and 9600 baud (a pty has no line speed, so the
 //!   measured time is the gateway's own) and one `fsync` on the same disk;
-//! - verifications per second one bus serves with 8 units presenting at once.
+//! - verifications per second one bus serves with 8 units presenting at once;
+//! - P8, one polling cycle over 32 units at 115200 baud beside the wire-time lower bound (the
+//!   wire times of its polls and answers): the pure session on a virtual line where every
+//!   frame occupies the line for its wire time (deterministic), with the session's own CPU
+//!   time per cycle measured; and the real driver over a pty, where the gap from a unit's
+//!   answer to the next poll is the gateway's own (turnaround wait, scheduling, processing).
 //!
 //! Run with `cargo bench --bench bus` (add `-- --quick` for a short run). Writes its section of
 //! `docs/performance.md`.
@@ -17,48 +22,34 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use doorbridge::access::{Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit};
-use doorbridge::bus::frame::{Address, wire_time};
+use doorbridge::access::{CredentialKind, Key};
+use doorbridge::bus::frame::{Address, Decoder, Direction, wire_time};
 use doorbridge::bus::message::{Grant, Message, Verify};
+use doorbridge::bus::session::{Report, Session, SessionConfig, SessionEvent};
 use doorbridge::config::Config;
 use doorbridge::sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
-use doorbridge::store::{KeySetHeader, Store, StoreOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-const SALT: &[u8] = b"bench-salt";
+#[path = "support/mod.rs"]
+mod support;
+
 const UNITS: u8 = 8;
 
 fn key(n: u8) -> Key {
-    let secret = format!("qr-{n:02}");
-    Key {
-        rules: KeyRules {
-            id: format!("k{n}"),
-            name: format!("key {n}"),
-            category: Category::Friend,
-            doors: vec![format!("door-{n}")],
-            opens_inner_door: false,
-            valid_from: None,
-            valid_until: None,
-            schedule: Schedule::Always,
-            use_limit: UseLimit::Unlimited,
-            welcome: Some("Welcome".into()),
-            floors: vec![],
-            revoked: false,
-        },
-        credentials: vec![Credential {
-            kind: CredentialKind::Qr,
-            digest: doorbridge::access::credential::digest(
-                SALT,
-                CredentialKind::Qr,
-                secret.as_bytes(),
-            ),
-        }],
-    }
+    let mut key = support::key(
+        format!("k{n}"),
+        &format!("door-{n}"),
+        CredentialKind::Qr,
+        format!("qr-{n:02}").as_bytes(),
+    );
+    key.rules.welcome = Some("Welcome".into());
+    key
 }
 
-fn config(db: &Path, link: &Path) -> Config {
+fn config(db: &Path, link: &Path, units: u8) -> Config {
     let mut text = format!(
         "[gateway]\nid = \"gw-bench\"\nsite_id = \"bench\"\n[site]\ntimezone = \"Europe/Berlin\"\n\
          [cloud]\nurl = \"mqtt://127.0.0.1\"\n\
@@ -68,7 +59,7 @@ fn config(db: &Path, link: &Path) -> Config {
         db.display(),
         link.display()
     );
-    for n in 1..=UNITS {
+    for n in 1..=units {
         let _ = write!(
             text,
             "[[buses.units]]\naddress = {n}\ndoor = \"door-{n}\"\n"
@@ -115,23 +106,13 @@ async fn run(samples: usize, load_for: Duration) -> Run {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("bench.db");
     let link = dir.path().join("ttyBENCH");
-    let store = Store::open(StoreOptions::new(
+    support::install_keys(
         &db,
-        doorbridge::store::DecisionContext::new(config(&db, &link).site()),
-    ))
-    .expect("store");
-    store
-        .install_key_set(
-            KeySetHeader {
-                version: 1,
-                salt: SALT.to_vec(),
-                issued_at: Some(jiff::Timestamp::now()),
-            },
-            (1..=UNITS).map(key).collect(),
-        )
-        .await
-        .expect("keys");
-    store.close();
+        config(&db, &link, UNITS).site(),
+        support::SALT,
+        (1..=UNITS).map(key).collect(),
+    )
+    .await;
 
     let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
     let addresses: Vec<Address> = (1..=UNITS).filter_map(Address::unit).collect();
@@ -148,7 +129,7 @@ async fn run(samples: usize, load_for: Duration) -> Run {
             let _ = sim_stopped.await;
         },
     ));
-    let cfg = config(&db, &link);
+    let cfg = config(&db, &link, UNITS);
     let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
     let daemon = tokio::spawn(async move {
         doorbridge::daemon::serve(&cfg, async {
@@ -208,6 +189,351 @@ async fn run(samples: usize, load_for: Duration) -> Run {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// P8: one polling cycle over 32 units at 115200 baud
+// ---------------------------------------------------------------------------------------------
+
+const CYCLE_UNITS: u8 = 32;
+const BAUD: u32 = 115_200;
+/// Cycles run before measuring: the units' start-up status reports are stored and acked.
+const WARMUP_CYCLES: usize = 3;
+
+/// The session as `doorbridge run` configures it for 32 units with the defaults (and
+/// `turnaround` if given), saturated: the next cycle starts as soon as the line is free (with
+/// the default `poll_interval`, 200 ms, the bus would rest in between).
+fn cycle_session(turnaround: Option<&str>) -> SessionConfig {
+    let dir = Path::new("/nonexistent");
+    let mut config = config(&dir.join("db"), &dir.join("tty"), CYCLE_UNITS);
+    config.buses[0].turnaround = turnaround.map(parse_duration);
+    let mut session = doorbridge::daemon::bus_spec(&config, &config.buses[0]).session;
+    session.min_cycle = Duration::ZERO;
+    session
+}
+
+struct VirtualCycles {
+    cycle: Duration,
+    /// The wire times of the cycle's frames (32 polls, 32 answers).
+    bound: Duration,
+    /// The gateway's quiet gap.
+    turnaround: Duration,
+    /// Wall time spent inside the session's calls per cycle (CPU-bound code).
+    session_cpu: Duration,
+    cycles: usize,
+}
+
+/// Runs the pure session against 32 simulated units on a virtual half-duplex line: a frame
+/// occupies the line for its wire time and is heard when its last byte is; a unit starts its
+/// answer `reply_delay` after the end of the frame addressed to it. Reports are "stored" at
+/// once. Asserts that nobody ever talks over anybody.
+fn virtual_cycles(config: SessionConfig, reply_delay: Duration, cycles: usize) -> VirtualCycles {
+    let turnaround = config.turnaround;
+    let first = config.units[0];
+    let mut units =
+        SimUnits::new(&config.units, doorbridge::sim::SimConfig::default()).expect("sim");
+    let mut session = Session::new(config).expect("session");
+    let mut now = Duration::ZERO;
+    let mut line_free = Duration::ZERO;
+    let mut cpu = Duration::ZERO;
+    // Per cycle: when its first poll started, and the wire time of its frames.
+    let mut starts: Vec<(Duration, Duration, Duration)> = Vec::new();
+    while starts.len() <= WARMUP_CYCLES + cycles {
+        let t = Instant::now();
+        let tx = session.poll_next(now);
+        cpu += t.elapsed();
+        let Some(tx) = tx else {
+            timed(&mut session, &mut cpu, |s| {
+                let due = s
+                    .next_deadline()
+                    .expect("a saturated bus has something due");
+                now = now.max(due);
+                s.on_timeout(now)
+            });
+            continue;
+        };
+        assert!(now >= line_free, "the gateway talks over a unit");
+        if tx.to == first {
+            starts.push((now, Duration::ZERO, cpu));
+        }
+        let end = now + wire_time(tx.bytes.len(), BAUD);
+        let mut wire = wire_time(tx.bytes.len(), BAUD);
+        // The units hear the frame once it is on the line; so does the gateway (its echo).
+        units.on_bytes(&tx.bytes, end);
+        timed(&mut session, &mut cpu, |s| s.on_bytes(&tx.bytes, end));
+        now = end;
+        line_free = end;
+        if let Some(answer) = units.poll_transmit(end) {
+            assert!(tx.expects_reply);
+            let answer_end = end + reply_delay + wire_time(answer.len(), BAUD);
+            wire += wire_time(answer.len(), BAUD);
+            timed(&mut session, &mut cpu, |s| s.on_bytes(&answer, answer_end));
+            now = answer_end;
+            line_free = answer_end;
+        }
+        if let Some(last) = starts.last_mut() {
+            last.1 += wire;
+        }
+    }
+    let measured = &starts[WARMUP_CYCLES..];
+    let since = |later: Duration, earlier: Duration| later.checked_sub(earlier).expect("later");
+    // Every measured cycle is the same on a virtual clock.
+    let (cycle, bound) = (since(measured[1].0, measured[0].0), measured[0].1);
+    for w in measured.windows(2) {
+        assert_eq!((since(w[1].0, w[0].0), w[0].1), (cycle, bound));
+    }
+    // The CPU time per cycle: the median, as the machine is shared.
+    let mut cpu_per_cycle: Vec<Duration> =
+        measured.windows(2).map(|w| since(w[1].2, w[0].2)).collect();
+    cpu_per_cycle.sort();
+    VirtualCycles {
+        cycle,
+        bound,
+        turnaround,
+        session_cpu: percentile(&cpu_per_cycle, 50),
+        cycles: cpu_per_cycle.len(),
+    }
+}
+
+/// Runs `f` on the session and acknowledges the reports it yields (storing takes no time
+/// here; acknowledging is the session's work), adding the time taken to `cpu`.
+fn timed(
+    session: &mut Session,
+    cpu: &mut Duration,
+    f: impl FnOnce(&mut Session) -> Vec<SessionEvent>,
+) {
+    let t = Instant::now();
+    for event in f(session) {
+        // (A status report is acknowledged by the session itself: nothing to do for it.)
+        if let SessionEvent::Report {
+            unit,
+            id,
+            fingerprint,
+            report,
+        } = event
+            && !matches!(report, Report::Status(_))
+        {
+            session.ack_report(unit, id, &fingerprint).expect("ack");
+        }
+    }
+    *cpu += t.elapsed();
+}
+
+struct PtyCycles {
+    /// From a unit's answer written to the next poll read, at the units' end of the pty: the
+    /// gateway's own time (reading, the session, the quiet gap, writing) plus the pty's.
+    gaps: Vec<Duration>,
+    /// From a poll read to its answer written: the simulated units' own time.
+    units: Vec<Duration>,
+    /// Between two polls to unit 1 (saturated: 32 units take longer than the 10 ms interval).
+    cycles: Vec<Duration>,
+    turnaround: Duration,
+}
+
+/// The real driver (`serve`, in process) polling 32 simulated units over a pty, with the
+/// bus's `turnaround` if given. The units run on their own thread and runtime and answer at
+/// once; they time what the gateway does.
+async fn pty_cycles(samples: usize, turnaround: Option<&str>) -> PtyCycles {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("cycle.db");
+    let link = dir.path().join("ttyCYCLE");
+    let mut cfg = config(&db, &link, CYCLE_UNITS);
+    cfg.buses[0].turnaround = turnaround.map(parse_duration);
+    let turnaround = doorbridge::daemon::bus_spec(&cfg, &cfg.buses[0])
+        .session
+        .turnaround;
+    let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
+    let addresses: Vec<Address> = (1..=CYCLE_UNITS).filter_map(Address::unit).collect();
+    let units_thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mut port = HangupTolerant::new(master, Duration::from_millis(2));
+            let mut units =
+                SimUnits::new(&addresses, doorbridge::sim::SimConfig::default()).expect("sim");
+            let mut frames = Decoder::new();
+            let start = Instant::now();
+            let mut buf = [0u8; 512];
+            let mut acked = 0;
+            let mut answered: Option<Instant> = None;
+            let mut polls_to_first: Vec<Instant> = Vec::new();
+            let mut gaps = Vec::with_capacity(samples);
+            let mut own = Vec::with_capacity(samples);
+            while gaps.len() < samples {
+                let n = port.read(&mut buf).await.expect("read the pty");
+                let at = Instant::now();
+                let ready = acked >= addresses.len();
+                for frame in frames.feed(&buf[..n]).into_iter().flatten() {
+                    if ready
+                        && frame.direction() == Direction::ToUnit
+                        && frame.address() == addresses[0]
+                    {
+                        polls_to_first.push(at);
+                    }
+                }
+                for out in units.on_bytes(&buf[..n], start.elapsed()) {
+                    if let Output::Acked {
+                        report: ReportKind::Status,
+                        ..
+                    } = out
+                    {
+                        acked += 1;
+                    }
+                }
+                while let Some(bytes) = units.poll_transmit(start.elapsed()) {
+                    if let Some(prev) = answered.take()
+                        && ready
+                    {
+                        gaps.push(at - prev);
+                    }
+                    port.write_all(&bytes).await.expect("write the pty");
+                    let now = Instant::now();
+                    if ready {
+                        own.push(now - at);
+                    }
+                    answered = Some(now);
+                }
+            }
+            let cycles: Vec<Duration> = polls_to_first.windows(2).map(|w| w[1] - w[0]).collect();
+            (gaps, own, cycles)
+        })
+    });
+    let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
+    let daemon = tokio::spawn(async move {
+        doorbridge::daemon::serve(&cfg, async {
+            let _ = daemon_stopped.await;
+        })
+        .await
+    });
+    let (mut gaps, mut units, mut cycles) =
+        tokio::task::spawn_blocking(move || units_thread.join())
+            .await
+            .expect("join")
+            .expect("the units' thread");
+    let _ = stop_daemon.send(());
+    let _ = daemon.await;
+    gaps.sort();
+    units.sort();
+    cycles.sort();
+    PtyCycles {
+        gaps,
+        units,
+        cycles,
+        turnaround,
+    }
+}
+
+fn parse_duration(text: &str) -> Duration {
+    doorbridge::config::values::parse_duration(text).expect("a duration")
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+/// The P8 table and its notes.
+fn cycle_table(quick: bool, rt: &tokio::runtime::Runtime) -> String {
+    let cycles = if quick { 100 } else { 2000 };
+    let at_once = Duration::ZERO;
+    // The protocol lets a unit answer no sooner than 1 ms after the gateway's frame (§2).
+    let spec_min = Duration::from_millis(1);
+    let rows = [
+        (
+            "default (`turnaround = \"auto\"`), units answer at once",
+            virtual_cycles(cycle_session(None), at_once, cycles),
+        ),
+        (
+            "default, units answer after 1 ms (the least the protocol allows them, §2)",
+            virtual_cycles(cycle_session(None), spec_min, cycles),
+        ),
+        (
+            "`turnaround = \"2ms\"` (the fixed gap before this change), units at once",
+            virtual_cycles(cycle_session(Some("2ms")), at_once, cycles),
+        ),
+    ];
+    let mut table = String::from(
+        "| P8: one cycle, 32 units, 115200 baud | gateway's gap | cycle | wire-time lower bound | ratio (target ≤ 1.25×) | session CPU per cycle |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (what, r) in &rows {
+        let _ = writeln!(
+            table,
+            "| virtual line, {what} | {} | {} | {} | {:.3}× | {} ({:.2} % of the cycle) |",
+            us(r.turnaround),
+            ms(r.cycle),
+            ms(r.bound),
+            ratio(r.cycle, r.bound),
+            us(r.session_cpu),
+            100.0 * ratio(r.session_cpu, r.cycle),
+        );
+    }
+    let samples = if quick { 2_000 } else { 20_000 };
+    let poll = wire_time(10, BAUD);
+    let wire = (poll + poll) * u32::from(CYCLE_UNITS);
+    let mut notes = String::new();
+    for (what, turnaround) in [
+        ("default (`turnaround = \"auto\"`)", None),
+        (
+            "`turnaround = \"1ms\"` (waited by tokio's timers, which tick in whole ms)",
+            Some("1ms"),
+        ),
+    ] {
+        let pty = rt.block_on(pty_cycles(samples, turnaround));
+        let gap = percentile(&pty.gaps, 50);
+        // On a line: the wire time, and per exchange the gateway's own time (the pty's
+        // included); the units answer at once, as on the virtual line.
+        let estimate = wire + gap * u32::from(CYCLE_UNITS);
+        let _ = writeln!(
+            table,
+            "| real driver over a pty, {what}, units answer at once | {} | {} (estimate: wire time + 32 × the p50 of a unit's answer → the next poll, {}) | {} | {:.3}× (estimate) | — |",
+            us(pty.turnaround),
+            ms(estimate),
+            us(gap),
+            ms(wire),
+            ratio(estimate, wire),
+        );
+        let _ = write!(
+            notes,
+            "\n- Real driver, {what}: a unit's answer → the next poll p50 {}, p99 {} ({} samples; \
+             the gap is {}); the units' own time p50 {}; the pty cycle itself (no wire time) \
+             p50 {}, p99 {}.",
+            us(gap),
+            us(percentile(&pty.gaps, 99)),
+            pty.gaps.len(),
+            us(pty.turnaround),
+            us(percentile(&pty.units, 50)),
+            ms(percentile(&pty.cycles, 50)),
+            ms(percentile(&pty.cycles, 99)),
+        );
+    }
+    table.push_str(&notes);
+    table.push('\n');
+    let _ = write!(
+        table,
+        "\nHow measured: the pure session (`bus::session`) configured as `doorbridge run` \
+         configures it for 32 units (defaults, `daemon::bus_spec`), saturated (the next cycle \
+         starts as soon as the line is free; with the default `poll_interval` of 200 ms the bus \
+         rests in between), against 32 simulated units (`sim::SimUnits`) on a virtual \
+         half-duplex line: a frame occupies the line for its wire time at 115200 baud and is \
+         heard when its last byte is; the units answer a poll with idle (10 bytes) at once, or \
+         after 1 ms. The cycle is the time between two polls to unit 1 ({} cycles after {} \
+         warm-up cycles; every cycle is the same on a virtual clock); the lower bound is the \
+         sum of the wire times of its 32 polls and 32 answers. Session CPU is the wall time \
+         spent inside the session's calls (CPU-bound code), the median over the cycles. The pty \
+         rows run the real driver (`daemon::serve` in process, 2 tokio workers) against the \
+         same 32 units on their own thread, which time the gateway from each answer written to \
+         the next poll read: a pty has no line speed, so that is the gateway's own time (its \
+         quiet gap, scheduling, processing) plus the pty's; the estimate adds it to the wire \
+         time, for a line whose UART delivers at once and units that answer at once.\n",
+        rows[0].1.cycles, WARMUP_CYCLES,
+    );
+    table
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -256,29 +582,18 @@ fn main() {
         1.0 / wire_time(bytes + 10, 115_200).as_secs_f64(),
     );
     println!("{table}");
+    let cycles = cycle_table(quick, &rt);
+    println!("{cycles}");
     let section = format!(
         "<!-- bench:bus -->\n### Door bus over a pty (`cargo bench --bench bus`)\n\n\
-         Measured {} with {} round trips{}. A pty has no line speed: the measured time is the \
+         Measured {} with {} round trips{}; load average {} (`/proc/loadavg`: 2 cores shared \
+         with other builds). A pty has no line speed: the measured time is the \
          gateway's own work (lookup, decision, a durable commit, the answer); on a real line add \
-         the wire time.\n\n{table}\n<!-- /bench:bus -->",
+         the wire time.\n\n{table}\n{cycles}\n<!-- /bench:bus -->",
         jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
         result.round_trips.len(),
         if quick { " (--quick)" } else { "" },
+        support::load_average(),
     );
-    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
-    let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
-    let new = match (
-        old.find("<!-- bench:bus -->"),
-        old.find("<!-- /bench:bus -->"),
-    ) {
-        (Some(a), Some(b)) if b > a => {
-            format!(
-                "{}{section}{}",
-                &old[..a],
-                &old[b + "<!-- /bench:bus -->".len()..]
-            )
-        }
-        _ => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&doc, new).expect("write docs/performance.md");
+    support::write_section("bus", &section);
 }

@@ -1,6 +1,7 @@
-//! What the load-harness benches share (`benches/cloud.rs`, `benches/uplink.rs`): the real
-//! daemon binary as a child with its `/proc` counters, number formatting, the machine's
-//! description and the writing of one section of `docs/performance.md`.
+//! What the load-harness benches share (`benches/bus.rs`, `benches/cloud.rs`, `benches/idle.rs`,
+//! `benches/uplink.rs`): keys and their installation, the real daemon binary (or any child) with
+//! its `/proc` counters, number formatting, the machine's description and the writing of one
+//! section of `docs/performance.md`.
 //!
 //! The brokers are in `tests/support/brokers.rs`, shared with the integration tests.
 #![allow(dead_code)]
@@ -8,13 +9,16 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use doorbridge::access::Site;
 use doorbridge::access::{
     Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, credential,
 };
 use doorbridge::cloud::payload::Target;
+use doorbridge::store::{DecisionContext, KeySetHeader, Store, StoreOptions};
 use ed25519_dalek::SigningKey;
 
 // ---------------------------------------------------------------------------------------------
@@ -58,6 +62,122 @@ pub fn key(id: String, door: &str, kind: CredentialKind, secret: &[u8]) -> Key {
             digest: credential::digest(SALT, kind, secret),
         }],
     }
+}
+
+/// Installs `keys` as key set version 1 (salt `salt`) into the database at `db`, created if
+/// need be, and closes it.
+pub async fn install_keys(db: &Path, site: Site, salt: &[u8], keys: Vec<Key>) {
+    let store = Store::open(StoreOptions::new(db, DecisionContext::new(site))).expect("store");
+    store
+        .install_key_set(
+            KeySetHeader {
+                version: 1,
+                salt: salt.to_vec(),
+                issued_at: Some(jiff::Timestamp::now()),
+            },
+            keys,
+        )
+        .await
+        .expect("install the keys");
+    store.close();
+}
+
+/// A child process, killed on drop; its stdout or stderr drained by a thread that keeps the
+/// last 40 lines and counts those that contain a given text.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    tail: Arc<Mutex<Vec<String>>>,
+    counted: Arc<AtomicUsize>,
+}
+
+impl Process {
+    /// Starts `command` with its stdout (`stdout`) or its stderr drained, counting the lines
+    /// that contain `count`; the other stream goes to /dev/null.
+    pub fn spawn(mut command: Command, stdout: bool, count: &'static str) -> Process {
+        command.stdin(Stdio::null());
+        if stdout {
+            command.stdout(Stdio::piped()).stderr(Stdio::null());
+        } else {
+            command.stdout(Stdio::null()).stderr(Stdio::piped());
+        }
+        let mut child = command.spawn().expect("start a child process");
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let counted = Arc::new(AtomicUsize::new(0));
+        let lines: Box<dyn std::io::Read + Send> = if stdout {
+            Box::new(child.stdout.take().expect("piped stdout"))
+        } else {
+            Box::new(child.stderr.take().expect("piped stderr"))
+        };
+        let (keep, hits) = (Arc::clone(&tail), Arc::clone(&counted));
+        std::thread::spawn(move || {
+            for line in BufReader::new(lines).lines().map_while(Result::ok) {
+                if line.contains(count) {
+                    hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let mut keep = keep.lock().expect("tail lock");
+                if keep.len() >= 40 {
+                    keep.remove(0);
+                }
+                keep.push(line);
+            }
+        });
+        Process {
+            child,
+            tail,
+            counted,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lines seen so far that contain the text given to [`Process::spawn`].
+    pub fn counted(&self) -> usize {
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    pub fn tail(&self) -> String {
+        self.tail.lock().expect("tail lock").join("\n")
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, as systemd stops a service; SIGKILL if it has not exited within 10 s.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "unknown".into(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 /// The benches' runtime: two workers, as the daemon's.
@@ -332,7 +452,7 @@ pub fn rate(per_second: f64) -> String {
     group_digits(&format!("{per_second:.0}"))
 }
 
-fn group_digits(digits: &str) -> String {
+pub fn group_digits(digits: &str) -> String {
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i).is_multiple_of(3) {

@@ -1,5 +1,5 @@
 //! Broker helpers shared by the integration tests (`tests/it/broker.rs`), the benchmarks
-//! (`benches/cloud.rs`, `benches/uplink.rs`) and the demo (`examples/demo/story.rs`), which
+//! (`benches/cloud.rs`, `benches/uplink.rs`, `benches/idle.rs`) and the demo (`examples/demo/story.rs`), which
 //! cannot import test modules: included in each with `#[path]`.
 //!
 //! - [`RumqttdBroker`]: an in-process rumqttd on a free port;
