@@ -32,7 +32,7 @@ use rumqttc::{
     Publish, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
@@ -482,6 +482,7 @@ fn start_helpers(
             store: store.clone(),
             connected: connected.clone(),
             acks,
+            deletes: JoinSet::new(),
         },
         stop.clone(),
     ));

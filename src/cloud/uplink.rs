@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 
 use super::acks::{Ack, BatchId, Publisher};
 use super::payload::{PayloadError, from_cbor};
@@ -144,6 +145,11 @@ impl BatchWriter {
         self.count == 0
     }
 
+    /// Bytes of the records so far, framing included.
+    pub fn bytes(&self) -> usize {
+        self.entries.len()
+    }
+
     /// The message: the stored bodies are CBOR already, so they are spliced in as they are.
     pub fn finish(self, gateway: &str, site: &str, epoch: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.entries.len() + BATCH_OVERHEAD);
@@ -193,6 +199,9 @@ pub struct Planner {
     cursor: [i64; 3],
     inflight: BTreeMap<BatchId, InFlight>,
     next_id: BatchId,
+    /// Bytes a record took in the last batch (its body and its framing), for
+    /// [`Planner::rows_per_read`].
+    row_bytes: usize,
 }
 
 impl Planner {
@@ -206,6 +215,7 @@ impl Planner {
             cursor: [0; 3],
             inflight: BTreeMap::new(),
             next_id: 1,
+            row_bytes: 96,
         }
     }
 
@@ -228,9 +238,11 @@ impl Planner {
         self.cursor[index(class)]
     }
 
-    /// How many rows to read per query: about what fits in one batch.
+    /// How many rows to read per query: what fits in one batch at the size records had in the
+    /// last batch, and a tenth more (records vary; a short read only makes a smaller batch).
     pub fn rows_per_read(&self) -> u32 {
-        u32::try_from((self.max_payload / 96).clamp(16, 4096)).unwrap_or(4096)
+        let rows = self.max_payload / self.row_bytes.max(16) * 11 / 10 + 1;
+        u32::try_from(rows.clamp(16, 4096)).unwrap_or(4096)
     }
 
     /// Builds the next batch of `class` from rows read after its cursor (oldest first) and
@@ -259,6 +271,9 @@ impl Planner {
         let id = self.next_id;
         self.next_id += 1;
         let records = seqs.len();
+        if records > 0 {
+            self.row_bytes = writer.bytes() / records;
+        }
         if !seqs.is_empty() {
             self.inflight.insert(
                 id,
@@ -324,6 +339,10 @@ pub struct Uplink {
     pub connected: watch::Receiver<bool>,
     /// Acks and losses, from the poller.
     pub acks: mpsc::UnboundedReceiver<Ack>,
+    /// Deletes of acknowledged rows under way: the drain does not wait for them (their rows
+    /// are behind the cursors already), and the store's writer folds those that queue up
+    /// into one commit.
+    pub deletes: JoinSet<()>,
 }
 
 /// Drains the outbox until `shutdown` turns true. Rows not acknowledged by then stay in the
@@ -363,7 +382,9 @@ pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
         }
         tokio::select! {
             // An ack (delete its rows) or a lost connection (send its batches again).
-            Some(ack) = up.acks.recv() => handle_acks(&mut up, ack).await,
+            Some(ack) = up.acks.recv() => handle_acks(&mut up, ack),
+            // A delete finished.
+            Some(_) = up.deletes.join_next(), if !up.deletes.is_empty() => {}
             // New records were committed.
             () = up.store.health().outbox_grew.notified() => {}
             // Connected or disconnected.
@@ -384,10 +405,12 @@ pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while up.planner.in_flight() > 0 && *up.connected.borrow() {
         match tokio::time::timeout_at(deadline, up.acks.recv()).await {
-            Ok(Some(ack)) => handle_acks(&mut up, ack).await,
+            Ok(Some(ack)) => handle_acks(&mut up, ack),
             Ok(None) | Err(_) => break,
         }
     }
+    // And the deletes their rows, so they do not go out again after a restart.
+    while let Ok(Some(_)) = tokio::time::timeout_at(deadline, up.deletes.join_next()).await {}
     tracing::debug!(
         sent_total,
         in_flight = up.planner.in_flight(),
@@ -395,8 +418,9 @@ pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
     );
 }
 
-/// Deletes the rows of every batch acknowledged so far (one store command for all of them).
-async fn handle_acks(up: &mut Uplink, first: Ack) {
+/// Deletes the rows of every batch acknowledged so far (one store command for all of them),
+/// without waiting for the delete.
+fn handle_acks(up: &mut Uplink, first: Ack) {
     let mut seqs = Vec::new();
     let mut next = Some(first);
     while let Some(ack) = next {
@@ -417,10 +441,13 @@ async fn handle_acks(up: &mut Uplink, first: Ack) {
     if seqs.is_empty() {
         return;
     }
-    if let Err(e) = up.store.ack(seqs).await {
-        // The rows stay and go out again: duplicates with the same ids, never a loss.
-        tracing::warn!(error = %e, "acknowledged records could not be deleted");
-    }
+    let store = up.store.clone();
+    up.deletes.spawn(async move {
+        if let Err(e) = store.ack(seqs).await {
+            // The rows stay and go out again: duplicates with the same ids, never a loss.
+            tracing::warn!(error = %e, "acknowledged records could not be deleted");
+        }
+    });
 }
 
 /// Sends batches while the window has room and the outbox has records, alarms first.

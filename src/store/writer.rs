@@ -400,9 +400,20 @@ impl Writer {
         }
         self.outbox_delta = (0, 0);
         self.fresh.clear();
-        let began = self
-            .durable()
-            .and_then(|()| self.conn.execute_batch("BEGIN IMMEDIATE"));
+        // A group of acks only deletes uploaded rows: committed without an fsync of its own
+        // (`synchronous=NORMAL`), because a delete a power cut takes only sends those records
+        // again with the same ids, which the cloud drops as duplicates. The next durable
+        // commit syncs the WAL with these frames in it.
+        let acks_only = self.backlog.is_empty()
+            && self.outage.is_none()
+            && !commands.is_empty()
+            && commands.iter().all(|c| matches!(c, Command::Ack(..)));
+        let began = if acks_only {
+            self.relax()
+        } else {
+            self.durable()
+        }
+        .and_then(|()| self.conn.execute_batch("BEGIN IMMEDIATE"));
         let mut overlay: HashMap<(String, String), u32> = HashMap::new();
         let outcomes: Vec<Outcome> = commands
             .into_iter()
@@ -414,6 +425,9 @@ impl Writer {
                 self.outbox_count += self.outbox_delta.0;
                 self.outbox_bytes += self.outbox_delta.1;
                 self.health.commits.fetch_add(1, Ordering::Relaxed);
+                if acks_only {
+                    self.restore_durable();
+                }
                 self.recovered();
                 self.answer(outcomes, Some(seqs));
                 self.health.committed(std::mem::take(&mut self.fresh));
@@ -423,6 +437,9 @@ impl Writer {
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
+                if acks_only {
+                    self.restore_durable();
+                }
                 // Whatever refused the write (a full or read-only disk, or a damaged page),
                 // the records wait in memory and the decisions follow the unrecordable policy:
                 // failing them outright would lock residents out and lose the records.
@@ -708,17 +725,20 @@ impl Writer {
         // Deletions first: on a full disk they free the pages the rest needs.
         let mut acked = HashMap::new();
         {
-            let mut del = self
-                .conn
-                .prepare_cached("DELETE FROM outbox WHERE seq = ?1 RETURNING length(body)")?;
+            // One statement per run of consecutive seqs (a batch's rows usually are one run):
+            // every seq in the run was acknowledged, whatever its class.
+            let mut del = self.conn.prepare_cached(
+                "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING length(body)",
+            )?;
             for (i, outcome) in outcomes.iter().enumerate() {
                 if let Outcome::Ack { seqs, .. } = outcome {
                     let mut n = 0;
-                    for s in seqs {
-                        if let Some(len) = del.query_row([s], |r| r.get::<_, i64>(0)).optional()? {
+                    for (first, last) in runs(seqs) {
+                        let mut rows = del.query([first, last])?;
+                        while let Some(row) = rows.next()? {
                             n += 1;
                             self.outbox_delta.0 -= 1;
-                            self.outbox_delta.1 -= len;
+                            self.outbox_delta.1 -= row.get::<_, i64>(0)?;
                         }
                     }
                     acked.insert(i, n);
@@ -1122,19 +1142,31 @@ impl Writer {
                 "no key set is being staged as generation {generation}"
             )));
         }
-        self.relaxed = true;
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        self.relax()?;
         let written = stage_rows(&mut self.conn, generation, keys);
         // Before anything else can commit, even when the chunk failed.
-        if let Err(e) = self.durable() {
-            tracing::error!(error = %e, "could not restore synchronous=FULL after staging keys");
-        }
+        self.restore_durable();
         let pins = written?;
         if let Some(staging) = &mut self.staging {
             staging.keys += keys.len() as u64;
             staging.pins += pins;
         }
         Ok(())
+    }
+
+    /// Sets `synchronous=NORMAL` for one transaction that need not survive a power cut (a
+    /// staged chunk, a group of acks); [`Writer::restore_durable`] right after it.
+    fn relax(&mut self) -> Result<(), rusqlite::Error> {
+        self.relaxed = true;
+        self.conn.pragma_update(None, "synchronous", "NORMAL")
+    }
+
+    /// [`Writer::durable`] after a relaxed transaction, committed or not. Should it fail,
+    /// `relaxed` stays set and the next durable transaction tries again before it begins.
+    fn restore_durable(&mut self) {
+        if let Err(e) = self.durable() {
+            tracing::error!(error = %e, "could not restore synchronous=FULL after a relaxed transaction");
+        }
     }
 
     /// Puts the connection back to `synchronous=FULL` if staging left it relaxed. Every
@@ -1434,11 +1466,28 @@ fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {
     }
 }
 
+/// The runs of consecutive values in `seqs` (in any order, duplicates allowed), as
+/// `(first, last)` pairs, ascending.
+fn runs(seqs: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for s in sorted {
+        match out.last_mut() {
+            Some((_, last)) if s == *last + 1 => *last = s,
+            _ => out.push((s, s)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::access::{Credential, CredentialDigest, Site};
     use crate::store::schema;
+    use tokio::sync::oneshot;
 
     fn writer(path: &Path) -> Writer {
         let mut conn = schema::open_writer(path).unwrap();
@@ -1496,5 +1545,50 @@ mod tests {
         assert!(err.to_string().contains("twice"), "{err}");
         assert_eq!(synchronous(&w), FULL, "after a failed chunk");
         assert!(!w.relaxed);
+    }
+
+    #[test]
+    fn runs_group_consecutive_seqs_whatever_their_order() {
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(runs(&[7]), vec![(7, 7)]);
+        assert_eq!(runs(&[5, 3, 4, 9, 10, 4, 12]), vec![(3, 5), (9, 10), (12, 12)]);
+    }
+
+    fn committed<T: std::fmt::Debug>(rx: oneshot::Receiver<Result<T, StoreError>>) -> T {
+        rx.blocking_recv().unwrap().unwrap()
+    }
+
+    #[test]
+    fn acks_delete_exactly_the_acknowledged_rows_in_a_relaxed_commit() {
+        const FULL: i64 = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(&dir.path().join("db"));
+        let press = |button| Record::CallButton {
+            at: Timestamp::UNIX_EPOCH,
+            unit: "entrance/1".into(),
+            door: "main".into(),
+            button,
+        };
+        let (tx, rx) = oneshot::channel();
+        w.commit_group(vec![Command::Append((1..=8).map(press).collect(), tx)]);
+        let seqs = committed(rx);
+        assert_eq!(seqs.len(), 8);
+        // Two runs and a single row, out of order, one of them acknowledged twice.
+        let acked = vec![seqs[5], seqs[0], seqs[1], seqs[2], seqs[1], seqs[6]];
+        let (tx, rx) = oneshot::channel();
+        w.commit_group(vec![Command::Ack(acked, tx)]);
+        assert_eq!(committed(rx), 5, "rows deleted");
+        assert_eq!(synchronous(&w), FULL, "FULL again after the acks' commit");
+        assert!(!w.relaxed);
+        let left: Vec<i64> = w
+            .conn
+            .prepare("SELECT seq FROM outbox ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, vec![seqs[3], seqs[4], seqs[7]]);
+        assert_eq!(w.outbox_count, 3, "the outbox count follows the deletes");
     }
 }
