@@ -24,6 +24,9 @@ use doorbridge::access::{
 use doorbridge::store::{DecisionContext, KeySetHeader, Store, StoreOptions};
 use jiff::civil::{Weekday, time};
 
+#[path = "support/mod.rs"]
+mod support;
+
 const KEYS: u32 = 1_000_000;
 const SALT: &[u8] = b"bench-salt";
 
@@ -206,8 +209,11 @@ fn bench_lookup(c: &mut Criterion) {
 
 /// The median estimate criterion saved for `id`, in nanoseconds.
 fn median_ns(id: &str) -> Option<f64> {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/criterion")
+    // Where criterion writes: the target directory, wherever `CARGO_TARGET_DIR` puts it.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from);
+    let file = Path::new(&target)
+        .join("criterion")
         .join(id)
         .join("new/estimates.json");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
@@ -258,41 +264,28 @@ fn write_report() {
     }
     let section = format!(
         "<!-- bench:access -->\n### Access engine and lookup (`cargo bench --bench access`)\n\n\
-         Measured {} on {}.\n\n{table}\n<!-- /bench:access -->",
-        jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
-        machine()
+         Measured {}{} on {}.\n\n{table}\n<!-- /bench:access -->",
+        support::now(),
+        if quick() { " (`--quick`)" } else { "" },
+        support::machine()
     );
-    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
-    let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n\n".into());
-    let new = match (
-        old.find("<!-- bench:access -->"),
-        old.find("<!-- /bench:access -->"),
-    ) {
-        (Some(a), Some(b)) if b > a => {
-            format!(
-                "{}{section}{}",
-                &old[..a],
-                &old[b + "<!-- /bench:access -->".len()..]
-            )
-        }
-        _ => format!("{}\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&doc, new).expect("write docs/performance.md");
-    eprintln!("wrote {}", doc.display());
+    support::write_section("access", &section);
+    if let (Some(store), Some(raw)) = (median_ns("lookup_1m/store"), median_ns("lookup_1m/raw_select")) {
+        support::write_summary(&[support::Summary {
+            id: "P3",
+            figure: "credential lookup (and rules decode) among 1,000,000 keys, median",
+            measured: format!("{} ({:.2}×)", fmt_ns(store), store / raw),
+            reference: format!("a raw indexed `SELECT` of the same row: {}", fmt_ns(raw)),
+            target: "≤ 3×",
+            met: store <= 3.0 * raw,
+            bench: "access",
+            quick: quick(),
+        }]);
+    }
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    format!("{cpu}, {cores} cores")
+fn quick() -> bool {
+    std::env::args().any(|a| a == "--quick")
 }
 
 fn main() {

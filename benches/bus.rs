@@ -5,6 +5,8 @@
 //!   wire time of the same bytes at 115200 and 9600 baud (a pty has no line speed, so the
 //!   measured time is the gateway's own) and one `fsync` on the same disk;
 //! - verifications per second one bus serves with 8 units presenting at once;
+//! - P2, durable decisions per second with 1 and 8 units presenting at once (group commit),
+//!   straight on the store, beside one `fsync` on the same disk;
 //! - P8, one polling cycle over 32 units at 115200 baud beside the wire-time lower bound (the
 //!   wire times of its polls and answers): the pure session on a virtual line where every
 //!   frame occupies the line for its wire time (deterministic), with the session's own CPU
@@ -436,7 +438,9 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 }
 
 /// The P8 table and its notes.
-fn cycle_table(quick: bool, rt: &tokio::runtime::Runtime) -> String {
+/// P8's table, and its two ratios for the summary: the virtual line's, units answering at once,
+/// and the real driver's estimate for a line.
+fn cycle_table(quick: bool, rt: &tokio::runtime::Runtime) -> (String, f64, f64) {
     let cycles = if quick { 100 } else { 2000 };
     let at_once = Duration::ZERO;
     // The protocol lets a unit answer no sooner than 1 ms after the gateway's frame (§2).
@@ -475,6 +479,7 @@ fn cycle_table(quick: bool, rt: &tokio::runtime::Runtime) -> String {
     let poll = wire_time(10, BAUD);
     let wire = (poll + poll) * u32::from(CYCLE_UNITS);
     let mut notes = String::new();
+    let mut estimated = 0.0;
     for (what, turnaround) in [
         ("default (`turnaround = \"auto\"`)", None),
         (
@@ -487,6 +492,9 @@ fn cycle_table(quick: bool, rt: &tokio::runtime::Runtime) -> String {
         // On a line: the wire time, and per exchange the gateway's own time (the pty's
         // included); the units answer at once, as on the virtual line.
         let estimate = wire + gap * u32::from(CYCLE_UNITS);
+        if turnaround.is_none() {
+            estimated = ratio(estimate, wire);
+        }
         let _ = writeln!(
             table,
             "| real driver over a pty, {what}, units answer at once | {} | {} (estimate: wire time + 32 × the p50 of a unit's answer → the next poll, {}) | {} | {:.3}× (estimate) | — |",
@@ -531,11 +539,88 @@ fn cycle_table(quick: bool, rt: &tokio::runtime::Runtime) -> String {
          time, for a line whose UART delivers at once and units that answer at once.\n",
         rows[0].1.cycles, WARMUP_CYCLES,
     );
-    table
+    let virtual_ratio = ratio(rows[0].1.cycle, rows[0].1.bound);
+    (table, virtual_ratio, estimated)
 }
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// P2's figures: durable decisions per second with some units presenting at once.
+struct Decisions {
+    units: usize,
+    decisions: u64,
+    elapsed: Duration,
+    commits: u64,
+}
+
+impl Decisions {
+    fn per_second(&self) -> f64 {
+        self.decisions as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// P2: `units` units presenting at once, each again as soon as its decision is back, for
+/// `run_for`, straight on the store as the bus tasks call it (`Store::verify`: lookup, decision,
+/// the activity record committed with `synchronous=FULL` before the answer). A bus serves one
+/// unit at a time, so units presenting at once are on different buses; their lines' wire time
+/// is left out. The store is on the same disk as the fsync reference.
+async fn decisions(units: u8, run_for: Duration) -> Decisions {
+    use doorbridge::store::{DecisionContext, Store, StoreOptions, VerifyRequest};
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
+    let db = dir.path().join("p2.db");
+    let site = config(&db, &dir.path().join("ttyNONE"), units).site();
+    support::install_keys(
+        &db,
+        site.clone(),
+        support::SALT,
+        (1..=units).map(key).collect(),
+    )
+    .await;
+    let store = Store::open(StoreOptions::new(&db, DecisionContext::new(site))).expect("store");
+    let commits = || store.health().commits.load(std::sync::atomic::Ordering::Relaxed);
+    let commits_before = commits();
+    let start = Instant::now();
+    let end = start + run_for;
+    let tasks: Vec<_> = (1..=units)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut count = 0_u32;
+                while Instant::now() < end {
+                    let verdict = store
+                        .verify(VerifyRequest {
+                            unit: format!("bench/{n}"),
+                            door: format!("door-{n}"),
+                            request_id: Some(count),
+                            kind: CredentialKind::Qr,
+                            secret: format!("qr-{n:02}").into_bytes(),
+                            now: jiff::Timestamp::now(),
+                            clock_synced: true,
+                        })
+                        .await
+                        .expect("a decision");
+                    assert!(verdict.seq.is_some(), "the decision was recorded");
+                    count += 1;
+                }
+                u64::from(count)
+            })
+        })
+        .collect();
+    let mut decisions = 0;
+    for task in tasks {
+        decisions += task.await.expect("a presenting unit");
+    }
+    let elapsed = start.elapsed();
+    let result = Decisions {
+        units: usize::from(units),
+        decisions,
+        elapsed,
+        commits: commits() - commits_before,
+    };
+    store.close();
+    result
 }
 
 fn main() {
@@ -553,6 +638,17 @@ fn main() {
     let result = rt.block_on(run(samples, load_for));
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
     let (fsync50, fsync99) = fsync_reference(dir.path(), samples);
+    let p2_for = if quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(10)
+    };
+    let p2: Vec<Decisions> = [1, UNITS]
+        .into_iter()
+        .map(|units| rt.block_on(decisions(units, p2_for)))
+        .collect();
+    // The reference again right after, so a disk that changed pace shows.
+    let (fsync50_after, _) = fsync_reference(dir.path(), samples);
 
     let verify = Message::Verify(Verify {
         kind: CredentialKind::Qr,
@@ -582,15 +678,85 @@ fn main() {
         1.0 / wire_time(bytes + 10, 115_200).as_secs_f64(),
     );
     println!("{table}");
-    let cycles = cycle_table(quick, &rt);
+    let fsync_rate = 1.0 / fsync50.max(fsync50_after).as_secs_f64();
+    let mut p2_table = format!(
+        "**P2 durable decisions per second.** Units presenting at once, each again as soon as \
+         its decision is back, for {} s, straight on the store as the bus tasks call it \
+         (`Store::verify`: lookup, decision, the activity record committed with \
+         `synchronous=FULL` before the answer; each bus serves one unit at a time, so units \
+         presenting at once are on different buses, and their lines' wire time is left out). \
+         Reference: one fsync of a 512-byte append on the same disk, p50 {} before and {} \
+         after (the slower of the two is the reference: {:.0} fsyncs/s).\n\n\
+         | units at once | decisions | decisions/s | commits | decisions per commit | ratio to 1/fsync (target ≥ 5× at 8 units) |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+        p2_for.as_secs(),
+        ms(fsync50),
+        ms(fsync50_after),
+        fsync_rate,
+    );
+    for d in &p2 {
+        let _ = writeln!(
+            p2_table,
+            "| {} | {} | {:.0}/s | {} | {:.2} | {:.2}× |",
+            d.units,
+            d.decisions,
+            d.per_second(),
+            d.commits,
+            d.decisions as f64 / d.commits.max(1) as f64,
+            d.per_second() / fsync_rate,
+        );
+    }
+    println!("{p2_table}");
+    let (cycles, p8_virtual, p8_estimate) = cycle_table(quick, &rt);
     println!("{cycles}");
+    let eight = p2.last().expect("the 8-unit run");
+    support::write_summary(&[
+        support::Summary {
+            id: "P1",
+            figure: "verify round trip over a pty, minus the wire time of its bytes (a pty has none), p99",
+            measured: ms(p99),
+            reference: format!("one fsync, p99 {} (p50 {})", ms(fsync99), ms(fsync50)),
+            target: "p99 ≤ fsync p99 + 1 ms",
+            met: p99 <= fsync99 + Duration::from_millis(1),
+            bench: "bus",
+            quick,
+        },
+        support::Summary {
+            id: "P2",
+            figure: "durable decisions per second, 8 units presenting at once",
+            measured: format!(
+                "{:.0}/s ({:.1} per commit; 1 unit alone: {:.0}/s)",
+                eight.per_second(),
+                eight.decisions as f64 / eight.commits.max(1) as f64,
+                p2[0].per_second(),
+            ),
+            reference: format!("1 / fsync p50: {fsync_rate:.0}/s"),
+            target: "≥ 5×",
+            met: eight.per_second() >= 5.0 * fsync_rate,
+            bench: "bus",
+            quick,
+        },
+        support::Summary {
+            id: "P8",
+            figure: "one poll cycle over 32 units at 115200 baud",
+            measured: format!(
+                "{p8_estimate:.2}× (the real driver's own time per exchange on a pty, added to \
+                 the wire time); {p8_virtual:.2}× on a virtual line"
+            ),
+            reference: "the wire-time lower bound (32 polls and answers)".into(),
+            target: "≤ 1.25×",
+            met: p8_estimate <= 1.25,
+            bench: "bus",
+            quick,
+        },
+    ]);
     let section = format!(
         "<!-- bench:bus -->\n### Door bus over a pty (`cargo bench --bench bus`)\n\n\
          Measured {} with {} round trips{}; load average {} (`/proc/loadavg`: 2 cores shared \
          with other builds). A pty has no line speed: the measured time is the \
          gateway's own work (lookup, decision, a durable commit, the answer); on a real line add \
-         the wire time.\n\n{table}\n{cycles}\n<!-- /bench:bus -->",
-        jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
+         the wire time.\n\n{table}\n{p2_table}\n{cycles}\n<!-- /bench:bus -->",
+        support::now(),
         result.round_trips.len(),
         if quick { " (--quick)" } else { "" },
         support::load_average(),

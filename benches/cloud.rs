@@ -733,7 +733,7 @@ fn main() {
     let p5 = revocation_table(&revoked, revoked_mosquitto.as_ref());
     println!("{p5}");
 
-    let (p4, p4_note) = if let Some(broker) = &mosquitto {
+    let (p4, p4_note, p4_runs) = if let Some(broker) = &mosquitto {
         let runs: Vec<SnapshotRun> = sizes
             .iter()
             .map(|&n| {
@@ -745,13 +745,14 @@ fn main() {
         (
             format!("{}\n{}", snapshot_table(&runs), snapshot_notes(&runs)),
             format!("against {}", Mosquitto::version()),
+            Some(runs),
         )
     } else {
         let skipped = "Skipped: mosquitto is not installed (looked on PATH and at \
                        /usr/sbin/mosquitto; `apt-get install mosquitto`).\n"
             .to_owned();
         println!("{skipped}");
-        (skipped, "without a broker".to_owned())
+        (skipped, "without a broker".to_owned(), None)
     };
 
     // The disk may be shared: how much of the run something waited on it.
@@ -796,4 +797,63 @@ fn main() {
         batch = thousands(REFERENCE_BATCH as u64),
     );
     support::write_section("cloud", &section);
+
+    let p99 = percentile(&revoked.to_deny, 99);
+    let mut rows = vec![support::Summary {
+        id: "P5",
+        figure: "revocation: delta publish → deny at the door, loopback rumqttd",
+        measured: format!(
+            "p99 {} (p50 {}; through mosquitto p99 {})",
+            ms(p99),
+            ms(percentile(&revoked.to_deny, 50)),
+            revoked_mosquitto
+                .as_ref()
+                .map_or_else(|| "not run".into(), |m| ms(percentile(&m.to_deny, 99))),
+        ),
+        reference: "—".into(),
+        target: "p99 ≤ 100 ms",
+        met: p99 <= Duration::from_millis(100),
+        bench: "cloud",
+        quick,
+    }];
+    if let Some(runs) = &p4_runs {
+        let mut measured = Vec::new();
+        let mut references = Vec::new();
+        let mut met = true;
+        for run in runs {
+            let reference_rate = run.keys as f64 / run.reference.as_secs_f64();
+            match &run.applied {
+                Ok(took) => {
+                    let per_second = run.keys as f64 / took.as_secs_f64();
+                    met &= per_second >= 0.5 * reference_rate && run.peak_rss <= 64_000_000;
+                    measured.push(format!(
+                        "{} keys: {}/s ({:.0} %), peak RSS {}",
+                        thousands(run.keys as u64),
+                        rate(per_second),
+                        100.0 * per_second / reference_rate,
+                        mib(run.peak_rss),
+                    ));
+                }
+                Err(why) => {
+                    met = false;
+                    measured.push(format!("{} keys: not applied ({why})", thousands(run.keys as u64)));
+                }
+            }
+            references.push(format!("{}/s", rate(reference_rate)));
+        }
+        rows.push(support::Summary {
+            id: "P4",
+            figure: "snapshot apply, keys per second and peak RSS",
+            measured: measured.join("; "),
+            reference: format!(
+                "a raw rusqlite bulk insert of the same rows: {}",
+                references.join(", ")
+            ),
+            target: "≥ 50 % of its rate; peak RSS ≤ 64 MB",
+            met: met && !runs.is_empty(),
+            bench: "cloud",
+            quick,
+        });
+    }
+    support::write_summary(&rows);
 }

@@ -27,7 +27,7 @@ use doorbridge::config::Config;
 mod brokers;
 #[path = "support/mod.rs"]
 mod support;
-use support::Process;
+use support::{Process, mib};
 
 const KEYS: usize = 1_000_000;
 /// The window starts once the daemon has written nothing for this long (at most `SETTLE_MAX`).
@@ -254,10 +254,6 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
-}
-
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let window = if quick {
@@ -340,7 +336,7 @@ fn main() {
          (the hourly time broadcast; the telemetry summary every 15 min, which is published and \
          never written) is not in it. The units are played by the `door-sim` binary (its CPU \
          is not counted).\n\n{table}\n<!-- /bench:idle -->",
-        jiff::Zoned::now().strftime("%Y-%m-%d %H:%M %Z"),
+        support::now(),
         support::machine(),
         support::load_average(),
         if quick { " (--quick)" } else { "" },
@@ -352,4 +348,32 @@ fn main() {
         1000 / clock_ticks(),
     );
     support::write_section("idle", &section);
+
+    let share = |r: &Idle| 100.0 * r.cpu.as_secs_f64() / r.window.as_secs_f64();
+    let measured = runs
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: CPU {:.3} %, {} bytes written in {:.0} s, RSS {}",
+                r.what,
+                share(r),
+                r.writes,
+                r.window.as_secs_f64(),
+                mib(r.rss)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    support::write_summary(&[support::Summary {
+        id: "P7",
+        figure: "idle with 1,000,000 keys",
+        measured,
+        reference: "—".into(),
+        target: "RSS ≤ 16 MB; 0 bytes written per idle hour; CPU ≤ 0.1 %",
+        met: runs.iter().all(|r| {
+            r.rss <= RSS_TARGET && r.writes == 0 && share(r) <= CPU_TARGET_PERCENT
+        }),
+        bench: "idle",
+        quick,
+    }]);
 }

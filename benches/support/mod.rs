@@ -518,3 +518,71 @@ pub fn write_section(name: &str, section: &str) {
     };
     std::fs::write(&doc, new).expect("write docs/performance.md");
 }
+
+/// One row of the summary table at the top of `docs/performance.md`: a target of issue 7's
+/// list, what this run measured and the reference it measured beside it.
+pub struct Summary {
+    /// `P1` … `P8`.
+    pub id: &'static str,
+    pub figure: &'static str,
+    pub measured: String,
+    pub reference: String,
+    pub target: &'static str,
+    /// Whether the target was met; the section below says why not.
+    pub met: bool,
+    /// The bench that measured it (`cargo bench --bench NAME`).
+    pub bench: &'static str,
+    pub quick: bool,
+}
+
+const SUMMARY_OPEN: &str = "<!-- summary -->";
+const SUMMARY_CLOSE: &str = "<!-- /summary -->";
+const SUMMARY_HEAD: &str = "| id | figure | measured | reference, same run | target | verdict | run |\n\
+     | --- | --- | --- | --- | --- | --- | --- |\n";
+
+/// Puts `rows` into the summary table at the top of `docs/performance.md` in place of the
+/// rows with the same ids, keeping the others (other benches measured them), in id order.
+pub fn write_summary(rows: &[Summary]) {
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
+    let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
+    let mut kept: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let (before, after) = match (old.find(SUMMARY_OPEN), old.find(SUMMARY_CLOSE)) {
+        (Some(a), Some(b)) if b > a => {
+            for line in old[a..b].lines().filter(|l| l.starts_with("| P")) {
+                let id = line.split('|').nth(1).unwrap_or("").trim().to_owned();
+                kept.insert(id, line.to_owned());
+            }
+            (
+                old[..a].to_owned(),
+                old[b + SUMMARY_CLOSE.len()..].to_owned(),
+            )
+        }
+        // The first time: right under the title.
+        _ => match old.split_once('\n') {
+            Some((title, rest)) => (format!("{title}\n\n"), format!("\n\n{}", rest.trim_start())),
+            None => (format!("{old}\n\n"), String::new()),
+        },
+    };
+    let when = now();
+    for r in rows {
+        let line = format!(
+            "| {} | {} | {} | {} | {} | {} | {when}, `--bench {}`{} |",
+            r.id,
+            r.figure,
+            r.measured,
+            r.reference,
+            r.target,
+            if r.met { "met" } else { "**missed**" },
+            r.bench,
+            if r.quick { " `--quick`" } else { "" },
+        );
+        kept.insert(r.id.to_owned(), line);
+    }
+    let mut table = format!("{SUMMARY_OPEN}\n{SUMMARY_HEAD}");
+    for line in kept.values() {
+        table.push_str(line);
+        table.push('\n');
+    }
+    table.push_str(SUMMARY_CLOSE);
+    std::fs::write(&doc, format!("{before}{table}{after}")).expect("write docs/performance.md");
+}
