@@ -40,7 +40,7 @@ mod shell;
 mod units;
 
 pub use json::JsonLine;
-pub use pty::linked_pty;
+pub use pty::{PtyMaster, linked_pty};
 pub use shell::{HangupTolerant, run_sim};
 pub use units::{
     GaveUpReason, MAX_GARBAGE, MAX_WAITING_CREDENTIALS, Output, ReportKind, SimCommand, SimConfig,
