@@ -271,8 +271,8 @@ impl Planner {
         let id = self.next_id;
         self.next_id += 1;
         let records = seqs.len();
-        if records > 0 {
-            self.row_bytes = writer.bytes() / records;
+        if let Some(per_record) = writer.bytes().checked_div(records) {
+            self.row_bytes = per_record;
         }
         if !seqs.is_empty() {
             self.inflight.insert(

@@ -59,6 +59,11 @@ const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
 const CHECKPOINT_BOUND: i64 = 1_000;
 /// Idle checkpoints tried after one commit when a reader keeps one from finishing.
 const CHECKPOINT_TRIES: u32 = 3;
+/// How long a group of decisions waits for more when the previous group held more than it does
+/// so far: the units that group answered are presenting again, and their requests are on the
+/// way. One fsync then covers them all (`PostgreSQL`'s `commit_delay`, with the previous group's
+/// size as `commit_siblings`). A lone decision never waits.
+const LINGER: Duration = Duration::from_micros(200);
 
 /// A key set being staged.
 struct Staging {
@@ -106,6 +111,8 @@ pub(super) struct Writer {
     /// Idle checkpoints that could not finish (a reader held part of the WAL) since the last
     /// commit.
     checkpoint_tries: u32,
+    /// Decisions in the previous group (see [`LINGER`]).
+    last_decisions: usize,
 }
 
 /// Filled in by SQLite's WAL hook after every commit of the writer's connection.
@@ -254,6 +261,7 @@ impl Writer {
             wal,
             checkpointed: 0,
             checkpoint_tries: 0,
+            last_decisions: 0,
         })
     }
 
@@ -310,6 +318,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.linger(rx, &mut batch);
             let mut group = Vec::new();
             for command in batch {
                 match command {
@@ -334,6 +343,32 @@ impl Writer {
             self.commit_group(group);
         }
         self.shut_down();
+    }
+
+    /// Waits up to [`LINGER`] for more decisions while `batch` holds some, but fewer than the
+    /// previous group did.
+    fn linger(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) {
+        let decisions = |b: &[Command]| {
+            b.iter()
+                .filter(|c| matches!(c, Command::Verify(..) | Command::Remote(..)))
+                .count()
+        };
+        let mut now = decisions(batch);
+        let until = std::time::Instant::now() + LINGER;
+        while now > 0 && now < self.last_decisions && batch.len() < MAX_GROUP {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(c) => {
+                    now += decisions(std::slice::from_ref(&c));
+                    batch.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        self.last_decisions = now;
     }
 
     fn shut_down(&mut self) {
@@ -1551,7 +1586,10 @@ mod tests {
     fn runs_group_consecutive_seqs_whatever_their_order() {
         assert_eq!(runs(&[]), vec![]);
         assert_eq!(runs(&[7]), vec![(7, 7)]);
-        assert_eq!(runs(&[5, 3, 4, 9, 10, 4, 12]), vec![(3, 5), (9, 10), (12, 12)]);
+        assert_eq!(
+            runs(&[5, 3, 4, 9, 10, 4, 12]),
+            vec![(3, 5), (9, 10), (12, 12)]
+        );
     }
 
     fn committed<T: std::fmt::Debug>(rx: oneshot::Receiver<Result<T, StoreError>>) -> T {
