@@ -210,8 +210,10 @@ fn bench_lookup(c: &mut Criterion) {
 /// The median estimate criterion saved for `id`, in nanoseconds.
 fn median_ns(id: &str) -> Option<f64> {
     // Where criterion writes: the target directory, wherever `CARGO_TARGET_DIR` puts it.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from);
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
     let file = Path::new(&target)
         .join("criterion")
         .join(id)
@@ -270,7 +272,10 @@ fn write_report() {
         support::machine()
     );
     support::write_section("access", &section);
-    if let (Some(store), Some(raw)) = (median_ns("lookup_1m/store"), median_ns("lookup_1m/raw_select")) {
+    if let (Some(store), Some(raw)) = (
+        median_ns("lookup_1m/store"),
+        median_ns("lookup_1m/raw_select"),
+    ) {
         support::write_summary(&[support::Summary {
             id: "P3",
             figure: "credential lookup (and rules decode) among 1,000,000 keys, median",

@@ -798,6 +798,21 @@ fn main() {
     );
     support::write_section("cloud", &section);
 
+    summarize(
+        quick,
+        &revoked,
+        revoked_mosquitto.as_ref(),
+        p4_runs.as_deref(),
+    );
+}
+
+/// The rows of the summary table at the top of `docs/performance.md`: P5 and P4.
+fn summarize(
+    quick: bool,
+    revoked: &Revocation,
+    revoked_mosquitto: Option<&Revocation>,
+    p4_runs: Option<&[SnapshotRun]>,
+) {
     let p99 = percentile(&revoked.to_deny, 99);
     let mut rows = vec![support::Summary {
         id: "P5",
@@ -806,9 +821,7 @@ fn main() {
             "p99 {} (p50 {}; through mosquitto p99 {})",
             ms(p99),
             ms(percentile(&revoked.to_deny, 50)),
-            revoked_mosquitto
-                .as_ref()
-                .map_or_else(|| "not run".into(), |m| ms(percentile(&m.to_deny, 99))),
+            revoked_mosquitto.map_or_else(|| "not run".into(), |m| ms(percentile(&m.to_deny, 99))),
         ),
         reference: "—".into(),
         target: "p99 ≤ 100 ms",
@@ -816,7 +829,7 @@ fn main() {
         bench: "cloud",
         quick,
     }];
-    if let Some(runs) = &p4_runs {
+    if let Some(runs) = p4_runs {
         let mut measured = Vec::new();
         let mut references = Vec::new();
         let mut met = true;
@@ -836,7 +849,10 @@ fn main() {
                 }
                 Err(why) => {
                     met = false;
-                    measured.push(format!("{} keys: not applied ({why})", thousands(run.keys as u64)));
+                    measured.push(format!(
+                        "{} keys: not applied ({why})",
+                        thousands(run.keys as u64)
+                    ));
                 }
             }
             references.push(format!("{}/s", rate(reference_rate)));

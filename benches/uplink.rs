@@ -1234,10 +1234,15 @@ fn main() {
     );
     support::write_section("uplink", &section);
 
+    summarize(quick, &drains);
+}
+
+/// P6's row of the summary table at the top of `docs/performance.md`.
+fn summarize(quick: bool, drains: &[Drain]) {
     let mut measured = Vec::new();
     let mut references = Vec::new();
     let mut met = !drains.is_empty();
-    for d in &drains {
+    for d in drains {
         let [before, _, after] = &d.references;
         let reference = f64::midpoint(
             per_second(d.records, before.to_acked),

@@ -5,6 +5,8 @@
 //!
 //! The brokers are in `tests/support/brokers.rs`, shared with the integration tests.
 #![allow(dead_code)]
+// Figures for display: float conversions lose nothing that shows.
+#![allow(clippy::cast_precision_loss)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
