@@ -597,21 +597,22 @@ impl Served<'_> {
             });
             return;
         };
-        let store = self.store.clone();
         let router = self.router.clone();
         let bus = self.spec.name.clone();
         let label = self.label(unit);
+        // Handed to the store's writer now: the decision is made while this task sleeps the
+        // quiet gap after the unit's frame (a task spawned here would wait for that too).
+        let decided_now = self.store.verify(VerifyRequest {
+            unit: label.clone(),
+            door: door.clone(),
+            request_id: Some(u32::from(request.key.id)),
+            kind: request.verify.kind,
+            secret: request.verify.value,
+            now: Timestamp::now(),
+            clock_synced: clock_synced(),
+        });
         tokio::spawn(async move {
-            let verify = VerifyRequest {
-                unit: label.clone(),
-                door: door.clone(),
-                request_id: Some(u32::from(request.key.id)),
-                kind: request.verify.kind,
-                secret: request.verify.value,
-                now: Timestamp::now(),
-                clock_synced: clock_synced(),
-            };
-            let answer = match store.verify(verify).await {
+            let answer = match decided_now.await {
                 Ok(verdict) => {
                     log_decision(&label, &door, &verdict.decision, verdict.key_id.as_deref());
                     match verdict.decision {

@@ -400,9 +400,23 @@ impl Store {
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
-    /// Decides a request and records it durably before returning (see the module header).
-    pub async fn verify(&self, request: VerifyRequest) -> Result<Verdict, StoreError> {
-        self.call(|r| Command::Verify(Box::new(request), r)).await
+    /// Decides a request and records it durably before the future completes (see the module
+    /// header). The request goes to the writer now, not when the future is first polled: the
+    /// decision proceeds while the caller does other work (the bus task sleeps its quiet gap
+    /// before it may answer, and the task awaiting this may not run until then).
+    pub fn verify(
+        &self,
+        request: VerifyRequest,
+    ) -> impl Future<Output = Result<Verdict, StoreError>> + Send + 'static {
+        let (reply, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .send(Command::Verify(Box::new(request), reply))
+            .map_err(|_| StoreError::WriterGone);
+        async move {
+            sent?;
+            rx.await.map_err(|_| StoreError::WriterGone)?
+        }
     }
 
     /// Appends records to the outbox; returns their sequence numbers (empty when held in
