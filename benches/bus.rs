@@ -683,7 +683,12 @@ fn summarize(
             id: "P1",
             figure: "verify round trip over a pty, the unit alone on its bus, minus the wire time of its bytes (a pty has none), p99",
             measured: format!("{} (p50 {})", ms(p99), ms(p50)),
-            reference: format!("one fsync, p99 {} (p50 {})", ms(fsync99), ms(fsync50)),
+            reference: format!(
+                "one fsync, p99 {} (p50 {}), so at most {}",
+                ms(fsync99),
+                ms(fsync50),
+                ms(fsync99 + Duration::from_millis(1))
+            ),
             target: "p99 ≤ fsync p99 + 1 ms",
             met: p99 <= fsync99 + Duration::from_millis(1),
             bench: "bus",
@@ -693,12 +698,13 @@ fn summarize(
             id: "P2",
             figure: "durable decisions per second, 8 units presenting at once",
             measured: format!(
-                "{:.0}/s ({:.1} per commit; 1 unit alone: {:.0}/s)",
-                eight.per_second(),
+                "{}/s, {:.2}× ({:.1} decisions per commit; 1 unit alone: {}/s)",
+                support::rate(eight.per_second()),
+                eight.per_second() / fsync_rate,
                 eight.decided as f64 / eight.commits.max(1) as f64,
-                p2[0].per_second(),
+                support::rate(p2[0].per_second()),
             ),
-            reference: format!("1 / fsync p50: {fsync_rate:.0}/s"),
+            reference: format!("1 / fsync p50: {}/s", support::rate(fsync_rate)),
             target: "≥ 5×",
             met: eight.per_second() >= 5.0 * fsync_rate,
             bench: "bus",
@@ -794,12 +800,12 @@ fn main() {
     );
     let section = format!(
         "<!-- bench:bus -->\n### Door bus over a pty (`cargo bench --bench bus`)\n\n\
-         Measured {} with {} round trips{}; load average {} (`/proc/loadavg`: 2 cores shared \
-         with other builds). A pty has no line speed: the measured time is the \
+         Measured {} on {} with {} round trips{}; load average {} (`/proc/loadavg`). A pty has no line speed: the measured time is the \
          gateway's own work (lookup, decision, a durable commit, the answer); on a real line add \
          the wire time.\n\n{table}\n{p2_table}\n{cycles}\n<!-- /bench:bus -->",
         support::now(),
-        result.round_trips.len(),
+        support::machine(),
+        alone.round_trips.len(),
         if quick { " (--quick)" } else { "" },
         support::load_average(),
     );
