@@ -11,9 +11,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_serial::{SerialPort, SerialStream};
 
-/// `EIO`: what a pty master reads while nobody has the device open.
-const EIO: i32 = 5;
-
 /// Creates a pty pair, points a symlink at `link` to its device, and returns the master side
 /// with the device name. The slave handle is dropped: ports open exclusively, so holding it
 /// would keep the gateway out. Until the gateway opens the device, reads on the master fail
@@ -93,10 +90,6 @@ impl PtyMaster {
     }
 }
 
-fn is_eio(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(EIO)
-}
-
 impl AsyncRead for PtyMaster {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -125,7 +118,7 @@ impl AsyncRead for PtyMaster {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => {
-                    if is_eio(&e) {
+                    if super::shell::is_hangup(&e) {
                         this.hang_up();
                     }
                     return Poll::Ready(Err(e));

@@ -140,7 +140,7 @@ impl<P> HangupTolerant<P> {
     }
 }
 
-fn is_hangup(e: &io::Error) -> bool {
+pub(super) fn is_hangup(e: &io::Error) -> bool {
     e.raw_os_error() == Some(EIO)
 }
 
