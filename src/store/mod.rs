@@ -392,31 +392,35 @@ impl Store {
             })?
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
-    }
-
-    /// Decides a request and records it durably before the future completes (see the module
-    /// header). The request goes to the writer now, not when the future is first polled: the
-    /// decision proceeds while the caller does other work (the bus task sleeps its quiet gap
-    /// before it may answer, and the task awaiting this may not run until then).
-    pub fn verify(
+    /// Sends a command to the writer now, not when the future is first polled, and returns
+    /// the future of its answer: the writer gets to work while the caller does other things
+    /// (the bus task sleeps its quiet gap before it may answer a verify, and a task awaiting
+    /// the answer may not run until then).
+    fn call<T>(
         &self,
-        request: VerifyRequest,
-    ) -> impl Future<Output = Result<Verdict, StoreError>> + Send + 'static {
+        make: impl FnOnce(Reply<T>) -> Command,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
         let sent = self
             .tx
-            .send(Command::Verify(Box::new(request), reply))
+            .send(make(reply))
             .map_err(|_| StoreError::WriterGone);
         async move {
             sent?;
             rx.await.map_err(|_| StoreError::WriterGone)?
         }
+    }
+
+    /// Decides a request and records it durably before the future completes (see the module
+    /// header). The request reaches the writer when this is called (see [`Store::call`]).
+    pub fn verify(
+        &self,
+        request: VerifyRequest,
+    ) -> impl Future<Output = Result<Verdict, StoreError>> + Send + 'static {
+        self.call(|r| Command::Verify(Box::new(request), r))
     }
 
     /// Appends records to the outbox; returns their sequence numbers (empty when held in
