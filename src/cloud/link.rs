@@ -348,11 +348,11 @@ struct Staging {
 /// index page again at every commit and applied at half the rate of 5,000-key transactions).
 const STAGE_BATCH_KEYS: usize = 5_000;
 
-/// Chunks verified and waiting to be staged together, and their messages, acknowledged to the
-/// broker only once the keys are on disk.
+/// Chunks verified and waiting to be staged together into the snapshot being staged (any other
+/// action flushes them first, so they always belong to it), and their messages, acknowledged to
+/// the broker only once the keys are on disk.
 #[derive(Default)]
 struct StageBuffer {
-    generation: Option<i64>,
     keys: Vec<Key>,
     /// Version, index and key count of each chunk in `keys`, logged once staged.
     chunks: Vec<(u64, u32, usize)>,
@@ -608,7 +608,7 @@ impl Worker {
     /// Stages the buffered chunks in one transaction, then acknowledges their messages.
     async fn flush_staged(&mut self) {
         let buffered = std::mem::take(&mut self.buffered);
-        if let Some(generation) = buffered.generation
+        if let Some(generation) = self.staging.as_ref().map(|s| s.generation)
             && !buffered.keys.is_empty()
         {
             match self.store.stage_keys(generation, buffered.keys).await {
@@ -717,12 +717,8 @@ impl Worker {
                     index,
                     keys,
                 } => {
-                    let Some(generation) = self.staging_for(version) else {
+                    if self.staging_for(version).is_none() {
                         continue;
-                    };
-                    if self.buffered.generation != Some(generation) {
-                        self.flush_staged().await;
-                        self.buffered.generation = Some(generation);
                     }
                     self.buffered.chunks.push((version, index, keys.len()));
                     self.buffered.keys.extend(keys);

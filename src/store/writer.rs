@@ -348,27 +348,16 @@ impl Writer {
     /// Waits up to [`LINGER`] for more decisions while `batch` holds some, but fewer than the
     /// previous group did.
     fn linger(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) {
-        let decisions = |b: &[Command]| {
-            b.iter()
-                .filter(|c| matches!(c, Command::Verify(..) | Command::Remote(..)))
-                .count()
-        };
-        let mut now = decisions(batch);
+        let is_decision = |c: &Command| matches!(c, Command::Verify(..) | Command::Remote(..));
+        let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
         let until = std::time::Instant::now() + LINGER;
-        while now > 0 && now < self.last_decisions && batch.len() < MAX_GROUP {
+        while decisions > 0 && decisions < self.last_decisions && batch.len() < MAX_GROUP {
             let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match rx.recv_timeout(left) {
-                Ok(c) => {
-                    now += decisions(std::slice::from_ref(&c));
-                    batch.push(c);
-                }
-                Err(_) => break,
-            }
+            let Ok(c) = rx.recv_timeout(left) else { break };
+            decisions += usize::from(is_decision(&c));
+            batch.push(c);
         }
-        self.last_decisions = now;
+        self.last_decisions = decisions;
     }
 
     fn shut_down(&mut self) {
