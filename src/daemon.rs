@@ -29,8 +29,14 @@ use crate::bus::message::Settings;
 use crate::bus::session::{SessionConfig, default_turnaround};
 use crate::cloud::link::{self, LinkSpec, LinkStatus};
 use crate::cloud::telemetry::{BusProbe, TelemetrySpec};
-use crate::config::{self, BusConfig, Config, Sources};
+use crate::config::{self, BusConfig, BusProtocol, Config, ReaderKind, Sources};
 use crate::control::{self, ControlState};
+use crate::osdp::{
+    self,
+    driver::{OsdpBusSpec, ReaderSpec, run_osdp_bus},
+    keypad::KeypadRules,
+    reader::{Feedback, RawAs},
+};
 use crate::service::logging::{LevelChange, Logging};
 use crate::service::notify::{self, Notifier};
 use crate::service::reload;
@@ -668,13 +674,7 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
         name: bus.label(),
         port: bus.port.clone(),
         baud: bus.baud,
-        rs485: bus.rs485.enabled.then(|| Rs485 {
-            rts_on_send: bus.rs485.rts_on_send,
-            delay_before_send_ms: u32::try_from(bus.rs485.delay_before_send.as_millis())
-                .unwrap_or(u32::MAX),
-            delay_after_send_ms: u32::try_from(bus.rs485.delay_after_send.as_millis())
-                .unwrap_or(u32::MAX),
-        }),
+        rs485: rs485_of(bus),
         session: SessionConfig {
             units: units.iter().map(|u| u.address).collect(),
             baud: bus.baud,
@@ -696,6 +696,94 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
     }
 }
 
+/// A configured bus, ready to run: the doorbridge protocol or OSDP.
+enum AnyBus {
+    Doorbridge(BusSpec),
+    Osdp(OsdpBusSpec),
+}
+
+impl AnyBus {
+    fn name(&self) -> &str {
+        match self {
+            AnyBus::Doorbridge(s) => &s.name,
+            AnyBus::Osdp(s) => &s.name,
+        }
+    }
+
+    fn units(&self) -> Vec<UnitSpec> {
+        match self {
+            AnyBus::Doorbridge(s) => s.units.clone(),
+            AnyBus::Osdp(s) => s.units(),
+        }
+    }
+}
+
+/// What the OSDP bus task for `bus` runs with. A key file that cannot be read leaves its
+/// reader without a key: it is then refused (and alarmed) rather than served in plain text.
+pub fn osdp_bus_spec(bus: &BusConfig) -> OsdpBusSpec {
+    let readers = bus
+        .units
+        .iter()
+        .filter_map(|u| {
+            let reader = u.osdp.clone().unwrap_or_default();
+            let scbk = reader
+                .key_file
+                .as_deref()
+                .and_then(|path| match osdp::key::read(path) {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        tracing::error!(bus = %bus.label(), door = %u.door, error = %e,
+                            "OSDP reader key unusable: the reader will be refused");
+                        None
+                    }
+                });
+            let raw_as = match reader.reader {
+                ReaderKind::KeypadCard | ReaderKind::Elevator => RawAs::Card,
+                ReaderKind::Qr => RawAs::Qr,
+                ReaderKind::Mobile => RawAs::Mobile,
+            };
+            Some(ReaderSpec {
+                address: Address::unit(u.address)?,
+                door: u.door.clone(),
+                name: u.name.clone().unwrap_or_else(|| u.door.clone()),
+                raw_as,
+                keypad: KeypadRules {
+                    digits: (reader.pin_digits > 0).then_some(reader.pin_digits),
+                    timeout: reader.pin_timeout,
+                    submit_on_timeout: false,
+                },
+                feedback: Feedback {
+                    relay: (reader.reader != ReaderKind::Elevator).then_some(reader.relay),
+                    pulse: reader.pulse,
+                    display: reader.display,
+                    floors: reader.floors.iter().map(|f| (f.floor, f.output)).collect(),
+                },
+                door_contact: reader.door_contact,
+                held_open: reader.held_open,
+                scbk,
+                secure: reader.secure,
+            })
+        })
+        .collect();
+    OsdpBusSpec {
+        name: bus.label(),
+        port: bus.port.clone(),
+        baud: bus.baud,
+        rs485: rs485_of(bus),
+        readers,
+    }
+}
+
+fn rs485_of(bus: &BusConfig) -> Option<Rs485> {
+    bus.rs485.enabled.then(|| Rs485 {
+        rts_on_send: bus.rs485.rts_on_send,
+        delay_before_send_ms: u32::try_from(bus.rs485.delay_before_send.as_millis())
+            .unwrap_or(u32::MAX),
+        delay_after_send_ms: u32::try_from(bus.rs485.delay_after_send.as_millis())
+            .unwrap_or(u32::MAX),
+    })
+}
+
 /// Starts one task per configured bus; returns the router that reaches their doors.
 fn start_buses(
     config: &Config,
@@ -703,9 +791,19 @@ fn start_buses(
     stop: &watch::Receiver<bool>,
     settings: Vec<(String, Option<Settings>, Option<Settings>)>,
 ) -> (Arc<DoorRouter>, Vec<BusTask>) {
-    let specs: Vec<BusSpec> = config.buses.iter().map(|b| bus_spec(config, b)).collect();
+    let specs: Vec<AnyBus> = config
+        .buses
+        .iter()
+        .map(|b| match b.protocol {
+            BusProtocol::Doorbridge => AnyBus::Doorbridge(bus_spec(config, b)),
+            BusProtocol::Osdp => AnyBus::Osdp(osdp_bus_spec(b)),
+        })
+        .collect();
     let mut router = DoorRouter::default();
-    let receivers: Vec<_> = specs.iter().map(|s| router.add_bus(s).1).collect();
+    let receivers: Vec<_> = specs
+        .iter()
+        .map(|s| router.add_units(&s.units()).1)
+        .collect();
     for (door, desired, reported) in settings {
         router.update_settings(&door, |u| {
             u.desired = desired;
@@ -717,22 +815,32 @@ fn start_buses(
         .into_iter()
         .zip(receivers)
         .map(|(spec, commands)| {
-            let name = spec.name.clone();
-            let units = spec.units.len();
-            let doors = spec
-                .units
+            let name = spec.name().to_owned();
+            let unit_specs = spec.units();
+            let units = unit_specs.len();
+            let doors = unit_specs
                 .iter()
                 .map(|u| (u.address.get(), u.door.clone()))
                 .collect();
             let status = Arc::new(Mutex::new(BusStatus::default()));
-            let task = tokio::spawn(run_bus(
-                spec,
-                store.clone(),
-                Arc::clone(&router),
-                commands,
-                Arc::clone(&status),
-                stop.clone(),
-            ));
+            let task = match spec {
+                AnyBus::Doorbridge(spec) => tokio::spawn(run_bus(
+                    spec,
+                    store.clone(),
+                    Arc::clone(&router),
+                    commands,
+                    Arc::clone(&status),
+                    stop.clone(),
+                )),
+                AnyBus::Osdp(spec) => tokio::spawn(run_osdp_bus(
+                    spec,
+                    store.clone(),
+                    Arc::clone(&router),
+                    commands,
+                    Arc::clone(&status),
+                    stop.clone(),
+                )),
+            };
             BusTask {
                 name,
                 units,

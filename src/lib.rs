@@ -33,6 +33,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod operator;
+pub mod osdp;
 pub mod service;
 pub mod sim;
 pub mod store;

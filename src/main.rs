@@ -76,6 +76,36 @@ enum Command {
     /// What happened at the doors lately
     #[command(subcommand)]
     Events(EventsCommand),
+    /// OSDP card readers and keypads (docs/osdp.md)
+    #[command(subcommand)]
+    Osdp(OsdpCommand),
+}
+
+// The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
+#[allow(clippy::doc_markdown)]
+#[derive(Debug, Subcommand)]
+enum OsdpCommand {
+    /// Give a new reader its own secure channel key
+    ///
+    /// The reader must be in install mode (fresh from the factory, or reset): it then accepts
+    /// one secure channel session with the default key SCBK-D. Over it a new random key is
+    /// sent (osdp_KEYSET) and proven with a second session that allows nothing but that key.
+    /// The key goes to the reader's key_file (buses.units.osdp.key_file, mode 0600; written
+    /// as KEYFILE.new before the reader gets it, renamed once proven). Never printed: it is
+    /// named by a fingerprint.
+    ///
+    /// Stop the service first (systemctl stop doorbridge): the serial port opens exclusively.
+    Install {
+        /// The bus the reader is on: its name, or its port
+        #[arg(long, value_name = "NAME")]
+        bus: String,
+        /// The reader's OSDP address on that bus
+        #[arg(long, value_name = "N")]
+        address: u8,
+        /// How long each step may take
+        #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+        timeout: u64,
+    },
 }
 
 // The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
@@ -225,6 +255,25 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             })?;
             Ok(())
         }
+        Command::Osdp(OsdpCommand::Install {
+            ref bus,
+            address,
+            timeout,
+        }) => {
+            let config = config::load(&sources)?;
+            logging::init(config.log.level)?;
+            let request = osdp_install_request(&config, bus, address, timeout)?;
+            let installed = doorbridge::osdp::install::install(&request, |line| {
+                eprintln!("{line}");
+            })?;
+            println!(
+                "provisioned reader {address} on bus {bus}: key {} in {} ({:.1} s)",
+                installed.fingerprint,
+                installed.key_file.display(),
+                installed.took.as_secs_f64()
+            );
+            Ok(())
+        }
         Command::CheckConfig => {
             let (config, layers) = config::load_with_layers(&sources)?;
             let mut text = String::from(
@@ -242,6 +291,9 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             if let Err(e) = doorbridge::cloud::link::spec(&config) {
                 eprintln!("doorbridge: warning: the cloud link will not start: {e}");
             }
+            for warning in config.osdp_warnings() {
+                eprintln!("doorbridge: warning: {warning}");
+            }
             let mut stdout = std::io::stdout().lock();
             stdout
                 .write_all(text.as_bytes())
@@ -250,6 +302,54 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What `osdp install` works on: the reader's bus and key file from the configuration.
+fn osdp_install_request(
+    config: &config::Config,
+    bus: &str,
+    address: u8,
+    timeout: u64,
+) -> anyhow::Result<doorbridge::osdp::install::InstallRequest> {
+    let osdp_buses: Vec<_> = config
+        .buses
+        .iter()
+        .filter(|b| b.protocol == config::BusProtocol::Osdp)
+        .collect();
+    let Some(line) = osdp_buses
+        .iter()
+        .find(|b| b.label() == bus || b.port.as_os_str() == bus)
+    else {
+        let names: Vec<String> = osdp_buses.iter().map(|b| b.label()).collect();
+        bail!(
+            "no OSDP bus {bus:?} in the configuration (OSDP buses: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
+    };
+    let Some(unit) = line.units.iter().find(|u| u.address == address) else {
+        bail!(
+            "bus {bus} has no reader at address {address} (add a [[buses.units]] with address = {address} first)"
+        );
+    };
+    let Some(key_file) = unit.osdp.as_ref().and_then(|o| o.key_file.clone()) else {
+        bail!(
+            "the reader at address {address} on bus {bus} names no key file: set key_file in its [buses.units.osdp]"
+        );
+    };
+    let spec = doorbridge::daemon::osdp_bus_spec(line);
+    Ok(doorbridge::osdp::install::InstallRequest {
+        bus: line.label(),
+        port: line.port.clone(),
+        baud: line.baud,
+        rs485: spec.rs485,
+        address,
+        key_file,
+        timeout: std::time::Duration::from_secs(timeout.max(1)),
+    })
 }
 
 /// The store at `config.storage.path`, read-only.

@@ -399,6 +399,7 @@ fn credential_name(kind: CredentialKind) -> &'static str {
         CredentialKind::Pin => "PIN",
         CredentialKind::Qr => "QR code",
         CredentialKind::Mobile => "app key",
+        CredentialKind::Card => "card",
     }
 }
 

@@ -61,6 +61,8 @@ pub enum CredentialKind {
     Qr,
     /// A mobile-app key presented over the air (seed 000).
     Mobile,
+    /// A card at an OSDP reader: the card number's bits (`osdp::reader::card_value`).
+    Card,
 }
 
 impl CredentialKind {
@@ -70,6 +72,7 @@ impl CredentialKind {
             CredentialKind::Pin => 1,
             CredentialKind::Qr => 2,
             CredentialKind::Mobile => 3,
+            CredentialKind::Card => 4,
         }
     }
 
@@ -78,6 +81,7 @@ impl CredentialKind {
             1 => Some(CredentialKind::Pin),
             2 => Some(CredentialKind::Qr),
             3 => Some(CredentialKind::Mobile),
+            4 => Some(CredentialKind::Card),
             _ => None,
         }
     }
@@ -87,6 +91,7 @@ impl CredentialKind {
             CredentialKind::Pin => "pin",
             CredentialKind::Qr => "qr",
             CredentialKind::Mobile => "mobile",
+            CredentialKind::Card => "card",
         }
     }
 }

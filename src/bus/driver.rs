@@ -101,7 +101,7 @@ pub enum CommandOutcome {
 
 /// A command on its way to a bus task: the unit, the command, when it stops being worth
 /// carrying out, and who wants to hear how it ended.
-type Queued = (
+pub type Queued = (
     Address,
     Command,
     Instant,
@@ -152,10 +152,16 @@ impl UnitSettings {
 impl DoorRouter {
     /// Registers a bus; returns its index and the receiver its task reads commands from.
     pub fn add_bus(&mut self, spec: &BusSpec) -> (usize, mpsc::Receiver<Queued>) {
+        self.add_units(&spec.units)
+    }
+
+    /// Registers the units of a bus of any protocol (an OSDP bus's readers); returns its index
+    /// and the receiver its task reads commands from.
+    pub fn add_units(&mut self, units: &[UnitSpec]) -> (usize, mpsc::Receiver<Queued>) {
         let (tx, rx) = mpsc::channel(64);
         let index = self.buses.len();
         self.buses.push(tx);
-        for unit in &spec.units {
+        for unit in units {
             self.doors.insert(unit.door.clone(), (index, unit.address));
         }
         (index, rx)
@@ -292,7 +298,7 @@ pub async fn run_bus(
     }
 }
 
-fn set_status(status: &Mutex<BusStatus>, f: impl FnOnce(&mut BusStatus)) {
+pub(crate) fn set_status(status: &Mutex<BusStatus>, f: impl FnOnce(&mut BusStatus)) {
     if let Ok(mut s) = status.lock() {
         f(&mut s);
     }
@@ -753,7 +759,7 @@ impl Served<'_> {
 }
 
 /// Opens the other doors a grant releases (an inner door on another unit).
-fn release_elsewhere(router: &DoorRouter, at: &str, doors: &[DoorId]) {
+pub(crate) fn release_elsewhere(router: &DoorRouter, at: &str, doors: &[DoorId]) {
     for door in doors.iter().filter(|d| d.as_str() != at) {
         let command = Command::OpenDoor(OpenDoor {
             door: 0,
@@ -765,7 +771,7 @@ fn release_elsewhere(router: &DoorRouter, at: &str, doors: &[DoorId]) {
     }
 }
 
-fn log_decision(unit: &str, door: &str, decision: &Decision, key: Option<&str>) {
+pub(crate) fn log_decision(unit: &str, door: &str, decision: &Decision, key: Option<&str>) {
     match decision {
         Decision::Grant(g) => {
             tracing::info!(unit, door, key_id = key.unwrap_or("-"), released = ?g.doors, "granted");
@@ -776,7 +782,7 @@ fn log_decision(unit: &str, door: &str, decision: &Decision, key: Option<&str>) 
     }
 }
 
-fn finish(done: Option<oneshot::Sender<CommandOutcome>>, outcome: CommandOutcome) {
+pub(crate) fn finish(done: Option<oneshot::Sender<CommandOutcome>>, outcome: CommandOutcome) {
     if let Some(done) = done {
         let _ = done.send(outcome);
     }

@@ -21,7 +21,7 @@ use jiff::civil::{Time, Weekday};
 use serde::Deserialize;
 
 use super::payload::{MAX_ID, MAX_SALT};
-use crate::access::credential::digest;
+use crate::access::credential::{digest, parse_card};
 use crate::access::{
     Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, WeekdaySet, Window,
 };
@@ -422,6 +422,16 @@ impl CredentialEntry {
     fn into_credential(self, salt: &[u8], i: usize) -> Result<Credential, FieldError> {
         let at = |f: &str| format!("credentials[{i}].{f}");
         let value = match (self.value, self.hex) {
+            // A card is its bits, written BITS:HEX (docs/keys-file.md).
+            (Some(v), None) if self.kind == CredentialKind::Card => {
+                parse_card(&v).map_err(|m| field_err(&at("value"), m))?
+            }
+            (None, Some(_)) if self.kind == CredentialKind::Card => {
+                return Err(field_err(
+                    &at("hex"),
+                    "write a card as value = \"BITS:HEX\", e.g. \"26:0a1b2c40\"",
+                ));
+            }
             (Some(v), None) => v.into_bytes(),
             (None, Some(h)) => parse_hex(&h).map_err(|m| field_err(&at("hex"), m))?,
             _ => {

@@ -484,6 +484,12 @@ fn schema_example() -> Config {
             name: Some(String::new()),
             inner: false,
             behind: vec!["example".to_owned()],
+            osdp: Some(super::OsdpReaderConfig {
+                key_file: Some(PathBuf::new()),
+                door_contact: Some(0),
+                floors: vec![super::FloorOutput::default()],
+                ..super::OsdpReaderConfig::default()
+            }),
         }],
         ..BusConfig::default()
     }];

@@ -256,6 +256,10 @@ pub struct BusConfig {
     /// A name for logs; default: the port.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// What the line speaks: `doorbridge` (this project's door units, `docs/door-bus.md`) or
+    /// `osdp` (card readers and keypads, `docs/osdp.md`).
+    #[serde(with = "string_enum")]
+    pub protocol: BusProtocol,
     /// The serial device, e.g. `/dev/ttyUSB0`. Required.
     pub port: PathBuf,
     /// Bits per second; a standard rate.
@@ -292,6 +296,7 @@ impl Default for BusConfig {
     fn default() -> Self {
         BusConfig {
             name: None,
+            protocol: BusProtocol::Doorbridge,
             port: PathBuf::new(),
             baud: 115_200,
             rs485: Rs485Config::default(),
@@ -303,6 +308,17 @@ impl Default for BusConfig {
             units: Vec::new(),
         }
     }
+}
+
+/// The protocol of a bus.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusProtocol {
+    /// This project's door units (`docs/door-bus.md`).
+    #[default]
+    Doorbridge,
+    /// OSDP card readers and keypads; the gateway is the Control Panel (`docs/osdp.md`).
+    Osdp,
 }
 
 /// `[buses.rs485]`: the kernel's RS-485 mode (`TIOCSRS485`), for UARTs that drive the
@@ -349,6 +365,87 @@ pub struct UnitConfig {
     pub inner: bool,
     /// For an inner door: the outer doors it lies behind; empty: behind all of them.
     pub behind: Vec<DoorId>,
+    /// `[buses.units.osdp]`: an OSDP reader's settings (only on a `protocol = "osdp"` bus;
+    /// every reader there has them, with their defaults when the table is left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub osdp: Option<OsdpReaderConfig>,
+}
+
+/// What an OSDP reader's raw card data is, and what it drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderKind {
+    /// A card reader, with or without a keypad: raw data is a card (`card` credentials).
+    #[default]
+    KeypadCard,
+    /// A QR code reader presenting the code as raw data (`qr` credentials).
+    Qr,
+    /// A reader passing a phone's token as raw data (`mobile` credentials).
+    Mobile,
+    /// An elevator reader (cards and keypad): a grant pulses one output per granted floor
+    /// (`floors`), no door strike.
+    Elevator,
+}
+
+/// One elevator floor's output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FloorOutput {
+    pub floor: i16,
+    pub output: u8,
+}
+
+/// `[buses.units.osdp]`: one OSDP reader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OsdpReaderConfig {
+    #[serde(with = "string_enum")]
+    pub reader: ReaderKind,
+    /// The file holding the reader's secure channel base key (32 hex digits, mode 0600),
+    /// written by `doorbridge osdp install`. Required while `secure` is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The secure channel is required (`EnforceSecure`): a reader that cannot set it up with
+    /// the key is refused and alarmed. Off only for readers without secure channel support.
+    pub secure: bool,
+    /// The output that drives the door strike (0 is the first).
+    pub relay: u8,
+    /// How long the strike (or a floor) is released on a grant.
+    #[serde(with = "duration")]
+    pub pulse: Duration,
+    /// The reader has a display for the welcome text.
+    pub display: bool,
+    /// The input the door contact is wired to (0 is the first); none: no door contact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub door_contact: Option<u8>,
+    /// A door open longer than this raises a held-open alarm.
+    #[serde(with = "duration")]
+    pub held_open: Duration,
+    /// A PIN of this many digits is complete without `#`; 0: only `#` ends a PIN.
+    pub pin_digits: u8,
+    /// The longest pause between two keys; typed digits are dropped after it.
+    #[serde(with = "duration")]
+    pub pin_timeout: Duration,
+    /// For an elevator reader: the output of each floor.
+    pub floors: Vec<FloorOutput>,
+}
+
+impl Default for OsdpReaderConfig {
+    fn default() -> Self {
+        OsdpReaderConfig {
+            reader: ReaderKind::KeypadCard,
+            key_file: None,
+            secure: true,
+            relay: 0,
+            pulse: Duration::from_secs(3),
+            display: false,
+            door_contact: None,
+            held_open: Duration::from_secs(30),
+            pin_digits: 0,
+            pin_timeout: Duration::from_secs(5),
+            floors: Vec::new(),
+        }
+    }
 }
 
 /// `[pin_lockout]`: the keypad lockout after unknown PINs (see [`LockoutPolicy`]).
@@ -434,6 +531,37 @@ impl Config {
     /// `<redacted>`.
     pub fn redacted_toml(&self) -> String {
         toml_out::to_toml(self)
+    }
+
+    /// What will not work although the configuration is valid: OSDP readers whose key file
+    /// is not there yet (not provisioned). One line each, for `check-config`.
+    pub fn osdp_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for bus in self
+            .buses
+            .iter()
+            .filter(|b| b.protocol == BusProtocol::Osdp)
+        {
+            for unit in &bus.units {
+                let reader = unit.osdp.clone().unwrap_or_default();
+                if let Some(path) = reader.key_file.as_deref()
+                    && !path.exists()
+                {
+                    out.push(format!(
+                        "OSDP reader {} (door {}) on bus {} has no key file {} yet: it will be \
+                         refused until it is provisioned (doorbridge osdp install --bus {} \
+                         --address {})",
+                        unit.address,
+                        unit.door,
+                        bus.label(),
+                        path.display(),
+                        bus.label(),
+                        unit.address
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The site as the access engine sees it: its time zone and every door of every bus.

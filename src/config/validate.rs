@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::load::{KeyPath, Origins};
 use super::values::format_duration;
-use super::{BusConfig, CloudConfig, Config, Problem, unit_address};
+use super::{BusConfig, BusProtocol, CloudConfig, Config, Problem, ReaderKind, unit_address};
 use crate::access::lockout::CEILING;
 
 /// Baud rates a serial port can be set to on Linux without custom divisors.
@@ -275,6 +275,7 @@ impl<'a> Checker<'a> {
             );
 
             self.units(bus, &here, &mut doors);
+            self.osdp_readers(bus, &here);
         }
         // `behind` names doors of any bus, so it is checked once every door is known.
         self.behind(buses, &doors);
@@ -351,6 +352,84 @@ impl<'a> Checker<'a> {
                     &unit_at.key("name"),
                     "must not be empty; leave it out to use the door id",
                 );
+            }
+        }
+    }
+
+    /// The OSDP settings of a bus's readers: only on an OSDP bus, and sound there.
+    fn osdp_readers(&mut self, bus: &BusConfig, here: &KeyPath) {
+        let at = here.key("units");
+        for (j, unit) in bus.units.iter().enumerate() {
+            let osdp_at = at.index(j).key("osdp");
+            if bus.protocol != BusProtocol::Osdp {
+                if unit.osdp.is_some() {
+                    self.problem(
+                        &osdp_at,
+                        "OSDP reader settings on a doorbridge bus: set protocol = \"osdp\" on \
+                         the bus, or remove them",
+                    );
+                }
+                continue;
+            }
+            let reader = unit.osdp.clone().unwrap_or_default();
+            let key_at = osdp_at.key("key_file");
+            match (&reader.key_file, reader.secure) {
+                // A missing file is a reader not provisioned yet (`doorbridge osdp install`
+                // writes it; `check-config` warns, see `osdp_warnings`); a file that is there
+                // must be sound.
+                (Some(path), _) => match crate::osdp::key::read(path) {
+                    Err(crate::osdp::key::KeyFileError::Read { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => self.problem(&key_at, e.to_string()),
+                    Ok(_) => {}
+                },
+                (None, true) => self.problem(
+                    &key_at,
+                    "an OSDP reader needs its secure channel key file (written by `doorbridge \
+                     osdp install`), or secure = false for a reader without secure channel",
+                ),
+                (None, false) => {}
+            }
+            self.duration_range(&osdp_at.key("pulse"), reader.pulse, 100 * MS, 60 * SECOND);
+            self.duration_range(
+                &osdp_at.key("held_open"),
+                reader.held_open,
+                SECOND,
+                24 * HOUR,
+            );
+            self.duration_range(
+                &osdp_at.key("pin_timeout"),
+                reader.pin_timeout,
+                SECOND,
+                60 * SECOND,
+            );
+            self.int_range(
+                &osdp_at.key("pin_digits"),
+                reader.pin_digits.into(),
+                0,
+                crate::osdp::keypad::MAX_DIGITS as u64,
+            );
+            let floors_at = osdp_at.key("floors");
+            match reader.reader {
+                ReaderKind::Elevator if reader.floors.is_empty() => self.problem(
+                    &floors_at,
+                    "an elevator reader needs floors = [{ floor = N, output = M }, ...]",
+                ),
+                ReaderKind::Elevator => {}
+                _ if !reader.floors.is_empty() => self.problem(
+                    &floors_at,
+                    "only an elevator reader (reader = \"elevator\") releases floors",
+                ),
+                _ => {}
+            }
+            let mut seen: HashMap<i16, usize> = HashMap::new();
+            for (k, floor) in reader.floors.iter().enumerate() {
+                if let Some(first) = seen.insert(floor.floor, k) {
+                    self.problem(
+                        &floors_at.index(k).key("floor"),
+                        format!("floor {} is also at floors[{first}]", floor.floor),
+                    );
+                }
             }
         }
     }

@@ -100,6 +100,21 @@ pub enum Record {
         door: DoorId,
         active: bool,
     },
+    /// An OSDP reader reports a power failure (`active`), or power back.
+    PowerFailure {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        active: bool,
+    },
+    /// An OSDP reader was refused: it answers without the secure channel it is configured
+    /// for (a wrong key, or none). `reason` is `no_secure_channel`.
+    ReaderRefused {
+        at: Timestamp,
+        unit: String,
+        door: DoorId,
+        reason: String,
+    },
     /// A battery reading; `low` when at or below the configured threshold.
     Battery {
         at: Timestamp,
@@ -161,6 +176,8 @@ impl Record {
             }
             | Record::CallButton { .. }
             | Record::Tamper { .. }
+            | Record::PowerFailure { .. }
+            | Record::ReaderRefused { .. }
             | Record::Battery { low: true, .. }
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
@@ -176,6 +193,8 @@ impl Record {
             | Record::DoorEvent { at, .. }
             | Record::CallButton { at, .. }
             | Record::Tamper { at, .. }
+            | Record::PowerFailure { at, .. }
+            | Record::ReaderRefused { at, .. }
             | Record::Battery { at, .. }
             | Record::UnitReachability { at, .. }
             | Record::StorageUnavailable { at, .. }

@@ -12,6 +12,7 @@ mod link;
 mod link_reference;
 mod link_tls;
 mod operator;
+mod osdp;
 mod service;
 mod sim;
 mod store;

@@ -1,0 +1,489 @@
+//! OSDP readers against a peer no one here wrote: the Python `libosdp` package plays the
+//! Peripheral Devices (`tests/osdp/pd_bus.py`) on a pseudo-terminal, the gateway
+//! (`daemon::serve`, in process) is the Control Panel. `scripts/test` installs the package into
+//! `target/osdp-venv`; `DOORBRIDGE_OSDP_PYTHON` names another interpreter that has it.
+//!
+//! Each case asserts what a user sees: the strike released at the reader, the LED, the record
+//! the cloud gets. Every wait is a condition with a deadline.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use doorbridge::access::{
+    Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, credential,
+};
+use doorbridge::bus::message::DoorEventKind;
+use doorbridge::config::Config;
+use doorbridge::store::{Reader, Record, Store, StoreOptions};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::fixtures::{self, SALT};
+
+/// How long a step may take: the readers come online and set up the secure channel within a
+/// few seconds; a loaded CI machine gets the rest.
+const WAIT: Duration = Duration::from_secs(30);
+
+const KEY_A: &str = "000102030405060708090a0b0c0d0e0f";
+const KEY_B: &str = "f0e0d0c0b0a090807060504030201000";
+const CARD_RESIDENT: &str = "26:0a1b2c40";
+const CARD_ONCE: &str = "26:11223340";
+const PIN: &str = "482916";
+
+/// The Python interpreter with `libosdp` installed.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("DOORBRIDGE_OSDP_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/osdp-venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the OSDP tests need the Python libosdp peer: run scripts/test (it makes {}), or set \
+         DOORBRIDGE_OSDP_PYTHON to a python3 that has `pip install libosdp`",
+        venv.display()
+    );
+    venv
+}
+
+/// The readers: `pd_bus.py` on a pty, driven over its stdin, heard on its stdout.
+pub struct PdBus {
+    child: Child,
+    stdin: ChildStdin,
+    events: mpsc::Receiver<Value>,
+    /// Everything heard so far, for waits that look back.
+    seen: Vec<Value>,
+}
+
+impl PdBus {
+    pub fn start(link: &Path, pds: &[&str]) -> PdBus {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/osdp/pd_bus.py");
+        let mut command = Command::new(python());
+        command.arg(script).arg("--link").arg(link);
+        for pd in pds {
+            command.arg("--pd").arg(pd);
+        }
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tests/osdp/pd_bus.py");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        let mut bus = PdBus {
+            child,
+            stdin,
+            events,
+            seen: Vec::new(),
+        };
+        bus.wait("the PD bus to be ready", |e| e["ev"] == "ready");
+        bus
+    }
+
+    pub fn send(&mut self, op: &Value) {
+        writeln!(self.stdin, "{op}").expect("write to pd_bus.py");
+        self.stdin.flush().expect("flush pd_bus.py");
+    }
+
+    /// Waits for an event matching `pred`, looking at those already seen first; returns it.
+    pub fn wait(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(e) = self.seen.iter().find(|e| pred(e)) {
+            return e.clone();
+        }
+        self.wait_new(what, pred)
+    }
+
+    /// Waits for a new event matching `pred` (events before it are kept).
+    pub fn wait_new(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(e) => {
+                    self.seen.push(e.clone());
+                    if pred(&e) {
+                        return e;
+                    }
+                }
+                Err(_) => panic!(
+                    "no {what} within {WAIT:?}; the readers said: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Forgets what was seen, so that the next waits look at new events only.
+    pub fn forget(&mut self) {
+        while let Ok(e) = self.events.try_recv() {
+            self.seen.push(e);
+        }
+        self.seen.clear();
+    }
+
+    pub fn secure(&mut self, pd: u8) {
+        self.wait(&format!("PD {pd} online with the secure channel"), |e| {
+            e["ev"] == "state" && e["pd"] == pd && e["online"] == true && e["sc"] == true
+        });
+    }
+
+    pub fn card(&mut self, pd: u8, card: &str) {
+        let (bits, hex) = card.split_once(':').expect("BITS:HEX");
+        let bits: u32 = bits.parse().expect("bits");
+        self.send(&json!({"op": "card", "pd": pd, "format": "wiegand", "bits": bits, "data": hex}));
+    }
+
+    pub fn keys(&mut self, pd: u8, keys: &[u8]) {
+        let hex: String = keys.iter().map(|b| format!("{b:02x}")).collect();
+        self.send(&json!({"op": "keys", "pd": pd, "data": hex}));
+    }
+
+    /// Waits for PD `pd` to be told to pulse output `output`.
+    pub fn pulse(&mut self, pd: u8, output: u8) -> Value {
+        self.wait_new(&format!("a relay pulse on PD {pd} output {output}"), |e| {
+            e["ev"] == "command"
+                && e["pd"] == pd
+                && e["cmd"]["name"] == "output"
+                && e["cmd"]["output_no"] == output
+                && e["cmd"]["control_code"] == 5
+        })
+    }
+
+    /// Waits for PD `pd`'s LED to be set to `color` (OSDP: 1 red, 2 green).
+    pub fn led(&mut self, pd: u8, color: u8) -> Value {
+        self.wait_new(&format!("LED colour {color} on PD {pd}"), |e| {
+            e["ev"] == "command"
+                && e["pd"] == pd
+                && e["cmd"]["name"] == "led"
+                && e["cmd"]["temporary"]["on_color"] == color
+                || e["ev"] == "command"
+                    && e["pd"] == pd
+                    && e["cmd"]["name"] == "led"
+                    && e["cmd"]["on_color"] == color
+        })
+    }
+}
+
+impl Drop for PdBus {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"op": "quit"}));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn card_key(id: &str, card: &str, limit: UseLimit) -> Key {
+    let value = credential::parse_card(card).expect("card");
+    Key {
+        rules: KeyRules {
+            id: id.to_owned(),
+            name: format!("key {id}"),
+            category: Category::Renter,
+            doors: vec!["main".to_owned(), "garage".to_owned()],
+            opens_inner_door: false,
+            valid_from: None,
+            valid_until: None,
+            schedule: Schedule::Always,
+            use_limit: limit,
+            welcome: Some(format!("Welcome, {id}!")),
+            floors: vec![],
+            revoked: false,
+        },
+        credentials: vec![Credential {
+            kind: CredentialKind::Card,
+            digest: credential::digest(SALT, CredentialKind::Card, &value),
+        }],
+    }
+}
+
+/// A gateway's state directory with a key set: a resident's card, a single-use card, a PIN.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub link: PathBuf,
+}
+
+impl Site {
+    pub async fn new() -> Site {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let db = dir.path().join("doorbridge.db");
+        let link = dir.path().join("ttyOSDP");
+        let mut context = fixtures::context();
+        context
+            .site
+            .doors
+            .insert("garage".into(), Default::default());
+        let store = Store::open(StoreOptions::new(&db, context)).expect("store");
+        let mut pin = fixtures::key("courier", CredentialKind::Pin, PIN, UseLimit::Unlimited);
+        pin.rules.doors.push("garage".into());
+        store
+            .install_key_set(
+                fixtures::header(1),
+                vec![
+                    card_key("resident", CARD_RESIDENT, UseLimit::Unlimited),
+                    card_key("once", CARD_ONCE, UseLimit::Total(1)),
+                    pin,
+                ],
+            )
+            .await
+            .expect("key set");
+        store.close();
+        Site { dir, db, link }
+    }
+
+    pub fn key_file(&self, name: &str, hex: Option<&str>) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.key"));
+        if let Some(hex) = hex {
+            doorbridge::osdp::key::write_new(
+                &path,
+                &doorbridge::osdp::key::parse(hex).expect("hex key"),
+            )
+            .expect("write key");
+        }
+        path
+    }
+
+    /// The configuration: one OSDP bus on the link with `readers` (TOML of each
+    /// `[[buses.units]]` after its header).
+    pub fn config(&self, readers: &[String]) -> Config {
+        let mut text = format!(
+            r#"[gateway]
+id = "gw-osdp"
+site_id = "site-osdp"
+[site]
+timezone = "Europe/Berlin"
+[cloud]
+url = "mqtt://127.0.0.1:1"
+trusted_keys = ["{trusted}"]
+[storage]
+path = "{db}"
+[pin_lockout]
+attempts = 3
+[[buses]]
+name = "osdp"
+protocol = "osdp"
+port = "{link}"
+baud = 115200
+"#,
+            trusted = "11".repeat(32),
+            db = self.db.display(),
+            link = self.link.display(),
+        );
+        for reader in readers {
+            text.push_str("[[buses.units]]\n");
+            text.push_str(reader);
+            text.push('\n');
+        }
+        Config::from_toml_str(&text, "osdp test").unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    /// Waits until `n` records match `pred`.
+    pub fn wait_records(&self, what: &str, n: usize, pred: impl Fn(&Record) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let records = self.records();
+            if records.iter().filter(|r| pred(r)).count() >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {n} {what} records within {WAIT:?}; the outbox holds {records:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The records in the outbox.
+    pub fn records(&self) -> Vec<Record> {
+        let reader = Reader::open(&self.db).expect("read the store");
+        reader
+            .outbox(0, 10_000)
+            .expect("outbox")
+            .into_iter()
+            .map(|r| r.record)
+            .collect()
+    }
+
+    /// Waits for a record matching `pred`.
+    pub fn wait_record(&self, what: &str, pred: impl Fn(&Record) -> bool) -> Record {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let records = self.records();
+            if let Some(r) = records.iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} record within {WAIT:?}; the outbox holds {records:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The gateway, in process, until dropped or stopped.
+pub struct Gateway {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    pub fn start(config: Config) -> Gateway {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            doorbridge::daemon::serve(&config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("the gateway runs");
+        });
+        Gateway {
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("the gateway stops in time")
+                .expect("the gateway task");
+        }
+    }
+}
+
+fn reader(address: u8, door: &str, osdp: &str) -> String {
+    format!("address = {address}\ndoor = \"{door}\"\n[buses.units.osdp]\n{osdp}\n")
+}
+
+fn granted(r: &Record, door: &str, key: &str) -> bool {
+    matches!(r, Record::Activity(a) if a.granted && a.door == door && a.key_id.as_deref() == Some(key))
+}
+
+/// Card, PIN, wrong PINs and the lockout, tamper, forced and held open, the secure channel,
+/// and a reader with the wrong key refused: one gateway, two readers on one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_at_the_door_are_served_and_watched() {
+    let site = Site::new().await;
+    let key_a = site.key_file("main", Some(KEY_A));
+    let key_garage = site.key_file("garage", Some(KEY_A));
+    let mut pds = PdBus::start(
+        &site.link,
+        &[
+            &format!("1,scbk={KEY_A},display"),
+            // The garage reader holds another key than the gateway's: it must be refused.
+            &format!("2,scbk={KEY_B}"),
+        ],
+    );
+    let config = site.config(&[
+        reader(
+            1,
+            "main",
+            &format!(
+                "key_file = \"{}\"\nrelay = 1\ndisplay = true\ndoor_contact = 0\nheld_open = \"1s\"",
+                key_a.display()
+            ),
+        ),
+        reader(2, "garage", &format!("key_file = \"{}\"", key_garage.display())),
+    ]);
+    let gateway = Gateway::start(config);
+
+    // The secure channel comes up with the configured key.
+    pds.secure(1);
+
+    // The door opens with no grant: forced open; then it closes.
+    pds.send(&json!({"op": "status", "pd": 1, "type": "input", "report": [1]}));
+    site.wait_record("forced open", |r| {
+        matches!(r, Record::DoorEvent { event: DoorEventKind::ForcedOpen, door, .. } if door == "main")
+    });
+    pds.send(&json!({"op": "status", "pd": 1, "type": "input", "report": [0]}));
+    site.wait_record("door closed", |r| {
+        matches!(r, Record::DoorEvent { event: DoorEventKind::Closed, door, .. } if door == "main")
+    });
+
+    // A card: the strike is released, the LED turns green, the welcome is shown.
+    pds.card(1, CARD_RESIDENT);
+    pds.pulse(1, 1);
+    pds.led(1, 2);
+    let text = pds.wait_new("the welcome text", |e| {
+        e["ev"] == "command" && e["pd"] == 1 && e["cmd"]["name"] == "text"
+    });
+    assert_eq!(text["cmd"]["data"], "Welcome, resident!");
+    site.wait_record("granted card", |r| granted(r, "main", "resident"));
+
+    // The door opens inside the release: a plain opening, no alarm.
+    pds.send(&json!({"op": "status", "pd": 1, "type": "input", "report": [1]}));
+    site.wait_record("door opened", |r| {
+        matches!(r, Record::DoorEvent { event: DoorEventKind::Opened, door, .. } if door == "main")
+    });
+    // ... and stays open past held_open.
+    site.wait_record("held open", |r| {
+        matches!(r, Record::DoorEvent { event: DoorEventKind::HeldOpen, door, .. } if door == "main")
+    });
+    pds.send(&json!({"op": "status", "pd": 1, "type": "input", "report": [0]}));
+    site.wait_records("door closed again", 2, |r| {
+        matches!(r, Record::DoorEvent { event: DoorEventKind::Closed, door, .. } if door == "main")
+    });
+
+    // A PIN ended with '#'.
+    pds.forget();
+    let mut typed = PIN.as_bytes().to_vec();
+    typed.push(0x0D);
+    pds.keys(1, &typed);
+    pds.pulse(1, 1);
+    site.wait_record("granted PIN", |r| granted(r, "main", "courier"));
+
+    // Wrong PINs: red each time, and after three the keypad is locked out.
+    for _ in 0..3 {
+        pds.forget();
+        pds.keys(1, b"111111\r");
+        pds.led(1, 1);
+    }
+    site.wait_record(
+        "PIN lockout",
+        |r| matches!(r, Record::PinLockout { door, .. } if door == "main"),
+    );
+
+    // Tamper.
+    pds.send(&json!({"op": "status", "pd": 1, "type": "local", "report": [1, 0]}));
+    site.wait_record(
+        "tamper alarm",
+        |r| matches!(r, Record::Tamper { active: true, door, .. } if door == "main"),
+    );
+
+    // The reader with the wrong key never gets a secure channel and is refused, with an alarm.
+    site.wait_record(
+        "the wrong-key reader refused",
+        |r| matches!(r, Record::ReaderRefused { door, .. } if door == "garage"),
+    );
+    assert!(
+        !pds.seen
+            .iter()
+            .any(|e| e["ev"] == "command" && e["pd"] == 2 && e["cmd"]["name"] == "output"),
+        "the refused reader was never told to release its door"
+    );
+
+    gateway.stop().await;
+}
