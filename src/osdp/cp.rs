@@ -252,7 +252,10 @@ fn open(spec: &LineSpec) -> Result<serialport::TTYPort, String> {
 /// calls it before each command to drop stale bytes). A failure of the port is flagged for the
 /// thread, which reopens it.
 struct SerialChannel {
-    port: serialport::TTYPort,
+    /// `None` once closed. libosdp never frees the channel it is given, so the port is closed
+    /// here, in `close` (called at the CP's teardown), or its exclusive lock would outlive it and
+    /// no later CP (a reopen, a restart in process, `osdp install`) could open the port.
+    port: Option<serialport::TTYPort>,
     failed: Arc<std::sync::Mutex<Option<String>>>,
     /// When each address last sent something that looks like a reply (see [`Replies`]).
     replies: Arc<Replies>,
@@ -285,7 +288,10 @@ impl Channel for SerialChannel {
     }
 
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChannelError> {
-        match self.port.read(buf) {
+        let Some(port) = self.port.as_mut() else {
+            return Err(ChannelError::TransportError);
+        };
+        match port.read(buf) {
             Ok(n) => {
                 self.replies.sniff(&buf[..n]);
                 Ok(n)
@@ -299,7 +305,10 @@ impl Channel for SerialChannel {
         let until = Instant::now() + WRITE_WITHIN;
         let mut done = 0;
         while done < buf.len() {
-            match self.port.write(&buf[done..]) {
+            let Some(port) = self.port.as_mut() else {
+                return Err(ChannelError::TransportError);
+            };
+            match port.write(&buf[done..]) {
                 Ok(n) => done += n,
                 Err(e) if would_block(&e) && Instant::now() < until => {
                     std::thread::sleep(Duration::from_millis(1));
@@ -312,12 +321,16 @@ impl Channel for SerialChannel {
 
     fn flush(&mut self) -> Result<(), ChannelError> {
         use serialport::SerialPort;
-        self.port
-            .clear(serialport::ClearBuffer::Input)
+        let Some(port) = self.port.as_mut() else {
+            return Err(ChannelError::TransportError);
+        };
+        port.clear(serialport::ClearBuffer::Input)
             .map_err(|e| self.fail(&std::io::Error::other(e)))
     }
 
     fn close(&mut self) -> Result<(), ChannelError> {
+        // Called once per reader on the line: the first call closes the port.
+        self.port = None;
         Ok(())
     }
 }
@@ -388,7 +401,7 @@ fn serve(
     let failed = Arc::new(std::sync::Mutex::new(None));
     let replies = Arc::new(Replies::new());
     let channel = SerialChannel {
-        port,
+        port: Some(port),
         failed: Arc::clone(&failed),
         replies: Arc::clone(&replies),
     };

@@ -26,12 +26,15 @@ use crate::bus::driver::{
 };
 use crate::bus::frame::Address;
 use crate::bus::session::Command;
+use crate::store::records::ReaderRefusal;
 use crate::store::{Record, Store, VerifyRequest};
 use crate::task::{clock_synced, stopped};
 
 /// How long a reader configured for the secure channel may answer without it before it is
 /// refused with an alarm (the handshake takes a few polls).
 pub const SECURE_GRACE: Duration = Duration::from_secs(10);
+/// A reader not online this long after the port opened is reported offline (once).
+pub const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(15);
 /// How long a stopping bus waits for decisions in flight to reach their readers.
 const STOP_WITHIN: Duration = Duration::from_secs(2);
 
@@ -109,6 +112,8 @@ struct Reader {
     insecure_since: Option<Duration>,
     /// The insecure-reader alarm was raised and not yet cleared.
     refused: bool,
+    /// A reader not online by then (after the port opened) is reported offline once.
+    expected_by: Option<Duration>,
     tamper: Option<bool>,
     power: Option<bool>,
 }
@@ -145,6 +150,7 @@ pub async fn run_osdp_bus(
                 secure: false,
                 insecure_since: None,
                 refused: false,
+                expected_by: None,
                 tamper: None,
                 power: None,
                 spec: r.clone(),
@@ -224,6 +230,7 @@ impl Bus<'_> {
                     r.insecure_since
                         .filter(|_| !r.refused)
                         .map(|t| t + SECURE_GRACE),
+                    r.expected_by,
                 ]
             })
             .flatten()
@@ -247,6 +254,21 @@ impl Bus<'_> {
             if !r.refused && r.insecure_since.is_some_and(|t| now >= t + SECURE_GRACE) {
                 self.refuse_insecure(pd);
             }
+            let r = &mut self.readers[pd];
+            if r.expected_by.is_some_and(|t| now >= t) {
+                r.expected_by = None;
+                if !r.online && !r.refused {
+                    let (label, door) = (r.label.clone(), r.spec.door.clone());
+                    tracing::warn!(bus = %self.spec.name, reader = %label, %door,
+                        "OSDP reader does not answer (check its wiring, address and baud rate)");
+                    self.append(Record::UnitReachability {
+                        at: Timestamp::now(),
+                        unit: label,
+                        door,
+                        online: false,
+                    });
+                }
+            }
         }
     }
 
@@ -256,6 +278,11 @@ impl Bus<'_> {
             CpEvent::Port { open, error } => {
                 if open {
                     tracing::info!(bus = %self.spec.name, port = %self.spec.port.display(), baud = self.spec.baud, "OSDP port open");
+                    for r in &mut self.readers {
+                        if !r.online {
+                            r.expected_by = Some(now + FIRST_ANSWER_WITHIN);
+                        }
+                    }
                 } else {
                     set_status(self.status, |s| s.reopens += 1);
                     tracing::debug!(bus = %self.spec.name, error = error.as_deref().unwrap_or("-"), "OSDP port closed");
@@ -347,6 +374,9 @@ impl Bus<'_> {
         };
         let was_online = r.online;
         r.online = online;
+        if online {
+            r.expected_by = None;
+        }
         r.secure = secure;
         // Answering without the secure channel it must use (libosdp keeps such a reader
         // offline under EnforceSecure): refused, with an alarm, after a grace period.
@@ -392,7 +422,7 @@ impl Bus<'_> {
             at: Timestamp::now(),
             unit: r.label.clone(),
             door: r.spec.door.clone(),
-            reason: "no_secure_channel".into(),
+            reason: ReaderRefusal::NoSecureChannel,
         };
         self.append(record);
     }

@@ -66,6 +66,15 @@ pub struct Activity {
     pub command_id: Option<String>,
 }
 
+/// Why an OSDP reader was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReaderRefusal {
+    /// It answers without the secure channel it is configured for: a wrong key, none, or no
+    /// secure channel support.
+    NoSecureChannel,
+}
+
 /// A record for the outbox.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -107,13 +116,12 @@ pub enum Record {
         door: DoorId,
         active: bool,
     },
-    /// An OSDP reader was refused: it answers without the secure channel it is configured
-    /// for (a wrong key, or none). `reason` is `no_secure_channel`.
+    /// An OSDP reader was refused: it is not served.
     ReaderRefused {
         at: Timestamp,
         unit: String,
         door: DoorId,
-        reason: String,
+        reason: ReaderRefusal,
     },
     /// A battery reading; `low` when at or below the configured threshold.
     Battery {

@@ -223,26 +223,26 @@ pub struct Site {
 
 impl Site {
     pub async fn new() -> Site {
+        Site::with_doors(&[]).await
+    }
+
+    /// A site whose resident card also opens `doors`.
+    pub async fn with_doors(doors: &[String]) -> Site {
         let dir = tempfile::tempdir().expect("temporary directory");
         let db = dir.path().join("doorbridge.db");
         let link = dir.path().join("ttyOSDP");
         let mut context = fixtures::context();
-        context
-            .site
-            .doors
-            .insert("garage".into(), Default::default());
+        for door in std::iter::once(&"garage".to_owned()).chain(doors) {
+            context.site.doors.insert(door.clone(), Default::default());
+        }
         let store = Store::open(StoreOptions::new(&db, context)).expect("store");
         let mut pin = fixtures::key("courier", CredentialKind::Pin, PIN, UseLimit::Unlimited);
         pin.rules.doors.push("garage".into());
+        let mut resident = card_key("resident", CARD_RESIDENT, UseLimit::Unlimited);
+        resident.rules.doors.extend(doors.iter().cloned());
+        let once = card_key("once", CARD_ONCE, UseLimit::Total(1));
         store
-            .install_key_set(
-                fixtures::header(1),
-                vec![
-                    card_key("resident", CARD_RESIDENT, UseLimit::Unlimited),
-                    card_key("once", CARD_ONCE, UseLimit::Total(1)),
-                    pin,
-                ],
-            )
+            .install_key_set(fixtures::header(1), vec![resident, once, pin])
             .await
             .expect("key set");
         store.close();
@@ -347,6 +347,13 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(config: Config) -> Gateway {
+        // DOORBRIDGE_TEST_LOG=debug shows the gateway's log (libosdp's included).
+        if let Ok(filter) = std::env::var("DOORBRIDGE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             doorbridge::daemon::serve(&config, async {
@@ -485,5 +492,160 @@ async fn readers_at_the_door_are_served_and_watched() {
         "the refused reader was never told to release its door"
     );
 
+    gateway.stop().await;
+}
+
+/// A single-use card is honoured once, also across a gateway restart; the second time the
+/// reader shows red and the strike stays shut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_card_opens_once_across_a_restart() {
+    let site = Site::new().await;
+    let key = site.key_file("main", Some(KEY_A));
+    let mut pds = PdBus::start(&site.link, &[&format!("1,scbk={KEY_A}")]);
+    let config = site.config(&[reader(1, "main", &format!("key_file = \"{}\"", key.display()))]);
+
+    let gateway = Gateway::start(config.clone());
+    pds.secure(1);
+    pds.card(1, CARD_ONCE);
+    pds.pulse(1, 0);
+    site.wait_record("granted single use", |r| granted(r, "main", "once"));
+    gateway.stop().await;
+
+    pds.forget();
+    let gateway = Gateway::start(config);
+    pds.wait_new("PD 1 back with the secure channel", |e| {
+        e["ev"] == "state" && e["pd"] == 1 && e["online"] == true && e["sc"] == true
+    });
+    pds.card(1, CARD_ONCE);
+    pds.led(1, 1);
+    site.wait_record("used up", |r| {
+        matches!(r, Record::Activity(a) if !a.granted
+            && a.key_id.as_deref() == Some("once")
+            && a.reason == Some(doorbridge::access::DenyReason::UsedUp))
+    });
+    assert!(
+        !pds.seen.iter().any(|e| e["ev"] == "command" && e["cmd"]["name"] == "output"),
+        "the strike was not released the second time: {:#?}",
+        pds.seen
+    );
+    let grants = site
+        .records()
+        .iter()
+        .filter(|r| granted(r, "main", "once"))
+        .count();
+    assert_eq!(grants, 1, "one grant for a single-use key");
+    gateway.stop().await;
+}
+
+/// `doorbridge osdp install`: a reader in install mode takes a new key over SCBK-D, the key
+/// file appears (0600) only once the key is proven, and the gateway then serves the reader
+/// with it. A reader that is not in install mode is refused with the reason, its key untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_mode_provisioning_gives_a_reader_its_own_key() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let site = Site::new().await;
+    let key_file = site.key_file("main", None);
+    // PD 1 has no key: libosdp keeps it in install mode. PD 2 has a key of its own.
+    let mut pds = PdBus::start(&site.link, &["1", &format!("2,scbk={KEY_B}")]);
+    let request = |address: u8, key_file: PathBuf| doorbridge::osdp::install::InstallRequest {
+        bus: "osdp".into(),
+        port: site.link.clone(),
+        baud: 115_200,
+        rs485: None,
+        address,
+        key_file,
+        timeout: Duration::from_secs(5),
+    };
+
+    let mut said = Vec::new();
+    let installed = {
+        let request = request(1, key_file.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut said = Vec::new();
+            let r = doorbridge::osdp::install::install(&request, |l| said.push(l.to_owned()));
+            (r, said)
+        })
+        .await
+        .expect("install thread")
+    };
+    said.extend(installed.1);
+    let installed = installed.0.unwrap_or_else(|e| panic!("install failed: {e}; it said {said:#?}"));
+    assert_eq!(installed.key_file, key_file);
+    let mode = std::fs::metadata(&key_file).expect("key file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(!PathBuf::from(format!("{}.new", key_file.display())).exists());
+    let key = doorbridge::osdp::key::read(&key_file).expect("a key");
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    // The reader got exactly the key in the file, and the key never reached the output.
+    pds.wait("the keyset at PD 1", |e| {
+        e["ev"] == "command" && e["pd"] == 1 && e["cmd"]["name"] == "keyset" && e["cmd"]["data"] == hex
+    });
+    assert!(said.iter().all(|l| !l.contains(&hex)), "{said:#?}");
+    assert!(said.iter().any(|l| l.contains(&installed.fingerprint)), "{said:#?}");
+
+    // PD 2 is not in install mode: refused, nothing left in place of its key file.
+    let other = site.key_file("garage", None);
+    let refused = {
+        let request = request(2, other.clone());
+        tokio::task::spawn_blocking(move || doorbridge::osdp::install::install(&request, |_| {}))
+            .await
+            .expect("install thread")
+    };
+    let e = refused.expect_err("a reader with a key of its own is not provisioned");
+    assert!(
+        matches!(e, doorbridge::osdp::install::InstallError::NotInstallMode { .. }),
+        "{e}"
+    );
+    assert!(!other.exists());
+
+    // The gateway serves the provisioned reader with its new key.
+    pds.forget();
+    let config = site.config(&[reader(1, "main", &format!("key_file = \"{}\"", key_file.display()))]);
+    let gateway = Gateway::start(config);
+    pds.wait_new("PD 1 with the secure channel on its new key", |e| {
+        e["ev"] == "state" && e["pd"] == 1 && e["online"] == true && e["sc"] == true
+    });
+    pds.card(1, CARD_RESIDENT);
+    pds.pulse(1, 0);
+    gateway.stop().await;
+}
+
+/// Eight readers on one line, one of them dead: the seven others are all served. Prints how
+/// long each grant took from the card read to the strike command, for the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_readers_on_one_line_are_served_while_one_is_dead() {
+    let doors: Vec<String> = (1..=8).map(|i| format!("door{i}")).collect();
+    let site = Site::with_doors(&doors).await;
+    let key = site.key_file("shared", Some(KEY_A));
+    let mut specs: Vec<String> = (1..=7).map(|a| format!("{a},scbk={KEY_A}")).collect();
+    specs.push("8,dead".into());
+    let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let mut pds = PdBus::start(&site.link, &spec_refs);
+    let readers: Vec<String> = (1..=8u8)
+        .map(|a| reader(a, &format!("door{a}"), &format!("key_file = \"{}\"", key.display())))
+        .collect();
+    let gateway = Gateway::start(site.config(&readers));
+    for a in 1..=7 {
+        pds.secure(a);
+    }
+    let mut took = Vec::new();
+    for round in 0..2 {
+        for a in 1..=7u8 {
+            let t = Instant::now();
+            pds.card(a, CARD_RESIDENT);
+            pds.pulse(a, 0);
+            took.push((round, a, t.elapsed()));
+        }
+    }
+    for a in 1..=7u8 {
+        let door = format!("door{a}");
+        site.wait_records(&format!("grants at {door}"), 2, |r| granted(r, &door, "resident"));
+    }
+    // The dead reader is reported, once it had its chance.
+    site.wait_record("the dead reader offline", |r| {
+        matches!(r, Record::UnitReachability { online: false, door, .. } if door == "door8")
+    });
+    eprintln!("card read to strike command, with reader 8 dead: {took:?}");
     gateway.stop().await;
 }
