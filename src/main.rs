@@ -259,49 +259,53 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             ref bus,
             address,
             timeout,
-        }) => {
-            let config = config::load(&sources)?;
-            logging::init(config.log.level)?;
-            let request = osdp_install_request(&config, bus, address, timeout)?;
-            let installed = doorbridge::osdp::install::install(&request, |line| {
-                eprintln!("{line}");
-            })?;
-            println!(
-                "provisioned reader {address} on bus {bus}: key {} in {} ({:.1} s)",
-                installed.fingerprint,
-                installed.key_file.display(),
-                installed.took.as_secs_f64()
-            );
-            Ok(())
-        }
-        Command::CheckConfig => {
-            let (config, layers) = config::load_with_layers(&sources)?;
-            let mut text = String::from(
-                "# doorbridge: effective configuration (secrets redacted)\n# sources, later wins:\n",
-            );
-            for layer in &layers {
-                text.push_str("#   ");
-                text.push_str(layer);
-                text.push('\n');
-            }
-            text.push('\n');
-            text.push_str(&config.redacted_toml());
-            // Files the configuration names (TLS) are read only by the link; say now if they
-            // will not do, without failing a check that is also run on build machines.
-            if let Err(e) = doorbridge::cloud::link::spec(&config) {
-                eprintln!("doorbridge: warning: the cloud link will not start: {e}");
-            }
-            for warning in config.osdp_warnings() {
-                eprintln!("doorbridge: warning: {warning}");
-            }
-            let mut stdout = std::io::stdout().lock();
-            stdout
-                .write_all(text.as_bytes())
-                .and_then(|()| stdout.flush())
-                .context("cannot write to standard output")?;
-            Ok(())
-        }
+        }) => osdp_install(&sources, bus, address, timeout),
+        Command::CheckConfig => check_config(&sources),
     }
+}
+
+/// `doorbridge check-config`: the effective configuration on stdout, warnings on stderr.
+fn check_config(sources: &Sources) -> anyhow::Result<()> {
+    let (config, layers) = config::load_with_layers(sources)?;
+    let mut text = String::from(
+        "# doorbridge: effective configuration (secrets redacted)\n# sources, later wins:\n",
+    );
+    for layer in &layers {
+        text.push_str("#   ");
+        text.push_str(layer);
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(&config.redacted_toml());
+    // Files the configuration names (TLS) are read only by the link; say now if they
+    // will not do, without failing a check that is also run on build machines.
+    if let Err(e) = doorbridge::cloud::link::spec(&config) {
+        eprintln!("doorbridge: warning: the cloud link will not start: {e}");
+    }
+    for warning in config.osdp_warnings() {
+        eprintln!("doorbridge: warning: {warning}");
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot write to standard output")?;
+    Ok(())
+}
+
+/// `doorbridge osdp install`: provisions one reader, saying each step on stderr.
+fn osdp_install(sources: &Sources, bus: &str, address: u8, timeout: u64) -> anyhow::Result<()> {
+    let config = config::load(sources)?;
+    logging::init(config.log.level)?;
+    let request = osdp_install_request(&config, bus, address, timeout)?;
+    let installed = doorbridge::osdp::install::install(&request, |line| eprintln!("{line}"))?;
+    println!(
+        "provisioned reader {address} on bus {bus}: key {} in {} ({:.1} s)",
+        installed.fingerprint,
+        installed.key_file.display(),
+        installed.took.as_secs_f64()
+    );
+    Ok(())
 }
 
 /// What `osdp install` works on: the reader's bus and key file from the configuration.

@@ -21,6 +21,17 @@ pub fn digest(salt: &[u8], kind: CredentialKind, value: &[u8]) -> CredentialDige
     CredentialDigest(h.finalize().into())
 }
 
+/// Lowercase hex digits of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// The most card bits an OSDP card read carries (libosdp: 64 bytes of data).
 pub const MAX_CARD_BITS: usize = 512;
 
@@ -104,13 +115,7 @@ pub fn format_card(value: &[u8]) -> String {
     let bits = value
         .get(..2)
         .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-    let hex: String = value
-        .get(2..)
-        .unwrap_or_default()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{bits}:{hex}")
+    format!("{bits}:{}", to_hex(value.get(2..).unwrap_or_default()))
 }
 
 #[cfg(test)]

@@ -351,7 +351,7 @@ pub struct Replies {
 }
 
 impl Replies {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Replies {
             start: Instant::now(),
             last: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
@@ -359,7 +359,7 @@ impl Replies {
         }
     }
 
-    fn sniff(&self, bytes: &[u8]) {
+    pub(crate) fn sniff(&self, bytes: &[u8]) {
         let Ok(mut tail) = self.tail.lock() else {
             return;
         };

@@ -8,6 +8,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+use crate::access::credential::to_hex;
 use thiserror::Error;
 
 /// A secure channel base key.
@@ -79,17 +81,14 @@ pub fn write_new(path: &Path, key: &Scbk) -> Result<(), KeyFileError> {
         .mode(0o600)
         .open(path)
         .map_err(err)?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    file.write_all(format!("{hex}\n").as_bytes()).map_err(err)?;
+    file.write_all(format!("{}\n", to_hex(key)).as_bytes())
+        .map_err(err)?;
     file.sync_all().map_err(err)
 }
 
 /// A key's name for logs and messages: the first 8 hex digits of its SHA-256.
 pub fn fingerprint(key: &Scbk) -> String {
-    Sha256::digest(key)[..4]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    to_hex(&Sha256::digest(key)[..4])
 }
 
 #[cfg(test)]

@@ -18,3 +18,6 @@ pub mod install;
 pub mod key;
 pub mod keypad;
 pub mod reader;
+
+#[cfg(test)]
+mod proptests;

@@ -73,7 +73,7 @@ pub fn credential(
             if bits == 0 {
                 return Err(ReadError::Empty);
             }
-            if bits % 8 != 0 {
+            if !bits.is_multiple_of(8) {
                 return Err(ReadError::NotBytes {
                     bits,
                     kind: kind.as_str(),

@@ -306,3 +306,111 @@ fn help_explains_the_commands_and_the_sources() {
         );
     }
 }
+
+/// OSDP readers: every problem with its key, and a reader not yet provisioned only warned
+/// about (`doorbridge osdp install` needs the configuration to load).
+#[test]
+fn osdp_readers_are_checked_and_an_unprovisioned_one_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = dir.path().join("exposed.key");
+    fs::write(&exposed, "000102030405060708090a0b0c0d0e0f\n").unwrap();
+    fs::set_permissions(&exposed, fs::Permissions::from_mode(0o644)).unwrap();
+    let malformed = dir.path().join("malformed.key");
+    fs::write(&malformed, "not a key\n").unwrap();
+    fs::set_permissions(&malformed, fs::Permissions::from_mode(0o600)).unwrap();
+    let missing = dir.path().join("missing.key");
+    let text = format!(
+        r#"{VALID}
+[buses.units.osdp]
+relay = 1
+
+[[buses]]
+protocol = "osdp"
+port = "/dev/ttyUSB1"
+
+[[buses.units]]
+address = 1
+door = "garage"
+
+[[buses.units]]
+address = 2
+door = "lift"
+[buses.units.osdp]
+reader = "elevator"
+key_file = "{exposed}"
+
+[[buses.units]]
+address = 3
+door = "side"
+[buses.units.osdp]
+key_file = "{malformed}"
+floors = [{{ floor = 1, output = 0 }}, {{ floor = 1, output = 1 }}]
+pulse = "10ms"
+"#,
+        exposed = exposed.display(),
+        malformed = malformed.display(),
+    );
+    let config = ConfigDir::new(&text);
+    let out = check_config(&config.main());
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    let lines = problem_lines(&out.stderr);
+    let expect = [
+        ("buses[0].units[0].osdp", "set protocol = \"osdp\""),
+        ("buses[1].units[0].osdp.key_file", "doorbridge osdp install"),
+        ("buses[1].units[1].osdp.key_file", "chmod 600"),
+        ("buses[1].units[1].osdp.floors", "needs floors"),
+        ("buses[1].units[2].osdp.key_file", "32 hex digits"),
+        ("buses[1].units[2].osdp.floors", "only an elevator reader"),
+        (
+            "buses[1].units[2].osdp.floors[1].floor",
+            "also at floors[0]",
+        ),
+        ("buses[1].units[2].osdp.pulse", "10ms"),
+    ];
+    for (key, says) in expect {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!(": {key}: ")) && l.contains(says)),
+            "no problem at {key} saying {says:?}:\n{}",
+            out.stderr
+        );
+    }
+    assert_eq!(lines.len(), expect.len(), "{}", out.stderr);
+
+    // A sound OSDP bus whose reader has no key file yet: valid, with a warning that says how
+    // to provision it.
+    let text = format!(
+        r#"{VALID}
+[[buses]]
+name = "front"
+protocol = "osdp"
+port = "/dev/ttyUSB1"
+baud = 9600
+
+[[buses.units]]
+address = 5
+door = "garage"
+[buses.units.osdp]
+key_file = "{missing}"
+door_contact = 0
+"#,
+        missing = missing.display()
+    );
+    let config = ConfigDir::new(&text);
+    let out = check_config(&config.main());
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "warning: OSDP reader 5 (door garage) on bus front has no key file {}",
+            missing.display()
+        )) && out
+            .stderr
+            .contains("doorbridge osdp install --bus front --address 5"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stdout.contains("protocol = \"osdp\""), "{}", out.stdout);
+}

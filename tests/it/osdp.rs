@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use doorbridge::access::{
-    Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, credential,
+    Category, Credential, CredentialKind, Door, Key, KeyRules, Schedule, UseLimit, credential,
 };
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::config::Config;
@@ -116,10 +116,12 @@ impl PdBus {
                         return e;
                     }
                 }
-                Err(_) => panic!(
-                    "no {what} within {WAIT:?}; the readers said: {:#?}",
-                    self.seen
-                ),
+                Err(mpsc::RecvTimeoutError::Timeout | mpsc::RecvTimeoutError::Disconnected) => {
+                    panic!(
+                        "no {what} within {WAIT:?}; the readers said: {:#?}",
+                        self.seen
+                    )
+                }
             }
         }
     }
@@ -145,7 +147,7 @@ impl PdBus {
     }
 
     pub fn keys(&mut self, pd: u8, keys: &[u8]) {
-        let hex: String = keys.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = credential::to_hex(keys);
         self.send(&json!({"op": "keys", "pd": pd, "data": hex}));
     }
 
@@ -166,11 +168,7 @@ impl PdBus {
             e["ev"] == "command"
                 && e["pd"] == pd
                 && e["cmd"]["name"] == "led"
-                && e["cmd"]["temporary"]["on_color"] == color
-                || e["ev"] == "command"
-                    && e["pd"] == pd
-                    && e["cmd"]["name"] == "led"
-                    && e["cmd"]["on_color"] == color
+                && e["cmd"]["on_color"] == color
         })
     }
 }
@@ -233,7 +231,7 @@ impl Site {
         let link = dir.path().join("ttyOSDP");
         let mut context = fixtures::context();
         for door in std::iter::once(&"garage".to_owned()).chain(doors) {
-            context.site.doors.insert(door.clone(), Default::default());
+            context.site.doors.insert(door.clone(), Door::default());
         }
         let store = Store::open(StoreOptions::new(&db, context)).expect("store");
         let mut pin = fixtures::key("courier", CredentialKind::Pin, PIN, UseLimit::Unlimited);
@@ -502,7 +500,11 @@ async fn a_single_use_card_opens_once_across_a_restart() {
     let site = Site::new().await;
     let key = site.key_file("main", Some(KEY_A));
     let mut pds = PdBus::start(&site.link, &[&format!("1,scbk={KEY_A}")]);
-    let config = site.config(&[reader(1, "main", &format!("key_file = \"{}\"", key.display()))]);
+    let config = site.config(&[reader(
+        1,
+        "main",
+        &format!("key_file = \"{}\"", key.display()),
+    )]);
 
     let gateway = Gateway::start(config.clone());
     pds.secure(1);
@@ -524,7 +526,9 @@ async fn a_single_use_card_opens_once_across_a_restart() {
             && a.reason == Some(doorbridge::access::DenyReason::UsedUp))
     });
     assert!(
-        !pds.seen.iter().any(|e| e["ev"] == "command" && e["cmd"]["name"] == "output"),
+        !pds.seen
+            .iter()
+            .any(|e| e["ev"] == "command" && e["cmd"]["name"] == "output"),
         "the strike was not released the second time: {:#?}",
         pds.seen
     );
@@ -570,19 +574,31 @@ async fn install_mode_provisioning_gives_a_reader_its_own_key() {
         .expect("install thread")
     };
     said.extend(installed.1);
-    let installed = installed.0.unwrap_or_else(|e| panic!("install failed: {e}; it said {said:#?}"));
+    let installed = installed
+        .0
+        .unwrap_or_else(|e| panic!("install failed: {e}; it said {said:#?}"));
     assert_eq!(installed.key_file, key_file);
-    let mode = std::fs::metadata(&key_file).expect("key file").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&key_file)
+        .expect("key file")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     assert!(!PathBuf::from(format!("{}.new", key_file.display())).exists());
     let key = doorbridge::osdp::key::read(&key_file).expect("a key");
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = credential::to_hex(&key);
     // The reader got exactly the key in the file, and the key never reached the output.
     pds.wait("the keyset at PD 1", |e| {
-        e["ev"] == "command" && e["pd"] == 1 && e["cmd"]["name"] == "keyset" && e["cmd"]["data"] == hex
+        e["ev"] == "command"
+            && e["pd"] == 1
+            && e["cmd"]["name"] == "keyset"
+            && e["cmd"]["data"] == hex
     });
     assert!(said.iter().all(|l| !l.contains(&hex)), "{said:#?}");
-    assert!(said.iter().any(|l| l.contains(&installed.fingerprint)), "{said:#?}");
+    assert!(
+        said.iter().any(|l| l.contains(&installed.fingerprint)),
+        "{said:#?}"
+    );
 
     // PD 2 is not in install mode: refused, nothing left in place of its key file.
     let other = site.key_file("garage", None);
@@ -594,14 +610,21 @@ async fn install_mode_provisioning_gives_a_reader_its_own_key() {
     };
     let e = refused.expect_err("a reader with a key of its own is not provisioned");
     assert!(
-        matches!(e, doorbridge::osdp::install::InstallError::NotInstallMode { .. }),
+        matches!(
+            e,
+            doorbridge::osdp::install::InstallError::NotInstallMode { .. }
+        ),
         "{e}"
     );
     assert!(!other.exists());
 
     // The gateway serves the provisioned reader with its new key.
     pds.forget();
-    let config = site.config(&[reader(1, "main", &format!("key_file = \"{}\"", key_file.display()))]);
+    let config = site.config(&[reader(
+        1,
+        "main",
+        &format!("key_file = \"{}\"", key_file.display()),
+    )]);
     let gateway = Gateway::start(config);
     pds.wait_new("PD 1 with the secure channel on its new key", |e| {
         e["ev"] == "state" && e["pd"] == 1 && e["online"] == true && e["sc"] == true
@@ -623,7 +646,13 @@ async fn eight_readers_on_one_line_are_served_while_one_is_dead() {
     let spec_refs: Vec<&str> = specs.iter().map(String::as_str).collect();
     let mut pds = PdBus::start(&site.link, &spec_refs);
     let readers: Vec<String> = (1..=8u8)
-        .map(|a| reader(a, &format!("door{a}"), &format!("key_file = \"{}\"", key.display())))
+        .map(|a| {
+            reader(
+                a,
+                &format!("door{a}"),
+                &format!("key_file = \"{}\"", key.display()),
+            )
+        })
         .collect();
     let gateway = Gateway::start(site.config(&readers));
     for a in 1..=7 {
@@ -640,12 +669,15 @@ async fn eight_readers_on_one_line_are_served_while_one_is_dead() {
     }
     for a in 1..=7u8 {
         let door = format!("door{a}");
-        site.wait_records(&format!("grants at {door}"), 2, |r| granted(r, &door, "resident"));
+        site.wait_records(&format!("grants at {door}"), 2, |r| {
+            granted(r, &door, "resident")
+        });
     }
     // The dead reader is reported, once it had its chance.
-    site.wait_record("the dead reader offline", |r| {
-        matches!(r, Record::UnitReachability { online: false, door, .. } if door == "door8")
-    });
+    site.wait_record(
+        "the dead reader offline",
+        |r| matches!(r, Record::UnitReachability { online: false, door, .. } if door == "door8"),
+    );
     eprintln!("card read to strike command, with reader 8 dead: {took:?}");
     gateway.stop().await;
 }
