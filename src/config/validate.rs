@@ -377,6 +377,9 @@ impl<'a> Checker<'a> {
                 // A missing file is a reader not provisioned yet (`doorbridge osdp install`
                 // writes it; `check-config` warns, see `osdp_warnings`); a file that is there
                 // must be sound.
+                (Some(path), _) if path.as_os_str().is_empty() => {
+                    self.problem(&key_at, "must not be empty: name the reader's key file");
+                }
                 (Some(path), _) => match crate::osdp::key::read(path) {
                     Err(crate::osdp::key::KeyFileError::Read { source, .. })
                         if source.kind() == std::io::ErrorKind::NotFound => {}

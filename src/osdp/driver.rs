@@ -558,7 +558,10 @@ impl Bus<'_> {
                     tracing::warn!(bus = %self.spec.name, reader = %r.label, "door release for an offline reader");
                     return CommandOutcome::NoAnswer;
                 }
-                let time = Duration::from_millis(u64::from(open.pulse_ms));
+                // The reader's own release time: the router asks every unit for the same
+                // (`OPEN_PULSE_MS`), and this reader's strike is configured.
+                let _ = open.pulse_ms;
+                let time = r.spec.feedback.pulse;
                 if let Some(contact) = r.contact.as_mut() {
                     contact.release(now, time);
                 }

@@ -51,6 +51,13 @@ pub enum InstallError {
         "{path} exists: the reader is provisioned already (move the file aside to give it a new key; a reader that has a key must be reset to install mode first)"
     )]
     Exists { path: PathBuf },
+    #[error(
+        "{new_file} is left from an install that did not finish, and the reader may hold that key: if the reader comes up with it (rename it to {key_file} and start the service), keep it; otherwise remove it, reset the reader to install mode and install again"
+    )]
+    Unfinished {
+        new_file: PathBuf,
+        key_file: PathBuf,
+    },
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
     #[error("cannot start the OSDP line: {0}")]
@@ -97,7 +104,10 @@ pub fn install(
     getrandom::fill(&mut key).map_err(|e| InstallError::Random(e.to_string()))?;
     // A `.new` left from an attempt that did not finish is kept: the reader may hold it.
     if new_file.exists() {
-        return Err(InstallError::Exists { path: new_file });
+        return Err(InstallError::Unfinished {
+            new_file,
+            key_file: request.key_file.clone(),
+        });
     }
     key::write_new(&new_file, &key)?;
     progress(&format!(

@@ -173,13 +173,13 @@ impl Record {
             Record::Activity(_)
             | Record::UnitReachability { .. }
             | Record::DoorEvent {
-                event: DoorEventKind::Opened | DoorEventKind::Closed | DoorEventKind::HeldOpen,
+                event: DoorEventKind::Opened | DoorEventKind::Closed,
                 ..
             } => RecordClass::Activity,
             Record::Battery { low: false, .. } => RecordClass::Telemetry,
             Record::PinLockout { .. }
             | Record::DoorEvent {
-                event: DoorEventKind::ForcedOpen,
+                event: DoorEventKind::ForcedOpen | DoorEventKind::HeldOpen,
                 ..
             }
             | Record::CallButton { .. }
