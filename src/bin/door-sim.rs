@@ -1,5 +1,6 @@
 //! `door-sim`: simulated door units on a serial line or a pseudo-terminal, driven by a small
-//! command language, printing what the gateway sends as JSON lines. A thin shell around
+//! command language, printing what the gateway sends as JSON lines. With `--osdp` the units
+//! are OSDP card readers and keypads instead (`doorbridge::sim::osdp`). A thin shell around
 //! `doorbridge::sim`; the manual is `docs/door-sim.md`.
 //!
 //! Exit status: 0 after `quit`, SIGINT or SIGTERM; 2 a usage problem; 1 any other error.
@@ -11,8 +12,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use doorbridge::bus::frame::Address;
+use doorbridge::sim::osdp::{self, ReaderSpec, SimLine};
 use doorbridge::sim::script::{ScriptLine, parse_line, parse_unit};
 use doorbridge::sim::{
     HangupTolerant, JsonLine, Output, SimCommand, SimConfig, SimStats, SimUnits, run_sim,
@@ -70,6 +72,32 @@ Examples:
   # A scripted demo, then stay up answering polls until Ctrl-C.
   door-sim --pty /tmp/door-bus --units 1-8 --script demo.txt --no-stdin
 
+OSDP readers (--osdp): the units are OSDP card readers with keypads (libosdp Peripheral
+Devices; the gateway is their Control Panel on a bus with protocol = \"osdp\"), at --baud.
+--scbk ADDR=HEX gives reader ADDR its secure channel key (32 hex digits); a reader without one
+is in install mode and takes the key `doorbridge osdp install` sends (printed as keyset).
+
+  card UNIT BITS:HEX                present a Wiegand card, e.g. card 1 26:0a1b2c40
+  pin UNIT DIGITS                   type a PIN, then '#'
+  keys UNIT KEYS                    type keys: digits, '#' (enter, 0x0D), '*' (clear, 0x7F)
+  qr UNIT TOKEN                     present raw data: a QR code (TOKEN's text, or hex:0a1b..)
+  door UNIT opened|closed           the door contact (input 0)
+  tamper UNIT on|off                the housing opened / closed
+  power UNIT lost|ok                the power failed / is back
+  sleep DURATION                    pause the script
+  wait-decision UNIT [DURATION]     pause until every card and PIN presented at UNIT has its
+                                    decision (default 12s; given up after 10s without one)
+  quit                              stop
+
+Output: the readers' state, what the gateway tells them (output, led, buzzer, text, keyset)
+and the decision for each card or PIN (a grant: the next output switched on or green LED; a
+deny: a red LED), e.g.
+  {\"unit\":1,\"type\":\"state\",\"online\":true,\"secure\":true}
+  {\"unit\":1,\"type\":\"output\",\"output_no\":0,\"control\":5,\"time_ms\":3000}
+  {\"unit\":1,\"type\":\"grant\",\"request\":\"card\",\"credential\":\"26:0a1b2c40\",\"via\":\"output\",\"after_ms\":41}
+  {\"unit\":1,\"type\":\"deny\",\"request\":\"pin\",\"credential\":\"1111\",\"via\":\"led\",\"after_ms\":38}
+Example: door-sim --osdp --pty /tmp/ttyOSDP --units 1,2 --scbk 1=000102030405060708090a0b0c0d0e0f
+
 Exit status: 0 after quit, SIGINT or SIGTERM; 2 usage problem; 1 any other error.
 See docs/door-sim.md.";
 
@@ -95,13 +123,25 @@ struct Cli {
     #[arg(long, value_name = "DEVICE")]
     port: Option<PathBuf>,
 
-    /// Line speed for --port, 8N1
+    /// Line speed for --port, 8N1; with --osdp also the readers' speed (9600, 19200, 38400,
+    /// 57600, 115200 or 230400)
     #[arg(long, default_value_t = 115_200, value_name = "BAUD")]
     baud: u32,
 
-    /// Unit addresses to answer for, 1 to 126: a list with ranges, e.g. 1,2,5-8
+    /// Unit addresses to answer for, 1 to 126: a list with ranges, e.g. 1,2,5-8 (with --osdp:
+    /// the readers' OSDP addresses)
     #[arg(long, value_name = "LIST", value_parser = parse_units)]
     units: Units,
+
+    /// The units are OSDP readers (card, keypad, door contact), the gateway their Control
+    /// Panel on a bus with protocol = "osdp"
+    #[arg(long)]
+    osdp: bool,
+
+    /// With --osdp: reader ADDR's secure channel base key, 32 hex digits (repeat for each
+    /// reader); a reader without one is in install mode
+    #[arg(long, value_name = "ADDR=HEX", value_parser = parse_scbk, requires = "osdp")]
+    scbk: Vec<(u8, [u8; 16])>,
 
     /// Run the commands in FILE first
     #[arg(long, value_name = "FILE")]
@@ -113,15 +153,15 @@ struct Cli {
 
     /// Seed for boot ids, first request ids and noise, to repeat a run exactly [default: from
     /// the clock]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "osdp")]
     seed: Option<u64>,
 
     /// Firmware version the units report in their status (at most 32 bytes)
-    #[arg(long, value_name = "VERSION", default_value = concat!("door-sim ", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, value_name = "VERSION", default_value = concat!("door-sim ", env!("CARGO_PKG_VERSION")), conflicts_with = "osdp")]
     firmware: String,
 
     /// Do not put a status report first in every outbox at start (a real unit does)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "osdp")]
     no_boot_status: bool,
 }
 
@@ -154,8 +194,49 @@ fn parse_units(text: &str) -> Result<Units, String> {
     Ok(Units(units))
 }
 
+/// `--scbk ADDR=HEX`.
+fn parse_scbk(text: &str) -> Result<(u8, [u8; 16]), String> {
+    let (address, hex) = text.split_once('=').ok_or_else(|| {
+        format!("{text:?}: write ADDR=HEX, e.g. 1=000102030405060708090a0b0c0d0e0f")
+    })?;
+    let address = parse_unit(address.trim()).map_err(|e| e.to_string())?.get();
+    let key = doorbridge::osdp::key::parse(hex.trim())
+        .ok_or_else(|| format!("the key of reader {address} is not 32 hex digits"))?;
+    Ok((address, key))
+}
+
+/// The checks clap cannot make: exits 2 with a usage error.
+fn check_osdp(cli: &Cli) {
+    let usage = |message: String| {
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, message)
+            .exit()
+    };
+    if !cli.osdp {
+        return;
+    }
+    if !osdp::BAUDS.contains(&cli.baud) {
+        usage(format!(
+            "--baud {} is not an OSDP speed: use one of {:?}",
+            cli.baud,
+            osdp::BAUDS
+        ));
+    }
+    for (i, (address, _)) in cli.scbk.iter().enumerate() {
+        if !cli.units.0.iter().any(|a| a.get() == *address) {
+            usage(format!(
+                "--scbk {address}=...: reader {address} is not in --units"
+            ));
+        }
+        if cli.scbk[..i].iter().any(|(a, _)| a == address) {
+            usage(format!("--scbk gives reader {address} a key twice"));
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    check_osdp(&cli);
     if let Err(error) = init_logging() {
         let _ = writeln!(std::io::stderr(), "door-sim: error: {error:#}");
         return ExitCode::from(2);
@@ -215,15 +296,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let config = SimConfig {
-        firmware: cli.firmware.clone(),
-        seed: cli.seed.unwrap_or_else(clock_seed),
-        first_id: None,
-        boot_status: !cli.no_boot_status,
-        ..SimConfig::default()
-    };
-    let units = SimUnits::new(&cli.units.0, config).context("cannot set up the units")?;
-    let addresses: Vec<u8> = cli.units.0.iter().map(|a| a.get()).collect();
     let input = Input {
         script,
         script_name: cli
@@ -234,6 +306,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         stdin: !cli.no_stdin,
         units: cli.units.0.clone(),
     };
+    if cli.osdp {
+        return run_osdp(&cli, input).await;
+    }
+    let config = SimConfig {
+        firmware: cli.firmware.clone(),
+        seed: cli.seed.unwrap_or_else(clock_seed),
+        first_id: None,
+        boot_status: !cli.no_boot_status,
+        ..SimConfig::default()
+    };
+    let units = SimUnits::new(&cli.units.0, config).context("cannot set up the units")?;
+    let addresses: Vec<u8> = cli.units.0.iter().map(|a| a.get()).collect();
     if let Some(link) = &cli.pty {
         let (master, device) = doorbridge::sim::linked_pty(link)
             .with_context(|| format!("cannot set up a pseudo-terminal at {}", link.display()))?;
@@ -399,6 +483,17 @@ async fn run_commands(
         presented: Counts::new(),
         resolved: &mut resolved,
     };
+    run_lines(input, &mut runner).await
+}
+
+/// Carries out command lines.
+trait Lines {
+    /// Carries out one line. Returns true on `quit`.
+    async fn line(&mut self, source: &str, n: usize, text: &str) -> bool;
+}
+
+/// Feeds the script, then standard input, to `runner`. Returns true on `quit`.
+async fn run_lines(input: &Input, runner: &mut impl Lines) -> bool {
     if let Some(script) = &input.script {
         for (n, line) in script.lines().enumerate() {
             if runner.line(&input.script_name, n + 1, line).await {
@@ -449,19 +544,21 @@ struct Runner<'a> {
     resolved: &'a mut watch::Receiver<Counts>,
 }
 
-impl Runner<'_> {
-    /// Carries out one line. Returns true on `quit`.
+/// The `error` line for a command line that cannot be carried out.
+fn line_error(source: &str, n: usize, text: &str, message: String) {
+    emit(
+        &JsonLine::new()
+            .with("type", "error")
+            .with("source", source)
+            .with("line", n)
+            .with("input", text)
+            .with("error", message),
+    );
+}
+
+impl Lines for Runner<'_> {
     async fn line(&mut self, source: &str, n: usize, text: &str) -> bool {
-        let error = |message: String| {
-            emit(
-                &JsonLine::new()
-                    .with("type", "error")
-                    .with("source", source)
-                    .with("line", n)
-                    .with("input", text)
-                    .with("error", message),
-            );
-        };
+        let error = |message: String| line_error(source, n, text, message);
         let parsed = match parse_line(text) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return false,
@@ -513,6 +610,167 @@ impl Runner<'_> {
                 }
             }
             ScriptLine::Quit => return true,
+        }
+        false
+    }
+}
+
+/// `--osdp`: OSDP readers on the line.
+async fn run_osdp(cli: &Cli, input: Input) -> anyhow::Result<()> {
+    let readers: Vec<ReaderSpec> = cli
+        .units
+        .0
+        .iter()
+        .map(|a| ReaderSpec {
+            address: a.get(),
+            scbk: cli
+                .scbk
+                .iter()
+                .find(|(address, _)| *address == a.get())
+                .map(|(_, key)| *key),
+        })
+        .collect();
+    let addresses: Vec<u8> = readers.iter().map(|r| r.address).collect();
+    let install: Vec<u8> = readers
+        .iter()
+        .filter(|r| r.scbk.is_none())
+        .map(|r| r.address)
+        .collect();
+    let ready = JsonLine::new()
+        .with("type", "ready")
+        .with("protocol", "osdp");
+    let ready_end = |line: JsonLine| {
+        line.with("baud", cli.baud)
+            .with("units", addresses.clone())
+            .with("install_mode", install.clone())
+    };
+    let mut line = SimLine {
+        baud: cli.baud,
+        readers,
+        pty: false,
+    };
+    if let Some(link) = &cli.pty {
+        let (master, device) = osdp::linked_line(link)
+            .with_context(|| format!("cannot set up a pseudo-terminal at {}", link.display()))?;
+        tracing::info!(link = %link.display(), device, "pseudo-terminal ready");
+        emit(&ready_end(
+            ready
+                .with("pty", device.clone())
+                .with("link", link.display().to_string()),
+        ));
+        line.pty = true;
+        let result = serve_osdp(master, &line, &input).await;
+        doorbridge::sim::pty::remove_link(link, Path::new(&device));
+        result
+    } else if let Some(path) = &cli.port {
+        let port = osdp::open_port(path, cli.baud)
+            .with_context(|| format!("cannot open the serial port {}", path.display()))?;
+        tracing::info!(port = %path.display(), baud = cli.baud, "serial port open");
+        emit(&ready_end(ready.with("port", path.display().to_string())));
+        serve_osdp(port, &line, &input).await
+    } else {
+        bail!("give --pty PATH or --port DEVICE")
+    }
+}
+
+async fn serve_osdp<L: osdp::Line>(port: L, line: &SimLine, input: &Input) -> anyhow::Result<()> {
+    let (outputs, mut heard) = mpsc::unbounded_channel::<osdp::Output>();
+    let readers = osdp::spawn(port, line, outputs).context("cannot set up the readers")?;
+    // Ends when the line thread does (stopped, or the line failed): it holds the sender.
+    let mut printer = tokio::spawn(async move {
+        while let Some(output) = heard.recv().await {
+            emit(&output.to_json());
+        }
+    });
+    let commands = async {
+        let mut runner = OsdpRunner {
+            readers: &readers,
+            units: &input.units,
+        };
+        if run_lines(input, &mut runner).await {
+            return "quit";
+        }
+        tracing::info!("end of the commands; answering the gateway until stopped");
+        std::future::pending().await
+    };
+    let printed_all = tokio::select! {
+        why = commands => {
+            tracing::info!(why, "stopping");
+            false
+        }
+        why = stop_signal() => {
+            tracing::info!(why, "stopping");
+            false
+        }
+        _ = &mut printer => true,
+    };
+    let result = readers.stop();
+    if !printed_all {
+        let _ = printer.await;
+    }
+    let stats = result.map_err(|e| anyhow!(e)).context("the line failed")?;
+    emit(
+        &JsonLine::new()
+            .with("type", "stopped")
+            .with("bytes_received", stats.bytes_received)
+            .with("bytes_sent", stats.bytes_sent)
+            .with("commands", stats.commands),
+    );
+    Ok(())
+}
+
+struct OsdpRunner<'a> {
+    readers: &'a osdp::ReadersHandle,
+    units: &'a [Address],
+}
+
+impl Lines for OsdpRunner<'_> {
+    async fn line(&mut self, source: &str, n: usize, text: &str) -> bool {
+        let error = |message: String| line_error(source, n, text, message);
+        let parsed = match osdp::parse_line(text) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => return false,
+            Err(e) => {
+                error(e);
+                return false;
+            }
+        };
+        let unit = match &parsed {
+            osdp::ScriptLine::Reader(command) => Some(command.unit),
+            osdp::ScriptLine::WaitDecision { unit, .. } => Some(*unit),
+            osdp::ScriptLine::Sleep(_) | osdp::ScriptLine::Quit => None,
+        };
+        if let Some(unit) = unit
+            && !self.units.iter().any(|a| a.get() == unit)
+        {
+            error(format!("reader {unit} is not simulated here (see --units)"));
+            return false;
+        }
+        match parsed {
+            osdp::ScriptLine::Reader(command) => {
+                if !self.readers.send(command) {
+                    error("the readers have stopped".into());
+                }
+            }
+            osdp::ScriptLine::Sleep(d) => tokio::time::sleep(d).await,
+            osdp::ScriptLine::WaitDecision { unit, timeout } => {
+                if tokio::time::timeout(timeout, self.readers.decided(unit))
+                    .await
+                    .is_err()
+                {
+                    emit(
+                        &JsonLine::new()
+                            .with("unit", unit)
+                            .with("type", "timeout")
+                            .with("wait", "decision")
+                            .with(
+                                "after_ms",
+                                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                            ),
+                    );
+                }
+            }
+            osdp::ScriptLine::Quit => return true,
         }
         false
     }

@@ -20,6 +20,9 @@
 //!   [`HangupTolerant`] keeps it running on a pty master while nobody has the slave open.
 //! - [`script`]: the line-oriented command language of `door-sim`; [`JsonLine`]: the JSON
 //!   lines it prints ([`Output::to_json`]).
+//! - [`osdp`]: simulated OSDP readers (`door-sim --osdp`): libosdp Peripheral Devices sharing
+//!   one line with the gateway as their Control Panel; the decision each presented card or
+//!   PIN got, read from the LED and outputs the gateway sets.
 //! - [`cloud`]: the other end of the gateway's cloud link, a reference cloud over MQTT
 //!   ([`cloud::CloudClient`]) for `cloud-sim` (`docs/cloud-sim.md`), tests and the demo.
 //!
@@ -34,6 +37,7 @@
 
 pub mod cloud;
 mod json;
+pub mod osdp;
 pub mod pty;
 pub mod script;
 mod shell;

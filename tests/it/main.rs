@@ -13,6 +13,7 @@ mod link_reference;
 mod link_tls;
 mod operator;
 mod osdp;
+mod osdp_sim;
 mod service;
 mod sim;
 mod store;
