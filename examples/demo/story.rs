@@ -80,6 +80,20 @@ units = [
     { address = 1, door = "garage", name = "Garage gate" },
     { address = 2, door = "elevator", name = "Elevator reader" },
 ]
+
+# An OSDP line with one card reader (docs/osdp.md); the gateway is its Control Panel, with the
+# secure channel on a key made for this run.
+[[buses]]
+name = "side"
+protocol = "osdp"
+port = "{state}/ttyOSDP"
+
+[[buses.units]]
+address = 1
+door = "side-entrance"
+name = "Side entrance card reader"
+[buses.units.osdp]
+key_file = "{state}/side-entrance.key"
 "#;
 
 const SITE: &str = "example-street-1";
@@ -91,6 +105,10 @@ const MAIN: &str = "main-entrance";
 const LOBBY: &str = "lobby";
 const GARAGE: &str = "garage";
 const ELEVATOR: &str = "elevator";
+/// The door of the OSDP card reader, and the reader's address and link.
+const SIDE: &str = "side-entrance";
+const SIDE_READER: u8 = 1;
+const OSDP_LINK: &str = "ttyOSDP";
 /// The doors of [`CONFIG`]: door, bus (index into [`BUSES`]), unit address.
 const DOORS: [(&str, usize, u8); 4] = [
     (MAIN, 0, 1),
@@ -344,6 +362,13 @@ doors = ["main-entrance"]
 opens_inner_door = true
 welcome = "Welcome, Bob!"
 credentials = [{ kind = "mobile", value = "app-key-bob-c0ff" }]
+
+# A card at an OSDP reader: the resident's card (26-bit Wiegand) for the side entrance.
+[[keys]]
+id = "carol-resident"
+name = "Carol (resident)"
+doors = ["side-entrance"]
+credentials = [{ kind = "card", value = "26:0a1b2c40" }]
 "#;
 
 /// Someone at a door with the credential [`KEYS`] gives them, in clear.
@@ -644,6 +669,12 @@ struct Bus {
     task: JoinHandle<()>,
 }
 
+/// The simulated OSDP card reader: its line thread and what it was told.
+struct Osdp {
+    readers: doorbridge::sim::osdp::ReadersHandle,
+    outputs: mpsc::UnboundedReceiver<doorbridge::sim::osdp::Output>,
+}
+
 /// The running system.
 struct World {
     state: tempfile::TempDir,
@@ -651,6 +682,7 @@ struct World {
     proxy: brokers::Proxy,
     cloud: Cloud,
     buses: Vec<Bus>,
+    osdp: Osdp,
     /// What the door units saw, with their bus.
     outputs: mpsc::Receiver<(usize, Output)>,
     /// Outputs read while waiting for another.
@@ -666,6 +698,28 @@ fn unit_of(door: &str) -> (usize, Address) {
         .find(|(d, ..)| *d == door)
         .expect("a door of CONFIG");
     (*bus, Address::unit(*address).expect("a unit address"))
+}
+
+/// Starts the simulated OSDP card reader on a pty in `state`, with a secure channel key made
+/// for this run, written where [`CONFIG`] names the reader's key file.
+fn start_osdp(state: &Path) -> Result<Osdp, String> {
+    use doorbridge::sim::osdp::{ReaderSpec, SimLine, linked_line, spawn};
+    let key: [u8; 16] = random()?;
+    doorbridge::osdp::key::write_new(&state.join("side-entrance.key"), &key)
+        .map_err(|e| e.to_string())?;
+    let (master, _) = linked_line(&state.join(OSDP_LINK))
+        .map_err(|e| format!("cannot create a pseudo-terminal: {e}"))?;
+    let (tx, outputs) = mpsc::unbounded_channel();
+    let readers = spawn(
+        master,
+        &SimLine::pty(vec![ReaderSpec {
+            address: SIDE_READER,
+            scbk: Some(key),
+        }]),
+        tx,
+    )
+    .map_err(|e| format!("the OSDP reader did not start: {e}"))?;
+    Ok(Osdp { readers, outputs })
 }
 
 /// Starts the simulated units of bus `index` on a pty linked at `link`.
@@ -714,7 +768,7 @@ fn start_bus(
 impl World {
     async fn start(j: &mut Journal<'_>) -> Result<World, String> {
         j.out.say(
-            "doorbridge demo: broker, cloud, gateway and four door units, all in this process",
+            "doorbridge demo: broker, cloud, gateway, four door units and an OSDP card reader, all in this process",
         );
         let tz = TimeZone::get(TIME_ZONE).map_err(|_| {
             format!("the time zone {TIME_ZONE} is not in this machine's database: apt-get install tzdata")
@@ -748,6 +802,7 @@ impl World {
             .enumerate()
             .map(|(i, (_, link))| start_bus(i, &state.path().join(link), &tx))
             .collect::<Result<Vec<_>, _>>()?;
+        let osdp = start_osdp(state.path())?;
         let text = CONFIG
             .replace("{state}", &state.path().display().to_string())
             .replace("{broker}", &proxy.url())
@@ -767,6 +822,7 @@ impl World {
             proxy,
             cloud,
             buses,
+            osdp,
             outputs,
             seen: Vec::new(),
             daemon: (stop, daemon),
@@ -788,6 +844,18 @@ impl World {
             .await?;
         }
         j.say("door units: main-entrance, lobby (inner) on bus front; garage, elevator on back");
+        self.osdp_output("the OSDP reader online with its secure channel", |o| {
+            matches!(
+                o,
+                doorbridge::sim::osdp::Output::State {
+                    online: true,
+                    secure: true,
+                    ..
+                }
+            )
+        })
+        .await?;
+        j.say("OSDP reader at side-entrance on bus side: online, secure channel up with its own key");
         self.cloud
             .report("the gateway online", |r| {
                 matches!(
@@ -930,15 +998,15 @@ impl World {
             ms(at - sent)
         ));
         j.check(
-            "gateway reports applied v1, 5 keys",
+            "gateway reports applied v1, 6 keys",
             &format!("applied v{version}, {count} keys"),
-            (version, count) == (1, 5),
+            (version, count) == (1, 6),
         )?;
         let held = self.reader().key_set().map_err(|e| e.to_string())?;
         j.check(
-            "its store holds v1, 5 keys",
+            "its store holds v1, 6 keys",
             &format!("v{}, {} keys", held.version, held.keys),
-            (held.version, held.keys) == (1, 5),
+            (held.version, held.keys) == (1, 6),
         )?;
         // Floors travel with every grant; the elevator's reader is the one that uses them.
         self.expect(j, MAIN, &ANN, "granted, floors [5]").await?;
@@ -957,7 +1025,67 @@ impl World {
         })
         .await?;
         j.say("door     lobby         released for Bob (key also opens the inner door)");
-        j.check("Bob's key releases the lobby too", "lobby released", true)
+        j.check("Bob's key releases the lobby too", "lobby released", true)?;
+        // The OSDP reader: Carol's card opens the side entrance, a stranger's does not.
+        self.card(j, "Carol (resident)", "26:0a1b2c40", "granted, strike released")
+            .await?;
+        self.card(j, "a stranger", "26:0fffffc0", "denied, red LED")
+            .await
+    }
+
+    /// The next output of the OSDP reader `want` accepts, within [`WAIT`].
+    async fn osdp_output(
+        &mut self,
+        what: &str,
+        want: impl Fn(&doorbridge::sim::osdp::Output) -> bool,
+    ) -> Result<doorbridge::sim::osdp::Output, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.osdp.outputs.recv()).await {
+                Ok(Some(o)) if want(&o) => return Ok(o),
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(format!("{what}: the OSDP reader stopped")),
+                Err(_) => return Err(format!("{what}: not within {} s", WAIT.as_secs())),
+            }
+        }
+    }
+
+    /// `who` presents `card` at the OSDP reader; its decision must read `expected`.
+    async fn card(
+        &mut self,
+        j: &mut Journal<'_>,
+        who: &str,
+        card: &str,
+        expected: &str,
+    ) -> Result<(), String> {
+        use doorbridge::sim::osdp::{Output as ReaderOutput, ReaderCommand, ReaderInput};
+        let input = ReaderInput::card(card)?;
+        if !self.osdp.readers.send(ReaderCommand {
+            unit: SIDE_READER,
+            input,
+        }) {
+            return Err("the OSDP reader stopped".into());
+        }
+        let decision = self
+            .osdp_output(&format!("a decision at {SIDE}"), |o| {
+                matches!(o, ReaderOutput::Decision { .. } | ReaderOutput::GaveUp { .. })
+            })
+            .await?;
+        let observed = match decision {
+            ReaderOutput::Decision {
+                grant: true, after, ..
+            } => format!("granted, strike released ({})", ms(after)),
+            ReaderOutput::Decision { grant: false, .. } => "denied, red LED".to_owned(),
+            _ => "no decision".to_owned(),
+        };
+        j.say(&format!(
+            "door     {SIDE:<13} {who}, card {card} at the OSDP reader: {observed}"
+        ));
+        j.check(
+            &format!("{who}'s card at {SIDE}: {expected}"),
+            &observed,
+            observed.starts_with(expected),
+        )
     }
 
     async fn courier_and_recurring(&mut self, j: &mut Journal<'_>) -> Result<(), String> {
@@ -1222,6 +1350,7 @@ impl World {
         let World {
             daemon: (stop, task),
             buses,
+            osdp,
             cloud,
             ..
         } = self;
@@ -1240,6 +1369,7 @@ impl World {
             let _ = bus.stop.send(());
             let _ = tokio::time::timeout(WAIT, bus.task).await;
         }
+        let _ = tokio::task::spawn_blocking(move || osdp.readers.stop()).await;
         cloud.listener.abort();
         let _ = cloud.client.disconnect().await;
         stopped
