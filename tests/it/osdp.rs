@@ -32,6 +32,8 @@ const KEY_B: &str = "f0e0d0c0b0a090807060504030201000";
 const CARD_RESIDENT: &str = "26:0a1b2c40";
 const CARD_ONCE: &str = "26:11223340";
 const PIN: &str = "482916";
+const QR_GUEST: &str = "QR-PARTY-91c2e0";
+const CARD_LIFT: &str = "26:22334440";
 
 /// The Python interpreter with `libosdp` installed.
 fn python() -> PathBuf {
@@ -151,17 +153,31 @@ impl PdBus {
         self.send(&json!({"op": "keys", "pd": pd, "data": hex}));
     }
 
-    /// Waits for PD `pd` to be told to pulse output `output`.
+    /// Waits for PD `pd` to be told to pulse output `output`, from now on.
     pub fn pulse(&mut self, pd: u8, output: u8) -> Value {
         self.wait_new(&format!("a relay pulse on PD {pd} output {output}"), |e| {
-            e["ev"] == "command"
-                && e["pd"] == pd
-                && e["cmd"]["name"] == "output"
-                && e["cmd"]["output_no"] == output
-                && e["cmd"]["control_code"] == 5
+            is_pulse(e, pd, output)
         })
     }
 
+    /// Like [`PdBus::pulse`], also among the events seen since the last [`PdBus::forget`]
+    /// (for pulses on several readers, which may come in any order).
+    pub fn pulsed(&mut self, pd: u8, output: u8) -> Value {
+        self.wait(&format!("a relay pulse on PD {pd} output {output}"), |e| {
+            is_pulse(e, pd, output)
+        })
+    }
+}
+
+fn is_pulse(e: &Value, pd: u8, output: u8) -> bool {
+    e["ev"] == "command"
+        && e["pd"] == pd
+        && e["cmd"]["name"] == "output"
+        && e["cmd"]["output_no"] == output
+        && e["cmd"]["control_code"] == 5
+}
+
+impl PdBus {
     /// Waits for PD `pd`'s LED to be set to `color` (OSDP: 1 red, 2 green).
     pub fn led(&mut self, pd: u8, color: u8) -> Value {
         self.wait_new(&format!("LED colour {color} on PD {pd}"), |e| {
@@ -230,7 +246,7 @@ impl Site {
         let db = dir.path().join("doorbridge.db");
         let link = dir.path().join("ttyOSDP");
         let mut context = fixtures::context();
-        for door in std::iter::once(&"garage".to_owned()).chain(doors) {
+        for door in ["garage".to_owned(), "lift".to_owned()].iter().chain(doors) {
             context.site.doors.insert(door.clone(), Door::default());
         }
         let store = Store::open(StoreOptions::new(&db, context)).expect("store");
@@ -238,9 +254,16 @@ impl Site {
         pin.rules.doors.push("garage".into());
         let mut resident = card_key("resident", CARD_RESIDENT, UseLimit::Unlimited);
         resident.rules.doors.extend(doors.iter().cloned());
+        resident.rules.opens_inner_door = true;
         let once = card_key("once", CARD_ONCE, UseLimit::Total(1));
+        // A party guest's QR code, and a card that calls the lift to floors 3 and 4.
+        let mut guest = fixtures::key("guest", CredentialKind::Qr, QR_GUEST, UseLimit::Unlimited);
+        guest.rules.doors = vec!["main".into()];
+        let mut lift = card_key("lift", CARD_LIFT, UseLimit::Unlimited);
+        lift.rules.doors = vec!["lift".into()];
+        lift.rules.floors = vec![3, 4];
         store
-            .install_key_set(fixtures::header(1), vec![resident, once, pin])
+            .install_key_set(fixtures::header(1), vec![resident, once, pin, guest, lift])
             .await
             .expect("key set");
         store.close();
@@ -471,11 +494,16 @@ async fn readers_at_the_door_are_served_and_watched() {
         |r| matches!(r, Record::PinLockout { door, .. } if door == "main"),
     );
 
-    // Tamper.
+    // Tamper, then a power failure.
     pds.send(&json!({"op": "status", "pd": 1, "type": "local", "report": [1, 0]}));
     site.wait_record(
         "tamper alarm",
         |r| matches!(r, Record::Tamper { active: true, door, .. } if door == "main"),
+    );
+    pds.send(&json!({"op": "status", "pd": 1, "type": "local", "report": [1, 1]}));
+    site.wait_record(
+        "power failure alarm",
+        |r| matches!(r, Record::PowerFailure { active: true, door, .. } if door == "main"),
     );
 
     // The reader with the wrong key never gets a secure channel and is refused, with an alarm.
@@ -679,5 +707,76 @@ async fn eight_readers_on_one_line_are_served_while_one_is_dead() {
         |r| matches!(r, Record::UnitReachability { online: false, door, .. } if door == "door8"),
     );
     eprintln!("card read to strike command, with reader 8 dead: {took:?}");
+    gateway.stop().await;
+}
+
+/// Readers that are not plain card readers: a QR reader presenting raw data, an elevator
+/// reader pulsing one output per granted floor, and an inner door's reader released by a grant
+/// at the outer door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qr_elevator_and_inner_door_readers_do_what_they_are_configured_for() {
+    let site = Site::new().await;
+    let key = site.key_file("all", Some(KEY_A));
+    let mut pds = PdBus::start(
+        &site.link,
+        &[
+            &format!("1,scbk={KEY_A}"),
+            &format!("2,scbk={KEY_A}"),
+            &format!("3,scbk={KEY_A}"),
+        ],
+    );
+    let key = key.display();
+    let gateway = Gateway::start(site.config(&[
+        reader(1, "main", &format!("key_file = \"{key}\"\nreader = \"qr\"")),
+        reader(
+            2,
+            "lift",
+            &format!(
+                "key_file = \"{key}\"\nreader = \"elevator\"\nfloors = [{{ floor = 3, output = 1 }}, {{ floor = 4, output = 2 }}, {{ floor = 5, output = 3 }}]"
+            ),
+        ),
+        format!(
+            "address = 3\ndoor = \"inner\"\ninner = true\nbehind = [\"main\"]\n[buses.units.osdp]\nkey_file = \"{key}\"\nrelay = 2\npulse = \"5s\""
+        ),
+    ]));
+    for pd in 1..=3 {
+        pds.secure(pd);
+    }
+
+    // The QR code as raw data: a qr credential at a QR reader.
+    let hex = credential::to_hex(QR_GUEST.as_bytes());
+    pds.send(&json!({"op": "card", "pd": 1, "format": "raw", "data": hex}));
+    pds.pulse(1, 0);
+    site.wait_record("granted QR", |r| {
+        matches!(r, Record::Activity(a) if a.granted && a.key_id.as_deref() == Some("guest")
+            && a.credential_kind == CredentialKind::Qr)
+    });
+
+    // The lift card: floors 3 and 4 released, floor 5 not, and no door strike.
+    pds.forget();
+    pds.card(2, CARD_LIFT);
+    pds.pulsed(2, 1);
+    pds.pulsed(2, 2);
+    pds.led(2, 2);
+    assert!(
+        !pds.seen.iter().any(|e| e["ev"] == "command"
+            && e["pd"] == 2
+            && e["cmd"]["name"] == "output"
+            && (e["cmd"]["output_no"] == 0 || e["cmd"]["output_no"] == 3)),
+        "only the granted floors' outputs: {:#?}",
+        pds.seen
+    );
+
+    // A key that also opens inner doors, at the outer door's reader (a QR reader: the card
+    // comes as Wiegand, always a card): the inner door's reader releases its strike for its
+    // own pulse time.
+    pds.forget();
+    pds.card(1, CARD_RESIDENT);
+    pds.pulsed(1, 0);
+    let inner = pds.pulsed(3, 2);
+    assert_eq!(
+        inner["cmd"]["timer_count"], 50,
+        "the inner reader's pulse: {inner}"
+    );
     gateway.stop().await;
 }
