@@ -288,6 +288,65 @@ async fn cycle(configured: u8, alive: u8, window: Duration) -> Cycle {
     }
 }
 
+/// The figures as a Markdown table, and a sentence on the dead reader's cost.
+fn tables(alone: &[Duration], of_eight: &[Duration], cycles: &[Cycle]) -> (String, String) {
+    let mut table = String::from(
+        "| figure | measured p50 / p99 | reference: wire time of the same bytes |\n| --- | --- | --- |\n",
+    );
+    // A card read and the strike command with the secure channel: about 30 and 20 bytes.
+    for (what, samples) in [
+        (
+            "card read → strike command, the reader alone on its line",
+            &alone,
+        ),
+        (
+            "card read → strike command, one of 8 readers on the line",
+            &of_eight,
+        ),
+    ] {
+        let _ = writeln!(
+            table,
+            "| {what} | {} / {} | card read + poll + command + ack (~70 bytes): {} at 115200, {} at 9600 baud; add the wait for the reader's next poll (up to one cycle) |",
+            ms(percentile(samples, 50)),
+            ms(percentile(samples, 99)),
+            ms(wire(70, 115_200)),
+            ms(wire(70, 9_600)),
+        );
+    }
+    let mut dead_cost = String::new();
+    for c in cycles {
+        let p50 = percentile(&c.intervals, 50);
+        let p99 = percentile(&c.intervals, 99);
+        let max = c.intervals.last().copied().unwrap_or_default();
+        let bytes = c.bytes.round() as u64;
+        let _ = writeln!(
+            table,
+            "| poll interval per reader, {} readers{} | {} / {} (max {}) | one cycle's {} bytes: {} at 115200, {} at 9600 baud |",
+            c.readers,
+            if c.dead { ", one of them dead" } else { "" },
+            ms(p50),
+            ms(p99),
+            ms(max),
+            bytes,
+            ms(wire(bytes, 115_200)),
+            ms(wire(bytes, 9_600)),
+        );
+        if c.dead {
+            let alive = &cycles[0];
+            dead_cost = format!(
+                "With one of 8 readers dead the others' poll interval was p50 {} / p99 {} / max {}, against p50 {} / p99 {} / max {} with all alive.",
+                ms(p50),
+                ms(p99),
+                ms(max),
+                ms(percentile(&alive.intervals, 50)),
+                ms(percentile(&alive.intervals, 99)),
+                ms(alive.intervals.last().copied().unwrap_or_default()),
+            );
+        }
+    }
+    (table, dead_cost)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (reads, window) = if quick {
@@ -323,60 +382,7 @@ fn main() {
         .map(|(configured, alive)| rt.block_on(cycle(configured, alive, window)))
         .collect();
 
-    let mut table = String::from(
-        "| figure | measured p50 / p99 | reference: wire time of the same bytes |\n| --- | --- | --- |\n",
-    );
-    // A card read and the strike command with the secure channel: about 30 and 20 bytes.
-    for (what, samples) in [
-        (
-            "card read → strike command, the reader alone on its line",
-            &alone,
-        ),
-        (
-            "card read → strike command, one of 8 readers on the line",
-            &of_eight,
-        ),
-    ] {
-        let _ = writeln!(
-            table,
-            "| {what} | {} / {} | card read + poll + command + ack (~70 bytes): {} at 115200, {} at 9600 baud; add the wait for the reader's next poll (up to one cycle) |",
-            ms(percentile(samples, 50)),
-            ms(percentile(samples, 99)),
-            ms(wire(70, 115_200)),
-            ms(wire(70, 9_600)),
-        );
-    }
-    let mut dead_cost = String::new();
-    for c in &cycles {
-        let p50 = percentile(&c.intervals, 50);
-        let p99 = percentile(&c.intervals, 99);
-        let max = c.intervals.last().copied().unwrap_or_default();
-        let bytes = c.bytes.round() as u64;
-        let _ = writeln!(
-            table,
-            "| poll interval per reader, {} readers{} | {} / {} (max {}) | one cycle's {} bytes: {} at 115200, {} at 9600 baud |",
-            c.readers,
-            if c.dead { ", one of them dead" } else { "" },
-            ms(p50),
-            ms(p99),
-            ms(max),
-            bytes,
-            ms(wire(bytes, 115_200)),
-            ms(wire(bytes, 9_600)),
-        );
-        if c.dead {
-            let alive = &cycles[0];
-            dead_cost = format!(
-                "With one of 8 readers dead the others' poll interval was p50 {} / p99 {} / max {}, against p50 {} / p99 {} / max {} with all alive.",
-                ms(p50),
-                ms(p99),
-                ms(max),
-                ms(percentile(&alive.intervals, 50)),
-                ms(percentile(&alive.intervals, 99)),
-                ms(alive.intervals.last().copied().unwrap_or_default()),
-            );
-        }
-    }
+    let (table, dead_cost) = tables(&alone, &of_eight, &cycles);
     println!("{table}\n{dead_cost}");
     let section = format!(
         "<!-- bench:osdp -->\n### OSDP readers over a pty (`cargo bench --bench osdp`)\n\n\
