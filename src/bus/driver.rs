@@ -97,6 +97,8 @@ pub enum CommandOutcome {
     NoAnswer,
     /// It waited past its moment (the port was down) and was dropped.
     Expired,
+    /// The unit cannot carry out such a command (door-unit settings for an OSDP reader).
+    Unsupported,
 }
 
 /// A command on its way to a bus task: the unit, the command, when it stops being worth

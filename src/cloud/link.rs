@@ -1093,6 +1093,22 @@ async fn report_unit_result(
         None => Some("no door unit serves that door, or its queue is full"),
         Some(done) => match tokio::time::timeout(OPEN_RESULT_WAIT, done).await {
             Ok(Ok(CommandOutcome::Done)) => None,
+            Ok(Ok(CommandOutcome::Unsupported)) => {
+                let reason = "the door is served by an OSDP reader, which takes no such command";
+                tracing::warn!(command_id = %r.command_id, command = r.command, reason, "command refused");
+                let report = Report::CommandResult {
+                    command_id: Some(r.command_id),
+                    command: r.command.into(),
+                    outcome: Outcome::Rejected,
+                    reason: Some(reason.into()),
+                    door: Some(r.door),
+                    at: Timestamp::now(),
+                };
+                let _ = r
+                    .publisher
+                    .try_publish(r.topic, false, report.encode(), None);
+                return;
+            }
             Ok(Ok(CommandOutcome::NoAnswer)) => Some("the door unit did not answer"),
             Ok(Ok(CommandOutcome::Expired) | Err(_)) | Err(_) => {
                 Some("the door unit could not be reached in time")

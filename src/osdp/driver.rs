@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::cp::{self, CpCommand, CpEvent, LineSpec, PdSpec};
 use super::door::DoorContact;
 use super::keypad::{ClearedBy, Keypad, KeypadEvent, KeypadRules};
-use super::reader::{self, Action, Feedback, RawAs};
+use super::reader::{self, Action, CardFormat, Feedback, RawAs};
 use crate::access::{CredentialKind, Decision, DenyReason, DoorId};
 use crate::bus::driver::{
     BusStatus, CommandOutcome, DoorRouter, Queued, Rs485, finish, log_decision, release_elsewhere,
@@ -27,12 +27,14 @@ use crate::bus::driver::{
 use crate::bus::frame::Address;
 use crate::bus::session::Command;
 use crate::store::records::ReaderRefusal;
-use crate::store::{Record, Store, VerifyRequest};
+use crate::store::{Activity, Record, Store, VerifyRequest};
 use crate::task::{clock_synced, stopped};
 
 /// How long a reader configured for the secure channel may answer without it before it is
 /// refused with an alarm (the handshake takes a few polls).
 pub const SECURE_GRACE: Duration = Duration::from_secs(10);
+/// Unreadable card reads are recorded at most this often per reader (all are counted).
+pub const UNREADABLE_EVERY: Duration = Duration::from_secs(60);
 /// A reader not online this long after the port opened is reported offline (once).
 pub const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(15);
 /// How long a stopping bus waits for decisions in flight to reach their readers.
@@ -114,6 +116,10 @@ struct Reader {
     refused: bool,
     /// A reader not online by then (after the port opened) is reported offline once.
     expected_by: Option<Duration>,
+    /// Unreadable card reads, and when the last one was recorded (at most one record per
+    /// [`UNREADABLE_EVERY`], so a broken reader cannot flood the outbox).
+    unreadable: u64,
+    unreadable_recorded: Option<Duration>,
     tamper: Option<bool>,
     power: Option<bool>,
 }
@@ -151,6 +157,8 @@ pub async fn run_osdp_bus(
                 insecure_since: None,
                 refused: false,
                 expected_by: None,
+                unreadable: 0,
+                unreadable_recorded: None,
                 tamper: None,
                 power: None,
                 spec: r.clone(),
@@ -307,17 +315,7 @@ impl Bus<'_> {
                 self.seen(pd);
                 match reader::credential(r.spec.raw_as, format, bits, &data) {
                     Ok((kind, value)) => self.decide(pd, kind, value),
-                    Err(e) => {
-                        tracing::warn!(bus = %self.spec.name, reader = %r.label, door = %r.spec.door,
-                            format = ?format, bits, error = %e, "unreadable card read refused");
-                        self.act(
-                            pd,
-                            reader::on_decision(
-                                &r.spec.feedback,
-                                &Decision::deny(DenyReason::UnknownCredential),
-                            ),
-                        );
-                    }
+                    Err(e) => self.unreadable(pd, format, bits, &e, now),
                 }
             }
             CpEvent::Keys { pd, keys } => {
@@ -355,6 +353,54 @@ impl Bus<'_> {
             }
             CpEvent::Other { pd } => self.seen(pd),
         }
+    }
+
+    /// A card read that is no credential: refused at the reader, and recorded as a denial
+    /// (coalesced: at most one record per reader per [`UNREADABLE_EVERY`]; the log line has
+    /// the count).
+    fn unreadable(
+        &mut self,
+        pd: usize,
+        format: CardFormat,
+        bits: usize,
+        error: &reader::ReadError,
+        now: Duration,
+    ) {
+        let r = &mut self.readers[pd];
+        r.unreadable += 1;
+        let deny = Decision::deny(DenyReason::UnknownCredential);
+        let actions = reader::on_decision(&r.spec.feedback, &deny);
+        let due = r
+            .unreadable_recorded
+            .is_none_or(|t| now >= t + UNREADABLE_EVERY);
+        if due {
+            r.unreadable_recorded = Some(now);
+            tracing::warn!(bus = %self.spec.name, reader = %r.label, door = %r.spec.door,
+                format = ?format, bits, %error, unreadable = r.unreadable,
+                "unreadable card read refused");
+            let kind = match (r.spec.raw_as, format) {
+                (RawAs::Qr, CardFormat::Raw) => CredentialKind::Qr,
+                (RawAs::Mobile, CardFormat::Raw) => CredentialKind::Mobile,
+                _ => CredentialKind::Card,
+            };
+            let record = Record::Activity(Activity {
+                at: Timestamp::now(),
+                door: r.spec.door.clone(),
+                unit: r.label.clone(),
+                request_id: None,
+                credential_kind: kind,
+                key_id: None,
+                category: None,
+                granted: false,
+                reason: Some(DenyReason::UnknownCredential),
+                released: Vec::new(),
+                command_id: None,
+            });
+            self.append(record);
+        } else {
+            tracing::debug!(bus = %self.spec.name, reader = %r.label, %error, "unreadable card read refused");
+        }
+        self.act(pd, actions);
     }
 
     fn seen(&self, pd: usize) {
@@ -569,7 +615,7 @@ impl Bus<'_> {
                 CommandOutcome::Done
             }
             // Door-unit settings and the time have no OSDP counterpart here.
-            Command::Settings(_) | Command::Time(_) => CommandOutcome::NoAnswer,
+            Command::Settings(_) | Command::Time(_) => CommandOutcome::Unsupported,
         }
     }
 

@@ -1,7 +1,7 @@
 //! OSDP readers against a peer no one here wrote: the Python `libosdp` package plays the
 //! Peripheral Devices (`tests/osdp/pd_bus.py`) on a pseudo-terminal, the gateway
 //! (`daemon::serve`, in process) is the Control Panel. `scripts/test` installs the package into
-//! `target/osdp-venv`; `DOORBRIDGE_OSDP_PYTHON` names another interpreter that has it.
+//! `target/osdp-venv`; `OSDP_TEST_PYTHON` names another interpreter that has it.
 //!
 //! Each case asserts what a user sees: the strike released at the reader, the LED, the record
 //! the cloud gets. Every wait is a condition with a deadline.
@@ -37,14 +37,14 @@ const CARD_LIFT: &str = "26:22334440";
 
 /// The Python interpreter with `libosdp` installed.
 fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("DOORBRIDGE_OSDP_PYTHON") {
+    if let Some(p) = std::env::var_os("OSDP_TEST_PYTHON") {
         return PathBuf::from(p);
     }
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/osdp-venv/bin/python");
     assert!(
         venv.exists(),
         "the OSDP tests need the Python libosdp peer: run scripts/test (it makes {}), or set \
-         DOORBRIDGE_OSDP_PYTHON to a python3 that has `pip install libosdp`",
+         OSDP_TEST_PYTHON to a python3 that has `pip install libosdp`",
         venv.display()
     );
     venv
@@ -368,8 +368,8 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(config: Config) -> Gateway {
-        // DOORBRIDGE_TEST_LOG=debug shows the gateway's log (libosdp's included).
-        if let Ok(filter) = std::env::var("DOORBRIDGE_TEST_LOG") {
+        // OSDP_TEST_LOG=debug shows the gateway's log (libosdp's included).
+        if let Ok(filter) = std::env::var("OSDP_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
                 .with_test_writer()
@@ -543,9 +543,8 @@ async fn a_single_use_card_opens_once_across_a_restart() {
 
     pds.forget();
     let gateway = Gateway::start(config);
-    pds.wait_new("PD 1 back with the secure channel", |e| {
-        e["ev"] == "state" && e["pd"] == 1 && e["online"] == true && e["sc"] == true
-    });
+    // The reader may not see the restart at all (the harness samples its state every 50 ms):
+    // its card read is queued at the reader until the new gateway polls it.
     pds.card(1, CARD_ONCE);
     pds.led(1, 1);
     site.wait_record("used up", |r| {
@@ -654,9 +653,7 @@ async fn install_mode_provisioning_gives_a_reader_its_own_key() {
         &format!("key_file = \"{}\"", key_file.display()),
     )]);
     let gateway = Gateway::start(config);
-    pds.wait_new("PD 1 with the secure channel on its new key", |e| {
-        e["ev"] == "state" && e["pd"] == 1 && e["online"] == true && e["sc"] == true
-    });
+    // Served at all means served with the new key: the gateway allows nothing else.
     pds.card(1, CARD_RESIDENT);
     pds.pulse(1, 0);
     gateway.stop().await;
@@ -750,6 +747,17 @@ async fn qr_elevator_and_inner_door_readers_do_what_they_are_configured_for() {
     site.wait_record("granted QR", |r| {
         matches!(r, Record::Activity(a) if a.granted && a.key_id.as_deref() == Some("guest")
             && a.credential_kind == CredentialKind::Qr)
+    });
+
+    // Raw data that is not whole bytes is no QR code: red at the reader, and a denial
+    // recorded (one per minute at most, so a broken reader cannot flood the outbox).
+    pds.forget();
+    pds.send(&json!({"op": "card", "pd": 1, "format": "raw", "bits": 12, "data": "abc0"}));
+    pds.led(1, 1);
+    site.wait_record("an unreadable read denied", |r| {
+        matches!(r, Record::Activity(a) if !a.granted && a.door == "main"
+            && a.credential_kind == CredentialKind::Qr
+            && a.reason == Some(doorbridge::access::DenyReason::UnknownCredential))
     });
 
     // The lift card: floors 3 and 4 released, floor 5 not, and no door strike.
