@@ -855,7 +855,9 @@ impl World {
             )
         })
         .await?;
-        j.say("OSDP reader at side-entrance on bus side: online, secure channel up with its own key");
+        j.say(
+            "OSDP reader at side-entrance on bus side: online, secure channel up with its own key",
+        );
         self.cloud
             .report("the gateway online", |r| {
                 matches!(
@@ -1027,8 +1029,13 @@ impl World {
         j.say("door     lobby         released for Bob (key also opens the inner door)");
         j.check("Bob's key releases the lobby too", "lobby released", true)?;
         // The OSDP reader: Carol's card opens the side entrance, a stranger's does not.
-        self.card(j, "Carol (resident)", "26:0a1b2c40", "granted, strike released")
-            .await?;
+        self.card(
+            j,
+            "Carol (resident)",
+            "26:0a1b2c40",
+            "granted, strike released",
+        )
+        .await?;
         self.card(j, "a stranger", "26:0fffffc0", "denied, red LED")
             .await
     }
@@ -1068,7 +1075,10 @@ impl World {
         }
         let decision = self
             .osdp_output(&format!("a decision at {SIDE}"), |o| {
-                matches!(o, ReaderOutput::Decision { .. } | ReaderOutput::GaveUp { .. })
+                matches!(
+                    o,
+                    ReaderOutput::Decision { .. } | ReaderOutput::GaveUp { .. }
+                )
             })
             .await?;
         let observed = match decision {
