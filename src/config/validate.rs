@@ -45,11 +45,12 @@ impl<'a> Checker<'a> {
 
     pub(super) fn check(&mut self, config: &Config) {
         let gateway = KeyPath::of("gateway");
-        if self.required(&gateway.key("id")) {
-            self.identifier(&gateway.key("id"), &config.gateway.id);
-        }
-        if self.required(&gateway.key("site_id")) {
-            self.identifier(&gateway.key("site_id"), &config.gateway.site_id);
+        let id_ok = self.required(&gateway.key("id"))
+            && self.topic_id(&gateway.key("id"), &config.gateway.id);
+        let site_ok = self.required(&gateway.key("site_id"))
+            && self.topic_id(&gateway.key("site_id"), &config.gateway.site_id);
+        if id_ok && site_ok {
+            self.topics(config);
         }
         self.required(&KeyPath::of("site.timezone"));
         self.cloud(&config.cloud);
@@ -532,11 +533,84 @@ impl<'a> Checker<'a> {
         ok
     }
 
+    /// An id that is a level of every MQTT topic (the gateway's and the site's): as
+    /// [`Checker::identifier`], without `.` ([`Checker::topic_level`] says why).
+    fn topic_id(&mut self, path: &KeyPath, value: &str) -> bool {
+        let charset = !value.is_empty()
+            && value.len() <= 64
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !charset {
+            self.problem(
+                path,
+                format!(
+                    "{value:?} is not a valid id: use 1 to 64 letters, digits, `-` or `_` (it is \
+                     part of every MQTT topic of the gateway)"
+                ),
+            );
+            return false;
+        }
+        self.topic_level(path, value)
+    }
+
+    /// What every broker a fleet runs on takes in a topic level (the ids and the prefix's
+    /// levels are levels of every topic, `docs/cloud-protocol.md` §2): NATS maps an MQTT
+    /// topic to a subject, where `.` separates tokens and `*` and `>` are wildcards (a topic
+    /// with them closes the connection); a level starting with `$` is reserved on AWS IoT Core,
+    /// EMQX and mosquitto. (`+`, `#` and `/` are refused for every MQTT broker elsewhere.)
+    fn topic_level(&mut self, path: &KeyPath, value: &str) -> bool {
+        let why = if value.contains('.') {
+            Some(
+                "NATS maps `.` in an MQTT topic to its subject separator and refuses the topic: use `-` or `_` instead",
+            )
+        } else if value.contains(['*', '>']) {
+            Some("NATS takes `*` and `>` in an MQTT topic as wildcards and refuses the topic")
+        } else if value.starts_with('$') {
+            Some("topics starting with `$` are reserved (AWS IoT Core, EMQX, mosquitto)")
+        } else if value.contains(char::is_whitespace) {
+            Some("NATS refuses white space in a topic")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.problem(
+                path,
+                format!("{value:?} cannot be part of an MQTT topic: {why}"),
+            );
+        }
+        why.is_none()
+    }
+
+    /// The whole topics, as AWS IoT Core limits them (at most 7 slashes, 256 bytes).
+    fn topics(&mut self, config: &Config) {
+        let target = crate::cloud::payload::Target {
+            site: config.gateway.site_id.clone(),
+            gateway: config.gateway.id.clone(),
+        };
+        if let Err(e) = crate::cloud::topics::Topics::new(&config.cloud.topic_prefix, &target) {
+            use crate::cloud::topics::TopicError;
+            match e {
+                TopicError::TooDeep { .. } => {
+                    self.problem(&KeyPath::of("cloud.topic_prefix"), e.to_string());
+                }
+                TopicError::TooLong(_) => self.problem(
+                    &KeyPath::of("cloud.topic_prefix"),
+                    format!("{e}, AWS IoT Core's limit: shorten the prefix or the ids"),
+                ),
+                // Refused above, with the key that holds it.
+                TopicError::BadPrefix(_) | TopicError::BadId(_) => {}
+            }
+        }
+    }
+
     fn topic_prefix(&mut self, path: &KeyPath, prefix: &str) {
         let ok = !prefix.is_empty()
             && !prefix.contains(['+', '#', '\0'])
             && prefix.split('/').all(|level| !level.is_empty());
-        if !ok {
+        if ok {
+            self.topic_level(path, prefix);
+        } else {
             self.problem(
                 path,
                 format!(

@@ -414,3 +414,52 @@ door_contact = 0
     );
     assert!(out.stdout.contains("protocol = \"osdp\""), "{}", out.stdout);
 }
+
+/// Ids and a topic prefix that some broker of a fleet would refuse are refused, naming the
+/// broker: NATS (`.`, `*`, `>`), the brokers that reserve `$`, AWS IoT Core's topic depth.
+#[test]
+fn ids_and_prefixes_a_broker_would_refuse_are_refused_naming_it() {
+    for (replace, with, key, says) in [
+        ("id = \"gw-test\"", "id = \"gw.test\"", "gateway.id", "NATS"),
+        (
+            "site_id = \"site-test\"",
+            "site_id = \"site.1\"",
+            "gateway.site_id",
+            "NATS",
+        ),
+        (
+            "[cloud]",
+            "[cloud]\ntopic_prefix = \"$fleet\"",
+            "cloud.topic_prefix",
+            "reserved",
+        ),
+        (
+            "[cloud]",
+            "[cloud]\ntopic_prefix = \"acme.eu/doors\"",
+            "cloud.topic_prefix",
+            "NATS",
+        ),
+        (
+            "[cloud]",
+            "[cloud]\ntopic_prefix = \"a/b/c/d/e\"",
+            "cloud.topic_prefix",
+            "AWS IoT Core",
+        ),
+    ] {
+        let config = ConfigDir::new(&VALID.replace(replace, with));
+        let out = check_config(&config.main());
+        assert_eq!(out.code, Some(2), "{with}: {}", out.stderr);
+        let lines = problem_lines(&out.stderr);
+        assert_eq!(lines.len(), 1, "{with}: {}", out.stderr);
+        assert!(
+            lines[0].contains(&format!(": {key}: ")) && lines[0].contains(says),
+            "{with}: {}",
+            out.stderr
+        );
+    }
+    // Four prefix levels still fit AWS IoT Core's 7 slashes.
+    let config =
+        ConfigDir::new(&VALID.replace("[cloud]", "[cloud]\ntopic_prefix = \"acme/eu/doors/v1\""));
+    let out = check_config(&config.main());
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}
