@@ -39,6 +39,7 @@ use super::envelope::{self, Kind};
 use super::payload::{
     Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
 };
+use super::refusals::{Admit, Refusals};
 use super::report::{Outcome, Presence, Report};
 use super::sync::{Action, CommandParts, ReplayCache, ResyncReason, Sync};
 use super::telemetry::{TelemetryLink, TelemetrySpec, run_telemetry};
@@ -367,6 +368,8 @@ struct Worker {
     status: Arc<Mutex<LinkStatus>>,
     sync: Sync,
     replay: ReplayCache,
+    /// Refusal records, coalesced per channel.
+    refusals: Refusals,
     staging: Option<Staging>,
     buffered: StageBuffer,
     last_resync: Option<std::time::Instant>,
@@ -429,6 +432,7 @@ pub async fn run_link(
         router,
         status,
         replay: ReplayCache::with_defaults(),
+        refusals: Refusals::default(),
         staging: None,
         buffered: StageBuffer::default(),
         last_resync: None,
@@ -835,29 +839,46 @@ impl Worker {
 
     /// Logs, counts, records and reports a refused message. The held key set is untouched.
     async fn reject(&mut self, channel: Channel, reason: String) {
-        tracing::warn!(channel = channel.suffix(), %reason, "cloud message refused");
-        self.set_status(|s| s.rejected += 1);
-        let now = Timestamp::now();
-        let record = Record::CloudRejected {
-            at: now,
-            channel: channel.suffix().to_owned(),
-            reason: reason.clone(),
-        };
-        if let Err(e) = self.store.append(vec![record]).await {
-            tracing::error!(error = %e, "the rejection could not be recorded");
-        }
-        let report = Report::Rejected {
-            channel: channel.suffix().to_owned(),
-            reason,
-            version: None,
-            at: now,
-        };
+        self.record_refusal(channel, &reason).await;
         if matches!(
             channel,
             Channel::OpenDoor | Channel::Resync | Channel::Settings
         ) {
             self.publish_result(None, channel.suffix(), Outcome::Rejected, None, None);
         }
+    }
+
+    /// Every refusal is counted and logged; a `cloud_rejected` record and a `rejected` report
+    /// follow unless this channel has had its share of the window (`cloud::refusals`).
+    async fn record_refusal(&mut self, channel: Channel, reason: &str) {
+        self.set_status(|s| s.rejected += 1);
+        let also = match self
+            .refusals
+            .admit(channel.suffix(), std::time::Instant::now())
+        {
+            Admit::Record { also } => also,
+            Admit::Count => {
+                tracing::debug!(channel = channel.suffix(), %reason, "cloud message refused (counted; this channel's refusal records are coalesced)");
+                return;
+            }
+        };
+        tracing::warn!(channel = channel.suffix(), %reason, also, "cloud message refused");
+        let now = Timestamp::now();
+        let record = Record::CloudRejected {
+            at: now,
+            channel: channel.suffix().to_owned(),
+            reason: reason.to_owned(),
+            also,
+        };
+        if let Err(e) = self.store.append(vec![record]).await {
+            tracing::error!(error = %e, "the rejection could not be recorded");
+        }
+        let report = Report::Rejected {
+            channel: channel.suffix().to_owned(),
+            reason: reason.to_owned(),
+            version: None,
+            at: now,
+        };
         self.publish(Channel::Sync, &report, false);
     }
 
@@ -873,7 +894,7 @@ impl Worker {
         };
         if let Some(reason) = refused {
             tracing::warn!(command_id = %id, door = %command.door, %reason, "open-door command refused");
-            self.set_status(|s| s.rejected += 1);
+            self.record_refusal(Channel::OpenDoor, &reason).await;
             self.publish_result(
                 Some(id),
                 "open-door",
@@ -962,7 +983,7 @@ impl Worker {
         };
         if let Some(reason) = refused {
             tracing::warn!(command_id = %id, %door, %reason, "settings command refused");
-            self.set_status(|s| s.rejected += 1);
+            self.record_refusal(Channel::Settings, &reason).await;
             self.publish_result(
                 Some(id),
                 "unit-settings",

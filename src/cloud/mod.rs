@@ -7,7 +7,8 @@
 //! the cloud over the same connection ([`acks`] matches broker acks to batches) and
 //! [`telemetry`] sends the health summary. [`import`] runs the same checks
 //! on a key set read from a file. [`build`], [`bundle`] and [`keyfile`] are the cloud's side
-//! (signing what the gateway accepts), for `cloud-sim`, tests and benchmarks. See `docs/cloud-protocol.md`.
+//! (signing what the gateway accepts), for `cloud-sim`, tests and benchmarks. [`refusals`]
+//! coalesces the records of refused messages. See `docs/cloud-protocol.md`.
 
 pub mod acks;
 pub mod build;
@@ -17,6 +18,7 @@ pub mod import;
 pub mod keyfile;
 pub mod link;
 pub mod payload;
+pub mod refusals;
 pub mod report;
 pub mod sync;
 pub mod telemetry;

@@ -163,7 +163,16 @@ pub enum Record {
         /// The topic channel it came on, e.g. `keys/delta`.
         channel: String,
         reason: String,
+        /// Refusals on this channel since the previous record that got no record of their own
+        /// (a flood is recorded at most ten times a minute per channel; `cloud::refusals`).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        also: u64,
     },
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's `skip_serializing_if` passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Record {

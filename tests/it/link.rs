@@ -418,6 +418,77 @@ async fn a_remote_open_reaches_the_door_once_and_replays_or_expired_commands_do_
     b.stop().await;
 }
 
+/// A signed command refused for its content (a replay, expired, issued before the gateway
+/// started) is recorded and reported like every refusal (`docs/cloud-protocol.md` §8); a
+/// flood of them is recorded at most ten times a minute per channel, so it cannot fill the
+/// outbox or crowd out door records, while every one still gets its command result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_commands_are_recorded_and_a_flood_is_coalesced() {
+    let (_broker, mut cloud, b) = online().await;
+    let app = key(
+        "app-anna",
+        CredentialKind::Mobile,
+        "phone",
+        UseLimit::Unlimited,
+    );
+    cloud.snapshot(1, &[app]).await;
+    cloud.applied(1).await;
+    let open = build::open_door(
+        &target(),
+        "c1",
+        "main",
+        "app-anna",
+        Timestamp::now(),
+        SignedDuration::from_secs(30),
+        &cloud_key(),
+    );
+    cloud.raw(Channel::OpenDoor, open.clone()).await;
+    let rejected_c1 = |r: &Report| matches!(r, Report::CommandResult { command_id: Some(c), outcome: Outcome::Rejected, .. } if c == "c1");
+    // 30 replays of the same signed bytes: every one answered...
+    for _ in 0..30 {
+        cloud.raw(Channel::OpenDoor, open.clone()).await;
+    }
+    for i in 0..30 {
+        cloud
+            .report(&format!("replay result {i}"), rejected_c1)
+            .await;
+    }
+    // ... reported on `sync` ...
+    let r = cloud
+        .report(
+            "a rejected report",
+            |r| matches!(r, Report::Rejected { channel, .. } if channel == "cmd/open-door"),
+        )
+        .await;
+    assert!(
+        matches!(&r, Report::Rejected { reason, .. } if reason.contains("replay")),
+        "{r:?}"
+    );
+    // ... and recorded ten times (every result above went out after its record, if any).
+    let records = b
+        .records_until(|r| {
+            r.iter()
+                .filter(|r| matches!(r, Record::CloudRejected { channel, .. } if channel == "cmd/open-door"))
+                .count()
+                >= 10
+        })
+        .await;
+    let refused: Vec<_> = records
+        .iter()
+        .filter(
+            |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "cmd/open-door"),
+        )
+        .collect();
+    assert_eq!(refused.len(), 10, "{refused:#?}");
+    assert!(
+        refused.iter().all(
+            |r| matches!(r, Record::CloudRejected { reason, .. } if reason.contains("replay"))
+        ),
+        "{refused:#?}"
+    );
+    b.stop().await;
+}
+
 fn settings(id: &str, volume: u8, name: Option<&str>) -> Vec<u8> {
     let now = Timestamp::now();
     build::unit_settings(
