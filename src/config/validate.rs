@@ -18,6 +18,15 @@ const STANDARD_BAUD_RATES: [u32; 11] = [
 ];
 
 const MS: Duration = Duration::from_millis(1);
+
+/// 1 to 64 letters, digits, `-`, `_` or `.`: the alphabet of ids.
+fn id_charset(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
 /// The shortest quiet gap a bus may be given: about one character time at 115 200 baud.
 const TURNAROUND_MIN: Duration = Duration::from_micros(100);
 const SECOND: Duration = Duration::from_secs(1);
@@ -517,11 +526,7 @@ impl<'a> Checker<'a> {
 
     /// An id used in MQTT topics and client ids: 1 to 64 of `A-Z a-z 0-9 - _ .`.
     fn identifier(&mut self, path: &KeyPath, value: &str) -> bool {
-        let ok = !value.is_empty()
-            && value.len() <= 64
-            && value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let ok = id_charset(value);
         if !ok {
             self.problem(
                 path,
@@ -536,12 +541,7 @@ impl<'a> Checker<'a> {
     /// An id that is a level of every MQTT topic (the gateway's and the site's): as
     /// [`Checker::identifier`], without `.` ([`Checker::topic_level`] says why).
     fn topic_id(&mut self, path: &KeyPath, value: &str) -> bool {
-        let charset = !value.is_empty()
-            && value.len() <= 64
-            && value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !charset {
+        if !id_charset(value) {
             self.problem(
                 path,
                 format!(
