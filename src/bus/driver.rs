@@ -25,9 +25,9 @@ use crate::task::{clock_synced, jitter, stopped};
 /// How long a unit's own door is released for when it is opened by command (inner doors,
 /// remote open).
 pub const OPEN_PULSE_MS: u16 = 3_000;
-/// The first and longest wait before reopening a port that failed.
-const REOPEN_FIRST: Duration = Duration::from_millis(200);
-const REOPEN_MAX: Duration = Duration::from_secs(30);
+/// The first and longest wait before reopening a port that failed (OSDP lines too).
+pub(crate) const REOPEN_FIRST: Duration = Duration::from_millis(200);
+pub(crate) const REOPEN_MAX: Duration = Duration::from_secs(30);
 /// Frame errors are logged at most this often (they are always counted).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 /// A command (a door release) not sent within this long is dropped: an inner door opening
@@ -316,20 +316,20 @@ fn open_port(spec: &BusSpec) -> std::io::Result<tokio_serial::SerialStream> {
         .open_native_async()
         .map_err(std::io::Error::from)?;
     if let Some(rs485) = &spec.rs485 {
-        apply_rs485(&port, rs485)?;
+        apply_rs485(std::os::fd::AsRawFd::as_raw_fd(&port), rs485)?;
     }
     Ok(port)
 }
 
-fn apply_rs485(port: &tokio_serial::SerialStream, settings: &Rs485) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+/// Switches the open port `fd` to the kernel's RS-485 mode (any bus protocol).
+pub(crate) fn apply_rs485(fd: std::os::fd::RawFd, settings: &Rs485) -> std::io::Result<()> {
     let mut conf = rs485::SerialRs485::new();
     conf.set_enabled(true)
         .set_rts_on_send(settings.rts_on_send)
         .set_rts_after_send(!settings.rts_on_send)
         .delay_rts_before_send_ms(settings.delay_before_send_ms)
         .delay_rts_after_send_ms(settings.delay_after_send_ms);
-    conf.set_on_fd(port.as_raw_fd()).map_err(|e| {
+    conf.set_on_fd(fd).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot switch the port to RS-485 mode (TIOCSRS485): {e}"),
@@ -790,7 +790,8 @@ pub(crate) fn finish(done: Option<oneshot::Sender<CommandOutcome>>, outcome: Com
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
+/// Sleeps until `deadline`, or for ever without one (a `select!` branch that never fires).
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,

@@ -23,7 +23,7 @@ use libosdp::{
 use tokio::sync::mpsc;
 
 use super::reader::{Action, CardFormat, Color, MAX_TEXT};
-use crate::bus::driver::Rs485;
+use crate::bus::driver::{REOPEN_FIRST, REOPEN_MAX, Rs485, apply_rs485};
 
 /// How often the CP is refreshed (and commands picked up). libosdp asks for at most 50 ms;
 /// a short tick keeps a card read's answer from waiting on the refresh.
@@ -32,8 +32,6 @@ pub const TICK: Duration = Duration::from_millis(5);
 /// an offline reader every 30 s (`.cargo/config.toml` sets it; its own default is 300 s), and
 /// a refusing reader answers at each retry.
 pub const ANSWERS_WITHIN: Duration = Duration::from_secs(60);
-const REOPEN_FIRST: Duration = Duration::from_millis(200);
-const REOPEN_MAX: Duration = Duration::from_secs(30);
 
 /// One reader (PD) as the CP is told about it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,14 +233,7 @@ fn open(spec: &LineSpec) -> Result<serialport::TTYPort, String> {
         .map_err(|e| e.to_string())?;
     if let Some(rs485) = &spec.rs485 {
         use std::os::fd::AsRawFd;
-        let mut conf = rs485::SerialRs485::new();
-        conf.set_enabled(true)
-            .set_rts_on_send(rs485.rts_on_send)
-            .set_rts_after_send(!rs485.rts_on_send)
-            .delay_rts_before_send_ms(rs485.delay_before_send_ms)
-            .delay_rts_after_send_ms(rs485.delay_after_send_ms);
-        conf.set_on_fd(port.as_raw_fd())
-            .map_err(|e| format!("cannot switch the port to RS-485 mode (TIOCSRS485): {e}"))?;
+        apply_rs485(port.as_raw_fd(), rs485).map_err(|e| e.to_string())?;
     }
     Ok(port)
 }

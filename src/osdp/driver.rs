@@ -22,7 +22,7 @@ use super::reader::{self, Action, CardFormat, Feedback, RawAs};
 use crate::access::{CredentialKind, Decision, DenyReason, DoorId};
 use crate::bus::driver::{
     BusStatus, CommandOutcome, DoorRouter, Queued, Rs485, finish, log_decision, release_elsewhere,
-    set_status,
+    set_status, sleep_until,
 };
 use crate::bus::frame::Address;
 use crate::bus::session::Command;
@@ -109,7 +109,6 @@ struct Reader {
     keypad: Keypad,
     contact: Option<DoorContact>,
     online: bool,
-    secure: bool,
     /// Since when it has answered without the secure channel it must use.
     insecure_since: Option<Duration>,
     /// The insecure-reader alarm was raised and not yet cleared.
@@ -153,7 +152,6 @@ pub async fn run_osdp_bus(
                 keypad: Keypad::new(r.keypad),
                 contact: r.door_contact.map(|_| DoorContact::new(r.held_open)),
                 online: false,
-                secure: false,
                 insecure_since: None,
                 refused: false,
                 expected_by: None,
@@ -423,7 +421,6 @@ impl Bus<'_> {
         if online {
             r.expected_by = None;
         }
-        r.secure = secure;
         // Answering without the secure channel it must use (libosdp keeps such a reader
         // offline under EnforceSecure): refused, with an alarm, after a grace period.
         if r.spec.secure && !secure && (online || answers) {
@@ -595,7 +592,7 @@ impl Bus<'_> {
         };
         let r = &mut self.readers[pd];
         match command {
-            Command::OpenDoor(open) => {
+            Command::OpenDoor(_) => {
                 let Some(output) = r.spec.feedback.relay else {
                     tracing::warn!(bus = %self.spec.name, reader = %r.label, "door release for a reader with no relay output");
                     return CommandOutcome::NoAnswer;
@@ -604,9 +601,8 @@ impl Bus<'_> {
                     tracing::warn!(bus = %self.spec.name, reader = %r.label, "door release for an offline reader");
                     return CommandOutcome::NoAnswer;
                 }
-                // The reader's own release time: the router asks every unit for the same
-                // (`OPEN_PULSE_MS`), and this reader's strike is configured.
-                let _ = open.pulse_ms;
+                // The reader's own release time, not the one the router asks every unit for
+                // (`OPEN_PULSE_MS`): this reader's strike is configured.
                 let time = r.spec.feedback.pulse;
                 if let Some(contact) = r.contact.as_mut() {
                     contact.release(now, time);
@@ -626,12 +622,5 @@ impl Bus<'_> {
                 tracing::error!(error = %e, "a reader record could not be stored");
             }
         });
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
