@@ -774,7 +774,8 @@ pub fn osdp_bus_spec(bus: &BusConfig) -> OsdpBusSpec {
     }
 }
 
-fn rs485_of(bus: &BusConfig) -> Option<Rs485> {
+/// The kernel RS-485 settings of `bus`, if enabled.
+pub fn rs485_of(bus: &BusConfig) -> Option<Rs485> {
     bus.rs485.enabled.then(|| Rs485 {
         rts_on_send: bus.rs485.rts_on_send,
         delay_before_send_ms: u32::try_from(bus.rs485.delay_before_send.as_millis())

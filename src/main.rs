@@ -344,12 +344,11 @@ fn osdp_install_request(
             "the reader at address {address} on bus {bus} names no key file: set key_file in its [buses.units.osdp]"
         );
     };
-    let spec = doorbridge::daemon::osdp_bus_spec(line);
     Ok(doorbridge::osdp::install::InstallRequest {
         bus: line.label(),
         port: line.port.clone(),
         baud: line.baud,
-        rs485: spec.rs485,
+        rs485: doorbridge::daemon::rs485_of(line),
         address,
         key_file,
         timeout: std::time::Duration::from_secs(timeout.max(1)),
