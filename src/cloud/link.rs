@@ -1110,35 +1110,35 @@ async fn report_unit_result(
     done: Option<tokio::sync::oneshot::Receiver<CommandOutcome>>,
     r: UnitResult,
 ) {
+    /// Why the command was not carried out: the unit cannot take it, or was not reached.
+    enum Failed {
+        Refused(&'static str),
+        Unreached(&'static str),
+    }
     let failed = match done {
-        None => Some("no door unit serves that door, or its queue is full"),
+        None => Some(Failed::Unreached(
+            "no door unit serves that door, or its queue is full",
+        )),
         Some(done) => match tokio::time::timeout(OPEN_RESULT_WAIT, done).await {
             Ok(Ok(CommandOutcome::Done)) => None,
-            Ok(Ok(CommandOutcome::Unsupported)) => {
-                let reason = "the door is served by an OSDP reader, which takes no such command";
-                tracing::warn!(command_id = %r.command_id, command = r.command, reason, "command refused");
-                let report = Report::CommandResult {
-                    command_id: Some(r.command_id),
-                    command: r.command.into(),
-                    outcome: Outcome::Rejected,
-                    reason: Some(reason.into()),
-                    door: Some(r.door),
-                    at: Timestamp::now(),
-                };
-                let _ = r
-                    .publisher
-                    .try_publish(r.topic, false, report.encode(), None);
-                return;
+            Ok(Ok(CommandOutcome::Unsupported)) => Some(Failed::Refused(
+                "the door is served by an OSDP reader, which takes no such command",
+            )),
+            Ok(Ok(CommandOutcome::NoAnswer)) => {
+                Some(Failed::Unreached("the door unit did not answer"))
             }
-            Ok(Ok(CommandOutcome::NoAnswer)) => Some("the door unit did not answer"),
-            Ok(Ok(CommandOutcome::Expired) | Err(_)) | Err(_) => {
-                Some("the door unit could not be reached in time")
-            }
+            Ok(Ok(CommandOutcome::Expired) | Err(_)) | Err(_) => Some(Failed::Unreached(
+                "the door unit could not be reached in time",
+            )),
         },
     };
     let (outcome, reason) = match failed {
         None => (r.done_as, None),
-        Some(why) => {
+        Some(Failed::Refused(why)) => {
+            tracing::warn!(command_id = %r.command_id, command = r.command, reason = why, "command refused");
+            (Outcome::Rejected, Some(why.to_owned()))
+        }
+        Some(Failed::Unreached(why)) => {
             let reason = match r.otherwise {
                 Some(then) => format!("{why}; {then}"),
                 None => why.to_owned(),
