@@ -178,13 +178,7 @@ pub fn batch() -> Vec<u8> {
     w.finish("gw1", "s1", 1_767_225_600_000_000)
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
-}
+pub use crate::access::credential::to_hex as hex;
 
 #[cfg(test)]
 mod tests {

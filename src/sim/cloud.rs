@@ -622,15 +622,7 @@ fn split_topic<'a>(
 }
 
 /// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+pub use crate::access::credential::to_hex as hex;
 
 #[cfg(test)]
 mod tests {
