@@ -27,9 +27,9 @@ use crate::fixtures::{self, SALT};
 /// few seconds; a loaded CI machine gets the rest.
 const WAIT: Duration = Duration::from_secs(30);
 
-const KEY_A: &str = "000102030405060708090a0b0c0d0e0f";
+pub(crate) const KEY_A: &str = "000102030405060708090a0b0c0d0e0f";
 const KEY_B: &str = "f0e0d0c0b0a090807060504030201000";
-const CARD_RESIDENT: &str = "26:0a1b2c40";
+pub(crate) const CARD_RESIDENT: &str = "26:0a1b2c40";
 const CARD_ONCE: &str = "26:11223340";
 const PIN: &str = "482916";
 const QR_GUEST: &str = "QR-PARTY-91c2e0";
@@ -402,7 +402,7 @@ impl Gateway {
     }
 }
 
-fn reader(address: u8, door: &str, osdp: &str) -> String {
+pub(crate) fn reader(address: u8, door: &str, osdp: &str) -> String {
     format!("address = {address}\ndoor = \"{door}\"\n[buses.units.osdp]\n{osdp}\n")
 }
 

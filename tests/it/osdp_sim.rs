@@ -5,116 +5,22 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use doorbridge::access::{CredentialKind, UseLimit, credential};
-use doorbridge::config::Config;
 use doorbridge::osdp::install::{InstallRequest, install};
 use doorbridge::osdp::key;
 use doorbridge::sim::osdp::{
     self, Output, ReaderCommand, ReaderInput, ReaderSpec, ReadersHandle, Request, SimLine,
 };
-use doorbridge::store::{Store, StoreOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::fixtures::{self, SALT};
+// The site (its key set has the resident's card), the in-process gateway and the reader
+// configuration of the tests against the Python peer.
+use crate::osdp::{CARD_RESIDENT, Gateway, KEY_A, Site, reader};
 
 /// How long a step may take: the readers come online and set up the secure channel within a
 /// few seconds; a loaded CI machine gets the rest.
 const WAIT: Duration = Duration::from_secs(30);
 
-const KEY_A: &str = "000102030405060708090a0b0c0d0e0f";
-const CARD_RESIDENT: &str = "26:0a1b2c40";
 const CARD_UNKNOWN: &str = "26:0badca40";
-
-/// A state directory with a key set: one resident's card for the main door.
-struct Site {
-    dir: tempfile::TempDir,
-    db: PathBuf,
-    link: PathBuf,
-}
-
-impl Site {
-    async fn new() -> Site {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let db = dir.path().join("doorbridge.db");
-        let link = dir.path().join("ttyOSDP");
-        let store = Store::open(StoreOptions::new(&db, fixtures::context())).expect("store");
-        let mut card = fixtures::key("resident", CredentialKind::Card, "", UseLimit::Unlimited);
-        card.rules.welcome = Some("Welcome home".into());
-        card.credentials[0].digest = credential::digest(
-            SALT,
-            CredentialKind::Card,
-            &credential::parse_card(CARD_RESIDENT).expect("card"),
-        );
-        store
-            .install_key_set(fixtures::header(1), vec![card])
-            .await
-            .expect("key set");
-        store.close();
-        Site { dir, db, link }
-    }
-
-    fn key_file(&self, name: &str, hex: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("{name}.key"));
-        key::write_new(&path, &key::parse(hex).expect("hex key")).expect("write key");
-        path
-    }
-
-    /// One OSDP bus on the link; `reader` is the TOML of its one `[[buses.units]]`.
-    fn config(&self, reader: &str) -> Config {
-        let text = format!(
-            r#"[gateway]
-id = "gw-osdp-sim"
-site_id = "site-osdp-sim"
-[site]
-timezone = "Europe/Berlin"
-[cloud]
-url = "mqtt://127.0.0.1:1"
-trusted_keys = ["{trusted}"]
-[storage]
-path = "{db}"
-[[buses]]
-name = "osdp"
-protocol = "osdp"
-port = "{link}"
-baud = 115200
-[[buses.units]]
-{reader}
-"#,
-            trusted = "11".repeat(32),
-            db = self.db.display(),
-            link = self.link.display(),
-        );
-        Config::from_toml_str(&text, "osdp sim test").unwrap_or_else(|e| panic!("{e}\n{text}"))
-    }
-}
-
-/// The gateway, in process, until stopped.
-struct Gateway {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Gateway {
-    fn start(config: Config) -> Gateway {
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            doorbridge::daemon::serve(&config, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("the gateway runs");
-        });
-        Gateway { stop, task }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("the gateway stops in time")
-            .expect("the gateway task");
-    }
-}
 
 /// The simulated readers on a pty at the site's link, and everything they reported.
 struct Readers {
@@ -203,7 +109,7 @@ fn decision(output: &Output) -> Option<(bool, Request, &str, &'static str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readers_hear_the_gateways_decisions_and_name_the_card() {
     let site = Site::new().await;
-    let key_file = site.key_file("main", KEY_A);
+    let key_file = site.key_file("main", Some(KEY_A));
     let mut readers = Readers::start(
         &site.link,
         vec![ReaderSpec {
@@ -211,10 +117,14 @@ async fn the_readers_hear_the_gateways_decisions_and_name_the_card() {
             scbk: key::parse(KEY_A),
         }],
     );
-    let gateway = Gateway::start(site.config(&format!(
-        "address = 1\ndoor = \"main\"\n[buses.units.osdp]\nkey_file = \"{}\"\nrelay = 1\npulse = \"2s\"",
-        key_file.display()
-    )));
+    let gateway = Gateway::start(site.config(&[reader(
+        1,
+        "main",
+        &format!(
+            "key_file = \"{}\"\nrelay = 1\npulse = \"2s\"",
+            key_file.display()
+        ),
+    )]));
 
     readers.secure(1).await;
 
