@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Door, DoorId, LockoutPolicy, Policy, Site, UnlimitedPolicy};
-pub use values::{BrokerUrl, LogLevel, Secret, SiteTimeZone, TrustedKey};
+pub use values::{BrokerUrl, BrokerUrls, LogLevel, Secret, SiteTimeZone, TrustedKey};
 use values::{auto_duration, byte_size, duration, string_enum, unit_address};
 
 /// The main configuration file when `--config` is not given.
@@ -165,8 +165,9 @@ pub struct SiteConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CloudConfig {
-    /// `mqtts://host[:port]` or `mqtt://host[:port]`. Required.
-    pub url: BrokerUrl,
+    /// `mqtts://host[:port]` or `mqtt://host[:port]`, or an array of them (the nodes of a
+    /// cluster, a standby broker: tried in order, the next at once when one fails). Required.
+    pub url: BrokerUrls,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,7 +190,7 @@ pub struct CloudConfig {
 impl Default for CloudConfig {
     fn default() -> Self {
         CloudConfig {
-            url: BrokerUrl::default(),
+            url: BrokerUrls::default(),
             username: None,
             password: None,
             topic_prefix: "doorbridge".to_owned(),
@@ -658,7 +659,7 @@ mod tests {
         let config = Config::from_toml_str(MINIMAL, "test.toml").unwrap();
         assert_eq!(config.cloud.topic_prefix, "doorbridge");
         assert_eq!(config.cloud.max_payload, 128 * 1024);
-        assert_eq!(config.cloud.url.port, 1883);
+        assert_eq!(config.cloud.url.first().port, 1883);
         assert_eq!(config.buses[0].baud, 115_200);
         assert_eq!(config.buses[0].label(), "/dev/ttyUSB0");
         assert_eq!(config.telemetry.interval, Duration::from_secs(900));
