@@ -873,6 +873,24 @@ mod tests {
     }
 
     #[test]
+    fn the_broker_url_from_the_environment_is_one_url_or_a_list() {
+        let schema = schema().unwrap();
+        for (raw, want) in [
+            ("mqtt://10.0.0.1:1883", 1),
+            ("[\"mqtt://a:1883\", \"mqtts://b\"]", 2),
+        ] {
+            let vars = [(OsString::from("DOORBRIDGE_CLOUD__URL"), OsString::from(raw))];
+            let (layers, problems) = env_layers(vars.into_iter(), &schema);
+            assert!(problems.is_empty());
+            let value = Value::from(layers[0].dict.clone())
+                .find("cloud.url")
+                .unwrap();
+            let urls: crate::config::BrokerUrls = value.deserialize().unwrap();
+            assert_eq!(urls.len(), want, "{raw}");
+        }
+    }
+
+    #[test]
     fn typos_get_suggestions() {
         let schema = schema().unwrap();
         let Value::Dict(_, root) = &schema else {

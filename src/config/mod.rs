@@ -655,6 +655,37 @@ mod tests {
     }
 
     #[test]
+    fn cloud_url_is_one_broker_or_a_list() {
+        let config = Config::from_toml_str(MINIMAL, "test.toml").unwrap();
+        assert_eq!(config.cloud.url.len(), 1);
+        let listed = MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1\"",
+            "url = [\"mqtt://10.0.0.1\", \"mqtts://node-2.example.com\"]",
+        );
+        let config = Config::from_toml_str(&listed, "test.toml").unwrap();
+        assert_eq!(
+            config.cloud.url.to_string(),
+            "mqtt://10.0.0.1:1883, mqtts://node-2.example.com:8883"
+        );
+        // Printed back as it was written, and read again the same.
+        let printed = toml_out::to_toml(&config);
+        assert!(
+            printed
+                .contains("url = [\"mqtt://10.0.0.1:1883\", \"mqtts://node-2.example.com:8883\"]"),
+            "{printed}"
+        );
+        let twice = MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1\"",
+            "url = [\"mqtt://127.0.0.1\", \"mqtt://127.0.0.1:1883\"]",
+        );
+        let found = problems(&twice);
+        assert_eq!(keys(&found), ["cloud.url"]);
+        assert!(found[0].message.contains("twice"), "{}", found[0].message);
+        let wrong = MINIMAL.replace("url = \"mqtt://127.0.0.1\"", "url = 5");
+        assert_eq!(keys(&problems(&wrong)), ["cloud.url"]);
+    }
+
+    #[test]
     fn defaults_fill_in_a_minimal_file() {
         let config = Config::from_toml_str(MINIMAL, "test.toml").unwrap();
         assert_eq!(config.cloud.topic_prefix, "doorbridge");
