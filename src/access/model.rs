@@ -391,6 +391,24 @@ impl DenyReason {
         Self::ALL.into_iter().find(|r| r.code() == code)
     }
 
+    /// The reason's name on the wire, in activity records and command results alike
+    /// (`used_up`): the same as its serde name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenyReason::UnknownCredential => "unknown_credential",
+            DenyReason::NotYetValid => "not_yet_valid",
+            DenyReason::Expired => "expired",
+            DenyReason::OutsideSchedule => "outside_schedule",
+            DenyReason::WrongDoor => "wrong_door",
+            DenyReason::UsedUp => "used_up",
+            DenyReason::Revoked => "revoked",
+            DenyReason::ClockUntrusted => "clock_untrusted",
+            DenyReason::LockedOut => "locked_out",
+            DenyReason::NotRecorded => "not_recorded",
+        }
+    }
+
+    /// The reason in words, for people (`used up`).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::UnknownCredential => "unknown credential",
@@ -444,6 +462,20 @@ impl Decision {
         match self {
             Decision::Grant(_) => None,
             Decision::Deny { reason } => Some(*reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DenyReason;
+
+    #[test]
+    fn a_deny_reason_has_one_name_on_the_wire() {
+        for reason in DenyReason::ALL {
+            let serde = serde_json::to_string(&reason).unwrap();
+            assert_eq!(serde, format!("\"{}\"", reason.name()));
+            assert_eq!(reason.as_str().replace(' ', "_"), reason.name());
         }
     }
 }

@@ -394,12 +394,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn resync(conn: &Connection) -> anyhow::Result<()> {
     let (signer, topics, client) = connect(conn).await?;
     let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
-    let command = build::resync(&conn.target.target(), issued_at, &signer);
+    let id = format!("cloud-sim-{}", issued_at.as_millisecond());
+    let command = build::resync(&conn.target.target(), Some(&id), issued_at, &signer);
     client
         .publish_command(&topics, Channel::Resync, command)
         .await?;
     client.disconnect().await?;
-    println!("{}: resync", topics.topic(Channel::Resync));
+    println!("{}: resync {id}", topics.topic(Channel::Resync));
     Ok(())
 }
 

@@ -822,7 +822,7 @@ impl Worker {
             Kind::Resync => match ResyncCommand::decode(&opened.body) {
                 Ok(c) if c.target == self.spec.target => {
                     self.request_resync("requested by the cloud".into());
-                    self.publish_result(None, "resync", Outcome::Done, None, None);
+                    self.publish_result(c.command_id, "resync", Outcome::Done, None, None);
                 }
                 Ok(_) => self.reject(channel, "for another gateway".into()).await,
                 Err(e) => self.reject(channel, e.to_string()).await,
@@ -984,11 +984,14 @@ impl Worker {
     /// Logs, counts, records and reports a refused message. The held key set is untouched.
     async fn reject(&mut self, channel: Channel, reason: String) {
         self.record_refusal(channel.suffix(), &reason).await;
-        if matches!(
-            channel,
-            Channel::OpenDoor | Channel::Resync | Channel::Settings
-        ) {
-            self.publish_result(None, channel.suffix(), Outcome::Rejected, None, None);
+        let command = match channel {
+            Channel::OpenDoor => Some("open-door"),
+            Channel::Resync => Some("resync"),
+            Channel::Settings => Some("unit-settings"),
+            _ => None,
+        };
+        if let Some(command) = command {
+            self.publish_result(None, command, Outcome::Rejected, Some(reason), None);
         }
     }
 
@@ -1075,7 +1078,7 @@ impl Worker {
                     Some(id),
                     "open-door",
                     Outcome::Denied,
-                    Some(reason.to_string()),
+                    Some(reason.name().to_owned()),
                     Some(command.door),
                 );
                 return;
