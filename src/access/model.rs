@@ -240,7 +240,12 @@ impl Schedule {
 
 /// How often a key may open doors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "limit", content = "uses", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "limit",
+    content = "uses",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
 pub enum UseLimit {
     /// No limit (seed 000 "unlimited key").
     Unlimited,

@@ -56,9 +56,6 @@ use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
 const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
-/// A signed cloud time further ahead of a synchronised local clock than this is not used for
-/// the trusted-time mark (it would make every later decision "clock untrusted").
-const MAX_CLOUD_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
 /// The channel named in the refusal of a message too big to read (its topic is unknown).
 pub const UNREADABLE: &str = "unreadable";
 /// Resync requests closer together than this are one request.
@@ -848,7 +845,7 @@ impl Worker {
                     let header = KeySetHeader {
                         version,
                         salt,
-                        issued_at: Self::plausible(issued_at),
+                        issued_at: Some(issued_at),
                     };
                     match self.store.begin_key_set(header).await {
                         Ok(generation) => {
@@ -885,7 +882,7 @@ impl Worker {
                     let change = DeltaChange {
                         from_version: delta.from_version,
                         version: delta.version,
-                        issued_at: Self::plausible(delta.issued_at),
+                        issued_at: Some(delta.issued_at),
                         upserts: delta.upserts,
                         revokes: delta.deletes,
                     };
@@ -916,19 +913,6 @@ impl Worker {
             .as_ref()
             .filter(|s| s.version == version)
             .map(|s| s.generation)
-    }
-
-    /// A signed cloud time for the trusted-time mark, unless it lies implausibly far ahead of
-    /// a clock that is synchronised (then the cloud's clock is wrong, not ours).
-    fn plausible(at: Timestamp) -> Option<Timestamp> {
-        let synced = clock_synced();
-        let now = Timestamp::now();
-        if synced && at.duration_since(now) > MAX_CLOUD_AHEAD {
-            tracing::warn!(%at, %now, "a signed cloud time lies more than a day ahead of the synchronised clock; not used for the time mark");
-            None
-        } else {
-            Some(at)
-        }
     }
 
     fn applied(&mut self, version: u64, keys: Option<u64>) {

@@ -302,7 +302,6 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 pub(crate) enum Command {
     Verify(Box<VerifyRequest>, Reply<Verdict>),
     Append(Vec<Record>, Reply<Vec<i64>>),
-    TrustTime(Timestamp, Reply<()>),
     BeginKeySet(KeySetHeader, Reply<i64>),
     StageKeys(i64, Vec<Key>, Reply<()>),
     CommitKeySet(i64, u64, Reply<()>),
@@ -427,11 +426,6 @@ impl Store {
     /// memory because the disk refused them).
     pub async fn append(&self, records: Vec<Record>) -> Result<Vec<i64>, StoreError> {
         self.call(|r| Command::Append(records, r)).await
-    }
-
-    /// Raises the trusted-time mark to `at` (from a signed cloud timestamp or NTP sync).
-    pub async fn trust_time(&self, at: Timestamp) -> Result<(), StoreError> {
-        self.call(|r| Command::TrustTime(at, r)).await
     }
 
     /// Starts installing a key set; returns the staging generation. Decisions keep using the

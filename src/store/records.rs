@@ -156,6 +156,24 @@ pub enum Record {
         telemetry: u64,
         activity: u64,
     },
+    /// A signed cloud time (a key set's `issued_at`) lay more than a day beyond both the clock
+    /// and the trusted-time mark: the key set was taken, its time was not used for the mark
+    /// (it would have denied every time-bound key until the clock caught up with it).
+    ClockMarkIgnored {
+        at: Timestamp,
+        /// The signed time.
+        signed: Timestamp,
+        /// The latest time it could have been believed: a day past the later of clock and mark.
+        limit: Timestamp,
+    },
+    /// The trusted-time mark lay ahead of the NTP-synchronised clock and was lowered to it: a
+    /// wrongly raised mark (a cloud clock ahead) would otherwise deny time-bound keys once NTP
+    /// is lost, until the clock caught up.
+    ClockMarkLowered {
+        at: Timestamp,
+        from: Timestamp,
+        to: Timestamp,
+    },
     /// A key-set message or command from the cloud was refused (bad signature, rollback, …);
     /// the held key set is unchanged.
     CloudRejected {
@@ -199,6 +217,8 @@ impl Record {
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
             | Record::CloudRejected { .. }
+            | Record::ClockMarkIgnored { .. }
+            | Record::ClockMarkLowered { .. }
             | Record::OutboxDropped { .. } => RecordClass::Alarm,
         }
     }
@@ -217,6 +237,8 @@ impl Record {
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. }
             | Record::CloudRejected { at, .. }
+            | Record::ClockMarkIgnored { at, .. }
+            | Record::ClockMarkLowered { at, .. }
             | Record::OutboxDropped { at, .. } => *at,
         }
     }

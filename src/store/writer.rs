@@ -48,6 +48,26 @@ const GC_CHUNK: i64 = 5_000;
 const BACKLOG_RETRY: Duration = Duration::from_secs(5);
 /// The trusted-time mark is written when it moved at least this far (fewer writes).
 const MARK_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+/// A signed cloud time raises the trusted-time mark only if it lies at most this far beyond the
+/// later of the clock and the mark: one snapshot signed years ahead (a cloud clock or signing
+/// mistake) must not deny every time-bound key for good.
+pub const MAX_SIGNED_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+
+/// What a signed cloud time `at`, received at `now`, does to the trusted-time `mark`: the new
+/// mark, or `Err(limit)` when `at` lies beyond the latest time that could be believed
+/// ([`MAX_SIGNED_AHEAD`] past the later of clock and mark); the mark then stays.
+pub fn signed_mark(
+    at: Timestamp,
+    now: Timestamp,
+    mark: Option<Timestamp>,
+) -> Result<Timestamp, Timestamp> {
+    let base = mark.map_or(now, |m| m.max(now));
+    let limit = base.checked_add(MAX_SIGNED_AHEAD).unwrap_or(Timestamp::MAX);
+    if at > limit {
+        return Err(limit);
+    }
+    Ok(mark.map_or(at, |m| m.max(at)))
+}
 /// How long the command channel must stay empty before the writer folds the WAL into the
 /// database file (a checkpoint), off the decision path.
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
@@ -489,10 +509,6 @@ impl Writer {
             }
             Command::Append(records, reply) => Outcome::Append { reply, records },
             Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
-            Command::TrustTime(at, reply) => {
-                self.raise_mark(at);
-                Outcome::Done(reply)
-            }
             Command::Reconfigure(ctx, reply) => {
                 self.ctx = *ctx;
                 Outcome::Done(reply)
@@ -530,10 +546,10 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
         let now = req.now;
-        if req.clock_synced {
-            self.raise_mark(now);
-        }
         let mut records = Vec::with_capacity(1);
+        if req.clock_synced {
+            records.extend(self.synced_clock(now));
+        }
         let mut activity = Activity {
             at: now,
             door: req.door.clone(),
@@ -648,9 +664,11 @@ impl Writer {
         req: &RemoteOpen,
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
-        if req.clock_synced {
-            self.raise_mark(req.now);
-        }
+        let lowered = if req.clock_synced {
+            self.synced_clock(req.now)
+        } else {
+            None
+        };
         let rules = key_by_id(&self.conn, self.active_generation, &req.key_id)?;
         let (decision, consume) = match &rules {
             Some(rules) => self.judge(rules, &req.door, req.now, req.clock_synced, overlay)?,
@@ -682,7 +700,10 @@ impl Writer {
             category: rules.as_ref().map(|r| r.category),
             seq: None,
         };
-        Ok((verdict, consume, vec![Record::Activity(activity)]))
+        // The activity first: its seq is the decision's.
+        let mut records = vec![Record::Activity(activity)];
+        records.extend(lowered);
+        Ok((verdict, consume, records))
     }
 
     fn uses(
@@ -732,6 +753,33 @@ impl Writer {
             self.mark_written
                 .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
         })
+    }
+
+    /// The clock is NTP-synchronised at `now`: the mark follows it up, and comes down to it
+    /// when it lies ahead by more than the tolerance (a wrongly raised mark; NTP is the better
+    /// witness), with an alarm.
+    fn synced_clock(&mut self, now: Timestamp) -> Option<Record> {
+        match self.mark {
+            Some(mark)
+                if now
+                    .checked_add(self.ctx.clock_tolerance)
+                    .is_ok_and(|ahead| mark > ahead) =>
+            {
+                tracing::warn!(%mark, %now, "the trusted-time mark lies ahead of the NTP-synchronised clock; lowered to it");
+                self.mark = Some(now);
+                // Written with this decision: `mark_due` compares with the last write.
+                self.mark_written = None;
+                Some(Record::ClockMarkLowered {
+                    at: now,
+                    from: mark,
+                    to: now,
+                })
+            }
+            _ => {
+                self.raise_mark(now);
+                None
+            }
+        }
     }
 
     fn raise_mark(&mut self, at: Timestamp) {
@@ -1063,10 +1111,12 @@ impl Writer {
         // Counted as the delta goes (a full count would read a million-key set per delta).
         let mut pins = self.active_pins;
         let mut mark = self.mark;
-        if let Some(at) = d.issued_at
-            && mark.is_none_or(|m| at > m)
-        {
-            mark = Some(at);
+        let mut ignored = None;
+        if let Some(at) = d.issued_at {
+            match signed_mark(at, Timestamp::now(), mark) {
+                Ok(raised) => mark = Some(raised),
+                Err(limit) => ignored = Some(mark_ignored(at, limit)),
+            }
         }
         // Dropped (rolled back) on any error, so a delta applies whole or not at all.
         let tx = self.conn.transaction()?;
@@ -1104,7 +1154,12 @@ impl Writer {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
         }
+        // The alarm commits with the delta it is about.
+        let alarm = ignored
+            .map(|record| insert_record(&tx, &record).map(|(seq, len)| (seq, len, record)))
+            .transpose()?;
         tx.commit()?;
+        self.fresh_record(alarm);
         self.keyset_version = d.version;
         self.mark = mark;
         self.mark_written = mark;
@@ -1228,8 +1283,12 @@ impl Writer {
                 staging.keys
             )));
         }
+        let mut ignored = None;
         if let Some(at) = staging.header.issued_at {
-            self.raise_mark(at);
+            match signed_mark(at, Timestamp::now(), self.mark) {
+                Ok(raised) => self.mark = Some(raised),
+                Err(limit) => ignored = Some(mark_ignored(at, limit)),
+            }
         }
         let version = i64::try_from(staging.header.version)
             .map_err(|_| StoreError::KeySet("version out of range".into()))?;
@@ -1249,7 +1308,11 @@ impl Writer {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
         }
+        let alarm = ignored
+            .map(|record| insert_record(&tx, &record).map(|(seq, len)| (seq, len, record)))
+            .transpose()?;
         tx.commit()?;
+        self.fresh_record(alarm);
         self.garbage.push(self.active_generation);
         self.active_generation = generation;
         self.keyset_version = staging.header.version;
@@ -1461,12 +1524,31 @@ pub(super) fn key_by_id(
 /// Appends a record to the outbox; returns its sequence number and its body's size.
 impl Writer {
     /// Appends a record to the outbox in the open transaction; returns its seq.
+    /// Counts a record committed in a transaction of its own kind (a key-set commit).
+    fn fresh_record(&mut self, committed: Option<(i64, i64, Record)>) {
+        if let Some((seq, len, record)) = committed {
+            self.outbox_delta.0 += 1;
+            self.outbox_delta.1 += len;
+            self.fresh.push((seq, record));
+        }
+    }
+
     fn insert(&mut self, record: Record) -> Result<i64, rusqlite::Error> {
         let (seq, len) = insert_record(&self.conn, &record)?;
         self.outbox_delta.0 += 1;
         self.outbox_delta.1 += len;
         self.fresh.push((seq, record));
         Ok(seq)
+    }
+}
+
+/// The alarm for a signed time not used for the mark (logged too).
+fn mark_ignored(signed: Timestamp, limit: Timestamp) -> Record {
+    tracing::warn!(%signed, %limit, "a signed cloud time lies more than a day beyond the clock and the trusted-time mark; the key set is taken, its time is not used for the mark");
+    Record::ClockMarkIgnored {
+        at: Timestamp::now(),
+        signed,
+        limit,
     }
 }
 
@@ -1509,6 +1591,34 @@ fn runs(seqs: &[i64]) -> Vec<(i64, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signed_time_raises_the_mark_by_at_most_a_day_past_clock_and_mark() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let now = t("2026-12-01T00:00:00Z");
+        // No mark yet: believed up to a day past the clock.
+        assert_eq!(
+            signed_mark(t("2026-12-01T20:00:00Z"), now, None),
+            Ok(t("2026-12-01T20:00:00Z"))
+        );
+        assert_eq!(
+            signed_mark(t("2046-12-01T00:00:00Z"), now, None),
+            Err(t("2026-12-02T00:00:00Z"))
+        );
+        // A clock reset by a power cut (1970): a day past the mark.
+        let old = t("1970-01-01T00:00:00Z");
+        let mark = Some(t("2026-11-30T00:00:00Z"));
+        assert_eq!(
+            signed_mark(t("2026-11-30T23:00:00Z"), old, mark),
+            Ok(t("2026-11-30T23:00:00Z"))
+        );
+        assert!(signed_mark(t("2026-12-05T00:00:00Z"), old, mark).is_err());
+        // Never lowered by an older signed time.
+        assert_eq!(
+            signed_mark(t("2026-01-01T00:00:00Z"), now, mark),
+            Ok(t("2026-11-30T00:00:00Z"))
+        );
+    }
     use crate::access::{Credential, CredentialDigest, Site};
     use crate::store::schema;
     use tokio::sync::oneshot;

@@ -1139,3 +1139,74 @@ async fn a_store_that_is_never_idle_still_bounds_its_wal() {
     );
     store.close();
 }
+
+/// A key set signed years ahead (a cloud clock or signing mistake) is taken, but its time does
+/// not become the trusted-time mark, which would deny every time-bound key until the clock
+/// caught up; a mark raised too far within the allowed day is lowered by an NTP clock.
+#[tokio::test]
+async fn a_key_set_signed_years_ahead_cannot_lock_out_time_bound_keys() {
+    use jiff::{SignedDuration, Timestamp};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    let now = Timestamp::now();
+    let mut timed = key("timed", CredentialKind::Mobile, "m-t", UseLimit::Unlimited);
+    timed.rules.valid_until = Some(now + SignedDuration::from_hours(24 * 30));
+    let signed = |version: u64, at: Timestamp| {
+        let mut h = header(version);
+        h.issued_at = Some(at);
+        h
+    };
+    let ask = |synced: bool| {
+        let mut r = request("u", "main", CredentialKind::Mobile, "m-t");
+        r.now = Timestamp::now();
+        r.clock_synced = synced;
+        r
+    };
+    store
+        .install_key_set(signed(1, now), vec![timed.clone()])
+        .await
+        .unwrap();
+    assert!(store.verify(ask(false)).await.unwrap().decision.is_grant());
+
+    let years_ahead = now + SignedDuration::from_hours(24 * 365 * 20);
+    store
+        .install_key_set(signed(2, years_ahead), vec![timed.clone()])
+        .await
+        .unwrap();
+    let reader = store.reader().unwrap();
+    assert_eq!(reader.key_set().unwrap().version, 2, "the keys are taken");
+    assert!(
+        reader.trusted_time().unwrap().unwrap() < now + SignedDuration::from_hours(1),
+        "the mark stays"
+    );
+    let after = store.verify(ask(false)).await.unwrap();
+    assert!(after.decision.is_grant(), "{after:?}");
+    let records = reader.outbox(0, 100).unwrap();
+    assert!(
+        records.iter().any(
+            |r| matches!(r.record, Record::ClockMarkIgnored { signed, .. } if signed == years_ahead)
+        ),
+        "{records:?}"
+    );
+
+    // Twelve hours ahead is believed (within the day): the unsynchronised clock is now behind
+    // the mark, and time-bound keys are refused...
+    store
+        .install_key_set(signed(3, now + SignedDuration::from_hours(12)), vec![timed])
+        .await
+        .unwrap();
+    let behind = store.verify(ask(false)).await.unwrap();
+    assert_eq!(reason(&behind.decision), Some(DenyReason::ClockUntrusted));
+    // ... until NTP says the time: the mark comes down to it, with an alarm, and stays down.
+    assert!(store.verify(ask(true)).await.unwrap().decision.is_grant());
+    assert!(store.verify(ask(false)).await.unwrap().decision.is_grant());
+    let records = reader.outbox(0, 100).unwrap();
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(r.record, Record::ClockMarkLowered { .. })),
+        "{records:?}"
+    );
+    assert!(reader.trusted_time().unwrap().unwrap() < now + SignedDuration::from_hours(1));
+    store.close();
+}
