@@ -762,7 +762,10 @@ impl Worker {
                         tracing::debug!(version, index, keys, "chunk staged");
                     }
                 }
-                Err(e) => self.store_failed("staging a chunk", &e).await,
+                Err(e) => {
+                    self.store_failed(Channel::Chunk, "staging a chunk", &e)
+                        .await
+                }
             }
         }
         for p in &buffered.messages {
@@ -854,7 +857,11 @@ impl Worker {
                                 generation,
                             });
                         }
-                        Err(e) => return self.store_failed("starting a snapshot", &e).await,
+                        Err(e) => {
+                            return self
+                                .store_failed(Channel::Manifest, "starting a snapshot", &e)
+                                .await;
+                        }
                     }
                 }
                 Action::Stage {
@@ -875,7 +882,11 @@ impl Worker {
                     self.staging = None;
                     match self.store.commit_key_set(generation, key_count).await {
                         Ok(()) => self.applied(version, Some(key_count)),
-                        Err(e) => return self.store_failed("committing a snapshot", &e).await,
+                        Err(e) => {
+                            return self
+                                .store_failed(Channel::Chunk, "committing a snapshot", &e)
+                                .await;
+                        }
                     }
                 }
                 Action::ApplyDelta(delta) => {
@@ -896,7 +907,11 @@ impl Worker {
                             );
                             self.applied(delta.version, None);
                         }
-                        Err(e) => return self.store_failed("applying a delta", &e).await,
+                        Err(e) => {
+                            return self
+                                .store_failed(Channel::Delta, "applying a delta", &e)
+                                .await;
+                        }
                     }
                 }
                 // The store raises the mark from `issued_at` in the commit's own transaction.
@@ -933,9 +948,16 @@ impl Worker {
         self.publish_state(Presence::Online);
     }
 
-    /// The store could not do what the sync machine asked: start over from what it holds.
-    async fn store_failed(&mut self, what: &str, e: &StoreError) {
+    /// The store could not do what the sync machine asked: start over from what it holds. A
+    /// refusal of the content (a credential digest twice in the set, a delta on the wrong
+    /// base) is recorded and reported like every refusal (§8); a disk failure is not the
+    /// message's fault.
+    async fn store_failed(&mut self, channel: Channel, what: &str, e: &StoreError) {
         tracing::error!(error = %e, retryable = e.is_retryable(), "key set: {what} failed");
+        if let StoreError::KeySet(reason) = e {
+            self.record_refusal(channel.suffix(), &format!("{what}: {reason}"))
+                .await;
+        }
         self.staging = None;
         let held = held_version(&self.store).await.unwrap_or(self.sync.held());
         self.sync.reset(held);

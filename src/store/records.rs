@@ -156,6 +156,14 @@ pub enum Record {
         telemetry: u64,
         activity: u64,
     },
+    /// Decisions are made on an untrusted clock (`active`: time-bound keys are denied, the
+    /// others follow `clock.untrusted_unlimited`), or on a trusted one again.
+    ClockUntrusted {
+        at: Timestamp,
+        active: bool,
+        /// The trusted-time mark then, if any.
+        mark: Option<Timestamp>,
+    },
     /// A signed cloud time (a key set's `issued_at`) lay more than a day beyond both the clock
     /// and the trusted-time mark: the key set was taken, its time was not used for the mark
     /// (it would have denied every time-bound key until the clock caught up with it).
@@ -217,6 +225,7 @@ impl Record {
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
             | Record::CloudRejected { .. }
+            | Record::ClockUntrusted { .. }
             | Record::ClockMarkIgnored { .. }
             | Record::ClockMarkLowered { .. }
             | Record::OutboxDropped { .. } => RecordClass::Alarm,
@@ -237,6 +246,7 @@ impl Record {
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. }
             | Record::CloudRejected { at, .. }
+            | Record::ClockUntrusted { at, .. }
             | Record::ClockMarkIgnored { at, .. }
             | Record::ClockMarkLowered { at, .. }
             | Record::OutboxDropped { at, .. } => *at,

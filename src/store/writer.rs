@@ -104,6 +104,8 @@ pub(super) struct Writer {
     /// The trusted-time mark as held in memory, and as last written.
     mark: Option<Timestamp>,
     mark_written: Option<Timestamp>,
+    /// A `clock_untrusted` alarm is open: decisions are being made on an untrusted clock.
+    untrusted: bool,
     guards: HashMap<String, PinGuard>,
     active_pins: u32,
     staging: Option<Staging>,
@@ -257,6 +259,7 @@ impl Writer {
             salt,
             mark,
             mark_written: mark,
+            untrusted: false,
             guards: HashMap::new(),
             active_pins,
             staging: None,
@@ -616,6 +619,7 @@ impl Writer {
             }
             Decision::Deny { reason } => activity.reason = Some(*reason),
         }
+        records.extend(self.trust_changed(now, req.clock_synced, rules.is_some()));
         records.insert(0, Record::Activity(activity));
         let verdict = Verdict {
             decision,
@@ -664,12 +668,12 @@ impl Writer {
         req: &RemoteOpen,
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
-        let lowered = if req.clock_synced {
-            self.synced_clock(req.now)
-        } else {
-            None
-        };
+        let mut clock = Vec::new();
+        if req.clock_synced {
+            clock.extend(self.synced_clock(req.now));
+        }
         let rules = key_by_id(&self.conn, self.active_generation, &req.key_id)?;
+        clock.extend(self.trust_changed(req.now, req.clock_synced, rules.is_some()));
         let (decision, consume) = match &rules {
             Some(rules) => self.judge(rules, &req.door, req.now, req.clock_synced, overlay)?,
             None => (
@@ -702,7 +706,7 @@ impl Writer {
         };
         // The activity first: its seq is the decision's.
         let mut records = vec![Record::Activity(activity)];
-        records.extend(lowered);
+        records.extend(clock);
         Ok((verdict, consume, records))
     }
 
@@ -780,6 +784,28 @@ impl Writer {
                 None
             }
         }
+    }
+
+    /// The alarm when a key is first judged on an untrusted clock (time-bound keys are denied;
+    /// the others follow `clock.untrusted_unlimited`), and when a decision finds the clock
+    /// trusted again: once per episode, not per decision. An unknown credential does not depend
+    /// on the clock and opens no episode.
+    fn trust_changed(&mut self, now: Timestamp, synced: bool, judged: bool) -> Option<Record> {
+        let untrusted = self.clock_trust(now, synced) == ClockTrust::Untrusted;
+        if untrusted == self.untrusted || (untrusted && !judged) {
+            return None;
+        }
+        self.untrusted = untrusted;
+        if untrusted {
+            tracing::warn!(%now, mark = ?self.mark, "deciding on an untrusted clock: time-bound keys are denied");
+        } else {
+            tracing::info!(%now, "the clock is trusted again");
+        }
+        Some(Record::ClockUntrusted {
+            at: now,
+            active: untrusted,
+            mark: self.mark,
+        })
     }
 
     fn raise_mark(&mut self, at: Timestamp) {

@@ -703,3 +703,35 @@ async fn command_results_name_the_command_echo_its_id_and_say_why() {
     assert_eq!(DenyReason::WrongDoor.name(), "wrong_door");
     b.stop().await;
 }
+
+/// A signed delta whose new key reuses another key's credential is refused by the store; the
+/// refusal is reported and recorded like every other (§8), not only logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_reusing_a_credential_is_reported_and_recorded() {
+    let (_broker, mut cloud, b) = online().await;
+    let anna = key("anna", CredentialKind::Pin, "4711", UseLimit::Unlimited);
+    cloud.snapshot(1, &[anna]).await;
+    cloud.applied(1).await;
+    let copycat = key("copycat", CredentialKind::Pin, "4711", UseLimit::Unlimited);
+    cloud.delta(1, 2, &[copycat], &[]).await;
+    let r = cloud
+        .report(
+            "the delta's refusal",
+            |r| matches!(r, Report::Rejected { channel, .. } if channel == "keys/delta"),
+        )
+        .await;
+    assert!(
+        matches!(&r, Report::Rejected { reason, .. } if reason.contains("twice")),
+        "{r:?}"
+    );
+    let records = b
+        .records_until(|r| {
+            r.iter().any(
+                |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "keys/delta"),
+            )
+        })
+        .await;
+    assert!(!records.is_empty());
+    assert_eq!(held(&b), (1, 1));
+    b.stop().await;
+}

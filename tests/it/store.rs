@@ -1207,6 +1207,15 @@ async fn a_key_set_signed_years_ahead_cannot_lock_out_time_bound_keys() {
             .any(|r| matches!(r.record, Record::ClockMarkLowered { .. })),
         "{records:?}"
     );
+    // The untrusted spell raised one alarm, and one more when it ended.
+    let spells: Vec<bool> = records
+        .iter()
+        .filter_map(|r| match r.record {
+            Record::ClockUntrusted { active, .. } => Some(active),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spells, [true, false]);
     assert!(reader.trusted_time().unwrap().unwrap() < now + SignedDuration::from_hours(1));
     store.close();
 }
