@@ -764,7 +764,7 @@ impl Worker {
                 }
                 Err(e) => {
                     self.store_failed(Channel::Chunk, "staging a chunk", &e)
-                        .await
+                        .await;
                 }
             }
         }
