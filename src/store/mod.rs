@@ -30,6 +30,7 @@ use crate::access::{
 use crate::bus::message::Settings;
 pub use reader::{KeySetInfo, Reader};
 pub use records::{Activity, Record, RecordClass, StoredRecord};
+pub use writer::RETRANSMIT_WINDOW;
 
 /// What can go wrong at the store's boundary.
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +183,19 @@ pub struct VerifyRequest {
     pub now: Timestamp,
     /// The system clock is NTP-synchronised now, so `now` may advance the trusted-time mark.
     pub clock_synced: bool,
+    /// What names this request across retransmissions (door bus units): with it, the answer
+    /// is kept on disk with the decision, and a retransmission arriving after a restart or
+    /// power cut gets the same answer without being judged again (no use spent twice).
+    pub retransmit: Option<Retransmit>,
+}
+
+/// A door-bus request's identity beyond its `request_id` (`bus::session::RequestKey`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    /// SHA-256 of the request's message type and body.
+    pub fingerprint: [u8; 32],
+    /// The unit's boot id, when known.
+    pub boot_id: Option<u32>,
 }
 
 /// The store's answer to a [`VerifyRequest`].

@@ -78,6 +78,19 @@ pub const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE credentials ADD COLUMN rules BLOB;
     ",
+    // 6: the last answer given to each door unit, written with the decision: a retransmission
+    // that arrives after a restart or power cut is answered the same, not judged again (a
+    // single-use key the unit's grant was lost for is not spent twice). One row per unit.
+    "
+    CREATE TABLE answers (
+        unit        TEXT PRIMARY KEY,
+        request_id  INTEGER NOT NULL,
+        fingerprint BLOB NOT NULL,
+        boot_id     INTEGER,
+        at_ms       INTEGER NOT NULL,
+        verdict     BLOB NOT NULL          -- CBOR of store::writer::KeptAnswer
+    ) STRICT, WITHOUT ROWID;
+    ",
 ];
 
 /// The schema version this build writes.

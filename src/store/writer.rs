@@ -48,6 +48,42 @@ const GC_CHUNK: i64 = 5_000;
 const BACKLOG_RETRY: Duration = Duration::from_secs(5);
 /// The trusted-time mark is written when it moved at least this far (fewer writes).
 const MARK_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+/// How long after a decision a retransmission of its request (same unit, id, fingerprint and
+/// boot) is answered from the kept answer: a door unit repeats a verify for up to 10 s.
+pub const RETRANSMIT_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(10);
+
+/// An answer as kept in `answers` for retransmissions (docs/door-bus.md §13).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptAnswer {
+    decision: Decision,
+    key_id: Option<String>,
+    category: Option<crate::access::Category>,
+    seq: Option<i64>,
+}
+
+/// A row of `answers`: fingerprint, boot id, decided at (ms), verdict.
+type KeptRow = (Vec<u8>, Option<i64>, i64, Vec<u8>);
+
+/// What to keep of a decision for its retransmissions.
+#[derive(Clone, Debug)]
+pub(super) struct Remember {
+    unit: String,
+    request_id: u32,
+    retransmit: super::Retransmit,
+    at: Timestamp,
+}
+
+impl Remember {
+    fn of(req: &VerifyRequest) -> Option<Remember> {
+        Some(Remember {
+            unit: req.unit.clone(),
+            request_id: req.request_id?,
+            retransmit: req.retransmit?,
+            at: req.now,
+        })
+    }
+}
+
 /// A signed cloud time raises the trusted-time mark only if it lies at most this far beyond the
 /// later of the clock and the mark: one snapshot signed years ahead (a cloud clock or signing
 /// mistake) must not deny every time-bound key for good.
@@ -153,6 +189,8 @@ enum Outcome {
         verdict: Verdict,
         consume: Consume,
         records: Vec<Record>,
+        /// Kept with the decision for retransmissions (none for a kept answer given again).
+        remember: Option<Remember>,
     },
     Append {
         reply: Reply<Vec<i64>>,
@@ -170,12 +208,15 @@ enum Outcome {
 fn verdict(
     decided: Result<(Verdict, Consume, Vec<Record>), StoreError>,
     reply: Reply<Verdict>,
+    remember: Option<Remember>,
 ) -> Outcome {
     match decided {
         Ok((verdict, consume, records)) => Outcome::Verify {
             reply,
             verdict,
             consume,
+            // A kept answer given again records nothing and is not kept again.
+            remember: remember.filter(|_| !records.is_empty()),
             records,
         },
         Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
@@ -506,9 +547,12 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Outcome {
         match command {
-            Command::Verify(request, reply) => verdict(self.decide(&request, overlay), reply),
+            Command::Verify(request, reply) => {
+                let remember = Remember::of(&request);
+                verdict(self.decide(&request, overlay), reply, remember)
+            }
             Command::Remote(request, reply) => {
-                verdict(self.decide_remote(&request, overlay), reply)
+                verdict(self.decide_remote(&request, overlay), reply, None)
             }
             Command::Append(records, reply) => Outcome::Append { reply, records },
             Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
@@ -549,6 +593,10 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
         let now = req.now;
+        if let Some(kept) = self.kept_answer(req)? {
+            tracing::info!(unit = %req.unit, request_id = ?req.request_id, "a retransmission after a restart: answered as before, not judged again");
+            return Ok((kept, Consume::Nothing, Vec::new()));
+        }
         let mut records = Vec::with_capacity(1);
         if req.clock_synced {
             records.extend(self.synced_clock(now));
@@ -759,6 +807,45 @@ impl Writer {
         })
     }
 
+    /// The answer kept for this request, when it is a retransmission (same unit, id,
+    /// fingerprint and boot) within [`RETRANSMIT_WINDOW`] of the decision.
+    fn kept_answer(&self, req: &VerifyRequest) -> Result<Option<Verdict>, StoreError> {
+        let (Some(id), Some(rt)) = (req.request_id, req.retransmit) else {
+            return Ok(None);
+        };
+        let row: Option<KeptRow> = self
+            .conn
+            .prepare_cached(
+                "SELECT fingerprint, boot_id, at_ms, verdict FROM answers
+                 WHERE unit = ?1 AND request_id = ?2",
+            )?
+            .query_row(params![req.unit, id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        let Some((fingerprint, boot, at_ms, blob)) = row else {
+            return Ok(None);
+        };
+        let same_boot = match (boot, rt.boot_id) {
+            (Some(a), Some(b)) => a == i64::from(b),
+            _ => true,
+        };
+        let recent = Timestamp::from_millisecond(at_ms)
+            .is_ok_and(|at| req.now.duration_since(at).abs() <= RETRANSMIT_WINDOW);
+        if fingerprint != rt.fingerprint || !same_boot || !recent {
+            return Ok(None);
+        }
+        let Ok(kept) = ciborium::from_reader::<KeptAnswer, _>(blob.as_slice()) else {
+            return Ok(None);
+        };
+        Ok(Some(Verdict {
+            decision: kept.decision,
+            key_id: kept.key_id,
+            category: kept.category,
+            seq: kept.seq,
+        }))
+    }
+
     /// The clock is NTP-synchronised at `now`: the mark follows it up, and comes down to it
     /// when it lies ahead by more than the tolerance (a wrongly raised mark; NTP is the better
     /// witness), with an alarm.
@@ -868,7 +955,20 @@ impl Writer {
         for (i, outcome) in outcomes.iter().enumerate() {
             let mut mine = Vec::new();
             match outcome {
-                Outcome::Verify { records, .. } | Outcome::Append { records, .. } => {
+                Outcome::Verify {
+                    records,
+                    remember,
+                    verdict,
+                    ..
+                } => {
+                    for r in records {
+                        mine.push(self.insert(r.clone())?);
+                    }
+                    if let Some(remember) = remember {
+                        self.keep_answer(remember, verdict, mine.first().copied())?;
+                    }
+                }
+                Outcome::Append { records, .. } => {
                     for r in records {
                         mine.push(self.insert(r.clone())?);
                     }
@@ -886,6 +986,39 @@ impl Writer {
             )?;
         }
         Ok(seqs)
+    }
+
+    /// Keeps a decision's answer for its retransmissions, in the decision's transaction.
+    fn keep_answer(
+        &self,
+        remember: &Remember,
+        verdict: &Verdict,
+        seq: Option<i64>,
+    ) -> Result<(), rusqlite::Error> {
+        let kept = KeptAnswer {
+            decision: verdict.decision.clone(),
+            key_id: verdict.key_id.clone(),
+            category: verdict.category,
+            seq,
+        };
+        let mut blob = Vec::with_capacity(64);
+        // Serialising our own plain data into a Vec cannot fail.
+        let _ = ciborium::into_writer(&kept, &mut blob);
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO answers
+                 (unit, request_id, fingerprint, boot_id, at_ms, verdict)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                remember.unit,
+                remember.request_id,
+                remember.retransmit.fingerprint.as_slice(),
+                remember.retransmit.boot_id,
+                remember.at.as_millisecond(),
+                blob
+            ])?;
+        Ok(())
     }
 
     /// Keeps the outbox within its configured records and bytes, inside the commit that
@@ -963,9 +1096,13 @@ impl Writer {
                     mut verdict,
                     consume,
                     records,
+                    ..
                 } => {
                     if committed {
-                        verdict.seq = mine.first().copied();
+                        // A kept answer given again records nothing: it keeps its first seq.
+                        if let Some(&seq) = mine.first() {
+                            verdict.seq = Some(seq);
+                        }
                     } else {
                         verdict.decision = self.unrecorded(verdict.decision, consume);
                         for r in records {

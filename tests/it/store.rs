@@ -1219,3 +1219,56 @@ async fn a_key_set_signed_years_ahead_cannot_lock_out_time_bound_keys() {
     assert!(reader.trusted_time().unwrap().unwrap() < now + SignedDuration::from_hours(1));
     store.close();
 }
+
+/// The answer to a door-bus request is kept with its decision: the same request (unit, id,
+/// fingerprint, boot) arriving again after the store was closed and opened (a restart or
+/// power cut) gets the same answer without spending a use or being recorded twice; after the
+/// retransmit window, or from a unit that rebooted since, it is a new request.
+#[tokio::test]
+async fn a_retransmission_after_a_restart_gets_the_kept_answer_without_spending_a_use() {
+    use doorbridge::store::{RETRANSMIT_WINDOW, Retransmit};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    store
+        .install_key_set(
+            header(1),
+            vec![key("once", CredentialKind::Pin, "4711", UseLimit::Total(1))],
+        )
+        .await
+        .unwrap();
+    let ask = |id: u32, boot: u32, later: jiff::SignedDuration| {
+        let mut r = request("entrance/1", "main", CredentialKind::Pin, "4711");
+        r.request_id = Some(id);
+        r.now = fixtures::now() + later;
+        r.retransmit = Some(Retransmit {
+            fingerprint: [7; 32],
+            boot_id: Some(boot),
+        });
+        r
+    };
+    let zero = jiff::SignedDuration::ZERO;
+    let first = store.verify(ask(7, 1, zero)).await.unwrap();
+    assert!(first.decision.is_grant());
+    store.close();
+
+    let store = open(&path);
+    let again = store
+        .verify(ask(7, 1, jiff::SignedDuration::from_secs(3)))
+        .await
+        .unwrap();
+    assert_eq!(again, first, "the same answer, the same record");
+    let reader = store.reader().unwrap();
+    assert_eq!(reader.outbox(0, 10).unwrap().len(), 1, "recorded once");
+    // A unit that rebooted since reuses ids: a new request, judged (and used up).
+    let rebooted = store.verify(ask(7, 2, zero)).await.unwrap();
+    assert_eq!(reason(&rebooted.decision), Some(DenyReason::UsedUp));
+    // Past the window, a new request too.
+    let mut late = ask(8, 1, zero);
+    store.verify(late.clone()).await.unwrap();
+    late.now += RETRANSMIT_WINDOW + jiff::SignedDuration::from_secs(1);
+    let late = store.verify(late).await.unwrap();
+    assert_eq!(reason(&late.decision), Some(DenyReason::UsedUp));
+    assert_eq!(reader.uses("once").unwrap()[0].1, 1, "one use spent");
+    store.close();
+}
