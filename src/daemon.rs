@@ -95,6 +95,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
     options.max_size = (config.storage.max_size != 0).then_some(config.storage.max_size);
     options.outbox_max_records = Some(config.storage.outbox_max_records);
     options.outbox_max_bytes = Some(config.storage.outbox_max_bytes);
+    options.reserve = config.storage.reserve;
     options
 }
 

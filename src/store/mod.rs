@@ -11,6 +11,7 @@
 
 mod reader;
 pub mod records;
+mod reserve;
 pub mod rules;
 pub mod schema;
 mod writer;
@@ -153,6 +154,9 @@ pub struct StoreOptions {
     /// and then the oldest routine activity are dropped, never alarms (`None`: no bound).
     pub outbox_max_records: Option<u64>,
     pub outbox_max_bytes: Option<u64>,
+    /// Bytes of disk kept in reserve beside the database (`{path}.reserve`), released when the
+    /// disk is full so records keep landing on disk (0: none).
+    pub reserve: u64,
 }
 
 impl StoreOptions {
@@ -165,6 +169,7 @@ impl StoreOptions {
             max_size: None,
             outbox_max_records: None,
             outbox_max_bytes: None,
+            reserve: 0,
         }
     }
 }

@@ -150,6 +150,12 @@ pub enum Record {
         kept_in_memory: u64,
         dropped: u64,
     },
+    /// The disk was full: the store released its disk reserve (`bytes`) so that records keep
+    /// landing on disk. Whatever fills the disk must be dealt with before that runs out too.
+    StorageReserveReleased {
+        at: Timestamp,
+        bytes: u64,
+    },
     /// The outbox was full: this many routine records were dropped, oldest first (alarms never).
     OutboxDropped {
         at: Timestamp,
@@ -225,6 +231,7 @@ impl Record {
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
             | Record::CloudRejected { .. }
+            | Record::StorageReserveReleased { .. }
             | Record::ClockUntrusted { .. }
             | Record::ClockMarkIgnored { .. }
             | Record::ClockMarkLowered { .. }
@@ -246,6 +253,7 @@ impl Record {
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. }
             | Record::CloudRejected { at, .. }
+            | Record::StorageReserveReleased { at, .. }
             | Record::ClockUntrusted { at, .. }
             | Record::ClockMarkIgnored { at, .. }
             | Record::ClockMarkLowered { at, .. }

@@ -113,6 +113,9 @@ const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
 /// extends the file, which costs more than overwriting it (the bus bench's p99 was 6 to 8 ms
 /// with 4,096 here against 3.4 to 4.4 ms with 1,000, in quiet runs).
 const CHECKPOINT_BOUND: i64 = 1_000;
+/// The WAL's bound while the disk is full (its reserve released): every page the WAL grows by
+/// is taken from what is left, so it restarts from its beginning after a few commits instead.
+const CHECKPOINT_BOUND_FULL: i64 = 16;
 /// Idle checkpoints tried after one commit when a reader keeps one from finishing.
 const CHECKPOINT_TRIES: u32 = 3;
 /// How long a group of decisions waits for more when the previous group held more than it does
@@ -151,6 +154,10 @@ pub(super) struct Writer {
     next_generation: i64,
     backlog: VecDeque<Record>,
     backlog_limit: usize,
+    /// Disk space kept back for when the disk fills (`store::reserve`).
+    reserve: super::reserve::Reserve,
+    /// The database's own size cap (`storage.max_size`), if any.
+    max_size: Option<u64>,
     /// The outbox's bounds (records, bytes), what it holds as committed, and the change the
     /// transaction being built makes to that.
     outbox_limits: (Option<i64>, Option<i64>),
@@ -290,8 +297,12 @@ impl Writer {
             .into_iter()
             .filter(|&g| g != active_generation)
             .collect();
+        let mut reserve = super::reserve::Reserve::new(&options.path, options.reserve);
+        reserve.restore(true);
         Ok(Writer {
             conn,
+            reserve,
+            max_size: options.max_size,
             path: options.path,
             ctx: options.context,
             health,
@@ -335,7 +346,12 @@ impl Writer {
 
     pub(super) fn run(mut self, rx: &Receiver<Command>) {
         loop {
-            if self.wal.frames.load(Ordering::Relaxed) >= CHECKPOINT_BOUND {
+            let bound = if self.reserve.in_use() {
+                CHECKPOINT_BOUND_FULL
+            } else {
+                CHECKPOINT_BOUND
+            };
+            if self.wal.frames.load(Ordering::Relaxed) >= bound {
                 // Busy for a long while: bound the WAL now, after the answers went out.
                 self.checkpoint();
             }
@@ -362,9 +378,13 @@ impl Writer {
             } else if self.checkpoint_due() {
                 match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
                     Ok(c) => c,
-                    // Idle after writing: fold the WAL into the database file, once.
+                    // Idle after writing: fold the WAL into the database file, once, and put
+                    // back a disk reserve a full disk took (when there is room again).
                     Err(RecvTimeoutError::Timeout) => {
                         self.checkpoint();
+                        if self.outage.is_none() {
+                            self.reserve.restore(false);
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -508,7 +528,32 @@ impl Writer {
             .map(|c| self.decide_phase(c, &mut overlay))
             .collect();
         let persisted = began.and_then(|()| self.persist(&outcomes, &overlay));
-        match persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs)) {
+        let mut committed =
+            persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
+        if let Err(e) = &committed
+            && self.may_release_reserve(e)
+        {
+            // The disk is full: free the reserve and write the same group again, so these
+            // records land on disk rather than in memory.
+            let _ = self.conn.execute_batch("ROLLBACK");
+            let bytes = self.reserve.size();
+            if self.reserve.release() {
+                tracing::error!(bytes, path = %self.path.display(),
+                    "ALARM: the disk is full; its reserve was released so records keep landing on disk");
+                self.backlog.push_front(Record::StorageReserveReleased {
+                    at: Timestamp::now(),
+                    bytes,
+                });
+            }
+            self.outbox_delta = (0, 0);
+            self.fresh.clear();
+            committed = self
+                .conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .and_then(|()| self.persist(&outcomes, &overlay))
+                .and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
+        }
+        match committed {
             Ok(seqs) => {
                 self.outbox_count += self.outbox_delta.0;
                 self.outbox_bytes += self.outbox_delta.1;
@@ -1154,6 +1199,24 @@ impl Writer {
             },
             deny @ Decision::Deny { .. } => deny,
         }
+    }
+
+    /// Whether a failed commit is the disk being full, with a reserve left to release: not
+    /// the database at its own `storage.max_size` (releasing disk space would not help).
+    fn may_release_reserve(&self, e: &rusqlite::Error) -> bool {
+        if !self.reserve.present() || e.sqlite_error_code() != Some(rusqlite::ErrorCode::DiskFull) {
+            return false;
+        }
+        let Some(max) = self.max_size else {
+            return true;
+        };
+        let size: rusqlite::Result<i64> = self.conn.query_row(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            [],
+            |r| r.get(0),
+        );
+        // Within a few pages of the cap: the cap refused it.
+        size.is_ok_and(|s| u64::try_from(s).unwrap_or(0) + 64 * 1024 < max)
     }
 
     fn degrade(&mut self, e: &rusqlite::Error) {

@@ -1272,3 +1272,125 @@ async fn a_retransmission_after_a_restart_gets_the_kept_answer_without_spending_
     assert_eq!(reader.uses("once").unwrap()[0].1, 1, "one use spent");
     store.close();
 }
+
+/// A tmpfs of `bytes` mounted at a temporary directory for the test (root only), unmounted
+/// on drop: a disk that really fills up.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Option<SmallDisk> {
+        // Only root mounts here.
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        if !root {
+            eprintln!("skipped: mounting a small tmpfs needs root (CI runs the tests as root)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount a {bytes}-byte tmpfs at {}",
+            dir.path().display()
+        );
+        Some(SmallDisk { dir })
+    }
+
+    /// Fills what is left with a file, until the disk refuses.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.path().join("filler")).unwrap();
+        let block = vec![0xffu8; 4096];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// With the disk full, decisions keep landing on disk: the store releases its reserve, says
+/// so, and every decision a door heard is in the database file (what a crash or power cut
+/// leaves), not in memory. How many records the reserve holds is printed.
+#[tokio::test]
+async fn a_full_disk_releases_the_reserve_and_decisions_stay_on_disk() {
+    let Some(disk) = SmallDisk::mount(6 * 1024 * 1024) else {
+        return;
+    };
+    let path = disk.dir.path().join("doorbridge.db");
+    let mut options = StoreOptions::new(&path, fixtures::context());
+    options.reserve = 1024 * 1024;
+    let store = Store::open(options).unwrap();
+    store
+        .install_key_set(
+            header(1),
+            vec![key(
+                "home",
+                CredentialKind::Mobile,
+                "resident",
+                UseLimit::Unlimited,
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(disk.dir.path().join("doorbridge.db.reserve"))
+            .unwrap()
+            .len(),
+        1024 * 1024
+    );
+    disk.fill();
+    let mut heard = Vec::new();
+    loop {
+        let v = store
+            .verify(request("u", "main", CredentialKind::Mobile, "resident"))
+            .await
+            .unwrap();
+        assert!(v.decision.is_grant());
+        match v.seq {
+            Some(seq) => heard.push(seq),
+            None => break,
+        }
+        assert!(heard.len() < 100_000, "the reserve never ran out");
+    }
+    eprintln!(
+        "a full disk: {} decisions recorded on disk from a 1 MiB reserve (about {} bytes each)",
+        heard.len(),
+        1024 * 1024 / heard.len().max(1)
+    );
+    assert!(
+        heard.len() > 100,
+        "the reserve took only {} records",
+        heard.len()
+    );
+    // On disk, as a fresh reader (another process after a crash) sees it.
+    let on_disk = doorbridge::store::Reader::open(&path)
+        .unwrap()
+        .outbox(0, 1_000_000)
+        .unwrap();
+    let alarms = on_disk
+        .iter()
+        .filter(|r| matches!(r.record, Record::StorageReserveReleased { .. }))
+        .count();
+    assert_eq!(alarms, 1, "the release is an alarm, on disk too");
+    for seq in &heard {
+        assert!(
+            on_disk.iter().any(|r| r.seq == *seq),
+            "decision {seq} not on disk"
+        );
+    }
+    store.close();
+}
