@@ -150,6 +150,20 @@ pub enum Record {
         kept_in_memory: u64,
         dropped: u64,
     },
+    /// The database file was found damaged (at start-up, or by the idle integrity check), moved
+    /// aside, and replaced by a fresh one holding the unsent records and use counters that
+    /// could be read from it; the keys come back with the cloud's next snapshot.
+    DatabaseReplaced {
+        at: Timestamp,
+        /// What the check found.
+        problem: String,
+        /// Where the damaged file is now.
+        moved_to: String,
+        /// Unsent records carried over.
+        records: u64,
+        /// Use counters carried over.
+        uses: u64,
+    },
     /// The disk was full: the store released its disk reserve (`bytes`) so that records keep
     /// landing on disk. Whatever fills the disk must be dealt with before that runs out too.
     StorageReserveReleased {
@@ -231,6 +245,7 @@ impl Record {
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
             | Record::CloudRejected { .. }
+            | Record::DatabaseReplaced { .. }
             | Record::StorageReserveReleased { .. }
             | Record::ClockUntrusted { .. }
             | Record::ClockMarkIgnored { .. }
@@ -253,6 +268,7 @@ impl Record {
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. }
             | Record::CloudRejected { at, .. }
+            | Record::DatabaseReplaced { at, .. }
             | Record::StorageReserveReleased { at, .. }
             | Record::ClockUntrusted { at, .. }
             | Record::ClockMarkIgnored { at, .. }

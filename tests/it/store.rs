@@ -1394,3 +1394,139 @@ async fn a_full_disk_releases_the_reserve_and_decisions_stay_on_disk() {
     }
     store.close();
 }
+
+/// Copies `pristine` with 8 bytes overwritten at a pseudo-random offset past the first page,
+/// until the copy passes start-up's `quick_check` but fails the full `integrity_check` (as 11
+/// of 30 random overwrites did when this was tried by hand), with its outbox and use counters
+/// still readable. Returns the damaged copy.
+fn damage_the_quick_check_misses(pristine: &std::path::Path, outbox: usize) -> std::path::PathBuf {
+    use std::io::{Seek, SeekFrom, Write};
+    let len = std::fs::metadata(pristine).unwrap().len();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for attempt in 0..500 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let offset = 4096 + seed % (len - 4096 - 8);
+        let copy = pristine.with_file_name(format!("damaged-{attempt}.db"));
+        std::fs::copy(pristine, &copy).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(&seed.to_le_bytes()).unwrap();
+        drop(f);
+        let Ok(conn) = Connection::open(&copy) else {
+            continue;
+        };
+        let pragma = |p: &str| -> Option<String> {
+            conn.query_row(&format!("PRAGMA {p}"), [], |r| r.get::<_, String>(0))
+                .ok()
+        };
+        let readable = conn
+            .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
+            .is_ok_and(|n| n == i64::try_from(outbox).unwrap())
+            && conn
+                .query_row("SELECT sum(count) FROM uses", [], |r| r.get::<_, i64>(0))
+                .is_ok();
+        if pragma("quick_check").as_deref() == Some("ok")
+            && pragma("integrity_check").is_some_and(|v| v != "ok")
+            && readable
+        {
+            eprintln!(
+                "damage at byte {offset} (attempt {attempt}) passes quick_check, fails integrity_check"
+            );
+            return copy;
+        }
+        let _ = std::fs::remove_file(&copy);
+    }
+    panic!("no overwrite found that quick_check misses");
+}
+
+/// Damage start-up's quick check misses is found by the idle full check; opening the store
+/// again moves the file aside and carries the unsent records and the use counts over, so a
+/// limited key is not honoured again, and says so in a `database_replaced` alarm.
+#[tokio::test]
+async fn damage_found_when_idle_is_replaced_keeping_unsent_records_and_use_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let pristine = dir.path().join("pristine.db");
+    let unsent = 50;
+    {
+        let store = open(&pristine);
+        let mut keys: Vec<_> = (0..2_000)
+            .map(|i| {
+                key(
+                    &format!("k{i}"),
+                    CredentialKind::Qr,
+                    &format!("qr-{i}"),
+                    UseLimit::Unlimited,
+                )
+            })
+            .collect();
+        keys.push(key(
+            "twice",
+            CredentialKind::Pin,
+            "4711",
+            UseLimit::Total(2),
+        ));
+        store.install_key_set(header(1), keys).await.unwrap();
+        let used = store
+            .verify(request("u", "main", CredentialKind::Pin, "4711"))
+            .await
+            .unwrap();
+        assert!(used.decision.is_grant());
+        let filler = Record::StorageRecovered {
+            at: fixtures::now(),
+            kept_in_memory: 0,
+            dropped: 0,
+        };
+        store.append(vec![filler; unsent - 1]).await.unwrap();
+        store.close();
+    }
+    let damaged = damage_the_quick_check_misses(&pristine, unsent);
+
+    let mut options = StoreOptions::new(&damaged, fixtures::context());
+    options.integrity_every = Some(std::time::Duration::from_millis(200));
+    let store = Store::open(options).expect("quick_check lets it open");
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        store.health().damage_found.notified(),
+    )
+    .await
+    .expect("the idle check finds the damage");
+    store.close();
+
+    let store = open(&damaged);
+    let reader = store.reader().unwrap();
+    assert_eq!(
+        reader.key_set().unwrap().version,
+        0,
+        "the keys come back from the cloud"
+    );
+    let records = reader.outbox(0, 1_000).unwrap();
+    assert_eq!(
+        records.len(),
+        unsent + 1,
+        "every unsent record, and the alarm"
+    );
+    assert!(
+        matches!(
+            records.last().unwrap().record,
+            Record::DatabaseReplaced {
+                records: 50,
+                uses: 2,
+                ..
+            }
+        ),
+        "{:?}",
+        records.last()
+    );
+    assert!(
+        reader.uses("twice").unwrap().contains(&(String::new(), 1)),
+        "the use count survived"
+    );
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
+    assert!(aside, "the damaged file is kept aside");
+    store.close();
+}
