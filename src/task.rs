@@ -74,8 +74,14 @@ mod tests {
             maxerror_us,
         };
         assert!(synced(&clock(libc::TIME_OK, 25_000)), "chrony, a few ms");
-        assert!(!synced(&clock(libc::TIME_ERROR, 25_000)), "the kernel says unsynchronised");
-        assert!(!synced(&clock(libc::TIME_OK, 16_000_000)), "the error grew to the limit");
+        assert!(
+            !synced(&clock(libc::TIME_ERROR, 25_000)),
+            "the kernel says unsynchronised"
+        );
+        assert!(
+            !synced(&clock(libc::TIME_OK, 16_000_000)),
+            "the error grew to the limit"
+        );
         // Whatever this machine says, asking works.
         assert!(kernel_clock().is_some());
     }

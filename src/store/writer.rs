@@ -1347,8 +1347,13 @@ impl Writer {
         // Dropped (rolled back) on any error, so a delta applies whole or not at all.
         let tx = self.conn.transaction()?;
         {
-            let mut drop_creds =
-                tx.prepare_cached("DELETE FROM credentials WHERE generation = ?1 AND key_id = ?2")?;
+            // INDEXED BY: without statistics SQLite picks the primary key's `generation` prefix
+            // for these, a scan of the whole set per key (a delta on a million keys, `keys list
+            // --json` quadratic).
+            let mut drop_creds = tx.prepare_cached(
+                "DELETE FROM credentials INDEXED BY credentials_by_key
+                 WHERE generation = ?1 AND key_id = ?2",
+            )?;
             let mut put_key = tx.prepare_cached(
                 "INSERT OR REPLACE INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)",
             )?;
@@ -1357,7 +1362,8 @@ impl Writer {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut pins_of = tx.prepare_cached(
-                "SELECT count(*) FROM credentials WHERE generation = ?1 AND key_id = ?2 AND kind = ?3",
+                "SELECT count(*) FROM credentials INDEXED BY credentials_by_key
+                 WHERE generation = ?1 AND key_id = ?2 AND kind = ?3",
             )?;
             let pin = CredentialKind::Pin.code();
             for key in &d.upserts {
