@@ -41,7 +41,8 @@ use crate::service::logging::{LevelChange, Logging};
 use crate::service::notify::{self, Notifier};
 use crate::service::reload;
 use crate::service::status::{Cloud, Summary};
-use crate::store::{DecisionContext, Reader, Store, StoreError, StoreOptions};
+use crate::bus::message::DoorEventKind;
+use crate::store::{DecisionContext, Reader, Record, Store, StoreError, StoreOptions};
 
 /// How long a stopping bus task or cloud link may take.
 const STOP_WITHIN: Duration = Duration::from_secs(5);
@@ -166,6 +167,50 @@ pub async fn serve_with(
     running.stop().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Logs every door alarm at warning, with its fields, as it is committed: forced open, held
+/// open, tamper, a reader's power failure, a low battery (`journalctl -p warning` shows them;
+/// the other alarms are logged where they arise). Ends with the store.
+async fn log_door_alarms(mut committed: tokio::sync::broadcast::Receiver<(i64, Record)>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let (seq, record) = match committed.recv().await {
+            Ok(r) => r,
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "door alarms came faster than they could be logged; see `doorbridge events`");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        match &record {
+            Record::DoorEvent {
+                unit, door, event, ..
+            } if matches!(event, DoorEventKind::ForcedOpen | DoorEventKind::HeldOpen) => {
+                tracing::warn!(seq, unit = %unit, door = %door, event = ?event, "DOOR ALARM: {}", if *event == DoorEventKind::ForcedOpen { "forced open" } else { "held open" });
+            }
+            Record::Tamper {
+                unit, door, active, ..
+            } => {
+                tracing::warn!(seq, unit = %unit, door = %door, active, "DOOR ALARM: tamper {}", if *active { "(housing opened)" } else { "cleared" });
+            }
+            Record::PowerFailure {
+                unit, door, active, ..
+            } => {
+                tracing::warn!(seq, unit = %unit, door = %door, active, "DOOR ALARM: {}", if *active { "reader power failure" } else { "reader power back" });
+            }
+            Record::Battery {
+                unit,
+                door,
+                percent,
+                low: true,
+                ..
+            } => {
+                tracing::warn!(seq, unit = %unit, door = %door, percent, "DOOR ALARM: battery low");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The next reload request; never, without a channel or once it closed.
@@ -293,6 +338,7 @@ impl Running {
             started: Instant::now(),
             control: None,
         };
+        tokio::spawn(log_door_alarms(running.store.health().records.subscribe()));
         running.start_buses().await;
         running.start_control();
         running.link = match link::spec(&running.config) {

@@ -436,20 +436,32 @@ fn report(error: &anyhow::Error) -> ExitCode {
     }) {
         return ExitCode::SUCCESS;
     }
-    let mut stderr = std::io::stderr().lock();
-    // Nothing sensible is left to do if stderr itself fails.
-    if let Some(errors) = error.downcast_ref::<ConfigErrors>() {
+    let (text, code) = if let Some(errors) = error.downcast_ref::<ConfigErrors>() {
         let count = errors.problems.len();
         let noun = if count == 1 { "problem" } else { "problems" };
-        let _ = writeln!(
-            stderr,
-            "doorbridge: the configuration has {count} {noun}:\n{errors}"
-        );
-        return ExitCode::from(2);
+        (
+            format!("doorbridge: the configuration has {count} {noun}:\n{errors}"),
+            ExitCode::from(2),
+        )
+    } else {
+        let mut text = format!("doorbridge: error: {error}");
+        for cause in error.chain().skip(1) {
+            let _ = std::fmt::Write::write_fmt(&mut text, format_args!("\n  caused by: {cause}"));
+        }
+        (text, ExitCode::FAILURE)
+    };
+    // Under systemd, stderr goes to the journal at info priority unless a line says otherwise:
+    // `<3>` makes each of these lines an error, so `journalctl -p warning` shows why the unit
+    // failed.
+    let prefix = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        "<3>"
+    } else {
+        ""
+    };
+    let mut stderr = std::io::stderr().lock();
+    // Nothing sensible is left to do if stderr itself fails.
+    for line in text.lines() {
+        let _ = writeln!(stderr, "{prefix}{line}");
     }
-    let _ = writeln!(stderr, "doorbridge: error: {error}");
-    for cause in error.chain().skip(1) {
-        let _ = writeln!(stderr, "  caused by: {cause}");
-    }
-    ExitCode::FAILURE
+    code
 }
