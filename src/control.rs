@@ -69,7 +69,7 @@ pub struct Status {
 /// The cloud connection, as the link sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloudStatus {
-    /// `host:port`.
+    /// `host:port` of the broker connected to, or being tried (`cloud.url` may list several).
     pub broker: String,
     pub connected: bool,
     /// Successful connects since start.
@@ -117,7 +117,7 @@ impl ControlState {
             pid: std::process::id(),
             site: self.site.clone(),
             cloud: CloudStatus {
-                broker: self.broker.clone(),
+                broker: link.broker.clone().unwrap_or_else(|| self.broker.clone()),
                 connected: link.connected,
                 connects: link.connects,
                 last_error: link.last_error,

@@ -341,7 +341,7 @@ impl Running {
                 return;
             }
         };
-        let url = &self.config.cloud.url;
+        let url = self.config.cloud.url.first();
         let state = ControlState {
             store: self.store.clone(),
             link: Arc::clone(&self.link_status),

@@ -36,6 +36,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
+use super::failover::Failover;
 use super::payload::{
     Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
 };
@@ -49,18 +50,17 @@ use crate::access::{Decision, Key};
 use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
-use crate::config::Config;
+use crate::config::{BrokerUrl, Config};
 use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError};
 use crate::task::{clock_synced, jitter, stopped};
 
-/// The first wait after a failed connection; doubled per failure up to [`BACKOFF_MAX`].
-const BACKOFF_FIRST: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
 const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
 /// A signed cloud time further ahead of a synchronised local clock than this is not used for
 /// the trusted-time mark (it would make every later decision "clock untrusted").
 const MAX_CLOUD_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+/// The channel named in the refusal of a message too big to read (its topic is unknown).
+pub const UNREADABLE: &str = "unreadable";
 /// Resync requests closer together than this are one request.
 const RESYNC_MIN_INTERVAL: Duration = Duration::from_secs(5);
 /// Messages received and not yet carried out, at most (each at most ~128 KiB).
@@ -106,7 +106,8 @@ pub struct LinkSpec {
     pub target: Target,
     pub topics: Topics,
     pub trusted: Vec<VerifyingKey>,
-    pub options: MqttOptions,
+    /// One set of connection options per configured broker, in the order they are tried.
+    pub brokers: Vec<MqttOptions>,
     /// The largest message the gateway publishes (upload batches fill up to it).
     pub max_payload: usize,
 }
@@ -123,6 +124,8 @@ impl std::fmt::Debug for LinkSpec {
 /// What the link shows in the gateway's status.
 #[derive(Clone, Debug, Default)]
 pub struct LinkStatus {
+    /// `host:port` of the broker connected to, or being tried.
+    pub broker: Option<String>,
     pub connected: bool,
     pub connects: u64,
     pub last_error: Option<String>,
@@ -159,23 +162,53 @@ pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
     let target = target(config);
     let topics = Topics::new(&config.cloud.topic_prefix, &target)?;
     let trusted = trusted_keys(config)?;
+    let tls = if config.cloud.url.any_tls() {
+        Some(Arc::new(tls_config(config)?))
+    } else {
+        None
+    };
+    let max_payload = usize::try_from(config.cloud.max_payload).unwrap_or(usize::MAX);
+    let brokers = config
+        .cloud
+        .url
+        .iter()
+        .map(|url| broker_options(config, &topics, url, tls.as_ref(), max_payload))
+        .collect();
+    Ok(LinkSpec {
+        target,
+        topics,
+        trusted,
+        brokers,
+        max_payload,
+    })
+}
+
+/// The largest packet the gateway reads: a key-set chunk in its envelope must fit, with room
+/// to spare. A larger one cannot be read at all (see [`poll`] for what happens then).
+pub fn max_incoming_packet(max_payload: usize) -> usize {
+    (4 * max_payload.max(MAX_ENVELOPE_BYTES)).max(1 << 20) + 1024
+}
+
+/// The connection options for one broker URL. TLS names are checked against that URL's host.
+fn broker_options(
+    config: &Config,
+    topics: &Topics,
+    url: &BrokerUrl,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    max_payload: usize,
+) -> MqttOptions {
     let cloud = &config.cloud;
-    let mut options = MqttOptions::new(&config.gateway.id, &cloud.url.host, cloud.url.port);
+    let mut options = MqttOptions::new(&config.gateway.id, &url.host, url.port);
     options
         .set_clean_session(false)
         .set_manual_acks(true)
         .set_keep_alive(cloud.keepalive);
-    let max_payload = usize::try_from(cloud.max_payload).unwrap_or(usize::MAX);
-    // Inbound: a key-set chunk in its envelope must fit. A message larger than this breaks the
-    // connection each time the broker redelivers it, so allow well beyond our own limit and
-    // refuse oversized payloads ourselves (logged, counted, acknowledged).
-    let incoming = (4 * max_payload.max(MAX_ENVELOPE_BYTES)).max(1 << 20) + 1024;
-    options.set_max_packet_size(incoming, max_payload + 1024);
+    options.set_max_packet_size(max_incoming_packet(max_payload), max_payload + 1024);
     options.set_last_will(LastWill::new(
         topics.topic(Channel::State),
         Report::State {
             state: Presence::Offline,
-            gateway: target.gateway.clone(),
+            gateway: config.gateway.id.clone(),
             held: None,
         }
         .encode(),
@@ -190,19 +223,12 @@ pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
             .unwrap_or_default();
         options.set_credentials(user, password);
     }
-    if cloud.url.tls {
-        let tls = tls_config(config)?;
+    if let (true, Some(tls)) = (url.tls, tls) {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
+            Arc::clone(tls),
         )));
     }
-    Ok(LinkSpec {
-        target,
-        topics,
-        trusted,
-        options,
-        max_payload,
-    })
+    options
 }
 
 /// rustls with ring: the pinned CA (or the system's roots) and the client certificate.
@@ -267,9 +293,21 @@ fn pem_error(what: &'static str, path: &Path, expected: &'static str) -> LinkErr
 
 /// What the poller tells the worker.
 enum Polled {
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+    },
     Message(Publish),
-    Disconnected(String),
+    /// The connection failed or was lost; `broker` is the one it was with.
+    Disconnected {
+        error: String,
+        broker: String,
+    },
+    /// The broker sent a packet of `size` bytes, over the gateway's limit: it could not be
+    /// read (so neither its topic), and the connection broke. The next connect is clean.
+    Oversized {
+        size: usize,
+        limit: usize,
+    },
 }
 
 /// The poller's side of the uplink: broker acks matched to upload batches, and whether the
@@ -280,9 +318,38 @@ struct Uplinked {
     connected: watch::Sender<bool>,
 }
 
-/// Owns the event loop: polls, forwards, backs off. See the module header.
-async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, mut up: Uplinked) {
-    let mut wait = BACKOFF_FIRST;
+/// The size of the packet behind an error, if the error is a packet too big to read.
+fn oversized(error: &ConnectionError) -> Option<usize> {
+    match error {
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
+    }
+}
+
+/// Owns the event loop: polls, forwards, fails over and backs off (`cloud::failover`).
+///
+/// A packet too big to read breaks the connection, and with a persistent session the broker
+/// sends it again at every connect: one oversized message would keep the gateway off its
+/// topics for good. So the connect after one is made with a clean session, which makes the
+/// broker drop the session and its queue, that message with it; the worker reports the
+/// refusal, subscribes again (no session) and asks for a resync, since deltas and commands
+/// queued behind the message went with it. The connect after that is persistent again.
+async fn poll(
+    mut eventloop: EventLoop,
+    brokers: Vec<MqttOptions>,
+    tx: mpsc::Sender<Polled>,
+    mut up: Uplinked,
+    status: Arc<Mutex<LinkStatus>>,
+) {
+    let mut failover = Failover::new(brokers.len());
+    let show = |options: &MqttOptions| {
+        if let Ok(mut s) = status.lock() {
+            s.broker = Some(address(options));
+        }
+    };
+    show(&eventloop.mqtt_options);
     loop {
         let event = match eventloop.poll().await {
             Ok(event) => event,
@@ -298,11 +365,27 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, mut up: Uplink
                 }
                 let _ = up.acks.send(Ack::Lost(lost));
                 up.connected.send_replace(false);
-                if tx.send(Polled::Disconnected(e.to_string())).await.is_err() {
+                let now = std::time::Instant::now();
+                let before = failover.current();
+                let (next, told) = if let Some(size) = oversized(&e) {
+                    let limit = eventloop.mqtt_options.max_packet_size();
+                    eventloop.mqtt_options.set_clean_session(true);
+                    (failover.poisoned(now), Polled::Oversized { size, limit })
+                } else {
+                    let broker = address(&eventloop.mqtt_options);
+                    let error = e.to_string();
+                    (failover.failed(now), Polled::Disconnected { error, broker })
+                };
+                if tx.send(told).await.is_err() {
                     return;
                 }
-                tokio::time::sleep(jitter(wait)).await;
-                wait = (wait * 2).min(BACKOFF_MAX);
+                if next.broker != before {
+                    eventloop.mqtt_options = brokers[next.broker].clone();
+                    show(&eventloop.mqtt_options);
+                }
+                if !next.wait.is_zero() {
+                    tokio::time::sleep(jitter(next.wait)).await;
+                }
                 continue;
             }
         };
@@ -311,7 +394,10 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, mut up: Uplink
         }
         match event {
             Event::Incoming(Packet::ConnAck(ack)) => {
-                wait = BACKOFF_FIRST;
+                failover.connected(std::time::Instant::now());
+                // A clean session was only for this connect (it dropped an oversized
+                // message): the next one keeps its session again.
+                eventloop.mqtt_options.set_clean_session(false);
                 up.connected.send_replace(true);
                 if tx
                     .send(Polled::Connected {
@@ -324,6 +410,7 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, mut up: Uplink
                 }
             }
             Event::Incoming(Packet::Publish(p)) => {
+                failover.proved();
                 // Waits while the worker is BACKLOG messages behind: the broker waits with us.
                 let forwarded = tx.send(Polled::Message(p)).await;
                 if forwarded.is_err() {
@@ -335,6 +422,16 @@ async fn poll(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, mut up: Uplink
             Event::Outgoing(Outgoing::Disconnect) => return,
             _ => {}
         }
+    }
+}
+
+/// `host:port` of a broker, as logs and the status show it.
+fn address(options: &MqttOptions) -> String {
+    let (host, port) = options.broker_address();
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
     }
 }
 
@@ -373,6 +470,8 @@ struct Worker {
     staging: Option<Staging>,
     buffered: StageBuffer,
     last_resync: Option<std::time::Instant>,
+    /// An oversized message broke the connection: reported once connected again.
+    oversized: Option<(usize, usize)>,
     /// Commands issued before this instant are refused: the replay cache is in memory, so a
     /// command redelivered after a restart could otherwise open a door twice.
     started: Timestamp,
@@ -394,7 +493,11 @@ pub async fn run_link(
             return;
         }
     };
-    let (client, mut eventloop) = AsyncClient::new(spec.options.clone(), REQUEST_CAPACITY);
+    let Some(first) = spec.brokers.first() else {
+        tracing::error!("cloud link not started: no broker configured");
+        return;
+    };
+    let (client, mut eventloop) = AsyncClient::new(first.clone(), REQUEST_CAPACITY);
     // Small messages (acks, reports) go out at once, not after a delayed ACK (~40 ms).
     let mut network = eventloop.network_options();
     network.set_tcp_nodelay(true);
@@ -405,15 +508,16 @@ pub async fn run_link(
     let (connected_tx, connected_rx) = watch::channel(false);
     let poller = tokio::spawn(poll(
         eventloop,
+        spec.brokers.clone(),
         tx,
         Uplinked {
             correlator: Correlator::new(publisher.clone()),
             acks: acks_tx,
             connected: connected_tx,
         },
+        Arc::clone(&status),
     ));
-    tracing::info!(broker = %format!("{}:{}", spec.options.broker_address().0, spec.options.broker_address().1),
-        held, "cloud link starting");
+    tracing::info!(brokers = spec.brokers.len(), held, "cloud link starting");
     let (helpers_stop, helpers_stopped) = watch::channel(false);
     let helpers = start_helpers(
         &spec,
@@ -436,6 +540,7 @@ pub async fn run_link(
         staging: None,
         buffered: StageBuffer::default(),
         last_resync: None,
+        oversized: None,
         started: Timestamp::now(),
     };
     worker.set_status(|s| s.held_version = held);
@@ -469,29 +574,41 @@ pub async fn run_link(
             () = stopped(&mut shutdown) => break,
         }
     }
-    // The uplink waits briefly for the acks of batches in flight (what stays unacknowledged
-    // goes again after the next start), then the link says goodbye.
     let _ = helpers_stop.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(3), async {
-        let _ = tokio::join!(helpers.0, helpers.1);
-    })
-    .await;
-    // A clean disconnect suppresses the will, so say "offline" first.
-    worker.publish_state(Presence::Offline);
-    let _ = worker.publisher.client().try_disconnect();
-    // Keep taking (and not acknowledging: they come again next time) what the poller still
-    // forwards, so a poller waiting for room reaches the disconnect; it ends there, and its
-    // sender with it.
-    let drain = async { while rx.recv().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(2), async {
-        let _ = tokio::join!(poller, drain);
-    })
-    .await
-    .is_err()
-    {
-        tracing::debug!("cloud link poller did not finish in time");
+    worker.say_goodbye(helpers, poller, rx).await;
+}
+
+impl Worker {
+    /// After the helpers were told to stop: waits briefly for them (the uplink for the acks of
+    /// batches in flight; what stays unacknowledged goes again after the next start), says
+    /// `offline` and disconnects.
+    async fn say_goodbye(
+        &self,
+        helpers: (JoinHandle<()>, JoinHandle<()>),
+        poller: JoinHandle<()>,
+        mut rx: mpsc::Receiver<Polled>,
+    ) {
+        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+            let _ = tokio::join!(helpers.0, helpers.1);
+        })
+        .await;
+        // A clean disconnect suppresses the will, so say "offline" first.
+        self.publish_state(Presence::Offline);
+        let _ = self.publisher.client().try_disconnect();
+        // Keep taking (and not acknowledging: they come again next time) what the poller still
+        // forwards, so a poller waiting for room reaches the disconnect; it ends there, and its
+        // sender with it.
+        let drain = async { while rx.recv().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = tokio::join!(poller, drain);
+        })
+        .await
+        .is_err()
+        {
+            tracing::debug!("cloud link poller did not finish in time");
+        }
+        tracing::info!("cloud link stopped");
     }
-    tracing::info!("cloud link stopped");
 }
 
 /// Starts the uplink and the telemetry task beside the worker.
@@ -567,19 +684,46 @@ impl Worker {
                     }
                 }
                 self.publish_state(Presence::Online);
+                if let Some((size, limit)) = self.oversized.take() {
+                    let reason = format!(
+                        "a message of {size} bytes, over the gateway's {limit}-byte limit, \
+                         could not be read; the broker's queue for this gateway was dropped \
+                         with it (clean session)"
+                    );
+                    self.record_refusal(UNREADABLE, &reason).await;
+                    // Deltas and commands queued behind it were dropped too.
+                    self.last_resync = None;
+                    self.request_resync(reason);
+                }
             }
-            Polled::Disconnected(error) => {
+            Polled::Disconnected { error, broker } => {
                 let was = self.status.lock().is_ok_and(|mut s| {
                     let was = s.connected;
                     s.connected = false;
-                    s.last_error = Some(error.clone());
+                    s.last_error = Some(format!("{broker}: {error}"));
                     was
                 });
                 if was {
-                    tracing::warn!(%error, "lost the broker connection; reconnecting with backoff");
+                    tracing::warn!(%broker, %error, "lost the broker connection; reconnecting");
                 } else {
-                    tracing::debug!(%error, "broker connection failed; retrying with backoff");
+                    tracing::debug!(%broker, %error, "broker connection failed; trying again");
                 }
+            }
+            Polled::Oversized { size, limit } => {
+                self.set_status(|s| {
+                    s.connected = false;
+                    s.last_error = Some(format!(
+                        "the broker sent a {size}-byte message, over the {limit}-byte limit"
+                    ));
+                });
+                tracing::warn!(
+                    size,
+                    limit,
+                    "the broker sent a message too big to read; reconnecting with a clean session to drop it"
+                );
+                // Reported once connected again: what is queued now would be dropped with the
+                // old session.
+                self.oversized = Some((size, limit));
             }
             Polled::Message(p) => {
                 self.on_message(&p).await;
@@ -839,7 +983,7 @@ impl Worker {
 
     /// Logs, counts, records and reports a refused message. The held key set is untouched.
     async fn reject(&mut self, channel: Channel, reason: String) {
-        self.record_refusal(channel, &reason).await;
+        self.record_refusal(channel.suffix(), &reason).await;
         if matches!(
             channel,
             Channel::OpenDoor | Channel::Resync | Channel::Settings
@@ -850,23 +994,20 @@ impl Worker {
 
     /// Every refusal is counted and logged; a `cloud_rejected` record and a `rejected` report
     /// follow unless this channel has had its share of the window (`cloud::refusals`).
-    async fn record_refusal(&mut self, channel: Channel, reason: &str) {
+    async fn record_refusal(&mut self, channel: &'static str, reason: &str) {
         self.set_status(|s| s.rejected += 1);
-        let also = match self
-            .refusals
-            .admit(channel.suffix(), std::time::Instant::now())
-        {
+        let also = match self.refusals.admit(channel, std::time::Instant::now()) {
             Admit::Record { also } => also,
             Admit::Count => {
-                tracing::debug!(channel = channel.suffix(), %reason, "cloud message refused (counted; this channel's refusal records are coalesced)");
+                tracing::debug!(channel, %reason, "cloud message refused (counted; this channel's refusal records are coalesced)");
                 return;
             }
         };
-        tracing::warn!(channel = channel.suffix(), %reason, also, "cloud message refused");
+        tracing::warn!(channel, %reason, also, "cloud message refused");
         let now = Timestamp::now();
         let record = Record::CloudRejected {
             at: now,
-            channel: channel.suffix().to_owned(),
+            channel: channel.to_owned(),
             reason: reason.to_owned(),
             also,
         };
@@ -874,7 +1015,7 @@ impl Worker {
             tracing::error!(error = %e, "the rejection could not be recorded");
         }
         let report = Report::Rejected {
-            channel: channel.suffix().to_owned(),
+            channel: channel.to_owned(),
             reason: reason.to_owned(),
             version: None,
             at: now,
@@ -894,7 +1035,8 @@ impl Worker {
         };
         if let Some(reason) = refused {
             tracing::warn!(command_id = %id, door = %command.door, %reason, "open-door command refused");
-            self.record_refusal(Channel::OpenDoor, &reason).await;
+            self.record_refusal(Channel::OpenDoor.suffix(), &reason)
+                .await;
             self.publish_result(
                 Some(id),
                 "open-door",
@@ -983,7 +1125,8 @@ impl Worker {
         };
         if let Some(reason) = refused {
             tracing::warn!(command_id = %id, %door, %reason, "settings command refused");
-            self.record_refusal(Channel::Settings, &reason).await;
+            self.record_refusal(Channel::Settings.suffix(), &reason)
+                .await;
             self.publish_result(
                 Some(id),
                 "unit-settings",

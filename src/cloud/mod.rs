@@ -8,12 +8,14 @@
 //! [`telemetry`] sends the health summary. [`import`] runs the same checks
 //! on a key set read from a file. [`build`], [`bundle`] and [`keyfile`] are the cloud's side
 //! (signing what the gateway accepts), for `cloud-sim`, tests and benchmarks. [`refusals`]
-//! coalesces the records of refused messages. See `docs/cloud-protocol.md`.
+//! coalesces the records of refused messages; [`failover`] picks the broker to try next and how
+//! long to wait. See `docs/cloud-protocol.md`.
 
 pub mod acks;
 pub mod build;
 pub mod bundle;
 pub mod envelope;
+pub mod failover;
 pub mod import;
 pub mod keyfile;
 pub mod link;

@@ -28,7 +28,7 @@ use figment::error::{Actual, Kind};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 
-use super::values::{BrokerUrl, Secret, TrustedKey};
+use super::values::{BrokerUrl, BrokerUrls, Secret, TrustedKey};
 use super::{
     BusConfig, Config, ConfigErrors, DEFAULT_FILE, ENV_PREFIX, Problem, Sources, TlsConfig,
     UnitConfig, validate,
@@ -355,6 +355,8 @@ fn check_shape(value: &Value, schema: &Value, path: &KeyPath, out: &mut Vec<(Key
                 }
             }
         }
+        // `cloud.url` takes one URL as well as a list of them.
+        (Value::String(..), Value::Array(..)) if *path == KeyPath::of("cloud.url") => {}
         (Value::Dict(..) | Value::Array(..), _) | (_, Value::Dict(..) | Value::Array(..)) => {
             let message = format!("expected {}, found {}", shape(schema), shape(value));
             out.push((path.clone(), message));
@@ -466,7 +468,12 @@ fn schema() -> Result<Value, ConfigErrors> {
 fn schema_example() -> Config {
     let mut config = Config::default();
     config.site.name = Some(String::new());
-    config.cloud.url = BrokerUrl::default();
+    // An array, so that a list is the schema's shape (one URL alone is allowed too).
+    config.cloud.url = BrokerUrls::try_from(vec![
+        BrokerUrl::default(),
+        "mqtt://localhost".parse().unwrap_or_default(),
+    ])
+    .unwrap_or_default();
     config.cloud.username = Some(String::new());
     config.cloud.password = Some(Secret::default());
     config.cloud.trusted_keys = vec![TrustedKey([0; 32])];
@@ -863,6 +870,24 @@ mod tests {
         assert!(value(0, "buses").as_array().is_some());
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].source, "DOORBRIDGE_STORAGE__");
+    }
+
+    #[test]
+    fn the_broker_url_from_the_environment_is_one_url_or_a_list() {
+        let schema = schema().unwrap();
+        for (raw, want) in [
+            ("mqtt://10.0.0.1:1883", 1),
+            ("[\"mqtt://a:1883\", \"mqtts://b\"]", 2),
+        ] {
+            let vars = [(OsString::from("DOORBRIDGE_CLOUD__URL"), OsString::from(raw))];
+            let (layers, problems) = env_layers(vars.into_iter(), &schema);
+            assert!(problems.is_empty());
+            let value = Value::from(layers[0].dict.clone())
+                .find("cloud.url")
+                .unwrap();
+            let urls: crate::config::BrokerUrls = value.deserialize().unwrap();
+            assert_eq!(urls.len(), want, "{raw}");
+        }
     }
 
     #[test]

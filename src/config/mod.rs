@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Door, DoorId, LockoutPolicy, Policy, Site, UnlimitedPolicy};
-pub use values::{BrokerUrl, LogLevel, Secret, SiteTimeZone, TrustedKey};
+pub use values::{BrokerUrl, BrokerUrls, LogLevel, Secret, SiteTimeZone, TrustedKey};
 use values::{auto_duration, byte_size, duration, string_enum, unit_address};
 
 /// The main configuration file when `--config` is not given.
@@ -165,8 +165,9 @@ pub struct SiteConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct CloudConfig {
-    /// `mqtts://host[:port]` or `mqtt://host[:port]`. Required.
-    pub url: BrokerUrl,
+    /// `mqtts://host[:port]` or `mqtt://host[:port]`, or an array of them (the nodes of a
+    /// cluster, a standby broker: tried in order, the next at once when one fails). Required.
+    pub url: BrokerUrls,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,7 +190,7 @@ pub struct CloudConfig {
 impl Default for CloudConfig {
     fn default() -> Self {
         CloudConfig {
-            url: BrokerUrl::default(),
+            url: BrokerUrls::default(),
             username: None,
             password: None,
             topic_prefix: "doorbridge".to_owned(),
@@ -654,11 +655,42 @@ mod tests {
     }
 
     #[test]
+    fn cloud_url_is_one_broker_or_a_list() {
+        let config = Config::from_toml_str(MINIMAL, "test.toml").unwrap();
+        assert_eq!(config.cloud.url.len(), 1);
+        let listed = MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1\"",
+            "url = [\"mqtt://10.0.0.1\", \"mqtts://node-2.example.com\"]",
+        );
+        let config = Config::from_toml_str(&listed, "test.toml").unwrap();
+        assert_eq!(
+            config.cloud.url.to_string(),
+            "mqtt://10.0.0.1:1883, mqtts://node-2.example.com:8883"
+        );
+        // Printed back as it was written, and read again the same.
+        let printed = toml_out::to_toml(&config);
+        assert!(
+            printed
+                .contains("url = [\"mqtt://10.0.0.1:1883\", \"mqtts://node-2.example.com:8883\"]"),
+            "{printed}"
+        );
+        let twice = MINIMAL.replace(
+            "url = \"mqtt://127.0.0.1\"",
+            "url = [\"mqtt://127.0.0.1\", \"mqtt://127.0.0.1:1883\"]",
+        );
+        let found = problems(&twice);
+        assert_eq!(keys(&found), ["cloud.url"]);
+        assert!(found[0].message.contains("twice"), "{}", found[0].message);
+        let wrong = MINIMAL.replace("url = \"mqtt://127.0.0.1\"", "url = 5");
+        assert_eq!(keys(&problems(&wrong)), ["cloud.url"]);
+    }
+
+    #[test]
     fn defaults_fill_in_a_minimal_file() {
         let config = Config::from_toml_str(MINIMAL, "test.toml").unwrap();
         assert_eq!(config.cloud.topic_prefix, "doorbridge");
         assert_eq!(config.cloud.max_payload, 128 * 1024);
-        assert_eq!(config.cloud.url.port, 1883);
+        assert_eq!(config.cloud.url.first().port, 1883);
         assert_eq!(config.buses[0].baud, 115_200);
         assert_eq!(config.buses[0].label(), "/dev/ttyUSB0");
         assert_eq!(config.telemetry.interval, Duration::from_secs(900));

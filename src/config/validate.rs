@@ -148,7 +148,7 @@ impl<'a> Checker<'a> {
                 Some(path) if path.as_os_str().is_empty() => {
                     self.problem(&tls.key(name), "must not be empty; leave it out instead");
                 }
-                Some(_) if !cloud.url.tls => self.problem(
+                Some(_) if !cloud.url.any_tls() => self.problem(
                     &tls.key(name),
                     "TLS files are only used with an mqtts:// cloud.url, and it is mqtt://",
                 ),

@@ -369,6 +369,149 @@ impl fmt::Debug for BrokerUrl {
     }
 }
 
+/// The most broker URLs `cloud.url` may list.
+pub const MAX_BROKER_URLS: usize = 16;
+
+/// `cloud.url`: one broker, or several (the nodes of a cluster, a standby broker) that the
+/// link tries in the order given, moving to the next at once when one fails. Written as one
+/// URL string or an array of them; printed back the same way.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<BrokerUrl>);
+
+impl BrokerUrls {
+    /// The URLs in the order they are tried (never empty).
+    pub fn iter(&self) -> std::slice::Iter<'_, BrokerUrl> {
+        self.0.iter()
+    }
+
+    /// The first URL: the one tried first.
+    pub fn first(&self) -> &BrokerUrl {
+        &self.0[0]
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: kept for the `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether any URL is `mqtts://`.
+    pub fn any_tls(&self) -> bool {
+        self.0.iter().any(|u| u.tls)
+    }
+}
+
+impl<'a> IntoIterator for &'a BrokerUrls {
+    type Item = &'a BrokerUrl;
+    type IntoIter = std::slice::Iter<'a, BrokerUrl>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl Default for BrokerUrls {
+    /// A placeholder only: loading refuses a configuration that does not set `cloud.url`.
+    fn default() -> Self {
+        BrokerUrls(vec![BrokerUrl::default()])
+    }
+}
+
+impl From<BrokerUrl> for BrokerUrls {
+    fn from(url: BrokerUrl) -> Self {
+        BrokerUrls(vec![url])
+    }
+}
+
+impl TryFrom<Vec<BrokerUrl>> for BrokerUrls {
+    type Error = String;
+
+    fn try_from(urls: Vec<BrokerUrl>) -> Result<Self, String> {
+        if urls.is_empty() {
+            return Err("lists no broker; give at least one URL".to_owned());
+        }
+        if urls.len() > MAX_BROKER_URLS {
+            return Err(format!(
+                "lists {} brokers; at most {MAX_BROKER_URLS}",
+                urls.len()
+            ));
+        }
+        for (i, url) in urls.iter().enumerate() {
+            if urls[..i].contains(url) {
+                return Err(format!("lists {url} twice"));
+            }
+        }
+        Ok(BrokerUrls(urls))
+    }
+}
+
+impl fmt::Display for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BrokerUrls({self})")
+    }
+}
+
+impl Serialize for BrokerUrls {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(serializer),
+            many => many.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrls {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct UrlsVisitor;
+
+        impl<'de> Visitor<'de> for UrlsVisitor {
+            type Value = BrokerUrls;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a URL such as \"mqtts://broker.example.com:8883\", or an array of them",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<BrokerUrls, E> {
+                text.parse::<BrokerUrl>()
+                    .map(BrokerUrls::from)
+                    .map_err(E::custom)
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<BrokerUrls, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element::<BrokerUrl>()? {
+                    if urls.len() == MAX_BROKER_URLS {
+                        return Err(de::Error::custom(format!(
+                            "lists more than {MAX_BROKER_URLS} brokers"
+                        )));
+                    }
+                    urls.push(url);
+                }
+                BrokerUrls::try_from(urls).map_err(de::Error::custom)
+            }
+        }
+
+        deserializer.deserialize_any(UrlsVisitor)
+    }
+}
+
 /// A site's time zone: its IANA name (`Europe/Berlin`) and the zone found for it in the
 /// system's time zone database.
 #[derive(Clone, Debug)]
@@ -641,6 +784,40 @@ mod tests {
             "mqtt://",
         ] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cloud_url_takes_one_url_or_a_list() {
+        use figment::Figment;
+        use figment::providers::{Format, Toml};
+        #[derive(Deserialize, Serialize)]
+        struct Cloud {
+            url: BrokerUrls,
+        }
+        let read = |text: &str| {
+            Figment::from(Toml::string(text))
+                .extract::<Cloud>()
+                .map_err(|e| e.to_string())
+        };
+        let one = read("url = \"mqtt://a:1883\"").unwrap();
+        assert_eq!(one.url.len(), 1);
+        assert_eq!(
+            super::super::toml_out::to_toml(&one).trim(),
+            "url = \"mqtt://a:1883\""
+        );
+        let many = read("url = [\"mqtt://a\", \"mqtts://b:8884\"]").unwrap();
+        assert_eq!(many.url.to_string(), "mqtt://a:1883, mqtts://b:8884");
+        assert!(many.url.any_tls());
+        let again = read(&super::super::toml_out::to_toml(&many)).unwrap();
+        assert_eq!(again.url, many.url);
+        for (bad, why) in [
+            ("url = []", "no broker"),
+            ("url = [\"mqtt://a\", \"mqtt://a:1883\"]", "twice"),
+            ("url = [\"mqtt://a\", \"http://b\"]", "scheme"),
+        ] {
+            let error = read(bad).err().unwrap();
+            assert!(error.contains(why), "{bad}: {error}");
         }
     }
 

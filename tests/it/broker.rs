@@ -56,6 +56,43 @@ pub async fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Op
     }
 }
 
+/// Publishes `size` bytes on `topic` at `QoS` 1, from a client of its own that allows packets
+/// that big, and returns once the broker has acknowledged it (it is then queued for every
+/// subscriber, however big).
+pub async fn publish_oversized(url: &str, topic: &str, size: usize) {
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a mqtt://127.0.0.1:PORT url");
+    let mut options = MqttOptions::new(format!("oversized-{size}"), "127.0.0.1", port);
+    options.set_max_packet_size(size + 4096, size + 4096);
+    let (client, mut eventloop) = AsyncClient::new(options, 4);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, vec![0xa5; size])
+        .await
+        .expect("queue the oversized publish");
+    let acked = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("publishing {size} bytes on {topic}: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        acked.is_ok(),
+        "the broker did not acknowledge {size} bytes on {topic}"
+    );
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
 /// Blocking twin of [`wait_for`], for code outside a runtime.
 pub fn wait_for_blocking<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + within;
@@ -82,6 +119,8 @@ pub struct Mosquitto {
     port: u16,
     /// The TLS listener's files and port, if it has one.
     tls: Option<(TlsListener, u16)>,
+    /// No `max_packet_size`: mosquitto's own default, which takes any size (a poison message).
+    uncapped: bool,
     binary: PathBuf,
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -101,22 +140,29 @@ impl Mosquitto {
     ///
     /// Panics, saying how to install it, if the binary is missing.
     pub fn start() -> Mosquitto {
-        Self::start_on(None)
+        Self::start_on(None, false)
+    }
+
+    /// Like [`Mosquitto::start`], but taking packets of any size, as mosquitto does unless told
+    /// otherwise: anyone with publish rights can send a gateway a 16 MiB message.
+    pub fn start_uncapped() -> Mosquitto {
+        Self::start_on(None, true)
     }
 
     /// Like [`Mosquitto::start`], plus a TLS listener on another free port ([`Mosquitto::tls_port`])
     /// with the files of `tls`. The plain listener stays, for test clients without TLS.
     pub fn start_with_tls(tls: &TlsListener) -> Mosquitto {
-        Self::start_on(Some(tls))
+        Self::start_on(Some(tls), false)
     }
 
-    fn start_on(tls: Option<&TlsListener>) -> Mosquitto {
+    fn start_on(tls: Option<&TlsListener>, uncapped: bool) -> Mosquitto {
         let binary = Self::binary().unwrap_or_else(|| panic!("{}", missing_mosquitto()));
         let mut dir = tempfile::tempdir().expect("temporary directory for mosquitto");
         for _ in 0..5 {
             let mut broker = Mosquitto {
                 port: free_port(),
                 tls: tls.map(|files| (files.clone(), free_port())),
+                uncapped,
                 binary: binary.clone(),
                 dir,
                 child: None,
@@ -189,6 +235,9 @@ impl Mosquitto {
     fn spawn(&mut self) -> bool {
         let config = self.dir.path().join("mosquitto.conf");
         let mut text = mosquitto_config(self.port, self.dir.path());
+        if self.uncapped {
+            text = text.replace(&format!("max_packet_size {MAX_PACKET}\n"), "");
+        }
         if let Some((files, port)) = &self.tls {
             text.push_str(&tls_listener_config(*port, files));
         }
@@ -302,6 +351,11 @@ fn missing_mosquitto() -> String {
 /// `DOORBRIDGE_SKIP_MOSQUITTO=1` is set. Without that variable a missing mosquitto fails the test.
 pub fn mosquitto_or_skip(test: &str) -> Option<Mosquitto> {
     or_skip(test, Mosquitto::start)
+}
+
+/// [`mosquitto_or_skip`] for [`Mosquitto::start_uncapped`].
+pub fn mosquitto_uncapped_or_skip(test: &str) -> Option<Mosquitto> {
+    or_skip(test, Mosquitto::start_uncapped)
 }
 
 /// [`mosquitto_or_skip`] for [`Mosquitto::start_with_tls`].

@@ -141,6 +141,27 @@ door = "main"
         std::fs::write(&self.config, out).expect("write the configuration");
     }
 
+    /// Lists several brokers in `cloud.url`, tried in this order.
+    pub fn set_brokers(&self, urls: &[String]) {
+        let text = std::fs::read_to_string(&self.config).expect("read the configuration");
+        let list = urls
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let out: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("url = ") {
+                    format!("url = [{list}]")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, out.join("\n") + "\n").expect("write the configuration");
+    }
+
     pub fn reader(&self) -> Reader {
         Reader::open(&self.db).expect("the store opens read-only")
     }

@@ -574,3 +574,76 @@ async fn unit_settings_are_pushed_now_or_when_the_unit_is_back() {
     assert_eq!(got.name.as_deref(), Some("Haus 12"));
     b.stop().await;
 }
+
+/// Anyone with publish rights on one of a gateway's topics can send it a message too big to
+/// read; with a persistent session the broker would send it again at every connect. The link
+/// must drop it (a clean session), say so, and go on taking key updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_big_to_read_is_dropped_reported_and_the_next_delta_applies() {
+    use doorbridge::cloud::link::UNREADABLE;
+    use doorbridge::cloud::refusals::PER_WINDOW;
+
+    let broker = RumqttdBroker::start_with(32 << 20);
+    let mut cloud = Cloud::connect(&broker.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = Building::open_with_cloud(dir, 1, "", &cloud_section(&broker.url())).await;
+    cloud.online().await;
+    cloud.snapshot(1, &[]).await;
+    cloud.applied(1).await;
+    let mut version = 1;
+    let mut refused = 0;
+    for channel in Channel::INBOUND {
+        for size in [2 << 20, 16 << 20] {
+            crate::broker::publish_oversized(&broker.url(), &topics().topic(channel), size).await;
+            // The link is back, subscribed again, and asks for what was dropped with the
+            // message (sent after the new subscriptions: a delta from now on reaches it)...
+            cloud
+                .report(&format!("the resync after {size} bytes on {}", channel.suffix()), |r| {
+                    matches!(r, Report::Resync { reason, .. } if reason.contains("could not be read"))
+                })
+                .await;
+            refused += 1;
+            // ... and the refusal is reported (up to the coalescing limit per minute).
+            if refused <= PER_WINDOW {
+                let r = cloud
+                    .report(
+                        &format!("the refusal of {size} bytes on {}", channel.suffix()),
+                        |r| matches!(r, Report::Rejected { channel, .. } if channel == UNREADABLE),
+                    )
+                    .await;
+                assert!(
+                    matches!(&r, Report::Rejected { reason, .. } if reason.contains("bytes, over the gateway's")),
+                    "{r:?}"
+                );
+            }
+            // The next delta applies.
+            let pin = format!("{:04}", 1000 + version);
+            let k = key(
+                &format!("k{version}"),
+                CredentialKind::Pin,
+                &pin,
+                UseLimit::Unlimited,
+            );
+            cloud.delta(version, version + 1, &[k], &[]).await;
+            version += 1;
+            cloud.applied(version).await;
+        }
+    }
+    assert_eq!(held(&b), (version, version - 1));
+    let records = b
+        .records_until(|r| {
+            r.iter()
+                .filter(
+                    |r| matches!(r, Record::CloudRejected { channel, .. } if channel == UNREADABLE),
+                )
+                .count()
+                >= 10
+        })
+        .await;
+    let unreadable = records
+        .iter()
+        .filter(|r| matches!(r, Record::CloudRejected { channel, .. } if channel == UNREADABLE))
+        .count();
+    assert_eq!(unreadable, 10);
+    b.stop().await;
+}

@@ -18,7 +18,9 @@ use doorbridge::sim::cloud::CloudClient;
 use ed25519_dalek::SigningKey;
 use jiff::Timestamp;
 
-use crate::broker::{Mosquitto, Proxy, mosquitto_or_skip};
+use crate::broker::{
+    Mosquitto, Proxy, mosquitto_or_skip, mosquitto_uncapped_or_skip, publish_oversized,
+};
 use crate::fixtures::{self, SALT};
 use crate::gateway::{Cloud, Daemon, Home, WAIT, cloud_key, keys};
 
@@ -503,4 +505,107 @@ async fn forged_and_rolled_back_sets_are_refused_over_mosquitto() {
     cloud.publish_delta(cloud.delta(5, 6, &[], &["k1"])).await;
     cloud.reports.applied(6, WAIT).await;
     assert!(home.by_pin("k1").expect("k1").revoked);
+}
+
+/// mosquitto takes a message of any size unless told otherwise, and redelivers it to a
+/// persistent session at every connect: 2 MiB and 16 MiB on each of the gateway's inbound
+/// topics must neither keep the real daemon off the broker nor stop the next delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_on_every_inbound_topic_leave_the_link_up_through_mosquitto() {
+    use doorbridge::cloud::link::UNREADABLE;
+    let Some(broker) = mosquitto_uncapped_or_skip(
+        "oversized_messages_on_every_inbound_topic_leave_the_link_up_through_mosquitto",
+    ) else {
+        return;
+    };
+    let home = link_home(&broker.url());
+    let (mut daemon, mut cloud) = gateway_with(&broker, &home, 1, &keys("k", 10)).await;
+    let mut version = 1;
+    for channel in Channel::INBOUND {
+        for size in [2 << 20, 16 << 20] {
+            let started = Instant::now();
+            publish_oversized(&broker.url(), &home.topics.topic(channel), size).await;
+            let what = format!("the resync after {size} bytes on {}", channel.suffix());
+            cloud
+                .reports
+                .next(&what, WAIT, |_, r| {
+                    matches!(r, Report::Resync { reason, .. } if reason.contains("could not be read"))
+                })
+                .await;
+            let back = started.elapsed();
+            let delta = cloud.delta(version, version + 1, &keys(&format!("v{version}-"), 1), &[]);
+            cloud.publish_delta(delta).await;
+            version += 1;
+            cloud.reports.applied(version, WAIT).await;
+            eprintln!(
+                "{size} bytes on {}: back and resyncing after {back:?}",
+                channel.suffix()
+            );
+        }
+    }
+    let reported = cloud
+        .reports
+        .received()
+        .iter()
+        .filter(|(_, r)| matches!(r, Report::Rejected { channel, .. } if channel == UNREADABLE))
+        .count();
+    // Up to ten refusals a minute are reported one by one; the rest are counted (coalesced).
+    assert!(reported >= 10, "{reported} refusals reported");
+    assert_eq!(home.held().0, version);
+    daemon.assert_serving().await;
+    daemon.terminate().await;
+}
+
+/// `cloud.url` lists a dead node and two brokers: the gateway skips the dead one at start,
+/// moves to the next broker at once when its broker dies (not after a backoff), and comes back
+/// to the first when that one returns and the second dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_several_brokers_the_gateway_moves_to_the_next_at_once() {
+    let Some(mut first) =
+        mosquitto_or_skip("with_several_brokers_the_gateway_moves_to_the_next_at_once")
+    else {
+        return;
+    };
+    let mut second = Mosquitto::start();
+    let dead = format!("mqtt://127.0.0.1:{}", crate::broker::free_port());
+    let home = link_home(&first.url());
+    home.set_brokers(&[dead, first.url(), second.url()]);
+    let mut on_first = Cloud::connect(&first.url(), &home, "cloud-1").await;
+    let mut on_second = Cloud::connect(&second.url(), &home, "cloud-2").await;
+    let started = Instant::now();
+    let mut daemon = Daemon::start(&home);
+    on_first.reports.state(Presence::Online, Some(0)).await;
+    let past_the_dead_node = started.elapsed();
+    on_first.install(1, &keys("k", 10)).await;
+
+    // The first broker dies: the gateway is on the second at once, and takes a delta there.
+    let died = Instant::now();
+    first.stop();
+    on_second.reports.state(Presence::Online, Some(1)).await;
+    let failover = died.elapsed();
+    on_second
+        .publish_delta(on_second.delta(1, 2, &keys("d", 1), &[]))
+        .await;
+    on_second.reports.applied(2, WAIT).await;
+    let delta_applied = died.elapsed();
+
+    // Everything down, then the first returns: found within the bounded backoff (10 s, 12.5 s
+    // with jitter), not the minute it used to take.
+    let all_down = Instant::now();
+    second.stop();
+    first.start_again();
+    let mut on_first = Cloud::connect(&first.url(), &home, "cloud-1b").await;
+    let returned = all_down.elapsed();
+    on_first.reports.state(Presence::Online, Some(2)).await;
+    let found = all_down.elapsed();
+    eprintln!(
+        "several brokers: online past a dead first node {past_the_dead_node:?} after start; \
+         online on the second {failover:?} after the first died, its delta applied after \
+         {delta_applied:?}; all down, the first back after {returned:?} and found after {found:?}"
+    );
+    assert!(
+        daemon.count(&["lost the broker connection"]) >= 2,
+        "the daemon logs each lost connection"
+    );
+    daemon.terminate().await;
 }

@@ -39,9 +39,14 @@ pub fn accepts(port: u16) -> bool {
 /// A rumqttd configuration with one MQTT 3.1.1 listener on 127.0.0.1:`port`, sized for key-set
 /// snapshots of 100,000 keys (about 1,000 chunks of at most 128 KiB on one topic).
 pub fn rumqttd_config(port: u16) -> rumqttd::Config {
+    rumqttd_config_with(port, MAX_PACKET)
+}
+
+/// [`rumqttd_config`] taking publishes of up to `max_payload` bytes.
+pub fn rumqttd_config_with(port: u16, max_payload: usize) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
-        max_payload_size: MAX_PACKET,
+        max_payload_size: max_payload,
         max_inflight_count: 500,
         auth: None,
         external_auth: None,
@@ -84,11 +89,16 @@ pub struct RumqttdBroker {
 impl RumqttdBroker {
     /// Starts a broker on a free port and returns once it accepts TCP connections.
     pub fn start() -> RumqttdBroker {
+        Self::start_with(MAX_PACKET)
+    }
+
+    /// [`RumqttdBroker::start`] taking publishes of up to `max_payload` bytes.
+    pub fn start_with(max_payload: usize) -> RumqttdBroker {
         // The port is picked before rumqttd binds it, so another process may take it in between:
         // then rumqttd's server thread ends, and a new port is tried.
         for _ in 0..5 {
             let port = free_port();
-            let config = rumqttd_config(port);
+            let config = rumqttd_config_with(port, max_payload);
             let thread = thread::Builder::new()
                 .name(format!("rumqttd-{port}"))
                 .spawn(move || {
