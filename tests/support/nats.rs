@@ -8,8 +8,10 @@
 //! directory; every port (client, route, MQTT, HTTP monitoring) is a free one. A node restarted
 //! with [`NatsCluster::restart`] gets the same ports and store, as a rebooted machine would.
 //!
-//! Readiness is a condition, not a delay: every node answers `/healthz` with `ok` (`JetStream`
-//! current), has a route to every other node (`/routez`), and accepts an MQTT CONNECT.
+//! Readiness is a condition, not a delay: every node has a route to every other node
+//! (`/routez`), its `JetStream` is current (`/healthz?js-server-only=true`: not every stream and
+//! consumer, which a restarted node may take a minute to catch up on), and it accepts an MQTT
+//! CONNECT.
 //!
 //! Included with `#[path]` by a module that has `free_port` (from `tests/support/brokers.rs`) in
 //! scope.
@@ -26,6 +28,8 @@ use super::free_port;
 
 /// How long a cluster (or a restarted node) may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
+/// How many lines of each node's log a failure shows.
+const LOG_TAIL: usize = 40;
 
 /// What a test says when `nats-server` is not installed.
 pub const MISSING: &str = "nats-server is not installed (looked on PATH and at \
@@ -186,6 +190,23 @@ impl NatsCluster {
         })
     }
 
+    /// The last `n` lines of every node's log, each under its name.
+    pub fn tails(&self, n: usize) -> String {
+        (0..self.nodes.len()).fold(String::new(), |mut text, i| {
+            let log = self.log(i);
+            let lines: Vec<&str> = log.lines().collect();
+            let _ = write!(
+                text,
+                "\n--- nats-server {} (last {n} lines) ---\n",
+                self.nodes[i].name
+            );
+            for line in &lines[lines.len().saturating_sub(n)..] {
+                let _ = writeln!(text, "{line}");
+            }
+            text
+        })
+    }
+
     /// What node `i` logged so far.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.nodes[i].log()).unwrap_or_default()
@@ -265,25 +286,19 @@ mqtt {{
                 let http = self.nodes[i].http;
                 get_json(http, "/routez")
                     .is_some_and(|r| r["num_routes"].as_u64().is_some_and(|n| n >= routes as u64))
-                    && get_json(http, "/healthz").is_some_and(|h| h["status"] == "ok")
+                    && get_json(http, "/healthz?js-server-only=true")
+                        .is_some_and(|h| h["status"] == "ok")
             }) && running
                 .iter()
                 .all(|&i| mqtt_connects(self.nodes[i].mqtt, &format!("ready-{i}")));
             if ready {
                 return true;
             }
-            if Instant::now() > deadline {
-                let logs = running.iter().fold(String::new(), |mut text, &i| {
-                    let log = self.log(i);
-                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    let _ = write!(text, "\n--- {} ---\n", self.nodes[i].name);
-                    for line in tail.into_iter().rev() {
-                        let _ = writeln!(text, "{line}");
-                    }
-                    text
-                });
-                panic!("the NATS cluster was not ready within {READY_WITHIN:?}:{logs}");
-            }
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster was not ready within {READY_WITHIN:?}:{}",
+                self.tails(LOG_TAIL)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -296,6 +311,9 @@ impl Drop for NatsCluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.tails(LOG_TAIL));
         }
     }
 }
