@@ -606,6 +606,16 @@ async fn group_commit(units: u8, run_for: Duration) -> GroupCommit {
                             secret: format!("qr-{n:02}").into_bytes(),
                             now: jiff::Timestamp::now(),
                             clock_synced: true,
+                            // As the door bus sends them: each answer is kept for its
+                            // retransmissions.
+                            retransmit: Some(doorbridge::store::Retransmit {
+                                fingerprint: {
+                                    let mut f = [0; 32];
+                                    f[..4].copy_from_slice(&count.to_be_bytes());
+                                    f
+                                },
+                                boot_id: Some(1),
+                            }),
                         })
                         .await
                         .expect("a decision");

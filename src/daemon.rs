@@ -95,6 +95,7 @@ pub fn store_options(config: &Config) -> StoreOptions {
     options.max_size = (config.storage.max_size != 0).then_some(config.storage.max_size);
     options.outbox_max_records = Some(config.storage.outbox_max_records);
     options.outbox_max_bytes = Some(config.storage.outbox_max_bytes);
+    options.reserve = config.storage.reserve;
     options
 }
 
@@ -137,10 +138,21 @@ pub async fn serve_with(
     let mut status = tokio::time::interval(STATUS_EVERY);
     status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut store_health = running.store.health_handle();
     loop {
         tokio::select! {
             // SIGTERM or SIGINT (systemctl stop, Ctrl-C), or the caller's own signal.
             () = &mut shutdown => break,
+            // The idle integrity check found the database damaged: serve on a fresh one
+            // (opening moves the file aside and salvages unsent records and use counts).
+            () = store_health.damage_found.notified() => {
+                tracing::error!("the database is damaged: restarting the gateway's tasks on a fresh one");
+                let config = running.config.clone();
+                running.stop().await;
+                let store = open_store(&config).await?;
+                running = Running::start(config, store).await;
+                store_health = running.store.health_handle();
+            }
             // SIGHUP: read the configuration again and apply what can change while running.
             Some(()) = next_reload(&mut supervision.reloads) => running.reload(&supervision).await,
             // Are the tasks alive? Then reset systemd's watchdog.

@@ -429,6 +429,13 @@ fn progress() -> impl FnMut(u32, u32) {
 
 /// Prints `error` to stderr: every configuration problem, or the whole chain of causes.
 fn report(error: &anyhow::Error) -> ExitCode {
+    // The reader went away (`keys list | head`): nothing to say, as any Unix filter.
+    if error.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    }) {
+        return ExitCode::SUCCESS;
+    }
     let mut stderr = std::io::stderr().lock();
     // Nothing sensible is left to do if stderr itself fails.
     if let Some(errors) = error.downcast_ref::<ConfigErrors>() {

@@ -12,7 +12,7 @@ use std::io::Write;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 
-use crate::access::{CredentialKind, KeyRules, UseLimit};
+use crate::access::{CredentialKind, KeyRules, Schedule, UseLimit, Window};
 use crate::control::{Event, Status};
 use crate::store::{Reader, Record, StoreError};
 
@@ -156,11 +156,52 @@ pub fn offline_status(reader: &Reader) -> Result<serde_json::Value, StoreError> 
 }
 
 fn limit(rules: &KeyRules) -> String {
-    match &rules.use_limit {
+    match rules.use_limit {
         UseLimit::Unlimited => "unlimited".into(),
-        other => serde_json::to_value(other)
-            .map(|v| v.to_string())
-            .unwrap_or_default(),
+        UseLimit::Total(1) => "single use".into(),
+        UseLimit::Total(n) => format!("{n} uses"),
+        UseLimit::PerDoor(n) => format!("{n} uses per door"),
+    }
+}
+
+/// What a key's state is at `now`, for people: revoked, expired, not yet valid, or blank.
+fn key_state(rules: &KeyRules, now: Timestamp) -> &'static str {
+    if rules.revoked {
+        "REVOKED"
+    } else if rules.valid_until.is_some_and(|u| now >= u) {
+        "EXPIRED"
+    } else if rules.valid_from.is_some_and(|f| now < f) {
+        "NOT YET VALID"
+    } else {
+        ""
+    }
+}
+
+/// A schedule, for people: `always`, `daily 08:00–18:00`, `Mon,Fri 22:00–02:00`.
+fn schedule_text(schedule: &Schedule) -> String {
+    let window = |w: &Window| {
+        format!(
+            "{}\u{2013}{}",
+            w.start.strftime("%H:%M"),
+            w.end.strftime("%H:%M")
+        )
+    };
+    match schedule {
+        Schedule::Always => "always".into(),
+        Schedule::Daily { window: w } => format!("daily {}", window(w)),
+        Schedule::Weekly { days, window: w } => {
+            let names = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+            let listed: Vec<&str> = names
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| days.0 & (1 << i) != 0)
+                .map(|(_, n)| *n)
+                .collect();
+            match w {
+                Some(w) => format!("{} {}", listed.join(","), window(w)),
+                None => listed.join(","),
+            }
+        }
     }
 }
 
@@ -190,8 +231,14 @@ fn key_json(reader: &Reader, rules: &KeyRules) -> Result<serde_json::Value, Stor
 /// `keys list`: every key of the live set, one line (or one JSON object) each, in id order.
 pub fn keys_list(reader: &Reader, json: bool, out: &mut impl Write) -> Result<(), OutputError> {
     let set = reader.key_set()?;
+    let now = Timestamp::now();
     if !json {
         writeln!(out, "key set version {}, {} keys", set.version, set.keys)?;
+        writeln!(
+            out,
+            "{:<24} {:<10} {:<20} {:<18} {:<20} STATE",
+            "ID", "CATEGORY", "DOORS", "USES", "SCHEDULE"
+        )?;
     }
     let mut after = String::new();
     loop {
@@ -204,18 +251,16 @@ pub fn keys_list(reader: &Reader, json: bool, out: &mut impl Write) -> Result<()
             if json {
                 writeln!(out, "{}", key_json(reader, rules)?)?;
             } else {
-                writeln!(
-                    out,
-                    "{:<24} {:<10} {:<20} {}{}",
+                let line = format!(
+                    "{:<24} {:<10} {:<20} {:<18} {:<20} {}",
                     rules.id,
-                    serde_json::to_value(rules.category)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
+                    rules.category.as_str(),
                     rules.doors.join(","),
                     limit(rules),
-                    if rules.revoked { "  REVOKED" } else { "" }
-                )?;
+                    schedule_text(&rules.schedule),
+                    key_state(rules, now)
+                );
+                writeln!(out, "{}", line.trim_end())?;
             }
         }
     }
@@ -233,15 +278,82 @@ pub fn key_show(
     let Some(rules) = reader.key(id)? else {
         return Ok(false);
     };
-    let value = key_json(reader, &rules)?;
     if json {
-        writeln!(out, "{value}")?;
-    } else {
-        writeln!(
-            out,
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        )?;
+        writeln!(out, "{}", key_json(reader, &rules)?)?;
+        return Ok(true);
+    }
+    let when = |t: Option<Timestamp>| t.map_or_else(|| "-".to_owned(), |t| t.to_string());
+    let credentials: Vec<String> = reader
+        .credential_counts(&rules.id)?
+        .into_iter()
+        .map(|(kind, n)| {
+            let kind = CredentialKind::from_code(kind).map_or("?", CredentialKind::as_str);
+            format!("{n} {kind}")
+        })
+        .collect();
+    let uses: Vec<String> = reader
+        .uses(&rules.id)?
+        .into_iter()
+        .map(|(door, n)| {
+            if door.is_empty() {
+                format!("{n} in total")
+            } else {
+                format!("{n} at {door}")
+            }
+        })
+        .collect();
+    let state = key_state(&rules, Timestamp::now());
+    let rows = [
+        ("id", rules.id.clone()),
+        ("name", rules.name.clone()),
+        ("category", rules.category.as_str().to_owned()),
+        ("doors", rules.doors.join(", ")),
+        (
+            "inner doors",
+            if rules.opens_inner_door {
+                "also opens"
+            } else {
+                "no"
+            }
+            .to_owned(),
+        ),
+        ("valid from", when(rules.valid_from)),
+        ("valid until", when(rules.valid_until)),
+        ("schedule", schedule_text(&rules.schedule)),
+        ("use limit", limit(&rules)),
+        (
+            "used",
+            if uses.is_empty() {
+                "never".to_owned()
+            } else {
+                uses.join(", ")
+            },
+        ),
+        ("credentials", credentials.join(", ")),
+        (
+            "welcome",
+            rules.welcome.clone().unwrap_or_else(|| "-".to_owned()),
+        ),
+        (
+            "floors",
+            if rules.floors.is_empty() {
+                "-".to_owned()
+            } else {
+                rules
+                    .floors
+                    .iter()
+                    .map(i16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
+        (
+            "state",
+            if state.is_empty() { "valid" } else { state }.to_owned(),
+        ),
+    ];
+    for (name, value) in rows {
+        writeln!(out, "{name:<12} {value}")?;
     }
     Ok(true)
 }
@@ -291,6 +403,45 @@ pub fn event_line(e: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_read_like_people_say_them() {
+        use crate::access::{Category, WeekdaySet};
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let time = |s: &str| s.parse::<jiff::civil::Time>().unwrap();
+        let mut rules = KeyRules {
+            id: "k".into(),
+            name: "K".into(),
+            category: Category::Delivery,
+            doors: vec!["main".into()],
+            opens_inner_door: false,
+            valid_from: Some(t("2026-12-01T00:00:00Z")),
+            valid_until: Some(t("2026-12-10T00:00:00Z")),
+            schedule: Schedule::Weekly {
+                days: WeekdaySet(0b001_0001),
+                window: Some(Window {
+                    start: time("22:00"),
+                    end: time("02:00"),
+                }),
+            },
+            use_limit: UseLimit::Total(1),
+            welcome: None,
+            floors: Vec::new(),
+            revoked: false,
+        };
+        assert_eq!(limit(&rules), "single use");
+        assert_eq!(schedule_text(&rules.schedule), "Mon,Fri 22:00\u{2013}02:00");
+        assert_eq!(
+            key_state(&rules, t("2026-11-30T00:00:00Z")),
+            "NOT YET VALID"
+        );
+        assert_eq!(key_state(&rules, t("2026-12-05T00:00:00Z")), "");
+        assert_eq!(key_state(&rules, t("2026-12-10T00:00:00Z")), "EXPIRED");
+        rules.revoked = true;
+        assert_eq!(key_state(&rules, t("2026-12-05T00:00:00Z")), "REVOKED");
+        rules.use_limit = UseLimit::PerDoor(2);
+        assert_eq!(limit(&rules), "2 uses per door");
+    }
 
     #[test]
     fn ages_read_like_people_say_them() {

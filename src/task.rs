@@ -1,17 +1,52 @@
 //! Small pieces every long-running task shares: the stop flag, jittered waits, and whether the
 //! system clock is synchronised.
 
-use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-/// systemd-timesyncd's flag file: present while the clock is synchronised.
-const TIMESYNC_FLAG: &str = "/run/systemd/timesync/synchronized";
+/// The kernel's largest estimated error of a synchronised clock, in microseconds: at 16 s
+/// (`NTP_PHASE_LIMIT`) the kernel itself gives the clock up as unsynchronised.
+const MAX_SYNCED_ERROR_US: i64 = 16_000_000;
 
-/// Whether the system clock is NTP-synchronised now (so it may advance the trusted-time mark).
+/// Whether the system clock is NTP-synchronised now (so it may advance the trusted-time mark),
+/// as the kernel knows it: every NTP daemon (systemd-timesyncd, chrony, ntpd) disciplines the
+/// clock through `adjtimex`, which keeps the clock's maximum error small while it does and
+/// grows it by 500 ppm of elapsed time once it stops. Synchronised when that error is under
+/// 16 s, the rule `timedatectl` uses; `STA_UNSYNC` alone is not trusted (some daemons set it to
+/// keep the kernel from writing the RTC).
 pub fn clock_synced() -> bool {
-    Path::new(TIMESYNC_FLAG).exists()
+    kernel_clock().is_some_and(|c| synced(&c))
+}
+
+/// What `adjtimex` says of the clock: its state, status flags and maximum error (µs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelClock {
+    pub state: i32,
+    pub status: i32,
+    pub maxerror_us: i64,
+}
+
+/// The rule of [`clock_synced`], pure.
+pub fn synced(clock: &KernelClock) -> bool {
+    clock.state != libc::TIME_ERROR && clock.maxerror_us < MAX_SYNCED_ERROR_US
+}
+
+/// Reads the kernel's clock state (`adjtimex` with no change requested).
+pub fn kernel_clock() -> Option<KernelClock> {
+    // SAFETY: `timex` is plain old data, zeroed is a valid value; `modes = 0` asks adjtimex
+    // to read only, and the pointer is to a live, exclusively borrowed struct.
+    #[allow(unsafe_code)]
+    let (state, tx) = unsafe {
+        let mut tx: libc::timex = std::mem::zeroed();
+        tx.modes = 0;
+        (libc::adjtimex(&raw mut tx), tx)
+    };
+    (state >= 0).then_some(KernelClock {
+        state,
+        status: tx.status,
+        maxerror_us: tx.maxerror,
+    })
 }
 
 /// `d` give or take a quarter, so that buses and gateways that failed together do not retry
@@ -30,6 +65,26 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_is_synced_by_the_kernels_maximum_error() {
+        let clock = |state, maxerror_us| KernelClock {
+            state,
+            status: 0,
+            maxerror_us,
+        };
+        assert!(synced(&clock(libc::TIME_OK, 25_000)), "chrony, a few ms");
+        assert!(
+            !synced(&clock(libc::TIME_ERROR, 25_000)),
+            "the kernel says unsynchronised"
+        );
+        assert!(
+            !synced(&clock(libc::TIME_OK, 16_000_000)),
+            "the error grew to the limit"
+        );
+        // Whatever this machine says, asking works.
+        assert!(kernel_clock().is_some());
+    }
 
     #[test]
     fn jitter_stays_within_a_quarter() {

@@ -1,6 +1,6 @@
 //! What the load-harness benches share (`benches/bus.rs`, `benches/cloud.rs`, `benches/idle.rs`,
-//! `benches/uplink.rs`): keys and their installation, the real daemon binary (or any child) with
-//! its `/proc` counters, number formatting, the machine's description and the writing of one
+//! `benches/uplink.rs`, `benches/fleet.rs`): keys and their installation, the real daemon
+//! binary (or any child) with its `/proc` counters, number formatting, the machine's description and the writing of one
 //! section of `docs/performance.md`.
 //!
 //! The brokers are in `tests/support/brokers.rs`, shared with the integration tests.
@@ -380,6 +380,11 @@ impl Daemon {
         cpu_of(
             &std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default(),
         )
+    }
+
+    /// Whether it is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Bytes written to stderr so far.

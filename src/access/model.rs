@@ -156,6 +156,7 @@ impl fmt::Debug for CredentialDigest {
 
 /// A credential as held in a key set: its kind and digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Credential {
     pub kind: CredentialKind,
     pub digest: CredentialDigest,
@@ -165,6 +166,7 @@ pub struct Credential {
 /// When `end <= start` the window crosses midnight and belongs to the day it starts on.
 /// `start == end` is rejected by [`Schedule::validate`]: use no window for a whole day.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Window {
     pub start: Time,
     pub end: Time,
@@ -204,7 +206,7 @@ impl WeekdaySet {
 
 /// When in the week a key works (seed 000 "recurring", seed 001 repeat mode).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "repeat", rename_all = "snake_case")]
+#[serde(tag = "repeat", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Schedule {
     /// No time-of-day limit (repeat mode "Never": only the validity bounds apply).
     Always,
@@ -238,7 +240,12 @@ impl Schedule {
 
 /// How often a key may open doors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "limit", content = "uses", rename_all = "snake_case")]
+#[serde(
+    tag = "limit",
+    content = "uses",
+    rename_all = "snake_case",
+    deny_unknown_fields
+)]
 pub enum UseLimit {
     /// No limit (seed 000 "unlimited key").
     Unlimited,
@@ -256,6 +263,7 @@ impl UseLimit {
 
 /// Everything the engine needs to judge a key, apart from its credentials.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeyRules {
     /// The cloud's id for the key; stable across edits.
     pub id: String,
@@ -290,6 +298,7 @@ impl KeyRules {
 
 /// A key as held in a key set.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Key {
     pub rules: KeyRules,
     pub credentials: Vec<Credential>,
@@ -391,6 +400,24 @@ impl DenyReason {
         Self::ALL.into_iter().find(|r| r.code() == code)
     }
 
+    /// The reason's name on the wire, in activity records and command results alike
+    /// (`used_up`): the same as its serde name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenyReason::UnknownCredential => "unknown_credential",
+            DenyReason::NotYetValid => "not_yet_valid",
+            DenyReason::Expired => "expired",
+            DenyReason::OutsideSchedule => "outside_schedule",
+            DenyReason::WrongDoor => "wrong_door",
+            DenyReason::UsedUp => "used_up",
+            DenyReason::Revoked => "revoked",
+            DenyReason::ClockUntrusted => "clock_untrusted",
+            DenyReason::LockedOut => "locked_out",
+            DenyReason::NotRecorded => "not_recorded",
+        }
+    }
+
+    /// The reason in words, for people (`used up`).
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::UnknownCredential => "unknown credential",
@@ -444,6 +471,20 @@ impl Decision {
         match self {
             Decision::Grant(_) => None,
             Decision::Deny { reason } => Some(*reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DenyReason;
+
+    #[test]
+    fn a_deny_reason_has_one_name_on_the_wire() {
+        for reason in DenyReason::ALL {
+            let serde = serde_json::to_string(&reason).unwrap();
+            assert_eq!(serde, format!("\"{}\"", reason.name()));
+            assert_eq!(reason.as_str().replace(' ', "_"), reason.name());
         }
     }
 }

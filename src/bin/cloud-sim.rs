@@ -22,6 +22,7 @@ use doorbridge::cloud::sync::DEFAULT_COMMAND_LIFETIME;
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::Batch;
 use doorbridge::sim::cloud::{CloudClient, RecordLedger, decode_report, hex, record_json};
+use doorbridge::sim::durable::{DurableSubscriber, Update};
 use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 
@@ -157,8 +158,22 @@ enum Command {
     },
     /// Receive the records gateways upload (activity, door events, alarms, battery
     /// readings), each once: print every new record as a JSON line
-    /// {"gateway","seq","class","record"}, count duplicates (same gateway and seq) and, at the
-    /// end, print on stderr how many arrived and which sequence numbers are missing
+    /// {"gateway","epoch","seq","class","record"}, count duplicates (same gateway, epoch and
+    /// seq) and, at the end, print on stderr how many arrived and which sequence numbers are
+    /// missing; rides out broker outages; --share splits a fleet between several consumers
+    ///
+    /// Broker outages: the session is persistent (clean session off, one client id for the
+    /// whole run), so the broker queues batches while the connection is down. records says on
+    /// stderr when it lost the broker, reconnects with a backoff (0.5 s doubling to 5 s,
+    /// jittered) and says when it regained it; what it printed before is not printed again. A
+    /// batch is acknowledged to the broker only after its records are written and flushed,
+    /// so a batch in flight during a cut is delivered again, not lost. Only the first
+    /// connection must succeed.
+    ///
+    /// Several consumers: with --share GROUP the broker hands each batch to one member of the
+    /// group (an MQTT shared subscription). Each member prints its share and, at the end, what
+    /// it received; whether anything is missing is for `cloud-sim check` over the members'
+    /// merged output.
     Records(RecordsArgs),
     /// Check a JSON-lines file written by `records` for duplicates and missing sequence
     /// numbers; exit 1 if any are missing
@@ -183,15 +198,43 @@ struct RecordsArgs {
     /// Stop once N distinct records have arrived
     #[arg(long, value_name = "N")]
     count: Option<u64>,
-    /// Stop after this long without a new record, e.g. 10s
+    /// Stop after this long without a message while connected, e.g. 10s (time without the
+    /// broker does not count)
     #[arg(long, value_name = "DURATION", value_parser = parse_std_duration)]
     idle: Option<Duration>,
-    /// Exit with status 1 when a gateway's records have gaps
+    /// Exit with status 1 when a gateway's records have gaps (not with --share)
     #[arg(long)]
     check: bool,
-    /// The MQTT client id [default: cloud-sim-records-<pid>]
+    /// Join the shared-subscription group GROUP: subscribe to $share/GROUP/PREFIX/+/+/records,
+    /// so that the broker hands each batch to one member and the members split the records.
+    ///
+    /// A member sees only its share: its summary counts what it received and its duplicates
+    /// and names no gaps (a gap may be another member's share); merge the members' outputs
+    /// and run `cloud-sim check` on them. Each member deduplicates what it sees; a batch a
+    /// gateway sends again (after its own reconnect) may reach another member, so the merged
+    /// output can hold a record twice, which `check` counts as a duplicate. Give each member
+    /// its own --client-id (or none). Brokers: mosquitto 2, EMQX and rumqttd accept $share from
+    /// MQTT 3.1.1 clients (rumqttd 0.20 with a caveat: docs/cloud-sim.md); NATS 2.9 does not
+    /// (it takes $share/... as an ordinary topic filter: nothing arrives), so against NATS run
+    /// a single consumer.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group, conflicts_with = "check")]
+    share: Option<String>,
+    /// The MQTT client id, which names the persistent session [default:
+    /// cloud-sim-records-<pid>, whose session is removed at exit]. Given an id, the session is
+    /// kept at exit and the broker queues batches for the next run under the same id (run it
+    /// with the same --prefix, --gateway and --share: the session keeps its subscription)
     #[arg(long, value_name = "ID")]
     client_id: Option<String>,
+}
+
+/// A shared-subscription group name: one topic level, no wildcards.
+fn parse_group(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.contains(['/', '+', '#']) {
+        return Err(format!(
+            "{text:?}: a group is a non-empty name without '/', '+' or '#'"
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,12 +437,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn resync(conn: &Connection) -> anyhow::Result<()> {
     let (signer, topics, client) = connect(conn).await?;
     let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
-    let command = build::resync(&conn.target.target(), issued_at, &signer);
+    let id = format!("cloud-sim-{}", issued_at.as_millisecond());
+    let command = build::resync(&conn.target.target(), Some(&id), issued_at, &signer);
     client
         .publish_command(&topics, Channel::Resync, command)
         .await?;
     client.disconnect().await?;
-    println!("{}: resync", topics.topic(Channel::Resync));
+    println!("{}: resync {id}", topics.topic(Channel::Resync));
     Ok(())
 }
 
@@ -407,7 +451,8 @@ fn parse_std_duration(text: &str) -> Result<Duration, String> {
     doorbridge::config::values::parse_duration(text)
 }
 
-/// `cloud-sim records`: receives, deduplicates and prints uploaded records.
+/// `cloud-sim records`: receives, deduplicates and prints uploaded records, through broker
+/// outages (`doorbridge::sim::durable`).
 async fn records(args: RecordsArgs) -> anyhow::Result<()> {
     let RecordsArgs {
         url,
@@ -416,51 +461,99 @@ async fn records(args: RecordsArgs) -> anyhow::Result<()> {
         count,
         idle,
         check,
+        share,
         client_id,
     } = args;
-    let filter = format!(
+    let topics = format!(
         "{prefix}/+/{}/{}",
         gateway.as_deref().unwrap_or("+"),
         Channel::Records.suffix()
     );
+    let filter = match &share {
+        Some(group) => format!("$share/{group}/{topics}"),
+        None => topics,
+    };
+    // A session under an id of our own making is never taken up again: removed at exit, so
+    // the broker does not queue every record for it forever.
+    let forget_session = client_id.is_none();
     let client_id =
         client_id.unwrap_or_else(|| format!("cloud-sim-records-{}", std::process::id()));
-    let (url, filter) = (url.as_str(), filter.as_str());
-    let client = CloudClient::connect(url, &client_id).await?;
-    let mut rx = client.subscribe(filter).await?;
+    let mut subscriber = DurableSubscriber::connect(&url, &client_id, &filter).await?;
     eprintln!("cloud-sim: receiving records on {filter} from {url}");
     let mut ledger = RecordLedger::default();
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
-    let idle = idle.unwrap_or(Duration::MAX);
+    let idle_deadline = || idle.and_then(|d| tokio::time::Instant::now().checked_add(d));
+    // When to stop for --idle; none while the broker is away.
+    let mut stop_at = idle_deadline();
+    let mut lost_at = None;
     while count.is_none_or(|n| ledger.unique() < n) {
         tokio::select! {
-            // A batch from a gateway.
-            message = rx.recv() => {
-                let Some((topic, payload)) = message else {
-                    bail!("the connection to the broker closed");
-                };
-                match Batch::decode(&payload) {
-                    Ok(batch) => {
-                        for r in ledger.add(&batch) {
-                            writeln!(stdout, "{}", record_json(&batch, r))?;
+            update = subscriber.next() => match update {
+                // A batch from a gateway: printed and flushed, then acknowledged.
+                Some(Update::Message(delivery)) => {
+                    match Batch::decode(delivery.payload()) {
+                        Ok(batch) => {
+                            for r in ledger.add(&batch) {
+                                writeln!(stdout, "{}", record_json(&batch, r))?;
+                            }
+                            stdout.flush()?;
                         }
-                        stdout.flush()?;
+                        // Acknowledged all the same: it would come back at every reconnect.
+                        Err(e) => eprintln!(
+                            "cloud-sim: {}: not a record batch: {e}",
+                            delivery.topic()
+                        ),
                     }
-                    Err(e) => eprintln!("cloud-sim: {topic}: not a record batch: {e}"),
+                    subscriber.ack(&delivery).await?;
+                    stop_at = idle_deadline();
                 }
-            }
+                Some(Update::Lost(reason)) => {
+                    eprintln!("cloud-sim: lost the broker ({reason}); reconnecting");
+                    lost_at = Some(std::time::Instant::now());
+                    stop_at = None;
+                }
+                Some(Update::Regained { session_present }) => {
+                    let away = lost_at.take().map(|t| t.elapsed()).unwrap_or_default();
+                    if session_present {
+                        eprintln!(
+                            "cloud-sim: regained the broker after {away:.1?}; the batches it queued follow"
+                        );
+                    } else {
+                        eprintln!(
+                            "cloud-sim: regained the broker after {away:.1?}, but it had lost the session: batches published meanwhile are gone for this consumer"
+                        );
+                    }
+                    stop_at = idle_deadline();
+                }
+                Some(Update::Refused(why)) => bail!("{why}"),
+                None => bail!("the subscriber stopped"),
+            },
             // Nothing new for a while.
-            () = tokio::time::sleep(idle) => break,
+            () = sleep_until(stop_at) => break,
             // Ctrl-C.
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.disconnect()).await;
-    eprintln!("cloud-sim: {}", ledger.summary());
+    subscriber.close(forget_session).await;
+    match &share {
+        Some(group) => eprintln!(
+            "cloud-sim: {} (this consumer's share of group {group}: `cloud-sim check` over every member's output says whether any are missing)",
+            ledger.received()
+        ),
+        None => eprintln!("cloud-sim: {}", ledger.summary()),
+    }
     if check && !ledger.gaps().is_empty() {
         bail!("records are missing");
     }
     Ok(())
+}
+
+/// Completes at `deadline`; never without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// `cloud-sim check`: gaps and duplicates in a JSON-lines file of records.

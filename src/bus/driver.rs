@@ -19,7 +19,7 @@ use super::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats,
 };
 use crate::access::{Decision, DenyReason, DoorId};
-use crate::store::{Record, Store, VerifyRequest};
+use crate::store::{Record, Retransmit, Store, VerifyRequest};
 use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit's own door is released for when it is opened by command (inner doors,
@@ -618,6 +618,10 @@ impl Served<'_> {
             secret: request.verify.value,
             now: Timestamp::now(),
             clock_synced: clock_synced(),
+            retransmit: Some(Retransmit {
+                fingerprint: request.key.fingerprint,
+                boot_id: request.key.boot_id,
+            }),
         });
         tokio::spawn(async move {
             let answer = match decided_now.await {

@@ -183,6 +183,9 @@ pub struct RequestKey {
     /// request across retransmissions; the store may keep it to recognise a retransmission
     /// that arrives after a gateway restart.
     pub fingerprint: [u8; 32],
+    /// The unit's boot id when the request came, if a status has told it: ids restart when a
+    /// unit does, so a stored answer is only reused within the same boot.
+    pub boot_id: Option<u32>,
 }
 
 /// A credential to hand to the decision engine.
@@ -936,6 +939,7 @@ impl Session {
             return;
         };
         let addr = unit.addr;
+        let boot_id = unit.boot_id;
         if let Some(entry) = lookup(&mut unit.cache, id, &fingerprint, now, ttl) {
             self.stats.repeats += 1;
             let answered = entry.answer.is_some();
@@ -966,6 +970,7 @@ impl Session {
                 unit: addr,
                 id,
                 fingerprint,
+                boot_id,
             },
             verify,
         }));

@@ -224,9 +224,15 @@ pub fn unit_settings(settings: &UnitSettings, signer: &SigningKey) -> Vec<u8> {
 
 /// Builds and signs a resync command: the gateway answers with a `resync` report naming its
 /// held version.
-pub fn resync(target: &Target, issued_at: Timestamp, signer: &SigningKey) -> Vec<u8> {
+pub fn resync(
+    target: &Target,
+    command_id: Option<&str>,
+    issued_at: Timestamp,
+    signer: &SigningKey,
+) -> Vec<u8> {
     let command = ResyncCommand {
         target: target.clone(),
+        command_id: command_id.map(str::to_owned),
         issued_at,
     };
     seal(Kind::Resync, &command.encode(), signer)
@@ -599,10 +605,14 @@ mod tests {
             ("main", "k1")
         );
 
-        let r = resync(&target(), now, &signer());
+        let r = resync(&target(), Some("r1"), now, &signer());
         let opened = open(&r, &trusted, MAX_ENVELOPE_BYTES).unwrap();
         assert_eq!(opened.kind, Kind::Resync);
-        assert_eq!(ResyncCommand::decode(&opened.body).unwrap().issued_at, now);
+        let command = ResyncCommand::decode(&opened.body).unwrap();
+        assert_eq!(
+            (command.issued_at, command.command_id.as_deref()),
+            (now, Some("r1"))
+        );
     }
 
     #[test]

@@ -56,9 +56,6 @@ use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
 const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
-/// A signed cloud time further ahead of a synchronised local clock than this is not used for
-/// the trusted-time mark (it would make every later decision "clock untrusted").
-const MAX_CLOUD_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
 /// The channel named in the refusal of a message too big to read (its topic is unknown).
 pub const UNREADABLE: &str = "unreadable";
 /// Resync requests closer together than this are one request.
@@ -765,7 +762,10 @@ impl Worker {
                         tracing::debug!(version, index, keys, "chunk staged");
                     }
                 }
-                Err(e) => self.store_failed("staging a chunk", &e).await,
+                Err(e) => {
+                    self.store_failed(Channel::Chunk, "staging a chunk", &e)
+                        .await;
+                }
             }
         }
         for p in &buffered.messages {
@@ -822,7 +822,7 @@ impl Worker {
             Kind::Resync => match ResyncCommand::decode(&opened.body) {
                 Ok(c) if c.target == self.spec.target => {
                     self.request_resync("requested by the cloud".into());
-                    self.publish_result(None, "resync", Outcome::Done, None, None);
+                    self.publish_result(c.command_id, "resync", Outcome::Done, None, None);
                 }
                 Ok(_) => self.reject(channel, "for another gateway".into()).await,
                 Err(e) => self.reject(channel, e.to_string()).await,
@@ -848,7 +848,7 @@ impl Worker {
                     let header = KeySetHeader {
                         version,
                         salt,
-                        issued_at: Self::plausible(issued_at),
+                        issued_at: Some(issued_at),
                     };
                     match self.store.begin_key_set(header).await {
                         Ok(generation) => {
@@ -857,7 +857,11 @@ impl Worker {
                                 generation,
                             });
                         }
-                        Err(e) => return self.store_failed("starting a snapshot", &e).await,
+                        Err(e) => {
+                            return self
+                                .store_failed(Channel::Manifest, "starting a snapshot", &e)
+                                .await;
+                        }
                     }
                 }
                 Action::Stage {
@@ -878,14 +882,18 @@ impl Worker {
                     self.staging = None;
                     match self.store.commit_key_set(generation, key_count).await {
                         Ok(()) => self.applied(version, Some(key_count)),
-                        Err(e) => return self.store_failed("committing a snapshot", &e).await,
+                        Err(e) => {
+                            return self
+                                .store_failed(Channel::Chunk, "committing a snapshot", &e)
+                                .await;
+                        }
                     }
                 }
                 Action::ApplyDelta(delta) => {
                     let change = DeltaChange {
                         from_version: delta.from_version,
                         version: delta.version,
-                        issued_at: Self::plausible(delta.issued_at),
+                        issued_at: Some(delta.issued_at),
                         upserts: delta.upserts,
                         revokes: delta.deletes,
                     };
@@ -899,7 +907,11 @@ impl Worker {
                             );
                             self.applied(delta.version, None);
                         }
-                        Err(e) => return self.store_failed("applying a delta", &e).await,
+                        Err(e) => {
+                            return self
+                                .store_failed(Channel::Delta, "applying a delta", &e)
+                                .await;
+                        }
                     }
                 }
                 // The store raises the mark from `issued_at` in the commit's own transaction.
@@ -916,19 +928,6 @@ impl Worker {
             .as_ref()
             .filter(|s| s.version == version)
             .map(|s| s.generation)
-    }
-
-    /// A signed cloud time for the trusted-time mark, unless it lies implausibly far ahead of
-    /// a clock that is synchronised (then the cloud's clock is wrong, not ours).
-    fn plausible(at: Timestamp) -> Option<Timestamp> {
-        let synced = clock_synced();
-        let now = Timestamp::now();
-        if synced && at.duration_since(now) > MAX_CLOUD_AHEAD {
-            tracing::warn!(%at, %now, "a signed cloud time lies more than a day ahead of the synchronised clock; not used for the time mark");
-            None
-        } else {
-            Some(at)
-        }
     }
 
     fn applied(&mut self, version: u64, keys: Option<u64>) {
@@ -949,9 +948,16 @@ impl Worker {
         self.publish_state(Presence::Online);
     }
 
-    /// The store could not do what the sync machine asked: start over from what it holds.
-    async fn store_failed(&mut self, what: &str, e: &StoreError) {
+    /// The store could not do what the sync machine asked: start over from what it holds. A
+    /// refusal of the content (a credential digest twice in the set, a delta on the wrong
+    /// base) is recorded and reported like every refusal (§8); a disk failure is not the
+    /// message's fault.
+    async fn store_failed(&mut self, channel: Channel, what: &str, e: &StoreError) {
         tracing::error!(error = %e, retryable = e.is_retryable(), "key set: {what} failed");
+        if let StoreError::KeySet(reason) = e {
+            self.record_refusal(channel.suffix(), &format!("{what}: {reason}"))
+                .await;
+        }
         self.staging = None;
         let held = held_version(&self.store).await.unwrap_or(self.sync.held());
         self.sync.reset(held);
@@ -984,11 +990,14 @@ impl Worker {
     /// Logs, counts, records and reports a refused message. The held key set is untouched.
     async fn reject(&mut self, channel: Channel, reason: String) {
         self.record_refusal(channel.suffix(), &reason).await;
-        if matches!(
-            channel,
-            Channel::OpenDoor | Channel::Resync | Channel::Settings
-        ) {
-            self.publish_result(None, channel.suffix(), Outcome::Rejected, None, None);
+        let command = match channel {
+            Channel::OpenDoor => Some("open-door"),
+            Channel::Resync => Some("resync"),
+            Channel::Settings => Some("unit-settings"),
+            _ => None,
+        };
+        if let Some(command) = command {
+            self.publish_result(None, command, Outcome::Rejected, Some(reason), None);
         }
     }
 
@@ -1075,7 +1084,7 @@ impl Worker {
                     Some(id),
                     "open-door",
                     Outcome::Denied,
-                    Some(reason.to_string()),
+                    Some(reason.name().to_owned()),
                     Some(command.door),
                 );
                 return;

@@ -155,6 +155,10 @@ pub struct OpenDoor {
 #[serde(deny_unknown_fields)]
 pub struct ResyncCommand {
     pub target: Target,
+    /// Echoed in the command's `command-result`; optional (a cloud that leaves it out gets
+    /// `command_id: null` back), left out of the encoding when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<String>,
     pub issued_at: Timestamp,
 }
 
@@ -341,6 +345,9 @@ impl ResyncCommand {
     pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
         let c: ResyncCommand = from_cbor(body, MAX_BODY_BYTES)?;
         check_target(&c.target)?;
+        if let Some(id) = &c.command_id {
+            check_id(id, "command_id empty or too long")?;
+        }
         Ok(c)
     }
 

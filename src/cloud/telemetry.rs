@@ -125,7 +125,7 @@ fn summarize(
     gateway: &str,
     link: &LinkStatus,
     stored: Result<(crate::store::KeySetInfo, u64, Option<Timestamp>), StoreError>,
-    now: Timestamp,
+    (now, synced): (Timestamp, bool),
 ) -> Summary {
     let (keyset, outbox_depth, mark) = match stored {
         Ok((set, depth, mark)) => (
@@ -187,8 +187,10 @@ fn summarize(
         last_sync: link.last_sync,
         outbox_depth,
         clock: ClockHealth {
-            synced: clock_synced(),
-            trusted: mark.is_none_or(|m| now >= m - tolerance),
+            synced,
+            // The decision's own rule (`store::writer`): synchronised, or not further behind
+            // the mark than the tolerance; with neither a mark nor NTP, not trusted.
+            trusted: synced || mark.is_some_and(|m| now >= m - tolerance),
             mark,
         },
         buses,
@@ -206,7 +208,13 @@ pub async fn snapshot(
         .read(|r: &Reader| Ok((r.key_set()?, r.outbox_depth()?, r.trusted_time()?)))
         .await;
     let status = link.lock().map(|s| s.clone()).unwrap_or_default();
-    summarize(spec, gateway, &status, stored, Timestamp::now())
+    summarize(
+        spec,
+        gateway,
+        &status,
+        stored,
+        (Timestamp::now(), clock_synced()),
+    )
 }
 
 /// What [`run_telemetry`] needs from the link.
@@ -302,13 +310,30 @@ mod tests {
             12,
             Some("2026-11-22T12:00:01Z".parse().unwrap()),
         ));
-        let s = summarize(&spec, "gw", &LinkStatus::default(), stored, now);
+        let s = summarize(&spec, "gw", &LinkStatus::default(), stored, (now, false));
         assert_eq!(s.keyset.as_ref().unwrap().age_s, Some(3600));
         assert_eq!(s.outbox_depth, Some(12));
         assert!(
             s.clock.trusted,
             "one second behind the mark is within tolerance"
         );
+        // A fresh gateway: no mark, no NTP. Not trusted (time-bound keys are denied), exactly
+        // as the decision judges it; NTP alone makes it trusted.
+        let fresh = |synced| {
+            let stored = Ok((
+                KeySetInfo {
+                    version: 0,
+                    generation: 0,
+                    keys: 0,
+                    issued_at: None,
+                },
+                0,
+                None,
+            ));
+            summarize(&spec, "gw", &LinkStatus::default(), stored, (now, synced)).clock
+        };
+        assert!(!fresh(false).trusted && fresh(false).mark.is_none());
+        assert!(fresh(true).trusted);
         let bus = &s.buses[0];
         assert_eq!((bus.timeouts, bus.errors), (3, 2));
         assert_eq!(bus.units[0].battery_percent, Some(15));

@@ -213,6 +213,30 @@ fn invalid_payloads_are_refused() {
     bytes[0] += 1;
     bytes.extend_from_slice(&[0x61, b'x', 0x00]);
     assert!(Delta::decode(&bytes).is_err(), "unknown field");
+    // Inside a key too: a misspelt `valid_until` must not read as "valid forever".
+    let mut d = delta();
+    d.upserts = vec![key("k-misspelt")];
+    d.upserts[0].rules.valid_until = Some(at("2026-02-01T00:00:00Z"));
+    let mut value: ciborium::Value = ciborium::from_reader(d.encode().as_slice()).unwrap();
+    let rules = value
+        .as_map_mut()
+        .and_then(|m| m.iter_mut().find(|(k, _)| k.as_text() == Some("upserts")))
+        .and_then(|(_, v)| v.as_array_mut())
+        .and_then(|keys| keys[0].as_map_mut())
+        .and_then(|k| k.iter_mut().find(|(k, _)| k.as_text() == Some("rules")))
+        .and_then(|(_, v)| v.as_map_mut())
+        .unwrap();
+    for (k, _) in rules.iter_mut() {
+        if k.as_text() == Some("valid_until") {
+            *k = ciborium::Value::Text("valid_untl".into());
+        }
+    }
+    let mut misspelt = Vec::new();
+    ciborium::into_writer(&value, &mut misspelt).unwrap();
+    assert!(
+        Delta::decode(&misspelt).is_err(),
+        "a key with an unknown field is refused, not read without it"
+    );
     let mut c = open_door();
     c.expires_at = c.issued_at;
     assert!(OpenDoor::decode(&c.encode()).is_err());

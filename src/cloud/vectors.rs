@@ -110,6 +110,7 @@ pub fn unit_settings() -> UnitSettings {
 pub fn resync() -> ResyncCommand {
     ResyncCommand {
         target: target(),
+        command_id: None,
         issued_at: at("2026-01-01T00:04:00Z"),
     }
 }

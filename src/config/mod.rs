@@ -232,6 +232,10 @@ pub struct StorageConfig {
     /// The most the database file may grow to; reaching it counts as a full disk. 0: no cap.
     #[serde(with = "byte_size")]
     pub max_size: u64,
+    /// Disk space kept in reserve beside the database (`{path}.reserve`) and released when the
+    /// disk fills, so records keep landing on disk instead of in memory. 0: none.
+    #[serde(with = "byte_size")]
+    pub reserve: u64,
     /// What unlimited keys do when a decision cannot be recorded (disk full or read-only).
     /// Limited keys are always refused then.
     #[serde(with = "string_enum")]
@@ -245,6 +249,7 @@ impl Default for StorageConfig {
             outbox_max_records: 100_000,
             outbox_max_bytes: 64 * 1024 * 1024,
             max_size: 2 * 1024 * 1024 * 1024,
+            reserve: 8 * 1024 * 1024,
             unrecordable_unlimited: UnlimitedPolicy::Grant,
         }
     }

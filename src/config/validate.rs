@@ -191,6 +191,7 @@ impl<'a> Checker<'a> {
                 1 << 40,
             );
         }
+        self.int_range(&at.key("reserve"), config.storage.reserve, 0, 1 << 30);
     }
 
     fn buses(&mut self, buses: &[BusConfig]) {

@@ -537,6 +537,8 @@ impl Bus<'_> {
             secret,
             now: Timestamp::now(),
             clock_synced: clock_synced(),
+            // libosdp repeats and deduplicates at the link layer: a card read is one event.
+            retransmit: None,
         });
         self.in_flight += 1;
         let router = Arc::clone(self.router);

@@ -12,7 +12,9 @@
 //!
 //! If the connection drops, the client stops: every pending and later call fails with
 //! [`CloudError::Closed`] and subscription receivers end. There is no reconnection; a
-//! reference cloud run from a shell or a test just starts again.
+//! reference cloud run from a shell or a test just starts again. The one long-running
+//! consumer, `cloud-sim records`, uses [`super::durable::DurableSubscriber`] instead, which
+//! reconnects and loses nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -574,6 +576,29 @@ impl RecordLedger {
             .iter()
             .flat_map(|(_, g)| g.iter().map(|(a, b)| b - a + 1))
             .sum();
+        let mut line = self.received();
+        if missing == 0 {
+            line.push_str(", no gaps");
+        } else {
+            let _ = write!(line, ", {missing} missing:");
+            for (gateway, g) in &gaps {
+                for (a, b) in g.iter().take(10) {
+                    if a == b {
+                        let _ = write!(line, " {gateway}#{a}");
+                    } else {
+                        let _ = write!(line, " {gateway}#{a}-{b}");
+                    }
+                }
+            }
+        }
+        line
+    }
+
+    /// What arrived, without a word on gaps: how many, from how many gateways, duplicates, and
+    /// what the gateways reported dropping. For a consumer that sees only part of the stream
+    /// (a member of a shared subscription), where a gap may be another member's share.
+    pub fn received(&self) -> String {
+        use std::fmt::Write as _;
         let mut line = format!(
             "{} records from {} gateway(s), {} duplicates",
             self.unique(),
@@ -590,20 +615,6 @@ impl RecordLedger {
                 ", {} reported dropped by a full outbox",
                 self.reported_dropped
             );
-        }
-        if missing == 0 {
-            line.push_str(", no gaps");
-        } else {
-            let _ = write!(line, ", {missing} missing:");
-            for (gateway, g) in &gaps {
-                for (a, b) in g.iter().take(10) {
-                    if a == b {
-                        let _ = write!(line, " {gateway}#{a}");
-                    } else {
-                        let _ = write!(line, " {gateway}#{a}-{b}");
-                    }
-                }
-            }
         }
         line
     }

@@ -24,7 +24,9 @@
 //!   one line with the gateway as their Control Panel; the decision each presented card or
 //!   PIN got, read from the LED and outputs the gateway sets.
 //! - [`cloud`]: the other end of the gateway's cloud link, a reference cloud over MQTT
-//!   ([`cloud::CloudClient`]) for `cloud-sim` (`docs/cloud-sim.md`), tests and the demo.
+//!   ([`cloud::CloudClient`]) for `cloud-sim` (`docs/cloud-sim.md`), tests and the demo;
+//!   [`durable`]: its consumer of uploaded records, which rides out broker outages
+//!   (persistent session, acks after output, reconnection).
 //!
 //! ```text
 //! let units = SimUnits::new(&[addr(1), addr(2)], SimConfig::default())?;
@@ -36,6 +38,7 @@
 //! ```
 
 pub mod cloud;
+pub mod durable;
 mod json;
 pub mod osdp;
 pub mod pty;

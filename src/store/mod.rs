@@ -9,8 +9,10 @@
 //! Reads for operators and status go through [`Reader`], a separate read-only connection that
 //! WAL lets run beside the writer without waiting.
 
+mod check;
 mod reader;
 pub mod records;
+mod reserve;
 pub mod rules;
 pub mod schema;
 mod writer;
@@ -30,6 +32,7 @@ use crate::access::{
 use crate::bus::message::Settings;
 pub use reader::{KeySetInfo, Reader};
 pub use records::{Activity, Record, RecordClass, StoredRecord};
+pub use writer::RETRANSMIT_WINDOW;
 
 /// What can go wrong at the store's boundary.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,33 @@ impl StoreError {
             StoreError::TooNew { .. } | StoreError::Corrupt(_) | StoreError::KeySet(_) => false,
         }
     }
+}
+
+/// After a damaged file was moved aside to `aside`: salvages its unsent records and use counts
+/// into the fresh database and records a `database_replaced` alarm.
+fn recover(conn: &mut rusqlite::Connection, aside: &Path, problem: &str) -> Result<(), StoreError> {
+    let salvaged = schema::salvage(aside, conn)?;
+    tracing::warn!(
+        records = salvaged.records,
+        uses = salvaged.uses,
+        "salvaged from the damaged database; the keys come back with the next snapshot"
+    );
+    let alarm = Record::DatabaseReplaced {
+        at: Timestamp::now(),
+        problem: problem.chars().take(500).collect(),
+        moved_to: aside.display().to_string(),
+        records: salvaged.records,
+        uses: salvaged.uses,
+    };
+    conn.execute(
+        "INSERT INTO outbox (class, created_ms, body) VALUES (?1, ?2, ?3)",
+        rusqlite::params![
+            alarm.class().code(),
+            alarm.at().as_millisecond(),
+            alarm.to_cbor()
+        ],
+    )?;
+    Ok(())
 }
 
 /// Takes the exclusive lock on `{path}.lock`, or says who has it.
@@ -152,6 +182,11 @@ pub struct StoreOptions {
     /// and then the oldest routine activity are dropped, never alarms (`None`: no bound).
     pub outbox_max_records: Option<u64>,
     pub outbox_max_bytes: Option<u64>,
+    /// Bytes of disk kept in reserve beside the database (`{path}.reserve`), released when the
+    /// disk is full so records keep landing on disk (0: none).
+    pub reserve: u64,
+    /// How often the full integrity check runs, when the store is idle (`None`: never).
+    pub integrity_every: Option<std::time::Duration>,
 }
 
 impl StoreOptions {
@@ -164,6 +199,8 @@ impl StoreOptions {
             max_size: None,
             outbox_max_records: None,
             outbox_max_bytes: None,
+            reserve: 0,
+            integrity_every: Some(std::time::Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -182,6 +219,19 @@ pub struct VerifyRequest {
     pub now: Timestamp,
     /// The system clock is NTP-synchronised now, so `now` may advance the trusted-time mark.
     pub clock_synced: bool,
+    /// What names this request across retransmissions (door bus units): with it, the answer
+    /// is kept on disk with the decision, and a retransmission arriving after a restart or
+    /// power cut gets the same answer without being judged again (no use spent twice).
+    pub retransmit: Option<Retransmit>,
+}
+
+/// A door-bus request's identity beyond its `request_id` (`bus::session::RequestKey`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    /// SHA-256 of the request's message type and body.
+    pub fingerprint: [u8; 32],
+    /// The unit's boot id, when known.
+    pub boot_id: Option<u32>,
 }
 
 /// The store's answer to a [`VerifyRequest`].
@@ -261,6 +311,11 @@ pub struct Health {
     pub recent: std::sync::Mutex<std::collections::VecDeque<(i64, Record)>>,
     /// Every committed record as it is committed, for followers (`events tail --follow`).
     pub records: tokio::sync::broadcast::Sender<(i64, Record)>,
+    /// What the idle integrity check found wrong with the file, once it did: the store must be
+    /// closed and opened again, which moves the file aside and salvages what it can.
+    pub damaged: std::sync::Mutex<Option<String>>,
+    /// Signalled when `damaged` is set.
+    pub damage_found: tokio::sync::Notify,
 }
 
 impl Default for Health {
@@ -272,6 +327,8 @@ impl Default for Health {
             outbox_grew: tokio::sync::Notify::new(),
             recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
             records: tokio::sync::broadcast::channel(256).0,
+            damaged: std::sync::Mutex::new(None),
+            damage_found: tokio::sync::Notify::new(),
         }
     }
 }
@@ -302,7 +359,6 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 pub(crate) enum Command {
     Verify(Box<VerifyRequest>, Reply<Verdict>),
     Append(Vec<Record>, Reply<Vec<i64>>),
-    TrustTime(Timestamp, Reply<()>),
     BeginKeySet(KeySetHeader, Reply<i64>),
     StageKeys(i64, Vec<Key>, Reply<()>),
     CommitKeySet(i64, u64, Reply<()>),
@@ -326,6 +382,8 @@ pub struct Store {
     path: Arc<PathBuf>,
     health: Arc<Health>,
     thread: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+    /// Stops the idle integrity check with the last handle.
+    _checker: Option<Arc<check::Checker>>,
     /// Held open for the store's life: its exclusive lock keeps a second writer (another
     /// daemon, `keys import` while the service runs) away from the file.
     _lock: Arc<std::fs::File>,
@@ -336,9 +394,12 @@ impl Store {
     pub fn open(options: StoreOptions) -> Result<Store, StoreError> {
         let lock = lock(&options.path)?;
         let label = Timestamp::now().strftime("%Y%m%dT%H%M%SZ").to_string();
-        schema::check_or_move_aside(&options.path, &label)?;
+        let found = schema::check_or_move_aside(&options.path, &label)?;
         let mut conn = schema::open_writer(&options.path)?;
         schema::migrate(&mut conn)?;
+        if let schema::Health::MovedAside { to, problem } = found {
+            recover(&mut conn, &to, &problem)?;
+        }
         if let Some(max) = options.max_size {
             let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(1);
@@ -346,8 +407,12 @@ impl Store {
         }
         let health = Arc::new(Health::default());
         let (tx, rx) = mpsc::channel();
+        let integrity_every = options.integrity_every;
         let writer = writer::Writer::new(conn, options, Arc::clone(&health))?;
         let path = Arc::new(writer.path().to_owned());
+        let checker = integrity_every
+            .map(|every| check::start(Arc::clone(&path), Arc::clone(&health), every))
+            .transpose()?;
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer.run(&rx))
@@ -358,6 +423,7 @@ impl Store {
         Ok(Store {
             tx,
             path,
+            _checker: checker.map(Arc::new),
             health,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
             _lock: Arc::new(lock),
@@ -370,6 +436,11 @@ impl Store {
 
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// A handle on the store's health that outlives this handle.
+    pub fn health_handle(&self) -> Arc<Health> {
+        Arc::clone(&self.health)
     }
 
     /// A new read-only connection.
@@ -427,11 +498,6 @@ impl Store {
     /// memory because the disk refused them).
     pub async fn append(&self, records: Vec<Record>) -> Result<Vec<i64>, StoreError> {
         self.call(|r| Command::Append(records, r)).await
-    }
-
-    /// Raises the trusted-time mark to `at` (from a signed cloud timestamp or NTP sync).
-    pub async fn trust_time(&self, at: Timestamp) -> Result<(), StoreError> {
-        self.call(|r| Command::TrustTime(at, r)).await
     }
 
     /// Starts installing a key set; returns the staging generation. Decisions keep using the

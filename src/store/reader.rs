@@ -101,7 +101,8 @@ impl Reader {
     /// How many credentials of each kind a key of the live set has (kind code, count).
     pub fn credential_counts(&self, key_id: &str) -> Result<Vec<(u8, u32)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT kind, count(*) FROM credentials WHERE generation = ?1 AND key_id = ?2
+            "SELECT kind, count(*) FROM credentials INDEXED BY credentials_by_key
+             WHERE generation = ?1 AND key_id = ?2
              GROUP BY kind ORDER BY kind",
         )?;
         let rows = stmt.query_map(params![self.generation()?, key_id], |r| {

@@ -150,11 +150,57 @@ pub enum Record {
         kept_in_memory: u64,
         dropped: u64,
     },
+    /// The database file was found damaged (at start-up, or by the idle integrity check), moved
+    /// aside, and replaced by a fresh one holding the unsent records and use counters that
+    /// could be read from it; the keys come back with the cloud's next snapshot.
+    DatabaseReplaced {
+        at: Timestamp,
+        /// What the check found.
+        problem: String,
+        /// Where the damaged file is now.
+        moved_to: String,
+        /// Unsent records carried over.
+        records: u64,
+        /// Use counters carried over.
+        uses: u64,
+    },
+    /// The disk was full: the store released its disk reserve (`bytes`) so that records keep
+    /// landing on disk. Whatever fills the disk must be dealt with before that runs out too.
+    StorageReserveReleased {
+        at: Timestamp,
+        bytes: u64,
+    },
     /// The outbox was full: this many routine records were dropped, oldest first (alarms never).
     OutboxDropped {
         at: Timestamp,
         telemetry: u64,
         activity: u64,
+    },
+    /// Decisions are made on an untrusted clock (`active`: time-bound keys are denied, the
+    /// others follow `clock.untrusted_unlimited`), or on a trusted one again.
+    ClockUntrusted {
+        at: Timestamp,
+        active: bool,
+        /// The trusted-time mark then, if any.
+        mark: Option<Timestamp>,
+    },
+    /// A signed cloud time (a key set's `issued_at`) lay more than a day beyond both the clock
+    /// and the trusted-time mark: the key set was taken, its time was not used for the mark
+    /// (it would have denied every time-bound key until the clock caught up with it).
+    ClockMarkIgnored {
+        at: Timestamp,
+        /// The signed time.
+        signed: Timestamp,
+        /// The latest time it could have been believed: a day past the later of clock and mark.
+        limit: Timestamp,
+    },
+    /// The trusted-time mark lay ahead of the NTP-synchronised clock and was lowered to it: a
+    /// wrongly raised mark (a cloud clock ahead) would otherwise deny time-bound keys once NTP
+    /// is lost, until the clock caught up.
+    ClockMarkLowered {
+        at: Timestamp,
+        from: Timestamp,
+        to: Timestamp,
     },
     /// A key-set message or command from the cloud was refused (bad signature, rollback, …);
     /// the held key set is unchanged.
@@ -199,6 +245,11 @@ impl Record {
             | Record::StorageUnavailable { .. }
             | Record::StorageRecovered { .. }
             | Record::CloudRejected { .. }
+            | Record::DatabaseReplaced { .. }
+            | Record::StorageReserveReleased { .. }
+            | Record::ClockUntrusted { .. }
+            | Record::ClockMarkIgnored { .. }
+            | Record::ClockMarkLowered { .. }
             | Record::OutboxDropped { .. } => RecordClass::Alarm,
         }
     }
@@ -217,6 +268,11 @@ impl Record {
             | Record::StorageUnavailable { at, .. }
             | Record::StorageRecovered { at, .. }
             | Record::CloudRejected { at, .. }
+            | Record::DatabaseReplaced { at, .. }
+            | Record::StorageReserveReleased { at, .. }
+            | Record::ClockUntrusted { at, .. }
+            | Record::ClockMarkIgnored { at, .. }
+            | Record::ClockMarkLowered { at, .. }
             | Record::OutboxDropped { at, .. } => *at,
         }
     }

@@ -78,6 +78,19 @@ pub const MIGRATIONS: &[&str] = &[
     "
     ALTER TABLE credentials ADD COLUMN rules BLOB;
     ",
+    // 6: the last answer given to each door unit, written with the decision: a retransmission
+    // that arrives after a restart or power cut is answered the same, not judged again (a
+    // single-use key the unit's grant was lost for is not spent twice). One row per unit.
+    "
+    CREATE TABLE answers (
+        unit        TEXT PRIMARY KEY,
+        request_id  INTEGER NOT NULL,
+        fingerprint BLOB NOT NULL,
+        boot_id     INTEGER,
+        at_ms       INTEGER NOT NULL,
+        verdict     BLOB NOT NULL          -- CBOR of store::writer::KeptAnswer
+    ) STRICT, WITHOUT ROWID;
+    ",
 ];
 
 /// The schema version this build writes.
@@ -150,8 +163,21 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Health {
     Ok,
-    /// The file was corrupt and has been moved here; a fresh database was created.
-    MovedAside(PathBuf),
+    /// The file was corrupt (`problem`) and has been moved to `to`; a fresh database is to be
+    /// created.
+    MovedAside {
+        to: PathBuf,
+        problem: String,
+    },
+}
+
+/// The marker the idle integrity check leaves when it finds the file damaged: the next open
+/// runs the full check (`PRAGMA integrity_check`) instead of the quick one, and moves the file
+/// aside when it fails.
+pub fn damage_marker(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".damaged");
+    PathBuf::from(name)
 }
 
 /// Checks the file with `PRAGMA quick_check` (the b-tree structure and every page, without the
@@ -176,13 +202,17 @@ pub fn check_or_move_aside(path: &Path, now_label: &str) -> Result<Health, Store
             source: std::io::Error::other(path.display().to_string()),
         });
     }
+    let marker = damage_marker(path);
+    let full = marker.exists();
     let verdict = match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE) {
-        Ok(conn) => quick_check(&conn),
+        Ok(conn) if full => check(&conn, "integrity_check"),
+        Ok(conn) => check(&conn, "quick_check"),
         // Only SQLite's own verdict of corruption moves a file aside; a permission problem or
         // a full disk is an error to fix, not a reason to discard the keys and counters.
         Err(e) if is_corruption(&e) => Err(e.to_string()),
         Err(e) => return Err(e.into()),
     };
+    let _ = std::fs::remove_file(&marker);
     let Err(problem) = verdict else {
         return Ok(Health::Ok);
     };
@@ -209,7 +239,88 @@ pub fn check_or_move_aside(path: &Path, now_label: &str) -> Result<Health, Store
             let _ = std::fs::rename(&side, PathBuf::from(to));
         }
     }
-    Ok(Health::MovedAside(aside))
+    Ok(Health::MovedAside { to: aside, problem })
+}
+
+/// What could be read back from a database moved aside.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Salvaged {
+    /// Outbox records not yet uploaded, copied with their class, time and body.
+    pub records: u64,
+    /// Use counters, so a limited key is not honoured again after the recovery.
+    pub uses: u64,
+}
+
+/// Copies what matters and cannot come back from the cloud out of the damaged file at `from`
+/// into the fresh database `to`: unsent outbox records (new seqs, under the new database's
+/// epoch, so never taken for duplicates) and use counters. Reading stops at the first error
+/// of each table (a damaged page), keeping what was read.
+pub fn salvage(from: &Path, to: &mut Connection) -> Result<Salvaged, StoreError> {
+    let old = match Connection::open_with_flags(from, OpenFlags::SQLITE_OPEN_READ_ONLY) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, path = %from.display(), "nothing could be salvaged from the damaged database");
+            return Ok(Salvaged::default());
+        }
+    };
+    let records: Vec<(i64, i64, Vec<u8>)> = read_all(
+        &old,
+        "SELECT class, created_ms, body FROM outbox ORDER BY seq",
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    );
+    let uses: Vec<(String, String, i64)> =
+        read_all(&old, "SELECT key_id, door, count FROM uses", |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        });
+    let tx = to.transaction()?;
+    {
+        let mut put =
+            tx.prepare("INSERT INTO outbox (class, created_ms, body) VALUES (?1, ?2, ?3)")?;
+        for (class, created, body) in &records {
+            put.execute(rusqlite::params![class, created, body])?;
+        }
+        let mut count = tx.prepare(
+            "INSERT INTO uses (key_id, door, count) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key_id, door) DO UPDATE SET count = max(count, excluded.count)",
+        )?;
+        for (key, door, n) in &uses {
+            count.execute(rusqlite::params![key, door, n])?;
+        }
+    }
+    tx.commit()?;
+    Ok(Salvaged {
+        records: records.len() as u64,
+        uses: uses.len() as u64,
+    })
+}
+
+/// The rows of `sql` up to the first that cannot be read.
+fn read_all<T>(
+    conn: &Connection,
+    sql: &str,
+    row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    let Ok(mut stmt) = conn.prepare(sql) else {
+        return out;
+    };
+    let Ok(mut rows) = stmt.query([]) else {
+        return out;
+    };
+    loop {
+        match rows.next() {
+            Ok(Some(r)) => match row(r) {
+                Ok(v) => out.push(v),
+                Err(_) => break,
+            },
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "salvage stopped at a damaged page; keeping what was read");
+                break;
+            }
+        }
+    }
+    out
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
@@ -219,9 +330,10 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
     )
 }
 
-fn quick_check(conn: &Connection) -> Result<(), String> {
+/// `PRAGMA quick_check` or `PRAGMA integrity_check`: `Ok` or what it found.
+pub fn check(conn: &Connection, pragma: &str) -> Result<(), String> {
     let mut stmt = conn
-        .prepare("PRAGMA quick_check")
+        .prepare(&format!("PRAGMA {pragma}"))
         .map_err(|e| e.to_string())?;
     let rows: Vec<String> = stmt
         .query_map([], |r| r.get(0))

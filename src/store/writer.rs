@@ -48,6 +48,62 @@ const GC_CHUNK: i64 = 5_000;
 const BACKLOG_RETRY: Duration = Duration::from_secs(5);
 /// The trusted-time mark is written when it moved at least this far (fewer writes).
 const MARK_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
+/// How long after a decision a retransmission of its request (same unit, id, fingerprint and
+/// boot) is answered from the kept answer: a door unit repeats a verify for up to 10 s.
+pub const RETRANSMIT_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(10);
+
+/// An answer as kept in `answers` for retransmissions (docs/door-bus.md §13).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptAnswer {
+    decision: Decision,
+    key_id: Option<String>,
+    category: Option<crate::access::Category>,
+    seq: Option<i64>,
+}
+
+/// A row of `answers`: fingerprint, boot id, decided at (ms), verdict.
+type KeptRow = (Vec<u8>, Option<i64>, i64, Vec<u8>);
+
+/// What to keep of a decision for its retransmissions.
+#[derive(Clone, Debug)]
+pub(super) struct Remember {
+    unit: String,
+    request_id: u32,
+    retransmit: super::Retransmit,
+    at: Timestamp,
+}
+
+impl Remember {
+    fn of(req: &VerifyRequest) -> Option<Remember> {
+        Some(Remember {
+            unit: req.unit.clone(),
+            request_id: req.request_id?,
+            retransmit: req.retransmit?,
+            at: req.now,
+        })
+    }
+}
+
+/// A signed cloud time raises the trusted-time mark only if it lies at most this far beyond the
+/// later of the clock and the mark: one snapshot signed years ahead (a cloud clock or signing
+/// mistake) must not deny every time-bound key for good.
+pub const MAX_SIGNED_AHEAD: jiff::SignedDuration = jiff::SignedDuration::from_hours(24);
+
+/// What a signed cloud time `at`, received at `now`, does to the trusted-time `mark`: the new
+/// mark, or `Err(limit)` when `at` lies beyond the latest time that could be believed
+/// ([`MAX_SIGNED_AHEAD`] past the later of clock and mark); the mark then stays.
+pub fn signed_mark(
+    at: Timestamp,
+    now: Timestamp,
+    mark: Option<Timestamp>,
+) -> Result<Timestamp, Timestamp> {
+    let base = mark.map_or(now, |m| m.max(now));
+    let limit = base.checked_add(MAX_SIGNED_AHEAD).unwrap_or(Timestamp::MAX);
+    if at > limit {
+        return Err(limit);
+    }
+    Ok(mark.map_or(at, |m| m.max(at)))
+}
 /// How long the command channel must stay empty before the writer folds the WAL into the
 /// database file (a checkpoint), off the decision path.
 const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
@@ -57,6 +113,9 @@ const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
 /// extends the file, which costs more than overwriting it (the bus bench's p99 was 6 to 8 ms
 /// with 4,096 here against 3.4 to 4.4 ms with 1,000, in quiet runs).
 const CHECKPOINT_BOUND: i64 = 1_000;
+/// The WAL's bound while the disk is full (its reserve released): every page the WAL grows by
+/// is taken from what is left, so it restarts from its beginning after a few commits instead.
+const CHECKPOINT_BOUND_FULL: i64 = 16;
 /// Idle checkpoints tried after one commit when a reader keeps one from finishing.
 const CHECKPOINT_TRIES: u32 = 3;
 /// How long a group of decisions waits for more when the previous group held more than it does
@@ -84,6 +143,8 @@ pub(super) struct Writer {
     /// The trusted-time mark as held in memory, and as last written.
     mark: Option<Timestamp>,
     mark_written: Option<Timestamp>,
+    /// A `clock_untrusted` alarm is open: decisions are being made on an untrusted clock.
+    untrusted: bool,
     guards: HashMap<String, PinGuard>,
     active_pins: u32,
     staging: Option<Staging>,
@@ -93,6 +154,10 @@ pub(super) struct Writer {
     next_generation: i64,
     backlog: VecDeque<Record>,
     backlog_limit: usize,
+    /// Disk space kept back for when the disk fills (`store::reserve`).
+    reserve: super::reserve::Reserve,
+    /// The database's own size cap (`storage.max_size`), if any.
+    max_size: Option<u64>,
     /// The outbox's bounds (records, bytes), what it holds as committed, and the change the
     /// transaction being built makes to that.
     outbox_limits: (Option<i64>, Option<i64>),
@@ -131,6 +196,8 @@ enum Outcome {
         verdict: Verdict,
         consume: Consume,
         records: Vec<Record>,
+        /// Kept with the decision for retransmissions (none for a kept answer given again).
+        remember: Option<Remember>,
     },
     Append {
         reply: Reply<Vec<i64>>,
@@ -148,12 +215,15 @@ enum Outcome {
 fn verdict(
     decided: Result<(Verdict, Consume, Vec<Record>), StoreError>,
     reply: Reply<Verdict>,
+    remember: Option<Remember>,
 ) -> Outcome {
     match decided {
         Ok((verdict, consume, records)) => Outcome::Verify {
             reply,
             verdict,
             consume,
+            // A kept answer given again records nothing and is not kept again.
+            remember: remember.filter(|_| !records.is_empty()),
             records,
         },
         Err(e) => Outcome::Failed(Box::new(move |e| drop(reply.send(Err(e)))), e),
@@ -227,8 +297,12 @@ impl Writer {
             .into_iter()
             .filter(|&g| g != active_generation)
             .collect();
+        let mut reserve = super::reserve::Reserve::new(&options.path, options.reserve);
+        reserve.restore(true);
         Ok(Writer {
             conn,
+            reserve,
+            max_size: options.max_size,
             path: options.path,
             ctx: options.context,
             health,
@@ -237,6 +311,7 @@ impl Writer {
             salt,
             mark,
             mark_written: mark,
+            untrusted: false,
             guards: HashMap::new(),
             active_pins,
             staging: None,
@@ -271,7 +346,12 @@ impl Writer {
 
     pub(super) fn run(mut self, rx: &Receiver<Command>) {
         loop {
-            if self.wal.frames.load(Ordering::Relaxed) >= CHECKPOINT_BOUND {
+            let bound = if self.reserve.in_use() {
+                CHECKPOINT_BOUND_FULL
+            } else {
+                CHECKPOINT_BOUND
+            };
+            if self.wal.frames.load(Ordering::Relaxed) >= bound {
                 // Busy for a long while: bound the WAL now, after the answers went out.
                 self.checkpoint();
             }
@@ -298,9 +378,13 @@ impl Writer {
             } else if self.checkpoint_due() {
                 match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
                     Ok(c) => c,
-                    // Idle after writing: fold the WAL into the database file, once.
+                    // Idle after writing: fold the WAL into the database file, once, and put
+                    // back a disk reserve a full disk took (when there is room again).
                     Err(RecvTimeoutError::Timeout) => {
                         self.checkpoint();
+                        if self.outage.is_none() {
+                            self.reserve.restore(false);
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -444,7 +528,32 @@ impl Writer {
             .map(|c| self.decide_phase(c, &mut overlay))
             .collect();
         let persisted = began.and_then(|()| self.persist(&outcomes, &overlay));
-        match persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs)) {
+        let mut committed =
+            persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
+        if let Err(e) = &committed
+            && self.may_release_reserve(e)
+        {
+            // The disk is full: free the reserve and write the same group again, so these
+            // records land on disk rather than in memory.
+            let _ = self.conn.execute_batch("ROLLBACK");
+            let bytes = self.reserve.size();
+            if self.reserve.release() {
+                tracing::error!(bytes, path = %self.path.display(),
+                    "ALARM: the disk is full; its reserve was released so records keep landing on disk");
+                self.backlog.push_front(Record::StorageReserveReleased {
+                    at: Timestamp::now(),
+                    bytes,
+                });
+            }
+            self.outbox_delta = (0, 0);
+            self.fresh.clear();
+            committed = self
+                .conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .and_then(|()| self.persist(&outcomes, &overlay))
+                .and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
+        }
+        match committed {
             Ok(seqs) => {
                 self.outbox_count += self.outbox_delta.0;
                 self.outbox_bytes += self.outbox_delta.1;
@@ -483,16 +592,15 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Outcome {
         match command {
-            Command::Verify(request, reply) => verdict(self.decide(&request, overlay), reply),
+            Command::Verify(request, reply) => {
+                let remember = Remember::of(&request);
+                verdict(self.decide(&request, overlay), reply, remember)
+            }
             Command::Remote(request, reply) => {
-                verdict(self.decide_remote(&request, overlay), reply)
+                verdict(self.decide_remote(&request, overlay), reply, None)
             }
             Command::Append(records, reply) => Outcome::Append { reply, records },
             Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
-            Command::TrustTime(at, reply) => {
-                self.raise_mark(at);
-                Outcome::Done(reply)
-            }
             Command::Reconfigure(ctx, reply) => {
                 self.ctx = *ctx;
                 Outcome::Done(reply)
@@ -530,10 +638,14 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
         let now = req.now;
-        if req.clock_synced {
-            self.raise_mark(now);
+        if let Some(kept) = self.kept_answer(req)? {
+            tracing::info!(unit = %req.unit, request_id = ?req.request_id, "a retransmission after a restart: answered as before, not judged again");
+            return Ok((kept, Consume::Nothing, Vec::new()));
         }
         let mut records = Vec::with_capacity(1);
+        if req.clock_synced {
+            records.extend(self.synced_clock(now));
+        }
         let mut activity = Activity {
             at: now,
             door: req.door.clone(),
@@ -600,6 +712,7 @@ impl Writer {
             }
             Decision::Deny { reason } => activity.reason = Some(*reason),
         }
+        records.extend(self.trust_changed(now, req.clock_synced, rules.is_some()));
         records.insert(0, Record::Activity(activity));
         let verdict = Verdict {
             decision,
@@ -648,10 +761,12 @@ impl Writer {
         req: &RemoteOpen,
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
+        let mut clock = Vec::new();
         if req.clock_synced {
-            self.raise_mark(req.now);
+            clock.extend(self.synced_clock(req.now));
         }
         let rules = key_by_id(&self.conn, self.active_generation, &req.key_id)?;
+        clock.extend(self.trust_changed(req.now, req.clock_synced, rules.is_some()));
         let (decision, consume) = match &rules {
             Some(rules) => self.judge(rules, &req.door, req.now, req.clock_synced, overlay)?,
             None => (
@@ -682,7 +797,10 @@ impl Writer {
             category: rules.as_ref().map(|r| r.category),
             seq: None,
         };
-        Ok((verdict, consume, vec![Record::Activity(activity)]))
+        // The activity first: its seq is the decision's.
+        let mut records = vec![Record::Activity(activity)];
+        records.extend(clock);
+        Ok((verdict, consume, records))
     }
 
     fn uses(
@@ -731,6 +849,94 @@ impl Writer {
         self.mark.filter(|&mark| {
             self.mark_written
                 .is_none_or(|w| mark.duration_since(w) >= MARK_GRANULARITY)
+        })
+    }
+
+    /// The answer kept for this request, when it is a retransmission (same unit, id,
+    /// fingerprint and boot) within [`RETRANSMIT_WINDOW`] of the decision.
+    fn kept_answer(&self, req: &VerifyRequest) -> Result<Option<Verdict>, StoreError> {
+        let (Some(id), Some(rt)) = (req.request_id, req.retransmit) else {
+            return Ok(None);
+        };
+        let row: Option<KeptRow> = self
+            .conn
+            .prepare_cached(
+                "SELECT fingerprint, boot_id, at_ms, verdict FROM answers
+                 WHERE unit = ?1 AND request_id = ?2",
+            )?
+            .query_row(params![req.unit, id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        let Some((fingerprint, boot, at_ms, blob)) = row else {
+            return Ok(None);
+        };
+        let same_boot = match (boot, rt.boot_id) {
+            (Some(a), Some(b)) => a == i64::from(b),
+            _ => true,
+        };
+        let recent = Timestamp::from_millisecond(at_ms)
+            .is_ok_and(|at| req.now.duration_since(at).abs() <= RETRANSMIT_WINDOW);
+        if fingerprint != rt.fingerprint || !same_boot || !recent {
+            return Ok(None);
+        }
+        let Ok(kept) = ciborium::from_reader::<KeptAnswer, _>(blob.as_slice()) else {
+            return Ok(None);
+        };
+        Ok(Some(Verdict {
+            decision: kept.decision,
+            key_id: kept.key_id,
+            category: kept.category,
+            seq: kept.seq,
+        }))
+    }
+
+    /// The clock is NTP-synchronised at `now`: the mark follows it up, and comes down to it
+    /// when it lies ahead by more than the tolerance (a wrongly raised mark; NTP is the better
+    /// witness), with an alarm.
+    fn synced_clock(&mut self, now: Timestamp) -> Option<Record> {
+        match self.mark {
+            Some(mark)
+                if now
+                    .checked_add(self.ctx.clock_tolerance)
+                    .is_ok_and(|ahead| mark > ahead) =>
+            {
+                tracing::warn!(%mark, %now, "the trusted-time mark lies ahead of the NTP-synchronised clock; lowered to it");
+                self.mark = Some(now);
+                // Written with this decision: `mark_due` compares with the last write.
+                self.mark_written = None;
+                Some(Record::ClockMarkLowered {
+                    at: now,
+                    from: mark,
+                    to: now,
+                })
+            }
+            _ => {
+                self.raise_mark(now);
+                None
+            }
+        }
+    }
+
+    /// The alarm when a key is first judged on an untrusted clock (time-bound keys are denied;
+    /// the others follow `clock.untrusted_unlimited`), and when a decision finds the clock
+    /// trusted again: once per episode, not per decision. An unknown credential does not depend
+    /// on the clock and opens no episode.
+    fn trust_changed(&mut self, now: Timestamp, synced: bool, judged: bool) -> Option<Record> {
+        let untrusted = self.clock_trust(now, synced) == ClockTrust::Untrusted;
+        if untrusted == self.untrusted || (untrusted && !judged) {
+            return None;
+        }
+        self.untrusted = untrusted;
+        if untrusted {
+            tracing::warn!(%now, mark = ?self.mark, "deciding on an untrusted clock: time-bound keys are denied");
+        } else {
+            tracing::info!(%now, "the clock is trusted again");
+        }
+        Some(Record::ClockUntrusted {
+            at: now,
+            active: untrusted,
+            mark: self.mark,
         })
     }
 
@@ -794,7 +1000,20 @@ impl Writer {
         for (i, outcome) in outcomes.iter().enumerate() {
             let mut mine = Vec::new();
             match outcome {
-                Outcome::Verify { records, .. } | Outcome::Append { records, .. } => {
+                Outcome::Verify {
+                    records,
+                    remember,
+                    verdict,
+                    ..
+                } => {
+                    for r in records {
+                        mine.push(self.insert(r.clone())?);
+                    }
+                    if let Some(remember) = remember {
+                        self.keep_answer(remember, verdict, mine.first().copied())?;
+                    }
+                }
+                Outcome::Append { records, .. } => {
                     for r in records {
                         mine.push(self.insert(r.clone())?);
                     }
@@ -812,6 +1031,39 @@ impl Writer {
             )?;
         }
         Ok(seqs)
+    }
+
+    /// Keeps a decision's answer for its retransmissions, in the decision's transaction.
+    fn keep_answer(
+        &self,
+        remember: &Remember,
+        verdict: &Verdict,
+        seq: Option<i64>,
+    ) -> Result<(), rusqlite::Error> {
+        let kept = KeptAnswer {
+            decision: verdict.decision.clone(),
+            key_id: verdict.key_id.clone(),
+            category: verdict.category,
+            seq,
+        };
+        let mut blob = Vec::with_capacity(64);
+        // Serialising our own plain data into a Vec cannot fail.
+        let _ = ciborium::into_writer(&kept, &mut blob);
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO answers
+                 (unit, request_id, fingerprint, boot_id, at_ms, verdict)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                remember.unit,
+                remember.request_id,
+                remember.retransmit.fingerprint.as_slice(),
+                remember.retransmit.boot_id,
+                remember.at.as_millisecond(),
+                blob
+            ])?;
+        Ok(())
     }
 
     /// Keeps the outbox within its configured records and bytes, inside the commit that
@@ -889,9 +1141,13 @@ impl Writer {
                     mut verdict,
                     consume,
                     records,
+                    ..
                 } => {
                     if committed {
-                        verdict.seq = mine.first().copied();
+                        // A kept answer given again records nothing: it keeps its first seq.
+                        if let Some(&seq) = mine.first() {
+                            verdict.seq = Some(seq);
+                        }
                     } else {
                         verdict.decision = self.unrecorded(verdict.decision, consume);
                         for r in records {
@@ -943,6 +1199,24 @@ impl Writer {
             },
             deny @ Decision::Deny { .. } => deny,
         }
+    }
+
+    /// Whether a failed commit is the disk being full, with a reserve left to release: not
+    /// the database at its own `storage.max_size` (releasing disk space would not help).
+    fn may_release_reserve(&self, e: &rusqlite::Error) -> bool {
+        if !self.reserve.present() || e.sqlite_error_code() != Some(rusqlite::ErrorCode::DiskFull) {
+            return false;
+        }
+        let Some(max) = self.max_size else {
+            return true;
+        };
+        let size: rusqlite::Result<i64> = self.conn.query_row(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            [],
+            |r| r.get(0),
+        );
+        // Within a few pages of the cap: the cap refused it.
+        size.is_ok_and(|s| u64::try_from(s).unwrap_or(0) + 64 * 1024 < max)
     }
 
     fn degrade(&mut self, e: &rusqlite::Error) {
@@ -1063,16 +1337,23 @@ impl Writer {
         // Counted as the delta goes (a full count would read a million-key set per delta).
         let mut pins = self.active_pins;
         let mut mark = self.mark;
-        if let Some(at) = d.issued_at
-            && mark.is_none_or(|m| at > m)
-        {
-            mark = Some(at);
+        let mut ignored = None;
+        if let Some(at) = d.issued_at {
+            match signed_mark(at, Timestamp::now(), mark) {
+                Ok(raised) => mark = Some(raised),
+                Err(limit) => ignored = Some(mark_ignored(at, limit)),
+            }
         }
         // Dropped (rolled back) on any error, so a delta applies whole or not at all.
         let tx = self.conn.transaction()?;
         {
-            let mut drop_creds =
-                tx.prepare_cached("DELETE FROM credentials WHERE generation = ?1 AND key_id = ?2")?;
+            // INDEXED BY: without statistics SQLite picks the primary key's `generation` prefix
+            // for these, a scan of the whole set per key (a delta on a million keys, `keys list
+            // --json` quadratic).
+            let mut drop_creds = tx.prepare_cached(
+                "DELETE FROM credentials INDEXED BY credentials_by_key
+                 WHERE generation = ?1 AND key_id = ?2",
+            )?;
             let mut put_key = tx.prepare_cached(
                 "INSERT OR REPLACE INTO keys (generation, key_id, rules) VALUES (?1, ?2, ?3)",
             )?;
@@ -1081,7 +1362,8 @@ impl Writer {
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?;
             let mut pins_of = tx.prepare_cached(
-                "SELECT count(*) FROM credentials WHERE generation = ?1 AND key_id = ?2 AND kind = ?3",
+                "SELECT count(*) FROM credentials INDEXED BY credentials_by_key
+                 WHERE generation = ?1 AND key_id = ?2 AND kind = ?3",
             )?;
             let pin = CredentialKind::Pin.code();
             for key in &d.upserts {
@@ -1104,7 +1386,12 @@ impl Writer {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
         }
+        // The alarm commits with the delta it is about.
+        let alarm = ignored
+            .map(|record| insert_record(&tx, &record).map(|(seq, len)| (seq, len, record)))
+            .transpose()?;
         tx.commit()?;
+        self.fresh_record(alarm);
         self.keyset_version = d.version;
         self.mark = mark;
         self.mark_written = mark;
@@ -1228,8 +1515,12 @@ impl Writer {
                 staging.keys
             )));
         }
+        let mut ignored = None;
         if let Some(at) = staging.header.issued_at {
-            self.raise_mark(at);
+            match signed_mark(at, Timestamp::now(), self.mark) {
+                Ok(raised) => self.mark = Some(raised),
+                Err(limit) => ignored = Some(mark_ignored(at, limit)),
+            }
         }
         let version = i64::try_from(staging.header.version)
             .map_err(|_| StoreError::KeySet("version out of range".into()))?;
@@ -1249,7 +1540,11 @@ impl Writer {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
         }
+        let alarm = ignored
+            .map(|record| insert_record(&tx, &record).map(|(seq, len)| (seq, len, record)))
+            .transpose()?;
         tx.commit()?;
+        self.fresh_record(alarm);
         self.garbage.push(self.active_generation);
         self.active_generation = generation;
         self.keyset_version = staging.header.version;
@@ -1461,12 +1756,31 @@ pub(super) fn key_by_id(
 /// Appends a record to the outbox; returns its sequence number and its body's size.
 impl Writer {
     /// Appends a record to the outbox in the open transaction; returns its seq.
+    /// Counts a record committed in a transaction of its own kind (a key-set commit).
+    fn fresh_record(&mut self, committed: Option<(i64, i64, Record)>) {
+        if let Some((seq, len, record)) = committed {
+            self.outbox_delta.0 += 1;
+            self.outbox_delta.1 += len;
+            self.fresh.push((seq, record));
+        }
+    }
+
     fn insert(&mut self, record: Record) -> Result<i64, rusqlite::Error> {
         let (seq, len) = insert_record(&self.conn, &record)?;
         self.outbox_delta.0 += 1;
         self.outbox_delta.1 += len;
         self.fresh.push((seq, record));
         Ok(seq)
+    }
+}
+
+/// The alarm for a signed time not used for the mark (logged too).
+fn mark_ignored(signed: Timestamp, limit: Timestamp) -> Record {
+    tracing::warn!(%signed, %limit, "a signed cloud time lies more than a day beyond the clock and the trusted-time mark; the key set is taken, its time is not used for the mark");
+    Record::ClockMarkIgnored {
+        at: Timestamp::now(),
+        signed,
+        limit,
     }
 }
 
@@ -1509,6 +1823,34 @@ fn runs(seqs: &[i64]) -> Vec<(i64, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signed_time_raises_the_mark_by_at_most_a_day_past_clock_and_mark() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        let now = t("2026-12-01T00:00:00Z");
+        // No mark yet: believed up to a day past the clock.
+        assert_eq!(
+            signed_mark(t("2026-12-01T20:00:00Z"), now, None),
+            Ok(t("2026-12-01T20:00:00Z"))
+        );
+        assert_eq!(
+            signed_mark(t("2046-12-01T00:00:00Z"), now, None),
+            Err(t("2026-12-02T00:00:00Z"))
+        );
+        // A clock reset by a power cut (1970): a day past the mark.
+        let old = t("1970-01-01T00:00:00Z");
+        let mark = Some(t("2026-11-30T00:00:00Z"));
+        assert_eq!(
+            signed_mark(t("2026-11-30T23:00:00Z"), old, mark),
+            Ok(t("2026-11-30T23:00:00Z"))
+        );
+        assert!(signed_mark(t("2026-12-05T00:00:00Z"), old, mark).is_err());
+        // Never lowered by an older signed time.
+        assert_eq!(
+            signed_mark(t("2026-01-01T00:00:00Z"), now, mark),
+            Ok(t("2026-11-30T00:00:00Z"))
+        );
+    }
     use crate::access::{Credential, CredentialDigest, Site};
     use crate::store::schema;
     use tokio::sync::oneshot;

@@ -84,5 +84,6 @@ pub fn request(unit: &str, door: &str, kind: CredentialKind, secret: &str) -> Ve
         secret: secret.as_bytes().to_vec(),
         now: now(),
         clock_synced: false,
+        retransmit: None,
     }
 }

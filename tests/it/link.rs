@@ -647,3 +647,91 @@ async fn a_message_too_big_to_read_is_dropped_reported_and_the_next_delta_applie
     assert_eq!(unreadable, 10);
     b.stop().await;
 }
+
+/// Command results speak one vocabulary (`docs/cloud-protocol.md` §7): the command's name, its
+/// id echoed (a resync's too), a deny reason by its wire name, and a reason for every refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_results_name_the_command_echo_its_id_and_say_why() {
+    let (_broker, mut cloud, b) = online().await;
+    let app = key(
+        "app-anna",
+        CredentialKind::Mobile,
+        "phone",
+        UseLimit::Unlimited,
+    );
+    cloud.snapshot(1, &[app]).await;
+    cloud.applied(1).await;
+    let result = |r: &Report| matches!(r, Report::CommandResult { .. });
+
+    let resync = build::resync(&target(), Some("r1"), Timestamp::now(), &cloud_key());
+    cloud.raw(Channel::Resync, resync).await;
+    let r = cloud.report("the resync's result", result).await;
+    assert!(
+        matches!(&r, Report::CommandResult { command_id: Some(id), command, outcome: Outcome::Done, .. }
+            if id == "r1" && command == "resync"),
+        "{r:?}"
+    );
+
+    cloud
+        .raw(Channel::OpenDoor, b"not an envelope".to_vec())
+        .await;
+    let r = cloud
+        .report("the unreadable command's result", result)
+        .await;
+    assert!(
+        matches!(&r, Report::CommandResult { command_id: None, command, outcome: Outcome::Rejected, reason: Some(why), .. }
+            if command == "open-door" && !why.is_empty()),
+        "{r:?}"
+    );
+
+    let wrong_door = build::open_door(
+        &target(),
+        "c-wrong",
+        "garage",
+        "app-anna",
+        Timestamp::now(),
+        SignedDuration::from_secs(30),
+        &cloud_key(),
+    );
+    cloud.raw(Channel::OpenDoor, wrong_door).await;
+    let r = cloud.report("the denied command's result", result).await;
+    assert!(
+        matches!(&r, Report::CommandResult { command_id: Some(id), outcome: Outcome::Denied, reason: Some(why), .. }
+            if id == "c-wrong" && why == DenyReason::WrongDoor.name()),
+        "{r:?}"
+    );
+    assert_eq!(DenyReason::WrongDoor.name(), "wrong_door");
+    b.stop().await;
+}
+
+/// A signed delta whose new key reuses another key's credential is refused by the store; the
+/// refusal is reported and recorded like every other (§8), not only logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delta_reusing_a_credential_is_reported_and_recorded() {
+    let (_broker, mut cloud, b) = online().await;
+    let anna = key("anna", CredentialKind::Pin, "4711", UseLimit::Unlimited);
+    cloud.snapshot(1, &[anna]).await;
+    cloud.applied(1).await;
+    let copycat = key("copycat", CredentialKind::Pin, "4711", UseLimit::Unlimited);
+    cloud.delta(1, 2, &[copycat], &[]).await;
+    let r = cloud
+        .report(
+            "the delta's refusal",
+            |r| matches!(r, Report::Rejected { channel, .. } if channel == "keys/delta"),
+        )
+        .await;
+    assert!(
+        matches!(&r, Report::Rejected { reason, .. } if reason.contains("twice")),
+        "{r:?}"
+    );
+    let records = b
+        .records_until(|r| {
+            r.iter().any(
+                |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "keys/delta"),
+            )
+        })
+        .await;
+    assert!(!records.is_empty());
+    assert_eq!(held(&b), (1, 1));
+    b.stop().await;
+}

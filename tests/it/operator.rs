@@ -99,7 +99,22 @@ async fn keys_list_and_show_never_print_a_credential() {
     let config = b.config_file(2);
     let list = stdout(&run(&config, &["keys", "list"]));
     assert!(list.contains("key set version 1, 1 keys"), "{list}");
-    assert!(list.lines().any(|l| l.starts_with("courier")), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("ID ") && l.contains("USES")),
+        "a header: {list}"
+    );
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("courier") && !l.contains('{')),
+        "use limits in words: {list}"
+    );
+    let text = stdout(&run(&config, &["keys", "show", "courier"]));
+    assert!(text.lines().any(|l| l.starts_with("use limit")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("credentials  1 pin")),
+        "{text}"
+    );
     let show: Value = serde_json::from_str(&stdout(&run(
         &config,
         &["keys", "show", "courier", "--json"],

@@ -1,6 +1,7 @@
 //! Broker helpers shared by the integration tests (`tests/it/broker.rs`), the benchmarks
-//! (`benches/cloud.rs`, `benches/uplink.rs`, `benches/idle.rs`) and the demo (`examples/demo/story.rs`), which
-//! cannot import test modules: included in each with `#[path]`.
+//! (`benches/cloud.rs`, `benches/uplink.rs`, `benches/idle.rs`, `benches/fleet.rs`) and the
+//! demo (`examples/demo/story.rs`), which cannot import test modules: included in each with
+//! `#[path]`.
 //!
 //! - [`RumqttdBroker`]: an in-process rumqttd on a free port;
 //! - [`Proxy`]: a TCP proxy whose [`Proxy::cut`] makes the internet go away for the clients
@@ -349,6 +350,11 @@ impl Mosquitto {
 
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Its process id, for its `/proc` counters (`benches/fleet.rs` reads its memory and CPU).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// `mosquitto -h` prints its version on the first line.
