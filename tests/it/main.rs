@@ -11,6 +11,7 @@ mod gateway;
 mod link;
 mod link_reference;
 mod link_tls;
+mod nats;
 mod operator;
 mod osdp;
 mod osdp_sim;
