@@ -57,6 +57,9 @@ pub enum Request {
 /// The daemon's answer to `status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// Whether the daemon answered (`false`: read from the database alone, `health` partial).
+    #[serde(default = "yes")]
+    pub running: bool,
     /// doorbridge's version.
     pub version: String,
     pub pid: u32,
@@ -64,6 +67,13 @@ pub struct Status {
     pub cloud: CloudStatus,
     /// The same picture the telemetry summary sends (key set, outbox, clock, buses, units).
     pub health: Summary,
+    /// The disk refuses writes: records wait in memory (`docs/storage.md`).
+    #[serde(default)]
+    pub storage_degraded: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The cloud connection, as the link sees it.
@@ -72,6 +82,9 @@ pub struct CloudStatus {
     /// `host:port` of the broker connected to, or being tried (`cloud.url` may list several).
     pub broker: String,
     pub connected: bool,
+    /// Since when there has been no broker connection (null while connected).
+    #[serde(default)]
+    pub offline_since: Option<jiff::Timestamp>,
     /// Successful connects since start.
     pub connects: u64,
     pub last_error: Option<String>,
@@ -113,12 +126,19 @@ impl ControlState {
         let health = telemetry::snapshot(&spec, &self.gateway, &self.store, &self.link).await;
         let link = self.link.lock().map(|l| l.clone()).unwrap_or_default();
         Status {
+            running: true,
+            storage_degraded: self
+                .store
+                .health()
+                .degraded
+                .load(std::sync::atomic::Ordering::Relaxed),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             site: self.site.clone(),
             cloud: CloudStatus {
                 broker: link.broker.clone().unwrap_or_else(|| self.broker.clone()),
                 connected: link.connected,
+                offline_since: link.offline_since,
                 connects: link.connects,
                 last_error: link.last_error,
                 rejected: link.rejected,

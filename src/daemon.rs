@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
 use crate::bus::frame::Address;
+use crate::bus::message::DoorEventKind;
 use crate::bus::message::Settings;
 use crate::bus::session::{SessionConfig, default_turnaround};
 use crate::cloud::link::{self, LinkSpec, LinkStatus};
@@ -41,7 +42,6 @@ use crate::service::logging::{LevelChange, Logging};
 use crate::service::notify::{self, Notifier};
 use crate::service::reload;
 use crate::service::status::{Cloud, Summary};
-use crate::bus::message::DoorEventKind;
 use crate::store::{DecisionContext, Reader, Record, Store, StoreError, StoreOptions};
 
 /// How long a stopping bus task or cloud link may take.
@@ -178,7 +178,10 @@ async fn log_door_alarms(mut committed: tokio::sync::broadcast::Receiver<(i64, R
         let (seq, record) = match committed.recv().await {
             Ok(r) => r,
             Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "door alarms came faster than they could be logged; see `doorbridge events`");
+                tracing::warn!(
+                    missed,
+                    "door alarms came faster than they could be logged; see `doorbridge events`"
+                );
                 continue;
             }
             Err(RecvError::Closed) => return,

@@ -65,10 +65,27 @@ enum Command {
     /// connection, the key-set version and age, the outbox depth, the clock's trust, and each
     /// bus and door unit with when it was last seen, its battery and error counts. When the
     /// daemon does not answer, prints what the database says and exits 3.
+    ///
+    /// Exits as monitoring systems expect (the Nagios plugin convention): 0 OK, 1 WARNING (a
+    /// unit offline, a low battery, the cloud unreachable longer than --max-offline, more
+    /// records waiting than --max-outbox, a key set older than --max-keyset-age), 2 CRITICAL
+    /// (no key set, a bus port not open, every unit of a bus offline, clock untrusted, the
+    /// disk refusing writes), 3 UNKNOWN (the daemon does not answer). The last line says
+    /// which and why. docs/operations.md has the rules.
     Status {
-        /// One JSON document instead of text
+        /// One JSON object on one line, with a "verdict" member
         #[arg(long)]
         json: bool,
+        /// How long the cloud may be unreachable before it is a warning
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_signed_duration)]
+        max_offline: jiff::SignedDuration,
+        /// How many records may wait for upload before it is a warning
+        #[arg(long, value_name = "N", default_value_t = 10_000)]
+        max_outbox: u64,
+        /// How old the held key set (its signing time) may be before it is a warning [default:
+        /// not judged]
+        #[arg(long, value_name = "DURATION", value_parser = parse_signed_duration)]
+        max_keyset_age: Option<jiff::SignedDuration>,
     },
     /// Manage the key set held by this gateway
     #[command(subcommand)]
@@ -219,7 +236,19 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { json } => status(&config::load(&sources)?, json),
+        Command::Status {
+            json,
+            max_offline,
+            max_outbox,
+            max_keyset_age,
+        } => {
+            let limits = operator::Limits {
+                offline: max_offline,
+                outbox: max_outbox,
+                keyset_age: max_keyset_age,
+            };
+            status(&config::load(&sources)?, json, &limits)
+        }
         Command::Keys(KeysCommand::List { json }) => {
             let reader = read_store(&config::load(&sources)?)?;
             let mut out = std::io::stdout().lock();
@@ -368,7 +397,7 @@ fn read_store(config: &config::Config) -> anyhow::Result<Reader> {
 }
 
 /// `doorbridge status`: the daemon's answer, or what the database says and exit 3.
-fn status(config: &config::Config, json: bool) -> anyhow::Result<()> {
+fn status(config: &config::Config, json: bool, limits: &operator::Limits) -> anyhow::Result<()> {
     let socket = control::socket_path(&config.storage.path);
     let mut answer = None;
     let asked = control::ask(&socket, &control::Request::Status, |s: control::Status| {
@@ -378,35 +407,69 @@ fn status(config: &config::Config, json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match (asked, answer) {
         (Ok(()), Some(s)) => {
+            let now = jiff::Timestamp::now();
+            let (level, reasons) = operator::verdict(&s, now, limits);
             if json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
+                let mut v = serde_json::to_value(&s)?;
+                v["verdict"] = serde_json::json!({ "level": level, "reasons": reasons });
+                writeln!(out, "{v}")?;
             } else {
-                write!(out, "{}", operator::status_text(&s, jiff::Timestamp::now()))?;
+                write!(out, "{}", operator::status_text(&s, now))?;
+                if reasons.is_empty() {
+                    writeln!(out, "verdict   {}", level.word())?;
+                } else {
+                    writeln!(out, "verdict   {}: {}", level.word(), reasons.join("; "))?;
+                }
             }
-            Ok(())
+            out.flush()?;
+            std::process::exit(i32::from(level.code()));
         }
         (result, _) => {
-            let why = result
-                .err()
-                .map_or_else(|| "the daemon gave no answer".to_owned(), |e| e.to_string());
+            let denied = matches!(&result, Err(control::ControlError::Connect { source, .. })
+                    if source.kind() == std::io::ErrorKind::PermissionDenied);
+            let why = match result {
+                Err(control::ControlError::Connect { ref path, .. }) if denied => {
+                    format!(
+                        "permission denied on the control socket {path}: add your user to the \
+                         doorbridge group (sudo usermod -aG doorbridge $USER, then log in again), \
+                         or run this with sudo"
+                    )
+                }
+                Err(e) => e.to_string(),
+                Ok(()) => "the daemon gave no answer".to_owned(),
+            };
             let stored = read_store(config).and_then(|r| Ok(operator::offline_status(&r)?));
             match (json, stored) {
                 (true, Ok(mut v)) => {
                     v["error"] = serde_json::Value::String(why.clone());
-                    writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+                    v["verdict"] = serde_json::json!({ "level": operator::Level::Unknown, "reasons": [why.clone()] });
+                    writeln!(out, "{v}")?;
                 }
                 (false, Ok(v)) => writeln!(
                     out,
-                    "daemon    not running\nkey set   version {}, {} keys\noutbox    {} records waiting for upload",
-                    v["keyset"]["version"], v["keyset"]["keys"], v["outbox_depth"]
+                    "daemon    {}\nkey set   version {}, {} keys\noutbox    {} records waiting for upload\nverdict   UNKNOWN",
+                    if denied {
+                        "not reachable (permission denied)"
+                    } else {
+                        "not running"
+                    },
+                    v["health"]["keyset"]["version"],
+                    v["health"]["keyset"]["keys"],
+                    v["health"]["outbox_depth"]
                 )?,
                 (_, Err(e)) => eprintln!("doorbridge: {e:#}"),
             }
             out.flush()?;
             eprintln!("doorbridge: {why}");
-            std::process::exit(3);
+            std::process::exit(i32::from(operator::Level::Unknown.code()));
         }
     }
+}
+
+/// A duration as the configuration writes them (`15m`, `1h 30m`, `7d`).
+fn parse_signed_duration(text: &str) -> Result<jiff::SignedDuration, String> {
+    let d = config::values::parse_duration(text)?;
+    jiff::SignedDuration::try_from(d).map_err(|e| e.to_string())
 }
 
 /// Progress on stderr: every chunk on a terminal, every tenth of the way otherwise.

@@ -144,14 +144,156 @@ pub fn status_text(s: &Status, now: Timestamp) -> String {
     out
 }
 
+/// How healthy a site is, as monitoring systems count it (the Nagios plugin convention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warning,
+    Critical,
+    Unknown,
+}
+
+impl Level {
+    /// The exit code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    pub fn code(self) -> u8 {
+        match self {
+            Level::Ok => 0,
+            Level::Warning => 1,
+            Level::Critical => 2,
+            Level::Unknown => 3,
+        }
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Level::Ok => "OK",
+            Level::Warning => "WARNING",
+            Level::Critical => "CRITICAL",
+            Level::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// The thresholds `status` judges with (its options).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The cloud unreachable longer than this is a warning.
+    pub offline: SignedDuration,
+    /// More records than this waiting for upload is a warning.
+    pub outbox: u64,
+    /// A key set signed longer ago than this is a warning (`None`: not judged; a cloud may
+    /// publish only on changes).
+    pub keyset_age: Option<SignedDuration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            offline: SignedDuration::from_mins(15),
+            outbox: 10_000,
+            keyset_age: None,
+        }
+    }
+}
+
+/// The site's state and why: `docs/operations.md` lists the rules.
+pub fn verdict(s: &Status, now: Timestamp, limits: &Limits) -> (Level, Vec<String>) {
+    let mut found: Vec<(Level, String)> = Vec::new();
+    let h = &s.health;
+    match &h.keyset {
+        None => found.push((Level::Critical, "the key set cannot be read".into())),
+        Some(k) if k.version == 0 => found.push((
+            Level::Critical,
+            "no key set: every credential is refused".into(),
+        )),
+        Some(k) => {
+            if let (Some(max), Some(age)) = (limits.keyset_age, k.age_s)
+                && SignedDuration::from_secs(i64::try_from(age).unwrap_or(i64::MAX)) > max
+            {
+                found.push((
+                    Level::Warning,
+                    format!("key set signed {} ago", age_text(age)),
+                ));
+            }
+        }
+    }
+    if s.storage_degraded {
+        found.push((
+            Level::Critical,
+            "the disk refuses writes: records wait in memory, limited keys are refused".into(),
+        ));
+    }
+    if !h.clock.trusted {
+        found.push((
+            Level::Critical,
+            "clock untrusted: time-bound keys are refused".into(),
+        ));
+    }
+    for bus in &h.buses {
+        if !bus.port_open {
+            found.push((Level::Critical, format!("bus {}: port not open", bus.name)));
+            continue;
+        }
+        let offline: Vec<&str> = bus
+            .units
+            .iter()
+            .filter(|u| !u.online)
+            .map(|u| u.unit.as_str())
+            .collect();
+        if !bus.units.is_empty() && offline.len() == bus.units.len() {
+            found.push((
+                Level::Critical,
+                format!("bus {}: every unit offline", bus.name),
+            ));
+        } else if !offline.is_empty() {
+            found.push((Level::Warning, format!("offline: {}", offline.join(", "))));
+        }
+        for u in bus.units.iter().filter(|u| u.battery_low) {
+            found.push((Level::Warning, format!("{}: battery low", u.unit)));
+        }
+    }
+    if let Some(since) = s.cloud.offline_since
+        && now.duration_since(since) > limits.offline
+    {
+        found.push((
+            Level::Warning,
+            format!(
+                "cloud unreachable for {}",
+                age_text(u64::try_from(now.duration_since(since).as_secs()).unwrap_or(0))
+            ),
+        ));
+    }
+    if let Some(depth) = h.outbox_depth
+        && depth > limits.outbox
+    {
+        found.push((
+            Level::Warning,
+            format!("{depth} records waiting for upload"),
+        ));
+    }
+    let level = found.iter().map(|(l, _)| *l).max().unwrap_or(Level::Ok);
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    (level, found.into_iter().map(|(_, why)| why).collect())
+}
+
+fn age_text(secs: u64) -> String {
+    age(SignedDuration::from_secs(
+        i64::try_from(secs).unwrap_or(i64::MAX),
+    ))
+}
+
 /// What the database alone says, when the daemon does not answer.
 pub fn offline_status(reader: &Reader) -> Result<serde_json::Value, StoreError> {
     let set = reader.key_set()?;
+    // The shape of a running daemon's `status --json`, with what the file alone can tell.
     Ok(json!({
         "running": false,
-        "keyset": { "version": set.version, "keys": set.keys, "issued_at": set.issued_at },
-        "outbox_depth": reader.outbox_depth()?,
-        "trusted_time": reader.trusted_time()?,
+        "health": {
+            "keyset": { "version": set.version, "keys": set.keys, "issued_at": set.issued_at },
+            "outbox_depth": reader.outbox_depth()?,
+            "clock": { "mark": reader.trusted_time()? },
+        },
     }))
 }
 
@@ -403,6 +545,89 @@ pub fn event_line(e: &Event) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site's status as the daemon answers it, adjusted by `f`.
+    fn site(f: impl FnOnce(&mut serde_json::Value)) -> Status {
+        let mut v = json!({
+            "version": "0", "pid": 1, "site": "s",
+            "cloud": { "broker": "b:1883", "connected": true, "connects": 1,
+                       "last_error": null, "rejected": 0 },
+            "health": {
+                "gateway": "gw", "at": "2026-12-01T12:00:00Z", "uptime_s": 60,
+                "keyset": { "version": 3, "keys": 10, "issued_at": "2026-12-01T00:00:00Z",
+                            "age_s": 43200 },
+                "last_sync": null, "outbox_depth": 0,
+                "clock": { "synced": true, "trusted": true, "mark": null },
+                "buses": [{ "name": "entrance", "port_open": true, "reopens": 0,
+                    "timeouts": 0, "retransmits": 0, "errors": 0, "units": [
+                    { "unit": "entrance/1", "door": "main", "online": true,
+                      "last_seen": null, "battery_percent": null,
+                      "battery_millivolts": null, "battery_at": null, "battery_low": false },
+                    { "unit": "entrance/2", "door": "garage", "online": true,
+                      "last_seen": null, "battery_percent": null,
+                      "battery_millivolts": null, "battery_at": null, "battery_low": false }
+                ]}]
+            }
+        });
+        f(&mut v);
+        serde_json::from_value(v).expect("a status")
+    }
+
+    #[test]
+    fn the_verdict_follows_the_documented_rules() {
+        let now: Timestamp = "2026-12-01T12:00:00Z".parse().unwrap();
+        let judge = |s: &Status| verdict(s, now, &Limits::default());
+        assert_eq!(judge(&site(|_| {})), (Level::Ok, vec![]));
+        let one_off = site(|v| v["health"]["buses"][0]["units"][1]["online"] = json!(false));
+        assert_eq!(judge(&one_off).0, Level::Warning);
+        let all_off = site(|v| {
+            v["health"]["buses"][0]["units"][0]["online"] = json!(false);
+            v["health"]["buses"][0]["units"][1]["online"] = json!(false);
+        });
+        assert_eq!(
+            judge(&all_off),
+            (
+                Level::Critical,
+                vec!["bus entrance: every unit offline".to_owned()]
+            )
+        );
+        let no_keys = site(|v| v["health"]["keyset"]["version"] = json!(0));
+        assert_eq!(judge(&no_keys).0, Level::Critical);
+        let untrusted = site(|v| v["health"]["clock"]["trusted"] = json!(false));
+        assert_eq!(judge(&untrusted).0, Level::Critical);
+        let port = site(|v| v["health"]["buses"][0]["port_open"] = json!(false));
+        assert_eq!(judge(&port).0, Level::Critical);
+        // The cloud away 10 minutes is fine, an hour is not.
+        let away = |mins: i64| {
+            let since = now - SignedDuration::from_mins(mins);
+            site(move |v| {
+                v["cloud"]["connected"] = json!(false);
+                v["cloud"]["offline_since"] = json!(since.to_string());
+            })
+        };
+        assert_eq!(judge(&away(10)).0, Level::Ok);
+        assert_eq!(judge(&away(60)).0, Level::Warning);
+        let backlog = site(|v| v["health"]["outbox_depth"] = json!(20_000));
+        assert_eq!(judge(&backlog).0, Level::Warning);
+        // The key set's age is judged only when asked.
+        let strict = Limits {
+            keyset_age: Some(SignedDuration::from_hours(6)),
+            ..Limits::default()
+        };
+        assert_eq!(verdict(&site(|_| {}), now, &strict).0, Level::Warning);
+        // The worst reason first.
+        let both = site(|v| {
+            v["health"]["buses"][0]["units"][1]["online"] = json!(false);
+            v["health"]["clock"]["trusted"] = json!(false);
+        });
+        let (level, reasons) = judge(&both);
+        assert_eq!(level, Level::Critical);
+        assert!(reasons[0].starts_with("clock untrusted"), "{reasons:?}");
+        assert_eq!(
+            [Level::Ok, Level::Warning, Level::Critical, Level::Unknown].map(Level::code),
+            [0, 1, 2, 3]
+        );
+    }
 
     #[test]
     fn keys_read_like_people_say_them() {

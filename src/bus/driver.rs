@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use super::frame::Address;
 use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync};
 use super::session::{
-    Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats,
+    Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats, UnitState,
 };
 use crate::access::{Decision, DenyReason, DoorId};
 use crate::store::{Record, Retransmit, Store, VerifyRequest};
@@ -30,6 +30,8 @@ pub(crate) const REOPEN_FIRST: Duration = Duration::from_millis(200);
 pub(crate) const REOPEN_MAX: Duration = Duration::from_secs(30);
 /// Frame errors are logged at most this often (they are always counted).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How often the live counters and last-seen times are copied to the status, at most.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// A command (a door release) not sent within this long is dropped: an inner door opening
 /// long after its grant would open for nobody.
 const COMMAND_TTL: Duration = Duration::from_secs(5);
@@ -353,6 +355,8 @@ struct Line {
     /// Commands whose sender waits to hear how they ended, by unit and message id.
     tracked: HashMap<(Address, u16), oneshot::Sender<CommandOutcome>>,
     last_error_log: Option<Instant>,
+    /// When the counters and the units' last-seen times were last copied to the status.
+    published: Option<Instant>,
 }
 
 impl Line {
@@ -369,6 +373,7 @@ impl Line {
             tracked: HashMap::new(),
             settled_at: None,
             last_error_log: None,
+            published: None,
         }
     }
 }
@@ -527,6 +532,7 @@ impl Served<'_> {
     }
 
     fn handle(&self, events: Vec<SessionEvent>, session: &Session, line: &mut Line) {
+        self.publish(session, line);
         for event in events {
             match event {
                 SessionEvent::Request(request) => {
@@ -579,6 +585,30 @@ impl Served<'_> {
                 }
             }
         }
+    }
+
+    /// Copies the session's counters to the status, and marks the units it holds online as
+    /// seen now (each answered a poll within `offline_after` turns), at most every
+    /// [`STATUS_EVERY`]: `status` and telemetry show live figures, not those of the last error.
+    fn publish(&self, session: &Session, line: &mut Line) {
+        if line.published.is_some_and(|t| t.elapsed() < STATUS_EVERY) {
+            return;
+        }
+        line.published = Some(Instant::now());
+        let now = Timestamp::now();
+        let online: Vec<u8> = self
+            .spec
+            .units
+            .iter()
+            .filter(|u| session.unit_state(u.address) == Some(UnitState::Online))
+            .map(|u| u.address.get())
+            .collect();
+        set_status(self.status, |s| {
+            s.stats = *session.stats();
+            for a in online {
+                s.units.entry(a).or_default().last_seen = Some(now);
+            }
+        });
     }
 
     fn seen(&self, unit: Address) {

@@ -124,6 +124,8 @@ pub struct LinkStatus {
     /// `host:port` of the broker connected to, or being tried.
     pub broker: Option<String>,
     pub connected: bool,
+    /// Since when the link has had no broker connection (`None` while connected).
+    pub offline_since: Option<Timestamp>,
     pub connects: u64,
     pub last_error: Option<String>,
     /// When a snapshot or delta was last committed.
@@ -540,7 +542,10 @@ pub async fn run_link(
         oversized: None,
         started: Timestamp::now(),
     };
-    worker.set_status(|s| s.held_version = held);
+    worker.set_status(|s| {
+        s.held_version = held;
+        s.offline_since.get_or_insert_with(Timestamp::now);
+    });
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -670,6 +675,7 @@ impl Worker {
                     s.connected = true;
                     s.connects += 1;
                     s.last_error = None;
+                    s.offline_since = None;
                 });
                 if !session_present {
                     let filters = Channel::INBOUND.map(|c| rumqttc::SubscribeFilter {
@@ -698,6 +704,7 @@ impl Worker {
                     let was = s.connected;
                     s.connected = false;
                     s.last_error = Some(format!("{broker}: {error}"));
+                    s.offline_since.get_or_insert_with(Timestamp::now);
                     was
                 });
                 if was {
@@ -709,6 +716,7 @@ impl Worker {
             Polled::Oversized { size, limit } => {
                 self.set_status(|s| {
                     s.connected = false;
+                    s.offline_since.get_or_insert_with(Timestamp::now);
                     s.last_error = Some(format!(
                         "the broker sent a {size}-byte message, over the {limit}-byte limit"
                     ));

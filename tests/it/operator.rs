@@ -69,8 +69,14 @@ async fn busy_building() -> Building {
 async fn status_shows_the_cloud_key_set_outbox_and_every_unit() {
     let b = busy_building().await;
     let config = b.config_file(2);
-    let json: Value = serde_json::from_str(&stdout(&run(&config, &["status", "--json"])))
-        .expect("status --json is JSON");
+    // A low battery: WARNING, exit 1 (the Nagios plugin convention).
+    let out = run(&config, &["status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(line.lines().count(), 1, "one line: {line}");
+    let json: Value = serde_json::from_str(&line).expect("status --json is JSON");
+    assert_eq!(json["verdict"]["level"], "warning", "{json:#}");
+    assert_eq!(json["verdict"]["reasons"][0], "entrance/2: battery low");
     assert_eq!(
         json["cloud"]["connected"], false,
         "no broker here: {json:#}"
@@ -85,8 +91,14 @@ async fn status_shows_the_cloud_key_set_outbox_and_every_unit() {
     assert_eq!(units[1]["battery_low"], true);
     assert!(json["health"]["outbox_depth"].as_u64().unwrap() >= 4);
 
-    let text = stdout(&run(&config, &["status"]));
+    let out = run(&config, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
     eprintln!("{text}");
+    assert!(
+        text.lines().last() == Some("verdict   WARNING: entrance/2: battery low"),
+        "{text}"
+    );
     assert!(text.contains("key set   version 1, 1 keys"), "{text}");
     assert!(text.contains("entrance/2"), "{text}");
     assert!(text.contains("battery 12% (3.31 V, LOW)"), "{text}");
@@ -215,4 +227,7 @@ async fn status_without_a_daemon_says_so_and_exits_3() {
     ))
     .expect("JSON even when not running");
     assert_eq!(json["running"], false);
+    // The same shape as a running daemon's.
+    assert_eq!(json["health"]["keyset"]["version"], 1, "{json:#}");
+    assert_eq!(json["verdict"]["level"], "unknown");
 }

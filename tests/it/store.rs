@@ -454,9 +454,7 @@ async fn a_corrupt_database_is_moved_aside_and_a_fresh_one_created() {
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| {
-            n.starts_with("db.corrupt-") && !n.ends_with("-wal") && !n.ends_with("-shm")
-        })
+        .filter(|n| n.starts_with("db.corrupt-") && !n.ends_with("-wal") && !n.ends_with("-shm"))
         .collect();
     assert_eq!(aside.len(), 1, "{aside:?}");
     store.close();
