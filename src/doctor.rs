@@ -191,8 +191,13 @@ pub fn run(config: &Config, file: &Path, options: Options, mut each: impl FnMut(
 /// (no wait for carrier, never our controlling terminal) and closed at once: this never takes
 /// the port away from the running daemon.
 fn serial_port(config: &Config, label: &str, port: &Path) -> Check {
-    let name = format!("serial port {label}");
     let shown = port.display();
+    // An unnamed bus is labelled by its port, which the detail already shows.
+    let name = if Path::new(label) == port {
+        "serial port".to_owned()
+    } else {
+        format!("serial port {label}")
+    };
     if !port.exists() {
         return Check::fail(
             name,
@@ -438,9 +443,14 @@ pub fn judge_validity(
         (Verdict::Fail, format!("expired on {}", day(not_after)))
     } else if not_after.duration_since(now) < CERT_EXPIRY_WARNING {
         let days = not_after.duration_since(now).as_hours() / 24;
+        let within = match days {
+            0 => "within a day".to_owned(),
+            1 => "in 1 day".to_owned(),
+            n => format!("in {n} days"),
+        };
         (
             Verdict::Warning,
-            format!("expires on {} (in {days} days)", day(not_after)),
+            format!("expires on {} ({within})", day(not_after)),
         )
     } else {
         (Verdict::Ok, format!("valid until {}", day(not_after)))
@@ -1057,6 +1067,10 @@ yV9n2NabEE6NqeEfXY+vNT8DNzWhRANCAARBEiRayTyRfkrHi8MR8e0enyyDKFKt
                 Verdict::Warning,
                 "expires on 2027-01-01 (in 10 days)".into()
             )
+        );
+        assert_eq!(
+            judge("2026-12-30T23:00:00Z"),
+            (Verdict::Warning, "expires on 2027-01-01 (in 1 day)".into())
         );
         assert_eq!(
             judge("2027-01-02T00:00:00Z"),
