@@ -119,7 +119,7 @@ impl Check {
             }
         );
         for problem in problems {
-            let _ = write!(detail, "\n        {problem}");
+            let _ = write!(detail, "\n{problem}");
         }
         Check::fail(
             "configuration",
@@ -130,7 +130,9 @@ impl Check {
 
     /// The check as text: the verdict and what was found, then the hint on its own line.
     pub fn text(&self) -> String {
-        let mut line = format!("{:<8}{}: {}", self.verdict.word(), self.check, self.detail);
+        // A detail of several lines (configuration problems) goes under the check, indented.
+        let detail = self.detail.replace('\n', "\n        ");
+        let mut line = format!("{:<8}{}: {detail}", self.verdict.word(), self.check);
         if let Some(ms) = self.took_ms {
             let _ = write!(line, " ({ms} ms)");
         }

@@ -239,5 +239,17 @@ fn a_configuration_that_does_not_load_is_the_only_check() {
         "{text}"
     );
     assert_eq!(verdict_lines(&out).len(), 1, "{text}");
+    // Each problem on its own indented line, as check-config words it.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("        ") && l.contains("buses[0].port")),
+        "{text}"
+    );
     assert!(text.contains("doorbridge check-config"), "{text}");
+
+    let out = doctor(&config, &["--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["check"], "configuration");
+    assert_eq!(json["verdict"], "fail");
 }
