@@ -19,6 +19,8 @@
 //! - [`daemon`]: wiring and shutdown of the running service;
 //! - [`control`]: the control socket the operator commands (`status`, `events tail`) ask;
 //! - [`operator`]: what the operator commands print;
+//! - [`doctor`]: `doorbridge doctor`, the installation checks (ports, TLS files, brokers,
+//!   clock, disk, database) with a verdict and a hint each;
 //! - [`service`]: running under systemd: `sd_notify`, watchdog, status line, reload plan,
 //!   journald or stderr logging;
 //! - [`task`]: what long-running tasks share (stop flag, jittered waits, clock sync).
@@ -32,6 +34,7 @@ pub mod cloud;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod doctor;
 pub mod operator;
 pub mod osdp;
 pub mod service;

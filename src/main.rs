@@ -87,6 +87,28 @@ enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_signed_duration)]
         max_keyset_age: Option<jiff::SignedDuration>,
     },
+    /// Check the installation: ports, TLS files, brokers, clock, disk, database
+    ///
+    /// Runs every check and prints one line each, OK, WARNING or FAIL, with a hint under
+    /// each that is not OK: the configuration loads; every bus's serial port exists and opens
+    /// read/write (a port the running daemon holds is OK); for mqtts:// the CA, client
+    /// certificate and key are readable, valid today and matching; every broker URL resolves,
+    /// accepts TCP, the TLS handshake and an MQTT CONNECT with the configured credentials
+    /// (client id GATEWAY-doctor, clean session: the daemon's session is untouched); the clock
+    /// is synchronised; the database's disk has room and its reserve file; the database passes
+    /// quick_check (--full: integrity_check); a key set is held and not older than 30 days.
+    ///
+    /// Exits 0 when all are OK, 1 on a warning, 2 on a failure. docs/operations.md explains
+    /// each check.
+    Doctor {
+        /// One JSON object per check, each on its own line
+        #[arg(long)]
+        json: bool,
+        /// Run the full integrity check of the database (every page and index; can take
+        /// minutes on a large store) instead of the quick one
+        #[arg(long)]
+        full: bool,
+    },
     /// Manage the key set held by this gateway
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -249,6 +271,7 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             };
             status(&config::load(&sources)?, json, &limits)
         }
+        Command::Doctor { json, full } => doctor(&sources, json, full),
         Command::Keys(KeysCommand::List { json }) => {
             let reader = read_store(&config::load(&sources)?)?;
             let mut out = std::io::stdout().lock();
@@ -464,6 +487,33 @@ fn status(config: &config::Config, json: bool, limits: &operator::Limits) -> any
             std::process::exit(i32::from(operator::Level::Unknown.code()));
         }
     }
+}
+
+/// `doorbridge doctor`: every check as it completes, then exit with the worst verdict.
+fn doctor(sources: &Sources, json: bool, full: bool) -> anyhow::Result<()> {
+    use doorbridge::doctor::{self, Check, Verdict};
+    let mut out = std::io::stdout().lock();
+    let mut worst = Verdict::Ok;
+    let mut print = |check: &Check| {
+        worst = worst.max(check.verdict);
+        let line = if json {
+            serde_json::to_string(check).unwrap_or_default()
+        } else {
+            check.text()
+        };
+        // A closed stdout (`doctor | head`) must not stop the checks' verdict from counting.
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    };
+    match config::load(sources) {
+        Ok(config) => {
+            doctor::run(&config, &sources.file, doctor::Options { full }, &mut print);
+        }
+        Err(errors) => print(&Check::configuration_failed(
+            &sources.file,
+            &errors.to_string(),
+        )),
+    }
+    std::process::exit(i32::from(worst.code()));
 }
 
 /// A duration as the configuration writes them (`15m`, `1h 30m`, `7d`).

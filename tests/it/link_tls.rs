@@ -353,3 +353,75 @@ async fn a_bad_ca_file_is_reported_by_check_config_and_the_daemon_keeps_running(
     let exit = daemon.terminate().await;
     assert!(exit.success(), "SIGTERM: {exit:?}");
 }
+
+/// `doorbridge doctor` over TLS: the pinned CA, the client certificate and its key are each
+/// judged, and the broker is reached through the TLS handshake and CONNACK; with another CA
+/// the broker check fails in the handshake, and a key that is not the certificate's is named.
+#[test]
+fn doctor_judges_the_tls_files_and_reaches_the_broker_through_the_handshake() {
+    let Some((pki, broker)) =
+        pki_and_broker("doctor_judges_the_tls_files_and_reaches_the_broker_through_the_handshake")
+    else {
+        return;
+    };
+    let url = format!(
+        "mqtts://localhost:{}",
+        broker.tls_port().expect("a TLS listener")
+    );
+    // Each site's other checks fail (no port, no database): only the TLS lines matter here.
+    let doctor = |ca: &Path, key: &Path| {
+        let home = tls_home(
+            &url,
+            &[
+                ("ca_file", ca),
+                ("cert_file", &pki.client_cert()),
+                ("key_file", key),
+            ],
+        );
+        let out = run(doorbridge().arg("--config").arg(&home.config), ["doctor"]);
+        assert_eq!(out.code, Some(2), "{out:?}");
+        out.stdout
+    };
+    let line = |text: &str, start: &str| -> String {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line {start:?} in:\n{text}"))
+            .to_owned()
+    };
+
+    let good = doctor(&pki.ca_file(), &pki.client_key());
+    eprintln!("{good}");
+    // Valid for two days from today: a warning that it expires soon.
+    assert!(
+        line(&good, "WARNING tls CA: ").contains("expires on"),
+        "{good}"
+    );
+    assert!(
+        line(&good, "WARNING tls client certificate: ").contains("expires on"),
+        "{good}"
+    );
+    assert!(
+        line(&good, "OK      tls client key: ")
+            .ends_with(&format!("matches {}", pki.client_cert().display())),
+        "{good}"
+    );
+    assert!(
+        line(&good, &format!("OK      broker {url}: ")).contains("TCP, TLS, MQTT CONNACK accepted"),
+        "{good}"
+    );
+
+    let other_ca = doctor(&pki.other_ca_file(), &pki.client_key());
+    assert!(
+        line(&other_ca, &format!("FAIL    broker {url}: ")).contains("TLS handshake failed"),
+        "{other_ca}"
+    );
+
+    let wrong_key = doctor(&pki.ca_file(), &pki.path("server.key"));
+    assert!(
+        line(&wrong_key, "FAIL    tls client key: ").contains(&format!(
+            "is not the key of {}",
+            pki.client_cert().display()
+        )),
+        "{wrong_key}"
+    );
+}

@@ -6,6 +6,7 @@ mod cloud_sim;
 mod config;
 mod daemon;
 mod demo;
+mod doctor;
 mod fixtures;
 mod gateway;
 mod link;
