@@ -8,6 +8,11 @@
 //!
 //! Reads for operators and status go through [`Reader`], a separate read-only connection that
 //! WAL lets run beside the writer without waiting.
+//!
+//! Around them: `schema` (migrations, the start-up check, moving a damaged file aside and
+//! salvaging it), `check` (the idle full integrity check, on a thread of its own), `reserve`
+//! (disk space released when the disk fills), [`records`] (what the outbox holds) and
+//! [`rules`] (the compact encoding of a key's rules).
 
 mod check;
 mod reader;
