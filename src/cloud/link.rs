@@ -183,7 +183,7 @@ pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
 }
 
 /// The largest packet the gateway reads: a key-set chunk in its envelope must fit, with room
-/// to spare. A larger one cannot be read at all (see [`poll`] for what happens then).
+/// to spare. A larger one cannot be read at all (see `poll` for what happens then).
 pub fn max_incoming_packet(max_payload: usize) -> usize {
     (4 * max_payload.max(MAX_ENVELOPE_BYTES)).max(1 << 20) + 1024
 }
