@@ -14,6 +14,7 @@ mod link_tls;
 mod operator;
 mod osdp;
 mod osdp_sim;
+mod powercut;
 mod service;
 mod sim;
 mod store;
