@@ -10,6 +10,9 @@
 //! section of `docs/reliability.md`, and exits 1 when a promise was broken.
 //! `POWERCUT_SEED=N` repeats a run's choices (timing aside).
 
+// Counts and durations for display.
+#![allow(clippy::cast_precision_loss)]
+
 use std::fmt::Write as _;
 use std::path::Path;
 

@@ -126,7 +126,7 @@ impl Plan {
             .map(|i| {
                 let phase = Phase::ALL[i % Phase::ALL.len()];
                 let round = i / Phase::ALL.len();
-                let kind = if (i + round) % 2 == 0 {
+                let kind = if (i + round).is_multiple_of(2) {
                     CutKind::Whole
                 } else {
                     CutKind::Torn
@@ -329,18 +329,25 @@ fn limit_of(i: usize) -> u32 {
 /// its own (`v{version}-{i}`), so a mix of two versions shows.
 fn key_set(version: u64, fillers: usize) -> Vec<Key> {
     let mut keys: Vec<Key> = (0..RESIDENTS)
-        .map(|i| key(format!("resident-{i}"), UseLimit::Unlimited, &resident_pin(i)))
+        .map(|i| {
+            key(
+                format!("resident-{i}"),
+                UseLimit::Unlimited,
+                &resident_pin(i),
+            )
+        })
         .collect();
-    keys.extend((0..SINGLE_USE + THREE_USE).map(|i| {
+    keys.extend(
+        (0..SINGLE_USE + THREE_USE)
+            .map(|i| key(limited_id(i), UseLimit::Total(limit_of(i)), &limited_pin(i))),
+    );
+    keys.extend((0..fillers).map(|i| {
         key(
-            limited_id(i),
-            UseLimit::Total(limit_of(i)),
-            &limited_pin(i),
+            format!("v{version}-{i}"),
+            UseLimit::Unlimited,
+            &format!("9{version:03}{i:06}"),
         )
     }));
-    keys.extend(
-        (0..fillers).map(|i| key(format!("v{version}-{i}"), UseLimit::Unlimited, &format!("9{version:03}{i:06}"))),
-    );
     keys
 }
 
@@ -421,12 +428,8 @@ impl DoorLog {
                 unit,
                 repeat: false,
                 ..
-            } => {
-                if let Some(n) = self.in_flight.get_mut(&unit.get()) {
-                    *n = n.saturating_sub(1);
-                }
             }
-            Output::Rejected {
+            | Output::Rejected {
                 command: SimCommand::Verify { unit, .. },
                 ..
             } => {
@@ -456,6 +459,10 @@ struct Received {
     duplicates: u64,
     conflicts: Vec<String>,
 }
+
+/// What a copy of the surviving database says: an integrity problem, and the live key set
+/// (version and key ids) or why it does not read.
+type Surviving = (Option<String>, Result<(u64, BTreeSet<String>), String>);
 
 // ---------------------------------------------------------------------------------------------
 // The daemon
@@ -638,6 +645,8 @@ impl Site {
         from + Duration::from_micros(self.random(span + 1))
     }
 
+    // The set-up reads best in one piece.
+    #[allow(clippy::too_many_lines)]
     async fn open(plan: Plan) -> Site {
         let dir = tempfile::tempdir().expect("tempdir");
         let backing = dir.path().join("backing");
@@ -961,7 +970,7 @@ impl Site {
 
     /// Opens a copy of what survived (never the mount itself: see the module header) and
     /// reads its integrity and live key set.
-    fn examine(&self) -> (Option<String>, Result<(u64, BTreeSet<String>), String>) {
+    fn examine(&self) -> Surviving {
         let _ = std::fs::remove_dir_all(&self.scratch);
         std::fs::create_dir_all(&self.scratch).expect("scratch directory");
         for name in ["doorbridge.db", "doorbridge.db-wal"] {
@@ -1059,7 +1068,9 @@ impl Site {
                 self.moved_aside += daemon.count("DATABASE IS CORRUPT");
                 drop(daemon);
                 let (version, keys) = self.new_version(self.plan.snapshot_keys);
-                let file = self.scratch.with_file_name(format!("keys-{version}.bundle"));
+                let file = self
+                    .scratch
+                    .with_file_name(format!("keys-{version}.bundle"));
                 Bundle::from(snapshot(version, &keys))
                     .write(&file)
                     .expect("write the bundle");
@@ -1129,7 +1140,9 @@ impl Site {
         daemon.terminate().await;
         drop(daemon);
         let (version, keys) = self.new_version(self.plan.snapshot_keys);
-        let file = self.scratch.with_file_name(format!("keys-{version}.bundle"));
+        let file = self
+            .scratch
+            .with_file_name(format!("keys-{version}.bundle"));
         Bundle::from(snapshot(version, &keys))
             .write(&file)
             .expect("write the bundle");
@@ -1140,6 +1153,7 @@ impl Site {
             .arg(&file)
             .env("DOORBRIDGE_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .status()
             .expect("run keys import");
         assert!(status.success(), "keys import failed: {status}");
@@ -1227,8 +1241,8 @@ impl Site {
                 std::fs::copy(&from, self.scratch.join(name)).expect("copy the database");
             }
         }
-        let conn = rusqlite::Connection::open(self.scratch.join("doorbridge.db"))
-            .expect("open the copy");
+        let conn =
+            rusqlite::Connection::open(self.scratch.join("doorbridge.db")).expect("open the copy");
         let mut stmt = conn
             .prepare("SELECT body FROM outbox")
             .expect("read the outbox");
@@ -1252,7 +1266,10 @@ impl Site {
             }
         }
         for (&unit, &acked) in &doors.batteries_acked {
-            let made = doors.batteries_made.get(&unit).map_or(&[][..], Vec::as_slice);
+            let made = doors
+                .batteries_made
+                .get(&unit)
+                .map_or(&[][..], Vec::as_slice);
             let dropped = doors.batteries_dropped.get(&unit).copied().unwrap_or(0);
             // Acknowledged in the order made; with drops the order is unknown: skip them.
             if dropped > 0 {

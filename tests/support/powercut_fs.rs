@@ -19,16 +19,20 @@
 //! itself up to a 4 KiB page boundary when it spans several pages). Afterwards the backing
 //! directory is exactly what the disk would hold after the power came back.
 //!
-//! A power cut is [`PowercutMount::cut`]: the caller has SIGKILLed the processes that used the
-//! mount (nothing runs after a power cut); from that instant every request, a late write-back
-//! of a dead process's mapped pages included, is refused with `EIO`; the layer is undone; the
-//! filesystem is unmounted, so the kernel's page cache of the dead mount cannot leak into the
-//! next one. A new [`PowercutMount::mount`] starts over from what survived.
+//! A power cut is [`PowercutMount::cut`]: the caller has killed (SIGKILL) the processes that
+//! used the mount (nothing runs after a power cut); from that instant every request, a late
+//! write-back of a dead process's mapped pages included, is refused with `EIO`; the layer is
+//! undone; the filesystem is unmounted, so the kernel's page cache of the dead mount cannot
+//! leak into the next one. A new [`PowercutMount::mount`] starts over from what survived.
 //!
-//! One flat directory (no subdirectories, links or special files): enough for a SQLite
-//! database with its WAL, `-shm`, journal and lock files. Needs `/dev/fuse` and the right to
-//! mount (root): the pure-Rust mount of the `fuser` crate calls `mount(2)` itself, so neither
-//! libfuse nor `fusermount3` is needed.
+//! The process that serves the mount must not use it itself: a `munmap` of a file mapped
+//! from it waits for the write-back its own server thread may be unable to serve.
+//!
+//! One flat directory (no subdirectories, links or special files: the daemon's control
+//! socket beside the database cannot be made, which it logs and goes on without): enough
+//! for a SQLite database with its WAL, `-shm`, journal and lock files. Needs `/dev/fuse` and
+//! the right to mount (root): the pure-Rust mount of the `fuser` crate calls `mount(2)`
+//! itself, so neither libfuse nor `fusermount3` is needed.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -587,7 +591,9 @@ struct PowercutFs {
 }
 
 fn lock(layer: &Mutex<Layer>) -> MutexGuard<'_, Layer> {
-    layer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    layer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn time_of(secs: i64, nanos: i64) -> SystemTime {
@@ -953,7 +959,7 @@ impl PowercutMount {
     }
 
     /// The power goes (see the module header). Every process using the mount must be dead
-    /// already (SIGKILLed and reaped): nothing runs after a power cut. Unmounts.
+    /// already (killed with SIGKILL and reaped): nothing runs after a power cut. Unmounts.
     pub fn cut(mut self, cut: Cut) -> io::Result<CutReport> {
         let report = lock(&self.layer).cut(cut)?;
         self.unmount();
@@ -1021,7 +1027,11 @@ mod tests {
         assert_eq!(d.layer.pending(), (1, 8));
         let report = d.layer.cut(Cut::Whole).unwrap();
         assert_eq!((report.pending, report.kept), (1, 0));
-        assert_eq!(d.contents("db").unwrap(), b"durable!", "overwrite and growth undone");
+        assert_eq!(
+            d.contents("db").unwrap(),
+            b"durable!",
+            "overwrite and growth undone"
+        );
         assert!(d.layer.read(f, 0, 1).is_err(), "a dead layer refuses reads");
         assert!(d.layer.write(f, 0, b"x").is_err(), "and writes");
     }
@@ -1060,7 +1070,11 @@ mod tests {
         d.layer.write(f, 0, b"data").unwrap();
         d.layer.sync_file(f).unwrap();
         d.layer.cut(Cut::Whole).unwrap();
-        assert_eq!(d.contents("journal"), None, "the data was synced, the name was not");
+        assert_eq!(
+            d.contents("journal"),
+            None,
+            "the data was synced, the name was not"
+        );
 
         let mut d = dir();
         let f = d.layer.create("journal", 0o644, true).unwrap();
@@ -1090,7 +1104,11 @@ mod tests {
         d.layer.sync_file(b).unwrap();
         d.layer.cut(Cut::Whole).unwrap();
         assert_eq!(d.contents("a").unwrap(), b"AAAA", "the unlink was undone");
-        assert_eq!(d.contents("b").unwrap(), b"bbBB", "the rename was undone, the data kept");
+        assert_eq!(
+            d.contents("b").unwrap(),
+            b"bbBB",
+            "the rename was undone, the data kept"
+        );
         assert_eq!(d.contents("c"), None);
 
         let mut d = dir();
@@ -1104,7 +1122,11 @@ mod tests {
         d.layer.rename("b", "a").unwrap();
         assert_eq!(d.contents("a").unwrap(), b"BBBB");
         d.layer.cut(Cut::Whole).unwrap();
-        assert_eq!(d.contents("a").unwrap(), b"AAAA", "the replaced file is back");
+        assert_eq!(
+            d.contents("a").unwrap(),
+            b"AAAA",
+            "the replaced file is back"
+        );
         assert_eq!(d.contents("b").unwrap(), b"BBBB");
 
         let mut d = dir();
@@ -1130,7 +1152,9 @@ mod tests {
             d.layer.sync_dir().unwrap();
             d.layer.sync_file(f).unwrap();
             for i in 0..3u8 {
-                d.layer.write(f, u64::from(i) * PAGE, &[i + 1; 4096]).unwrap();
+                d.layer
+                    .write(f, u64::from(i) * PAGE, &[i + 1; 4096])
+                    .unwrap();
             }
             // 100 bytes into page 3 through page 6: boundaries at 4, 5 and 6 pages.
             d.layer.write(f, 3 * PAGE + 100, &[9; 3 * 4096]).unwrap();
