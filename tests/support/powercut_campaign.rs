@@ -1286,6 +1286,17 @@ impl Site {
     }
 }
 
+impl Drop for Site {
+    /// The daemon first, then the mount, then the files (fields drop in declaration order,
+    /// which would remove the files under a running daemon's feet).
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill9();
+        }
+        self.mount.take();
+    }
+}
+
 /// A record the cloud must have.
 #[derive(Clone, Debug)]
 enum Expected {
