@@ -119,14 +119,15 @@ pub enum CutKind {
 }
 
 impl Plan {
-    /// `n` cuts cycling through the phases, whole and torn by turns (torn first on every
-    /// second round, so each phase gets both).
+    /// `n` cuts cycling through the phases, whole and torn by turns.
     pub fn cycle(n: usize, snapshot_keys: usize, seed: u64) -> Plan {
         let cuts = (0..n)
             .map(|i| {
                 let phase = Phase::ALL[i % Phase::ALL.len()];
+                // By turns within a round, the other way round in the next: every phase gets
+                // both kinds.
                 let round = i / Phase::ALL.len();
-                let kind = if (i + round).is_multiple_of(2) {
+                let kind = if (i % Phase::ALL.len() + round).is_multiple_of(2) {
                     CutKind::Whole
                 } else {
                     CutKind::Torn
