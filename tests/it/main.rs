@@ -16,6 +16,7 @@ mod nats;
 mod operator;
 mod osdp;
 mod osdp_sim;
+mod powercut;
 mod service;
 mod sim;
 mod store;
