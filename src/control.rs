@@ -118,7 +118,8 @@ impl ControlState {
         }
     }
 
-    async fn status(&self) -> Status {
+    /// What `doorbridge status` shows (also the metrics file's figures).
+    pub async fn status(&self) -> Status {
         let spec = self.telemetry.lock().map_or_else(
             |_| TelemetrySpec::new(Duration::from_secs(900)),
             |s| s.clone(),

@@ -299,6 +299,8 @@ struct Running {
     started: Instant,
     /// What the control socket answers from, and its task's stop.
     control: Option<(ControlState, watch::Sender<bool>, JoinHandle<()>)>,
+    /// The metrics file's writer and its stop, when `telemetry.metrics_file` is set.
+    metrics: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Running {
@@ -340,6 +342,7 @@ impl Running {
             status_sent: String::new(),
             started: Instant::now(),
             control: None,
+            metrics: None,
         };
         tokio::spawn(log_door_alarms(running.store.health().records.subscribe()));
         running.start_buses().await;
@@ -394,14 +397,6 @@ impl Running {
     /// Opens the control socket (`doorbridge status`, `events tail`) next to the database. A
     /// socket that cannot be opened costs the operator commands, never the doors.
     fn start_control(&mut self) {
-        let path = control::socket_path(self.store.path());
-        let listener = match control::bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "no control socket: doorbridge status and events tail will not reach this daemon");
-                return;
-            }
-        };
         let url = self.config.cloud.url.first();
         let state = ControlState {
             store: self.store.clone(),
@@ -410,6 +405,24 @@ impl Running {
             gateway: self.config.gateway.id.clone(),
             site: self.config.gateway.site_id.clone(),
             broker: format!("{}:{}", url.host, url.port),
+        };
+        if let Some(file) = &self.config.telemetry.metrics_file {
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(crate::metrics::run(
+                state.clone(),
+                file.clone(),
+                self.store.health().records.subscribe(),
+                stop_rx,
+            ));
+            self.metrics = Some((stop, task));
+        }
+        let path = control::socket_path(self.store.path());
+        let listener = match control::bind(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "no control socket: doorbridge status and events tail will not reach this daemon");
+                return;
+            }
         };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(control::serve(listener, path, state.clone(), stop_rx));
@@ -463,6 +476,10 @@ impl Running {
         self.stop_buses().await;
         self.stop_link().await;
         if let Some((_, stop, task)) = self.control.take() {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(STOP_WITHIN, task).await;
+        }
+        if let Some((stop, task)) = self.metrics.take() {
             let _ = stop.send(true);
             let _ = tokio::time::timeout(STOP_WITHIN, task).await;
         }

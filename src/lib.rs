@@ -21,6 +21,7 @@
 //! - [`operator`]: what the operator commands print;
 //! - [`doctor`]: `doorbridge doctor`, the installation checks (ports, TLS files, brokers,
 //!   clock, disk, database) with a verdict and a hint each;
+//! - [`metrics`]: the opt-in Prometheus text file (`node_exporter`'s textfile collector);
 //! - [`service`]: running under systemd: `sd_notify`, watchdog, status line, reload plan,
 //!   journald or stderr logging;
 //! - [`task`]: what long-running tasks share (stop flag, jittered waits, clock sync).
@@ -35,6 +36,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod doctor;
+pub mod metrics;
 pub mod operator;
 pub mod osdp;
 pub mod service;

@@ -477,6 +477,7 @@ fn schema_example() -> Config {
     config.cloud.username = Some(String::new());
     config.cloud.password = Some(Secret::default());
     config.cloud.trusted_keys = vec![TrustedKey([0; 32])];
+    config.telemetry.metrics_file = Some(PathBuf::new());
     config.cloud.tls = TlsConfig {
         ca_file: Some(PathBuf::new()),
         cert_file: Some(PathBuf::new()),

@@ -507,6 +507,10 @@ pub struct TelemetryConfig {
     pub interval: Duration,
     /// A door unit's battery at or below this percentage raises a low-battery event.
     pub low_battery_percent: u8,
+    /// Where to write Prometheus metrics for `node_exporter`'s textfile collector (every 15 s,
+    /// atomically); unset: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for TelemetryConfig {
@@ -514,6 +518,7 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             interval: Duration::from_secs(15 * 60),
             low_battery_percent: 20,
+            metrics_file: None,
         }
     }
 }

@@ -66,6 +66,8 @@ pub fn plan(running: &Config, loaded: Config) -> Plan {
     keep!(storage.max_size, "storage.max_size");
     keep!(storage.outbox_max_records, "storage.outbox_max_records");
     keep!(storage.outbox_max_bytes, "storage.outbox_max_bytes");
+    keep!(storage.reserve, "storage.reserve");
+    keep!(telemetry.metrics_file, "telemetry.metrics_file");
 
     let buses = effective.buses != running.buses
         || effective.site.timezone != running.site.timezone

@@ -231,3 +231,48 @@ async fn status_without_a_daemon_says_so_and_exits_3() {
     assert_eq!(json["health"]["keyset"]["version"], 1, "{json:#}");
     assert_eq!(json["verdict"]["level"], "unknown");
 }
+
+/// With `telemetry.metrics_file` set, the daemon writes the Prometheus page for
+/// `node_exporter`'s textfile collector: the units, the key set, the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_file_is_written_for_the_textfile_collector() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("doorbridge.prom");
+    let keys = vec![key(
+        "courier",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Unlimited,
+    )];
+    let b = Building::open(
+        2,
+        keys,
+        &format!("[telemetry]\nmetrics_file = \"{}\"\n", file.display()),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        if let Ok(page) = std::fs::read_to_string(&file)
+            && page.contains("doorbridge_unit_online{unit=\"entrance/2\"")
+        {
+            break page;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no metrics file at {}",
+            file.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(page.contains("doorbridge_keyset_version 1"), "{page}");
+    assert!(
+        page.contains("# TYPE doorbridge_decisions_total counter"),
+        "{page}"
+    );
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("doorbridge_clock_trusted ")),
+        "{page}"
+    );
+    b.stop().await;
+}
