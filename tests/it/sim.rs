@@ -100,27 +100,40 @@ impl Gateway {
 
     /// Transmits whatever is due, then waits for bytes or the next deadline, or for `other`
     /// to complete (which is returned as `Step::Other`).
+    ///
+    /// A line whose other end is gone (the simulator quit: the pty reads and writes `EIO`)
+    /// carries nothing more: then only `other` is waited for.
     async fn step<F: Future<Output = ()>>(&mut self, other: F) -> Step {
-        if let Some(tx) = self.session.poll_next(self.now()) {
-            AsyncWriteExt::write_all(&mut self.port, &tx.bytes)
+        let mut other = std::pin::pin!(other);
+        if let Some(tx) = self.session.poll_next(self.now())
+            && AsyncWriteExt::write_all(&mut self.port, &tx.bytes)
                 .await
-                .unwrap();
+                .is_err()
+        {
+            other.await;
+            return Step::Other;
         }
         let next = self
             .session
             .next_deadline()
             .map_or_else(|| Instant::now() + WITHIN, |d| self.start + d);
         let events = tokio::select! {
+            // Bytes from the simulator, or its end closed.
             read = AsyncReadExt::read(&mut self.port, &mut self.buf) => {
-                let n = read.expect("the gateway's port failed");
+                let Ok(n) = read else {
+                    other.await;
+                    return Step::Other;
+                };
                 let now = self.now();
                 self.session.on_bytes(&self.buf[..n], now)
             }
+            // The session's next deadline.
             () = tokio::time::sleep_until(next) => {
                 let now = self.now();
                 self.session.on_timeout(now)
             }
-            () = other => return Step::Other,
+            // What the caller waits for besides the bus.
+            () = &mut other => return Step::Other,
         };
         for e in &events {
             if let SessionEvent::Request(request) = e {
