@@ -93,6 +93,21 @@ pub fn parse_url(url: &str) -> Result<(String, u16), CloudError> {
 
 type Waiter = oneshot::Sender<Result<(), CloudError>>;
 
+/// How a client's first connection ended, as its event-loop task reports it on `ready`: at
+/// most [`CONNECT_TIMEOUT`] after the start.
+pub(crate) async fn connected(
+    ready: oneshot::Receiver<Result<(), CloudError>>,
+    url: &str,
+) -> Result<(), CloudError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, ready).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(CloudError::Connect("the client stopped".into())),
+        Err(_) => Err(CloudError::Connect(format!(
+            "no answer from {url} within {CONNECT_TIMEOUT:?}"
+        ))),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Request {
     Publish,
@@ -179,16 +194,7 @@ impl CloudClient {
         let shared: Shared = Arc::default();
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(run(eventloop, Arc::clone(&shared), ready_tx));
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await;
-        let result = match connected {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(CloudError::Connect("the client stopped".into())),
-            Err(_) => Err(CloudError::Connect(format!(
-                "no answer from {url} within {CONNECT_TIMEOUT:?}"
-            ))),
-        };
-        if let Err(e) = result {
+        if let Err(e) = connected(ready_rx, url).await {
             task.abort();
             return Err(e);
         }

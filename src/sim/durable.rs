@@ -27,7 +27,7 @@ use rumqttc::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::cloud::{CONNECT_TIMEOUT, CloudClient, CloudError, MAX_PACKET_BYTES, parse_url};
+use super::cloud::{CloudClient, CloudError, MAX_PACKET_BYTES, connected, parse_url};
 use crate::cloud::uplink::MAX_BATCH_BYTES;
 use crate::task::jitter;
 
@@ -90,7 +90,7 @@ impl DurableSubscriber {
     /// Connects to `url` as `client_id` with a persistent session and subscribes to `filter`
     /// (`QoS` 1); returns once the broker has acknowledged the subscription. Fails if the broker
     /// cannot be reached, refuses the connection or the subscription, within
-    /// [`CONNECT_TIMEOUT`].
+    /// [`CONNECT_TIMEOUT`](super::cloud::CONNECT_TIMEOUT).
     pub async fn connect(
         url: &str,
         client_id: &str,
@@ -122,14 +122,7 @@ impl DurableSubscriber {
                 ready: Some(ready_tx),
             },
         ));
-        let result = match tokio::time::timeout(CONNECT_TIMEOUT, ready_rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(CloudError::Connect("the client stopped".into())),
-            Err(_) => Err(CloudError::Connect(format!(
-                "no answer from {url} within {CONNECT_TIMEOUT:?}"
-            ))),
-        };
-        if let Err(e) = result {
+        if let Err(e) = connected(ready_rx, url).await {
             task.abort();
             return Err(e);
         }

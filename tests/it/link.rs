@@ -90,6 +90,20 @@ impl Cloud {
         }
     }
 
+    /// The next `rejected` report on `channel`; returns its reason.
+    async fn rejection(&mut self, what: &str, channel: &str) -> String {
+        let r = self
+            .report(
+                what,
+                |r| matches!(r, Report::Rejected { channel: c, .. } if c == channel),
+            )
+            .await;
+        let Report::Rejected { reason, .. } = r else {
+            unreachable!()
+        };
+        reason
+    }
+
     async fn online(&mut self) {
         self.report("online state", |r| {
             matches!(
@@ -158,6 +172,14 @@ async fn online() -> (RumqttdBroker, Cloud, Building) {
     let b = Building::open_with_cloud(dir, 3, "", &cloud_section(&broker.url())).await;
     cloud.online().await;
     (broker, cloud, b)
+}
+
+/// The `cloud_rejected` records on `channel` among `records`.
+fn refusals<'a>(records: &'a [Record], channel: &str) -> Vec<&'a Record> {
+    records
+        .iter()
+        .filter(|r| matches!(r, Record::CloudRejected { channel: c, .. } if c == channel))
+        .collect()
 }
 
 fn held(b: &Building) -> (u64, u64) {
@@ -454,31 +476,13 @@ async fn refused_commands_are_recorded_and_a_flood_is_coalesced() {
             .await;
     }
     // ... reported on `sync` ...
-    let r = cloud
-        .report(
-            "a rejected report",
-            |r| matches!(r, Report::Rejected { channel, .. } if channel == "cmd/open-door"),
-        )
-        .await;
-    assert!(
-        matches!(&r, Report::Rejected { reason, .. } if reason.contains("replay")),
-        "{r:?}"
-    );
+    let reason = cloud.rejection("a rejected report", "cmd/open-door").await;
+    assert!(reason.contains("replay"), "{reason}");
     // ... and recorded ten times (every result above went out after its record, if any).
     let records = b
-        .records_until(|r| {
-            r.iter()
-                .filter(|r| matches!(r, Record::CloudRejected { channel, .. } if channel == "cmd/open-door"))
-                .count()
-                >= 10
-        })
+        .records_until(|r| refusals(r, "cmd/open-door").len() >= 10)
         .await;
-    let refused: Vec<_> = records
-        .iter()
-        .filter(
-            |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "cmd/open-door"),
-        )
-        .collect();
+    let refused = refusals(&records, "cmd/open-door");
     assert_eq!(refused.len(), 10, "{refused:#?}");
     assert!(
         refused.iter().all(
@@ -605,16 +609,9 @@ async fn a_message_too_big_to_read_is_dropped_reported_and_the_next_delta_applie
             refused += 1;
             // ... and the refusal is reported (up to the coalescing limit per minute).
             if refused <= PER_WINDOW {
-                let r = cloud
-                    .report(
-                        &format!("the refusal of {size} bytes on {}", channel.suffix()),
-                        |r| matches!(r, Report::Rejected { channel, .. } if channel == UNREADABLE),
-                    )
-                    .await;
-                assert!(
-                    matches!(&r, Report::Rejected { reason, .. } if reason.contains("bytes, over the gateway's")),
-                    "{r:?}"
-                );
+                let what = format!("the refusal of {size} bytes on {}", channel.suffix());
+                let reason = cloud.rejection(&what, UNREADABLE).await;
+                assert!(reason.contains("bytes, over the gateway's"), "{reason}");
             }
             // The next delta applies.
             let pin = format!("{:04}", 1000 + version);
@@ -631,20 +628,9 @@ async fn a_message_too_big_to_read_is_dropped_reported_and_the_next_delta_applie
     }
     assert_eq!(held(&b), (version, version - 1));
     let records = b
-        .records_until(|r| {
-            r.iter()
-                .filter(
-                    |r| matches!(r, Record::CloudRejected { channel, .. } if channel == UNREADABLE),
-                )
-                .count()
-                >= 10
-        })
+        .records_until(|r| refusals(r, UNREADABLE).len() >= 10)
         .await;
-    let unreadable = records
-        .iter()
-        .filter(|r| matches!(r, Record::CloudRejected { channel, .. } if channel == UNREADABLE))
-        .count();
-    assert_eq!(unreadable, 10);
+    assert_eq!(refusals(&records, UNREADABLE).len(), 10);
     b.stop().await;
 }
 
@@ -714,24 +700,16 @@ async fn a_delta_reusing_a_credential_is_reported_and_recorded() {
     cloud.applied(1).await;
     let copycat = key("copycat", CredentialKind::Pin, "4711", UseLimit::Unlimited);
     cloud.delta(1, 2, &[copycat], &[]).await;
-    let r = cloud
-        .report(
-            "the delta's refusal",
-            |r| matches!(r, Report::Rejected { channel, .. } if channel == "keys/delta"),
-        )
-        .await;
-    assert!(
-        matches!(&r, Report::Rejected { reason, .. } if reason.contains("twice")),
-        "{r:?}"
-    );
+    let reason = cloud.rejection("the delta's refusal", "keys/delta").await;
+    assert!(reason.contains("twice"), "{reason}");
     let records = b
-        .records_until(|r| {
-            r.iter().any(
-                |r| matches!(r, Record::CloudRejected { channel, .. } if channel == "keys/delta"),
-            )
-        })
+        .records_until(|r| !refusals(r, "keys/delta").is_empty())
         .await;
-    assert!(!records.is_empty());
+    let refused = refusals(&records, "keys/delta");
+    assert!(
+        matches!(refused[..], [Record::CloudRejected { reason, .. }] if reason.contains("twice")),
+        "{refused:#?}"
+    );
     assert_eq!(held(&b), (1, 1));
     b.stop().await;
 }

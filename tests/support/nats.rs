@@ -69,14 +69,7 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// The `nats-server` binary: the first on `PATH`, else `/usr/sbin/nats-server` (Debian's).
     pub fn binary() -> Option<PathBuf> {
-        let on_path = std::env::var_os("PATH")
-            .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-            .unwrap_or_default();
-        on_path
-            .into_iter()
-            .map(|dir| dir.join("nats-server"))
-            .chain([PathBuf::from("/usr/sbin/nats-server")])
-            .find(|candidate| candidate.is_file())
+        crate::util::find_binary("nats-server", "/usr/sbin/nats-server")
     }
 
     /// Starts `n` nodes and returns once the cluster is ready (see the module header); `None`
