@@ -97,6 +97,10 @@ pub fn store_options(config: &Config) -> StoreOptions {
     options.outbox_max_records = Some(config.storage.outbox_max_records);
     options.outbox_max_bytes = Some(config.storage.outbox_max_bytes);
     options.reserve = config.storage.reserve;
+    options.history = crate::store::History {
+        days: Some(config.storage.history_days),
+        max_records: Some(config.storage.history_max_records),
+    };
     options
 }
 

@@ -7,7 +7,7 @@
 //!
 //! - [`access`]: the pure decision engine (key rules, schedules, time zones, PIN lockout);
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
-//!   commit, read connections, the trusted-time mark, the outbox;
+//!   commit, read connections, the trusted-time mark, the outbox and the door history;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
 //! - [`cloud`]: the cloud link: signed envelopes, key-set payloads, the sync state machine and
 //!   the open-door replay cache (pure), the MQTT driver, the outbox uplink and telemetry,
@@ -17,8 +17,9 @@
 //! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
 //!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service;
-//! - [`control`]: the control socket the operator commands (`status`, `events tail`) ask;
+//! - [`control`]: the control socket the operator commands (`status`) ask;
 //! - [`operator`]: what the operator commands print;
+//! - [`history`]: `doorbridge events`, the door history read from the database and filtered;
 //! - [`doctor`]: `doorbridge doctor`, the installation checks (ports, TLS files, brokers,
 //!   clock, disk, database) with a verdict and a hint each;
 //! - [`metrics`]: the opt-in Prometheus text file (`node_exporter`'s textfile collector);
@@ -36,6 +37,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod doctor;
+pub mod history;
 pub mod metrics;
 pub mod operator;
 pub mod osdp;

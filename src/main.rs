@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use doorbridge::config::{self, CONFIG_ENV, ConfigErrors, Sources};
 use doorbridge::service::logging;
 use doorbridge::store::Reader;
-use doorbridge::{control, operator};
+use doorbridge::{control, history, operator};
 
 const AFTER_HELP: &str = "\
 Configuration sources, later ones override earlier ones key by key:
@@ -112,9 +112,17 @@ enum Command {
     /// Manage the key set held by this gateway
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// What happened at the doors lately
-    #[command(subcommand)]
-    Events(EventsCommand),
+    /// The door history: decisions, door events, alarms and telemetry, filtered
+    ///
+    /// Read from the database (the daemon need not run): every record of the last
+    /// storage.history_days (uploaded or still waiting), oldest first, in the site's local
+    /// time. Without --since or --until, the last -n records that match. --follow then
+    /// prints new ones as they are committed, until Ctrl-C. Never shows a credential.
+    ///
+    /// Examples: doorbridge events --door main --denied --since 2h;
+    /// doorbridge events --kind door_event,tamper --since 2026-12-01 --until 2026-12-02;
+    /// doorbridge events -f --json
+    Events(EventsArgs),
     /// OSDP card readers and keypads (docs/osdp.md)
     #[command(subcommand)]
     Osdp(OsdpCommand),
@@ -149,22 +157,59 @@ enum OsdpCommand {
 
 // The doc comments are the commands' --help text, not rustdoc: no Markdown backticks.
 #[allow(clippy::doc_markdown)]
+// Command-line flags are bools by nature.
+#[allow(clippy::struct_excessive_bools)]
+#[derive(Debug, clap::Args)]
+struct EventsArgs {
+    /// Only this door's records
+    #[arg(long, value_name = "DOOR")]
+    door: Option<String>,
+    /// Only decisions on this key
+    #[arg(long, value_name = "KEY_ID")]
+    key: Option<String>,
+    /// Only this door unit's records (BUS/ADDRESS, as status shows it)
+    #[arg(long, value_name = "UNIT")]
+    unit: Option<String>,
+    /// From this time: 2026-12-04T18:00:00Z, 2026-12-04 18:00 or 2026-12-04 (site time), or
+    /// an age such as 30m, 2h, 7d
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Up to this time (same forms as --since)
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Only refused decisions
+    #[arg(long)]
+    denied: bool,
+    /// Only these record types, comma-separated or repeated: activity, door_event, tamper,
+    /// battery, call_button, unit_reachability, pin_lockout, ... (all: see docs/operations.md)
+    #[arg(long, value_name = "KIND")]
+    kind: Vec<String>,
+    /// How many of the latest matching records to print (without --since/--until)
+    #[arg(short = 'n', long, default_value_t = 20, value_name = "N")]
+    lines: usize,
+    /// Keep printing new records as they are committed
+    #[arg(short, long)]
+    follow: bool,
+    /// Times in UTC instead of the site's local time
+    #[arg(long)]
+    utc: bool,
+    /// JSON lines ({"seq":N,"record":{...}}, times in UTC) instead of text
+    #[arg(long)]
+    json: bool,
+    /// Accepted for scripts written for older versions: same as no subcommand
+    #[command(subcommand)]
+    tail: Option<EventsTail>,
+}
+
 #[derive(Debug, Subcommand)]
-enum EventsCommand {
-    /// Print the latest decisions, door events and alarms; with --follow, new ones as they
-    /// happen
-    ///
-    /// Asks the running daemon, which keeps the last 1000 records it committed, uploaded or
-    /// not. One line per record (time, seq, type, fields; never a credential) or, with
-    /// --json, one JSON object per line. --follow runs until Ctrl-C.
+enum EventsTail {
+    /// The same as `doorbridge events` (kept for older scripts)
+    #[command(hide = true)]
     Tail {
-        /// How many of the latest records to print first
-        #[arg(short = 'n', long, default_value_t = 20, value_name = "N")]
-        lines: usize,
-        /// Keep printing new records as they are committed
+        #[arg(short = 'n', long, value_name = "N")]
+        lines: Option<usize>,
         #[arg(short, long)]
         follow: bool,
-        /// JSON lines instead of text
         #[arg(long)]
         json: bool,
     },
@@ -285,34 +330,80 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Events(EventsCommand::Tail {
-            lines,
-            follow,
-            json,
-        }) => {
-            let config = config::load(&sources)?;
-            let socket = control::socket_path(&config.storage.path);
-            let request = control::Request::Events {
-                last: lines,
-                follow,
-            };
-            let mut out = std::io::stdout().lock();
-            control::ask(&socket, &request, |event: control::Event| {
-                let line = if json {
-                    serde_json::to_string(&event).unwrap_or_default()
-                } else {
-                    operator::event_line(&event)
-                };
-                writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
-            })?;
-            Ok(())
-        }
+        Command::Events(ref args) => events(&sources, args),
         Command::Osdp(OsdpCommand::Install {
             ref bus,
             address,
             timeout,
         }) => osdp_install(&sources, bus, address, timeout),
         Command::CheckConfig => check_config(&sources),
+    }
+}
+
+/// `doorbridge events`: the door history from the database.
+fn events(sources: &Sources, args: &EventsArgs) -> anyhow::Result<()> {
+    let (mut lines, mut follow, mut json) = (args.lines, args.follow, args.json);
+    if let Some(EventsTail::Tail {
+        lines: n,
+        follow: f,
+        json: j,
+    }) = &args.tail
+    {
+        lines = n.unwrap_or(lines);
+        follow |= f;
+        json |= j;
+    }
+    if follow && args.until.is_some() {
+        bail!("--follow prints new records as they come: it does not go with --until");
+    }
+    let reader = read_store(&config::load(sources)?)?;
+    let tz = if args.utc {
+        jiff::tz::TimeZone::UTC
+    } else {
+        jiff::tz::TimeZone::system()
+    };
+    let now = jiff::Timestamp::now();
+    let time = |t: &Option<String>| {
+        t.as_deref()
+            .map(|t| history::parse_time(t, now, &tz))
+            .transpose()
+    };
+    let filter = history::Filter {
+        door: args.door.clone(),
+        key: args.key.clone(),
+        unit: args.unit.clone(),
+        since: time(&args.since)?,
+        until: time(&args.until)?,
+        denied: args.denied,
+        kinds: history::Filter::kinds(&args.kind)?,
+    };
+    let ranged = filter.since.is_some() || filter.until.is_some();
+    let how = history::Output {
+        json,
+        tz,
+        last: (!ranged).then_some(lines),
+    };
+    let mut out = std::io::stdout().lock();
+    let printed = history::print(&reader, &filter, &how, &mut out).and_then(|last| {
+        if follow {
+            history::follow(
+                &reader,
+                &filter,
+                &how,
+                last,
+                std::time::Duration::from_millis(250),
+                &mut out,
+            )
+        } else {
+            Ok(())
+        }
+    });
+    match printed {
+        // `doorbridge events | head`: the reader went away; nothing is wrong.
+        Err(operator::OutputError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(())
+        }
+        other => Ok(other?),
     }
 }
 

@@ -1108,12 +1108,7 @@ impl World {
     /// The highest record number the gateway ever gave (0 before the first).
     fn last_seq(&self) -> Option<u64> {
         self.reader()
-            .connection()
-            .query_row(
-                "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'outbox'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
+            .last_seq()
             .ok()
             .and_then(|n| u64::try_from(n).ok())
     }

@@ -236,6 +236,10 @@ pub struct StorageConfig {
     /// disk fills, so records keep landing on disk instead of in memory. 0: none.
     #[serde(with = "byte_size")]
     pub reserve: u64,
+    /// The door history: records the cloud acknowledged are kept this many days (0: none)...
+    pub history_days: u32,
+    /// ...and at most this many of them (0: none), for `doorbridge events`.
+    pub history_max_records: u64,
     /// What unlimited keys do when a decision cannot be recorded (disk full or read-only).
     /// Limited keys are always refused then.
     #[serde(with = "string_enum")]
@@ -250,6 +254,8 @@ impl Default for StorageConfig {
             outbox_max_bytes: 64 * 1024 * 1024,
             max_size: 2 * 1024 * 1024 * 1024,
             reserve: 8 * 1024 * 1024,
+            history_days: 90,
+            history_max_records: 250_000,
             unrecordable_unlimited: UnlimitedPolicy::Grant,
         }
     }

@@ -192,6 +192,18 @@ impl<'a> Checker<'a> {
             );
         }
         self.int_range(&at.key("reserve"), config.storage.reserve, 0, 1 << 30);
+        self.int_range(
+            &at.key("history_days"),
+            u64::from(config.storage.history_days),
+            0,
+            3_660,
+        );
+        self.int_range(
+            &at.key("history_max_records"),
+            config.storage.history_max_records,
+            0,
+            100_000_000,
+        );
     }
 
     fn buses(&mut self, buses: &[BusConfig]) {

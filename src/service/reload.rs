@@ -67,6 +67,8 @@ pub fn plan(running: &Config, loaded: Config) -> Plan {
     keep!(storage.outbox_max_records, "storage.outbox_max_records");
     keep!(storage.outbox_max_bytes, "storage.outbox_max_bytes");
     keep!(storage.reserve, "storage.reserve");
+    keep!(storage.history_days, "storage.history_days");
+    keep!(storage.history_max_records, "storage.history_max_records");
     keep!(telemetry.metrics_file, "telemetry.metrics_file");
 
     let buses = effective.buses != running.buses

@@ -96,11 +96,12 @@ fn recover(conn: &mut rusqlite::Connection, aside: &Path, problem: &str) -> Resu
         uses: salvaged.uses,
     };
     conn.execute(
-        "INSERT INTO outbox (class, created_ms, body) VALUES (?1, ?2, ?3)",
+        schema::INSERT_RECORD,
         rusqlite::params![
             alarm.class().code(),
             alarm.at().as_millisecond(),
-            alarm.to_cbor()
+            alarm.to_cbor(),
+            None::<Vec<u8>>
         ],
     )?;
     Ok(())
@@ -192,6 +193,27 @@ pub struct StoreOptions {
     pub reserve: u64,
     /// How often the full integrity check runs, when the store is idle (`None`: never).
     pub integrity_every: Option<std::time::Duration>,
+    /// How much of the door history (records the cloud acknowledged) is kept.
+    pub history: History,
+}
+
+/// The door history's bounds: acknowledged records older than `days` or beyond the newest
+/// `max_records` are pruned, in bulk, hourly while idle (`None`: no bound of that kind). Records
+/// not yet acknowledged are never pruned; old history also goes first when the database is
+/// full (docs/storage.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct History {
+    pub days: Option<u32>,
+    pub max_records: Option<u64>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            days: Some(90),
+            max_records: Some(250_000),
+        }
+    }
 }
 
 impl StoreOptions {
@@ -206,6 +228,7 @@ impl StoreOptions {
             outbox_max_bytes: None,
             reserve: 0,
             integrity_every: Some(std::time::Duration::from_secs(24 * 3600)),
+            history: History::default(),
         }
     }
 }

@@ -143,11 +143,18 @@ impl Reader {
             .unwrap_or(0))
     }
 
-    /// Records waiting in the outbox.
+    /// Records waiting in the outbox: those from `meta.sent_below` on, less those in the
+    /// acknowledged ranges above it (two range counts instead of the view's per-row test).
     pub fn outbox_depth(&self) -> Result<u64, StoreError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+        let n: i64 = self.conn.query_row(
+            "SELECT (SELECT count(*) FROM records
+                     WHERE seq >= (SELECT value FROM meta WHERE name = 'sent_below'))
+                  - coalesce((SELECT sum((SELECT count(*) FROM records
+                                          WHERE seq BETWEEN s.first AND s.last))
+                              FROM sent AS s), 0)",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -159,21 +166,42 @@ impl Reader {
         after_seq: i64,
         limit: u32,
     ) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, body FROM outbox WHERE class = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![class.code(), after_seq, limit], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+        // The class is written into the statement, with the partial index's own condition:
+        // only then does SQLite read alarms and telemetry through `records_rare` instead of
+        // every waiting decision after the cursor (decisions are read by seq).
+        let after = after_seq.max(self.sent_below()? - 1);
+        let mut stmt = self.conn.prepare_cached(match class {
+            RecordClass::Alarm => concat!(
+                "SELECT seq, body FROM records AS r WHERE class = 0 AND class <> 1 AND seq > ?1
+                 AND NOT ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT ?2"
+            ),
+            RecordClass::Activity => concat!(
+                "SELECT seq, body FROM records AS r WHERE class = 1 AND seq > ?1 AND NOT ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT ?2"
+            ),
+            RecordClass::Telemetry => concat!(
+                "SELECT seq, body FROM records AS r WHERE class = 2 AND class <> 1 AND seq > ?1
+                 AND NOT ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT ?2"
+            ),
         })?;
+        let rows = stmt.query_map(params![after, limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Outbox records after `after_seq`, oldest first, at most `limit`.
     pub fn outbox(&self, after_seq: i64, limit: u32) -> Result<Vec<StoredRecord>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, class, body FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after_seq, limit], |r| {
+        let after = after_seq.max(self.sent_below()? - 1);
+        let mut stmt = self.conn.prepare_cached(concat!(
+            "SELECT seq, class, body FROM records AS r WHERE seq > ?1 AND NOT ",
+            crate::acked_above!(),
+            " ORDER BY seq LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![after, limit], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
@@ -190,6 +218,97 @@ impl Reader {
             out.push(StoredRecord { seq, class, record });
         }
         Ok(out)
+    }
+
+    /// The door history and the records still waiting, in seq order (`newest_first`
+    /// reversed), from after `after_seq` and, when given, created within `[since, until]`
+    /// (milliseconds). `visit` gets each record and returns whether to go on. A record that
+    /// cannot be decoded is passed as an error and the walk goes on.
+    pub fn history(
+        &self,
+        after_seq: i64,
+        since_ms: Option<i64>,
+        until_ms: Option<i64>,
+        newest_first: bool,
+        mut visit: impl FnMut(Result<StoredRecord, StoreError>) -> bool,
+    ) -> Result<(), StoreError> {
+        let sql = if newest_first {
+            "SELECT seq, class, body FROM records
+             WHERE seq > ?1 AND created_ms >= ?2 AND created_ms <= ?3 ORDER BY seq DESC"
+        } else {
+            "SELECT seq, class, body FROM records
+             WHERE seq > ?1 AND created_ms >= ?2 AND created_ms <= ?3 ORDER BY seq"
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![
+            after_seq,
+            since_ms.unwrap_or(i64::MIN),
+            until_ms.unwrap_or(i64::MAX)
+        ])?;
+        while let Some(row) = rows.next()? {
+            let (seq, class, body): (i64, i64, Vec<u8>) = (row.get(0)?, row.get(1)?, row.get(2)?);
+            let record = match RecordClass::from_code(class) {
+                Some(class) => Record::from_cbor(&body)
+                    .map(|record| StoredRecord { seq, class, record })
+                    .map_err(|e| StoreError::Corrupt(format!("record {seq}: {e}"))),
+                None => Err(StoreError::Corrupt(format!("record {seq}: class {class}"))),
+            };
+            if !visit(record) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every seq below this was acknowledged (`meta.sent_below`).
+    fn sent_below(&self) -> Result<i64, StoreError> {
+        Ok(self.meta_i64("sent_below")?.unwrap_or(1))
+    }
+
+    /// The highest seq given so far (0 for none), pruned or not.
+    pub fn last_seq(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT max(coalesce((SELECT max(seq) FROM records), 0),
+                        coalesce((SELECT value FROM meta WHERE name = 'seq_floor'), 0))",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Records kept as history (acknowledged by the cloud), and the oldest one's time.
+    pub fn history_size(&self) -> Result<(u64, Option<jiff::Timestamp>), StoreError> {
+        let (n, oldest): (i64, Option<i64>) = self.conn.query_row(
+            concat!(
+                "SELECT (SELECT count(*) FROM records),
+                        (SELECT created_ms FROM records AS r WHERE seq < ?1 OR ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT 1)"
+            ),
+            [self.sent_below()?],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let waiting = i64::try_from(self.outbox_depth()?).unwrap_or(i64::MAX);
+        Ok((
+            u64::try_from(n - waiting).unwrap_or(0),
+            oldest.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()),
+        ))
+    }
+
+    /// When the oldest record still waiting for upload was made.
+    pub fn oldest_waiting(&self) -> Result<Option<jiff::Timestamp>, StoreError> {
+        let ms: Option<i64> = self
+            .conn
+            .query_row(
+                concat!(
+                    "SELECT created_ms FROM records AS r WHERE seq >= ?1 AND NOT ",
+                    crate::acked_above!(),
+                    " ORDER BY seq LIMIT 1"
+                ),
+                [self.sent_below()?],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()))
     }
 
     /// The raw connection, for benchmarks that compare against plain SQL.

@@ -52,7 +52,7 @@ const MARK_GRANULARITY: jiff::SignedDuration = jiff::SignedDuration::from_secs(6
 /// boot) is answered from the kept answer: a door unit repeats a verify for up to 10 s.
 pub const RETRANSMIT_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(10);
 
-/// An answer as kept in `answers` for retransmissions (docs/door-bus.md §13).
+/// An answer as kept for retransmissions (docs/door-bus.md §13).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeptAnswer {
     decision: Decision,
@@ -61,8 +61,26 @@ pub struct KeptAnswer {
     seq: Option<i64>,
 }
 
-/// A row of `answers`: fingerprint, boot id, decided at (ms), verdict.
-type KeptRow = (Vec<u8>, Option<i64>, i64, Vec<u8>);
+/// A decision's kept answer as its record's row holds it (`records.answer`), so a
+/// retransmission after a restart finds it without a table of its own to write per decision.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptRow {
+    unit: String,
+    request_id: u32,
+    fingerprint: Vec<u8>,
+    boot_id: Option<u32>,
+    at_ms: i64,
+    answer: KeptAnswer,
+}
+
+/// How far back from the newest record a start looks for kept answers: a retransmission is
+/// answered from one only within [`RETRANSMIT_WINDOW`], so this covers every unit's last
+/// decision unless thousands of records were written in the seconds before the stop.
+const KEPT_SCAN: i64 = 4_096;
+/// Acknowledged records deleted per transaction when the history is pruned.
+const PRUNE_CHUNK: i64 = 10_000;
+/// How often the history is pruned (by age and count), while idle.
+const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
 
 /// What to keep of a decision for its retransmissions.
 #[derive(Clone, Debug)]
@@ -178,6 +196,15 @@ pub(super) struct Writer {
     checkpoint_tries: u32,
     /// Decisions in the previous group (see [`LINGER`]).
     last_decisions: usize,
+    /// Each unit's last kept answer (from `records.answer`), and those the commit in progress
+    /// adds, made current once it commits.
+    answers: HashMap<String, KeptRow>,
+    fresh_answers: Vec<KeptRow>,
+    /// Every seq below this is acknowledged (`meta.sent_below`).
+    sent_below: i64,
+    /// How much acknowledged history to keep, and when it was last pruned.
+    history: super::History,
+    pruned_at: Option<std::time::Instant>,
 }
 
 /// Filled in by SQLite's WAL hook after every commit of the writer's connection.
@@ -231,6 +258,7 @@ fn verdict(
 }
 
 impl Writer {
+    #[allow(clippy::too_many_lines)] // most of it is one line per field
     pub(super) fn new(
         mut conn: Connection,
         options: StoreOptions,
@@ -289,7 +317,11 @@ impl Writer {
         let next_generation = seen.last().copied().unwrap_or(0).max(active_generation) + 1;
         // Read once; kept up to date by every commit after.
         let (outbox_count, outbox_bytes): (i64, i64) = conn.query_row(
-            "SELECT count(*), coalesce(sum(length(body)), 0) FROM outbox",
+            concat!(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM records AS r
+                 WHERE seq >= (SELECT value FROM meta WHERE name = 'sent_below') AND NOT ",
+                crate::acked_above!()
+            ),
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
@@ -297,6 +329,7 @@ impl Writer {
             .into_iter()
             .filter(|&g| g != active_generation)
             .collect();
+        let (sent_below, answers) = (meta_i64("sent_below")?.unwrap_or(1), load_answers(&conn)?);
         let mut reserve = super::reserve::Reserve::new(&options.path, options.reserve);
         reserve.restore(true);
         Ok(Writer {
@@ -337,6 +370,11 @@ impl Writer {
             checkpointed: 0,
             checkpoint_tries: 0,
             last_decisions: 0,
+            answers,
+            fresh_answers: Vec::new(),
+            sent_below,
+            history: options.history,
+            pruned_at: None,
         })
     }
 
@@ -383,6 +421,7 @@ impl Writer {
                     Err(RecvTimeoutError::Timeout) => {
                         self.checkpoint();
                         if self.outage.is_none() {
+                            self.prune_if_due();
                             self.reserve.restore(false);
                         }
                         continue;
@@ -508,8 +547,10 @@ impl Writer {
         }
         self.outbox_delta = (0, 0);
         self.fresh.clear();
-        // A group of acks only deletes uploaded rows: committed without an fsync of its own
-        // (`synchronous=NORMAL`), because a delete a power cut takes only sends those records
+        self.fresh_answers.clear();
+        let sent_below = self.sent_below;
+        // A group of acks only marks uploaded rows sent: committed without an fsync of its own
+        // (`synchronous=NORMAL`), because a mark a power cut takes only sends those records
         // again with the same ids, which the cloud drops as duplicates. The next durable
         // commit syncs the WAL with these frames in it.
         let acks_only = self.backlog.is_empty()
@@ -531,11 +572,26 @@ impl Writer {
         let mut committed =
             persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
         if let Err(e) = &committed
+            && e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            && self.outbox_count < self.records_held()
+        {
+            // The database is at `storage.max_size` or the disk is full: old door history
+            // makes room for fresh records first (before the disk reserve).
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.sent_below = sent_below;
+            match self.prune_history(Timestamp::now(), true) {
+                Ok(n) if n > 0 => committed = self.commit_again(&outcomes, &overlay),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning the door history for space failed"),
+            }
+        }
+        if let Err(e) = &committed
             && self.may_release_reserve(e)
         {
             // The disk is full: free the reserve and write the same group again, so these
             // records land on disk rather than in memory.
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.sent_below = sent_below;
             let bytes = self.reserve.size();
             if self.reserve.release() {
                 tracing::error!(bytes, path = %self.path.display(),
@@ -545,18 +601,18 @@ impl Writer {
                     bytes,
                 });
             }
-            self.outbox_delta = (0, 0);
-            self.fresh.clear();
-            committed = self
-                .conn
-                .execute_batch("BEGIN IMMEDIATE")
-                .and_then(|()| self.persist(&outcomes, &overlay))
-                .and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
+            committed = self.commit_again(&outcomes, &overlay);
+        }
+        if committed.is_err() {
+            self.sent_below = sent_below;
         }
         match committed {
             Ok(seqs) => {
                 self.outbox_count += self.outbox_delta.0;
                 self.outbox_bytes += self.outbox_delta.1;
+                for kept in self.fresh_answers.drain(..) {
+                    self.answers.insert(kept.unit.clone(), kept);
+                }
                 self.health.commits.fetch_add(1, Ordering::Relaxed);
                 if acks_only {
                     self.restore_durable();
@@ -583,6 +639,21 @@ impl Writer {
                 self.answer(outcomes, None);
             }
         }
+    }
+
+    /// Writes a group again after a failed commit was rolled back and room was made.
+    fn commit_again(
+        &mut self,
+        outcomes: &[Outcome],
+        overlay: &HashMap<(String, String), u32>,
+    ) -> Result<Vec<Vec<i64>>, rusqlite::Error> {
+        self.outbox_delta = (0, 0);
+        self.fresh.clear();
+        self.fresh_answers.clear();
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .and_then(|()| self.persist(outcomes, overlay))
+            .and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs))
     }
 
     /// Phase 1: judge every command without writing.
@@ -638,7 +709,7 @@ impl Writer {
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
         let now = req.now;
-        if let Some(kept) = self.kept_answer(req)? {
+        if let Some(kept) = self.kept_answer(req) {
             tracing::info!(unit = %req.unit, request_id = ?req.request_id, "a retransmission after a restart: answered as before, not judged again");
             return Ok((kept, Consume::Nothing, Vec::new()));
         }
@@ -854,41 +925,27 @@ impl Writer {
 
     /// The answer kept for this request, when it is a retransmission (same unit, id,
     /// fingerprint and boot) within [`RETRANSMIT_WINDOW`] of the decision.
-    fn kept_answer(&self, req: &VerifyRequest) -> Result<Option<Verdict>, StoreError> {
+    fn kept_answer(&self, req: &VerifyRequest) -> Option<Verdict> {
         let (Some(id), Some(rt)) = (req.request_id, req.retransmit) else {
-            return Ok(None);
+            return None;
         };
-        let row: Option<KeptRow> = self
-            .conn
-            .prepare_cached(
-                "SELECT fingerprint, boot_id, at_ms, verdict FROM answers
-                 WHERE unit = ?1 AND request_id = ?2",
-            )?
-            .query_row(params![req.unit, id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .optional()?;
-        let Some((fingerprint, boot, at_ms, blob)) = row else {
-            return Ok(None);
-        };
-        let same_boot = match (boot, rt.boot_id) {
-            (Some(a), Some(b)) => a == i64::from(b),
+        let kept = self.answers.get(&req.unit)?;
+        let same_boot = match (kept.boot_id, rt.boot_id) {
+            (Some(a), Some(b)) => a == b,
             _ => true,
         };
-        let recent = Timestamp::from_millisecond(at_ms)
+        let recent = Timestamp::from_millisecond(kept.at_ms)
             .is_ok_and(|at| req.now.duration_since(at).abs() <= RETRANSMIT_WINDOW);
-        if fingerprint != rt.fingerprint || !same_boot || !recent {
-            return Ok(None);
+        if kept.request_id != id || kept.fingerprint != rt.fingerprint || !same_boot || !recent {
+            return None;
         }
-        let Ok(kept) = ciborium::from_reader::<KeptAnswer, _>(blob.as_slice()) else {
-            return Ok(None);
-        };
-        Ok(Some(Verdict {
-            decision: kept.decision,
-            key_id: kept.key_id,
+        let kept = &kept.answer;
+        Some(Verdict {
+            decision: kept.decision.clone(),
+            key_id: kept.key_id.clone(),
             category: kept.category,
             seq: kept.seq,
-        }))
+        })
     }
 
     /// The clock is NTP-synchronised at `now`: the mark follows it up, and comes down to it
@@ -952,28 +1009,17 @@ impl Writer {
         outcomes: &[Outcome],
         overlay: &HashMap<(String, String), u32>,
     ) -> Result<Vec<Vec<i64>>, rusqlite::Error> {
-        // Deletions first: on a full disk they free the pages the rest needs.
+        // Acknowledged records stay as history: marked sent, in ranges (a few rows per batch
+        // instead of a rewrite of every record's page). First: on a full disk they are deleted
+        // instead, which frees the pages the rest needs.
         let mut acked = HashMap::new();
-        {
-            // One statement per run of consecutive seqs (a batch's rows usually are one run):
-            // every seq in the run was acknowledged, whatever its class.
-            let mut del = self.conn.prepare_cached(
-                "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING length(body)",
-            )?;
-            for (i, outcome) in outcomes.iter().enumerate() {
-                if let Outcome::Ack { seqs, .. } = outcome {
-                    let mut n = 0;
-                    for (first, last) in runs(seqs) {
-                        let mut rows = del.query([first, last])?;
-                        while let Some(row) = rows.next()? {
-                            n += 1;
-                            self.outbox_delta.0 -= 1;
-                            self.outbox_delta.1 -= row.get::<_, i64>(0)?;
-                        }
-                    }
-                    acked.insert(i, n);
-                }
+        for (i, outcome) in outcomes.iter().enumerate() {
+            if let Outcome::Ack { seqs, .. } = outcome {
+                acked.insert(i, i64::try_from(self.mark_sent(seqs)?).unwrap_or(i64::MAX));
             }
+        }
+        if !acked.is_empty() {
+            self.fold_sent()?;
         }
         let had_outage = self.outage;
         for i in 0..self.backlog.len() {
@@ -1006,11 +1052,22 @@ impl Writer {
                     verdict,
                     ..
                 } => {
+                    // The kept answer rides in the decision's first record's row.
+                    let mut kept = remember.as_ref().map(|r| Self::kept_row(r, verdict));
                     for r in records {
-                        mine.push(self.insert(r.clone())?);
-                    }
-                    if let Some(remember) = remember {
-                        self.keep_answer(remember, verdict, mine.first().copied())?;
+                        // The row's seq is not in the blob: a start reads it from the row.
+                        let blob = kept.as_ref().map(|k| {
+                            let mut blob = Vec::with_capacity(96);
+                            // Serialising our own plain data into a Vec cannot fail.
+                            let _ = ciborium::into_writer(k, &mut blob);
+                            blob
+                        });
+                        let seq = self.insert_with(r.clone(), blob.as_deref())?;
+                        if let Some(mut k) = kept.take() {
+                            k.answer.seq = Some(seq);
+                            self.fresh_answers.push(k);
+                        }
+                        mine.push(seq);
                     }
                 }
                 Outcome::Append { records, .. } => {
@@ -1033,37 +1090,252 @@ impl Writer {
         Ok(seqs)
     }
 
-    /// Keeps a decision's answer for its retransmissions, in the decision's transaction.
-    fn keep_answer(
-        &self,
-        remember: &Remember,
-        verdict: &Verdict,
-        seq: Option<i64>,
-    ) -> Result<(), rusqlite::Error> {
-        let kept = KeptAnswer {
-            decision: verdict.decision.clone(),
-            key_id: verdict.key_id.clone(),
-            category: verdict.category,
-            seq,
-        };
-        let mut blob = Vec::with_capacity(64);
-        // Serialising our own plain data into a Vec cannot fail.
-        let _ = ciborium::into_writer(&kept, &mut blob);
-        self.conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO answers
-                 (unit, request_id, fingerprint, boot_id, at_ms, verdict)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                remember.unit,
-                remember.request_id,
-                remember.retransmit.fingerprint.as_slice(),
-                remember.retransmit.boot_id,
-                remember.at.as_millisecond(),
-                blob
-            ])?;
+    /// What a decision keeps for its retransmissions.
+    fn kept_row(remember: &Remember, verdict: &Verdict) -> KeptRow {
+        KeptRow {
+            unit: remember.unit.clone(),
+            request_id: remember.request_id,
+            fingerprint: remember.retransmit.fingerprint.to_vec(),
+            boot_id: remember.retransmit.boot_id,
+            at_ms: remember.at.as_millisecond(),
+            answer: KeptAnswer {
+                decision: verdict.decision.clone(),
+                key_id: verdict.key_id.clone(),
+                category: verdict.category,
+                seq: None,
+            },
+        }
+    }
+
+    /// Marks the acknowledged `seqs` sent: merged into the ranges of `sent`. Returns how many
+    /// were waiting (an acknowledgement repeated finds none).
+    fn mark_sent(&mut self, seqs: &[i64]) -> Result<usize, rusqlite::Error> {
+        let mut n = 0;
+        for (first, last) in runs(seqs) {
+            // What of the run still waits (the `outbox` view's rule, with the bounds known).
+            let (count, bytes): (i64, i64) = self
+                .conn
+                .prepare_cached(concat!(
+                    "SELECT count(*), coalesce(sum(length(body)), 0) FROM records AS r
+                         WHERE seq >= ?1 AND seq <= ?2 AND NOT ",
+                    crate::acked_above!()
+                ))?
+                .query_row([first.max(self.sent_below), last], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            if count == 0 {
+                continue;
+            }
+            n += usize::try_from(count).unwrap_or(0);
+            self.outbox_delta.0 -= count;
+            self.outbox_delta.1 -= bytes;
+            if self.outage.is_some() {
+                // The disk or `storage.max_size` refuses writes: the acknowledged rows are
+                // deleted instead of kept as history, so the records held in memory get their
+                // pages. The highest seq deleted stays the floor of the next one given.
+                self.conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('seq_floor',
+                         max(coalesce((SELECT value FROM meta WHERE name = 'seq_floor'), 0), ?1))",
+                    )?
+                    .execute([last])?;
+                self.conn
+                    .prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2")?
+                    .execute([first, last])?;
+                continue;
+            }
+            let (mut lo, mut hi) = (first, last);
+            // The range this one continues or overlaps, if any, and those it reaches into.
+            if let Some((f, l)) = self
+                .conn
+                .prepare_cached(
+                    "SELECT first, last FROM sent WHERE first <= ?1 ORDER BY first DESC LIMIT 1",
+                )?
+                .query_row([lo], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                .optional()?
+                && l >= lo - 1
+            {
+                lo = f;
+                hi = hi.max(l);
+            }
+            let swallowed: Option<i64> = self
+                .conn
+                .prepare_cached("SELECT max(last) FROM sent WHERE first > ?1 AND first <= ?2 + 1")?
+                .query_row([lo, hi], |r| r.get(0))?;
+            hi = hi.max(swallowed.unwrap_or(hi));
+            self.conn
+                .prepare_cached("DELETE FROM sent WHERE first > ?1 AND first <= ?2")?
+                .execute([lo, hi])?;
+            self.conn
+                .prepare_cached("INSERT OR REPLACE INTO sent (first, last) VALUES (?1, ?2)")?
+                .execute([lo, hi])?;
+        }
+        Ok(n)
+    }
+
+    /// Moves `meta.sent_below` past the ranges of `sent` that no waiting record precedes.
+    fn fold_sent(&mut self) -> Result<(), rusqlite::Error> {
+        let mut below = self.sent_below;
+        loop {
+            let Some((first, last)) = self
+                .conn
+                .prepare_cached("SELECT first, last FROM sent ORDER BY first LIMIT 1")?
+                .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+                .optional()?
+            else {
+                break;
+            };
+            if first > below {
+                // Rows between are waiting (or were dropped, and are gone).
+                let waiting: bool = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM records WHERE seq >= ?1 AND seq < ?2)",
+                    )?
+                    .query_row([below, first], |r| r.get(0))?;
+                if waiting {
+                    break;
+                }
+            }
+            below = below.max(last + 1);
+            self.conn
+                .prepare_cached("DELETE FROM sent WHERE first = ?1")?
+                .execute([first])?;
+        }
+        if below != self.sent_below {
+            self.conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('sent_below', ?1)",
+                )?
+                .execute([below])?;
+            self.sent_below = below;
+        }
         Ok(())
+    }
+
+    /// Deletes acknowledged history beyond `storage.history_days` and
+    /// `storage.history_max_records`, oldest first, in transactions of [`PRUNE_CHUNK`] rows
+    /// that need not survive a power cut (a prune lost is done again). With `for_space`, the
+    /// oldest tenth of the history goes too, whatever its age: the database is at
+    /// `storage.max_size` or the disk is full, and fresh records come before old history.
+    /// Returns how many records were deleted. Records not yet acknowledged are never pruned.
+    fn prune_history(&mut self, now: Timestamp, for_space: bool) -> Result<u64, rusqlite::Error> {
+        let (rows, oldest, newest): (i64, Option<i64>, Option<i64>) = self.conn.query_row(
+            "SELECT count(*), min(seq), max(seq) FROM records",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        let (Some(oldest), Some(newest)) = (oldest, newest) else {
+            return Ok(0);
+        };
+        // Acknowledged records, the history (the outbox count is kept by every commit).
+        let kept = rows - self.outbox_count;
+        if kept <= 0 {
+            return Ok(0);
+        }
+        // Acknowledged records below `cut` are deleted.
+        let mut cut = oldest;
+        if let Some(days) = self.history.days {
+            let cutoff = now
+                .checked_sub(jiff::SignedDuration::from_hours(24 * i64::from(days)))
+                .unwrap_or(Timestamp::MIN)
+                .as_millisecond();
+            // Records are in time order but for clock steps: the first young one ends the cut.
+            let young: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT seq FROM records WHERE created_ms >= ?1 ORDER BY seq LIMIT 1",
+                    [cutoff],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            cut = cut.max(young.unwrap_or(newest + 1));
+        }
+        let mut over = self
+            .history
+            .max_records
+            .map_or(0, |m| kept - i64::try_from(m).unwrap_or(i64::MAX));
+        if for_space {
+            over = over.max(kept / 10).max(1);
+        }
+        if over > 0 {
+            let nth: Option<i64> = self
+                .conn
+                .query_row(
+                    concat!(
+                        "SELECT seq FROM records AS r WHERE (seq < ?1 OR ",
+                        crate::acked_above!(),
+                        ") ORDER BY seq LIMIT 1 OFFSET ?2"
+                    ),
+                    [self.sent_below, over],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            cut = cut.max(nth.unwrap_or(newest + 1));
+        }
+        let mut deleted = 0u64;
+        let mut from = oldest;
+        while from < cut {
+            let to = cut.min(from.saturating_add(PRUNE_CHUNK));
+            self.relax()?;
+            let chunk = self
+                .conn
+                .execute_batch("BEGIN IMMEDIATE")
+                .and_then(|()| {
+                    // The highest seq deleted stays the floor of the next one given.
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO meta (name, value) VALUES ('seq_floor',
+                         max(coalesce((SELECT value FROM meta WHERE name = 'seq_floor'), 0), ?1))",
+                        [to - 1],
+                    )?;
+                    self.conn.execute(
+                        concat!(
+                            "DELETE FROM records AS r WHERE seq >= ?1 AND seq < ?2
+                             AND (seq < ?3 OR ",
+                            crate::acked_above!(),
+                            ")"
+                        ),
+                        [from, to, self.sent_below],
+                    )
+                })
+                .and_then(|n| self.conn.execute_batch("COMMIT").map(|()| n));
+            self.restore_durable();
+            match chunk {
+                Ok(n) => deleted += n as u64,
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            }
+            from = to;
+        }
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                for_space,
+                "door history pruned (acknowledged records past storage.history_days or \
+                 storage.history_max_records)"
+            );
+        }
+        Ok(deleted)
+    }
+
+    /// Records in the table, history and outbox together (0 when it cannot be read).
+    fn records_held(&self) -> i64 {
+        self.conn
+            .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+            .unwrap_or(0)
+    }
+
+    /// Prunes the history when [`PRUNE_EVERY`] has passed (called while idle).
+    fn prune_if_due(&mut self) {
+        if self.pruned_at.is_some_and(|at| at.elapsed() < PRUNE_EVERY) {
+            return;
+        }
+        self.pruned_at = Some(std::time::Instant::now());
+        if let Err(e) = self.prune_history(Timestamp::now(), false) {
+            tracing::warn!(error = %e, "pruning the door history failed; trying again in an hour");
+        }
     }
 
     /// Keeps the outbox within its configured records and bytes, inside the commit that
@@ -1090,10 +1362,14 @@ impl Writer {
             // range delete.
             let (mut n, mut last) = (0u64, None);
             {
-                let mut scan = self.conn.prepare_cached(
-                    "SELECT seq, length(body) FROM outbox WHERE class = ?1 ORDER BY seq",
-                )?;
-                let mut rows = scan.query([class.code()])?;
+                let mut scan = self.conn.prepare_cached(concat!(
+                    "SELECT seq, length(body) FROM records AS r
+                         WHERE class = ?1 AND seq >= ?2 AND NOT ",
+                    crate::acked_above!(),
+                    " ORDER BY seq"
+                ))?;
+                // (`outbox` is the view of the records not yet acknowledged.)
+                let mut rows = scan.query([class.code(), self.sent_below])?;
                 while let Some(row) = rows.next()? {
                     n += 1;
                     last = Some(row.get::<_, i64>(0)?);
@@ -1106,8 +1382,12 @@ impl Writer {
             }
             if let Some(last) = last {
                 self.conn
-                    .prepare_cached("DELETE FROM outbox WHERE class = ?1 AND seq <= ?2")?
-                    .execute(params![class.code(), last])?;
+                    .prepare_cached(concat!(
+                        "DELETE FROM records AS r
+                             WHERE class = ?1 AND seq >= ?3 AND seq <= ?2 AND NOT ",
+                        crate::acked_above!()
+                    ))?
+                    .execute(params![class.code(), last, self.sent_below])?;
                 dropped[slot] = n;
             }
         }
@@ -1388,7 +1668,7 @@ impl Writer {
         }
         // The alarm commits with the delta it is about.
         let alarm = ignored
-            .map(|record| insert_record(&tx, &record).map(|(seq, len)| (seq, len, record)))
+            .map(|record| insert_record(&tx, &record, None).map(|(seq, len)| (seq, len, record)))
             .transpose()?;
         tx.commit()?;
         self.fresh_record(alarm);
@@ -1541,7 +1821,7 @@ impl Writer {
             }
         }
         let alarm = ignored
-            .map(|record| insert_record(&tx, &record).map(|(seq, len)| (seq, len, record)))
+            .map(|record| insert_record(&tx, &record, None).map(|(seq, len)| (seq, len, record)))
             .transpose()?;
         tx.commit()?;
         self.fresh_record(alarm);
@@ -1766,7 +2046,16 @@ impl Writer {
     }
 
     fn insert(&mut self, record: Record) -> Result<i64, rusqlite::Error> {
-        let (seq, len) = insert_record(&self.conn, &record)?;
+        self.insert_with(record, None)
+    }
+
+    /// [`Writer::insert`] with a kept answer in the row.
+    fn insert_with(
+        &mut self,
+        record: Record,
+        answer: Option<&[u8]>,
+    ) -> Result<i64, rusqlite::Error> {
+        let (seq, len) = insert_record(&self.conn, &record, answer)?;
         self.outbox_delta.0 += 1;
         self.outbox_delta.1 += len;
         self.fresh.push((seq, record));
@@ -1784,16 +2073,41 @@ fn mark_ignored(signed: Timestamp, limit: Timestamp) -> Record {
     }
 }
 
-fn insert_record(conn: &Connection, record: &Record) -> Result<(i64, i64), rusqlite::Error> {
+fn insert_record(
+    conn: &Connection,
+    record: &Record,
+    answer: Option<&[u8]>,
+) -> Result<(i64, i64), rusqlite::Error> {
     let body = record.to_cbor();
     let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
-    conn.prepare_cached("INSERT INTO outbox (class, created_ms, body) VALUES (?1, ?2, ?3)")?
+    conn.prepare_cached(super::schema::INSERT_RECORD)?
         .execute(params![
             record.class().code(),
             record.at().as_millisecond(),
-            body
+            body,
+            answer
         ])?;
     Ok((conn.last_insert_rowid(), len))
+}
+
+/// Each unit's last kept answer among the newest [`KEPT_SCAN`] records.
+fn load_answers(conn: &Connection) -> Result<HashMap<String, KeptRow>, rusqlite::Error> {
+    let mut answers = HashMap::new();
+    let mut stmt = conn.prepare(
+        "SELECT seq, answer FROM records
+         WHERE seq > (SELECT coalesce(max(seq), 0) FROM records) - ?1 AND answer IS NOT NULL
+         ORDER BY seq",
+    )?;
+    let mut rows = stmt.query([KEPT_SCAN])?;
+    while let Some(row) = rows.next()? {
+        let blob: Vec<u8> = row.get(1)?;
+        // An unreadable answer only means that request is judged again.
+        if let Ok(mut kept) = ciborium::from_reader::<KeptRow, _>(blob.as_slice()) {
+            kept.answer.seq = Some(row.get(0)?);
+            answers.insert(kept.unit.clone(), kept);
+        }
+    }
+    Ok(answers)
 }
 
 fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {

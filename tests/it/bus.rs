@@ -924,7 +924,7 @@ async fn a_full_disk_refuses_limited_keys_grants_residents_and_recovers() {
     let conn = rusqlite::Connection::open(&b.db).unwrap();
     conn.busy_timeout(Duration::from_secs(5)).unwrap();
     conn.execute(
-        "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT 1000)",
+        "DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT 1000)",
         [],
     )
     .unwrap();

@@ -1,5 +1,6 @@
 //! The operator commands against a running gateway: `doorbridge status`, `keys list`,
-//! `keys show`, `events tail` (with `--follow`), and `status` when no daemon runs.
+//! `keys show`, `events` (with `--follow`, and its filters after a restart), and `status`
+//! when no daemon runs.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -147,13 +148,13 @@ async fn keys_list_and_show_never_print_a_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_tail_shows_what_happened_and_follows_new_events() {
+async fn events_show_what_happened_and_follow_new_events() {
     let b = busy_building().await;
     let config = b.config_file(2);
-    let tail = stdout(&run(&config, &["events", "tail", "-n", "10"]));
+    let tail = stdout(&run(&config, &["events", "-n", "10"]));
     eprintln!("{tail}");
     assert!(
-        tail.contains("activity GRANTED door=main unit=entrance/1 key=courier pin"),
+        tail.contains("activity GRANTED door=main unit=entrance/1 key=courier credential=pin"),
         "{tail}"
     );
     assert!(
@@ -169,11 +170,11 @@ async fn events_tail_shows_what_happened_and_follows_new_events() {
     let mut follow = doorbridge()
         .arg("--config")
         .arg(&config)
-        .args(["events", "tail", "-n", "0", "--follow", "--json"])
+        .args(["events", "-n", "0", "--follow", "--json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("start events tail --follow");
+        .expect("start events --follow");
     let (tx, rx) = std::sync::mpsc::channel();
     let out = follow.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
@@ -205,6 +206,89 @@ async fn events_tail_shows_what_happened_and_follows_new_events() {
     follow.kill().expect("stop the follower");
     let _ = follow.wait();
     let _ = reader.join();
+    b.stop().await;
+}
+
+/// `doorbridge events` after the daemon restarted: the history is on disk, each filter
+/// narrows it, times are in the site's zone (`TZ`) unless `--utc`, JSON lines on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_kept_across_a_restart_and_filtered() {
+    let mut b = busy_building().await;
+    let config = b.config_file(2);
+    b.stop_daemon().await;
+    b.start_daemon(2, "");
+    let events = |args: &[&str]| -> Vec<String> {
+        let out = doorbridge()
+            .arg("--config")
+            .arg(&config)
+            .arg("events")
+            .args(args)
+            .env("TZ", "Europe/Vienna")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run doorbridge events");
+        stdout(&out).lines().map(str::to_owned).collect()
+    };
+    let all = events(&["-n", "100"]);
+    eprintln!("{}", all.join("\n"));
+    let kinds = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| l.split(' ').nth(4).unwrap_or("").to_owned())
+            .collect()
+    };
+    for kind in ["activity", "call_button", "battery"] {
+        assert!(
+            kinds(&all).iter().any(|k| k == kind),
+            "{kind} kept: {all:?}"
+        );
+    }
+    // Vienna in December is UTC+1.
+    assert!(all.iter().all(|l| l.contains(" +01:00 #")), "{all:?}");
+    assert!(
+        events(&["--utc", "-n", "1"])[0].contains(" +00:00 #"),
+        "--utc"
+    );
+
+    let garage = events(&["--door", "garage", "-n", "100"]);
+    assert!(
+        !garage.is_empty() && garage.iter().all(|l| l.contains("door=garage")),
+        "{garage:?}"
+    );
+    let denied = events(&["--denied", "-n", "100"]);
+    assert_eq!(denied.len(), 1, "one refused PIN: {denied:?}");
+    assert!(denied[0].contains("activity DENIED door=main unit=entrance/1 key=- credential=pin"));
+    let courier = events(&["--key", "courier"]);
+    assert_eq!(courier.len(), 1, "{courier:?}");
+    assert!(courier[0].contains("GRANTED") && courier[0].contains("key=courier"));
+    let unit2 = events(&["--unit", "entrance/2", "--kind", "battery"]);
+    assert_eq!(unit2.len(), 1, "{unit2:?}");
+    assert!(unit2[0].contains("battery") && unit2[0].contains("percent=12"));
+    assert!(
+        events(&["--since", "1h"]).len() >= 4,
+        "everything happened within the hour"
+    );
+    assert!(
+        events(&["--until", "2h"]).is_empty(),
+        "nothing is older than 2 hours"
+    );
+    assert!(events(&["--since", "2030-01-01"]).is_empty());
+    let json = events(&["--json", "--kind", "call_button"]);
+    let first: Value = serde_json::from_str(&json[0]).expect("a JSON line");
+    assert_eq!(first["record"]["type"], "call_button");
+    assert!(first["seq"].as_i64().is_some());
+    let all_text = all.join("\n");
+    assert!(!all_text.contains("482916"), "never a credential");
+
+    let bad = run(&config, &["events", "--kind", "doorevent"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("is not a record kind; the kinds are: activity"),
+        "{bad:?}"
+    );
+    let bad = run(&config, &["events", "--since", "yesterday"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"yesterday\" is not a time"));
     b.stop().await;
 }
 

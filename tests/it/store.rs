@@ -479,8 +479,10 @@ fn upgrades_from_every_earlier_schema_version() {
                     [],
                 )
                 .unwrap();
+                // Records moved from the `outbox` table to `records` in version 7.
+                let table = if from >= 7 { "records" } else { "outbox" };
                 conn.execute(
-                    "INSERT INTO outbox (class, created_ms, body) VALUES (1, 0, x'a0')",
+                    &format!("INSERT INTO {table} (class, created_ms, body) VALUES (1, 0, x'a0')"),
                     [],
                 )
                 .unwrap();
@@ -1528,5 +1530,170 @@ async fn damage_found_when_idle_is_replaced_keeping_unsent_records_and_use_count
         .filter_map(Result::ok)
         .any(|e| e.file_name().to_string_lossy().contains(".corrupt-"));
     assert!(aside, "the damaged file is kept aside");
+    store.close();
+}
+
+/// A record `days` old.
+fn old_call(days: i64, i: u8) -> Record {
+    Record::CallButton {
+        at: fixtures::now()
+            .checked_sub(jiff::SignedDuration::from_hours(24 * days))
+            .unwrap(),
+        unit: "bus0/1".into(),
+        door: "main".into(),
+        button: i,
+    }
+}
+
+/// Waits until the idle writer's hourly prune (the first comes at the first idle moment after
+/// the store opens) brings the history down to `want` records.
+async fn history_until(store: &Store, want: u64) -> u64 {
+    let reader = store.reader().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (kept, _) = reader.history_size().unwrap();
+        if kept == want || std::time::Instant::now() > deadline {
+            return kept;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Uploaded records stay as the door history instead of being deleted: out of the outbox,
+/// still readable, and pruned in bulk by count and by age; records not yet uploaded are
+/// never pruned, whatever their age.
+#[tokio::test]
+async fn acknowledged_records_stay_as_history_and_are_pruned_by_count_and_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut options = StoreOptions::new(&path, fixtures::context());
+    options.history = doorbridge::store::History {
+        days: Some(30),
+        max_records: Some(4),
+    };
+    let store = Store::open(options).unwrap();
+    // Ten records: 0..=5 are 40 days old, 6..=9 fresh; all but the two oldest uploaded.
+    let records: Vec<Record> = (0..10u8)
+        .map(|i| old_call(if i < 6 { 40 } else { 0 }, i))
+        .collect();
+    let seqs = store.append(records).await.unwrap();
+    assert_eq!(store.ack(seqs[2..].to_vec()).await.unwrap(), 8);
+    let reader = store.reader().unwrap();
+    let waiting: Vec<i64> = reader
+        .outbox(0, 100)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(
+        waiting,
+        seqs[..2],
+        "the outbox holds what was not acknowledged"
+    );
+
+    // Pruned: the acknowledged ones older than 30 days (2..=5), which also leaves 4.
+    assert_eq!(history_until(&store, 4).await, 4);
+    let mut left = Vec::new();
+    reader
+        .history(0, None, None, false, |r| {
+            left.push(r.unwrap().seq);
+            true
+        })
+        .unwrap();
+    let mut want = seqs[..2].to_vec();
+    want.extend_from_slice(&seqs[6..]);
+    assert_eq!(left, want, "40-day-old records not yet uploaded stay");
+    store.close();
+}
+
+/// A pruned history never gives a seq the cloud has seen to a new record: the cloud takes
+/// (gateway, epoch, seq) as the record's identity.
+#[tokio::test]
+async fn seqs_are_never_reused_after_the_whole_history_is_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut options = StoreOptions::new(&path, fixtures::context());
+    options.history = doorbridge::store::History {
+        days: Some(0),
+        max_records: Some(0),
+    };
+    let store = Store::open(options.clone()).unwrap();
+    let seqs = store
+        .append((0..5).map(|i| old_call(1, i)).collect())
+        .await
+        .unwrap();
+    store.ack(seqs.clone()).await.unwrap();
+    assert_eq!(history_until(&store, 0).await, 0);
+    let reader = store.reader().unwrap();
+    let mut rows = 0;
+    reader
+        .history(0, None, None, false, |_| {
+            rows += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(rows, 0, "every row is gone");
+    assert_eq!(
+        reader.last_seq().unwrap(),
+        seqs[4],
+        "the last seq given is remembered"
+    );
+    store.close();
+    let store = Store::open(options).unwrap();
+    let next = store.append(vec![old_call(0, 9)]).await.unwrap();
+    assert_eq!(
+        next,
+        vec![seqs[4] + 1],
+        "numbering goes on after the last seq given"
+    );
+    store.close();
+}
+
+/// Acknowledgements arrive in any order, repeated, overlapping, by class: once every record
+/// was acknowledged the outbox is empty, and every record is still in the history.
+#[tokio::test]
+async fn acknowledgements_in_any_order_empty_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("db"));
+    let records: Vec<Record> = (0..600u32)
+        .map(|i| {
+            if i % 7 == 0 {
+                Record::Tamper {
+                    at: fixtures::now(),
+                    unit: "bus0/1".into(),
+                    door: "main".into(),
+                    active: true,
+                }
+            } else {
+                old_call(0, u8::try_from(i % 200).unwrap())
+            }
+        })
+        .collect();
+    let seqs = store.append(records).await.unwrap();
+    let reader = store.reader().unwrap();
+    // Alarms first (every 7th), then the rest in batches of 50 from the end, one batch twice,
+    // one batch overlapping the previous.
+    let alarms: Vec<i64> = seqs.iter().copied().step_by(7).collect();
+    assert_eq!(store.ack(alarms.clone()).await.unwrap(), alarms.len());
+    let rest: Vec<i64> = seqs
+        .iter()
+        .copied()
+        .filter(|s| !alarms.contains(s))
+        .collect();
+    let batches: Vec<Vec<i64>> = rest.chunks(50).map(<[i64]>::to_vec).rev().collect();
+    let mut acked = alarms.len();
+    for (i, batch) in batches.iter().enumerate() {
+        acked += store.ack(batch.clone()).await.unwrap();
+        if i == 3 {
+            assert_eq!(store.ack(batch.clone()).await.unwrap(), 0, "a repeated ack");
+            let overlap: Vec<i64> = batches[i - 1].iter().chain(batch).copied().collect();
+            assert_eq!(store.ack(overlap).await.unwrap(), 0, "an overlapping ack");
+        }
+        let waiting = reader.outbox_depth().unwrap();
+        assert_eq!(waiting, (seqs.len() - acked) as u64, "after batch {i}");
+    }
+    assert_eq!(acked, seqs.len());
+    assert_eq!(reader.outbox_depth().unwrap(), 0);
+    assert_eq!(reader.history_size().unwrap().0, seqs.len() as u64);
     store.close();
 }
