@@ -124,7 +124,13 @@ impl StaleLimits {
 
 impl Serialize for StaleLimits {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.iter())
+        use serde::ser::SerializeMap;
+        // A definite length, like every map the gateway and cloud write.
+        let mut map = s.serialize_map(Some(self.iter().count()))?;
+        for (category, seconds) in self.iter() {
+            map.serialize_entry(&category, &seconds)?;
+        }
+        map.end()
     }
 }
 

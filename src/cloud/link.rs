@@ -38,7 +38,7 @@ use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
 use super::failover::Failover;
 use super::payload::{
-    Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
+    Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
 };
 use super::refusals::{Admit, Refusals};
 use super::report::{Outcome, Presence, Report};
@@ -51,7 +51,7 @@ use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
 use crate::config::{BrokerUrl, Config};
-use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError};
+use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError, Vouched};
 use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
@@ -677,14 +677,19 @@ impl Worker {
                     s.last_error = None;
                     s.offline_since = None;
                 });
-                if !session_present {
-                    let filters = Channel::INBOUND.map(|c| rumqttc::SubscribeFilter {
-                        path: self.spec.topics.topic(c),
-                        qos: QoS::AtLeastOnce,
-                    });
-                    if let Err(e) = self.publisher.client().try_subscribe_many(filters) {
-                        tracing::error!(error = %e, "cannot subscribe to the cloud's topics");
-                    }
+                // With a session the broker has the subscriptions, but a session made by a
+                // gateway older than heartbeats lacks that one (subscribing again is harmless).
+                let channels: &[Channel] = if session_present {
+                    &[Channel::Heartbeat]
+                } else {
+                    &Channel::INBOUND
+                };
+                let filters = channels.iter().map(|&c| rumqttc::SubscribeFilter {
+                    path: self.spec.topics.topic(c),
+                    qos: QoS::AtLeastOnce,
+                });
+                if let Err(e) = self.publisher.client().try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "cannot subscribe to the cloud's topics");
                 }
                 self.publish_state(Presence::Online);
                 if let Some((size, limit)) = self.oversized.take() {
@@ -819,6 +824,13 @@ impl Worker {
                 }
                 Err(e) => self.reject(channel, e.to_string()).await,
             },
+            Kind::Heartbeat => match Heartbeat::decode(&opened.body) {
+                Ok(h) => {
+                    let actions = self.sync.on_heartbeat(&h, now);
+                    self.execute(actions, channel).await;
+                }
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
             Kind::OpenDoor => match OpenDoor::decode(&opened.body) {
                 Ok(c) => self.open_door(c, now).await,
                 Err(e) => self.reject(channel, e.to_string()).await,
@@ -851,12 +863,14 @@ impl Worker {
                     salt,
                     issued_at,
                     key_count,
+                    stale_after,
                 } => {
                     tracing::info!(version, keys = key_count, "key-set snapshot started");
                     let header = KeySetHeader {
                         version,
                         salt,
                         issued_at: Some(issued_at),
+                        stale_after,
                     };
                     match self.store.begin_key_set(header).await {
                         Ok(generation) => {
@@ -904,6 +918,7 @@ impl Worker {
                         issued_at: Some(delta.issued_at),
                         upserts: delta.upserts,
                         revokes: delta.deletes,
+                        stale_after: delta.stale_after,
                     };
                     match self.store.apply_delta(change).await {
                         Ok(applied) => {
@@ -924,9 +939,34 @@ impl Worker {
                 }
                 // The store raises the mark from `issued_at` in the commit's own transaction.
                 Action::TrustTime(_) => {}
+                Action::Vouch { version, issued_at } => self.vouched(version, issued_at).await,
                 Action::RequestResync { reason } => self.request_resync(describe(&reason)),
                 Action::Reject { reason } => self.reject(channel, reason.to_string()).await,
                 Action::Ignore { reason } => tracing::debug!(reason, "cloud message ignored"),
+            }
+        }
+    }
+
+    /// A heartbeat named the held version: the store raises the knowledge time.
+    async fn vouched(&mut self, version: u64, issued_at: Timestamp) {
+        match self.store.heartbeat(version, issued_at).await {
+            Ok(Vouched::Current(known)) => {
+                tracing::debug!(version, %issued_at, known = ?known, "heartbeat: the held key set is current");
+            }
+            // The store holds another version than the machine thought (a commit failed): the
+            // store is right, and the next heartbeat or resync sorts it out.
+            Ok(Vouched::OtherVersion { held }) => {
+                tracing::info!(
+                    version,
+                    held,
+                    "heartbeat for a version the store does not hold; ignored"
+                );
+            }
+            Ok(Vouched::TooFarAhead { limit }) => {
+                tracing::warn!(%issued_at, %limit, "a heartbeat signed more than a day beyond the clock and the trusted-time mark; it does not refresh the knowledge time");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat: the knowledge time could not be written");
             }
         }
     }
@@ -1333,6 +1373,9 @@ fn describe(reason: &ResyncReason) -> String {
         }
         ResyncReason::ChunksWithoutManifest { version } => {
             format!("chunks of snapshot {version} arrive without its manifest")
+        }
+        ResyncReason::BehindHeartbeat { held, version } => {
+            format!("a heartbeat names version {version}, newer than the held {held}")
         }
     }
 }

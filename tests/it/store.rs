@@ -588,6 +588,7 @@ fn delta(
         issued_at: Some(fixtures::now()),
         upserts,
         revokes: revokes.iter().map(|s| (*s).to_owned()).collect(),
+        stale_after: None,
     }
 }
 
