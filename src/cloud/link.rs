@@ -14,7 +14,8 @@
 //!
 //! The session is persistent (`clean_session = false`, client id = gateway id), so `QoS` 1
 //! messages sent while the gateway was away are delivered when it returns. When a `ConnAck`
-//! says the broker has no session for us, the worker subscribes again. On every connect it
+//! says the broker has no session for us, the worker subscribes again (to heartbeats at every
+//! connect: a session made before they existed lacks that subscription). On every connect it
 //! publishes a retained `online` state naming the held version; the will says `offline`.
 //! Memory stays bounded whatever the broker does: brokers do not all honour an in-flight window
 //! (mosquitto sent a whole million-key snapshot, 1,886 chunks, unacknowledged), so the channel
@@ -966,7 +967,7 @@ impl Worker {
                 tracing::warn!(%issued_at, %limit, "a heartbeat signed more than a day beyond the clock and the trusted-time mark; it does not refresh the knowledge time");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "heartbeat: the knowledge time could not be written");
+                tracing::warn!(error = %e, "heartbeat taken, but its knowledge time could not be written (a restart would forget it)");
             }
         }
     }

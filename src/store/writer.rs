@@ -1442,11 +1442,13 @@ impl Writer {
         }
         let freshness = knowledge::after(self.freshness, Some(at), None);
         if freshness != self.freshness {
+            // Taken whatever the disk says (the cloud did vouch): a full disk must not make
+            // keys stale; only a restart would forget a raise the disk refused.
+            self.freshness = freshness;
             self.relax()?;
             let written = knowledge::write_known(&self.conn, freshness.known_at);
             self.restore_durable();
             written?;
-            self.freshness = freshness;
         }
         Ok(Vouched::Current(freshness.known_at))
     }
