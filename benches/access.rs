@@ -104,6 +104,7 @@ fn million_key_db() -> PathBuf {
             version: 1,
             salt: SALT.to_vec(),
             issued_at: Some(jiff::Timestamp::now()),
+            stale_after: doorbridge::access::StaleLimits::default(),
         };
         let generation = store.begin_key_set(header).await.expect("begin");
         let mut i = 0;

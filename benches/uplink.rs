@@ -749,6 +749,7 @@ async fn bytes_setup(dir: &Path, gateway: &str, url: &str, link: &Path) -> PathB
                 version: 1,
                 salt: SALT.to_vec(),
                 issued_at: Some(Timestamp::now()),
+                stale_after: doorbridge::access::StaleLimits::default(),
             },
             (1..=UNITS).map(unit_key).collect(),
         )

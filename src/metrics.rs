@@ -242,6 +242,21 @@ fn singles(out: &mut String, s: &Status, now: Timestamp) {
             .map(|a| a.to_string()),
     );
     single(
+        "keyset_knowledge_age_seconds",
+        "Time since the cloud last vouched for the held key set (snapshot, delta or heartbeat).",
+        "gauge",
+        h.keyset
+            .as_ref()
+            .and_then(|k| k.known_age_s)
+            .map(|a| a.to_string()),
+    );
+    single(
+        "keyset_stale_categories",
+        "Key categories refused now because the cloud has been silent past their stale_after.",
+        "gauge",
+        h.keyset.as_ref().map(|k| k.stale.len().to_string()),
+    );
+    single(
         "clock_trusted",
         "1 while time-bound keys are decided normally.",
         "gauge",
@@ -339,7 +354,8 @@ mod tests {
             "storage_degraded": false,
             "health": {
                 "gateway": "gw-1", "at": "2026-12-01T12:00:00Z", "uptime_s": 60,
-                "keyset": { "version": 3, "keys": 10, "issued_at": null, "age_s": 600 },
+                "keyset": { "version": 3, "keys": 10, "issued_at": null, "age_s": 600,
+                            "known_at": null, "known_age_s": 120, "stale": ["delivery"] },
                 "last_sync": null, "outbox_depth": 7,
                 "clock": { "synced": false, "trusted": true, "mark": null },
                 "buses": [{ "name": "entrance", "port_open": true, "reopens": 1,
@@ -383,6 +399,8 @@ mod tests {
             "doorbridge_cloud_offline_seconds 60",
             "doorbridge_keyset_version 3",
             "doorbridge_keyset_age_seconds 600",
+            "doorbridge_keyset_knowledge_age_seconds 120",
+            "doorbridge_keyset_stale_categories 1",
             "doorbridge_clock_trusted 1",
             "# TYPE doorbridge_decisions_total counter",
         ] {

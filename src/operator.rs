@@ -47,6 +47,31 @@ fn ago(at: Option<Timestamp>, now: Timestamp) -> String {
     )
 }
 
+/// The `key set` line of [`status_text`], and which categories are stale.
+fn keyset_text(out: &mut String, h: &crate::cloud::telemetry::Summary, now: Timestamp) {
+    match &h.keyset {
+        Some(k) => {
+            let _ = writeln!(
+                out,
+                "key set   version {}, {} keys, signed {}; last sync {}; cloud last vouched {}",
+                k.version,
+                k.keys,
+                ago(k.issued_at, now),
+                ago(h.last_sync, now),
+                ago(k.known_at, now)
+            );
+            if !k.stale.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "          stale: {} keys refused until the cloud is heard from",
+                    categories(&k.stale)
+                );
+            }
+        }
+        None => out.push_str("key set   cannot be read\n"),
+    }
+}
+
 /// The daemon's status for people.
 pub fn status_text(s: &Status, now: Timestamp) -> String {
     let h = &s.health;
@@ -76,19 +101,7 @@ pub fn status_text(s: &Status, now: Timestamp) -> String {
         "cloud     {cloud}; {} connects, {} messages refused",
         s.cloud.connects, s.cloud.rejected
     );
-    match &h.keyset {
-        Some(k) => {
-            let _ = writeln!(
-                out,
-                "key set   version {}, {} keys, signed {}; last sync {}",
-                k.version,
-                k.keys,
-                ago(k.issued_at, now),
-                ago(h.last_sync, now)
-            );
-        }
-        None => out.push_str("key set   cannot be read\n"),
-    }
+    keyset_text(&mut out, h, now);
     match h.outbox_depth {
         Some(n) => {
             let _ = writeln!(out, "outbox    {n} records waiting for upload");
@@ -208,6 +221,16 @@ pub fn verdict(s: &Status, now: Timestamp, limits: &Limits) -> (Level, Vec<Strin
             "no key set: every credential is refused".into(),
         )),
         Some(k) => {
+            if !k.stale.is_empty() {
+                found.push((
+                    Level::Warning,
+                    format!(
+                        "{} keys refused: no word from the cloud for {} (stale_after)",
+                        categories(&k.stale),
+                        k.known_age_s.map_or_else(|| "ever".to_owned(), age_text)
+                    ),
+                ));
+            }
             if let (Some(max), Some(age)) = (limits.keyset_age, k.age_s)
                 && SignedDuration::from_secs(i64::try_from(age).unwrap_or(i64::MAX)) > max
             {
@@ -277,6 +300,14 @@ pub fn verdict(s: &Status, now: Timestamp, limits: &Limits) -> (Level, Vec<Strin
     (level, found.into_iter().map(|(_, why)| why).collect())
 }
 
+/// Categories as people read them: `delivery, event`.
+fn categories(list: &[crate::access::Category]) -> String {
+    list.iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn age_text(secs: u64) -> String {
     age(SignedDuration::from_secs(
         i64::try_from(secs).unwrap_or(i64::MAX),
@@ -290,7 +321,8 @@ pub fn offline_status(reader: &Reader) -> Result<serde_json::Value, StoreError> 
     Ok(json!({
         "running": false,
         "health": {
-            "keyset": { "version": set.version, "keys": set.keys, "issued_at": set.issued_at },
+            "keyset": { "version": set.version, "keys": set.keys, "issued_at": set.issued_at,
+                        "known_at": set.freshness.known_at },
             "outbox_depth": reader.outbox_depth()?,
             "clock": { "mark": reader.trusted_time()? },
         },
@@ -609,6 +641,21 @@ mod tests {
         assert_eq!(judge(&away(60)).0, Level::Warning);
         let backlog = site(|v| v["health"]["outbox_depth"] = json!(20_000));
         assert_eq!(judge(&backlog).0, Level::Warning);
+        // Keys refused as stale: residents still get in, so a warning that says which.
+        let stale = site(|v| {
+            v["health"]["keyset"]["stale"] = json!(["delivery"]);
+            v["health"]["keyset"]["known_age_s"] = json!(90_000);
+        });
+        assert_eq!(
+            judge(&stale),
+            (
+                Level::Warning,
+                vec![
+                    "delivery keys refused: no word from the cloud for 1d 1h (stale_after)"
+                        .to_owned()
+                ]
+            )
+        );
         // The key set's age is judged only when asked.
         let strict = Limits {
             keyset_age: Some(SignedDuration::from_hours(6)),

@@ -76,6 +76,7 @@ pub async fn install_keys(db: &Path, site: Site, salt: &[u8], keys: Vec<Key>) {
                 version: 1,
                 salt: salt.to_vec(),
                 issued_at: Some(jiff::Timestamp::now()),
+                stale_after: doorbridge::access::StaleLimits::default(),
             },
             keys,
         )

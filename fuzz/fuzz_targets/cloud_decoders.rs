@@ -1,16 +1,18 @@
 //! Fuzz target: everything the gateway decodes from the cloud side.
 //!
 //! The bytes go through the envelope decoder (with the fixed test key trusted), every body
-//! decoder, the sync state machine as a manifest, chunk and delta, the report decoder, the
-//! upload batch decoder (the cloud's side of the uplink) and the streaming bundle reader. None may panic; the sync machine must never stage a chunk whose
-//! hash its manifest does not name.
+//! decoder, the sync state machine as a manifest, chunk, delta and heartbeat, the report
+//! decoder, the upload batch decoder (the cloud's side of the uplink) and the streaming bundle
+//! reader. None may panic; the sync machine must never stage a chunk whose hash its manifest
+//! does not name.
 
 #![no_main]
 
 use doorbridge::cloud::bundle::{Bundle, BundleStream};
 use doorbridge::cloud::envelope;
 use doorbridge::cloud::payload::{
-    Chunk, Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
+    Chunk, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target,
+    UnitSettings,
 };
 use doorbridge::cloud::report::Report;
 use doorbridge::cloud::sync::{Action, Sync};
@@ -38,6 +40,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(d) = Delta::decode(data) {
         let _ = sync.on_delta(d, now);
+    }
+    if let Ok(h) = Heartbeat::decode(data) {
+        let _ = sync.on_heartbeat(&h, now);
     }
     for action in sync.on_chunk(data, now) {
         assert!(

@@ -4,23 +4,29 @@
 //! the time and the clock's trust state, and records what this returns.
 //!
 //! The order of checks (the first failing one names the reason):
-//! revoked → wrong door → clock untrusted → not yet valid → expired → outside schedule → used up.
+//! revoked → wrong door → clock untrusted → stale key set → not yet valid → expired → outside
+//! schedule → used up.
 //! A door comes before the time because "wrong door" is true whatever the time; the clock comes
-//! before the time checks because they mean nothing on an untrusted clock.
+//! before the time checks because they mean nothing on an untrusted clock. A stale key set
+//! comes before the key's own rules: they are what may have changed in the cloud meanwhile.
 
 use jiff::Timestamp;
 use jiff::civil::{DateTime, Weekday};
 
 use super::model::{
-    ClockTrust, Decision, DenyReason, DoorId, Grant, KeyRules, Schedule, Site, UnlimitedPolicy,
-    UseLimit, Uses, Window,
+    ClockTrust, Decision, DenyReason, DoorId, Freshness, Grant, KeyRules, Schedule, Site,
+    UnlimitedPolicy, UseLimit, Uses, Window,
 };
 
-/// The site-wide policies the engine applies.
+/// What the engine applies besides the key's own rules: the site's configuration and the held
+/// key set's limits on how old the gateway's knowledge may be.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     /// For keys that do not depend on the time, when the clock is untrusted.
     pub untrusted_clock: UnlimitedPolicy,
+    /// The key set's `stale_after` and when the gateway last heard from the cloud. The default
+    /// limits nothing.
+    pub freshness: Freshness,
 }
 
 /// What the caller must record after a grant.
@@ -53,10 +59,16 @@ pub fn decide(
     if !opens(site, key, door) {
         return deny(DenyReason::WrongDoor);
     }
+    // A key of a category that may go stale depends on the time too: an untrusted clock (reset
+    // by a power cut) would make any knowledge look fresh.
+    let may_go_stale = policy.freshness.limits.get(key.category).is_some();
     if clock == ClockTrust::Untrusted
-        && (key.is_time_bound() || policy.untrusted_clock == UnlimitedPolicy::Deny)
+        && (key.is_time_bound() || may_go_stale || policy.untrusted_clock == UnlimitedPolicy::Deny)
     {
         return deny(DenyReason::ClockUntrusted);
+    }
+    if policy.freshness.is_stale(key.category, now) {
+        return deny(DenyReason::StaleKeySet);
     }
     if key.valid_from.is_some_and(|from| now < from) {
         return deny(DenyReason::NotYetValid);

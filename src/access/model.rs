@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 pub type DoorId = String;
 
 /// The key categories offered by the apps (seed 000). Travels with every activity record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// `Friend` is also the category of residents' own keys: the apps' default, "for your own use"
+/// (seed 000), which is why a key set can never make it go stale ([`StaleLimits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
     Friend,
@@ -48,6 +51,137 @@ impl Category {
             Category::Renter => "renter",
             Category::Employee => "employee",
         }
+    }
+
+    /// Its position in [`Category::ALL`].
+    fn index(self) -> usize {
+        match self {
+            Category::Friend => 0,
+            Category::Customer => 1,
+            Category::Services => 2,
+            Category::Event => 3,
+            Category::Delivery => 4,
+            Category::Renter => 5,
+            Category::Employee => 6,
+        }
+    }
+}
+
+/// The longest `stale_after` a key set may give a category: a year (and a day).
+pub const MAX_STALE_AFTER_S: u32 = 366 * 24 * 3600;
+
+/// A key set's `stale_after`: for some categories, how long (in seconds) the gateway may go
+/// without hearing from the cloud before keys of that category are refused as
+/// [`DenyReason::StaleKeySet`]. A revocation that cannot reach an offline gateway would
+/// otherwise be outrun forever. Categories not named never go stale; `friend` (residents' own
+/// keys) can never be named.
+///
+/// On the wire and on disk a map from category name to seconds, `{"delivery": 86400}`; an
+/// empty map is "off". Reading refuses `friend`, a duplicate category, 0 and more than
+/// [`MAX_STALE_AFTER_S`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StaleLimits([Option<u32>; 7]);
+
+impl StaleLimits {
+    /// Limits from `(category, seconds)` pairs, checked as on the wire.
+    pub fn new(
+        limits: impl IntoIterator<Item = (Category, u32)>,
+    ) -> Result<StaleLimits, &'static str> {
+        let mut out = StaleLimits::default();
+        for (category, seconds) in limits {
+            if category == Category::Friend {
+                return Err(
+                    "stale_after names friend, the category of residents' own keys, which never go stale",
+                );
+            }
+            if seconds == 0 || seconds > MAX_STALE_AFTER_S {
+                return Err("a stale_after limit is 1 to 31622400 seconds");
+            }
+            if out.0[category.index()].replace(seconds).is_some() {
+                return Err("stale_after names a category twice");
+            }
+        }
+        Ok(out)
+    }
+
+    /// How long keys of `category` stay usable without word from the cloud, if limited.
+    pub fn get(&self, category: Category) -> Option<jiff::SignedDuration> {
+        self.0[category.index()].map(|s| jiff::SignedDuration::from_secs(i64::from(s)))
+    }
+
+    /// The limited categories and their limits in seconds, in [`Category::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (Category, u32)> + '_ {
+        Category::ALL
+            .into_iter()
+            .filter_map(|c| self.0[c.index()].map(|s| (c, s)))
+    }
+
+    /// No category is limited.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+}
+
+impl Serialize for StaleLimits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        // A definite length, like every map the gateway and cloud write.
+        let mut map = s.serialize_map(Some(self.iter().count()))?;
+        for (category, seconds) in self.iter() {
+            map.serialize_entry(&category, &seconds)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for StaleLimits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StaleLimits;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map from key category to seconds")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<Category, u32>()? {
+                    pairs.push(pair);
+                }
+                StaleLimits::new(pairs).map_err(serde::de::Error::custom)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// How fresh the gateway's knowledge of its key set is, for [`StaleLimits`]: the limits of the
+/// held set, and the signed time of the latest snapshot, delta or heartbeat it took (`None`:
+/// none whose time it believed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Freshness {
+    pub limits: StaleLimits,
+    pub known_at: Option<Timestamp>,
+}
+
+impl Freshness {
+    /// Whether keys of `category` are refused as stale at `now`: the category is limited and
+    /// the knowledge is older than its limit (or there is none).
+    pub fn is_stale(&self, category: Category, now: Timestamp) -> bool {
+        self.limits.get(category).is_some_and(|max| {
+            self.known_at
+                .is_none_or(|known| now.duration_since(known) > max)
+        })
+    }
+
+    /// The categories whose keys are refused as stale at `now`.
+    pub fn stale(&self, now: Timestamp) -> Vec<Category> {
+        Category::ALL
+            .into_iter()
+            .filter(|&c| self.is_stale(c, now))
+            .collect()
     }
 }
 
@@ -364,10 +498,13 @@ pub enum DenyReason {
     /// The use could not be recorded durably (disk full, read-only), so a limited key is
     /// refused rather than risk being honoured more often than it allows.
     NotRecorded,
+    /// The key's category has a `stale_after` limit ([`StaleLimits`]) and the gateway has not
+    /// heard from the cloud for longer than that: a revocation may be on its way.
+    StaleKeySet,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 10] = [
+    pub const ALL: [DenyReason; 11] = [
         DenyReason::UnknownCredential,
         DenyReason::NotYetValid,
         DenyReason::Expired,
@@ -378,6 +515,7 @@ impl DenyReason {
         DenyReason::ClockUntrusted,
         DenyReason::LockedOut,
         DenyReason::NotRecorded,
+        DenyReason::StaleKeySet,
     ];
 
     /// The reason's code on the door bus and in activity records.
@@ -393,6 +531,7 @@ impl DenyReason {
             DenyReason::ClockUntrusted => 8,
             DenyReason::LockedOut => 9,
             DenyReason::NotRecorded => 10,
+            DenyReason::StaleKeySet => 11,
         }
     }
 
@@ -414,6 +553,7 @@ impl DenyReason {
             DenyReason::ClockUntrusted => "clock_untrusted",
             DenyReason::LockedOut => "locked_out",
             DenyReason::NotRecorded => "not_recorded",
+            DenyReason::StaleKeySet => "stale_key_set",
         }
     }
 
@@ -430,6 +570,7 @@ impl DenyReason {
             DenyReason::ClockUntrusted => "clock untrusted",
             DenyReason::LockedOut => "locked out",
             DenyReason::NotRecorded => "not recorded",
+            DenyReason::StaleKeySet => "stale key set",
         }
     }
 }

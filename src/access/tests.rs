@@ -30,11 +30,12 @@ use super::engine::{Policy, decide, in_schedule};
 use super::lockout::{CEILING, LockoutPolicy, PinGuard};
 use super::model::ClockTrust::{self, Trusted, Untrusted};
 use super::model::DenyReason::{
-    self, ClockUntrusted, Expired, NotYetValid, OutsideSchedule, Revoked, UsedUp, WrongDoor,
+    self, ClockUntrusted, Expired, NotYetValid, OutsideSchedule, Revoked, StaleKeySet, UsedUp,
+    WrongDoor,
 };
 use super::model::{
-    Category, Decision, Door, Grant, KeyRules, Schedule, Site, UnlimitedPolicy, UseLimit, Uses,
-    WeekdaySet, Window,
+    Category, Decision, Door, Freshness, Grant, KeyRules, Schedule, Site, StaleLimits,
+    UnlimitedPolicy, UseLimit, Uses, WeekdaySet, Window,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -224,6 +225,7 @@ fn run(group: &str, cases: &[Case]) {
         let now = local(&site, case.at);
         let policy = Policy {
             untrusted_clock: case.policy,
+            ..Policy::default()
         };
         let got = decide(&site, policy, &key, case.door, case.uses, now, case.clock);
         let want = match case.expect {
@@ -2888,9 +2890,57 @@ fn arb_clock() -> impl Strategy<Value = ClockTrust> {
     prop_oneof![3 => Just(Trusted), 1 => Just(Untrusted)]
 }
 
+/// Limits on some categories but `friend` (which a key set cannot limit), and a knowledge time
+/// (or none) anywhere in the tested year: `now` minus it is negative, within the limit or past
+/// it about as often.
+fn arb_freshness() -> impl Strategy<Value = Freshness> {
+    let limit = proptest::option::of(select(vec![60u32, 3600, 86_400, 30 * 86_400, 180 * 86_400]));
+    (
+        proptest::collection::vec(limit, Category::ALL.len() - 1),
+        proptest::option::of(arb_instant()),
+    )
+        .prop_map(|(limits, known_at)| {
+            let limited = Category::ALL[1..]
+                .iter()
+                .zip(limits)
+                .filter_map(|(&c, l)| l.map(|l| (c, l)));
+            Freshness {
+                limits: StaleLimits::new(limited).expect("valid limits"),
+                known_at,
+            }
+        })
+}
+
 fn arb_policy() -> impl Strategy<Value = Policy> {
-    prop_oneof![Just(UnlimitedPolicy::Grant), Just(UnlimitedPolicy::Deny)]
-        .prop_map(|untrusted_clock| Policy { untrusted_clock })
+    (
+        prop_oneof![Just(UnlimitedPolicy::Grant), Just(UnlimitedPolicy::Deny)],
+        prop_oneof![1 => Just(Freshness::default()), 3 => arb_freshness()],
+    )
+        .prop_map(|(untrusted_clock, freshness)| Policy {
+            untrusted_clock,
+            freshness,
+        })
+}
+
+/// The `stale_after` limit of the key's category, restated from the wire form.
+fn stale_limit(policy: Policy, key: &KeyRules) -> Option<i64> {
+    policy
+        .freshness
+        .limits
+        .iter()
+        .find(|(c, _)| *c == key.category)
+        .map(|(_, s)| i64::from(s))
+}
+
+/// The freshness rule, restated: a limited category is usable while the latest word from the
+/// cloud is at most its limit old (a word from the future is fresh); with no word, it is not.
+fn fresh_enough(policy: Policy, key: &KeyRules, now: Timestamp) -> bool {
+    stale_limit(policy, key).is_none_or(|limit| {
+        policy
+            .freshness
+            .known_at
+            .is_some_and(|known| now.as_second() - known.as_second() <= limit)
+    })
 }
 
 /// The door rule, restated: a door of the site; an inner door only with "also opens inner
@@ -2958,12 +3008,15 @@ fn first_failure(
     clock: ClockTrust,
 ) -> Option<DenyReason> {
     let local = now.to_zoned(site.tz.clone()).datetime();
-    let clock_ok =
-        clock == Trusted || (!time_bound(key) && policy.untrusted_clock == UnlimitedPolicy::Grant);
+    let clock_ok = clock == Trusted
+        || (!time_bound(key)
+            && stale_limit(policy, key).is_none()
+            && policy.untrusted_clock == UnlimitedPolicy::Grant);
     let checks = [
         (!key.revoked, Revoked),
         (door_allowed(site, key, door), WrongDoor),
         (clock_ok, ClockUntrusted),
+        (fresh_enough(policy, key, now), StaleKeySet),
         (key.valid_from.is_none_or(|f| f <= now), NotYetValid),
         (key.valid_until.is_none_or(|u| now < u), Expired),
         (schedule_allows(&key.schedule, local), OutsideSchedule),
@@ -2999,9 +3052,12 @@ proptest! {
         prop_assert!(door_allowed(&site, &key, door), "granted a door the key does not open");
         prop_assert!(
             clock == Trusted
-                || (!time_bound(&key) && policy.untrusted_clock == UnlimitedPolicy::Grant),
+                || (!time_bound(&key)
+                    && stale_limit(policy, &key).is_none()
+                    && policy.untrusted_clock == UnlimitedPolicy::Grant),
             "granted a time-bound key (or against the policy) on an untrusted clock"
         );
+        prop_assert!(fresh_enough(policy, &key, now), "granted a key whose category went stale");
         prop_assert!(key.valid_from.is_none_or(|f| f <= now), "granted before the start");
         prop_assert!(key.valid_until.is_none_or(|u| now < u), "granted at or after expiry");
         let local = now.to_zoned(site.tz.clone()).datetime();
@@ -3522,4 +3578,197 @@ fn decisions_do_not_depend_on_the_category() {
         assert!(decision.is_grant(), "{category:?}");
         assert_eq!(consume, OneUse);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys that stop when the gateway's knowledge is too old (`stale_after`)
+// ---------------------------------------------------------------------------------------------
+
+/// The policy of a key set limiting `delivery` to a day, last heard from at `heard`.
+fn delivery_for_a_day(heard: Option<Timestamp>) -> Policy {
+    Policy {
+        freshness: Freshness {
+            limits: StaleLimits::new([(Category::Delivery, 86_400)]).expect("valid limits"),
+            known_at: heard,
+        },
+        ..Policy::default()
+    }
+}
+
+/// A key built from `k` with `category`.
+fn key_in(site: &Site, category: Category, k: &K) -> KeyRules {
+    let mut key = k.build(site, 0);
+    key.category = category;
+    key
+}
+
+/// A case of the freshness table: (rule, category, door, hours since the cloud was heard,
+/// clock, expected reason).
+type StaleCase = (
+    &'static str,
+    Category,
+    &'static str,
+    i64,
+    ClockTrust,
+    Option<DenyReason>,
+);
+
+const STALE_CASES: &[StaleCase] = &[
+    (
+        "fresh: just heard",
+        Category::Delivery,
+        "main",
+        0,
+        Trusted,
+        None,
+    ),
+    (
+        "the limit itself still opens",
+        Category::Delivery,
+        "main",
+        24,
+        Trusted,
+        None,
+    ),
+    (
+        "past the limit: stale",
+        Category::Delivery,
+        "main",
+        25,
+        Trusted,
+        Some(StaleKeySet),
+    ),
+    (
+        "residents' keys never go stale",
+        Category::Friend,
+        "main",
+        24 * 400,
+        Trusted,
+        None,
+    ),
+    (
+        "other categories are not limited",
+        Category::Services,
+        "main",
+        24 * 400,
+        Trusted,
+        None,
+    ),
+    (
+        "knowledge signed ahead of the clock is fresh",
+        Category::Delivery,
+        "main",
+        -1,
+        Trusted,
+        None,
+    ),
+    (
+        "an untrusted clock cannot vouch for freshness",
+        Category::Delivery,
+        "main",
+        0,
+        Untrusted,
+        Some(ClockUntrusted),
+    ),
+    (
+        "an untrusted clock still lets residents in",
+        Category::Friend,
+        "main",
+        24 * 400,
+        Untrusted,
+        None,
+    ),
+    (
+        "wrong door comes first",
+        Category::Delivery,
+        "garage",
+        48,
+        Trusted,
+        Some(WrongDoor),
+    ),
+];
+
+#[test]
+fn a_limited_category_stops_once_the_cloud_has_been_silent_longer_than_its_limit() {
+    let site = site();
+    let heard = local(&site, "Fri 2026-05-15 12:00");
+    let policy = delivery_for_a_day(Some(heard));
+    for &(rule, category, door, hours, clock, want) in STALE_CASES {
+        let key = key_in(&site, category, &UNLIMITED);
+        let now = heard + SignedDuration::from_hours(hours);
+        let (decision, _) = decide(&site, policy, &key, door, FRESH, now, clock);
+        assert_eq!(decision.deny_reason(), want, "{rule}");
+    }
+    // A second past the limit is past it.
+    let courier = key_in(&site, Category::Delivery, &UNLIMITED);
+    let later = heard + SignedDuration::from_secs(86_401);
+    let (decision, _) = decide(&site, policy, &courier, "main", FRESH, later, Trusted);
+    assert_eq!(decision.deny_reason(), Some(StaleKeySet));
+}
+
+#[test]
+fn a_stale_key_set_comes_after_revocation_and_before_the_keys_own_rules() {
+    let site = site();
+    let heard = local(&site, "Fri 2026-05-15 12:00");
+    let policy = delivery_for_a_day(Some(heard));
+    let two_days = heard + SignedDuration::from_hours(48);
+    // A revocation that did arrive is the truer answer.
+    let mut revoked = key_in(&site, Category::Delivery, &UNLIMITED);
+    revoked.revoked = true;
+    let (decision, _) = decide(&site, policy, &revoked, "main", FRESH, two_days, Trusted);
+    assert_eq!(decision.deny_reason(), Some(Revoked));
+    // The key's own rules may have changed in the cloud meanwhile.
+    let expired = key_in(&site, Category::Delivery, &SINGLE_USE);
+    let (decision, _) = decide(&site, policy, &expired, "main", FRESH, two_days, Trusted);
+    assert_eq!(decision.deny_reason(), Some(StaleKeySet));
+    // Never heard (no signed time believed): a limited category is stale at once.
+    let never = delivery_for_a_day(None);
+    let courier = key_in(&site, Category::Delivery, &UNLIMITED);
+    let (decision, _) = decide(&site, never, &courier, "main", FRESH, heard, Trusted);
+    assert_eq!(decision.deny_reason(), Some(StaleKeySet));
+    // What status and telemetry show.
+    assert_eq!(never.freshness.stale(heard), vec![Category::Delivery]);
+    assert_eq!(policy.freshness.stale(heard), Vec::new());
+}
+
+#[test]
+fn stale_limits_read_as_the_wire_has_them_and_never_name_residents() {
+    let read = |cbor: &[u8]| ciborium::from_reader::<StaleLimits, _>(cbor);
+    let mut bytes = Vec::new();
+    let limits = StaleLimits::new([(Category::Event, 600), (Category::Delivery, 86_400)]).unwrap();
+    ciborium::into_writer(&limits, &mut bytes).unwrap();
+    // In `Category::ALL` order, names and whole seconds.
+    let value: ciborium::Value = ciborium::from_reader(bytes.as_slice()).unwrap();
+    assert_eq!(
+        value,
+        ciborium::Value::Map(vec![
+            ("event".into(), 600.into()),
+            ("delivery".into(), 86_400.into()),
+        ])
+    );
+    assert_eq!(read(&bytes).unwrap(), limits);
+    assert_eq!(
+        limits.get(Category::Delivery),
+        Some(SignedDuration::from_hours(24))
+    );
+    assert_eq!(limits.get(Category::Services), None);
+    let refused = |pairs: Vec<(ciborium::Value, ciborium::Value)>| {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&ciborium::Value::Map(pairs), &mut bytes).unwrap();
+        read(&bytes).unwrap_err().to_string()
+    };
+    let e = refused(vec![("friend".into(), 60.into())]);
+    assert!(e.contains("residents"), "{e}");
+    let e = refused(vec![("delivery".into(), 0.into())]);
+    assert!(e.contains("1 to"), "{e}");
+    let e = refused(vec![("delivery".into(), 40_000_000.into())]);
+    assert!(e.contains("1 to"), "{e}");
+    let e = refused(vec![
+        ("delivery".into(), 60.into()),
+        ("delivery".into(), 70.into()),
+    ]);
+    assert!(e.contains("twice"), "{e}");
+    let e = refused(vec![("residents".into(), 60.into())]);
+    assert!(e.contains("unknown variant"), "{e}");
+    assert!(StaleLimits::default().is_empty());
 }

@@ -1,6 +1,6 @@
 //! `cloud-sim`: a reference cloud for doorbridge gateways. Makes signing keys, builds signed
-//! key sets from a keys file (as an offline bundle or published over MQTT), sends open-door
-//! and resync commands, and prints what gateways report. A thin shell around
+//! key sets from a keys file (as an offline bundle or published over MQTT), sends heartbeats,
+//! open-door and resync commands, and prints what gateways report. A thin shell around
 //! `doorbridge::cloud::{build, bundle, keyfile}` and `doorbridge::sim::cloud`; the manual is
 //! `docs/cloud-sim.md`.
 //!
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
+use doorbridge::access::{Category, StaleLimits};
 use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::bundle::Bundle;
 use doorbridge::cloud::envelope::KeyId;
@@ -36,6 +37,8 @@ A session (docs/cloud-sim.md has more):
   cloud-sim publish --url mqtt://localhost:1883 --site s1 --gateway gw1 \\
       --signing-key ./cloud-keys/signing.key snapshot --keys config/keys.example.toml --version 2
   cloud-sim publish ... delta --from 2 --version 3 --delete courier-dhl-0412
+  cloud-sim heartbeat --url mqtt://localhost:1883 --site s1 --gateway gw1 \
+      --signing-key ./cloud-keys/signing.key --version 3 --every 5m   # keeps stale_after keys fresh
   cloud-sim open-door --url mqtt://localhost:1883 --site s1 --gateway gw1 \\
       --signing-key ./cloud-keys/signing.key --door main --key-id owner-ann
 
@@ -83,6 +86,10 @@ enum Command {
         /// Where to write the bundle (replaced if it exists)
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Keys of these categories stop opening when the gateway has not heard from the cloud
+        /// for this long: CATEGORY=DURATION[,...], e.g. delivery=24h,event=12h (not friend)
+        #[arg(long, value_name = "LIMITS", value_parser = parse_stale_after)]
+        stale_after: Option<StaleLimits>,
     },
     /// Publish a key set (snapshot) or a change to it (delta) on a gateway's topics
     Publish {
@@ -90,6 +97,27 @@ enum Command {
         conn: Connection,
         #[command(subcommand)]
         what: PublishWhat,
+    },
+    /// Send signed heartbeats (keys/heartbeat, at most once): the cloud vouches that VERSION is the
+    /// latest key-set version it has made for the gateway, as of now
+    ///
+    /// A gateway holding exactly that version raises its knowledge time, so keys limited by
+    /// the key set's stale-after limits keep opening; one holding an older version asks for a
+    /// resync.
+    /// Sends one and exits, or with --every keeps sending (each signed when sent) until
+    /// Ctrl-C or --count heartbeats.
+    Heartbeat {
+        #[command(flatten)]
+        conn: Connection,
+        /// The latest key-set version made for the gateway (the one it should hold)
+        #[arg(long, value_name = "N")]
+        version: u64,
+        /// Send one every DURATION (e.g. 5m) until Ctrl-C
+        #[arg(long, value_name = "DURATION", value_parser = parse_std_duration, conflicts_with = "issued_at")]
+        every: Option<Duration>,
+        /// With --every: stop after N heartbeats
+        #[arg(long, value_name = "N", requires = "every")]
+        count: Option<u64>,
     },
     /// Send a signed open-door command to a gateway (cmd/open-door)
     OpenDoor {
@@ -247,6 +275,11 @@ enum PublishWhat {
         /// The key-set version, above the one the gateway holds (1 or more)
         #[arg(long, value_name = "N")]
         version: u64,
+        /// Keys of these categories stop opening when the gateway has not heard from the cloud
+        /// for this long: CATEGORY=DURATION[,...], e.g. delivery=24h,event=12h (not friend);
+        /// send heartbeats to keep them fresh
+        #[arg(long, value_name = "LIMITS", value_parser = parse_stale_after)]
+        stale_after: Option<StaleLimits>,
     },
     /// A change on top of the version the gateway holds: upserts and deletes (revocations)
     Delta {
@@ -262,7 +295,32 @@ enum PublishWhat {
         /// Id of a key to revoke (repeat for several)
         #[arg(long = "delete", value_name = "ID")]
         deletes: Vec<String>,
+        /// Replace the key set's stale-after limits: CATEGORY=DURATION[,...], or "off" for none
+        /// [default: unchanged]
+        #[arg(long, value_name = "LIMITS", value_parser = parse_stale_after)]
+        stale_after: Option<StaleLimits>,
     },
+}
+
+/// `delivery=24h,event=12h` (durations as the configuration writes them), or `off`.
+fn parse_stale_after(text: &str) -> Result<StaleLimits, String> {
+    if text == "off" {
+        return Ok(StaleLimits::default());
+    }
+    let mut limits = Vec::new();
+    for part in text.split(',') {
+        let (name, duration) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected CATEGORY=DURATION, e.g. delivery=24h"))?;
+        let category = Category::ALL
+            .into_iter()
+            .find(|c| c.as_str() == name.trim())
+            .ok_or_else(|| format!("{name:?} is not a key category"))?;
+        let seconds = doorbridge::config::values::parse_duration(duration)?.as_secs();
+        let seconds = u32::try_from(seconds).map_err(|_| format!("{duration:?} is too long"))?;
+        limits.push((category, seconds));
+    }
+    StaleLimits::new(limits).map_err(str::to_owned)
 }
 
 #[derive(Debug, Args)]
@@ -351,10 +409,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             issued_at,
             out,
+            stale_after,
         } => {
             let signer = read_signing_key(&signing_key)?;
             let file = read_keys(&keys)?;
-            let snap = build_snapshot(&target.target(), version, issued_at, &file, &signer)?;
+            let head = (version, issued_at, stale_after);
+            let snap = build_snapshot(&target.target(), head, &file, &signer)?;
             let (chunks, bytes) = (snap.chunks.len(), snap.total_bytes());
             Bundle::from(snap).write(&out)?;
             println!(
@@ -366,6 +426,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish { conn, what } => publish(&conn, what).await,
+        Command::Heartbeat {
+            conn,
+            version,
+            every,
+            count,
+        } => heartbeats(&conn, version, every, count).await,
         Command::OpenDoor {
             conn,
             door,
@@ -431,6 +497,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Records(args) => records(args).await,
         Command::Check { file } => check_file(&file),
     }
+}
+
+/// `cloud-sim heartbeat`: one signed heartbeat, or one every `every` (each signed when sent)
+/// until Ctrl-C or `count`.
+async fn heartbeats(
+    conn: &Connection,
+    version: u64,
+    every: Option<Duration>,
+    count: Option<u64>,
+) -> anyhow::Result<()> {
+    let target = conn.target.target();
+    if every.is_some_and(|d| d.is_zero()) {
+        bail!("--every must be longer than 0s");
+    }
+    // Checked before connecting.
+    build::heartbeat(
+        &target,
+        version,
+        Timestamp::now(),
+        &read_signing_key(&conn.signing_key)?,
+    )?;
+    let (signer, topics, client) = connect(conn).await?;
+    let mut sent = 0u64;
+    let mut tick = every.map(tokio::time::interval);
+    loop {
+        if let Some(tick) = &mut tick {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+        let heartbeat = build::heartbeat(&target, version, issued_at, &signer)?;
+        client.publish_heartbeat(&topics, heartbeat).await?;
+        sent += 1;
+        println!(
+            "{}: heartbeat version {version} at {issued_at}",
+            topics.topic(Channel::Heartbeat)
+        );
+        if every.is_none() || count.is_some_and(|n| sent >= n) {
+            break;
+        }
+    }
+    client.disconnect().await?;
+    Ok(())
 }
 
 /// `cloud-sim resync`: signs and publishes a resync command.
@@ -648,17 +759,20 @@ fn read_keys(path: &Path) -> anyhow::Result<KeyFile> {
     KeyFile::read(path).with_context(|| format!("the keys file {}", path.display()))
 }
 
+/// Builds a snapshot of `file` as `(version, issued_at, stale_after)` says.
 fn build_snapshot(
     target: &Target,
-    version: u64,
-    issued_at: Option<Timestamp>,
+    (version, issued_at, stale_after): (u64, Option<Timestamp>, Option<StaleLimits>),
     file: &KeyFile,
     signer: &SigningKey,
 ) -> anyhow::Result<SignedSnapshot> {
     let issued_at = issued_at.unwrap_or_else(Timestamp::now);
-    Ok(build::snapshot(
-        target, version, issued_at, &file.salt, &file.keys, signer,
-    )?)
+    Ok(match stale_after {
+        Some(limits) => build::snapshot_with_stale_after(
+            target, version, issued_at, &file.salt, &file.keys, limits, signer,
+        )?,
+        None => build::snapshot(target, version, issued_at, &file.salt, &file.keys, signer)?,
+    })
 }
 
 async fn connect(conn: &Connection) -> anyhow::Result<(SigningKey, Topics, CloudClient)> {
@@ -678,9 +792,14 @@ async fn publish(conn: &Connection, what: PublishWhat) -> anyhow::Result<()> {
     let signer = read_signing_key(&conn.signing_key)?;
     Topics::new(&conn.prefix, &target)?;
     match what {
-        PublishWhat::Snapshot { keys, version } => {
+        PublishWhat::Snapshot {
+            keys,
+            version,
+            stale_after,
+        } => {
             let file = read_keys(&keys)?;
-            let snap = build_snapshot(&target, version, conn.issued_at, &file, &signer)?;
+            let head = (version, conn.issued_at, stale_after);
+            let snap = build_snapshot(&target, head, &file, &signer)?;
             let (_, topics, client) = connect(conn).await?;
             client.publish_snapshot(&topics, &snap).await?;
             client.disconnect().await?;
@@ -697,19 +816,23 @@ async fn publish(conn: &Connection, what: PublishWhat) -> anyhow::Result<()> {
             version,
             keys,
             deletes,
+            stale_after,
         } => {
             let upserts = match &keys {
                 Some(path) => read_keys(path)?.keys,
                 None => Vec::new(),
             };
             let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
-            let delta = build::delta(
-                &target,
-                from_version,
-                version,
-                issued_at,
-                &upserts,
-                &deletes,
+            let delta = build::signed_delta(
+                &doorbridge::cloud::payload::Delta {
+                    target: target.clone(),
+                    from_version,
+                    version,
+                    issued_at,
+                    upserts: upserts.clone(),
+                    deletes: deletes.clone(),
+                    stale_after,
+                },
                 &signer,
             )?;
             let (_, topics, client) = connect(conn).await?;

@@ -863,9 +863,9 @@ mod tests {
             ),
             // missing "r"
             (0x41, vec![0xA2, 0x61, b'k', 0x01, 0x61, b'v', 0x41, 0x31]),
-            // reason 0 and reason 11
+            // reason 0 and reason 12
             (0x03, vec![0xA1, 0x61, b'r', 0x00]),
-            (0x03, vec![0xA1, 0x61, b'r', 0x0B]),
+            (0x03, vec![0xA1, 0x61, b'r', 0x0C]),
             // reason as text
             (0x03, vec![0xA1, 0x61, b'r', 0x61, b'6']),
             // duplicate key

@@ -14,10 +14,10 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::envelope::{Kind, seal};
 use super::payload::{
-    Delta, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ID, MAX_KEYS, Manifest, OpenDoor,
-    PayloadError, ResyncCommand, Sha256Digest, Target, UnitSettings,
+    Delta, Heartbeat, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ID, MAX_KEYS, Manifest,
+    OpenDoor, PayloadError, ResyncCommand, Sha256Digest, Target, UnitSettings,
 };
-use crate::access::Key;
+use crate::access::{Key, StaleLimits};
 
 /// Why a message could not be built. Nothing built would have been accepted by a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -90,19 +90,57 @@ pub fn snapshot(
     keys: &[Key],
     signer: &SigningKey,
 ) -> Result<SignedSnapshot, BuildError> {
-    let max_chunks = usize::try_from(MAX_CHUNKS).unwrap_or(usize::MAX);
-    snapshot_within(target, version, issued_at, salt, keys, signer, max_chunks)
+    let head = Head {
+        target,
+        version,
+        issued_at,
+        salt,
+        stale_after: None,
+    };
+    snapshot_within(&head, keys, signer, max_chunks())
 }
 
-fn snapshot_within(
+/// [`snapshot`] of a key set whose categories in `stale_after` stop opening once the gateway
+/// has not heard from the cloud for longer (`docs/cloud-protocol.md` §5.2).
+pub fn snapshot_with_stale_after(
     target: &Target,
     version: u64,
     issued_at: Timestamp,
     salt: &[u8],
     keys: &[Key],
+    stale_after: StaleLimits,
+    signer: &SigningKey,
+) -> Result<SignedSnapshot, BuildError> {
+    let head = Head {
+        target,
+        version,
+        issued_at,
+        salt,
+        stale_after: Some(stale_after),
+    };
+    snapshot_within(&head, keys, signer, max_chunks())
+}
+
+fn max_chunks() -> usize {
+    usize::try_from(MAX_CHUNKS).unwrap_or(usize::MAX)
+}
+
+/// What a snapshot's manifest says besides its chunks.
+struct Head<'a> {
+    target: &'a Target,
+    version: u64,
+    issued_at: Timestamp,
+    salt: &'a [u8],
+    stale_after: Option<StaleLimits>,
+}
+
+fn snapshot_within(
+    head: &Head<'_>,
+    keys: &[Key],
     signer: &SigningKey,
     max_chunks: usize,
 ) -> Result<SignedSnapshot, BuildError> {
+    let version = head.version;
     if version == 0 {
         return Err(BuildError::VersionZero);
     }
@@ -145,15 +183,16 @@ fn snapshot_within(
     }
     let chunks = packer.chunks;
     let manifest = Manifest {
-        target: target.clone(),
+        target: head.target.clone(),
         version,
-        issued_at,
-        salt: salt.to_vec(),
+        issued_at: head.issued_at,
+        salt: head.salt.to_vec(),
         chunk_count: u32::try_from(chunks.len()).map_err(|_| BuildError::TooManyChunks {
             keys_packed: keys.len(),
         })?,
         chunk_hashes: chunks.iter().map(|c| Sha256Digest::of(c)).collect(),
         key_count: keys.len() as u64,
+        stale_after: head.stale_after,
     };
     manifest.validate()?;
     let body = manifest.encode();
@@ -175,24 +214,52 @@ pub fn delta(
     deletes: &[String],
     signer: &SigningKey,
 ) -> Result<Vec<u8>, BuildError> {
-    if version == 0 {
+    signed_delta(
+        &Delta {
+            target: target.clone(),
+            from_version,
+            version,
+            issued_at,
+            upserts: upserts.to_vec(),
+            deletes: deletes.to_vec(),
+            stale_after: None,
+        },
+        signer,
+    )
+}
+
+/// Checks and signs any delta (one that sets `stale_after`, say).
+pub fn signed_delta(delta: &Delta, signer: &SigningKey) -> Result<Vec<u8>, BuildError> {
+    if delta.version == 0 {
         return Err(BuildError::VersionZero);
     }
-    for (index, key) in upserts.iter().enumerate() {
+    for (index, key) in delta.upserts.iter().enumerate() {
         check_key(index, key)?;
     }
-    let delta = Delta {
-        target: target.clone(),
-        from_version,
-        version,
-        issued_at,
-        upserts: upserts.to_vec(),
-        deletes: deletes.to_vec(),
-    };
     delta.validate()?;
     let body = delta.encode();
     check_body(&body)?;
     Ok(seal(Kind::Delta, &body, signer))
+}
+
+/// Signs a heartbeat: `version` is the latest key-set version the cloud has made for the
+/// gateway as of `issued_at` (`docs/cloud-protocol.md` §5.1).
+pub fn heartbeat(
+    target: &Target,
+    version: u64,
+    issued_at: Timestamp,
+    signer: &SigningKey,
+) -> Result<Vec<u8>, BuildError> {
+    if version == 0 {
+        return Err(BuildError::VersionZero);
+    }
+    let body = Heartbeat {
+        target: target.clone(),
+        version,
+        issued_at,
+    }
+    .encode();
+    Ok(seal(Kind::Heartbeat, &body, signer))
 }
 
 /// Builds and signs an open-door command living `lifetime` from `issued_at` (the gateway
@@ -529,9 +596,16 @@ mod tests {
         // Keys of ~10 KiB: 12 to a chunk. With room for 2 chunks, the 25th key is refused.
         let keys: Vec<Key> = (0..40).map(|i| key(i, 10_000)).collect();
         let now = Timestamp::UNIX_EPOCH;
-        assert!(snapshot_within(&target(), 1, now, b"", &keys[..24], &signer(), 2).is_ok());
+        let head = Head {
+            target: &target(),
+            version: 1,
+            issued_at: now,
+            salt: b"",
+            stale_after: None,
+        };
+        assert!(snapshot_within(&head, &keys[..24], &signer(), 2).is_ok());
         assert_eq!(
-            snapshot_within(&target(), 1, now, b"", &keys, &signer(), 2),
+            snapshot_within(&head, &keys, &signer(), 2),
             Err(BuildError::TooManyChunks { keys_packed: 24 })
         );
     }

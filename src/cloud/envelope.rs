@@ -35,6 +35,8 @@ pub enum Kind {
     Manifest,
     /// An incremental change to the held key set ([`super::payload::Delta`]).
     Delta,
+    /// The cloud vouches for the held version as of now ([`super::payload::Heartbeat`]).
+    Heartbeat,
     /// A remote open-door command ([`super::payload::OpenDoor`]).
     OpenDoor,
     /// The cloud asks the gateway to report its held version and take a snapshot
@@ -45,9 +47,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Manifest,
         Kind::Delta,
+        Kind::Heartbeat,
         Kind::OpenDoor,
         Kind::Resync,
         Kind::UnitSettings,
@@ -58,6 +61,7 @@ impl Kind {
         match self {
             Kind::Manifest => "manifest",
             Kind::Delta => "delta",
+            Kind::Heartbeat => "heartbeat",
             Kind::OpenDoor => "open-door",
             Kind::Resync => "resync",
             Kind::UnitSettings => "unit-settings",

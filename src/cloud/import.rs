@@ -135,12 +135,14 @@ impl Run<'_> {
                     version,
                     salt,
                     issued_at,
+                    stale_after,
                     ..
                 } => {
                     let header = KeySetHeader {
                         version,
                         salt,
                         issued_at: Some(issued_at),
+                        stale_after,
                     };
                     let generation = self.store.begin_key_set(header).await?;
                     self.generation = Some((version, generation));
@@ -175,7 +177,10 @@ impl Run<'_> {
                 Action::RequestResync { reason } => {
                     return Err(ImportError::Refused(format!("{reason:?}")));
                 }
-                Action::ApplyDelta(_) | Action::TrustTime(_) | Action::Ignore { .. } => {}
+                Action::ApplyDelta(_)
+                | Action::TrustTime(_)
+                | Action::Vouch { .. }
+                | Action::Ignore { .. } => {}
             }
         }
         Ok(())

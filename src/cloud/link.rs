@@ -14,7 +14,8 @@
 //!
 //! The session is persistent (`clean_session = false`, client id = gateway id), so `QoS` 1
 //! messages sent while the gateway was away are delivered when it returns. When a `ConnAck`
-//! says the broker has no session for us, the worker subscribes again. On every connect it
+//! says the broker has no session for us, the worker subscribes again (to heartbeats at every
+//! connect: a session made before they existed lacks that subscription). On every connect it
 //! publishes a retained `online` state naming the held version; the will says `offline`.
 //! Memory stays bounded whatever the broker does: brokers do not all honour an in-flight window
 //! (mosquitto sent a whole million-key snapshot, 1,886 chunks, unacknowledged), so the channel
@@ -38,7 +39,7 @@ use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
 use super::failover::Failover;
 use super::payload::{
-    Delta, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
+    Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
 };
 use super::refusals::{Admit, Refusals};
 use super::report::{Outcome, Presence, Report};
@@ -51,7 +52,7 @@ use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
 use crate::config::{BrokerUrl, Config};
-use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError};
+use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError, Vouched};
 use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
@@ -677,14 +678,19 @@ impl Worker {
                     s.last_error = None;
                     s.offline_since = None;
                 });
-                if !session_present {
-                    let filters = Channel::INBOUND.map(|c| rumqttc::SubscribeFilter {
-                        path: self.spec.topics.topic(c),
-                        qos: QoS::AtLeastOnce,
-                    });
-                    if let Err(e) = self.publisher.client().try_subscribe_many(filters) {
-                        tracing::error!(error = %e, "cannot subscribe to the cloud's topics");
-                    }
+                // With a session the broker has the subscriptions, but a session made by a
+                // gateway older than heartbeats lacks that one (subscribing again is harmless).
+                let channels: &[Channel] = if session_present {
+                    &[Channel::Heartbeat]
+                } else {
+                    &Channel::INBOUND
+                };
+                let filters = channels.iter().map(|&c| rumqttc::SubscribeFilter {
+                    path: self.spec.topics.topic(c),
+                    qos: QoS::AtLeastOnce,
+                });
+                if let Err(e) = self.publisher.client().try_subscribe_many(filters) {
+                    tracing::error!(error = %e, "cannot subscribe to the cloud's topics");
                 }
                 self.publish_state(Presence::Online);
                 if let Some((size, limit)) = self.oversized.take() {
@@ -819,6 +825,13 @@ impl Worker {
                 }
                 Err(e) => self.reject(channel, e.to_string()).await,
             },
+            Kind::Heartbeat => match Heartbeat::decode(&opened.body) {
+                Ok(h) => {
+                    let actions = self.sync.on_heartbeat(&h, now);
+                    self.execute(actions, channel).await;
+                }
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
             Kind::OpenDoor => match OpenDoor::decode(&opened.body) {
                 Ok(c) => self.open_door(c, now).await,
                 Err(e) => self.reject(channel, e.to_string()).await,
@@ -851,12 +864,14 @@ impl Worker {
                     salt,
                     issued_at,
                     key_count,
+                    stale_after,
                 } => {
                     tracing::info!(version, keys = key_count, "key-set snapshot started");
                     let header = KeySetHeader {
                         version,
                         salt,
                         issued_at: Some(issued_at),
+                        stale_after,
                     };
                     match self.store.begin_key_set(header).await {
                         Ok(generation) => {
@@ -904,6 +919,7 @@ impl Worker {
                         issued_at: Some(delta.issued_at),
                         upserts: delta.upserts,
                         revokes: delta.deletes,
+                        stale_after: delta.stale_after,
                     };
                     match self.store.apply_delta(change).await {
                         Ok(applied) => {
@@ -924,9 +940,34 @@ impl Worker {
                 }
                 // The store raises the mark from `issued_at` in the commit's own transaction.
                 Action::TrustTime(_) => {}
+                Action::Vouch { version, issued_at } => self.vouched(version, issued_at).await,
                 Action::RequestResync { reason } => self.request_resync(describe(&reason)),
                 Action::Reject { reason } => self.reject(channel, reason.to_string()).await,
                 Action::Ignore { reason } => tracing::debug!(reason, "cloud message ignored"),
+            }
+        }
+    }
+
+    /// A heartbeat named the held version: the store raises the knowledge time.
+    async fn vouched(&mut self, version: u64, issued_at: Timestamp) {
+        match self.store.heartbeat(version, issued_at).await {
+            Ok(Vouched::Current(known)) => {
+                tracing::debug!(version, %issued_at, known = ?known, "heartbeat: the held key set is current");
+            }
+            // The store holds another version than the machine thought (a commit failed): the
+            // store is right, and the next heartbeat or resync sorts it out.
+            Ok(Vouched::OtherVersion { held }) => {
+                tracing::info!(
+                    version,
+                    held,
+                    "heartbeat for a version the store does not hold; ignored"
+                );
+            }
+            Ok(Vouched::TooFarAhead { limit }) => {
+                tracing::warn!(%issued_at, %limit, "a heartbeat signed more than a day beyond the clock and the trusted-time mark; it does not refresh the knowledge time");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat taken, but its knowledge time could not be written (a restart would forget it)");
             }
         }
     }
@@ -1333,6 +1374,9 @@ fn describe(reason: &ResyncReason) -> String {
         }
         ResyncReason::ChunksWithoutManifest { version } => {
             format!("chunks of snapshot {version} arrive without its manifest")
+        }
+        ResyncReason::BehindHeartbeat { held, version } => {
+            format!("a heartbeat names version {version}, newer than the held {held}")
         }
     }
 }

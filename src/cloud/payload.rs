@@ -1,4 +1,5 @@
-//! The bodies of cloud messages: snapshot manifests and chunks, deltas and open-door commands.
+//! The bodies of cloud messages: snapshot manifests and chunks, deltas, heartbeats and
+//! commands.
 //!
 //! Each body is one CBOR map (serde field names as keys); byte fields (salt, hashes) are CBOR
 //! byte strings. Decoders are bounded: the input size is checked first, nesting is limited,
@@ -11,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::access::Key;
+use crate::access::{Key, StaleLimits};
 
 /// The largest chunk payload: AWS IoT Core's MQTT payload limit, 128 KiB.
 pub const MAX_CHUNK_BYTES: usize = 128 * 1024;
@@ -106,6 +107,11 @@ pub struct Manifest {
     pub chunk_hashes: Vec<Sha256Digest>,
     /// The number of keys across all chunks.
     pub key_count: u64,
+    /// How old the gateway's knowledge may get, per category, before keys of that category
+    /// are refused (`docs/cloud-protocol.md` §5.2). Absent or null: no limits. Left out of the
+    /// encoding when absent, so a cloud that never sets it writes what older gateways read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after: Option<StaleLimits>,
 }
 
 /// One part of a snapshot. Not signed: its SHA-256 must equal the manifest's entry.
@@ -133,6 +139,34 @@ pub struct Delta {
     pub upserts: Vec<Key>,
     /// Ids of keys to revoke.
     pub deletes: Vec<String>,
+    /// The key set's new `stale_after`, replacing the held one whole (an empty map: no limits);
+    /// absent or null: unchanged. Left out of the encoding when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after: Option<StaleLimits>,
+}
+
+/// The cloud vouches that `version` is the latest key-set version it has made for the gateway,
+/// as of `issued_at`: a gateway holding exactly that version knows its keys are current then,
+/// however quiet the building (`docs/cloud-protocol.md` §5.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub target: Target,
+    pub version: u64,
+    pub issued_at: Timestamp,
+}
+
+impl Heartbeat {
+    pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
+        let h: Heartbeat = from_cbor(body, MAX_BODY_BYTES)?;
+        check_target(&h.target)?;
+        check(h.version > 0, "version 0 is reserved for no key set")?;
+        Ok(h)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
 }
 
 /// A remote "open this door" from the app.

@@ -11,14 +11,20 @@
 //! [`Action::ApplyDelta`]. If the store then fails, the driver calls [`Sync::reset`] with the
 //! version the store really holds, and asks for a resync.
 //!
+//! A heartbeat changes no key set: naming the held version, it becomes [`Action::Vouch`] (the
+//! store raises the knowledge time); naming a newer one, the gateway missed something and asks
+//! for a resync, unless a snapshot in progress brings that version.
+//!
 //! [`ReplayCache`] guards open-door commands: expired or already seen → rejected.
 
 use std::collections::HashMap;
 
 use jiff::{SignedDuration, Timestamp};
 
-use super::payload::{Chunk, Delta, MAX_CHUNK_BYTES, Manifest, OpenDoor, Sha256Digest, Target};
-use crate::access::Key;
+use super::payload::{
+    Chunk, Delta, Heartbeat, MAX_CHUNK_BYTES, Manifest, OpenDoor, Sha256Digest, Target,
+};
+use crate::access::{Key, StaleLimits};
 
 /// Chunks held while their manifest has not arrived yet.
 pub const MAX_EARLY_CHUNKS: usize = 4;
@@ -36,6 +42,8 @@ pub enum Action {
         salt: Vec<u8>,
         issued_at: Timestamp,
         key_count: u64,
+        /// The manifest's `stale_after` (empty: no limits).
+        stale_after: StaleLimits,
     },
     /// Stage the keys of one verified chunk (`Store::stage_keys`).
     Stage {
@@ -49,6 +57,9 @@ pub enum Action {
     ApplyDelta(Delta),
     /// A signed cloud timestamp, for the trusted-time mark.
     TrustTime(Timestamp),
+    /// The cloud vouches that the held `version` is current as of `issued_at`
+    /// (`Store::heartbeat`).
+    Vouch { version: u64, issued_at: Timestamp },
     /// Ask the cloud for a full snapshot.
     RequestResync { reason: ResyncReason },
     /// Log, count and report to the cloud; nothing else changes.
@@ -69,6 +80,8 @@ pub enum ResyncReason {
     /// Chunks keep arriving for a snapshot whose manifest the gateway does not have (it
     /// restarted while staging, say: the broker redelivers the chunks, not the manifest).
     ChunksWithoutManifest { version: u64 },
+    /// A heartbeat names a version newer than the held one: a delta or snapshot was missed.
+    BehindHeartbeat { held: u64, version: u64 },
 }
 
 /// Why a payload was refused.
@@ -213,6 +226,7 @@ impl Sync {
             salt: manifest.salt.clone(),
             issued_at: manifest.issued_at,
             key_count: manifest.key_count,
+            stale_after: manifest.stale_after.unwrap_or_default(),
         }];
         let count = manifest.chunk_hashes.len();
         self.pending = Some(Pending {
@@ -415,6 +429,39 @@ impl Sync {
         let issued_at = delta.issued_at;
         actions.push(Action::ApplyDelta(delta));
         actions.push(Action::TrustTime(issued_at));
+        actions
+    }
+
+    /// A verified heartbeat arrived. See the module documentation.
+    pub fn on_heartbeat(&mut self, heartbeat: &Heartbeat, now: Timestamp) -> Vec<Action> {
+        let mut actions = self.tick(now);
+        if let Some(reject) = self.wrong_target(&heartbeat.target) {
+            actions.push(reject);
+            return actions;
+        }
+        let version = heartbeat.version;
+        let action = if version < self.held {
+            Action::Ignore {
+                reason: "heartbeat for an older version than the held one",
+            }
+        } else if version == self.held {
+            Action::Vouch {
+                version,
+                issued_at: heartbeat.issued_at,
+            }
+        } else if self.pending().is_some_and(|p| p >= version) {
+            Action::Ignore {
+                reason: "heartbeat for the version of the snapshot in progress",
+            }
+        } else {
+            Action::RequestResync {
+                reason: ResyncReason::BehindHeartbeat {
+                    held: self.held,
+                    version,
+                },
+            }
+        };
+        actions.push(action);
         actions
     }
 

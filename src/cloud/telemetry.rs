@@ -45,6 +45,17 @@ pub struct KeySetHealth {
     /// When the cloud signed it, and how long ago that was.
     pub issued_at: Option<Timestamp>,
     pub age_s: Option<u64>,
+    /// The knowledge time: the signed time of the latest snapshot, delta or heartbeat taken
+    /// (`docs/cloud-protocol.md` §5.2), and how long ago that was. Read as absent from a
+    /// summary that has none (an older gateway's).
+    #[serde(default)]
+    pub known_at: Option<Timestamp>,
+    #[serde(default)]
+    pub known_age_s: Option<u64>,
+    /// The categories whose keys are refused now because the knowledge is older than their
+    /// `stale_after` limit (empty: none).
+    #[serde(default)]
+    pub stale: Vec<crate::access::Category>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,9 +144,10 @@ fn summarize(
                 version: set.version,
                 keys: set.keys,
                 issued_at: set.issued_at,
-                age_s: set
-                    .issued_at
-                    .map(|t| u64::try_from(now.duration_since(t).as_secs()).unwrap_or(0)),
+                age_s: set.issued_at.map(|t| seconds_since(t, now)),
+                known_at: set.freshness.known_at,
+                known_age_s: set.freshness.known_at.map(|t| seconds_since(t, now)),
+                stale: set.freshness.stale(now),
             }),
             Some(depth),
             mark,
@@ -195,6 +207,11 @@ fn summarize(
         },
         buses,
     }
+}
+
+/// Whole seconds from `t` to `now`; 0 when `t` lies ahead.
+fn seconds_since(t: Timestamp, now: Timestamp) -> u64 {
+    u64::try_from(now.duration_since(t).as_secs()).unwrap_or(0)
 }
 
 /// The gateway's health now: the store's figures, the link's and the buses' status.
@@ -306,12 +323,24 @@ mod tests {
                 generation: 1,
                 keys: 40,
                 issued_at: Some("2026-11-22T11:00:00Z".parse().unwrap()),
+                freshness: crate::access::Freshness {
+                    limits: crate::access::StaleLimits::new([
+                        (crate::access::Category::Delivery, 3600),
+                        (crate::access::Category::Event, 7200),
+                    ])
+                    .unwrap(),
+                    known_at: Some("2026-11-22T10:30:00Z".parse().unwrap()),
+                },
             },
             12,
             Some("2026-11-22T12:00:01Z".parse().unwrap()),
         ));
         let s = summarize(&spec, "gw", &LinkStatus::default(), stored, (now, false));
-        assert_eq!(s.keyset.as_ref().unwrap().age_s, Some(3600));
+        let keyset = s.keyset.as_ref().unwrap();
+        assert_eq!(keyset.age_s, Some(3600));
+        // Heard from the cloud 90 minutes ago: delivery (1 h) is stale, event (2 h) not.
+        assert_eq!(keyset.known_age_s, Some(5400));
+        assert_eq!(keyset.stale, vec![crate::access::Category::Delivery]);
         assert_eq!(s.outbox_depth, Some(12));
         assert!(
             s.clock.trusted,
@@ -326,6 +355,7 @@ mod tests {
                     generation: 0,
                     keys: 0,
                     issued_at: None,
+                    freshness: crate::access::Freshness::default(),
                 },
                 0,
                 None,

@@ -6,13 +6,15 @@ use proptest::prelude::*;
 
 use super::envelope::{self, EnvelopeError, KeyId, Kind, encode, open, seal, signing_input};
 use super::payload::{
-    Chunk, Delta, MAX_CHUNK_BYTES, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, PayloadError,
+    Chunk, Delta, Heartbeat, MAX_CHUNK_BYTES, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, PayloadError,
     Sha256Digest,
 };
 use super::sync::{
     Action, CommandRejection, RejectReason, ReplayCache, ResyncReason, SNAPSHOT_TIMEOUT, Sync,
 };
 use super::vectors::{at, chunk, delta, key, manifest, open_door, target, test_key};
+
+use crate::access::{Category, StaleLimits};
 
 const MAX: usize = MAX_ENVELOPE_BYTES;
 
@@ -267,6 +269,7 @@ fn keys_manifest(version: u64, chunks: &[Chunk]) -> Manifest {
             .map(|c| Sha256Digest::of(&c.encode()))
             .collect(),
         key_count: chunks.iter().map(|c| c.keys.len() as u64).sum(),
+        stale_after: None,
     }
 }
 
@@ -572,6 +575,88 @@ fn deltas_apply_in_order_and_gaps_ask_for_a_resync() {
         fresh.on_delta(d, t0())[..],
         [Action::RequestResync { .. }]
     ));
+}
+
+#[test]
+fn a_heartbeat_vouches_only_for_the_held_version() {
+    let beat = |version| Heartbeat {
+        target: target(),
+        version,
+        issued_at: at("2026-01-01T00:05:00Z"),
+    };
+    let mut s = Sync::new(target(), 8);
+    assert_eq!(
+        s.on_heartbeat(&beat(8), t0()),
+        vec![Action::Vouch {
+            version: 8,
+            issued_at: at("2026-01-01T00:05:00Z")
+        }]
+    );
+    // An old one (redelivered, or from before the latest delta) vouches for nothing.
+    assert!(matches!(
+        s.on_heartbeat(&beat(7), t0())[..],
+        [Action::Ignore { .. }]
+    ));
+    // A newer one: the gateway missed a delta (a revocation, perhaps). No refresh: a resync.
+    assert_eq!(
+        s.on_heartbeat(&beat(9), t0()),
+        vec![Action::RequestResync {
+            reason: ResyncReason::BehindHeartbeat {
+                held: 8,
+                version: 9
+            }
+        }]
+    );
+    // ... unless the snapshot in progress brings it.
+    let cs = chunks(9, 1);
+    s.on_manifest(keys_manifest(9, &cs), t0());
+    assert!(matches!(
+        s.on_heartbeat(&beat(9), t0())[..],
+        [Action::Ignore { .. }]
+    ));
+    let mut other = beat(8);
+    other.target.gateway = "gw2".into();
+    assert!(is_reject(&s.on_heartbeat(&other, t0())));
+    assert_eq!(s.held(), 8, "a heartbeat changes no key set");
+}
+
+#[test]
+fn stale_after_travels_with_snapshots_and_deltas() {
+    let limits = StaleLimits::new([(Category::Delivery, 86_400)]).unwrap();
+    let mut m = manifest();
+    m.stale_after = Some(limits);
+    assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    let mut s = Sync::new(target(), 0);
+    let cs = vec![chunk()];
+    let mut m = keys_manifest(7, &cs);
+    m.stale_after = Some(limits);
+    assert!(matches!(
+        &s.on_manifest(m, t0())[..],
+        [Action::Begin { stale_after, .. }] if *stale_after == limits
+    ));
+    let mut d = delta();
+    d.stale_after = Some(StaleLimits::default());
+    assert_eq!(Delta::decode(&d.encode()).unwrap(), d, "an empty map: off");
+    // Left out when absent (the §9 vectors are unchanged, `vectors::tests`); a null reads as
+    // absent.
+    let mut value: ciborium::Value = ciborium::from_reader(delta().encode().as_slice()).unwrap();
+    value
+        .as_map_mut()
+        .unwrap()
+        .push(("stale_after".into(), ciborium::Value::Null));
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&value, &mut bytes).unwrap();
+    assert_eq!(Delta::decode(&bytes).unwrap().stale_after, None);
+    // Residents' keys never go stale: a set that tries is refused whole, saying why.
+    let mut value: ciborium::Value = ciborium::from_reader(manifest().encode().as_slice()).unwrap();
+    value.as_map_mut().unwrap().push((
+        "stale_after".into(),
+        ciborium::Value::Map(vec![("friend".into(), 3600.into())]),
+    ));
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&value, &mut bytes).unwrap();
+    let e = Manifest::decode(&bytes).unwrap_err().to_string();
+    assert!(e.contains("residents"), "{e}");
 }
 
 #[test]

@@ -22,6 +22,8 @@ pub enum Channel {
     Chunk,
     /// Deltas (signed), cloud → gateway.
     Delta,
+    /// Heartbeats (signed), cloud → gateway; published at `QoS` 0.
+    Heartbeat,
     /// Open-door commands (signed), cloud → gateway.
     OpenDoor,
     /// Resync commands (signed), cloud → gateway.
@@ -42,10 +44,11 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 11] = [
+    pub const ALL: [Channel; 12] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
+        Channel::Heartbeat,
         Channel::OpenDoor,
         Channel::Resync,
         Channel::Settings,
@@ -56,10 +59,11 @@ impl Channel {
         Channel::Telemetry,
     ];
     /// The channels the gateway subscribes to.
-    pub const INBOUND: [Channel; 6] = [
+    pub const INBOUND: [Channel; 7] = [
         Channel::Manifest,
         Channel::Chunk,
         Channel::Delta,
+        Channel::Heartbeat,
         Channel::OpenDoor,
         Channel::Resync,
         Channel::Settings,
@@ -78,6 +82,7 @@ impl Channel {
             Channel::Manifest => "keys/manifest",
             Channel::Chunk => "keys/chunk",
             Channel::Delta => "keys/delta",
+            Channel::Heartbeat => "keys/heartbeat",
             Channel::OpenDoor => "cmd/open-door",
             Channel::Resync => "cmd/resync",
             Channel::Settings => "cmd/settings",
@@ -94,6 +99,7 @@ impl Channel {
         match self {
             Channel::Manifest => Some(Kind::Manifest),
             Channel::Delta => Some(Kind::Delta),
+            Channel::Heartbeat => Some(Kind::Heartbeat),
             Channel::OpenDoor => Some(Kind::OpenDoor),
             Channel::Resync => Some(Kind::Resync),
             Channel::Settings => Some(Kind::UnitSettings),

@@ -6,11 +6,12 @@ use jiff::Timestamp;
 
 use super::envelope::{Kind, seal};
 use super::payload::{
-    Chunk, Delta, Manifest, OpenDoor, ResyncCommand, Sha256Digest, Target, UnitSettings,
+    Chunk, Delta, Heartbeat, Manifest, OpenDoor, ResyncCommand, Sha256Digest, Target, UnitSettings,
 };
 use super::report::{Presence, Report};
 use crate::access::{
-    Category, Credential, CredentialDigest, CredentialKind, Key, KeyRules, Schedule, UseLimit,
+    Category, Credential, CredentialDigest, CredentialKind, Key, KeyRules, Schedule, StaleLimits,
+    UseLimit,
 };
 
 pub fn test_key() -> SigningKey {
@@ -68,6 +69,7 @@ pub fn manifest() -> Manifest {
         chunk_count: 1,
         chunk_hashes: vec![Sha256Digest::of(&chunk().encode())],
         key_count: 1,
+        stale_after: None,
     }
 }
 
@@ -79,6 +81,33 @@ pub fn delta() -> Delta {
         issued_at: at("2026-01-01T00:01:00Z"),
         upserts: vec![],
         deletes: vec!["k1".into()],
+        stale_after: None,
+    }
+}
+
+/// The heartbeat of §9.10: version 8 is current as of 00:05.
+pub fn heartbeat() -> Heartbeat {
+    Heartbeat {
+        target: target(),
+        version: 8,
+        issued_at: at("2026-01-01T00:05:00Z"),
+    }
+}
+
+/// The delta of §9.11: from 8 to 9, changing no key, limiting delivery keys to a day and
+/// event keys to 12 hours.
+pub fn stale_after_delta() -> Delta {
+    Delta {
+        target: target(),
+        from_version: 8,
+        version: 9,
+        issued_at: at("2026-01-01T00:06:00Z"),
+        upserts: vec![],
+        deletes: vec![],
+        stale_after: Some(
+            StaleLimits::new([(Category::Delivery, 86_400), (Category::Event, 43_200)])
+                .expect("valid limits"),
+        ),
     }
 }
 
@@ -162,6 +191,11 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
             .encode(),
         ),
         ("record batch", batch()),
+        (
+            "heartbeat envelope",
+            seal(Kind::Heartbeat, &heartbeat().encode(), &k),
+        ),
+        ("stale_after delta body", stale_after_delta().encode()),
     ]
 }
 

@@ -602,8 +602,11 @@ impl Config {
     }
 
     pub fn access_policy(&self) -> Policy {
+        // The freshness limits come with the key set, not the configuration: the store fills
+        // them in.
         Policy {
             untrusted_clock: self.clock.untrusted_unlimited,
+            ..Policy::default()
         }
     }
 

@@ -4,7 +4,8 @@
 //! [`CloudClient`] is a small client over `rumqttc` (plain TCP: `mqtt://host:port`; `mqtts`
 //! is not supported here). It owns its event loop in a spawned task, so callers never poll it:
 //! [`CloudClient::publish`] returns once the broker has acknowledged the message (`QoS` 1,
-//! `PubAck`), [`CloudClient::subscribe`] once the broker has acknowledged the subscription
+//! `PubAck`; a heartbeat goes at `QoS` 0 and returns once written),
+//! [`CloudClient::subscribe`] once the broker has acknowledged the subscription
 //! (`SubAck`), so nothing published after it returns is missed. The packet size limit is raised
 //! both ways to a full envelope (128 KiB + 256 bytes) and 1 KiB for topic and header.
 //!
@@ -111,6 +112,8 @@ pub(crate) async fn connected(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Request {
     Publish,
+    /// A `QoS` 0 publish: nothing comes back, so it is done once written.
+    Send,
     Subscribe,
 }
 
@@ -315,6 +318,26 @@ impl CloudClient {
             .await
     }
 
+    /// Publishes a sealed heartbeat on the gateway's `keys/heartbeat` at `QoS` 0, as the
+    /// protocol asks (§5.1: never queued for an absent gateway); returns once it is written to
+    /// the connection (there is no acknowledgement to wait for).
+    pub async fn publish_heartbeat(
+        &self,
+        topics: &Topics,
+        heartbeat: Vec<u8>,
+    ) -> Result<(), CloudError> {
+        let topic = topics.topic(Channel::Heartbeat);
+        let rx = self
+            .request(
+                Request::Send,
+                &topic,
+                self.client
+                    .publish(&topic, QoS::AtMostOnce, false, heartbeat),
+            )
+            .await?;
+        self.wait(rx).await
+    }
+
     /// Publishes a sealed command (open-door or resync) on its channel.
     pub async fn publish_command(
         &self,
@@ -376,6 +399,15 @@ async fn run(
                 }
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Ok(()));
+                }
+            }
+            // `QoS` 0 carries packet id 0 and gets no ack.
+            Event::Outgoing(Outgoing::Publish(0)) => {
+                let mut state = lock(&shared);
+                if matches!(state.queued.front(), Some((Request::Send, ..)))
+                    && let Some((_, waiter, _)) = state.queued.pop_front()
+                {
+                    let _ = waiter.send(Ok(()));
                 }
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {

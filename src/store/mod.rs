@@ -11,10 +11,12 @@
 //!
 //! Around them: `schema` (migrations, the start-up check, moving a damaged file aside and
 //! salvaging it), `check` (the idle full integrity check, on a thread of its own), `reserve`
-//! (disk space released when the disk fills), [`records`] (what the outbox holds) and
-//! [`rules`] (the compact encoding of a key's rules).
+//! (disk space released when the disk fills), [`records`] (what the outbox holds),
+//! [`rules`] (the compact encoding of a key's rules) and `knowledge` (the held set's
+//! `stale_after` and the knowledge time).
 
 mod check;
+mod knowledge;
 mod reader;
 pub mod records;
 mod reserve;
@@ -32,7 +34,8 @@ use jiff::Timestamp;
 use tokio::sync::oneshot;
 
 use crate::access::{
-    Category, CredentialKind, Decision, Key, LockoutPolicy, Policy, Site, UnlimitedPolicy,
+    Category, CredentialKind, Decision, Key, LockoutPolicy, Policy, Site, StaleLimits,
+    UnlimitedPolicy,
 };
 use crate::bus::message::Settings;
 pub use reader::{KeySetInfo, Reader};
@@ -279,8 +282,10 @@ pub struct KeySetHeader {
     pub version: u64,
     /// The site salt the credential digests in this set were made with.
     pub salt: Vec<u8>,
-    /// The cloud's signing time, a trusted instant for the clock mark.
+    /// The cloud's signing time, a trusted instant for the clock mark and the knowledge time.
     pub issued_at: Option<Timestamp>,
+    /// How old the gateway's knowledge may get per category (empty: no limits).
+    pub stale_after: StaleLimits,
 }
 
 /// An incremental change to the live key set (a cloud delta), applied in one transaction.
@@ -296,6 +301,19 @@ pub struct DeltaChange {
     pub upserts: Vec<Key>,
     /// Ids of keys to revoke: they stay in the set, marked revoked.
     pub revokes: Vec<String>,
+    /// New `stale_after` limits replacing the held ones (`None`: unchanged).
+    pub stale_after: Option<StaleLimits>,
+}
+
+/// What a heartbeat did (`Store::heartbeat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vouched {
+    /// It named the held version: the knowledge time is now this (raised, or already later).
+    Current(Option<Timestamp>),
+    /// It named another version than the held one: nothing changed.
+    OtherVersion { held: u64 },
+    /// Its signed time lies beyond what the trusted-time mark's rule believes: nothing changed.
+    TooFarAhead { limit: Timestamp },
 }
 
 /// What a delta changed.
@@ -391,6 +409,8 @@ pub(crate) enum Command {
     StageKeys(i64, Vec<Key>, Reply<()>),
     CommitKeySet(i64, u64, Reply<()>),
     ApplyDelta(Box<DeltaChange>, Reply<DeltaApplied>),
+    /// A heartbeat for a version, signed at a time.
+    Heartbeat(u64, Timestamp, Reply<Vouched>),
     /// Merge settings into a door's desired settings; replies with the merged whole.
     DesireSettings(String, Settings, Reply<Settings>),
     /// Record the settings a door's unit reports as applied.
@@ -571,6 +591,18 @@ impl Store {
     /// error (wrong base version, a credential another key holds), none of it.
     pub async fn apply_delta(&self, delta: DeltaChange) -> Result<DeltaApplied, StoreError> {
         self.call(|r| Command::ApplyDelta(Box::new(delta), r)).await
+    }
+
+    /// A heartbeat: the cloud vouches that `version` is current as of `issued_at`. When that is
+    /// the held version, the knowledge time rises to `issued_at` (written without an fsync of its
+    /// own: a power cut that loses it only makes the knowledge look older).
+    pub async fn heartbeat(
+        &self,
+        version: u64,
+        issued_at: Timestamp,
+    ) -> Result<Vouched, StoreError> {
+        self.call(|r| Command::Heartbeat(version, issued_at, r))
+            .await
     }
 
     /// Decides a remote open-door request against the held key set (validity, schedule, use

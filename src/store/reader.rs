@@ -9,7 +9,7 @@ use super::records::{Record, RecordClass, StoredRecord};
 use super::rules;
 use super::writer::lookup;
 use super::{StoreError, schema};
-use crate::access::KeyRules;
+use crate::access::{Freshness, KeyRules};
 use crate::bus::message::Settings;
 
 /// A read-only connection to the store.
@@ -26,6 +26,8 @@ pub struct KeySetInfo {
     pub keys: u64,
     /// When the cloud signed the held version (its age is what status and telemetry show).
     pub issued_at: Option<jiff::Timestamp>,
+    /// The held set's `stale_after` limits and the knowledge time.
+    pub freshness: Freshness,
 }
 
 impl Reader {
@@ -64,6 +66,7 @@ impl Reader {
             issued_at: self
                 .meta_i64("keyset_issued_at")?
                 .and_then(|s| jiff::Timestamp::from_second(s).ok()),
+            freshness: super::knowledge::read(&self.conn)?,
         })
     }
 

@@ -30,11 +30,11 @@ use super::records::{Activity, Record, RecordClass};
 use super::rules;
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
-    StoreError, StoreOptions, Verdict, VerifyRequest, is_disk_trouble,
+    StoreError, StoreOptions, Verdict, VerifyRequest, Vouched, is_disk_trouble, knowledge,
 };
 use crate::access::{
-    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Key, KeyRules, PinGuard,
-    UnlimitedPolicy, UseLimit, Uses,
+    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, Key, KeyRules,
+    PinGuard, Policy, UnlimitedPolicy, UseLimit, Uses,
 };
 use crate::bus::message::Settings;
 
@@ -163,6 +163,8 @@ pub(super) struct Writer {
     mark_written: Option<Timestamp>,
     /// A `clock_untrusted` alarm is open: decisions are being made on an untrusted clock.
     untrusted: bool,
+    /// The held set's `stale_after` and the knowledge time, as on disk (`store::knowledge`).
+    freshness: Freshness,
     guards: HashMap<String, PinGuard>,
     active_pins: u32,
     staging: Option<Staging>,
@@ -330,6 +332,7 @@ impl Writer {
             .filter(|&g| g != active_generation)
             .collect();
         let (sent_below, answers) = (meta_i64("sent_below")?.unwrap_or(1), load_answers(&conn)?);
+        let freshness = knowledge::read(&conn)?;
         let mut reserve = super::reserve::Reserve::new(&options.path, options.reserve);
         reserve.restore(true);
         Ok(Writer {
@@ -345,6 +348,7 @@ impl Writer {
             mark,
             mark_written: mark,
             untrusted: false,
+            freshness,
             guards: HashMap::new(),
             active_pins,
             staging: None,
@@ -454,6 +458,7 @@ impl Writer {
                     | Command::StageKeys(..)
                     | Command::CommitKeySet(..)
                     | Command::ApplyDelta(..)
+                    | Command::Heartbeat(..)
                     | Command::DesireSettings(..)
                     | Command::ReportSettings(..) => {
                         // Key-set steps are transactions of their own, in order with the rest.
@@ -693,6 +698,10 @@ impl Writer {
                 Box::new(move |e| drop(reply.send(Err(e)))),
                 StoreError::KeySet("misrouted key-set step".into()),
             ),
+            Command::Heartbeat(_, _, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
             Command::StageKeys(_, _, reply) | Command::CommitKeySet(_, _, reply) => {
                 Outcome::Failed(
                     Box::new(move |e| drop(reply.send(Err(e)))),
@@ -805,15 +814,13 @@ impl Writer {
     ) -> Result<(Decision, Consume), StoreError> {
         let uses = self.uses(rules, door, overlay)?;
         let clock = self.clock_trust(now, clock_synced);
-        let (decision, consume) = access::decide(
-            &self.ctx.site,
-            self.ctx.policy,
-            rules,
-            door,
-            uses,
-            now,
-            clock,
-        );
+        // The configuration's policy, with the held key set's freshness limits.
+        let policy = Policy {
+            freshness: self.freshness,
+            ..self.ctx.policy
+        };
+        let (decision, consume) =
+            access::decide(&self.ctx.site, policy, rules, door, uses, now, clock);
         if consume == Consume::OneUse {
             *overlay
                 .entry((rules.id.clone(), String::new()))
@@ -1582,6 +1589,9 @@ impl Writer {
             Command::ApplyDelta(delta, reply) => {
                 let _ = reply.send(self.apply_delta(&delta));
             }
+            Command::Heartbeat(version, at, reply) => {
+                let _ = reply.send(self.heartbeat(version, at));
+            }
             Command::DesireSettings(door, settings, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ =
@@ -1624,6 +1634,8 @@ impl Writer {
                 Err(limit) => ignored = Some(mark_ignored(at, limit)),
             }
         }
+        let believed = d.issued_at.filter(|_| ignored.is_none());
+        let freshness = knowledge::after(self.freshness, believed, d.stale_after);
         // Dropped (rolled back) on any error, so a delta applies whole or not at all.
         let tx = self.conn.transaction()?;
         {
@@ -1665,6 +1677,7 @@ impl Writer {
             if let Some(mark) = mark {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
+            knowledge::write(&tx, &freshness)?;
         }
         // The alarm commits with the delta it is about.
         let alarm = ignored
@@ -1675,6 +1688,7 @@ impl Writer {
         self.keyset_version = d.version;
         self.mark = mark;
         self.mark_written = mark;
+        self.freshness = freshness;
         self.active_pins = pins;
         // A snapshot being staged for a version the delta reached is stale now.
         if self
@@ -1691,6 +1705,32 @@ impl Writer {
             "key-set delta applied"
         );
         Ok(applied)
+    }
+
+    /// A heartbeat: the cloud vouches that `version` is current as of `at`. Only the held
+    /// version raises the knowledge time (a gateway that missed a delta must not look fresh),
+    /// and only with a time the mark's rule believes. No fsync of its own: a power cut that
+    /// loses the write only makes the knowledge look older, which refuses sooner, never later.
+    fn heartbeat(&mut self, version: u64, at: Timestamp) -> Result<Vouched, StoreError> {
+        if version == 0 || version != self.keyset_version {
+            return Ok(Vouched::OtherVersion {
+                held: self.keyset_version,
+            });
+        }
+        if let Err(limit) = signed_mark(at, Timestamp::now(), self.mark) {
+            return Ok(Vouched::TooFarAhead { limit });
+        }
+        let freshness = knowledge::after(self.freshness, Some(at), None);
+        if freshness != self.freshness {
+            // Taken whatever the disk says (the cloud did vouch): a full disk must not make
+            // keys stale; only a restart would forget a raise the disk refused.
+            self.freshness = freshness;
+            self.relax()?;
+            let written = knowledge::write_known(&self.conn, freshness.known_at);
+            self.restore_durable();
+            written?;
+        }
+        Ok(Vouched::Current(freshness.known_at))
     }
 
     fn begin(&mut self, header: KeySetHeader) -> Result<i64, StoreError> {
@@ -1802,6 +1842,9 @@ impl Writer {
                 Err(limit) => ignored = Some(mark_ignored(at, limit)),
             }
         }
+        let believed = staging.header.issued_at.filter(|_| ignored.is_none());
+        let freshness =
+            knowledge::after(self.freshness, believed, Some(staging.header.stale_after));
         let version = i64::try_from(staging.header.version)
             .map_err(|_| StoreError::KeySet("version out of range".into()))?;
         // The switch is durable, and so are the staged chunks the WAL holds before it.
@@ -1819,6 +1862,7 @@ impl Writer {
             if let Some(mark) = self.mark {
                 set.execute(params!["trusted_time", mark.as_second()])?;
             }
+            knowledge::write(&tx, &freshness)?;
         }
         let alarm = ignored
             .map(|record| insert_record(&tx, &record, None).map(|(seq, len)| (seq, len, record)))
@@ -1831,6 +1875,7 @@ impl Writer {
         self.salt = staging.header.salt;
         self.active_pins = staging.pins;
         self.mark_written = self.mark;
+        self.freshness = freshness;
         tracing::info!(
             version = self.keyset_version,
             keys = staging.keys,
@@ -2214,6 +2259,7 @@ mod tests {
                 version: 1,
                 salt: b"salt".to_vec(),
                 issued_at: None,
+                stale_after: crate::access::StaleLimits::default(),
             })
             .unwrap();
         w.stage(generation, &[key("a", 1)]).unwrap();

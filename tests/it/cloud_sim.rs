@@ -19,11 +19,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use doorbridge::access::{Category, StaleLimits};
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::cloud::bundle::Bundle;
 use doorbridge::cloud::envelope::{Kind, open};
 use doorbridge::cloud::keyfile::{KeyFile, parse_hex};
-use doorbridge::cloud::payload::{Chunk, MAX_ENVELOPE_BYTES, Manifest, Target};
+use doorbridge::cloud::payload::{Chunk, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, Target};
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::sync::{Action, Sync};
 use doorbridge::cloud::topics::{Channel, Topics};
@@ -201,7 +202,15 @@ fn a_bad_keys_file_fails_naming_the_key_and_field() {
 fn help_explains_every_subcommand() {
     let out = run(&mut cloud_sim(), ["--help"]);
     assert_eq!(out.code, Some(0));
-    for sub in ["keygen", "build", "publish", "open-door", "resync", "watch"] {
+    for sub in [
+        "keygen",
+        "build",
+        "publish",
+        "heartbeat",
+        "open-door",
+        "resync",
+        "watch",
+    ] {
         assert!(
             out.stdout.contains(sub),
             "{sub} missing from {}",
@@ -356,6 +365,91 @@ async fn published_snapshots_and_commands_arrive_on_the_gateway_topics() {
         Kind::OpenDoor
     );
 
+    gateway.disconnect().await.unwrap();
+}
+
+/// `cloud-sim COMMAND --url … --site s1 --gateway gw1 --signing-key … REST`, where `words`
+/// is `COMMAND REST` split at spaces, run to completion off the async workers.
+async fn cloud_sim_for_gw1(url: &str, dir: &Path, words: String) -> Outcome {
+    let mut words = words
+        .split(' ')
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+        .into_iter();
+    let mut args: Vec<String> = words.next().into_iter().collect();
+    let key = signing_key(dir);
+    let conn = [
+        "--url",
+        url,
+        "--site",
+        "s1",
+        "--gateway",
+        "gw1",
+        "--signing-key",
+        &key,
+    ];
+    args.extend(conn.map(str::to_owned));
+    args.extend(words);
+    tokio::task::spawn_blocking(move || run(&mut cloud_sim(), args))
+        .await
+        .unwrap()
+}
+
+/// A key set's `stale_after` goes out with its snapshot and deltas, and `heartbeat` sends
+/// signed heartbeats naming the version, one per `--every`, each signed when sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_stale_after_go_out_signed() {
+    let addr = start_broker();
+    let url = format!("mqtt://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let public = keygen(dir.path());
+    let topics = Topics::new("doorbridge", &target()).unwrap();
+    let gateway = CloudClient::connect(&url, "test-gateway").await.unwrap();
+    let mut key_sets = gateway.subscribe("doorbridge/s1/gw1/keys/+").await.unwrap();
+    let sim = |words: String| cloud_sim_for_gw1(&url, dir.path(), words);
+    let opened = |bytes: &[u8], kind| {
+        let o = open(bytes, &[public], MAX_ENVELOPE_BYTES).unwrap();
+        assert_eq!(o.kind, kind);
+        o.body
+    };
+    let keys = example_keys().display().to_string();
+    let out = sim(format!(
+        "publish snapshot --keys {keys} --version 5 --stale-after delivery=24h,event=12h"
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let (_, manifest) = next(&mut key_sets).await;
+    let manifest = Manifest::decode(&opened(&manifest, Kind::Manifest)).unwrap();
+    let limits =
+        StaleLimits::new([(Category::Delivery, 86_400), (Category::Event, 43_200)]).unwrap();
+    assert_eq!(manifest.stale_after, Some(limits));
+    let _chunk = next(&mut key_sets).await;
+
+    let out = sim("publish delta --from 5 --version 6 --stale-after off".into()).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let (_, delta) = next(&mut key_sets).await;
+    let delta = Delta::decode(&opened(&delta, Kind::Delta)).unwrap();
+    assert_eq!(delta.stale_after, Some(StaleLimits::default()), "off");
+    // Residents' keys never go stale: refused before anything is sent.
+    let out = sim("publish delta --from 6 --version 7 --stale-after friend=1h".into()).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("residents"), "{out:?}");
+
+    let out = sim("heartbeat --version 6 --every 50ms --count 3".into()).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 3, "{out:?}");
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let (topic, beat) = next(&mut key_sets).await;
+        assert_eq!(topic, topics.topic(Channel::Heartbeat));
+        let beat = Heartbeat::decode(&opened(&beat, Kind::Heartbeat)).unwrap();
+        assert_eq!((beat.target, beat.version), (target(), 6));
+        times.push(beat.issued_at);
+    }
+    assert!(
+        times.windows(2).all(|w| w[0] < w[1]),
+        "each signed when sent: {times:?}"
+    );
     gateway.disconnect().await.unwrap();
 }
 

@@ -67,6 +67,7 @@ pub fn header(version: u64) -> KeySetHeader {
         version,
         salt: SALT.to_vec(),
         issued_at: Some(now()),
+        stale_after: doorbridge::access::StaleLimits::default(),
     }
 }
 

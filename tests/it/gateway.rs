@@ -15,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use doorbridge::access::{CredentialKind, Key, KeyRules, UseLimit, credential};
+use doorbridge::access::{CredentialKind, Key, KeyRules, StaleLimits, UseLimit, credential};
 use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
@@ -139,6 +139,33 @@ door = "main"
             writeln!(out, "{header}\n{line}").expect("write to a string");
         }
         std::fs::write(&self.config, out).expect("write the configuration");
+    }
+
+    /// Points the one bus at a pty to be linked at the returned path (`ttyDOOR` in the home),
+    /// polled every 10 ms: for a simulated door unit (unit 1, door `main`) instead of a port
+    /// that does not exist.
+    pub fn door_bus_on_pty(&self) -> PathBuf {
+        let link = self
+            .config
+            .parent()
+            .expect("the home directory")
+            .join("ttyDOOR");
+        let text = std::fs::read_to_string(&self.config).expect("read the configuration");
+        let ports = text.lines().filter(|l| l.starts_with("port = ")).count();
+        assert_eq!(ports, 1, "one bus port in:\n{text}");
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("port = ") {
+                    // Polled often, so the door decides at the pace the test sets.
+                    format!("port = \"{}\"\npoll_interval = \"10ms\"", link.display())
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, text.join("\n") + "\n").expect("write the configuration");
+        link
     }
 
     /// Lists several brokers in `cloud.url`, tried in this order.
@@ -550,6 +577,36 @@ impl Cloud {
                 uploaded: BTreeMap::new(),
             },
         }
+    }
+
+    /// A snapshot of `keys` as `version` whose categories in `stale_after` stop opening once
+    /// the gateway has not heard from the cloud for longer.
+    pub fn snapshot_with_stale_after(
+        &self,
+        version: u64,
+        keys: &[Key],
+        stale_after: StaleLimits,
+    ) -> SignedSnapshot {
+        build::snapshot_with_stale_after(
+            &self.target,
+            version,
+            Timestamp::now(),
+            SALT,
+            keys,
+            stale_after,
+            &cloud_key(),
+        )
+        .expect("build a snapshot")
+    }
+
+    /// Publishes a heartbeat for `version` signed at `at` (`QoS` 0, as the protocol says).
+    pub async fn publish_heartbeat(&self, version: u64, at: Timestamp) {
+        let heartbeat =
+            build::heartbeat(&self.target, version, at, &cloud_key()).expect("build a heartbeat");
+        self.client
+            .publish_heartbeat(&self.topics, heartbeat)
+            .await
+            .expect("publish a heartbeat");
     }
 
     pub fn snapshot(&self, version: u64, keys: &[Key]) -> SignedSnapshot {

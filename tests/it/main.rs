@@ -19,6 +19,7 @@ mod osdp_sim;
 mod powercut;
 mod service;
 mod sim;
+mod stale;
 mod store;
 mod uplink;
 mod util;

@@ -87,26 +87,7 @@ fn nats_home(urls: &[String]) -> (Home, PathBuf) {
         home.set_brokers(urls);
     }
     // Home's bus port does not exist; this one is the simulated unit's pty.
-    let link = home
-        .config
-        .parent()
-        .expect("the home directory")
-        .join("ttyDOOR");
-    let text = std::fs::read_to_string(&home.config).expect("read the configuration");
-    let ports = text.lines().filter(|l| l.starts_with("port = ")).count();
-    assert_eq!(ports, 1, "one bus port in:\n{text}");
-    let text: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("port = ") {
-                // Polled often, so the door decides at the pace the test sets.
-                format!("port = \"{}\"\npoll_interval = \"10ms\"", link.display())
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect();
-    std::fs::write(&home.config, text.join("\n") + "\n").expect("write the configuration");
+    let link = home.door_bus_on_pty();
     (home, link)
 }
 

@@ -590,6 +590,7 @@ fn delta(
         issued_at: Some(fixtures::now()),
         upserts,
         revokes: revokes.iter().map(|s| (*s).to_owned()).collect(),
+        stale_after: None,
     }
 }
 
@@ -1695,5 +1696,110 @@ async fn acknowledgements_in_any_order_empty_the_outbox() {
     assert_eq!(acked, seqs.len());
     assert_eq!(reader.outbox_depth().unwrap(), 0);
     assert_eq!(reader.history_size().unwrap().0, seqs.len() as u64);
+    store.close();
+}
+
+/// Why `pin` at `main` is refused at `now` (`None`: it opens).
+async fn pin_at(store: &Store, pin: &str, now: jiff::Timestamp) -> Option<DenyReason> {
+    let mut r = request("u", "main", CredentialKind::Pin, pin);
+    r.now = now;
+    reason(&store.verify(r).await.unwrap().decision)
+}
+
+/// A key set's `stale_after` refuses limited categories once the decision's time is past the
+/// limit from the knowledge time (residents unaffected), on the store alone: the decision's
+/// time is the request's. A heartbeat for the held version raises the knowledge time and
+/// survives a restart; one for another version, or signed beyond what the mark's rule
+/// believes, changes nothing; a delta can turn the limits off; an untrusted clock refuses a
+/// limited key whatever its freshness.
+#[tokio::test]
+async fn stale_after_refuses_limited_keys_and_a_heartbeat_refreshes_them_across_a_restart() {
+    use doorbridge::access::{Category, StaleLimits};
+    use doorbridge::store::Vouched;
+    use jiff::{SignedDuration, Timestamp};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let store = open(&path);
+    let signed = Timestamp::from_second(Timestamp::now().as_second()).unwrap();
+    let minutes = |m: i64| signed + SignedDuration::from_mins(m);
+    let courier = key(
+        "courier",
+        CredentialKind::Pin,
+        "730155",
+        UseLimit::Unlimited,
+    );
+    let mut resident = key(
+        "resident",
+        CredentialKind::Pin,
+        "482916",
+        UseLimit::Unlimited,
+    );
+    resident.rules.category = Category::Friend;
+    let mut h = header(1);
+    h.issued_at = Some(signed);
+    h.stale_after = StaleLimits::new([(Category::Delivery, 3600)]).unwrap();
+    store
+        .install_key_set(h, vec![courier, resident])
+        .await
+        .unwrap();
+    assert_eq!(
+        pin_at(&store, "730155", minutes(60)).await,
+        None,
+        "at the limit"
+    );
+    assert_eq!(
+        pin_at(&store, "730155", minutes(61)).await,
+        Some(DenyReason::StaleKeySet)
+    );
+    assert_eq!(
+        pin_at(&store, "482916", minutes(600)).await,
+        None,
+        "a resident"
+    );
+    // Behind the trusted-time mark (the set's signing time): the clock cannot vouch.
+    assert_eq!(
+        pin_at(&store, "730155", minutes(-10)).await,
+        Some(DenyReason::ClockUntrusted)
+    );
+    assert_eq!(pin_at(&store, "482916", minutes(-10)).await, None);
+
+    assert_eq!(
+        store.heartbeat(1, minutes(30)).await.unwrap(),
+        Vouched::Current(Some(minutes(30)))
+    );
+    assert_eq!(
+        pin_at(&store, "730155", minutes(61)).await,
+        None,
+        "refreshed"
+    );
+    assert_eq!(
+        store.heartbeat(2, minutes(45)).await.unwrap(),
+        Vouched::OtherVersion { held: 1 }
+    );
+    let years = signed + SignedDuration::from_hours(24 * 365);
+    assert!(matches!(
+        store.heartbeat(1, years).await.unwrap(),
+        Vouched::TooFarAhead { .. }
+    ));
+    assert_eq!(
+        pin_at(&store, "730155", minutes(91)).await,
+        Some(DenyReason::StaleKeySet),
+        "neither moved it"
+    );
+    store.close();
+
+    let store = open(&path);
+    let set = store.reader().unwrap().key_set().unwrap();
+    assert_eq!(set.freshness.known_at, Some(minutes(30)), "kept on disk");
+    assert_eq!(pin_at(&store, "730155", minutes(90)).await, None);
+    let mut off = delta(1, 2, vec![], &[]);
+    off.issued_at = Some(signed);
+    off.stale_after = Some(StaleLimits::default());
+    store.apply_delta(off).await.unwrap();
+    assert_eq!(
+        pin_at(&store, "730155", minutes(60 * 24 * 30)).await,
+        None,
+        "a delta turned the limits off"
+    );
     store.close();
 }

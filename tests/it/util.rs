@@ -34,6 +34,18 @@ pub fn find_binary(name: &str, fallback: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// libfaketime's preload library (Debian's `libfaketime` package), which moves a process's
+/// wall clock: `/usr/lib/<triplet>/faketime/libfaketime.so.1`, or `/usr/lib/faketime/…`.
+pub fn libfaketime() -> Option<PathBuf> {
+    let mut dirs = vec![PathBuf::from("/usr/lib"), PathBuf::from("/usr/local/lib")];
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        dirs.extend(entries.flatten().map(|e| e.path()));
+    }
+    dirs.into_iter()
+        .map(|dir| dir.join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.is_file())
+}
+
 /// What a finished command did.
 #[derive(Debug)]
 pub struct Outcome {

@@ -680,6 +680,7 @@ impl Site {
                     version: 1,
                     salt: SALT.to_vec(),
                     issued_at: Some(jiff::Timestamp::now()),
+                    stale_after: doorbridge::access::StaleLimits::default(),
                 },
                 keys,
             )
