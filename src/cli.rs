@@ -18,7 +18,8 @@ Configuration sources, later ones override earlier ones key by key:
 DOORBRIDGE_LOG is not a configuration key: it overrides log.level with a tracing filter
 directive, e.g. DOORBRIDGE_LOG=\"info,doorbridge::bus=trace\".
 
-Exit status: 0 success, 2 configuration or usage problem, 1 any other error.
+Exit status: 0 success, 2 configuration or usage problem, 1 any other error
+(check-config --configured: 1 not configured yet; status and doctor: see their --help).
 See docs/configuration.md and the annotated example config/doorbridge.toml.";
 
 /// Edge gateway for smart intercoms: syncs key sets from the cloud over MQTT, decides door
@@ -51,7 +52,18 @@ pub enum Command {
     /// (defaults filled in, secrets shown as "<redacted>") to stdout, exit 0. Otherwise prints
     /// every problem to stderr, one per line as `SOURCE: KEY: PROBLEM` where SOURCE is the file
     /// or environment variable that set the key, and exits 2.
-    CheckConfig,
+    ///
+    /// With --configured it only tells whether this gateway has been configured at all, for
+    /// the systemd unit's ExecCondition=: exit 1, with a notice on stderr, when no file and no
+    /// DOORBRIDGE_* variable sets any key (the configuration as the package ships it, every
+    /// key commented out), so that systemd skips the start instead of failing it; exit 0
+    /// otherwise, checking nothing more: a configuration with problems then fails at `run`,
+    /// which names them. A file that cannot be read or parsed counts as configured.
+    CheckConfig {
+        /// Only tell whether any source sets any key: exit 0 if so, 1 if not
+        #[arg(long)]
+        configured: bool,
+    },
     /// Show the running gateway: cloud connection, key set, outbox, clock, door units
     ///
     /// Asks the running daemon over its control socket (next to the database:

@@ -1,7 +1,8 @@
 //! The `doorbridge` binary: parses the command line, loads the configuration, starts logging
 //! and hands over to the library. Everything else lives in the `doorbridge` crate.
 //!
-//! Exit status: 0 success; 2 a configuration (or command-line) problem; 1 any other error.
+//! Exit status: 0 success; 2 a configuration (or command-line) problem; 1 any other error (and
+//! for `check-config --configured`: not configured yet). `status` and `doctor` have their own.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -119,12 +120,19 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             address,
             timeout,
         }) => osdp_install(&sources, bus, address, timeout),
-        Command::CheckConfig => check_config(&sources),
+        Command::CheckConfig { configured } => check_config(&sources, configured),
     }
 }
 
 /// `doorbridge check-config`: the effective configuration on stdout, warnings on stderr.
-fn check_config(sources: &Sources) -> anyhow::Result<()> {
+/// With `--configured` (`only_configured`), only whether any source sets any key.
+fn check_config(sources: &Sources, only_configured: bool) -> anyhow::Result<()> {
+    if only_configured {
+        if config::is_unconfigured(sources) {
+            not_configured(sources);
+        }
+        return Ok(());
+    }
     let (config, layers) = config::load_with_layers(sources)?;
     let mut text = String::from(
         "# doorbridge: effective configuration (secrets redacted)\n# sources, later wins:\n",
@@ -150,6 +158,26 @@ fn check_config(sources: &Sources) -> anyhow::Result<()> {
         .and_then(|()| stdout.flush())
         .context("cannot write to standard output")?;
     Ok(())
+}
+
+/// `doorbridge check-config --configured` on a configuration that sets no key: says so, exit 1
+/// (the unit's `ExecCondition=`: systemd skips the start, the unit does not fail).
+fn not_configured(sources: &Sources) -> ! {
+    // Under systemd (ExecCondition=) this line is the journal's answer to "why did it not
+    // start": `<5>`, notice, rather than the stream's default info.
+    let prefix = if std::env::var_os("JOURNAL_STREAM").is_some() {
+        "<5>"
+    } else {
+        ""
+    };
+    eprintln!(
+        "{prefix}doorbridge: not configured yet: no key is set in {}, {}/*.toml or a \
+         DOORBRIDGE_* variable; set gateway.id and the rest (every key is in \
+         /usr/share/doc/doorbridge/examples/doorbridge.toml), then `systemctl start doorbridge`",
+        sources.file.display(),
+        sources.dropin_dir.display()
+    );
+    std::process::exit(1);
 }
 
 /// `doorbridge osdp install`: provisions one reader, saying each step on stderr.
