@@ -102,6 +102,30 @@ pub(super) fn load_str(text: &str, source: &str) -> Result<Config, ConfigErrors>
     resolve(&[Layer::new(source.to_owned(), dict)], &schema, source)
 }
 
+/// Whether `sources` set no configuration key at all: the main file and every drop-in can be
+/// read and parsed and hold nothing but tables without values, and no variable of `vars` is a
+/// `DOORBRIDGE_*` key (when `sources.env`). Anything else counts as set, even a file that
+/// cannot be read: loading then says what is wrong with it.
+pub(super) fn sets_no_key(
+    sources: &Sources,
+    mut vars: impl Iterator<Item = (OsString, OsString)>,
+) -> bool {
+    fn holds_no_value(value: &Value) -> bool {
+        match value {
+            Value::Dict(_, dict) => dict.values().all(holds_no_value),
+            _ => false,
+        }
+    }
+    let empty = |path: &Path| read_file(path).is_ok_and(|dict| dict.values().all(holds_no_value));
+    empty(&sources.file)
+        && dropin_files(&sources.dropin_dir).is_ok_and(|files| files.iter().all(|f| empty(f)))
+        && !(sources.env
+            && vars.any(|(name, _)| {
+                let name = name.to_string_lossy();
+                name.starts_with(ENV_PREFIX) && !NOT_KEYS.contains(&name.as_ref())
+            }))
+}
+
 /// Merges `layers` and reads, checks and validates the result. `main` is named as the place
 /// for a required key that no layer sets.
 fn resolve(layers: &[Layer], schema: &Value, main: &str) -> Result<Config, ConfigErrors> {
@@ -815,6 +839,78 @@ fn env_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The package's /etc/doorbridge/doorbridge.toml is unconfigured until any source sets
+    /// any key; a source that cannot be read or parsed is not passed over as unconfigured.
+    #[test]
+    fn only_a_configuration_that_sets_no_key_is_unconfigured() {
+        let shipped = include_str!("../../packaging/doorbridge.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("doorbridge.toml");
+        fs::write(&main, shipped).unwrap();
+        let sources = Sources::new(Some(&main));
+        let vars = |names: &[&str]| -> Vec<(OsString, OsString)> {
+            names.iter().map(|n| (n.into(), "x".into())).collect()
+        };
+        let unconfigured =
+            |vars: Vec<(OsString, OsString)>| sets_no_key(&sources, vars.into_iter());
+
+        // As shipped: refused by load (naming the missing gateway.id), and unconfigured,
+        // also with the variables that are not keys, and with a config.d of empty tables,
+        // notes and editor leftovers.
+        let mut quiet = sources.clone();
+        quiet.env = false;
+        let errors = load(&quiet).unwrap_err();
+        assert!(
+            errors.problems.iter().any(|p| p.key == "gateway.id"),
+            "{errors}"
+        );
+        assert!(unconfigured(vars(&[])));
+        assert!(unconfigured(vars(&[
+            "DOORBRIDGE_LOG",
+            "DOORBRIDGE_CONFIG",
+            "PATH"
+        ])));
+        fs::create_dir(&sources.dropin_dir).unwrap();
+        fs::write(sources.dropin_dir.join("README"), "gateway.id = 1").unwrap();
+        fs::write(sources.dropin_dir.join(".10-x.toml"), "not toml =").unwrap();
+        fs::write(
+            sources.dropin_dir.join("10-empty.toml"),
+            "[gateway]\n[cloud.tls]\n",
+        )
+        .unwrap();
+        assert!(unconfigured(vars(&[])));
+
+        // Any key set by any source: configured (load then judges the rest).
+        assert!(!unconfigured(vars(&["DOORBRIDGE_CLOUD__PASSWORD"])));
+        assert!(!unconfigured(vars(&["DOORBRIDGE_NOT_A_KEY"])));
+        assert!(sets_no_key(
+            &quiet,
+            vars(&["DOORBRIDGE_CLOUD__PASSWORD"]).into_iter()
+        ));
+        fs::write(
+            sources.dropin_dir.join("20-log.toml"),
+            "[log]\nlevel = \"debug\"",
+        )
+        .unwrap();
+        assert!(!unconfigured(vars(&[])));
+        fs::remove_file(sources.dropin_dir.join("20-log.toml")).unwrap();
+        fs::write(&main, shipped.replace("# id = ", "id = ")).unwrap();
+        assert!(!unconfigured(vars(&[])));
+        fs::write(&main, format!("{shipped}\nbuses = []\n")).unwrap();
+        assert!(!unconfigured(vars(&[])));
+
+        // Broken sources are not unconfigured: a syntax error, a missing main file.
+        fs::write(&main, format!("{shipped}\n[gateway\n")).unwrap();
+        assert!(!unconfigured(vars(&[])));
+        fs::write(&main, shipped).unwrap();
+        fs::write(sources.dropin_dir.join("30-bad.toml"), "[site\n").unwrap();
+        assert!(!unconfigured(vars(&[])));
+        fs::remove_file(sources.dropin_dir.join("30-bad.toml")).unwrap();
+        assert!(unconfigured(vars(&[])));
+        fs::remove_file(&main).unwrap();
+        assert!(!unconfigured(vars(&[])));
+    }
 
     #[test]
     fn toml_errors_fit_on_one_line() {

@@ -81,6 +81,16 @@ pub fn load_with_layers(sources: &Sources) -> Result<(Config, Vec<String>), Conf
     load::load(sources)
 }
 
+/// Whether this gateway is unconfigured: no file or `DOORBRIDGE_*` variable of `sources` sets
+/// any key. `/etc/doorbridge/doorbridge.toml` as the Debian package ships it is in this state
+/// (every key commented out), and the unit's `ExecCondition=` (`doorbridge check-config
+/// --configured`) skips the start then instead of failing. A source that cannot be read or
+/// parsed counts as configured, so that [`load`] reports it: only a configuration nobody has
+/// begun is passed over quietly.
+pub fn is_unconfigured(sources: &Sources) -> bool {
+    load::sets_no_key(sources, std::env::vars_os())
+}
+
 /// One thing wrong with the configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {

@@ -287,6 +287,74 @@ fn run_refuses_a_bad_config_with_every_problem() {
     assert!(lines[1].contains("buses[0].retries"), "{}", lines[1]);
 }
 
+/// The unit's `ExecCondition=doorbridge check-config --configured`: the package's file as
+/// shipped skips the start (exit 1, which systemd counts as "skipped", not "failed") with a
+/// notice; anything begun is let through (exit 0), and a begun configuration with problems
+/// then fails loudly at `run` (exit 2, every problem named), never skipped quietly.
+#[test]
+fn only_the_untouched_shipped_config_skips_the_start() {
+    let configured = |dir: &ConfigDir, env: &[(&str, &str)]| {
+        let mut command = doorbridge();
+        command.envs(env.iter().copied());
+        let args = ["check-config", "--configured", "--config"];
+        let out = run(
+            &mut command,
+            args.iter()
+                .map(AsRef::as_ref)
+                .chain([dir.main().as_os_str()]),
+        );
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+        out
+    };
+    let shipped = include_str!("../../packaging/doorbridge.toml");
+    let dir = ConfigDir::new(shipped);
+    let out = configured(&dir, &[("DOORBRIDGE_LOG", "debug")]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with("doorbridge: not configured yet: ")
+            && out.stderr.contains("systemctl start doorbridge"),
+        "{}",
+        out.stderr
+    );
+    // An empty drop-in directory, as the package ships it, changes nothing.
+    fs::create_dir(dir.dir.path().join("config.d")).unwrap();
+    assert_eq!(configured(&dir, &[]).code, Some(1));
+
+    // Configured and valid: start.
+    let valid = ConfigDir::new(VALID);
+    let out = configured(&valid, &[]);
+    assert_eq!((out.code, out.stderr.as_str()), (Some(0), ""));
+
+    // Begun but incomplete, in the main file, a drop-in or the environment: the condition
+    // passes and `run` refuses it with exit 2 (the unit's RestartPreventExitStatus=2).
+    let env_only = [("DOORBRIDGE_CLOUD__PASSWORD", "secret")];
+    let main_begun = ConfigDir::new(&shipped.replace("# id = \"gw-...\"", "id = \"gw-1\""));
+    let dropin_begun = ConfigDir::new(shipped);
+    dropin_begun.dropin("10-site.toml", "[site]\ntimezone = \"Europe/Berlin\"\n");
+    let broken = ConfigDir::new(&format!("{shipped}\n[gateway\n"));
+    for (what, dir, env) in [
+        ("gateway.id set", &main_begun, &[][..]),
+        ("a drop-in", &dropin_begun, &[][..]),
+        ("a variable", &dir, &env_only[..]),
+        ("not TOML", &broken, &[][..]),
+    ] {
+        let out = configured(dir, env);
+        assert_eq!(out.code, Some(0), "{what}: {}", out.stderr);
+        let mut command = doorbridge();
+        command.envs(env.iter().copied());
+        let out = run(
+            &mut command,
+            ["run".as_ref(), "--config".as_ref(), dir.main().as_os_str()],
+        );
+        assert_eq!(out.code, Some(2), "{what}: {}", out.stderr);
+        assert!(
+            out.stderr.starts_with("doorbridge: the configuration has "),
+            "{what}: {}",
+            out.stderr
+        );
+    }
+}
+
 #[test]
 fn help_explains_the_commands_and_the_sources() {
     let out = run(&mut doorbridge(), ["--help"]);
