@@ -54,8 +54,16 @@ fn flag(b: bool) -> u8 {
     u8::from(b)
 }
 
-/// The metrics page for `status` and `decisions` at `now`.
-pub fn render(s: &Status, decisions: &Decisions, now: Timestamp) -> String {
+/// What the store adds to `status`: the oldest waiting record's time, and the commit-latency
+/// histogram (cumulative counts per bound in µs, the count, the sum in µs).
+#[derive(Clone, Debug, Default)]
+pub struct StoreFigures {
+    pub oldest_waiting: Option<Timestamp>,
+    pub commits: (Vec<(u64, u64)>, u64, u64),
+}
+
+/// The metrics page for `status`, `decisions` and `store` at `now`.
+pub fn render(s: &Status, decisions: &Decisions, store: &StoreFigures, now: Timestamp) -> String {
     let mut out = String::new();
     let h = &s.health;
     let gw = label(&h.gateway);
@@ -82,7 +90,43 @@ pub fn render(s: &Status, decisions: &Decisions, now: Timestamp) -> String {
     units(&mut out, h);
     buses(&mut out, h);
     singles(&mut out, s, now);
+    store_figures(&mut out, store, now);
     out
+}
+
+#[allow(clippy::cast_precision_loss)] // µs sums far below 2^52
+fn store_figures(out: &mut String, store: &StoreFigures, now: Timestamp) {
+    gauge(
+        out,
+        "outbox_oldest_seconds",
+        "Age of the oldest record waiting for upload (0: none waits).",
+        "gauge",
+    );
+    let age = store
+        .oldest_waiting
+        .map_or(0, |t| now.duration_since(t).as_secs().max(0));
+    let _ = writeln!(out, "doorbridge_outbox_oldest_seconds {age}");
+    let (buckets, count, sum_us) = &store.commits;
+    gauge(
+        out,
+        "commit_seconds",
+        "How long the store's commits took (each one fsync: decisions wait for it).",
+        "histogram",
+    );
+    for (bound, n) in buckets {
+        let le = *bound as f64 / 1e6;
+        let _ = writeln!(out, "doorbridge_commit_seconds_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(
+        out,
+        "doorbridge_commit_seconds_bucket{{le=\"+Inf\"}} {count}"
+    );
+    let _ = writeln!(
+        out,
+        "doorbridge_commit_seconds_sum {}",
+        *sum_us as f64 / 1e6
+    );
+    let _ = writeln!(out, "doorbridge_commit_seconds_count {count}");
 }
 
 /// One bus counter: its name, help, type and how to read it.
@@ -321,7 +365,16 @@ pub async fn run(
             _ = tick.tick() => {
                 let status = state.status().await;
                 let snapshot = decisions.lock().map(|d| d.clone()).unwrap_or_default();
-                let text = render(&status, &snapshot, Timestamp::now());
+                let store = StoreFigures {
+                    oldest_waiting: state
+                        .store
+                        .read(crate::store::Reader::oldest_waiting)
+                        .await
+                        .ok()
+                        .flatten(),
+                    commits: state.store.health().commit_latency.snapshot(),
+                };
+                let text = render(&status, &snapshot, &store, Timestamp::now());
                 match write_atomically(&path, &text) {
                     Ok(()) => warned = false,
                     Err(e) if !warned => {
@@ -386,7 +439,16 @@ mod tests {
         decisions.count(&activity(true, None));
         decisions.count(&activity(true, None));
         decisions.count(&activity(false, Some(DenyReason::UsedUp)));
-        let page = render(&status, &decisions, "2026-12-01T12:00:00Z".parse().unwrap());
+        let store = StoreFigures {
+            oldest_waiting: Some("2026-12-01T11:59:00Z".parse().unwrap()),
+            commits: (vec![(500, 1), (1_000, 3)], 4, 2_500),
+        };
+        let page = render(
+            &status,
+            &decisions,
+            &store,
+            "2026-12-01T12:00:00Z".parse().unwrap(),
+        );
         for line in [
             "doorbridge_up{gateway=\"gw-1\"} 1",
             "doorbridge_decisions_total{result=\"granted\",reason=\"\"} 2",
@@ -395,6 +457,11 @@ mod tests {
             "doorbridge_unit_battery_percent{unit=\"entrance/1\",door=\"main \\\"front\\\"\"} 80",
             "doorbridge_bus_timeouts_total{bus=\"entrance\"} 4",
             "doorbridge_outbox_records 7",
+            "doorbridge_outbox_oldest_seconds 60",
+            "doorbridge_commit_seconds_bucket{le=\"0.001\"} 3",
+            "doorbridge_commit_seconds_bucket{le=\"+Inf\"} 4",
+            "doorbridge_commit_seconds_sum 0.0025",
+            "# TYPE doorbridge_commit_seconds histogram",
             "doorbridge_cloud_connected 0",
             "doorbridge_cloud_offline_seconds 60",
             "doorbridge_keyset_version 3",

@@ -26,7 +26,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -362,6 +362,49 @@ pub struct Health {
     pub damaged: std::sync::Mutex<Option<String>>,
     /// Signalled when `damaged` is set.
     pub damage_found: tokio::sync::Notify,
+    /// How long commits took (the metrics file's histogram).
+    pub commit_latency: CommitLatency,
+}
+
+/// The upper bounds (µs) of the commit-latency histogram's buckets: an fsync on an SD card
+/// takes 1–20 ms, a group of decisions a little more.
+pub const COMMIT_BUCKETS_US: [u64; 9] = [
+    500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+];
+
+/// A histogram of commit durations, written by the writer, read by the metrics file.
+#[derive(Debug, Default)]
+pub struct CommitLatency {
+    /// Commits that took at most each bound of [`COMMIT_BUCKETS_US`] (not cumulative).
+    buckets: [AtomicU64; COMMIT_BUCKETS_US.len()],
+    slower: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl CommitLatency {
+    pub(crate) fn record(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        match COMMIT_BUCKETS_US.iter().position(|&b| us <= b) {
+            Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.slower.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bound (as Prometheus wants them), the total, and the sum in µs.
+    pub fn snapshot(&self) -> (Vec<(u64, u64)>, u64, u64) {
+        let mut total = 0;
+        let cumulative = COMMIT_BUCKETS_US
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&bound, n)| {
+                total += n.load(Ordering::Relaxed);
+                (bound, total)
+            })
+            .collect();
+        total += self.slower.load(Ordering::Relaxed);
+        (cumulative, total, self.sum_us.load(Ordering::Relaxed))
+    }
 }
 
 impl Default for Health {
@@ -375,6 +418,7 @@ impl Default for Health {
             records: tokio::sync::broadcast::channel(256).0,
             damaged: std::sync::Mutex::new(None),
             damage_found: tokio::sync::Notify::new(),
+            commit_latency: CommitLatency::default(),
         }
     }
 }

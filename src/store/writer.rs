@@ -554,6 +554,7 @@ impl Writer {
         self.fresh.clear();
         self.fresh_answers.clear();
         let sent_below = self.sent_below;
+        let began_at = std::time::Instant::now();
         // A group of acks only marks uploaded rows sent: committed without an fsync of its own
         // (`synchronous=NORMAL`), because a mark a power cut takes only sends those records
         // again with the same ids, which the cloud drops as duplicates. The next durable
@@ -613,6 +614,7 @@ impl Writer {
         }
         match committed {
             Ok(seqs) => {
+                self.health.commit_latency.record(began_at.elapsed());
                 self.outbox_count += self.outbox_delta.0;
                 self.outbox_bytes += self.outbox_delta.1;
                 for kept in self.fresh_answers.drain(..) {
