@@ -613,6 +613,8 @@ impl Cost {
 struct BytesRun {
     /// The broker, or `None`: nothing listening at the configured URL.
     broker: Option<String>,
+    /// Units presenting at once (each decision alone in its commit when 1).
+    presenting: u8,
     decisions: usize,
     granted: usize,
     deciding: Duration,
@@ -676,9 +678,9 @@ impl Units {
         }
     }
 
-    /// `n` decisions, every unit keeping one credential presented (1 in 10 unknown); returns
-    /// how many were granted.
-    async fn decide(&mut self, n: usize, daemon: &Daemon) -> usize {
+    /// `n` decisions, each of the first `presenting` units keeping one credential presented
+    /// (1 in 10 unknown); returns how many were granted.
+    async fn decide(&mut self, n: usize, presenting: u8, daemon: &Daemon) -> usize {
         let verify = |unit: u8, i: usize| SimCommand::Verify {
             unit: Address::unit(unit).expect("addr"),
             kind: CredentialKind::Qr,
@@ -690,7 +692,7 @@ impl Units {
             reader: 0,
         };
         let mut presented = 0;
-        for unit in 1..=UNITS {
+        for unit in 1..=presenting.min(UNITS) {
             self.commands
                 .send(verify(unit, presented))
                 .await
@@ -762,7 +764,12 @@ async fn bytes_setup(dir: &Path, gateway: &str, url: &str, link: &Path) -> PathB
 }
 
 /// The daemon with `UNITS` simulated units: `decisions` decisions, then `idle` without events.
-async fn bytes_run(broker: Option<(&str, &str)>, decisions: usize, idle: Duration) -> BytesRun {
+async fn bytes_run(
+    broker: Option<(&str, &str)>,
+    presenting: u8,
+    decisions: usize,
+    idle: Duration,
+) -> BytesRun {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("doorbridge.db");
     let link = dir.path().join("ttyBENCH");
@@ -799,14 +806,16 @@ async fn bytes_run(broker: Option<(&str, &str)>, decisions: usize, idle: Duratio
 
     let before = Cost::of(&daemon);
     let started = Instant::now();
-    let granted = units.decide(decisions, &daemon).await;
+    let granted = units.decide(decisions, presenting, &daemon).await;
     let deciding = started.elapsed();
-    // With the link up the window takes in the uploads and the deletion of acknowledged rows.
+    // With the link up the window takes in the uploads and the marking of acknowledged rows;
+    // and the WAL checkpoint the writer runs 250 ms after its last commit.
     if cloud.is_some() {
         outbox_empty(&db, WAIT)
             .await
             .expect("every record uploaded");
     }
+    tokio::time::sleep(SETTLE).await;
     let decisions_cost = Cost::of(&daemon).since(before);
     let uploaded = (
         uploaded().0 - uploaded_before.0,
@@ -830,6 +839,7 @@ async fn bytes_run(broker: Option<(&str, &str)>, decisions: usize, idle: Duratio
         / 1_000;
     BytesRun {
         broker: broker.map(|(name, _)| name.to_owned()),
+        presenting,
         decisions,
         granted,
         deciding,
@@ -1025,11 +1035,16 @@ fn bytes_table(runs: &[BytesRun]) -> String {
     for r in runs {
         let _ = write!(
             table,
-            " {} |",
+            " {}; {} |",
             r.broker.as_ref().map_or_else(
                 || "no broker (records stay in the outbox)".to_owned(),
                 |b| format!("link up, {b} (uploads and acks included)")
-            )
+            ),
+            if r.presenting == 1 {
+                "one unit presenting alone".to_owned()
+            } else {
+                format!("{} units presenting at once", r.presenting)
+            }
         );
         rule.push_str(" --- |");
     }
@@ -1051,8 +1066,10 @@ fn bytes_table(runs: &[BytesRun]) -> String {
             &per_decisions,
             0,
             format!(
-                "the 1,000 activity records' own CBOR: {}",
-                bytes(record as f64 * 1_000.0)
+                "the 1,000 activity records' own CBOR: {}; the floor, one 4 KiB block per \
+                 durable commit, a unit presenting alone: {} (P9 target: 6,000 KiB)",
+                bytes(record as f64 * 1_000.0),
+                bytes(4_096.0 * 1_000.0)
             ),
         ),
         (
@@ -1173,10 +1190,17 @@ fn main() {
     let byte_runs = vec![
         rt.block_on(bytes_run(
             Some((&connected_name, &connected_url)),
+            1,
             decisions,
             idle,
         )),
-        rt.block_on(bytes_run(None, decisions, idle)),
+        rt.block_on(bytes_run(
+            Some((&connected_name, &connected_url)),
+            UNITS,
+            decisions,
+            idle,
+        )),
+        rt.block_on(bytes_run(None, UNITS, decisions, idle)),
     ];
     let disk = format!("{}\n{}", bytes_table(&byte_runs), bytes_notes(&byte_runs));
     println!("{disk}");
@@ -1206,10 +1230,13 @@ fn main() {
          bounds of the drain.\n\n{p6}\n\
          **Disk bytes.** The daemon (a child, so `/proc/<pid>/io` is its own) with {units} \
          simulated units on a pty (`doorbridge::sim` in the bench process), polled every 10 ms, \
-         one unlimited QR key per unit. {decisions} decisions, every unit keeping one \
-         credential presented (1 in 10 unknown); the window starts {settle} s after start-up \
-         and, with the link up, ends when the outbox is empty again, so the records' upload \
-         and the deletion of acknowledged rows are in it. Then {settle} s later an idle window \
+         one unlimited QR key per unit. {decisions} decisions (1 in 10 an unknown credential): \
+         first with one unit presenting alone, so each decision is a commit of its own, then \
+         with every unit keeping one credential presented, so decisions share commits. The \
+         window starts {settle} s after start-up and ends {settle} s after the last decision \
+         (with the link up: after the outbox is empty again), so the records' upload, the \
+         marking of acknowledged rows and the WAL checkpoint are in it; the history's hourly \
+         pruning is not (it deletes whole pages of old records in bulk). Then an idle window \
          of {idle} s (units polled, no events), extrapolated to an hour. `write_bytes` is \
          charged to the task that dirties a page-cache page, when it turns dirty, in whole \
          4 KiB pages (a page dirtied again before writeback counts once), so delayed writeback \
@@ -1219,8 +1246,9 @@ fn main() {
          bus frames to the pty, the log lines (stderr, here at `warn`) and the async runtime's \
          8-byte wake-ups (eventfd); the `store-writer` thread's own `wchar` \
          (`/proc/<pid>/task/<tid>/io`) is SQLite's share. `write_bytes` exceeds SQLite's \
-         `wchar` because each WAL frame (24 + 4,096 bytes) straddles two 4 KiB pages of the \
-         file and each commit dirties the WAL index too.\n\n{disk}\n\
+         `wchar` because each WAL frame (24 + 1,024 bytes at the 1 KiB pages of a new \
+         database) straddles 4 KiB pages of the file and the page the previous commit left \
+         half-written is written again, and each commit dirties the WAL index too.\n\n{disk}\n\
          <!-- /bench:uplink -->",
         when = support::now(),
         machine = machine(),
