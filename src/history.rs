@@ -201,7 +201,7 @@ pub fn line(seq: i64, record: &Record, tz: &TimeZone) -> String {
             a.credential_kind.as_str()
         );
         if let Some(reason) = a.reason {
-            let _ = write!(line, " reason={reason}");
+            let _ = write!(line, " reason={}", reason.name());
         }
         if let Some(category) = a.category {
             let _ = write!(line, " category={}", category.as_str());

@@ -257,7 +257,12 @@ async fn events_are_kept_across_a_restart_and_filtered() {
     );
     let denied = events(&["--denied", "-n", "100"]);
     assert_eq!(denied.len(), 1, "one refused PIN: {denied:?}");
-    assert!(denied[0].contains("activity DENIED door=main unit=entrance/1 key=- credential=pin"));
+    assert!(
+        denied[0].contains(
+            "activity DENIED door=main unit=entrance/1 key=- credential=pin reason=unknown_credential"
+        ),
+        "{denied:?}"
+    );
     let courier = events(&["--key", "courier"]);
     assert_eq!(courier.len(), 1, "{courier:?}");
     assert!(courier[0].contains("GRANTED") && courier[0].contains("key=courier"));
