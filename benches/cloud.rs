@@ -559,13 +559,16 @@ async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
 }
 
 /// The reference: a raw rusqlite bulk insert of the same rows into the store's own schema
-/// (WAL, `synchronous=FULL`, one transaction per `batch` keys, prepared statements), the rules
+/// (its page size, WAL, `synchronous=FULL`, one transaction per `batch` keys, prepared statements), the rules
 /// encoded beforehand the way the store encodes them (`store::rules`) and written, as the
 /// store writes them, into the key's row and into each credential row. Returns the insert
 /// time.
 fn reference_insert(keys: &[Key], batch: usize) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut conn = rusqlite::Connection::open(dir.path().join("reference.db")).expect("open");
+    // The store's own file format: its page size (set before WAL fixes it), then WAL.
+    conn.pragma_update(None, "page_size", doorbridge::store::schema::PAGE_SIZE)
+        .expect("page size");
     conn.pragma_update(None, "journal_mode", "WAL")
         .expect("WAL");
     conn.pragma_update(None, "synchronous", "FULL")
