@@ -638,6 +638,7 @@ fn start_helpers(
             connected: connected.clone(),
             acks,
             deletes: JoinSet::new(),
+            marks: super::uplink::PendingMarks::default(),
         },
         stop.clone(),
     ));

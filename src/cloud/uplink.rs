@@ -339,10 +339,27 @@ pub struct Uplink {
     pub connected: watch::Receiver<bool>,
     /// Acks and losses, from the poller.
     pub acks: mpsc::UnboundedReceiver<Ack>,
-    /// Deletes of acknowledged rows under way: the drain does not wait for them (their rows
+    /// Marks of acknowledged rows under way: the drain does not wait for them (their rows
     /// are behind the cursors already), and the store's writer folds those that queue up
     /// into one commit.
     pub deletes: JoinSet<()>,
+    /// Acknowledged rows not yet handed to the store, and since when.
+    pub marks: PendingMarks,
+}
+
+/// How long acknowledged rows wait before they are marked sent in the store: every batch
+/// acknowledged meanwhile shares that one commit, instead of a commit (a WAL frame written
+/// to the SD card) per batch. A restart within it uploads those rows again, with the same ids
+/// (the cloud drops the duplicates).
+pub const MARK_DELAY: Duration = Duration::from_secs(1);
+/// Marks handed to the store at once at most (a long drain does not wait [`MARK_DELAY`]).
+const MARK_BATCH: usize = 8_192;
+
+/// Acknowledged seqs waiting for their mark.
+#[derive(Debug, Default)]
+pub struct PendingMarks {
+    seqs: Vec<i64>,
+    since: Option<tokio::time::Instant>,
 }
 
 /// Drains the outbox until `shutdown` turns true. Rows not acknowledged by then stay in the
@@ -381,9 +398,14 @@ pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
             reader = up.store.reader().ok();
         }
         tokio::select! {
-            // An ack (delete its rows) or a lost connection (send its batches again).
+            // An ack (mark its rows, soon) or a lost connection (send its batches again).
             Some(ack) = up.acks.recv() => handle_acks(&mut up, ack),
-            // A delete finished.
+            // Acknowledged rows waited MARK_DELAY: mark them sent.
+            () = tokio::time::sleep_until(up.marks.since.map_or_else(
+                tokio::time::Instant::now, |s| s + MARK_DELAY)), if up.marks.since.is_some() => {
+                mark(&mut up);
+            }
+            // A mark finished.
             Some(_) = up.deletes.join_next(), if !up.deletes.is_empty() => {}
             // New records were committed.
             () = up.store.health().outbox_grew.notified() => {}
@@ -409,7 +431,8 @@ pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
             Ok(None) | Err(_) => break,
         }
     }
-    // And the deletes their rows, so they do not go out again after a restart.
+    // And the marks their rows, so they do not go out again after a restart.
+    mark(&mut up);
     while let Ok(Some(_)) = tokio::time::timeout_at(deadline, up.deletes.join_next()).await {}
     tracing::debug!(
         sent_total,
@@ -418,8 +441,8 @@ pub async fn run_uplink(mut up: Uplink, mut shutdown: watch::Receiver<bool>) {
     );
 }
 
-/// Deletes the rows of every batch acknowledged so far (one store command for all of them),
-/// without waiting for the delete.
+/// Takes the acks that arrived: the rows of acknowledged batches wait for their mark
+/// ([`MARK_DELAY`]), lost batches are read again.
 fn handle_acks(up: &mut Uplink, first: Ack) {
     let mut seqs = Vec::new();
     let mut next = Some(first);
@@ -441,11 +464,26 @@ fn handle_acks(up: &mut Uplink, first: Ack) {
     if seqs.is_empty() {
         return;
     }
+    up.marks.since.get_or_insert_with(tokio::time::Instant::now);
+    up.marks.seqs.extend(seqs);
+    if up.marks.seqs.len() >= MARK_BATCH {
+        mark(up);
+    }
+}
+
+/// Hands the acknowledged rows waiting to the store (one command for all of them), without
+/// waiting for the mark.
+fn mark(up: &mut Uplink) {
+    up.marks.since = None;
+    let seqs = std::mem::take(&mut up.marks.seqs);
+    if seqs.is_empty() {
+        return;
+    }
     let store = up.store.clone();
     up.deletes.spawn(async move {
         if let Err(e) = store.ack(seqs).await {
             // The rows stay and go out again: duplicates with the same ids, never a loss.
-            tracing::warn!(error = %e, "acknowledged records could not be deleted");
+            tracing::warn!(error = %e, "acknowledged records could not be marked sent");
         }
     });
 }

@@ -146,15 +146,16 @@ impl Reader {
             .unwrap_or(0))
     }
 
-    /// Records waiting in the outbox: those from `meta.sent_below` on, less those in the
-    /// acknowledged ranges above it (two range counts instead of the view's per-row test).
+    /// Records waiting in the outbox: those above the watermark (the row of `sent` whose first
+    /// is 0), less those in the acknowledged ranges above it (range counts instead of the
+    /// view's per-row test).
     pub fn outbox_depth(&self) -> Result<u64, StoreError> {
         let n: i64 = self.conn.query_row(
             "SELECT (SELECT count(*) FROM records
-                     WHERE seq >= (SELECT value FROM meta WHERE name = 'sent_below'))
+                     WHERE seq > coalesce((SELECT last FROM sent WHERE first = 0), 0))
                   - coalesce((SELECT sum((SELECT count(*) FROM records
                                           WHERE seq BETWEEN s.first AND s.last))
-                              FROM sent AS s), 0)",
+                              FROM sent AS s WHERE s.first > 0), 0)",
             [],
             |r| r.get(0),
         )?;
@@ -263,9 +264,14 @@ impl Reader {
         Ok(())
     }
 
-    /// Every seq below this was acknowledged (`meta.sent_below`).
+    /// Every seq below this was acknowledged (the watermark row of `sent`).
     fn sent_below(&self) -> Result<i64, StoreError> {
-        Ok(self.meta_i64("sent_below")?.unwrap_or(1))
+        Ok(self
+            .conn
+            .prepare_cached("SELECT last + 1 FROM sent WHERE first = 0")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .unwrap_or(1))
     }
 
     /// The highest seq given so far (0 for none), pruned or not.

@@ -134,6 +134,14 @@ const CHECKPOINT_BOUND: i64 = 1_000;
 /// The WAL's bound while the disk is full (its reserve released): every page the WAL grows by
 /// is taken from what is left, so it restarts from its beginning after a few commits instead.
 const CHECKPOINT_BOUND_FULL: i64 = 16;
+/// An idle checkpoint waits until the WAL holds this many frames: the checkpoint writes each
+/// page it copies into the database file, so a checkpoint after every lone decision would
+/// write that decision's page (and its file-system block) a second time at once; 64 frames
+/// share one (docs/storage.md, "What a decision writes").
+const CHECKPOINT_IDLE_MIN: i64 = 64;
+/// ...or until the writer has been this long without a checkpoint, so a quiet site folds its
+/// WAL too.
+const CHECKPOINT_SMALL_AFTER: Duration = Duration::from_secs(600);
 /// Idle checkpoints tried after one commit when a reader keeps one from finishing.
 const CHECKPOINT_TRIES: u32 = 3;
 /// How long a group of decisions waits for more when the previous group held more than it does
@@ -193,6 +201,9 @@ pub(super) struct Writer {
     /// What SQLite's WAL hook saw, and the commit count the last checkpoint covered.
     wal: Arc<WalState>,
     checkpointed: u64,
+    checkpointed_at: std::time::Instant,
+    /// The idle work after the latest commit (pruning, the reserve) was done.
+    idle_done: bool,
     /// Idle checkpoints that could not finish (a reader held part of the WAL) since the last
     /// commit.
     checkpoint_tries: u32,
@@ -202,7 +213,7 @@ pub(super) struct Writer {
     /// adds, made current once it commits.
     answers: HashMap<String, KeptRow>,
     fresh_answers: Vec<KeptRow>,
-    /// Every seq below this is acknowledged (`meta.sent_below`).
+    /// Every seq below this is acknowledged (the watermark row `(0, sent_below - 1)` of `sent`).
     sent_below: i64,
     /// How much acknowledged history to keep, and when it was last pruned.
     history: super::History,
@@ -321,7 +332,7 @@ impl Writer {
         let (outbox_count, outbox_bytes): (i64, i64) = conn.query_row(
             concat!(
                 "SELECT count(*), coalesce(sum(length(body)), 0) FROM records AS r
-                 WHERE seq >= (SELECT value FROM meta WHERE name = 'sent_below') AND NOT ",
+                 WHERE NOT ",
                 crate::acked_above!()
             ),
             [],
@@ -331,7 +342,13 @@ impl Writer {
             .into_iter()
             .filter(|&g| g != active_generation)
             .collect();
-        let (sent_below, answers) = (meta_i64("sent_below")?.unwrap_or(1), load_answers(&conn)?);
+        let sent_below: i64 = conn
+            .query_row("SELECT last + 1 FROM sent WHERE first = 0", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(1);
+        let answers = load_answers(&conn)?;
         let freshness = knowledge::read(&conn)?;
         let mut reserve = super::reserve::Reserve::new(&options.path, options.reserve);
         reserve.restore(true);
@@ -372,6 +389,8 @@ impl Writer {
             relaxed: false,
             wal,
             checkpointed: 0,
+            checkpointed_at: std::time::Instant::now(),
+            idle_done: false,
             checkpoint_tries: 0,
             last_decisions: 0,
             answers,
@@ -428,6 +447,26 @@ impl Writer {
                             self.prune_if_due();
                             self.reserve.restore(false);
                         }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else if self.checkpoint_pending() {
+                let wait = if self.idle_done {
+                    CHECKPOINT_SMALL_AFTER.saturating_sub(self.checkpointed_at.elapsed())
+                } else {
+                    CHECKPOINT_WHEN_IDLE
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(c) => c,
+                    // Idle with a small WAL: what idle time is for but the checkpoint, once;
+                    // then the WAL waits, folded after CHECKPOINT_SMALL_AFTER at the latest.
+                    Err(RecvTimeoutError::Timeout) => {
+                        if !self.idle_done && self.outage.is_none() {
+                            self.prune_if_due();
+                            self.reserve.restore(false);
+                        }
+                        self.idle_done = true;
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -506,14 +545,23 @@ impl Writer {
 
     /// Whether something was committed since the last checkpoint (an idle gateway that has
     /// checkpointed writes nothing more).
-    fn checkpoint_due(&self) -> bool {
+    fn checkpoint_pending(&self) -> bool {
         self.wal.commits.load(Ordering::Relaxed) != self.checkpointed
+    }
+
+    /// Whether the next idle moment checkpoints: something is pending and the WAL holds
+    /// [`CHECKPOINT_IDLE_MIN`] frames, or [`CHECKPOINT_SMALL_AFTER`] has passed.
+    fn checkpoint_due(&self) -> bool {
+        self.checkpoint_pending()
+            && (self.wal.frames.load(Ordering::Relaxed) >= CHECKPOINT_IDLE_MIN
+                || self.checkpointed_at.elapsed() >= CHECKPOINT_SMALL_AFTER)
     }
 
     /// Copies the WAL's frames into the database file (`PASSIVE`: it never waits for readers,
     /// and copies what no reader still needs). The WAL restarts from its beginning at the
     /// next commit once all of it was copied.
     fn checkpoint(&mut self) {
+        self.checkpointed_at = std::time::Instant::now();
         let commits = self.wal.commits.load(Ordering::Relaxed);
         let result = self
             .conn
@@ -615,6 +663,7 @@ impl Writer {
         match committed {
             Ok(seqs) => {
                 self.health.commit_latency.record(began_at.elapsed());
+                self.idle_done = false;
                 self.outbox_count += self.outbox_delta.0;
                 self.outbox_bytes += self.outbox_delta.1;
                 for kept in self.fresh_answers.drain(..) {
@@ -1158,7 +1207,8 @@ impl Writer {
             if let Some((f, l)) = self
                 .conn
                 .prepare_cached(
-                    "SELECT first, last FROM sent WHERE first <= ?1 ORDER BY first DESC LIMIT 1",
+                    "SELECT first, last FROM sent WHERE first > 0 AND first <= ?1
+                     ORDER BY first DESC LIMIT 1",
                 )?
                 .query_row([lo], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
                 .optional()?
@@ -1182,13 +1232,15 @@ impl Writer {
         Ok(n)
     }
 
-    /// Moves `meta.sent_below` past the ranges of `sent` that no waiting record precedes.
+    /// Moves the watermark past the ranges of `sent` that no waiting record precedes.
     fn fold_sent(&mut self) -> Result<(), rusqlite::Error> {
         let mut below = self.sent_below;
         loop {
             let Some((first, last)) = self
                 .conn
-                .prepare_cached("SELECT first, last FROM sent ORDER BY first LIMIT 1")?
+                .prepare_cached(
+                    "SELECT first, last FROM sent WHERE first > 0 ORDER BY first LIMIT 1",
+                )?
                 .query_row([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
                 .optional()?
             else {
@@ -1213,10 +1265,8 @@ impl Writer {
         }
         if below != self.sent_below {
             self.conn
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO meta (name, value) VALUES ('sent_below', ?1)",
-                )?
-                .execute([below])?;
+                .prepare_cached("INSERT OR REPLACE INTO sent (first, last) VALUES (0, ?1)")?
+                .execute([below - 1])?;
             self.sent_below = below;
         }
         Ok(())

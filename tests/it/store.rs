@@ -1100,8 +1100,27 @@ async fn an_idle_store_folds_its_wal_into_the_file_once_then_writes_nothing() {
         .verify(request("u", "main", CredentialKind::Qr, "nope"))
         .await
         .unwrap();
-    // A commit only appends to the WAL; the checkpoint while idle writes the database file.
+    // A lone decision only appends to the WAL: checkpointing it at once would write its page
+    // a second time (the SD card pays per block), so the database file waits.
     let before = on_disk(&path)[0];
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(
+        on_disk(&path)[0],
+        before,
+        "one decision was checkpointed at once"
+    );
+    // Once the WAL holds 64 frames, the checkpoint while idle writes the database file.
+    for i in 0..80u8 {
+        store
+            .append(vec![Record::CallButton {
+                at: fixtures::now(),
+                unit: "u".into(),
+                door: "main".into(),
+                button: i,
+            }])
+            .await
+            .unwrap();
+    }
     crate::broker::wait_for(
         std::time::Duration::from_secs(10),
         "a checkpoint while idle",
