@@ -1187,21 +1187,7 @@ fn main() {
         .first()
         .map(|(name, url, _)| (name.clone(), url.clone()))
         .expect("a broker");
-    let byte_runs = vec![
-        rt.block_on(bytes_run(
-            Some((&connected_name, &connected_url)),
-            1,
-            decisions,
-            idle,
-        )),
-        rt.block_on(bytes_run(
-            Some((&connected_name, &connected_url)),
-            UNITS,
-            decisions,
-            idle,
-        )),
-        rt.block_on(bytes_run(None, UNITS, decisions, idle)),
-    ];
+    let byte_runs = disk_runs(&rt, &connected_name, &connected_url, decisions, idle);
     let disk = format!("{}\n{}", bytes_table(&byte_runs), bytes_notes(&byte_runs));
     println!("{disk}");
 
@@ -1264,6 +1250,22 @@ fn main() {
     support::write_section("uplink", &section);
 
     summarize(quick, &drains);
+}
+
+/// The disk-bytes runs: link up with one unit presenting alone and with every unit at once,
+/// then no broker.
+fn disk_runs(
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    url: &str,
+    decisions: usize,
+    idle: Duration,
+) -> Vec<BytesRun> {
+    vec![
+        rt.block_on(bytes_run(Some((name, url)), 1, decisions, idle)),
+        rt.block_on(bytes_run(Some((name, url)), UNITS, decisions, idle)),
+        rt.block_on(bytes_run(None, UNITS, decisions, idle)),
+    ]
 }
 
 /// P6's row of the summary table at the top of `docs/performance.md`.

@@ -1103,7 +1103,7 @@ async fn an_idle_store_folds_its_wal_into_the_file_once_then_writes_nothing() {
     // A lone decision only appends to the WAL: checkpointing it at once would write its page
     // a second time (the SD card pays per block), so the database file waits.
     let before = on_disk(&path)[0];
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(
         on_disk(&path)[0],
         before,
