@@ -461,6 +461,7 @@ mod tests {
                 welcome: None,
                 floors: Vec::new(),
                 revoked: false,
+                issuer: None,
             },
             credentials: vec![Credential {
                 kind: CredentialKind::Pin,

@@ -44,6 +44,7 @@ pub fn key(id: &str) -> Key {
             welcome: None,
             floors: vec![],
             revoked: false,
+            issuer: None,
         },
         credentials: vec![Credential {
             kind: CredentialKind::Pin,

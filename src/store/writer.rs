@@ -738,6 +738,7 @@ impl Writer {
             reason: None,
             released: Vec::new(),
             command_id: None,
+            issuer: None,
         };
         let is_pin = req.kind == CredentialKind::Pin;
         let guard = self.guards.entry(req.unit.clone()).or_default();
@@ -784,6 +785,7 @@ impl Writer {
         if let Some(rules) = &rules {
             activity.key_id = Some(rules.id.clone());
             activity.category = Some(rules.category);
+            activity.issuer = Some(issuer_name(rules));
         }
         match &decision {
             Decision::Grant(g) => {
@@ -868,6 +870,7 @@ impl Writer {
             reason,
             released,
             command_id: Some(req.command_id.clone()),
+            issuer: rules.as_ref().map(issuer_name),
         };
         let verdict = Verdict {
             decision,
@@ -1996,6 +1999,11 @@ fn revoke_rows(
         }
     }
     Ok(())
+}
+
+/// The issuer an activity record names: the delegation id, or `root`.
+fn issuer_name(rules: &KeyRules) -> String {
+    rules.issuer.clone().unwrap_or_else(|| "root".into())
 }
 
 /// Looks a digest up in a generation of the key set: one descent into `credentials`, whose
