@@ -30,7 +30,8 @@ use super::records::{Activity, Record, RecordClass};
 use super::rules;
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
-    StoreError, StoreOptions, Verdict, VerifyRequest, Vouched, is_disk_trouble, knowledge,
+    StoreError, StoreOptions, Verdict, VerifyRequest, Vouched, delegation, is_disk_trouble,
+    knowledge,
 };
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, Key, KeyRules,
@@ -459,6 +460,9 @@ impl Writer {
                     | Command::CommitKeySet(..)
                     | Command::ApplyDelta(..)
                     | Command::Heartbeat(..)
+                    | Command::PutDelegation(..)
+                    | Command::RevokeDelegation(..)
+                    | Command::Delegations(..)
                     | Command::DesireSettings(..)
                     | Command::ReportSettings(..) => {
                         // Key-set steps are transactions of their own, in order with the rest.
@@ -699,6 +703,18 @@ impl Writer {
                 StoreError::KeySet("misrouted key-set step".into()),
             ),
             Command::Heartbeat(_, _, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::PutDelegation(_, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::RevokeDelegation(_, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::Delegations(reply) => Outcome::Failed(
                 Box::new(move |e| drop(reply.send(Err(e)))),
                 StoreError::KeySet("misrouted key-set step".into()),
             ),
@@ -1595,6 +1611,17 @@ impl Writer {
             Command::Heartbeat(version, at, reply) => {
                 let _ = reply.send(self.heartbeat(version, at));
             }
+            Command::PutDelegation(d, reply) => {
+                let result = self.durable().map_err(StoreError::from);
+                let _ = reply.send(result.and_then(|()| delegation::put(&self.conn, &d)));
+            }
+            Command::RevokeDelegation(id, reply) => {
+                let result = self.durable().map_err(StoreError::from);
+                let _ = reply.send(result.and_then(|()| delegation::revoke(&self.conn, &id)));
+            }
+            Command::Delegations(reply) => {
+                let _ = reply.send(delegation::held(&self.conn));
+            }
             Command::DesireSettings(door, settings, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ =
@@ -1641,6 +1668,9 @@ impl Writer {
         let freshness = knowledge::after(self.freshness, believed, d.stale_after);
         // Dropped (rolled back) on any error, so a delta applies whole or not at all.
         let tx = self.conn.transaction()?;
+        if let Some(id) = &d.signer {
+            delegation::check_delta(&tx, generation, id, d, Timestamp::now())?;
+        }
         {
             // INDEXED BY: without statistics SQLite picks the primary key's `generation` prefix
             // for these, a scan of the whole set per key (a delta on a million keys, `keys list
@@ -1666,7 +1696,14 @@ impl Writer {
                     pins_of.query_row(params![generation, key.rules.id, pin], |r| r.get(0))?;
                 pins = pins.saturating_sub(old);
                 drop_creds.execute(params![generation, key.rules.id])?;
-                let new = put_key_rows(&mut put_key, &mut put_cred, generation, key)?;
+                let new = if d.signer.is_some() {
+                    // The key names the delegation that put it (activity records say who).
+                    let mut key = key.clone();
+                    key.rules.issuer.clone_from(&d.signer);
+                    put_key_rows(&mut put_key, &mut put_cred, generation, &key)?
+                } else {
+                    put_key_rows(&mut put_key, &mut put_cred, generation, key)?
+                };
                 pins = pins.saturating_add(new);
                 applied.upserted += 1;
             }
