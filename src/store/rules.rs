@@ -256,7 +256,7 @@ impl Cursor<'_> {
             .map(|_| self.str())
             .collect::<Decoded<Vec<_>>>()?;
         let flags = self.u8()?;
-        if flags & !(INNER | REVOKED | FROM | UNTIL | WELCOME) != 0 {
+        if flags & !(INNER | REVOKED | FROM | UNTIL | WELCOME | ISSUER) != 0 {
             return Err("unknown flags");
         }
         let valid_from = (flags & FROM != 0).then(|| self.instant()).transpose()?;
@@ -421,7 +421,7 @@ pub(super) mod tests {
             ),
             schedule,
             limit,
-            proptest::option::of(".*"),
+            (proptest::option::of(".*"), proptest::option::of(".*")),
             proptest::collection::vec(any::<i16>(), 0..4),
         )
             .prop_map(
@@ -432,7 +432,7 @@ pub(super) mod tests {
                     (from, until),
                     schedule,
                     use_limit,
-                    welcome,
+                    (welcome, issuer),
                     floors,
                 )| {
                     KeyRules {
@@ -448,7 +448,7 @@ pub(super) mod tests {
                         welcome,
                         floors,
                         revoked,
-                        issuer: None,
+                        issuer,
                     }
                 },
             )
