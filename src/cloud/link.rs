@@ -820,8 +820,8 @@ impl Worker {
                         .reject(channel, format!("a {} envelope on this topic", o.kind))
                         .await;
                 }
-                Err(EnvelopeError::UnknownKey(kid)) if channel == Channel::Delta => {
-                    match self.open_delegated(&p.payload, kid).await {
+                Err(EnvelopeError::UnknownKey(signed_by)) if channel == Channel::Delta => {
+                    match self.open_delegated(&p.payload, signed_by).await {
                         Ok((o, id)) => (o, Some(id)),
                         Err(reason) => return self.reject(channel, reason).await,
                     }
@@ -838,7 +838,7 @@ impl Worker {
                     match self.store.revoke_delegation(r.id.clone()).await {
                         Ok(()) => tracing::info!(id = %r.id, "delegation revoked"),
                         Err(e) => {
-                            tracing::error!(error = %e, id = %r.id, "revoking a delegation failed")
+                            tracing::error!(error = %e, id = %r.id, "revoking a delegation failed");
                         }
                     }
                 }

@@ -769,8 +769,8 @@ impl Cloud {
     }
 }
 
-/// Smart MasterKey: an admin for the garage signs deltas for the garage and nothing else; the
-/// keys it grants name it in their activity; the root revokes it; an expired one grants nothing.
+/// Delegated admins (the Smart `MasterKey` seed): an admin for the garage signs deltas for the
+/// garage and nothing else; the keys it grants name it in their activity; the root revokes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garage_admin_grants_the_garage_only_until_expired_or_revoked() {
     let (_broker, mut cloud, mut b) = online().await;
@@ -869,7 +869,20 @@ async fn a_garage_admin_grants_the_garage_only_until_expired_or_revoked() {
         .await;
     assert!(reason.contains("revoked"), "{reason}");
 
-    // An expired delegation grants nothing.
+    assert_eq!(held(&b), (2, 2));
+    b.stop().await;
+}
+
+/// A delegation whose `not_after` has passed grants nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_delegation_grants_nothing() {
+    let (_broker, mut cloud, mut b) = online().await;
+    let now = Timestamp::now();
+    let hour = SignedDuration::from_hours(1);
+    cloud
+        .snapshot(1, &[key_at("resident", "main", "482916")])
+        .await;
+    cloud.applied(1).await;
     let late = SigningKey::from_bytes(&[22; 32]);
     cloud
         .delegate(
@@ -881,13 +894,16 @@ async fn a_garage_admin_grants_the_garage_only_until_expired_or_revoked() {
         )
         .await;
     cloud
-        .delta_as(&late, 2, 3, &[key_at("guest-late", "garage", "4444")], &[])
+        .delta_as(&late, 1, 2, &[key_at("guest-late", "garage", "4444")], &[])
         .await;
     let reason = cloud
         .rejection("the expired delegate's delta", "keys/delta")
         .await;
-    assert!(reason.contains("expired"), "{reason}");
-    assert_eq!(held(&b), (2, 2));
+    assert!(
+        reason.starts_with("outside_delegation:") && reason.contains("expired"),
+        "{reason}"
+    );
+    assert_eq!(held(&b), (1, 1));
     assert_eq!(
         denied(&b.present(2, CredentialKind::Pin, "4444").await),
         Some(DenyReason::UnknownCredential)
