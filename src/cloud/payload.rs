@@ -203,6 +203,7 @@ impl Delegation {
         )?;
         for door in &d.doors {
             check_id(door, "door id empty or too long")?;
+            check(!door.contains('\n'), "a door id with a line break")?;
         }
         check(
             d.not_after > d.issued_at,

@@ -28,7 +28,27 @@ pub(super) fn put(conn: &Connection, d: &HeldDelegation) -> Result<bool, StoreEr
             d.not_after.as_second(),
             d.issued_at.as_second()
         ])?;
-    Ok(changed > 0)
+    if changed > 0 {
+        return Ok(true);
+    }
+    // The same delegation again (a QoS 1 redelivery) is held already: taken, not refused.
+    let same: Option<i64> = conn
+        .prepare_cached(
+            "SELECT 1 FROM delegations WHERE id = ?1 AND revoked = 0 AND issued_at = ?2
+             AND public_key = ?3 AND doors = ?4 AND not_after = ?5",
+        )?
+        .query_row(
+            params![
+                d.id,
+                d.issued_at.as_second(),
+                d.public_key.as_slice(),
+                d.doors.join("\n"),
+                d.not_after.as_second()
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(same.is_some())
 }
 
 /// Revokes the delegation `id` for good: a tombstone stays so that a replay is not taken.
