@@ -68,6 +68,7 @@ fn rules(i: u32) -> KeyRules {
         welcome: Some("Welcome!".into()),
         floors: vec![3, 4],
         revoked: false,
+        issuer: None,
     }
 }
 

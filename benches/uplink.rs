@@ -124,6 +124,7 @@ fn activity(i: u64, start: Timestamp) -> Record {
         released: if known { vec![door.clone()] } else { vec![] },
         door,
         command_id: None,
+        issuer: None,
     })
 }
 

@@ -359,6 +359,7 @@ mod tests {
             reason: None,
             released: Vec::new(),
             command_id: None,
+            issuer: None,
         })
     }
 

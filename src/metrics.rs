@@ -434,6 +434,7 @@ mod tests {
                 reason,
                 released: Vec::new(),
                 command_id: None,
+                issuer: None,
             })
         };
         decisions.count(&activity(true, None));

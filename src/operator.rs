@@ -700,6 +700,7 @@ mod tests {
             welcome: None,
             floors: Vec::new(),
             revoked: false,
+            issuer: None,
         };
         assert_eq!(limit(&rules), "single use");
         assert_eq!(schedule_text(&rules.schedule), "Mon,Fri 22:00\u{2013}02:00");

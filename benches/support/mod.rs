@@ -58,6 +58,7 @@ pub fn key(id: String, door: &str, kind: CredentialKind, secret: &[u8]) -> Key {
             welcome: None,
             floors: vec![],
             revoked: false,
+            issuer: None,
         },
         credentials: vec![Credential {
             kind,

@@ -419,6 +419,11 @@ pub struct KeyRules {
     pub floors: Vec<i16>,
     /// Deleted in the cloud: kept as a tombstone so the denial can say "revoked".
     pub revoked: bool,
+    /// Who granted the key: the id of the delegation whose key signed the delta that put it
+    /// (`docs/cloud-protocol.md` §5.3), or `None` for the root key. Set by the gateway, never
+    /// read from the wire: a cloud cannot claim an issuer.
+    #[serde(skip)]
+    pub issuer: Option<String>,
 }
 
 impl KeyRules {

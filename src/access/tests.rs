@@ -139,6 +139,7 @@ impl K {
             welcome: self.welcome.map(str::to_owned),
             floors: self.floors.to_vec(),
             revoked: self.revoked,
+            issuer: None,
         }
     }
 }
@@ -2877,6 +2878,7 @@ fn arb_key() -> impl Strategy<Value = KeyRules> {
                     welcome,
                     floors,
                     revoked,
+                    issuer: None,
                 }
             },
         )

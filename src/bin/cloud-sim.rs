@@ -163,6 +163,21 @@ enum Command {
         #[arg(long, value_name = "ID")]
         command_id: Option<String>,
     },
+    /// Delegate doors to another key (keys/delta, signed by the root --signing-key): deltas
+    /// that key signs may add, edit and delete keys of these doors only, until --until
+    ///
+    /// Sign such a delta with `publish --signing-key DELEGATE.key delta ...`; the gateway
+    /// refuses it whole as `outside_delegation` when it reaches beyond the doors
+    /// (docs/cloud-protocol.md §5.3).
+    Delegate(DelegateArgs),
+    /// Revoke a delegation for good (keys/delta, signed by the root --signing-key)
+    RevokeDelegation {
+        #[command(flatten)]
+        conn: Connection,
+        /// The delegation's id
+        #[arg(long, value_name = "ID")]
+        id: String,
+    },
     /// Ask a gateway to report its held version and take a new snapshot (cmd/resync)
     Resync {
         #[command(flatten)]
@@ -210,6 +225,24 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct DelegateArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// The delegation's id: it names the issuer of the keys the delegate grants
+    #[arg(long, value_name = "ID")]
+    id: String,
+    /// The delegate's public key: a signing.pub written by keygen (hex)
+    #[arg(long, value_name = "FILE")]
+    delegate: PathBuf,
+    /// A door the delegate may grant (repeat for several; there is no "all doors")
+    #[arg(long = "door", value_name = "DOOR", required = true)]
+    doors: Vec<String>,
+    /// The delegation grants nothing from this instant on, RFC 3339
+    #[arg(long, value_name = "TIME")]
+    until: Timestamp,
 }
 
 #[derive(Debug, Args)]
@@ -488,6 +521,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             send_settings(&conn, door, given, command_id).await
         }
         Command::Resync { conn } => resync(&conn).await,
+        c @ (Command::Delegate(_) | Command::RevokeDelegation { .. }) => delegation(c).await,
         Command::Watch {
             url,
             prefix,
@@ -497,6 +531,69 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Records(args) => records(args).await,
         Command::Check { file } => check_file(&file),
     }
+}
+
+/// `cloud-sim delegate` and `revoke-delegation`.
+async fn delegation(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Delegate(args) => delegate_doors(&args).await,
+        Command::RevokeDelegation { conn, id } => revoke_delegation(&conn, &id).await,
+        _ => unreachable!("run routes only delegation commands here"),
+    }
+}
+
+/// `cloud-sim delegate`: a root-signed delegation of `doors` to the key in `delegate`.
+async fn delegate_doors(args: &DelegateArgs) -> anyhow::Result<()> {
+    let DelegateArgs {
+        conn,
+        id,
+        delegate,
+        doors,
+        until,
+    } = args;
+    let until = *until;
+    let text = std::fs::read_to_string(delegate)
+        .with_context(|| format!("reading the delegate's key {}", delegate.display()))?;
+    let public: [u8; 32] = parse_hex(text.trim())
+        .map_err(|e| anyhow!(e))
+        .and_then(|b| {
+            b.try_into()
+                .map_err(|_| anyhow!("not 32 bytes (64 hex digits)"))
+        })
+        .with_context(|| format!("the delegate's key {}", delegate.display()))?;
+    let public = ed25519_dalek::VerifyingKey::from_bytes(&public)
+        .with_context(|| format!("the delegate's key {}", delegate.display()))?;
+    let (signer, topics, client) = connect(conn).await?;
+    let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+    let bytes = build::delegation(
+        &conn.target.target(),
+        id,
+        &public,
+        doors,
+        until,
+        issued_at,
+        &signer,
+    )?;
+    client.publish_delta(&topics, bytes).await?;
+    client.disconnect().await?;
+    println!(
+        "{}: delegation {id} to key {} for {} until {until}",
+        topics.topic(Channel::Delta),
+        KeyId::of(&public),
+        doors.join(", ")
+    );
+    Ok(())
+}
+
+/// `cloud-sim revoke-delegation`: a root-signed revocation of delegation `id`.
+async fn revoke_delegation(conn: &Connection, id: &str) -> anyhow::Result<()> {
+    let (signer, topics, client) = connect(conn).await?;
+    let issued_at = conn.issued_at.unwrap_or_else(Timestamp::now);
+    let bytes = build::revoke_delegation(&conn.target.target(), id, issued_at, &signer)?;
+    client.publish_delta(&topics, bytes).await?;
+    client.disconnect().await?;
+    println!("{}: delegation {id} revoked", topics.topic(Channel::Delta));
+    Ok(())
 }
 
 /// `cloud-sim heartbeat`: one signed heartbeat, or one every `every` (each signed when sent)

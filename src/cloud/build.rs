@@ -14,8 +14,9 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::envelope::{Kind, seal};
 use super::payload::{
-    Delta, Heartbeat, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ID, MAX_KEYS, Manifest,
-    OpenDoor, PayloadError, ResyncCommand, Sha256Digest, Target, UnitSettings,
+    Delegation, DelegationRevoke, Delta, Heartbeat, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS,
+    MAX_ID, MAX_KEYS, Manifest, OpenDoor, PayloadError, ResyncCommand, Sha256Digest, Target,
+    UnitSettings,
 };
 use crate::access::{Key, StaleLimits};
 
@@ -242,6 +243,48 @@ pub fn signed_delta(delta: &Delta, signer: &SigningKey) -> Result<Vec<u8>, Build
     Ok(seal(Kind::Delta, &body, signer))
 }
 
+/// Signs, with a root key, a delegation of `doors` to the key `public_key` until `not_after`
+/// (`docs/cloud-protocol.md` §5.3). Published on `keys/delta`.
+pub fn delegation(
+    target: &Target,
+    id: &str,
+    public_key: &ed25519_dalek::VerifyingKey,
+    doors: &[String],
+    not_after: Timestamp,
+    issued_at: Timestamp,
+    root: &SigningKey,
+) -> Result<Vec<u8>, BuildError> {
+    let body = Delegation {
+        target: target.clone(),
+        id: id.to_owned(),
+        public_key: public_key.as_bytes().to_vec(),
+        doors: doors.to_vec(),
+        not_after,
+        issued_at,
+    }
+    .encode();
+    Delegation::decode(&body)?;
+    Ok(seal(Kind::Delegation, &body, root))
+}
+
+/// Signs, with a root key, the revocation of delegation `id` (§5.3). Published on
+/// `keys/delta`.
+pub fn revoke_delegation(
+    target: &Target,
+    id: &str,
+    issued_at: Timestamp,
+    root: &SigningKey,
+) -> Result<Vec<u8>, BuildError> {
+    let body = DelegationRevoke {
+        target: target.clone(),
+        id: id.to_owned(),
+        issued_at,
+    }
+    .encode();
+    DelegationRevoke::decode(&body)?;
+    Ok(seal(Kind::DelegationRevoke, &body, root))
+}
+
 /// Signs a heartbeat: `version` is the latest key-set version the cloud has made for the
 /// gateway as of `issued_at` (`docs/cloud-protocol.md` §5.1).
 pub fn heartbeat(
@@ -461,6 +504,7 @@ mod tests {
                 welcome: None,
                 floors: Vec::new(),
                 revoked: false,
+                issuer: None,
             },
             credentials: vec![Credential {
                 kind: CredentialKind::Pin,

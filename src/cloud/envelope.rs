@@ -44,16 +44,22 @@ pub enum Kind {
     Resync,
     /// Settings for a door unit ([`super::payload::UnitSettings`]).
     UnitSettings,
+    /// The root key delegates doors to another key ([`super::payload::Delegation`]).
+    Delegation,
+    /// The root key withdraws a delegation ([`super::payload::DelegationRevoke`]).
+    DelegationRevoke,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Manifest,
         Kind::Delta,
         Kind::Heartbeat,
         Kind::OpenDoor,
         Kind::Resync,
         Kind::UnitSettings,
+        Kind::Delegation,
+        Kind::DelegationRevoke,
     ];
 
     /// The kind's name on the wire and in the signing input.
@@ -65,6 +71,8 @@ impl Kind {
             Kind::OpenDoor => "open-door",
             Kind::Resync => "resync",
             Kind::UnitSettings => "unit-settings",
+            Kind::Delegation => "delegation",
+            Kind::DelegationRevoke => "delegation-revoke",
         }
     }
 

@@ -342,6 +342,7 @@ impl KeyEntry {
                 welcome: self.welcome,
                 floors: self.floors,
                 revoked: self.revoked,
+                issuer: None,
             },
             credentials,
         })

@@ -37,9 +37,11 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
+use super::envelope::{EnvelopeError, KeyId, Opened};
 use super::failover::Failover;
 use super::payload::{
-    Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, ResyncCommand, Target, UnitSettings,
+    Delegation, DelegationRevoke, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor,
+    ResyncCommand, Target, UnitSettings,
 };
 use super::refusals::{Admit, Refusals};
 use super::report::{Outcome, Presence, Report};
@@ -52,7 +54,9 @@ use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
 use crate::config::{BrokerUrl, Config};
-use crate::store::{DeltaChange, KeySetHeader, Record, RemoteOpen, Store, StoreError, Vouched};
+use crate::store::{
+    DeltaChange, HeldDelegation, KeySetHeader, Record, RemoteOpen, Store, StoreError, Vouched,
+};
 use crate::task::{clock_synced, jitter, stopped};
 
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
@@ -475,6 +479,8 @@ struct Worker {
     /// Commands issued before this instant are refused: the replay cache is in memory, so a
     /// command redelivered after a restart could otherwise open a door twice.
     started: Timestamp,
+    /// The delegation whose key signed the delta being carried out (`None`: a root key).
+    signer: Option<String>,
 }
 
 /// Runs the cloud link until `shutdown` turns true, then publishes `offline` and disconnects.
@@ -542,6 +548,7 @@ pub async fn run_link(
         last_resync: None,
         oversized: None,
         started: Timestamp::now(),
+        signer: None,
     };
     worker.set_status(|s| {
         s.held_version = held;
@@ -802,16 +809,43 @@ impl Worker {
         let Some(kind) = channel.kind() else {
             return;
         };
-        let opened = match envelope::open(&p.payload, &self.spec.trusted, MAX_ENVELOPE_BYTES) {
-            Ok(o) if o.kind == kind => o,
-            Ok(o) => {
-                return self
-                    .reject(channel, format!("a {} envelope on this topic", o.kind))
-                    .await;
-            }
-            Err(e) => return self.reject(channel, e.to_string()).await,
+        // Delegations travel on `keys/delta`, in order with the deltas that use them (§5.3).
+        let delegating = |k: Kind| {
+            channel == Channel::Delta && matches!(k, Kind::Delegation | Kind::DelegationRevoke)
         };
-        match kind {
+        let (opened, signer) =
+            match envelope::open(&p.payload, &self.spec.trusted, MAX_ENVELOPE_BYTES) {
+                Ok(o) if o.kind == kind || delegating(o.kind) => (o, None),
+                Ok(o) => {
+                    return self
+                        .reject(channel, format!("a {} envelope on this topic", o.kind))
+                        .await;
+                }
+                Err(EnvelopeError::UnknownKey(signed_by)) if channel == Channel::Delta => {
+                    match self.open_delegated(&p.payload, signed_by).await {
+                        Ok((o, id)) => (o, Some(id)),
+                        Err(reason) => return self.reject(channel, reason).await,
+                    }
+                }
+                Err(e) => return self.reject(channel, e.to_string()).await,
+            };
+        match opened.kind {
+            Kind::Delegation => match Delegation::decode(&opened.body) {
+                Ok(d) => self.delegation(d).await,
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
+            Kind::DelegationRevoke => match DelegationRevoke::decode(&opened.body) {
+                Ok(r) if r.target == self.spec.target => {
+                    match self.store.revoke_delegation(r.id.clone()).await {
+                        Ok(()) => tracing::info!(id = %r.id, "delegation revoked"),
+                        Err(e) => {
+                            tracing::error!(error = %e, id = %r.id, "revoking a delegation failed");
+                        }
+                    }
+                }
+                Ok(_) => self.reject(channel, "for another gateway".into()).await,
+                Err(e) => self.reject(channel, e.to_string()).await,
+            },
             Kind::Manifest => match Manifest::decode(&opened.body) {
                 Ok(m) => {
                     let actions = self.sync.on_manifest(m, now);
@@ -822,7 +856,9 @@ impl Worker {
             Kind::Delta => match Delta::decode(&opened.body) {
                 Ok(d) => {
                     let actions = self.sync.on_delta(d, now);
+                    self.signer = signer;
                     self.execute(actions, channel).await;
+                    self.signer = None;
                 }
                 Err(e) => self.reject(channel, e.to_string()).await,
             },
@@ -849,6 +885,89 @@ impl Worker {
                 Ok(_) => self.reject(channel, "for another gateway".into()).await,
                 Err(e) => self.reject(channel, e.to_string()).await,
             },
+        }
+    }
+
+    /// Opens a delta envelope signed by a key the root delegated to (§5.3): the delegation
+    /// id, or why not (reported as the refusal).
+    async fn open_delegated(&self, bytes: &[u8], kid: KeyId) -> Result<(Opened, String), String> {
+        let held = self
+            .store
+            .delegations()
+            .await
+            .map_err(|e| format!("reading delegations: {e}"))?;
+        for d in held {
+            let Ok(key) = VerifyingKey::from_bytes(&d.public_key) else {
+                continue;
+            };
+            if KeyId::of(&key) != kid {
+                continue;
+            }
+            let opened =
+                envelope::open(bytes, &[key], MAX_ENVELOPE_BYTES).map_err(|e| e.to_string())?;
+            if opened.kind != Kind::Delta {
+                return Err(format!(
+                    "a {} envelope signed by delegation {}: a delegate signs deltas only",
+                    opened.kind, d.id
+                ));
+            }
+            return Ok((opened, d.id));
+        }
+        Err(EnvelopeError::UnknownKey(kid).to_string())
+    }
+
+    /// A root-signed delegation: held from now on, unless revoked or older than the held one.
+    async fn delegation(&mut self, d: Delegation) {
+        if d.target != self.spec.target {
+            return self
+                .reject(Channel::Delta, "for another gateway".into())
+                .await;
+        }
+        let Ok(public_key) = <[u8; 32]>::try_from(d.public_key.as_slice()) else {
+            return self
+                .reject(Channel::Delta, "public_key is not 32 bytes".into())
+                .await;
+        };
+        if VerifyingKey::from_bytes(&public_key).is_err() {
+            return self
+                .reject(Channel::Delta, "public_key is not an Ed25519 key".into())
+                .await;
+        }
+        // One delegation per key: the envelope names the signer by key, so two delegations of
+        // one key would leave it open which scope a delta has.
+        match self.store.delegations().await {
+            Ok(held)
+                if held
+                    .iter()
+                    .any(|h| h.public_key == public_key && h.id != d.id) =>
+            {
+                return self
+                    .reject(
+                        Channel::Delta,
+                        format!("delegation {}: its key is already delegated", d.id),
+                    )
+                    .await;
+            }
+            Ok(_) => {}
+            Err(e) => return tracing::error!(error = %e, "reading delegations failed"),
+        }
+        let held = HeldDelegation {
+            id: d.id.clone(),
+            public_key,
+            doors: d.doors,
+            not_after: d.not_after,
+            issued_at: d.issued_at,
+        };
+        match self.store.put_delegation(held).await {
+            Ok(true) => tracing::info!(id = %d.id, not_after = %d.not_after, "delegation held"),
+            Ok(false) => {
+                self.reject(
+                    Channel::Delta,
+                    format!("delegation {} is revoked, or a newer one is held", d.id),
+                )
+                .await;
+            }
+            Err(e) => tracing::error!(error = %e, id = %d.id, "holding a delegation failed"),
         }
     }
 
@@ -921,6 +1040,7 @@ impl Worker {
                         upserts: delta.upserts,
                         revokes: delta.deletes,
                         stale_after: delta.stale_after,
+                        signer: self.signer.take(),
                     };
                     match self.store.apply_delta(change).await {
                         Ok(applied) => {
@@ -931,6 +1051,13 @@ impl Worker {
                                 "key-set delta applied"
                             );
                             self.applied(delta.version, None);
+                        }
+                        Err(e @ StoreError::OutsideDelegation(_)) => {
+                            // Refused whole, like a bad signature: nothing changed, and a
+                            // resync would not make the delegate's delta acceptable.
+                            tracing::warn!(version = delta.version, error = %e, "delegated delta refused");
+                            self.sync.refused_delta(delta.from_version);
+                            return self.reject(Channel::Delta, e.to_string()).await;
                         }
                         Err(e) => {
                             return self

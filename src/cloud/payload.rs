@@ -169,6 +169,76 @@ impl Heartbeat {
     }
 }
 
+/// The most doors one delegation may name.
+pub const MAX_DELEGATED_DOORS: usize = 64;
+
+/// The root key lets another key (an organisation's, an admin's) sign deltas for some doors
+/// until `not_after` (`docs/cloud-protocol.md` §5.3). Signed by a root key, kind `delegation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delegation {
+    pub target: Target,
+    /// Names the delegation: its revocation, and the issuer of the keys it puts.
+    pub id: String,
+    /// The delegate's 32-byte Ed25519 public key.
+    #[serde(with = "bytes")]
+    pub public_key: Vec<u8>,
+    /// The doors whose keys the delegate may add, edit and delete; never "all doors".
+    pub doors: Vec<String>,
+    pub not_after: Timestamp,
+    /// Signing time: a delegation replaces a held one of the same id only when newer.
+    pub issued_at: Timestamp,
+}
+
+impl Delegation {
+    pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
+        let d: Delegation = from_cbor(body, MAX_BODY_BYTES)?;
+        check_target(&d.target)?;
+        check_id(&d.id, "delegation id empty or too long")?;
+        check(d.id != "root", "the delegation id \"root\" is reserved")?;
+        check(d.public_key.len() == 32, "public_key is not 32 bytes")?;
+        check(
+            !d.doors.is_empty() && d.doors.len() <= MAX_DELEGATED_DOORS,
+            "a delegation names 1 to 64 doors",
+        )?;
+        for door in &d.doors {
+            check_id(door, "door id empty or too long")?;
+            check(!door.contains('\n'), "a door id with a line break")?;
+        }
+        check(
+            d.not_after > d.issued_at,
+            "not_after is not after issued_at",
+        )?;
+        Ok(d)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+}
+
+/// The root key withdraws a delegation for good (kind `delegation-revoke`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationRevoke {
+    pub target: Target,
+    pub id: String,
+    pub issued_at: Timestamp,
+}
+
+impl DelegationRevoke {
+    pub fn decode(body: &[u8]) -> Result<Self, PayloadError> {
+        let r: DelegationRevoke = from_cbor(body, MAX_BODY_BYTES)?;
+        check_target(&r.target)?;
+        check_id(&r.id, "delegation id empty or too long")?;
+        Ok(r)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        to_cbor(self)
+    }
+}
+
 /// A remote "open this door" from the app.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -169,6 +169,12 @@ impl Sync {
         self.early.clear();
     }
 
+    /// The store refused a delta the machine passed (outside its delegation): the held version
+    /// is `held` again. Unlike [`Sync::reset`] a snapshot in progress carries on.
+    pub fn refused_delta(&mut self, held: u64) {
+        self.held = held;
+    }
+
     fn wrong_target(&self, t: &Target) -> Option<Action> {
         (*t != self.target).then(|| Action::Reject {
             reason: RejectReason::WrongTarget {

@@ -44,6 +44,7 @@ pub fn key(id: &str) -> Key {
             welcome: None,
             floors: vec![],
             revoked: false,
+            issuer: None,
         },
         credentials: vec![Credential {
             kind: CredentialKind::Pin,
@@ -144,6 +145,45 @@ pub fn resync() -> ResyncCommand {
     }
 }
 
+/// The delegate's key of §9.12: the Ed25519 secret seed of 32 bytes all `0x43`.
+pub fn delegate_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x43; 32])
+}
+
+/// The delegation of §9.12: `garage-admin` may sign deltas for door `garage` until 2026-02-01.
+pub fn delegation() -> super::payload::Delegation {
+    super::payload::Delegation {
+        target: target(),
+        id: "garage-admin".into(),
+        public_key: delegate_key().verifying_key().as_bytes().to_vec(),
+        doors: vec!["garage".into()],
+        not_after: at("2026-02-01T00:00:00Z"),
+        issued_at: at("2026-01-01T00:07:00Z"),
+    }
+}
+
+/// The revocation of §9.12.
+pub fn delegation_revoke() -> super::payload::DelegationRevoke {
+    super::payload::DelegationRevoke {
+        target: target(),
+        id: "garage-admin".into(),
+        issued_at: at("2026-01-01T00:09:00Z"),
+    }
+}
+
+/// The delegated delta of §9.12: from version 9 to 10, deleting `g1`, signed by the delegate.
+pub fn delegated_delta() -> Delta {
+    Delta {
+        target: target(),
+        from_version: 9,
+        version: 10,
+        issued_at: at("2026-01-01T00:08:00Z"),
+        upserts: vec![],
+        deletes: vec!["g1".into()],
+        stale_after: None,
+    }
+}
+
 /// Named vectors: (name, bytes).
 pub fn all() -> Vec<(&'static str, Vec<u8>)> {
     let k = test_key();
@@ -196,6 +236,18 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
             seal(Kind::Heartbeat, &heartbeat().encode(), &k),
         ),
         ("stale_after delta body", stale_after_delta().encode()),
+        (
+            "delegation envelope",
+            seal(Kind::Delegation, &delegation().encode(), &k),
+        ),
+        (
+            "delegated delta envelope",
+            seal(Kind::Delta, &delegated_delta().encode(), &delegate_key()),
+        ),
+        (
+            "delegation-revoke envelope",
+            seal(Kind::DelegationRevoke, &delegation_revoke().encode(), &k),
+        ),
     ]
 }
 
@@ -228,6 +280,40 @@ mod tests {
             let h = hex(&bytes);
             assert!(doc.contains(&h), "{name} vector missing from the doc: {h}");
         }
+    }
+
+    #[test]
+    fn the_delegation_vectors_open_with_their_keys_and_decode() {
+        use super::super::envelope::open;
+        use super::super::payload::{Delegation, DelegationRevoke, MAX_ENVELOPE_BYTES};
+        let root = [test_key().verifying_key()];
+        let d = open(
+            &seal(Kind::Delegation, &delegation().encode(), &test_key()),
+            &root,
+            MAX_ENVELOPE_BYTES,
+        )
+        .unwrap();
+        assert_eq!(Delegation::decode(&d.body).unwrap(), delegation());
+        let r = seal(
+            Kind::DelegationRevoke,
+            &delegation_revoke().encode(),
+            &test_key(),
+        );
+        let r = open(&r, &root, MAX_ENVELOPE_BYTES).unwrap();
+        assert_eq!(
+            DelegationRevoke::decode(&r.body).unwrap(),
+            delegation_revoke()
+        );
+        // The delegate's delta is not the root's: it opens only with the delegated key.
+        let delta = seal(Kind::Delta, &delegated_delta().encode(), &delegate_key());
+        assert!(open(&delta, &root, MAX_ENVELOPE_BYTES).is_err());
+        let opened = open(
+            &delta,
+            &[delegate_key().verifying_key()],
+            MAX_ENVELOPE_BYTES,
+        )
+        .unwrap();
+        assert_eq!(Delta::decode(&opened.body).unwrap(), delegated_delta());
     }
 
     /// `cargo test -- --ignored print_vectors --nocapture` prints the vectors for the doc.

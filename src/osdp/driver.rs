@@ -393,6 +393,7 @@ impl Bus<'_> {
                 reason: Some(DenyReason::UnknownCredential),
                 released: Vec::new(),
                 command_id: None,
+                issuer: None,
             });
             self.append(record);
         } else {

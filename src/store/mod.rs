@@ -16,6 +16,7 @@
 //! `stale_after` and the knowledge time).
 
 mod check;
+mod delegation;
 mod knowledge;
 mod reader;
 pub mod records;
@@ -63,6 +64,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("key set rejected: {0}")]
     KeySet(String),
+    /// A delta signed by a delegated key reaches beyond the delegation (or the delegation is
+    /// expired or revoked): refused whole, and no resync helps.
+    #[error("outside_delegation: {0}")]
+    OutsideDelegation(String),
     #[error(
         "another process has the store {0} open for writing (is the doorbridge service \
          running? stop it first)"
@@ -77,7 +82,10 @@ impl StoreError {
         match self {
             StoreError::Sqlite(e) => is_disk_trouble(e),
             StoreError::Io { .. } | StoreError::WriterGone | StoreError::InUse(_) => true,
-            StoreError::TooNew { .. } | StoreError::Corrupt(_) | StoreError::KeySet(_) => false,
+            StoreError::TooNew { .. }
+            | StoreError::Corrupt(_)
+            | StoreError::KeySet(_)
+            | StoreError::OutsideDelegation(_) => false,
         }
     }
 }
@@ -303,6 +311,19 @@ pub struct DeltaChange {
     pub revokes: Vec<String>,
     /// New `stale_after` limits replacing the held ones (`None`: unchanged).
     pub stale_after: Option<StaleLimits>,
+    /// The id of the delegation whose key signed the delta (`None`: a root key). A delegated
+    /// change is checked against the held delegation in the delta's own transaction.
+    pub signer: Option<String>,
+}
+
+/// A delegation the gateway holds (`docs/cloud-protocol.md` §5.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldDelegation {
+    pub id: String,
+    pub public_key: [u8; 32],
+    pub doors: Vec<String>,
+    pub not_after: Timestamp,
+    pub issued_at: Timestamp,
 }
 
 /// What a heartbeat did (`Store::heartbeat`).
@@ -455,6 +476,12 @@ pub(crate) enum Command {
     ApplyDelta(Box<DeltaChange>, Reply<DeltaApplied>),
     /// A heartbeat for a version, signed at a time.
     Heartbeat(u64, Timestamp, Reply<Vouched>),
+    /// Hold a delegation; replies whether it was taken (not revoked, newer than the held one).
+    PutDelegation(Box<HeldDelegation>, Reply<bool>),
+    /// Revoke a delegation by id, for good.
+    RevokeDelegation(String, Reply<()>),
+    /// The delegations held and not revoked.
+    Delegations(Reply<Vec<HeldDelegation>>),
     /// Merge settings into a door's desired settings; replies with the merged whole.
     DesireSettings(String, Settings, Reply<Settings>),
     /// Record the settings a door's unit reports as applied.
@@ -635,6 +662,23 @@ impl Store {
     /// error (wrong base version, a credential another key holds), none of it.
     pub async fn apply_delta(&self, delta: DeltaChange) -> Result<DeltaApplied, StoreError> {
         self.call(|r| Command::ApplyDelta(Box::new(delta), r)).await
+    }
+
+    /// Holds a delegation (`docs/cloud-protocol.md` §5.3). `Ok(false)`: not taken, because it
+    /// was revoked or a newer one of the same id is held.
+    pub async fn put_delegation(&self, d: HeldDelegation) -> Result<bool, StoreError> {
+        self.call(|r| Command::PutDelegation(Box::new(d), r)).await
+    }
+
+    /// Revokes a delegation for good: deltas its key signs are refused from now on, and a
+    /// replay of it is not taken again.
+    pub async fn revoke_delegation(&self, id: String) -> Result<(), StoreError> {
+        self.call(|r| Command::RevokeDelegation(id, r)).await
+    }
+
+    /// The delegations held and not revoked (expired ones included).
+    pub async fn delegations(&self) -> Result<Vec<HeldDelegation>, StoreError> {
+        self.call(Command::Delegations).await
     }
 
     /// A heartbeat: the cloud vouches that `version` is current as of `issued_at`. When that is

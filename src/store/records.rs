@@ -64,6 +64,10 @@ pub struct Activity {
     /// credential at the door.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command_id: Option<String>,
+    /// Who granted the key: the id of a delegation (`docs/cloud-protocol.md` §5.3), or
+    /// `"root"` for a key put by the root key; absent when no key was found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
 }
 
 /// Why an OSDP reader was refused.

@@ -18,6 +18,7 @@
 //! u8 use limit              0 unlimited; 1 total, varint; 2 per door, varint
 //! [str welcome]
 //! varint n, zigzag varint floor × n
+//! [str issuer]              only when flags has 32 (a key put by a delegated signer)
 //! ```
 //!
 //! [`decode`] still reads CBOR (its first byte is a map, never 0x01), so rows written by an
@@ -36,6 +37,7 @@ const REVOKED: u8 = 2;
 const FROM: u8 = 4;
 const UNTIL: u8 = 8;
 const WELCOME: u8 = 16;
+const ISSUER: u8 = 32;
 
 /// The rules as stored in `keys.rules` and `credentials.rules`.
 pub fn encode(rules: &KeyRules) -> Vec<u8> {
@@ -43,7 +45,8 @@ pub fn encode(rules: &KeyRules) -> Vec<u8> {
         32 + rules.id.len()
             + rules.name.len()
             + rules.doors.iter().map(|d| d.len() + 1).sum::<usize>()
-            + rules.welcome.as_ref().map_or(0, String::len),
+            + rules.welcome.as_ref().map_or(0, String::len)
+            + rules.issuer.as_ref().map_or(0, String::len),
     );
     out.push(FORMAT);
     put_str(&mut out, &rules.id);
@@ -60,6 +63,7 @@ pub fn encode(rules: &KeyRules) -> Vec<u8> {
         (rules.valid_from.is_some(), FROM),
         (rules.valid_until.is_some(), UNTIL),
         (rules.welcome.is_some(), WELCOME),
+        (rules.issuer.is_some(), ISSUER),
     ] {
         if set {
             flags |= bit;
@@ -105,6 +109,9 @@ pub fn encode(rules: &KeyRules) -> Vec<u8> {
     put_len(&mut out, rules.floors.len());
     for &floor in &rules.floors {
         put_i64(&mut out, i64::from(floor));
+    }
+    if let Some(issuer) = &rules.issuer {
+        put_str(&mut out, issuer);
     }
     out
 }
@@ -249,7 +256,7 @@ impl Cursor<'_> {
             .map(|_| self.str())
             .collect::<Decoded<Vec<_>>>()?;
         let flags = self.u8()?;
-        if flags & !(INNER | REVOKED | FROM | UNTIL | WELCOME) != 0 {
+        if flags & !(INNER | REVOKED | FROM | UNTIL | WELCOME | ISSUER) != 0 {
             return Err("unknown flags");
         }
         let valid_from = (flags & FROM != 0).then(|| self.instant()).transpose()?;
@@ -279,6 +286,7 @@ impl Cursor<'_> {
         let floors = (0..self.len()?)
             .map(|_| i16::try_from(self.i64()?).map_err(|_| "floor out of range"))
             .collect::<Decoded<Vec<_>>>()?;
+        let issuer = (flags & ISSUER != 0).then(|| self.str()).transpose()?;
         if !self.rest.is_empty() {
             return Err("trailing bytes");
         }
@@ -295,6 +303,7 @@ impl Cursor<'_> {
             welcome,
             floors,
             revoked: flags & REVOKED != 0,
+            issuer,
         })
     }
 }
@@ -327,6 +336,7 @@ pub(super) mod tests {
             welcome: Some("Welcome!".into()),
             floors: vec![-2, 3, 4],
             revoked: false,
+            issuer: None,
         }
     }
 
@@ -411,7 +421,7 @@ pub(super) mod tests {
             ),
             schedule,
             limit,
-            proptest::option::of(".*"),
+            (proptest::option::of(".*"), proptest::option::of(".*")),
             proptest::collection::vec(any::<i16>(), 0..4),
         )
             .prop_map(
@@ -422,7 +432,7 @@ pub(super) mod tests {
                     (from, until),
                     schedule,
                     use_limit,
-                    welcome,
+                    (welcome, issuer),
                     floors,
                 )| {
                     KeyRules {
@@ -438,6 +448,7 @@ pub(super) mod tests {
                         welcome,
                         floors,
                         revoked,
+                        issuer,
                     }
                 },
             )

@@ -130,6 +130,19 @@ pub const MIGRATIONS: &[&str] = &[
         WHERE coalesce((SELECT last FROM sent WHERE first <= r.seq
                         ORDER BY first DESC LIMIT 1), 0) < r.seq;
     ",
+    // 8: delegations (docs/cloud-protocol.md §5.3): keys the root key lets sign deltas for some
+    // doors. A revoked one stays as a tombstone (no key, revoked = 1) so that a replay of the
+    // delegation cannot bring it back.
+    "
+    CREATE TABLE delegations (
+        id         TEXT PRIMARY KEY,
+        public_key BLOB,                   -- 32 bytes; NULL once revoked
+        doors      TEXT NOT NULL,          -- door ids, newline-separated
+        not_after  INTEGER NOT NULL,       -- seconds since 1970
+        issued_at  INTEGER NOT NULL,       -- seconds since 1970: the newest wins
+        revoked    INTEGER NOT NULL DEFAULT 0
+    ) STRICT, WITHOUT ROWID;
+    ",
 ];
 
 /// SQL: whether the record `r` was acknowledged: it lies in the range of `sent` that starts

@@ -30,7 +30,8 @@ use super::records::{Activity, Record, RecordClass};
 use super::rules;
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
-    StoreError, StoreOptions, Verdict, VerifyRequest, Vouched, is_disk_trouble, knowledge,
+    StoreError, StoreOptions, Verdict, VerifyRequest, Vouched, delegation, is_disk_trouble,
+    knowledge,
 };
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, Key, KeyRules,
@@ -498,6 +499,9 @@ impl Writer {
                     | Command::CommitKeySet(..)
                     | Command::ApplyDelta(..)
                     | Command::Heartbeat(..)
+                    | Command::PutDelegation(..)
+                    | Command::RevokeDelegation(..)
+                    | Command::Delegations(..)
                     | Command::DesireSettings(..)
                     | Command::ReportSettings(..) => {
                         // Key-set steps are transactions of their own, in order with the rest.
@@ -753,6 +757,18 @@ impl Writer {
                 Box::new(move |e| drop(reply.send(Err(e)))),
                 StoreError::KeySet("misrouted key-set step".into()),
             ),
+            Command::PutDelegation(_, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::RevokeDelegation(_, reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
+            Command::Delegations(reply) => Outcome::Failed(
+                Box::new(move |e| drop(reply.send(Err(e)))),
+                StoreError::KeySet("misrouted key-set step".into()),
+            ),
             Command::StageKeys(_, _, reply) | Command::CommitKeySet(_, _, reply) => {
                 Outcome::Failed(
                     Box::new(move |e| drop(reply.send(Err(e)))),
@@ -789,6 +805,7 @@ impl Writer {
             reason: None,
             released: Vec::new(),
             command_id: None,
+            issuer: None,
         };
         let is_pin = req.kind == CredentialKind::Pin;
         let guard = self.guards.entry(req.unit.clone()).or_default();
@@ -835,6 +852,7 @@ impl Writer {
         if let Some(rules) = &rules {
             activity.key_id = Some(rules.id.clone());
             activity.category = Some(rules.category);
+            activity.issuer = Some(issuer_name(rules));
         }
         match &decision {
             Decision::Grant(g) => {
@@ -919,6 +937,7 @@ impl Writer {
             reason,
             released,
             command_id: Some(req.command_id.clone()),
+            issuer: rules.as_ref().map(issuer_name),
         };
         let verdict = Verdict {
             decision,
@@ -1644,6 +1663,17 @@ impl Writer {
             Command::Heartbeat(version, at, reply) => {
                 let _ = reply.send(self.heartbeat(version, at));
             }
+            Command::PutDelegation(d, reply) => {
+                let result = self.durable().map_err(StoreError::from);
+                let _ = reply.send(result.and_then(|()| delegation::put(&self.conn, &d)));
+            }
+            Command::RevokeDelegation(id, reply) => {
+                let result = self.durable().map_err(StoreError::from);
+                let _ = reply.send(result.and_then(|()| delegation::revoke(&self.conn, &id)));
+            }
+            Command::Delegations(reply) => {
+                let _ = reply.send(delegation::held(&self.conn));
+            }
             Command::DesireSettings(door, settings, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ =
@@ -1690,6 +1720,9 @@ impl Writer {
         let freshness = knowledge::after(self.freshness, believed, d.stale_after);
         // Dropped (rolled back) on any error, so a delta applies whole or not at all.
         let tx = self.conn.transaction()?;
+        if let Some(id) = &d.signer {
+            delegation::check_delta(&tx, generation, id, d, Timestamp::now())?;
+        }
         {
             // INDEXED BY: without statistics SQLite picks the primary key's `generation` prefix
             // for these, a scan of the whole set per key (a delta on a million keys, `keys list
@@ -1715,7 +1748,14 @@ impl Writer {
                     pins_of.query_row(params![generation, key.rules.id, pin], |r| r.get(0))?;
                 pins = pins.saturating_sub(old);
                 drop_creds.execute(params![generation, key.rules.id])?;
-                let new = put_key_rows(&mut put_key, &mut put_cred, generation, key)?;
+                let new = if d.signer.is_some() {
+                    // The key names the delegation that put it (activity records say who).
+                    let mut key = key.clone();
+                    key.rules.issuer.clone_from(&d.signer);
+                    put_key_rows(&mut put_key, &mut put_cred, generation, &key)?
+                } else {
+                    put_key_rows(&mut put_key, &mut put_cred, generation, key)?
+                };
                 pins = pins.saturating_add(new);
                 applied.upserted += 1;
             }
@@ -2048,6 +2088,11 @@ fn revoke_rows(
         }
     }
     Ok(())
+}
+
+/// The issuer an activity record names: the delegation id, or `root`.
+fn issuer_name(rules: &KeyRules) -> String {
+    rules.issuer.clone().unwrap_or_else(|| "root".into())
 }
 
 /// Looks a digest up in a generation of the key set: one descent into `credentials`, whose

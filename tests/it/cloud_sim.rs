@@ -24,7 +24,9 @@ use doorbridge::bus::message::DoorEventKind;
 use doorbridge::cloud::bundle::Bundle;
 use doorbridge::cloud::envelope::{Kind, open};
 use doorbridge::cloud::keyfile::{KeyFile, parse_hex};
-use doorbridge::cloud::payload::{Chunk, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, Target};
+use doorbridge::cloud::payload::{
+    Chunk, Delegation, DelegationRevoke, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, Target,
+};
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::sync::{Action, Sync};
 use doorbridge::cloud::topics::{Channel, Topics};
@@ -209,6 +211,8 @@ fn help_explains_every_subcommand() {
         "heartbeat",
         "open-door",
         "resync",
+        "delegate",
+        "revoke-delegation",
         "watch",
     ] {
         assert!(
@@ -450,6 +454,80 @@ async fn heartbeats_and_stale_after_go_out_signed() {
         times.windows(2).all(|w| w[0] < w[1]),
         "each signed when sent: {times:?}"
     );
+    gateway.disconnect().await.unwrap();
+}
+
+/// `delegate` and `revoke-delegation` go out on keys/delta signed by the root key; a delta
+/// published with the delegate's key is signed by that key (docs/cloud-protocol.md §5.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegations_and_a_delegates_delta_go_out_signed_by_their_keys() {
+    let addr = start_broker();
+    let url = format!("mqtt://{addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let root = keygen(dir.path());
+    let admin_dir = dir.path().join("admin");
+    let admin = keygen(&admin_dir);
+    let gateway = CloudClient::connect(&url, "test-gateway").await.unwrap();
+    let mut deltas = gateway
+        .subscribe("doorbridge/s1/gw1/keys/delta")
+        .await
+        .unwrap();
+    let sim = |words: String| cloud_sim_for_gw1(&url, dir.path(), words);
+    let opened = |bytes: &[u8], key: VerifyingKey, kind| {
+        let o = open(bytes, &[key], MAX_ENVELOPE_BYTES).unwrap();
+        assert_eq!(o.kind, kind);
+        o.body
+    };
+    let public = admin_dir.join("keys/signing.pub").display().to_string();
+    let out = sim(format!(
+        "delegate --id garage-admin --delegate {public} --door garage --until 2099-01-01T00:00:00Z"
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let (_, bytes) = next(&mut deltas).await;
+    let d = Delegation::decode(&opened(&bytes, root, Kind::Delegation)).unwrap();
+    assert_eq!(d.id, "garage-admin");
+    assert_eq!(d.public_key, admin.as_bytes().to_vec());
+    assert_eq!(d.doors, vec!["garage".to_owned()]);
+
+    let args = [
+        "publish",
+        "--url",
+        &url,
+        "--site",
+        "s1",
+        "--gateway",
+        "gw1",
+        "--signing-key",
+    ]
+    .map(str::to_owned)
+    .into_iter()
+    .chain([signing_key(&admin_dir)])
+    .chain(["delta", "--from", "1", "--version", "2", "--delete", "g1"].map(str::to_owned))
+    .collect::<Vec<_>>();
+    let out = tokio::task::spawn_blocking(move || run(&mut cloud_sim(), args))
+        .await
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let (_, bytes) = next(&mut deltas).await;
+    assert!(
+        open(&bytes, &[root], MAX_ENVELOPE_BYTES).is_err(),
+        "not the root's"
+    );
+    let delta = Delta::decode(&opened(&bytes, admin, Kind::Delta)).unwrap();
+    assert_eq!(delta.deletes, vec!["g1".to_owned()]);
+
+    let out = sim("revoke-delegation --id garage-admin".into()).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let (_, bytes) = next(&mut deltas).await;
+    let r = DelegationRevoke::decode(&opened(&bytes, root, Kind::DelegationRevoke)).unwrap();
+    assert_eq!(r.id, "garage-admin");
+    // No door, no delegation: there is no "all doors" for a delegate.
+    let out = sim(format!(
+        "delegate --id all --delegate {public} --until 2099-01-01T00:00:00Z"
+    ))
+    .await;
+    assert_eq!(out.code, Some(2), "{out:?}");
     gateway.disconnect().await.unwrap();
 }
 

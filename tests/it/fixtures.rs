@@ -54,6 +54,7 @@ pub fn key(id: &str, kind: CredentialKind, secret: &str, limit: UseLimit) -> Key
             welcome: None,
             floors: vec![],
             revoked: false,
+            issuer: None,
         },
         credentials: vec![Credential {
             kind,

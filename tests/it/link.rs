@@ -713,3 +713,203 @@ async fn a_delta_reusing_a_credential_is_reported_and_recorded() {
     assert_eq!(held(&b), (1, 1));
     b.stop().await;
 }
+
+/// A key opening only `door`, with one PIN.
+fn key_at(id: &str, door: &str, pin: &str) -> Key {
+    let mut k = key(id, CredentialKind::Pin, pin, UseLimit::Unlimited);
+    k.rules.doors = vec![door.to_owned()];
+    k
+}
+
+impl Cloud {
+    /// Publishes, signed by the root key, a delegation of `doors` to `delegate`.
+    async fn delegate(
+        &self,
+        id: &str,
+        delegate: &SigningKey,
+        doors: &[&str],
+        issued: Timestamp,
+        not_after: Timestamp,
+    ) {
+        let doors: Vec<String> = doors.iter().map(|d| (*d).to_owned()).collect();
+        let bytes = build::delegation(
+            &target(),
+            id,
+            &delegate.verifying_key(),
+            &doors,
+            not_after,
+            issued,
+            &cloud_key(),
+        )
+        .unwrap();
+        self.client.publish_delta(&topics(), bytes).await.unwrap();
+    }
+
+    /// Publishes a delta signed by `signer` (a delegate's key).
+    async fn delta_as(
+        &self,
+        signer: &SigningKey,
+        from: u64,
+        to: u64,
+        upserts: &[Key],
+        deletes: &[&str],
+    ) {
+        let deletes: Vec<String> = deletes.iter().map(|s| (*s).to_owned()).collect();
+        let delta = build::delta(
+            &target(),
+            from,
+            to,
+            Timestamp::now(),
+            upserts,
+            &deletes,
+            signer,
+        )
+        .unwrap();
+        self.client.publish_delta(&topics(), delta).await.unwrap();
+    }
+}
+
+/// Delegated admins (the Smart `MasterKey` seed): an admin for the garage signs deltas for the
+/// garage and nothing else; the keys it grants name it in their activity; the root revokes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garage_admin_grants_the_garage_only_until_expired_or_revoked() {
+    let (_broker, mut cloud, mut b) = online().await;
+    let admin = SigningKey::from_bytes(&[21; 32]);
+    let now = Timestamp::now();
+    let hour = SignedDuration::from_hours(1);
+    cloud
+        .snapshot(1, &[key_at("resident", "main", "482916")])
+        .await;
+    cloud.applied(1).await;
+    // Published twice (a QoS 1 redelivery): held once, the second is no refusal.
+    for _ in 0..2 {
+        cloud
+            .delegate("garage-admin", &admin, &["garage"], now, now + hour)
+            .await;
+    }
+
+    // The main entrance lies outside the admin's doors: refused whole, reported, recorded.
+    let main_guest = key_at("guest-main", "main", "1111");
+    let garage_guest = key_at("guest-garage", "garage", "2222");
+    cloud
+        .delta_as(&admin, 1, 2, &[garage_guest.clone(), main_guest], &[])
+        .await;
+    let reason = cloud
+        .rejection("the out-of-scope delta", "keys/delta")
+        .await;
+    assert!(
+        reason.starts_with("outside_delegation:") && reason.contains("main"),
+        "{reason}"
+    );
+    let records = b
+        .records_until(|r| !refusals(r, "keys/delta").is_empty())
+        .await;
+    assert!(
+        matches!(refusals(&records, "keys/delta")[..], [Record::CloudRejected { reason, .. }] if reason.contains("outside_delegation")),
+        "{records:#?}"
+    );
+    assert_eq!(held(&b), (1, 1), "nothing of the refused delta applied");
+    // Nor may it revoke a key of the main entrance.
+    cloud.delta_as(&admin, 1, 2, &[], &["resident"]).await;
+    let reason = cloud
+        .rejection("the revocation outside scope", "keys/delta")
+        .await;
+    assert!(reason.contains("resident"), "{reason}");
+
+    // The garage is its to grant: applied, and the activity record says who granted it.
+    cloud.delta_as(&admin, 1, 2, &[garage_guest], &[]).await;
+    cloud.applied(2).await;
+    let answer = b.present(2, CredentialKind::Pin, "2222").await;
+    assert!(granted(&answer), "{answer:?}");
+    assert!(granted(&b.present(1, CredentialKind::Pin, "482916").await));
+    let issuer_of = |records: &[Record], id: &str| {
+        records.iter().find_map(|r| match r {
+            Record::Activity(a) if a.key_id.as_deref() == Some(id) => Some(a.issuer.clone()),
+            _ => None,
+        })
+    };
+    let records = b
+        .records_until(|r| {
+            issuer_of(r, "guest-garage").is_some() && issuer_of(r, "resident").is_some()
+        })
+        .await;
+    assert_eq!(
+        issuer_of(&records, "guest-garage"),
+        Some(Some("garage-admin".into()))
+    );
+    assert_eq!(issuer_of(&records, "resident"), Some(Some("root".into())));
+
+    // The root revokes the delegation: the admin's next delta is refused, even for the garage.
+    let revoke =
+        build::revoke_delegation(&target(), "garage-admin", Timestamp::now(), &cloud_key())
+            .unwrap();
+    cloud.client.publish_delta(&topics(), revoke).await.unwrap();
+    cloud
+        .delta_as(
+            &admin,
+            2,
+            3,
+            &[key_at("guest-garage-2", "garage", "3333")],
+            &[],
+        )
+        .await;
+    let reason = cloud
+        .rejection("the revoked admin's delta", "keys/delta")
+        .await;
+    assert!(reason.contains("not trusted"), "{reason}");
+    // A replay of the revoked delegation does not bring it back.
+    cloud
+        .delegate(
+            "garage-admin",
+            &admin,
+            &["garage"],
+            Timestamp::now(),
+            Timestamp::now() + hour,
+        )
+        .await;
+    let reason = cloud
+        .rejection("the replayed delegation", "keys/delta")
+        .await;
+    assert!(reason.contains("revoked"), "{reason}");
+
+    assert_eq!(held(&b), (2, 2));
+    b.stop().await;
+}
+
+/// A delegation whose `not_after` has passed grants nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_delegation_grants_nothing() {
+    let (_broker, mut cloud, mut b) = online().await;
+    let now = Timestamp::now();
+    let hour = SignedDuration::from_hours(1);
+    cloud
+        .snapshot(1, &[key_at("resident", "main", "482916")])
+        .await;
+    cloud.applied(1).await;
+    let late = SigningKey::from_bytes(&[22; 32]);
+    cloud
+        .delegate(
+            "late-admin",
+            &late,
+            &["garage"],
+            now - hour - hour,
+            now - hour,
+        )
+        .await;
+    cloud
+        .delta_as(&late, 1, 2, &[key_at("guest-late", "garage", "4444")], &[])
+        .await;
+    let reason = cloud
+        .rejection("the expired delegate's delta", "keys/delta")
+        .await;
+    assert!(
+        reason.starts_with("outside_delegation:") && reason.contains("expired"),
+        "{reason}"
+    );
+    assert_eq!(held(&b), (1, 1));
+    assert_eq!(
+        denied(&b.present(2, CredentialKind::Pin, "4444").await),
+        Some(DenyReason::UnknownCredential)
+    );
+    b.stop().await;
+}

@@ -220,6 +220,7 @@ fn card_key(id: &str, card: &str, limit: UseLimit) -> Key {
             welcome: Some(format!("Welcome, {id}!")),
             floors: vec![],
             revoked: false,
+            issuer: None,
         },
         credentials: vec![Credential {
             kind: CredentialKind::Card,

@@ -591,6 +591,7 @@ fn delta(
         upserts,
         revokes: revokes.iter().map(|s| (*s).to_owned()).collect(),
         stale_after: None,
+        signer: None,
     }
 }
 

@@ -118,6 +118,7 @@ fn record(i: u64, class: RecordClass) -> Record {
                 reason: (!granted).then_some(DenyReason::UnknownCredential),
                 released: if granted { vec![door] } else { vec![] },
                 command_id: None,
+                issuer: None,
             })
         }
     };

@@ -302,6 +302,7 @@ fn key(id: String, limit: UseLimit, secret: &str) -> Key {
             welcome: None,
             floors: vec![],
             revoked: false,
+            issuer: None,
         },
         credentials: vec![Credential {
             kind: CredentialKind::Pin,
