@@ -354,6 +354,10 @@ pub struct Uplink {
 pub const MARK_DELAY: Duration = Duration::from_secs(1);
 /// Marks handed to the store at once at most (a long drain does not wait [`MARK_DELAY`]).
 const MARK_BATCH: usize = 8_192;
+/// With nothing left in flight, this many marks or more go to the store at once: the end of a
+/// drain is not held back (the outbox shows empty when it is), while the lone decision's record
+/// waits to share its mark with the next ones.
+const MARK_NOW: usize = 256;
 
 /// Acknowledged seqs waiting for their mark.
 #[derive(Debug, Default)]
@@ -466,7 +470,8 @@ fn handle_acks(up: &mut Uplink, first: Ack) {
     }
     up.marks.since.get_or_insert_with(tokio::time::Instant::now);
     up.marks.seqs.extend(seqs);
-    if up.marks.seqs.len() >= MARK_BATCH {
+    let waiting = up.marks.seqs.len();
+    if waiting >= MARK_BATCH || (waiting >= MARK_NOW && up.planner.in_flight() == 0) {
         mark(up);
     }
 }
