@@ -471,4 +471,57 @@ mod tests {
         let b = Identity::load_or_create(dir.path()).unwrap();
         assert_eq!(a.public_hex(), b.public_hex());
     }
+
+    /// docs/cloud-protocol.md §12.6's vector: prints it with `--nocapture`, and keeps it.
+    #[test]
+    fn the_documented_vector_holds() {
+        let id = Identity::from_secret(&[0x42; 32]);
+        let epoch = 1_767_225_600_000_000;
+        let body1 = from_hex(
+            "a564747970656b63616c6c5f627574746f6e62617474323032362d30312d3031\
+             5430303a30323a30305a64756e69746a656e7472616e63652f3164646f6f7264\
+             6d61696e66627574746f6e00",
+        );
+        let mut body2 = body1.clone();
+        *body2.last_mut().unwrap() = 0x01;
+        let c1 = link(&GENESIS, 1, &body1);
+        let c2 = link(&c1, 2, &body2);
+        let head = id.sign_head(epoch, 2, &c2);
+        println!("public {}", id.public_hex());
+        println!("chain1 {}", to_hex(&c1));
+        println!("chain2 {}", to_hex(&c2));
+        println!("message {}", to_hex(&head_message(epoch, 2, &c2)));
+        println!("signature {}", to_hex(&head.signature));
+        let records = [
+            ChainedRecord {
+                seq: 1,
+                body: body1,
+                chain: Some(c1),
+            },
+            ChainedRecord {
+                seq: 2,
+                body: body2,
+                chain: Some(c2),
+            },
+        ];
+        assert_eq!(
+            verify(&records, &[head.clone()], epoch, &id.public()),
+            vec![]
+        );
+        assert_eq!(to_hex(&c1), VECTOR_CHAIN1);
+        assert_eq!(to_hex(&c2), VECTOR_CHAIN2);
+        assert_eq!(to_hex(&head.signature), VECTOR_SIGNATURE);
+    }
+
+    const VECTOR_CHAIN1: &str = "9514d0737fe0ec81887680f69e2495c61adb27c95e4c3bfce553722cd99a88ee";
+    const VECTOR_CHAIN2: &str = "5ffe150853c0ef349269bd1b04a47d9be896115a71690b99a29aaf00687044f7";
+    const VECTOR_SIGNATURE: &str = "759996dcc703e725a903db7d7950751345566d5c8f75140866680ac00d11716c393472dacbc954c4b5213a14c9f95a41b15462273eeb7410f5423c8e4e225706";
+
+    fn from_hex(text: &str) -> Vec<u8> {
+        let clean: String = text.split_whitespace().collect();
+        (0..clean.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&clean[i..i + 2], 16).unwrap())
+            .collect()
+    }
 }
