@@ -161,6 +161,14 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// The state directory of a database: the directory `storage.path` names the file in.
+    pub fn state_dir(database: &Path) -> PathBuf {
+        match database.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
     /// The identity file in a state directory.
     pub fn path_in(state_dir: &Path) -> PathBuf {
         state_dir.join("identity.key")
@@ -505,7 +513,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            verify(&records, &[head.clone()], epoch, &id.public()),
+            verify(&records, std::slice::from_ref(&head), epoch, &id.public()),
             vec![]
         );
         assert_eq!(to_hex(&c1), VECTOR_CHAIN1);

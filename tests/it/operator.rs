@@ -360,3 +360,30 @@ async fn the_metrics_file_is_written_for_the_textfile_collector() {
     );
     b.stop().await;
 }
+
+/// The gateway makes its identity at first start, owner-only, next to the database, and
+/// `doorbridge identity` prints its public key for enrolment; a restart keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_prints_the_key_the_gateway_made_at_first_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let b = Building::open(1, Vec::new(), "").await;
+    let config = b.config_file(1);
+    let file = config.with_file_name("identity.key");
+    let mode = std::fs::metadata(&file)
+        .expect("identity.key made at start")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the secret is the owner's only");
+    let printed = stdout(&run(&config, &["identity"]));
+    let printed = printed.trim();
+    assert_eq!(printed.len(), 64, "{printed}");
+    let made = doorbridge::store::chain::Identity::load_or_create(file.parent().unwrap()).unwrap();
+    assert_eq!(printed, made.public_hex());
+    std::fs::remove_file(&file).unwrap();
+    let out = run(&config, &["identity"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("made when the gateway first starts"),
+        "{out:?}"
+    );
+}
