@@ -377,8 +377,8 @@ async fn identity_prints_the_key_the_gateway_made_at_first_start() {
     let printed = stdout(&run(&config, &["identity"]));
     let printed = printed.trim();
     assert_eq!(printed.len(), 64, "{printed}");
-    let made = doorbridge::store::chain::Identity::load_or_create(file.parent().unwrap()).unwrap();
-    assert_eq!(printed, made.public_hex());
+    let kept = doorbridge::store::chain::Identity::load_or_create(file.parent().unwrap()).unwrap();
+    assert_eq!(printed, kept.public_hex());
     std::fs::remove_file(&file).unwrap();
     let out = run(&config, &["identity"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
