@@ -614,6 +614,17 @@ impl Worker {
     }
 }
 
+/// The identity that signs the record chain's head, next to the database (made by the
+/// daemon at start; made here too when the link runs without it, as in tests).
+fn chain_identity(store: &Store) -> Option<crate::store::chain::Identity> {
+    let dir = crate::store::chain::Identity::state_dir(store.path());
+    crate::store::chain::Identity::load_or_create(&dir)
+        .inspect_err(
+            |e| tracing::error!(error = %e, "record batches go without a signed chain head"),
+        )
+        .ok()
+}
+
 /// Starts the uplink and the telemetry task beside the worker.
 fn start_helpers(
     spec: &LinkSpec,
@@ -638,6 +649,7 @@ fn start_helpers(
             connected: connected.clone(),
             acks,
             deletes: JoinSet::new(),
+            identity: chain_identity(store),
         },
         stop.clone(),
     ));

@@ -555,6 +555,14 @@ impl RecordLedger {
         new
     }
 
+    /// The epochs records arrived under, over all gateways, lowest first.
+    pub fn epochs(&self) -> Vec<u64> {
+        let mut e: Vec<u64> = self.seen.keys().map(|(_, e)| *e).collect();
+        e.sort_unstable();
+        e.dedup();
+        e
+    }
+
     /// Distinct records received, over all gateways.
     pub fn unique(&self) -> u64 {
         self.seen.values().map(|s| s.len() as u64).sum()
