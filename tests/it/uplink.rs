@@ -1051,6 +1051,60 @@ fn read_lines(
     (lines, thread)
 }
 
+/// A record edited in the gateway's database before upload (a root shell, a stolen SD card)
+/// is named by `cloud-sim records --enrolled`, and `--check` fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_sim_records_names_a_record_edited_on_the_gateway() {
+    const N: u64 = 200;
+    let broker = RumqttdBroker::start();
+    let mut gw = Gateway::open(&broker.url(), "");
+    append_busy(&gw.store, N, 100).await;
+    let dir = doorbridge::store::chain::Identity::state_dir(&gw.config.storage.path);
+    let public = doorbridge::store::chain::Identity::load_or_create(&dir)
+        .unwrap()
+        .public_hex();
+    rusqlite::Connection::open(&gw.config.storage.path)
+        .unwrap()
+        .execute(
+            "UPDATE records SET body = (SELECT body FROM records WHERE seq = 101) WHERE seq = 100",
+            [],
+        )
+        .unwrap();
+    let mut child = cloud_sim()
+        .args(["records", "--url", &broker.url(), "--count", &N.to_string()])
+        .args(["--check", "--enrolled", &format!("{GATEWAY}={public}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cloud-sim records");
+    let (stderr, err_thread) = read_lines(child.stderr.take().expect("piped"));
+    wait_for(WAIT, "cloud-sim records subscribed", || {
+        let lines = stderr.lock().unwrap();
+        lines
+            .iter()
+            .any(|l| l.contains("receiving records on"))
+            .then_some(())
+    })
+    .await;
+    gw.start_link();
+    let status = wait_for(WAIT, "cloud-sim records to stop at the count", || {
+        child.try_wait().expect("wait for cloud-sim")
+    })
+    .await;
+    err_thread.join().unwrap();
+    let stderr = stderr.lock().unwrap().join("\n");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("record chain broken:")
+            && stderr.contains("record 100 edited")
+            && !stderr.contains("record 101"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the record chain is broken"), "{stderr}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::too_many_lines)] // one story: records, then check on what it wrote
 async fn cloud_sim_records_prints_each_uploaded_record_once_and_check_names_the_gaps() {
