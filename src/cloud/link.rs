@@ -210,6 +210,7 @@ fn broker_options(
             state: Presence::Offline,
             gateway: config.gateway.id.clone(),
             held: None,
+            identity: None,
         }
         .encode(),
         QoS::AtLeastOnce,
@@ -475,6 +476,8 @@ struct Worker {
     /// Commands issued before this instant are refused: the replay cache is in memory, so a
     /// command redelivered after a restart could otherwise open a door twice.
     started: Timestamp,
+    /// The public key of the gateway's identity, for the `state` message (hex).
+    identity: Option<String>,
 }
 
 /// Runs the cloud link until `shutdown` turns true, then publishes `offline` and disconnects.
@@ -528,6 +531,7 @@ pub async fn run_link(
         telemetry,
         &helpers_stopped,
     );
+    let identity = chain_identity(&store).map(|id| id.public_hex());
     let mut worker = Worker {
         sync: Sync::new(spec.target.clone(), held),
         spec,
@@ -542,6 +546,7 @@ pub async fn run_link(
         last_resync: None,
         oversized: None,
         started: Timestamp::now(),
+        identity,
     };
     worker.set_status(|s| {
         s.held_version = held;
@@ -1287,6 +1292,7 @@ impl Worker {
             state,
             gateway: self.spec.target.gateway.clone(),
             held: Some(self.sync.held()),
+            identity: self.identity.clone(),
         };
         self.publish(Channel::State, &report, true);
     }

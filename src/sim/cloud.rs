@@ -806,6 +806,7 @@ mod tests {
             state: Presence::Online,
             gateway: "gw1".into(),
             held: Some(7),
+            identity: None,
         };
         let v = decode_report("doorbridge", "doorbridge/s1/gw1/state", &report.encode());
         assert_eq!(
