@@ -221,6 +221,15 @@ impl Identity {
         }
     }
 
+    /// The identity in `state_dir` if one was made (never makes one): for status and the
+    /// operator commands.
+    pub fn load_existing(state_dir: &Path) -> Option<Identity> {
+        Self::path_in(state_dir)
+            .exists()
+            .then(|| Self::load_or_create(state_dir).ok())
+            .flatten()
+    }
+
     /// An identity from a known secret (tests, vectors).
     pub fn from_secret(secret: &[u8; 32]) -> Identity {
         Identity {

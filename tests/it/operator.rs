@@ -379,6 +379,12 @@ async fn identity_prints_the_key_the_gateway_made_at_first_start() {
     assert_eq!(printed.len(), 64, "{printed}");
     let kept = doorbridge::store::chain::Identity::load_or_create(file.parent().unwrap()).unwrap();
     assert_eq!(printed, kept.public_hex());
+    // `status` shows it too, in text and JSON.
+    let text = String::from_utf8_lossy(&run(&config, &["status"]).stdout).into_owned();
+    assert!(text.contains(&format!("identity  {printed}\n")), "{text}");
+    let json: Value =
+        serde_json::from_slice(&run(&config, &["status", "--json"]).stdout).expect("JSON");
+    assert_eq!(json["identity"], printed);
     std::fs::remove_file(&file).unwrap();
     let out = run(&config, &["identity"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
