@@ -366,7 +366,7 @@ async fn the_metrics_file_is_written_for_the_textfile_collector() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_prints_the_key_the_gateway_made_at_first_start() {
     use std::os::unix::fs::PermissionsExt as _;
-    let b = Building::open(1, Vec::new(), "").await;
+    let mut b = Building::open(1, Vec::new(), "").await;
     let config = b.config_file(1);
     let file = config.with_file_name("identity.key");
     let mode = std::fs::metadata(&file)
@@ -385,6 +385,29 @@ async fn identity_prints_the_key_the_gateway_made_at_first_start() {
     let json: Value =
         serde_json::from_slice(&run(&config, &["status", "--json"]).stdout).expect("JSON");
     assert_eq!(json["identity"], printed);
+    // With a record, the health (what telemetry sends) carries the chain head, signed now.
+    b.present(1, CredentialKind::Pin, "000000").await;
+    let json: Value =
+        serde_json::from_slice(&run(&config, &["status", "--json"]).stdout).expect("JSON");
+    let chain = &json["health"]["chain"];
+    assert_eq!(chain["identity"], printed, "{json:#}");
+    let unhex = |v: &Value| -> Vec<u8> {
+        let t = v.as_str().expect("hex text");
+        (0..t.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&t[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let head: [u8; 32] = unhex(&chain["head"]).try_into().unwrap();
+    let signature: [u8; 64] = unhex(&chain["signature"]).try_into().unwrap();
+    let message = doorbridge::store::chain::head_message(
+        chain["epoch"].as_i64().unwrap(),
+        chain["seq"].as_i64().unwrap(),
+        &head,
+    );
+    kept.public()
+        .verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&signature))
+        .expect("the head's signature verifies under the printed key");
     std::fs::remove_file(&file).unwrap();
     let out = run(&config, &["identity"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
