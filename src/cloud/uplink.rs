@@ -42,8 +42,9 @@ pub const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Bytes a batch spends besides the record bodies: the map with gateway and site ids (at most
 /// 64 bytes each), the epoch and the array head.
 const BATCH_OVERHEAD: usize = 4 * 16 + 2 * 64 + 16 + HEAD_BYTES;
-/// The signed chain head: its map, seq, 32-byte chain and 64-byte signature.
-const HEAD_BYTES: usize = 1 + 5 + 9 + 6 + 2 + 32 + 10 + 2 + 64;
+/// The signed chain head: its key, its map, seq, 32-byte chain and 64-byte signature (each
+/// with its key and CBOR head).
+const HEAD_BYTES: usize = 5 + 1 + (4 + 9) + (6 + 2 + 32) + (10 + 2 + 64);
 
 // ----- the wire format -----
 
