@@ -690,7 +690,12 @@ mod tests {
     fn batches_stay_under_the_payload_limit() {
         let max = 16 * 1024;
         let mut p = Planner::new("gw-with-a-long-name-0123456789", "site", max, 4);
-        let rows: Vec<(i64, Vec<u8>)> = (1..=2000).map(|s| (s, body(7))).collect();
+        // With every chain member and a signed head, the largest a batch gets.
+        let id = crate::store::chain::Identity::from_secret(&[1; 32]);
+        p.set_head(Some(id.sign_head(1, i64::MAX, &[9; 32])));
+        let rows: Vec<(i64, Vec<u8>, Option<[u8; 32]>)> = (1..=2000)
+            .map(|s: i64| (s, body(7), Some([s.to_be_bytes()[7]; 32])))
+            .collect();
         let now = Instant::now();
         let mut covered = 0;
         while let Some(plan) = p.plan(RecordClass::Activity, &rows[covered..], now) {
@@ -698,6 +703,8 @@ mod tests {
             let batch = Batch::decode(&plan.payload).unwrap();
             assert_eq!(batch.records.len(), plan.records);
             assert_eq!(batch.records[0].seq, rows[covered].0.cast_unsigned());
+            assert_eq!(batch.records[0].chain.map(|c| c.0), rows[covered].2);
+            assert_eq!(batch.head.as_ref().map(|h| h.seq), Some(u64::MAX >> 1));
             covered += plan.records;
             p.acked(plan.id).unwrap();
         }
