@@ -93,6 +93,13 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", value_parser = parse_signed_duration)]
         max_keyset_age: Option<jiff::SignedDuration>,
     },
+    /// Print the gateway's public key, for enrolment in the cloud
+    ///
+    /// The gateway makes its own Ed25519 identity at first start, in identity.key next to
+    /// the database (storage.path's directory, mode 0600), and signs its tamper-evident record
+    /// chain with it (docs/cloud-protocol.md §12.6). Prints the public key as 64 hex digits;
+    /// exits 1 when the gateway has not made its identity yet (it has never run).
+    Identity,
     /// Check the installation: ports, TLS files, brokers, clock, disk, database
     ///
     /// Runs every check and prints one line each, OK, WARNING or FAIL, with a hint under

@@ -70,6 +70,10 @@ pub struct Status {
     /// The disk refuses writes: records wait in memory (`docs/storage.md`).
     #[serde(default)]
     pub storage_degraded: bool,
+    /// The public key of the gateway's identity (64 hex digits) that signs its record chain,
+    /// for enrolment (docs/cloud-protocol.md §12.6); null before the first start.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 fn yes() -> bool {
@@ -145,6 +149,10 @@ impl ControlState {
                 rejected: link.rejected,
             },
             health,
+            identity: crate::store::chain::Identity::load_existing(
+                &crate::store::chain::Identity::state_dir(self.store.path()),
+            )
+            .map(|id| id.public_hex()),
         }
     }
 }

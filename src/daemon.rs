@@ -233,6 +233,15 @@ async fn next_reload(reloads: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
 async fn open_store(config: &Config) -> Result<Store, DaemonError> {
     let options = store_options(config);
     let path = options.path.display().to_string();
+    // The identity that signs the record chain, made at first start. A gateway that cannot
+    // keep one still serves its doors: its records are chained, only the head goes unsigned.
+    let dir = crate::store::chain::Identity::state_dir(&options.path);
+    match crate::store::chain::Identity::load_or_create(&dir) {
+        Ok(id) => tracing::info!(public_key = %id.public_hex(), "gateway identity"),
+        Err(e) => {
+            tracing::error!(error = %e, "no gateway identity; the record chain head goes unsigned");
+        }
+    }
     tokio::task::spawn_blocking(move || Store::open(options))
         .await
         .map_err(|e| DaemonError::Runtime(std::io::Error::other(e)))?

@@ -80,6 +80,7 @@ fn execute(cli: &Cli) -> anyhow::Result<()> {
             status(&config::load(&sources)?, json, &limits)
         }
         Command::Doctor { json, full } => doctor(&sources, json, full),
+        Command::Identity => identity(&config::load(&sources)?),
         Command::Keys(KeysCommand::List { json }) => {
             let reader = read_store(&config::load(&sources)?)?;
             let mut out = std::io::stdout().lock();
@@ -298,6 +299,22 @@ fn read_store(config: &config::Config) -> anyhow::Result<Reader> {
         );
     }
     Reader::open(path).with_context(|| format!("cannot read the database {}", path.display()))
+}
+
+/// `doorbridge identity`: the public key the cloud enrols. Never makes one: the daemon does,
+/// as the user that owns the state directory.
+fn identity(config: &config::Config) -> anyhow::Result<()> {
+    let dir = doorbridge::store::chain::Identity::state_dir(&config.storage.path);
+    let path = doorbridge::store::chain::Identity::path_in(&dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no gateway identity at {} yet: it is made when the gateway first starts",
+            path.display()
+        );
+    }
+    let id = doorbridge::store::chain::Identity::load_or_create(&dir)?;
+    println!("{}", id.public_hex());
+    Ok(())
 }
 
 /// `doorbridge status`: the daemon's answer, or what the database says and exit 3.

@@ -87,6 +87,9 @@ pub fn status_text(s: &Status, now: Timestamp) -> String {
             i64::try_from(h.uptime_s).unwrap_or(i64::MAX)
         ))
     );
+    if let Some(identity) = &s.identity {
+        let _ = writeln!(out, "identity  {identity}");
+    }
     let cloud = if s.cloud.connected {
         format!("connected to {}", s.cloud.broker)
     } else {

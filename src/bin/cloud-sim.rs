@@ -286,6 +286,30 @@ struct RecordsArgs {
     /// with the same --prefix, --gateway and --share: the session keeps its subscription)
     #[arg(long, value_name = "ID")]
     client_id: Option<String>,
+    /// Verify GATEWAY's tamper-evident record chain against its enrolled public key (64 hex
+    /// digits, what `doorbridge identity` prints): the summary names each deleted, edited,
+    /// moved or inserted record, and --check then also exits 1 on a broken chain. Repeatable
+    #[arg(long, value_name = "GATEWAY=KEY", value_parser = parse_enrolled)]
+    enrolled: Vec<(String, ed25519_dalek::VerifyingKey)>,
+}
+
+/// `GATEWAY=HEX`: a gateway id and its Ed25519 public key.
+fn parse_enrolled(text: &str) -> Result<(String, ed25519_dalek::VerifyingKey), String> {
+    let (gateway, key) = text
+        .split_once('=')
+        .ok_or("expected GATEWAY=KEY (64 hex digits)")?;
+    let bytes: Vec<u8> = (0..key.len())
+        .step_by(2)
+        .map(|i| {
+            key.get(i..i + 2)
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
+        .collect::<Option<_>>()
+        .ok_or("the key is not hex")?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| "the key is not 32 bytes")?;
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| "the key is not an Ed25519 public key")?;
+    Ok((gateway.to_owned(), key))
 }
 
 /// A shared-subscription group name: one topic level, no wildcards.
@@ -671,6 +695,7 @@ async fn records(args: RecordsArgs) -> anyhow::Result<()> {
         check,
         share,
         client_id,
+        enrolled,
     } = args;
     let topics = format!(
         "{prefix}/+/{}/{}",
@@ -689,6 +714,9 @@ async fn records(args: RecordsArgs) -> anyhow::Result<()> {
     let mut subscriber = DurableSubscriber::connect(&url, &client_id, &filter).await?;
     eprintln!("cloud-sim: receiving records on {filter} from {url}");
     let mut ledger = RecordLedger::default();
+    for (gateway, key) in enrolled {
+        ledger.enrol(&gateway, key);
+    }
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
     let idle_deadline = || idle.and_then(|d| tokio::time::Instant::now().checked_add(d));
     // When to stop for --idle; none while the broker is away.
@@ -752,6 +780,9 @@ async fn records(args: RecordsArgs) -> anyhow::Result<()> {
     }
     if check && !ledger.gaps().is_empty() {
         bail!("records are missing");
+    }
+    if check && !ledger.chain_findings().is_empty() {
+        bail!("the record chain is broken");
     }
     Ok(())
 }

@@ -214,6 +214,7 @@ fn broker_options(
             state: Presence::Offline,
             gateway: config.gateway.id.clone(),
             held: None,
+            identity: None,
         }
         .encode(),
         QoS::AtLeastOnce,
@@ -481,6 +482,8 @@ struct Worker {
     started: Timestamp,
     /// The delegation whose key signed the delta being carried out (`None`: a root key).
     signer: Option<String>,
+    /// The public key of the gateway's identity, for the `state` message (hex).
+    identity: Option<String>,
 }
 
 /// Runs the cloud link until `shutdown` turns true, then publishes `offline` and disconnects.
@@ -534,6 +537,7 @@ pub async fn run_link(
         telemetry,
         &helpers_stopped,
     );
+    let identity = chain_identity(&store).map(|id| id.public_hex());
     let mut worker = Worker {
         sync: Sync::new(spec.target.clone(), held),
         spec,
@@ -549,6 +553,7 @@ pub async fn run_link(
         oversized: None,
         started: Timestamp::now(),
         signer: None,
+        identity,
     };
     worker.set_status(|s| {
         s.held_version = held;
@@ -621,6 +626,17 @@ impl Worker {
     }
 }
 
+/// The identity that signs the record chain's head, next to the database (made by the
+/// daemon at start; made here too when the link runs without it, as in tests).
+fn chain_identity(store: &Store) -> Option<crate::store::chain::Identity> {
+    let dir = crate::store::chain::Identity::state_dir(store.path());
+    crate::store::chain::Identity::load_or_create(&dir)
+        .inspect_err(
+            |e| tracing::error!(error = %e, "record batches go without a signed chain head"),
+        )
+        .ok()
+}
+
 /// Starts the uplink and the telemetry task beside the worker.
 fn start_helpers(
     spec: &LinkSpec,
@@ -646,6 +662,7 @@ fn start_helpers(
             acks,
             deletes: JoinSet::new(),
             marks: super::uplink::PendingMarks::default(),
+            identity: chain_identity(store),
         },
         stop.clone(),
     ));
@@ -1403,6 +1420,7 @@ impl Worker {
             state,
             gateway: self.spec.target.gateway.clone(),
             held: Some(self.sync.held()),
+            identity: self.identity.clone(),
         };
         self.publish(Channel::State, &report, true);
     }

@@ -484,7 +484,7 @@ pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result
 }
 
 /// `Vec<u8>` as a CBOR byte string.
-mod bytes {
+pub(crate) mod bytes {
     use serde::de::{Error, Visitor};
     use serde::{Deserializer, Serializer};
 

@@ -45,6 +45,10 @@ pub enum Report {
         state: Presence,
         gateway: String,
         held: Option<u64>,
+        /// The gateway's public key (64 hex digits) that signs its record chain
+        /// (docs/cloud-protocol.md §12.6); absent in the will and without an identity.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        identity: Option<String>,
     },
     /// On `sync`: a snapshot or delta was committed; the gateway now holds `version`.
     Applied {
@@ -101,6 +105,7 @@ mod tests {
                 state: Presence::Online,
                 gateway: "gw1".into(),
                 held: Some(7),
+                identity: Some("ab".repeat(32)),
             },
             Report::Applied {
                 version: 8,
@@ -153,6 +158,7 @@ mod tests {
             state: Presence::Offline,
             gateway: "g".into(),
             held: None,
+            identity: None,
         }
         .encode();
         bytes.push(0);

@@ -35,6 +35,25 @@ pub struct Summary {
     pub outbox_depth: Option<u64>,
     pub clock: ClockHealth,
     pub buses: Vec<BusHealth>,
+    /// The record chain's head signed when the summary was made, with the public key that
+    /// signed it (docs/cloud-protocol.md §12.6): a periodic signature even when nothing is
+    /// uploaded. Absent without an identity or a chained record.
+    #[serde(default)]
+    pub chain: Option<ChainHealth>,
+}
+
+/// A signed record chain head, in hex (docs/cloud-protocol.md §12.6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainHealth {
+    /// The gateway's public key, 64 hex digits.
+    pub identity: String,
+    pub epoch: u64,
+    pub seq: u64,
+    /// The chain link of record `seq`, 64 hex digits.
+    pub head: String,
+    /// Ed25519 over the head message, 128 hex digits.
+    pub signature: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +211,7 @@ fn summarize(
         })
         .collect();
     Summary {
+        chain: None,
         gateway: gateway.to_owned(),
         at: now,
         uptime_s: spec.started.elapsed().as_secs(),
@@ -225,13 +245,35 @@ pub async fn snapshot(
         .read(|r: &Reader| Ok((r.key_set()?, r.outbox_depth()?, r.trusted_time()?)))
         .await;
     let status = link.lock().map(|s| s.clone()).unwrap_or_default();
-    summarize(
+    let mut summary = summarize(
         spec,
         gateway,
         &status,
         stored,
         (Timestamp::now(), clock_synced()),
-    )
+    );
+    summary.chain = signed_head(store).await;
+    summary
+}
+
+/// The chain head, signed now by the identity next to the database (if there is one).
+async fn signed_head(store: &Store) -> Option<ChainHealth> {
+    use crate::access::credential::to_hex;
+    use crate::store::chain::Identity;
+    let identity = Identity::load_existing(&Identity::state_dir(store.path()))?;
+    let (epoch, (seq, head)) = store
+        .read(|r: &Reader| Ok((r.outbox_epoch()?, r.chain_head()?)))
+        .await
+        .ok()
+        .and_then(|(e, h)| Some((e, h?)))?;
+    let signed = identity.sign_head(i64::try_from(epoch).ok()?, seq, &head);
+    Some(ChainHealth {
+        identity: identity.public_hex(),
+        epoch,
+        seq: u64::try_from(seq).ok()?,
+        head: to_hex(&head),
+        signature: to_hex(&signed.signature),
+    })
 }
 
 /// What [`run_telemetry`] needs from the link.

@@ -27,7 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::acks::{Ack, BatchId, Publisher};
-use super::payload::{PayloadError, from_cbor};
+use super::payload::{PayloadError, Sha256Digest, from_cbor};
+use crate::store::chain::{Identity, SignedHead};
 use crate::store::{Reader, Record, RecordClass, Store, StoreError};
 use crate::task::stopped;
 
@@ -40,7 +41,10 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Bytes a batch spends besides the record bodies: the map with gateway and site ids (at most
 /// 64 bytes each), the epoch and the array head.
-const BATCH_OVERHEAD: usize = 4 * 16 + 2 * 64 + 16;
+const BATCH_OVERHEAD: usize = 4 * 16 + 2 * 64 + 16 + HEAD_BYTES;
+/// The signed chain head: its key, its map, seq, 32-byte chain and 64-byte signature (each
+/// with its key and CBOR head).
+const HEAD_BYTES: usize = 5 + 1 + (4 + 9) + (6 + 2 + 32) + (10 + 2 + 64);
 
 // ----- the wire format -----
 
@@ -52,6 +56,29 @@ pub struct Uploaded {
     pub seq: u64,
     pub class: RecordClass,
     pub record: Record,
+    /// Its link in the record chain (docs/cloud-protocol.md §12.6); absent for a record
+    /// stored before the chain existed.
+    #[serde(default)]
+    pub chain: Option<Sha256Digest>,
+}
+
+/// A batch's signed chain head (docs/cloud-protocol.md §12.6).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadedHead {
+    pub seq: u64,
+    pub chain: Sha256Digest,
+    #[serde(with = "serde_bytes_64")]
+    pub signature: [u8; 64],
+}
+
+mod serde_bytes_64 {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
+        let bytes = crate::cloud::payload::bytes::deserialize(d)?;
+        bytes
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("a signature is 64 bytes"))
+    }
 }
 
 /// An upload message:
@@ -65,6 +92,10 @@ pub struct Batch {
     /// is a record's unique id, also across a replaced database.
     pub epoch: u64,
     pub records: Vec<Uploaded>,
+    /// The gateway's signed chain head when the batch was built; absent when the gateway
+    /// has no identity.
+    #[serde(default)]
+    pub head: Option<UploadedHead>,
 }
 
 impl Batch {
@@ -121,12 +152,28 @@ impl BatchWriter {
     /// Adds a record unless the batch would grow past its limit; the first record always goes
     /// in (a record larger than a whole batch is the caller's to refuse).
     pub fn push(&mut self, seq: i64, class: RecordClass, body: &[u8]) -> bool {
-        let mut entry = Vec::with_capacity(body.len() + 40);
-        head(&mut entry, 5, 3);
+        self.push_chained(seq, class, body, None)
+    }
+
+    /// [`BatchWriter::push`] with the record's chain link.
+    pub fn push_chained(
+        &mut self,
+        seq: i64,
+        class: RecordClass,
+        body: &[u8],
+        chain: Option<&[u8; 32]>,
+    ) -> bool {
+        let mut entry = Vec::with_capacity(body.len() + 80);
+        head(&mut entry, 5, if chain.is_some() { 4 } else { 3 });
         text(&mut entry, "seq");
         head(&mut entry, 0, u64::try_from(seq).unwrap_or(0));
         text(&mut entry, "class");
         text(&mut entry, class.as_str());
+        if let Some(chain) = chain {
+            text(&mut entry, "chain");
+            head(&mut entry, 2, 32);
+            entry.extend_from_slice(chain);
+        }
         text(&mut entry, "record");
         if self.count > 0 && self.entries.len() + entry.len() + body.len() > self.limit {
             return false;
@@ -152,8 +199,19 @@ impl BatchWriter {
 
     /// The message: the stored bodies are CBOR already, so they are spliced in as they are.
     pub fn finish(self, gateway: &str, site: &str, epoch: u64) -> Vec<u8> {
+        self.finish_signed(gateway, site, epoch, None)
+    }
+
+    /// [`BatchWriter::finish`] with the gateway's signed chain head.
+    pub fn finish_signed(
+        self,
+        gateway: &str,
+        site: &str,
+        epoch: u64,
+        signed: Option<&SignedHead>,
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.entries.len() + BATCH_OVERHEAD);
-        head(&mut out, 5, 4);
+        head(&mut out, 5, if signed.is_some() { 5 } else { 4 });
         text(&mut out, "gateway");
         text(&mut out, gateway);
         text(&mut out, "site");
@@ -163,11 +221,54 @@ impl BatchWriter {
         text(&mut out, "records");
         head(&mut out, 4, self.count);
         out.extend_from_slice(&self.entries);
+        if let Some(h) = signed {
+            text(&mut out, "head");
+            head(&mut out, 5, 3);
+            text(&mut out, "seq");
+            head(&mut out, 0, u64::try_from(h.seq).unwrap_or(0));
+            text(&mut out, "chain");
+            head(&mut out, 2, 32);
+            out.extend_from_slice(&h.chain);
+            text(&mut out, "signature");
+            head(&mut out, 2, 64);
+            out.extend_from_slice(&h.signature);
+        }
         out
     }
 }
 
 // ----- the pure core -----
+
+/// An outbox row as the planner takes it: seq, stored body, and chain link if known.
+pub trait OutboxRow {
+    fn seq(&self) -> i64;
+    fn body(&self) -> &[u8];
+    fn chain(&self) -> Option<&[u8; 32]>;
+}
+
+impl OutboxRow for (i64, Vec<u8>) {
+    fn seq(&self) -> i64 {
+        self.0
+    }
+    fn body(&self) -> &[u8] {
+        &self.1
+    }
+    fn chain(&self) -> Option<&[u8; 32]> {
+        None
+    }
+}
+
+impl OutboxRow for (i64, Vec<u8>, Option<[u8; 32]>) {
+    fn seq(&self) -> i64 {
+        self.0
+    }
+    fn body(&self) -> &[u8] {
+        &self.1
+    }
+    fn chain(&self) -> Option<&[u8; 32]> {
+        self.2.as_ref()
+    }
+}
 
 /// A batch sent and not yet acknowledged.
 #[derive(Clone, Debug)]
@@ -202,6 +303,8 @@ pub struct Planner {
     /// Bytes a record took in the last batch (its body and its framing), for
     /// [`Planner::rows_per_read`].
     row_bytes: usize,
+    /// The signed chain head the next batch carries.
+    signed: Option<SignedHead>,
 }
 
 impl Planner {
@@ -216,6 +319,7 @@ impl Planner {
             inflight: BTreeMap::new(),
             next_id: 1,
             row_bytes: 96,
+            signed: None,
         }
     }
 
@@ -245,26 +349,37 @@ impl Planner {
         u32::try_from(rows.clamp(16, 4096)).unwrap_or(4096)
     }
 
+    /// The store's outbox epoch, as set.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Sets the signed chain head the next batches carry.
+    pub fn set_head(&mut self, signed: Option<SignedHead>) {
+        self.signed = signed;
+    }
+
     /// Builds the next batch of `class` from rows read after its cursor (oldest first) and
     /// counts it in flight; `None` when `rows` is empty.
-    pub fn plan(
+    pub fn plan<R: OutboxRow>(
         &mut self,
         class: RecordClass,
-        rows: &[(i64, Vec<u8>)],
+        rows: &[R],
         now: Instant,
     ) -> Option<Planned> {
         let mut writer = BatchWriter::new(self.max_payload);
         let mut seqs = Vec::new();
         let mut oversized = Vec::new();
-        for (seq, body) in rows {
+        for row in rows {
+            let (seq, body) = (row.seq(), row.body());
             if body.len() + BATCH_OVERHEAD > self.max_payload {
-                oversized.push(*seq);
+                oversized.push(seq);
                 continue;
             }
-            if !writer.push(*seq, class, body) {
+            if !writer.push_chained(seq, class, body, row.chain()) {
                 break;
             }
-            seqs.push(*seq);
+            seqs.push(seq);
         }
         let last = seqs.last().copied().max(oversized.last().copied())?;
         self.cursor[index(class)] = last;
@@ -289,7 +404,7 @@ impl Planner {
             payload: if writer.is_empty() {
                 Vec::new()
             } else {
-                writer.finish(&self.gateway, &self.site, self.epoch)
+                writer.finish_signed(&self.gateway, &self.site, self.epoch, self.signed.as_ref())
             },
             records,
             oversized,
@@ -345,6 +460,9 @@ pub struct Uplink {
     pub deletes: JoinSet<()>,
     /// Acknowledged rows not yet handed to the store, and since when.
     pub marks: PendingMarks,
+    /// Signs the record chain's head for each batch (docs/cloud-protocol.md §12.6); None when
+    /// the gateway has no identity.
+    pub identity: Option<Identity>,
 }
 
 /// How long acknowledged rows wait before they are marked sent in the store: every batch
@@ -502,13 +620,21 @@ async fn send_round(
     let mut sent = 0;
     'window: while up.planner.has_room() {
         for class in RecordClass::ALL {
-            let rows = read_rows(
+            let (rows, chain_head) = read_rows(
                 reader,
                 class,
                 up.planner.cursor(class),
                 up.planner.rows_per_read(),
             )
             .await?;
+            // Each batch carries the chain head as it stood when its rows were read, signed.
+            let epoch = i64::try_from(up.planner.epoch()).unwrap_or(i64::MAX);
+            up.planner.set_head(
+                up.identity
+                    .as_ref()
+                    .zip(chain_head)
+                    .map(|(id, (seq, chain))| id.sign_head(epoch, seq, &chain)),
+            );
             let Some(planned) = up.planner.plan(class, &rows, Instant::now()) else {
                 continue;
             };
@@ -539,16 +665,26 @@ async fn send_round(
     Ok((sent, true))
 }
 
-/// Reads rows off the async workers on the uplink's own read-only connection.
+/// Reads rows, with their chain links, and the chain head off the async workers on the
+/// uplink's own read-only connection.
+#[allow(clippy::type_complexity)]
 async fn read_rows(
     reader: &mut Option<Reader>,
     class: RecordClass,
     after: i64,
     limit: u32,
-) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+) -> Result<
+    (
+        Vec<(i64, Vec<u8>, Option<[u8; 32]>)>,
+        Option<(i64, [u8; 32])>,
+    ),
+    StoreError,
+> {
     let r = reader.take().ok_or(StoreError::WriterGone)?;
     let (r, rows) = tokio::task::spawn_blocking(move || {
-        let rows = r.outbox_raw(class, after, limit);
+        let rows = r
+            .outbox_chained(class, after, limit)
+            .and_then(|rows| Ok((rows, r.chain_head()?)));
         (r, rows)
     })
     .await
@@ -597,7 +733,12 @@ mod tests {
     fn batches_stay_under_the_payload_limit() {
         let max = 16 * 1024;
         let mut p = Planner::new("gw-with-a-long-name-0123456789", "site", max, 4);
-        let rows: Vec<(i64, Vec<u8>)> = (1..=2000).map(|s| (s, body(7))).collect();
+        // With every chain member and a signed head, the largest a batch gets.
+        let id = crate::store::chain::Identity::from_secret(&[1; 32]);
+        p.set_head(Some(id.sign_head(1, i64::MAX, &[9; 32])));
+        let rows: Vec<(i64, Vec<u8>, Option<[u8; 32]>)> = (1..=2000)
+            .map(|s: i64| (s, body(7), Some([s.to_be_bytes()[7]; 32])))
+            .collect();
         let now = Instant::now();
         let mut covered = 0;
         while let Some(plan) = p.plan(RecordClass::Activity, &rows[covered..], now) {
@@ -605,6 +746,8 @@ mod tests {
             let batch = Batch::decode(&plan.payload).unwrap();
             assert_eq!(batch.records.len(), plan.records);
             assert_eq!(batch.records[0].seq, rows[covered].0.cast_unsigned());
+            assert_eq!(batch.records[0].chain.map(|c| c.0), rows[covered].2);
+            assert_eq!(batch.head.as_ref().map(|h| h.seq), Some(u64::MAX >> 1));
             covered += plan.records;
             p.acked(plan.id).unwrap();
         }

@@ -218,6 +218,7 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
                 state: Presence::Online,
                 gateway: "gw1".into(),
                 held: Some(8),
+                identity: None,
             }
             .encode(),
         ),

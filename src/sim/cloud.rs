@@ -35,6 +35,7 @@ use crate::cloud::report::Report;
 use crate::cloud::topics::{Channel, Topics};
 use crate::cloud::uplink::{Batch, MAX_BATCH_BYTES, Uploaded};
 use crate::store::Record;
+use crate::store::chain::{ChainedRecord, Finding, SignedHead, verify};
 
 /// The largest MQTT packet sent or accepted: a full envelope plus topic and header.
 pub const MAX_PACKET_BYTES: usize = MAX_ENVELOPE_BYTES + 1024;
@@ -507,10 +508,22 @@ pub fn record_json(batch: &Batch, r: &Uploaded) -> Value {
 pub struct RecordLedger {
     /// By gateway and epoch (a gateway's database), the seqs received.
     seen: HashMap<(String, u64), std::collections::BTreeSet<u64>>,
+    /// Gateways whose record chain is verified (docs/cloud-protocol.md §12.6), by their
+    /// enrolled public key.
+    enrolled: HashMap<String, ed25519_dalek::VerifyingKey>,
+    /// For those, by gateway and epoch, the records (their bytes and links) and signed heads.
+    chains: HashMap<(String, u64), ChainBook>,
     duplicates: u64,
     /// Records the gateways reported dropping from a full outbox (`outbox_dropped`).
     reported_dropped: u64,
 }
+
+/// One gateway database's records as the chain check takes them (by seq), and its signed
+/// heads.
+type ChainBook = (
+    std::collections::BTreeMap<i64, ChainedRecord>,
+    Vec<SignedHead>,
+);
 
 /// A gateway's sequence numbers that never arrived, as inclusive ranges.
 pub type Gaps = Vec<(u64, u64)>;
@@ -519,6 +532,40 @@ impl RecordLedger {
     /// Takes a batch; returns the records not seen before (duplicates are counted, not
     /// returned).
     pub fn add<'a>(&mut self, batch: &'a Batch) -> Vec<&'a Uploaded> {
+        if self.enrolled.contains_key(&batch.gateway) {
+            let (records, heads) = self
+                .chains
+                .entry((batch.gateway.clone(), batch.epoch))
+                .or_default();
+            if let Some(h) = &batch.head {
+                heads.push(SignedHead {
+                    seq: i64::try_from(h.seq).unwrap_or(i64::MAX),
+                    chain: h.chain.0,
+                    signature: h.signature,
+                });
+            }
+            for r in &batch.records {
+                let seq = i64::try_from(r.seq).unwrap_or(i64::MAX);
+                // The first copy, unless it came without its link (a resend by another
+                // sender) and this one has it.
+                if records
+                    .get(&seq)
+                    .is_none_or(|held| held.chain.is_none() && r.chain.is_some())
+                {
+                    records.insert(
+                        seq,
+                        ChainedRecord {
+                            seq,
+                            // The bytes as this build stores them: the reference cloud
+                            // decodes the batch, so it hashes the re-encoding (a real cloud
+                            // hashes the record's bytes as received, §12.6).
+                            body: r.record.to_cbor(),
+                            chain: r.chain.map(|c| c.0),
+                        },
+                    );
+                }
+            }
+        }
         let seen = self
             .seen
             .entry((batch.gateway.clone(), batch.epoch))
@@ -553,6 +600,35 @@ impl RecordLedger {
             self.duplicates += 1;
         }
         new
+    }
+
+    /// Verifies `gateway`'s record chain against its enrolled public key from now on.
+    pub fn enrol(&mut self, gateway: &str, key: ed25519_dalek::VerifyingKey) {
+        self.enrolled.insert(gateway.to_owned(), key);
+    }
+
+    /// For each enrolled gateway (`gateway@epoch`), the breaks in its record chain.
+    pub fn chain_findings(&self) -> Vec<(String, Vec<Finding>)> {
+        let mut out: Vec<(String, Vec<Finding>)> = self
+            .chains
+            .iter()
+            .filter_map(|((gateway, epoch), (records, heads))| {
+                let key = self.enrolled.get(gateway)?;
+                let records: Vec<ChainedRecord> = records.values().cloned().collect();
+                let found = verify(&records, heads, i64::try_from(*epoch).ok()?, key);
+                (!found.is_empty()).then(|| (format!("{gateway}@{epoch}"), found))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The epochs records arrived under, over all gateways, lowest first.
+    pub fn epochs(&self) -> Vec<u64> {
+        let mut e: Vec<u64> = self.seen.keys().map(|(_, e)| *e).collect();
+        e.sort_unstable();
+        e.dedup();
+        e
     }
 
     /// Distinct records received, over all gateways.
@@ -625,6 +701,19 @@ impl RecordLedger {
                         let _ = write!(line, " {gateway}#{a}");
                     } else {
                         let _ = write!(line, " {gateway}#{a}-{b}");
+                    }
+                }
+            }
+        }
+        if !self.enrolled.is_empty() {
+            let findings = self.chain_findings();
+            if findings.is_empty() {
+                line.push_str("; record chain intact");
+            } else {
+                line.push_str("; record chain broken:");
+                for (gateway, found) in &findings {
+                    for f in found.iter().take(10) {
+                        let _ = write!(line, " {gateway}: {f};");
                     }
                 }
             }
@@ -717,6 +806,7 @@ mod tests {
             state: Presence::Online,
             gateway: "gw1".into(),
             held: Some(7),
+            identity: None,
         };
         let v = decode_report("doorbridge", "doorbridge/s1/gw1/state", &report.encode());
         assert_eq!(

@@ -15,6 +15,7 @@
 //! [`rules`] (the compact encoding of a key's rules) and `knowledge` (the held set's
 //! `stale_after` and the knowledge time).
 
+pub mod chain;
 mod check;
 mod delegation;
 mod knowledge;
@@ -106,14 +107,12 @@ fn recover(conn: &mut rusqlite::Connection, aside: &Path, problem: &str) -> Resu
         records: salvaged.records,
         uses: salvaged.uses,
     };
-    conn.execute(
-        schema::INSERT_RECORD,
-        rusqlite::params![
-            alarm.class().code(),
-            alarm.at().as_millisecond(),
-            alarm.to_cbor(),
-            None::<Vec<u8>>
-        ],
+    chain::insert(
+        conn,
+        alarm.class().code(),
+        alarm.at().as_millisecond(),
+        &alarm.to_cbor(),
+        None,
     )?;
     Ok(())
 }

@@ -197,6 +197,51 @@ impl Reader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// [`Reader::outbox_raw`] with each record's chain link (`store::chain`; None for a row
+    /// written before migration 8): what the uplink sends.
+    #[allow(clippy::type_complexity)]
+    pub fn outbox_chained(
+        &self,
+        class: RecordClass,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Vec<u8>, Option<[u8; 32]>)>, StoreError> {
+        let after = after_seq.max(self.sent_below()? - 1);
+        let mut stmt = self.conn.prepare_cached(match class {
+            RecordClass::Alarm => concat!(
+                "SELECT seq, body, chain FROM records AS r WHERE class = 0 AND class <> 1
+                 AND seq > ?1 AND NOT ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT ?2"
+            ),
+            RecordClass::Activity => concat!(
+                "SELECT seq, body, chain FROM records AS r WHERE class = 1 AND seq > ?1 AND NOT ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT ?2"
+            ),
+            RecordClass::Telemetry => concat!(
+                "SELECT seq, body, chain FROM records AS r WHERE class = 2 AND class <> 1
+                 AND seq > ?1 AND NOT ",
+                crate::acked_above!(),
+                " ORDER BY seq LIMIT ?2"
+            ),
+        })?;
+        let rows = stmt.query_map(params![after, limit], |r| {
+            let chain: Option<Vec<u8>> = r.get(2)?;
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                chain.and_then(|c| <[u8; 32]>::try_from(c.as_slice()).ok()),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The record chain's head: the newest record's seq and chain link.
+    pub fn chain_head(&self) -> Result<Option<(i64, [u8; 32])>, StoreError> {
+        Ok(super::chain::head(&self.conn)?)
+    }
+
     /// Outbox records after `after_seq`, oldest first, at most `limit`.
     pub fn outbox(&self, after_seq: i64, limit: u32) -> Result<Vec<StoredRecord>, StoreError> {
         let after = after_seq.max(self.sent_below()? - 1);

@@ -143,6 +143,22 @@ pub const MIGRATIONS: &[&str] = &[
         revoked    INTEGER NOT NULL DEFAULT 0
     ) STRICT, WITHOUT ROWID;
     ",
+    // 9: the tamper-evident record chain (store::chain, docs/cloud-protocol.md "Record
+    // chain"): each row carries SHA-256(previous chain || seq || body), 32 bytes on the page
+    // the record writes anyway. Rows written before stay NULL and the chain starts after
+    // them. When the newest record is deleted (pruning, a full disk), `meta.chain_floor`
+    // keeps its seq and chain so that the next record still links to it.
+    "
+    ALTER TABLE records ADD COLUMN chain BLOB;
+    CREATE TRIGGER records_chain_floor AFTER DELETE ON records
+    WHEN old.chain IS NOT NULL
+         AND old.seq > coalesce((SELECT max(seq) FROM records), 0)
+         AND old.seq > coalesce((SELECT value FROM meta WHERE name = 'chain_floor_seq'), 0)
+    BEGIN
+        INSERT OR REPLACE INTO meta (name, value) VALUES ('chain_floor_seq', old.seq);
+        INSERT OR REPLACE INTO meta (name, value) VALUES ('chain_floor', old.chain);
+    END;
+    ",
 ];
 
 /// SQL: whether the record `r` was acknowledged: it lies in the range of `sent` that starts
@@ -163,13 +179,10 @@ macro_rules! acked_above {
 /// docs/performance.md). A file keeps the page size it was created with.
 pub const PAGE_SIZE: u32 = 1024;
 
-/// Appends a record: `?1` class, `?2` created (ms), `?3` body, `?4` kept answer or NULL. The
-/// seq is one past both the highest row and `meta.seq_floor` (the highest seq ever deleted by
-/// pruning), so an id the cloud has seen is never given again.
-pub const INSERT_RECORD: &str = "INSERT INTO records (seq, class, created_ms, body, answer)
-     VALUES (max(coalesce((SELECT max(seq) FROM records), 0),
-                 coalesce((SELECT value FROM meta WHERE name = 'seq_floor'), 0)) + 1,
-             ?1, ?2, ?3, ?4)";
+/// Appends a record: `?1` seq, `?2` class, `?3` created (ms), `?4` body, `?5` kept answer or
+/// NULL, `?6` chain link. Only through `chain::insert`, which finds the seq and the link.
+pub const INSERT_RECORD: &str = "INSERT INTO records (seq, class, created_ms, body, answer, chain)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 /// The schema version this build writes.
 pub fn latest_version() -> i64 {
@@ -355,9 +368,8 @@ pub fn salvage(from: &Path, to: &mut Connection) -> Result<Salvaged, StoreError>
         });
     let tx = to.transaction()?;
     {
-        let mut put = tx.prepare(INSERT_RECORD)?;
         for (class, created, body) in &records {
-            put.execute(rusqlite::params![class, created, body, None::<Vec<u8>>])?;
+            super::chain::insert(&tx, *class, *created, body, None)?;
         }
         let mut count = tx.prepare(
             "INSERT INTO uses (key_id, door, count) VALUES (?1, ?2, ?3)

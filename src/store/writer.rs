@@ -2222,14 +2222,14 @@ fn insert_record(
 ) -> Result<(i64, i64), rusqlite::Error> {
     let body = record.to_cbor();
     let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
-    conn.prepare_cached(super::schema::INSERT_RECORD)?
-        .execute(params![
-            record.class().code(),
-            record.at().as_millisecond(),
-            body,
-            answer
-        ])?;
-    Ok((conn.last_insert_rowid(), len))
+    let seq = super::chain::insert(
+        conn,
+        record.class().code(),
+        record.at().as_millisecond(),
+        &body,
+        answer,
+    )?;
+    Ok((seq, len))
 }
 
 /// Each unit's last kept answer among the newest [`KEPT_SCAN`] records.

@@ -558,6 +558,7 @@ async fn watch_prints_gateway_reports_as_json_lines() {
         state: Presence::Online,
         gateway: "gw1".into(),
         held: Some(5),
+        identity: None,
     };
     gateway
         .publish(&topics.topic(Channel::State), report.encode(), true)

@@ -166,14 +166,23 @@ async fn a_clean_stop_leaves_the_links_own_offline_not_the_will() {
         "the poller should end with the clean disconnect"
     );
     let state = retained_state(&broker.url(), &home).await;
-    assert_eq!(
+    let Report::State {
         state,
-        Report::State {
-            state: Presence::Offline,
-            gateway: home.target.gateway.clone(),
-            held: Some(1),
-        },
+        gateway,
+        held,
+        identity,
+    } = state
+    else {
+        panic!("a state report expected: {state:?}")
+    };
+    assert_eq!(
+        (state, gateway, held),
+        (Presence::Offline, home.target.gateway.clone(), Some(1)),
         "the link's own offline, not the will"
+    );
+    assert!(
+        identity.is_some(),
+        "the link's own state names its identity"
     );
 }
 

@@ -2,6 +2,7 @@
 
 mod broker;
 mod bus;
+mod chain;
 mod cloud_sim;
 mod config;
 mod daemon;

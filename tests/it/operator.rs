@@ -365,3 +365,59 @@ async fn the_metrics_file_is_written_for_the_textfile_collector() {
     );
     b.stop().await;
 }
+
+/// The gateway makes its identity at first start, owner-only, next to the database, and
+/// `doorbridge identity` prints its public key for enrolment; a restart keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_prints_the_key_the_gateway_made_at_first_start() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut b = Building::open(1, Vec::new(), "").await;
+    let config = b.config_file(1);
+    let file = config.with_file_name("identity.key");
+    let mode = std::fs::metadata(&file)
+        .expect("identity.key made at start")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the secret is the owner's only");
+    let printed = stdout(&run(&config, &["identity"]));
+    let printed = printed.trim();
+    assert_eq!(printed.len(), 64, "{printed}");
+    let kept = doorbridge::store::chain::Identity::load_or_create(file.parent().unwrap()).unwrap();
+    assert_eq!(printed, kept.public_hex());
+    // `status` shows it too, in text and JSON.
+    let text = String::from_utf8_lossy(&run(&config, &["status"]).stdout).into_owned();
+    assert!(text.contains(&format!("identity  {printed}\n")), "{text}");
+    let json: Value =
+        serde_json::from_slice(&run(&config, &["status", "--json"]).stdout).expect("JSON");
+    assert_eq!(json["identity"], printed);
+    // With a record, the health (what telemetry sends) carries the chain head, signed now.
+    b.present(1, CredentialKind::Pin, "000000").await;
+    let json: Value =
+        serde_json::from_slice(&run(&config, &["status", "--json"]).stdout).expect("JSON");
+    let chain = &json["health"]["chain"];
+    assert_eq!(chain["identity"], printed, "{json:#}");
+    let unhex = |v: &Value| -> Vec<u8> {
+        let t = v.as_str().expect("hex text");
+        (0..t.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&t[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let head: [u8; 32] = unhex(&chain["head"]).try_into().unwrap();
+    let signature: [u8; 64] = unhex(&chain["signature"]).try_into().unwrap();
+    let message = doorbridge::store::chain::head_message(
+        chain["epoch"].as_i64().unwrap(),
+        chain["seq"].as_i64().unwrap(),
+        &head,
+    );
+    kept.public()
+        .verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&signature))
+        .expect("the head's signature verifies under the printed key");
+    std::fs::remove_file(&file).unwrap();
+    let out = run(&config, &["identity"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("made when the gateway first starts"),
+        "{out:?}"
+    );
+}

@@ -172,11 +172,14 @@ struct Received {
     order: Vec<(u64, Instant)>,
     /// Messages on the topic that are not record batches.
     undecodable: Vec<String>,
+    /// The signed chain heads the batches carried.
+    heads: Vec<doorbridge::cloud::uplink::UploadedHead>,
 }
 
 impl Received {
     fn take(&mut self, batch: &Batch, at: Instant) {
         self.ledger.add(batch);
+        self.heads.extend(batch.head.clone());
         for r in &batch.records {
             match self.records.get(&r.seq) {
                 Some(first) if first != r => self.conflicts.push(r.seq),
@@ -481,6 +484,64 @@ async fn everything_arrives_after_an_outage(broker_url: &str, broker_port: u16, 
         N - resumed.1,
         done.duration_since(resumed.0),
         uploads.with(|r| r.ledger.duplicates()),
+    );
+    gw.stop().await;
+}
+
+/// Every uploaded record carries its chain link and every batch the signed chain head: the
+/// cloud verifies the whole chain across classes against the gateway's enrolled key, and a
+/// record withheld from it is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_carry_the_record_chain_and_a_signed_head_the_cloud_verifies() {
+    use doorbridge::store::chain::{self, ChainedRecord, Finding, Identity, SignedHead};
+    let broker = RumqttdBroker::start();
+    let uploads = Uploads::connect(&broker.url(), &topics(), "cloud-chain").await;
+    let mut gw = Gateway::open(&broker.url(), "");
+    gw.start_link();
+    gw.connected(1).await;
+    let appended = append_busy(&gw.store, 300, 50).await;
+    uploads
+        .until("every record", WAIT, |r| r.ledger.unique() >= 300)
+        .await;
+    gw.drained().await;
+    let public = Identity::load_or_create(&Identity::state_dir(&gw.config.storage.path))
+        .unwrap()
+        .public();
+    let (records, heads, epoch) = uploads.with(|r| {
+        r.assert_exactly(&appended);
+        let records: Vec<ChainedRecord> = r
+            .records
+            .values()
+            .map(|u| ChainedRecord {
+                seq: i64::try_from(u.seq).unwrap(),
+                // The gateway's stored bytes, as this build encodes them.
+                body: u.record.to_cbor(),
+                chain: u.chain.map(|c| c.0),
+            })
+            .collect();
+        let heads: Vec<SignedHead> = r
+            .heads
+            .iter()
+            .map(|h| SignedHead {
+                seq: i64::try_from(h.seq).unwrap(),
+                chain: h.chain.0,
+                signature: h.signature,
+            })
+            .collect();
+        (records, heads, r.ledger.epochs()[0])
+    });
+    assert!(!heads.is_empty(), "batches carry a signed head");
+    assert!(
+        records.iter().all(|r| r.chain.is_some()),
+        "every record carries its link"
+    );
+    let epoch = i64::try_from(epoch).unwrap();
+    assert_eq!(chain::verify(&records, &heads, epoch, &public), vec![]);
+    // A record withheld (deleted on the gateway before upload) is named.
+    let withheld: Vec<ChainedRecord> = records.iter().filter(|r| r.seq != 150).cloned().collect();
+    assert_eq!(
+        chain::verify(&withheld, &heads, epoch, &public),
+        vec![Finding::Missing { from: 150, to: 150 }]
     );
     gw.stop().await;
 }
@@ -989,6 +1050,60 @@ fn read_lines(
         }
     });
     (lines, thread)
+}
+
+/// A record edited in the gateway's database before upload (a root shell, a stolen SD card)
+/// is named by `cloud-sim records --enrolled`, and `--check` fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloud_sim_records_names_a_record_edited_on_the_gateway() {
+    const N: u64 = 200;
+    let broker = RumqttdBroker::start();
+    let mut gw = Gateway::open(&broker.url(), "");
+    append_busy(&gw.store, N, 100).await;
+    let dir = doorbridge::store::chain::Identity::state_dir(&gw.config.storage.path);
+    let public = doorbridge::store::chain::Identity::load_or_create(&dir)
+        .unwrap()
+        .public_hex();
+    rusqlite::Connection::open(&gw.config.storage.path)
+        .unwrap()
+        .execute(
+            "UPDATE records SET body = (SELECT body FROM records WHERE seq = 101) WHERE seq = 100",
+            [],
+        )
+        .unwrap();
+    let mut child = cloud_sim()
+        .args(["records", "--url", &broker.url(), "--count", &N.to_string()])
+        .args(["--check", "--enrolled", &format!("{GATEWAY}={public}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cloud-sim records");
+    let (stderr, err_thread) = read_lines(child.stderr.take().expect("piped"));
+    wait_for(WAIT, "cloud-sim records subscribed", || {
+        let lines = stderr.lock().unwrap();
+        lines
+            .iter()
+            .any(|l| l.contains("receiving records on"))
+            .then_some(())
+    })
+    .await;
+    gw.start_link();
+    let status = wait_for(WAIT, "cloud-sim records to stop at the count", || {
+        child.try_wait().expect("wait for cloud-sim")
+    })
+    .await;
+    err_thread.join().unwrap();
+    let stderr = stderr.lock().unwrap().join("\n");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("record chain broken:")
+            && stderr.contains("record 100 edited")
+            && !stderr.contains("record 101"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the record chain is broken"), "{stderr}");
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
