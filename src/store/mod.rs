@@ -11,10 +11,12 @@
 //!
 //! Around them: `schema` (migrations, the start-up check, moving a damaged file aside and
 //! salvaging it), `check` (the idle full integrity check, on a thread of its own), `reserve`
-//! (disk space released when the disk fills), [`records`] (what the outbox holds) and
-//! [`rules`] (the compact encoding of a key's rules).
+//! (disk space released when the disk fills), `memory` (the allocator's free memory returned
+//! after a key-set job), [`records`] (what the outbox holds) and [`rules`] (the compact
+//! encoding of a key's rules).
 
 mod check;
+mod memory;
 mod reader;
 pub mod records;
 mod reserve;

@@ -26,6 +26,7 @@ use jiff::Timestamp;
 use rusqlite::types::ValueRef;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
+use super::memory;
 use super::records::{Activity, Record, RecordClass};
 use super::rules;
 use super::{
@@ -385,6 +386,7 @@ impl Writer {
                         if self.outage.is_none() {
                             self.reserve.restore(false);
                         }
+                        memory::idle(&self.conn);
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -1556,6 +1558,7 @@ impl Writer {
             keys = staging.keys,
             "key set installed"
         );
+        memory::job_done();
         Ok(())
     }
 
@@ -1586,6 +1589,9 @@ impl Writer {
             // leaves out and a later one brings back must not get its uses again.
             Ok(0) => {
                 self.garbage.pop();
+                if self.garbage.is_empty() {
+                    memory::job_done();
+                }
             }
             Ok(_) => {}
             Err(e) => {
