@@ -12,8 +12,9 @@
 //!   rows into the same schema (the reference, measured in the same run).
 //!
 //! Run with `cargo bench --bench cloud` (add `-- --quick` for a short run: 20 revocations and one
-//! 20,000-key snapshot). Writes its section of `docs/performance.md`. Without mosquitto the
-//! snapshot part is skipped, and the section says so.
+//! 20,000-key snapshot; `-- --p4` for the snapshot part alone, printed and not written). Writes
+//! its section of `docs/performance.md`. Without mosquitto the snapshot part is skipped, and
+//! the section says so.
 
 // Rates, sizes and sample counts are small; float conversions are for display.
 #![allow(clippy::cast_precision_loss)]
@@ -723,6 +724,17 @@ fn main() {
         (200, &[100_000, 1_000_000])
     };
     let rt = support::runtime();
+    if std::env::args().any(|a| a == "--p4") {
+        // The snapshot part alone: printed, not written (the section needs P5 beside it).
+        let broker = Mosquitto::start().expect("--p4 needs mosquitto");
+        let runs: Vec<SnapshotRun> = sizes
+            .iter()
+            .map(|&n| rt.block_on(snapshot_apply(&broker.url(), n)))
+            .collect();
+        println!("{}\n{}", snapshot_table(&runs), snapshot_notes(&runs));
+        println!("(--p4: docs/performance.md not written)");
+        return;
+    }
 
     let (run_started, stall_before) = (Instant::now(), io_stall_us());
     let mosquitto = Mosquitto::start();
