@@ -481,10 +481,14 @@ impl Served<'_> {
             // The quiet gap after an answer is a few character times (304 µs at 115 200
             // baud), and tokio's timers tick in whole milliseconds: left to them, the gap
             // would last up to 1.3 ms, most of a poll and its answer on the wire. A gap shorter
-            // than a tick is slept here instead, to the microsecond. That holds this worker
-            // for less than a millisecond, while the line is quiet anyway; nothing is lost
-            // meanwhile (bytes wait in the port, messages in their channels).
-            if let Some(until) = session.quiet_until() {
+            // than a tick is slept here instead, to the microsecond. That holds the bus's
+            // thread for less than a millisecond, while the line is quiet anyway; nothing is lost
+            // meanwhile (bytes wait in the port, messages in their channels). Only when a frame
+            // goes out at the gap's end: after a cycle's last answer the line rests until the
+            // next cycle, and waking for the gap alone would cost a wake-up per cycle.
+            if let Some(until) = session.quiet_until()
+                && session.next_transmit().is_some_and(|due| due <= until)
+            {
                 let left = (start + until).saturating_duration_since(Instant::now());
                 if left < TIMER_TICK {
                     std::thread::sleep(left);
@@ -493,7 +497,7 @@ impl Served<'_> {
                     continue;
                 }
             }
-            let deadline = session.next_deadline().map(|d| start + d);
+            let deadline = session.next_transmit().map(|d| start + d);
             let wake = match (deadline, stop_by) {
                 (Some(d), Some(b)) => Some(d.min(b)),
                 (d, b) => d.or(b),
