@@ -233,7 +233,7 @@ fn fmt_ns(ns: f64) -> String {
 }
 
 /// Replaces this bench's section of docs/performance.md.
-fn write_report() {
+fn write_report(conditions: &support::Conditions) {
     let rows = [
         (
             "decision/engine",
@@ -268,10 +268,11 @@ fn write_report() {
     }
     let section = format!(
         "<!-- bench:access -->\n### Access engine and lookup (`cargo bench --bench access`)\n\n\
-         Measured {}{} on {}.\n\n{table}\n<!-- /bench:access -->",
+         Measured {}{} on {}. {}\n\n{table}\n<!-- /bench:access -->",
         support::now(),
         if quick() { " (`--quick`)" } else { "" },
-        support::machine()
+        support::machine(),
+        conditions.describe(),
     );
     support::write_section("access", &section);
     if let (Some(store), Some(raw)) = (
@@ -287,6 +288,7 @@ fn write_report() {
             met: store <= 3.0 * raw,
             bench: "access",
             quick: quick(),
+            load: conditions.run_load(),
         }]);
     }
 }
@@ -296,6 +298,9 @@ fn quick() -> bool {
 }
 
 fn main() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data");
+    std::fs::create_dir_all(&data).expect("bench dir");
+    let mut conditions = support::Conditions::start(&data);
     let mut c = Criterion::default()
         .configure_from_args()
         .warm_up_time(Duration::from_secs(1))
@@ -303,5 +308,6 @@ fn main() {
     bench_decision(&mut c);
     bench_lookup(&mut c);
     c.final_summary();
-    write_report();
+    conditions.finish();
+    write_report(&conditions);
 }

@@ -20,7 +20,6 @@
 #![allow(clippy::cast_precision_loss)]
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -78,18 +77,8 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 
 /// One fsync of a small write on the disk under `dir`, p50 and p99 over `n`.
 fn fsync_reference(dir: &Path, n: usize) -> (Duration, Duration) {
-    let mut file = std::fs::File::create(dir.join("fsync-probe")).expect("probe file");
-    let mut times: Vec<Duration> = (0..n)
-        .map(|i| {
-            file.write_all(&[u8::try_from(i % 251).unwrap_or(0); 512])
-                .expect("write");
-            let t = Instant::now();
-            file.sync_data().expect("fsync");
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    (percentile(&times, 50), percentile(&times, 99))
+    let fsync = support::fsync_probe(dir, n);
+    (fsync.p50, fsync.p99)
 }
 
 fn frame_len(message: &Message) -> usize {
@@ -686,6 +675,7 @@ fn summarize(
     (fsync50, fsync99, fsync_rate): (Duration, Duration, f64),
     p2: &[GroupCommit],
     (p8_virtual, p8_estimate): (f64, f64),
+    load: support::RunLoad,
 ) {
     let eight = p2.last().expect("the 8-unit run");
     support::write_summary(&[
@@ -703,6 +693,7 @@ fn summarize(
             met: p99 <= fsync99 + Duration::from_millis(1),
             bench: "bus",
             quick,
+            load,
         },
         support::Summary {
             id: "P2",
@@ -719,6 +710,7 @@ fn summarize(
             met: eight.per_second() >= 5.0 * fsync_rate,
             bench: "bus",
             quick,
+            load,
         },
         support::Summary {
             id: "P8",
@@ -732,6 +724,7 @@ fn summarize(
             met: p8_estimate <= 1.25,
             bench: "bus",
             quick,
+            load,
         },
     ]);
 }
@@ -748,10 +741,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
+    let mut conditions = support::Conditions::start(dir.path());
     // P1: the unit alone on its bus, so the line is free when the decision is ready.
     let alone = rt.block_on(run(1, samples, Duration::ZERO));
     let result = rt.block_on(run(UNITS, samples, load_for));
-    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
     let (fsync50, fsync99) = fsync_reference(dir.path(), samples);
     let p2_for = if quick {
         Duration::from_secs(2)
@@ -801,23 +795,26 @@ fn main() {
     println!("{p2_table}");
     let (cycles, p8_virtual, p8_estimate) = cycle_table(quick, &rt);
     println!("{cycles}");
+    conditions.finish();
+    println!("{}", conditions.describe());
     summarize(
         quick,
         (p50, p99),
         (fsync50, fsync99, fsync_rate),
         &p2,
         (p8_virtual, p8_estimate),
+        conditions.run_load(),
     );
     let section = format!(
         "<!-- bench:bus -->\n### Door bus over a pty (`cargo bench --bench bus`)\n\n\
-         Measured {} on {} with {} round trips{}; load average {} (`/proc/loadavg`). A pty has no line speed: the measured time is the \
-         gateway's own work (lookup, decision, a durable commit, the answer); on a real line add \
-         the wire time.\n\n{table}\n{p2_table}\n{cycles}\n<!-- /bench:bus -->",
+         Measured {} on {} with {} round trips{}. {} A pty has no line speed: the measured \
+         time is the gateway's own work (lookup, decision, a durable commit, the answer); on a \
+         real line add the wire time.\n\n{table}\n{p2_table}\n{cycles}\n<!-- /bench:bus -->",
         support::now(),
         support::machine(),
         alone.round_trips.len(),
         if quick { " (--quick)" } else { "" },
-        support::load_average(),
+        conditions.describe(),
     );
     support::write_section("bus", &section);
 }

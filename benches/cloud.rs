@@ -12,8 +12,9 @@
 //!   rows into the same schema (the reference, measured in the same run).
 //!
 //! Run with `cargo bench --bench cloud` (add `-- --quick` for a short run: 20 revocations and one
-//! 20,000-key snapshot). Writes its section of `docs/performance.md`. Without mosquitto the
-//! snapshot part is skipped, and the section says so.
+//! 20,000-key snapshot; `-- --p4` for the snapshot part alone, printed and not written). Writes
+//! its section of `docs/performance.md`. Without mosquitto the snapshot part is skipped, and
+//! the section says so.
 
 // Rates, sizes and sample counts are small; float conversions are for display.
 #![allow(clippy::cast_precision_loss)]
@@ -44,8 +45,8 @@ mod brokers;
 mod support;
 use brokers::{Mosquitto, start_rumqttd};
 use support::{
-    Daemon, SALT, SITE, cloud_key, io_stall_us, key, machine, mib, ms, percentile, rate, secs,
-    target, thousands, written,
+    Daemon, SALT, SITE, cloud_key, key, machine, mib, ms, percentile, rate, secs, target,
+    thousands, written,
 };
 
 /// Any one wait for a small message.
@@ -726,8 +727,23 @@ fn main() {
         (200, &[100_000, 1_000_000])
     };
     let rt = support::runtime();
+    // The stores are made under the system's temporary directory: the fsync reference too.
+    let probe = tempfile::tempdir().expect("tempdir");
+    let mut conditions = support::Conditions::start(probe.path());
+    if std::env::args().any(|a| a == "--p4") {
+        // The snapshot part alone: printed, not written (the section needs P5 beside it).
+        let broker = Mosquitto::start().expect("--p4 needs mosquitto");
+        let runs: Vec<SnapshotRun> = sizes
+            .iter()
+            .map(|&n| rt.block_on(snapshot_apply(&broker.url(), n)))
+            .collect();
+        conditions.finish();
+        println!("{}\n{}", snapshot_table(&runs), snapshot_notes(&runs));
+        println!("{}", conditions.describe());
+        println!("(--p4: docs/performance.md not written)");
+        return;
+    }
 
-    let (run_started, stall_before) = (Instant::now(), io_stall_us());
     let mosquitto = Mosquitto::start();
     let revoked = rt.block_on(revocation(&start_rumqttd(), "gw-revoke", samples));
     let revoked_mosquitto = mosquitto
@@ -758,14 +774,11 @@ fn main() {
         (skipped, "without a broker".to_owned(), None)
     };
 
-    // The disk may be shared: how much of the run something waited on it.
-    let stalled = (io_stall_us().saturating_sub(stall_before)) as f64
-        / run_started.elapsed().as_micros().max(1) as f64;
+    // The machine is shared: what else it did, and the disk's pace at the start and the end.
+    conditions.finish();
     let section = format!(
         "<!-- bench:cloud -->\n### Cloud link over MQTT (`cargo bench --bench cloud`)\n\n\
-         Measured {when} on {machine}{quick}; some task was stalled on I/O for {stalled:.0} % \
-         of the run (`/proc/pressure/io`: the disk is shared, and fsync-bound figures vary \
-         with it).\n\n\
+         Measured {when} on {machine}{quick}. {conditions}\n\n\
          **P5 revocation.** In-process rumqttd on loopback, the daemon in process (`serve`) with \
          one simulated unit on a pty, {base} keys held. Per sample: a fresh QR key upserted by a \
          delta and granted at the door; then a delta revoking it is published and the \
@@ -796,7 +809,7 @@ fn main() {
         idle = IDLE.as_secs(),
         settle = SETTLE.as_secs(),
         pause = PAUSE.as_millis(),
-        stalled = stalled * 100.0,
+        conditions = conditions.describe(),
         batch = thousands(REFERENCE_BATCH as u64),
     );
     support::write_section("cloud", &section);
@@ -806,6 +819,7 @@ fn main() {
         &revoked,
         revoked_mosquitto.as_ref(),
         p4_runs.as_deref(),
+        conditions.run_load(),
     );
 }
 
@@ -815,6 +829,7 @@ fn summarize(
     revoked: &Revocation,
     revoked_mosquitto: Option<&Revocation>,
     p4_runs: Option<&[SnapshotRun]>,
+    load: support::RunLoad,
 ) {
     let p99 = percentile(&revoked.to_deny, 99);
     let mut rows = vec![support::Summary {
@@ -831,6 +846,7 @@ fn summarize(
         met: p99 <= Duration::from_millis(100),
         bench: "cloud",
         quick,
+        load,
     }];
     if let Some(runs) = p4_runs {
         let mut measured = Vec::new();
@@ -872,6 +888,7 @@ fn summarize(
             met: met && !runs.is_empty(),
             bench: "cloud",
             quick,
+            load,
         });
     }
     support::write_summary(&rows);

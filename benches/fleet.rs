@@ -883,6 +883,7 @@ fn main() {
     }
     let rt = support::runtime();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let mut conditions = support::Conditions::start(dir.path());
     let template = template(dir.path());
     eprintln!(
         "fleet: sizes {sizes:?}, {} keys, idle window {} s; open files limit {}",
@@ -924,8 +925,10 @@ fn main() {
         "not even the smallest fleet ran: {failure:?}"
     );
 
+    conditions.finish();
     let section = format!(
-        "{open}Measured {when} on {machine}{quick}; {mosquitto}; open files limit {nofile}.\n\n\
+        "{open}Measured {when} on {machine}{quick}; {mosquitto}; open files limit {nofile}. \
+         {conditions}\n\n\
          N real `doorbridge run` gateways (bench profile) on one mosquitto (a fresh one per \
          size: no persistence, unlimited queues, 100 in flight), each with its own \
          configuration, gateway id, client id and SQLite file holding {keys} keys (version 1, \
@@ -950,6 +953,7 @@ fn main() {
         quick = if quick { " (--quick)" } else { "" },
         mosquitto = Mosquitto::version(),
         nofile = open_files_limit(),
+        conditions = conditions.describe(),
         keys = thousands(KEYS as u64),
         settle = settle.as_secs(),
         after = AFTER.as_secs(),

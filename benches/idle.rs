@@ -263,6 +263,7 @@ fn main() {
     };
     // On the disk the repository is on (a tmpfs would write nothing whatever the daemon did).
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    let mut conditions = support::Conditions::start(dir.path());
     let db = dir.path().join("idle.db");
     let broker = brokers::start_rumqttd();
     let config = Config::from_toml_str(
@@ -276,17 +277,74 @@ fn main() {
         .into_iter()
         .map(|units| idle_run(dir.path(), &db, &broker, units, window))
         .collect();
+    conditions.finish();
 
+    let table = idle_table(&runs);
+    println!("{table}");
+    let section = format!(
+        "<!-- bench:idle -->\n### Idle with a million keys (`cargo bench --bench idle`)\n\n\
+         Measured {} on {}{}. {}\n\n\
+         The real `doorbridge run` binary (bench profile) on a database holding {} keys ({:.0} MB; \
+         installed with `Store::install_key_set` in {:.0} s before it starts), online with an \
+         in-process rumqttd, defaults everywhere (`poll_interval` 200 ms, log level info). Each \
+         set-up is watched for {:.0} s once the daemon has written nothing for {} s (after \
+         start-up: the units' status reports stored and acknowledged, their online records \
+         uploaded and deleted): CPU is `utime + stime` of `/proc/<pid>/stat` (clock ticks of \
+         {} ms), written is `write_bytes` of `/proc/<pid>/io`, RSS is `VmRSS` at the end \
+         (`VmHWM` the peak since start), context switches are summed over the threads alive at \
+         both ends; per poll, the CPU and the switches of the run without units are taken off \
+         (what the daemon does anyway). Per hour is the window extrapolated: periodic work slower than the window \
+         (the hourly time broadcast; the telemetry summary every 15 min, which is published and \
+         never written) is not in it. The units are played by the `door-sim` binary (its CPU \
+         is not counted).\n\n{table}\n<!-- /bench:idle -->",
+        support::now(),
+        support::machine(),
+        if quick { " (--quick)" } else { "" },
+        conditions.describe(),
+        support::group_digits(&KEYS.to_string()),
+        db_size as f64 / 1e6,
+        installed.as_secs_f64(),
+        window.as_secs_f64(),
+        SETTLE_QUIET.as_secs(),
+        1000 / clock_ticks(),
+    );
+    support::write_section("idle", &section);
+
+    summarize(quick, &runs, conditions.run_load());
+}
+
+/// P7's table: one row per set-up.
+fn idle_table(runs: &[Idle]) -> String {
     let mut table = String::from(
         "| P7: idle, 1,000,000 keys | CPU (target ≤ 0.1 %) | daemon CPU per poll | written (target 0 per hour) | RSS (target ≤ 16 MB) | context switches |\n\
          | --- | --- | --- | --- | --- | --- |\n",
     );
-    for r in &runs {
+    // The run without units: what the daemon does anyway, to tell a poll's own cost.
+    let (base_cpu, base_switches) =
+        runs.iter()
+            .find(|r| r.polls_per_s == 0.0)
+            .map_or((0.0, 0.0), |r| {
+                (
+                    r.cpu.as_secs_f64() / r.window.as_secs_f64(),
+                    r.switches_per_s,
+                )
+            });
+    for r in runs {
         let share = 100.0 * r.cpu.as_secs_f64() / r.window.as_secs_f64();
+        // Per poll, less what the daemon does without units.
+        let (cpu_above, switches_above) = if r.polls_per_s > 0.0 {
+            (
+                (r.cpu.as_secs_f64() / r.window.as_secs_f64() - base_cpu).max(0.0) * 1e6
+                    / r.polls_per_s,
+                (r.switches_per_s - base_switches).max(0.0) / r.polls_per_s,
+            )
+        } else {
+            (0.0, 0.0)
+        };
         let per_hour = r.writes as f64 * 3600.0 / r.window.as_secs_f64();
         let _ = writeln!(
             table,
-            "| {}; quiet {:.0} s after start | {share:.3} % ({:.0} ms in {:.0} s){} | {} | {} bytes in {:.0} s → {:.0} bytes/hour{} | {} ({:.1} MB; peak {}){} | {:.0}/s |",
+            "| {}; quiet {:.0} s after start | {share:.3} % ({:.0} ms in {:.0} s){} | {} | {} bytes in {:.0} s → {:.0} bytes/hour{} | {} ({:.1} MB; peak {}){} | {:.0}/s{} |",
             r.what,
             r.settled_after.as_secs_f64(),
             r.cpu.as_secs_f64() * 1000.0,
@@ -298,7 +356,7 @@ fn main() {
             },
             if r.polls_per_s > 0.0 {
                 format!(
-                    "{:.0} µs ({:.0} polls/s)",
+                    "{:.0} µs ({:.0} polls/s; {cpu_above:.0} µs above the run without units)",
                     r.cpu.as_secs_f64() * 1e6 / (r.polls_per_s * r.window.as_secs_f64()),
                     r.polls_per_s
                 )
@@ -318,42 +376,18 @@ fn main() {
                 " — **missed**"
             },
             r.switches_per_s,
+            if r.polls_per_s > 0.0 {
+                format!(" ({switches_above:.1} per poll above the run without units)")
+            } else {
+                String::new()
+            },
         );
     }
-    println!("{table}");
-    let section = format!(
-        "<!-- bench:idle -->\n### Idle with a million keys (`cargo bench --bench idle`)\n\n\
-         Measured {} on {}; load average {} (`/proc/loadavg`: 2 cores shared with other builds){}.\n\n\
-         The real `doorbridge run` binary (bench profile) on a database holding {} keys ({:.0} MB; \
-         installed with `Store::install_key_set` in {:.0} s before it starts), online with an \
-         in-process rumqttd, defaults everywhere (`poll_interval` 200 ms, log level info). Each \
-         set-up is watched for {:.0} s once the daemon has written nothing for {} s (after \
-         start-up: the units' status reports stored and acknowledged, their online records \
-         uploaded and deleted): CPU is `utime + stime` of `/proc/<pid>/stat` (clock ticks of \
-         {} ms), written is `write_bytes` of `/proc/<pid>/io`, RSS is `VmRSS` at the end \
-         (`VmHWM` the peak since start), context switches are summed over the threads alive at \
-         both ends. Per hour is the window extrapolated: periodic work slower than the window \
-         (the hourly time broadcast; the telemetry summary every 15 min, which is published and \
-         never written) is not in it. The units are played by the `door-sim` binary (its CPU \
-         is not counted).\n\n{table}\n<!-- /bench:idle -->",
-        support::now(),
-        support::machine(),
-        support::load_average(),
-        if quick { " (--quick)" } else { "" },
-        support::group_digits(&KEYS.to_string()),
-        db_size as f64 / 1e6,
-        installed.as_secs_f64(),
-        window.as_secs_f64(),
-        SETTLE_QUIET.as_secs(),
-        1000 / clock_ticks(),
-    );
-    support::write_section("idle", &section);
-
-    summarize(quick, &runs);
+    table
 }
 
 /// P7's row of the summary table at the top of `docs/performance.md`.
-fn summarize(quick: bool, runs: &[Idle]) {
+fn summarize(quick: bool, runs: &[Idle], load: support::RunLoad) {
     let share = |r: &Idle| 100.0 * r.cpu.as_secs_f64() / r.window.as_secs_f64();
     let measured = runs
         .iter()
@@ -380,5 +414,6 @@ fn summarize(quick: bool, runs: &[Idle]) {
             .all(|r| r.rss <= RSS_TARGET && r.writes == 0 && share(r) <= CPU_TARGET_PERCENT),
         bench: "idle",
         quick,
+        load,
     }]);
 }

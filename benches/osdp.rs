@@ -355,6 +355,8 @@ fn main() {
         (300, Duration::from_secs(40))
     };
     let rt = support::runtime();
+    let probe = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir");
+    let mut conditions = support::Conditions::start(probe.path());
 
     // Card read → strike command.
     let (alone, of_eight) = rt.block_on(async {
@@ -382,12 +384,13 @@ fn main() {
         .map(|(configured, alive)| rt.block_on(cycle(configured, alive, window)))
         .collect();
 
+    conditions.finish();
     let (table, dead_cost) = tables(&alone, &of_eight, &cycles);
     println!("{table}\n{dead_cost}");
     let section = format!(
         "<!-- bench:osdp -->\n### OSDP readers over a pty (`cargo bench --bench osdp`)\n\n\
-         Measured {} on {}, {} card reads per case ({} ms apart at a reader), poll windows of {} s{}; load average {} \
-         (`/proc/loadavg`). The gateway is libosdp's CP (refreshed every 5 ms), the readers \
+         Measured {} on {}, {} card reads per case ({} ms apart at a reader), poll windows of \
+         {} s{}. {} The gateway is libosdp's CP (refreshed every 5 ms), the readers \
          libosdp PDs (`sim::osdp`, refreshed every 5 ms), all with the secure channel. A pty has \
          no line speed: the measured times are both sides' work and libosdp's scheduling (it \
          polls a reader 50 ms after its last reply, one exchange at a time per line); on a real \
@@ -401,7 +404,7 @@ fn main() {
         BETWEEN_READS.as_millis(),
         window.as_secs(),
         if quick { " (--quick)" } else { "" },
-        support::load_average(),
+        conditions.describe(),
     );
     support::write_section("osdp", &section);
 }

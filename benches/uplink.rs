@@ -56,8 +56,7 @@ mod brokers;
 mod support;
 use brokers::{MAX_PACKET, Mosquitto, free_port, start_rumqttd};
 use support::{
-    Daemon, Io, SALT, SITE, cloud_key, io_stall_us, key, machine, per_second, rate, secs, target,
-    thousands,
+    Daemon, Io, SALT, SITE, cloud_key, key, machine, per_second, rate, secs, target, thousands,
 };
 
 /// Any one wait for a small thing.
@@ -1158,7 +1157,9 @@ fn main() {
     };
     let rt = support::runtime();
 
-    let (run_started, stall_before) = (Instant::now(), io_stall_us());
+    // The stores are made under the system's temporary directory: the fsync reference too.
+    let probe = tempfile::tempdir().expect("tempdir");
+    let mut conditions = support::Conditions::start(probe.path());
     let mosquitto = Mosquitto::start();
     let rumqttd = start_rumqttd();
     let mut brokers: Vec<(String, String, &str)> = Vec::new();
@@ -1192,12 +1193,10 @@ fn main() {
     let disk = format!("{}\n{}", bytes_table(&byte_runs), bytes_notes(&byte_runs));
     println!("{disk}");
 
-    let stalled = (io_stall_us().saturating_sub(stall_before)) as f64
-        / run_started.elapsed().as_micros().max(1) as f64;
+    conditions.finish();
     let section = format!(
         "<!-- bench:uplink -->\n### Uplink: outbox drain and disk bytes (`cargo bench --bench uplink`)\n\n\
-         Measured {when} on {machine}{quick}; some task was stalled on I/O for {stalled:.0} % of \
-         the run (`/proc/pressure/io`).\n\n\
+         Measured {when} on {machine}{quick}. {conditions}\n\n\
          **P6 outbox drain.** A fresh store filled with {n} activity records (8 doors, 9 of 10 \
          granted, PIN, QR and mobile in turn), then the real `doorbridge run` binary (bench \
          profile) as a child, its bus on a serial port that does not exist, `cloud.max_payload` \
@@ -1240,7 +1239,7 @@ fn main() {
         when = support::now(),
         machine = machine(),
         quick = if quick { " (--quick)" } else { "" },
-        stalled = stalled * 100.0,
+        conditions = conditions.describe(),
         n = thousands(records),
         window = WINDOW,
         units = UNITS,
@@ -1250,7 +1249,7 @@ fn main() {
     );
     support::write_section("uplink", &section);
 
-    summarize(quick, &drains);
+    summarize(quick, &drains, conditions.run_load());
 }
 
 /// The disk-bytes runs: link up with one unit presenting alone and with every unit at once,
@@ -1270,7 +1269,7 @@ fn disk_runs(
 }
 
 /// P6's row of the summary table at the top of `docs/performance.md`.
-fn summarize(quick: bool, drains: &[Drain]) {
+fn summarize(quick: bool, drains: &[Drain], load: support::RunLoad) {
     let mut measured = Vec::new();
     let mut references = Vec::new();
     let mut met = !drains.is_empty();
@@ -1310,5 +1309,6 @@ fn summarize(quick: bool, drains: &[Drain]) {
         met,
         bench: "uplink",
         quick,
+        load,
     }]);
 }

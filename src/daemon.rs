@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, run_bus};
+use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, start_bus};
 use crate::bus::frame::Address;
 use crate::bus::message::DoorEventKind;
 use crate::bus::message::Settings;
@@ -916,14 +916,14 @@ fn start_buses(
                 .collect();
             let status = Arc::new(Mutex::new(BusStatus::default()));
             let task = match spec {
-                AnyBus::Doorbridge(spec) => tokio::spawn(run_bus(
+                AnyBus::Doorbridge(spec) => start_bus(
                     spec,
                     store.clone(),
                     Arc::clone(&router),
                     commands,
                     Arc::clone(&status),
                     stop.clone(),
-                )),
+                ),
                 AnyBus::Osdp(spec) => tokio::spawn(run_osdp_bus(
                     spec,
                     store.clone(),

@@ -484,6 +484,296 @@ pub fn io_stall_us() -> u64 {
         .unwrap_or(0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// What else the machine was doing
+// ---------------------------------------------------------------------------------------------
+
+/// One fsync after a 512-byte append, on the disk under `dir`: p50 and p99 over `n`.
+pub fn fsync_probe(dir: &Path, n: usize) -> Fsync {
+    use std::io::Write as _;
+    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).expect("fsync probe file");
+    let mut times: Vec<Duration> = (0..n)
+        .map(|i| {
+            file.write_all(&[u8::try_from(i % 251).unwrap_or(0); 512])
+                .expect("write the fsync probe");
+            let t = Instant::now();
+            file.sync_data().expect("fsync");
+            t.elapsed()
+        })
+        .collect();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    times.sort();
+    Fsync {
+        p50: percentile(&times, 50),
+        p99: percentile(&times, 99),
+    }
+}
+
+/// An fsync reference: p50 and p99.
+#[derive(Clone, Copy, Debug)]
+pub struct Fsync {
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+impl Fsync {
+    pub fn describe(self) -> String {
+        format!("p50 {}, p99 {}", ms2(self.p50), ms2(self.p99))
+    }
+}
+
+/// A duration in ms with two decimals (fsyncs are fractions of a millisecond).
+pub fn ms2(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// CPU the whole machine spent busy (`/proc/stat`, every core, steal included: a neighbour
+/// virtual machine's work), in clock ticks.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest is counted in user already).
+    let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+    at(0) + at(1) + at(2) + at(5) + at(6) + at(7)
+}
+
+/// CPU this bench and every process under it spent (children that ended and were waited for
+/// included), in clock ticks: what the machine did for the bench.
+fn own_tree_ticks() -> u64 {
+    let me = std::process::id();
+    // pid → (parent, utime + stime + cutime + cstime) of every process.
+    let mut procs: Vec<(u32, u32, u64)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let parent = u32::try_from(num(1)).unwrap_or(0);
+        procs.push((pid, parent, num(11) + num(12) + num(13) + num(14)));
+    }
+    let mut tree = vec![me];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    procs
+        .iter()
+        .filter(|p| tree.contains(&p.0))
+        .map(|p| p.2)
+        .sum()
+}
+
+/// The 1-minute load average.
+fn load_1min() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Other work on the machine beyond this share of its cores, on average over a run, makes the
+/// run's verdicts "under load": figures of time on 2 shared cores move with it.
+const BUSY_CORES: f64 = 0.2;
+
+/// What the machine was doing around one bench run, to print beside its figures: the load
+/// average and one fsync on the bench's disk at the start and at the end, the CPU that other
+/// work took meanwhile (the machine's busy time less the bench's own, its children's included),
+/// and how long some task stalled on I/O (`/proc/pressure/io`).
+#[derive(Debug)]
+pub struct Conditions {
+    dir: std::path::PathBuf,
+    started: Instant,
+    load_start: String,
+    fsync_start: Fsync,
+    busy_start: u64,
+    own_start: u64,
+    stall_start: u64,
+    end: Option<End>,
+}
+
+#[derive(Debug)]
+struct End {
+    load: String,
+    load_1min: f64,
+    fsync: Fsync,
+    /// Cores' worth of CPU that other work took, on average.
+    others: f64,
+    stalled: f64,
+}
+
+/// Fsyncs per probe: some 0.1 s on a quiet disk.
+const FSYNC_PROBES: usize = 200;
+
+impl Conditions {
+    /// Takes the first readings, the fsync reference on the disk under `dir` among them.
+    pub fn start(dir: &Path) -> Conditions {
+        let load_start = load_average();
+        let fsync_start = fsync_probe(dir, FSYNC_PROBES);
+        Conditions {
+            dir: dir.to_owned(),
+            started: Instant::now(),
+            load_start,
+            fsync_start,
+            busy_start: machine_busy_ticks(),
+            own_start: own_tree_ticks(),
+            stall_start: io_stall_us(),
+            end: None,
+        }
+    }
+
+    /// Takes the last readings (once; later calls keep the first).
+    pub fn finish(&mut self) {
+        if self.end.is_some() {
+            return;
+        }
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let busy = machine_busy_ticks().saturating_sub(self.busy_start);
+        let own = own_tree_ticks().saturating_sub(self.own_start);
+        let stalled = io_stall_us().saturating_sub(self.stall_start) as f64 / 1e6 / elapsed;
+        let ticks = clock_ticks() as f64;
+        self.end = Some(End {
+            load: load_average(),
+            load_1min: load_1min(),
+            fsync: fsync_probe(&self.dir, FSYNC_PROBES),
+            others: busy.saturating_sub(own) as f64 / ticks / elapsed,
+            stalled,
+        });
+    }
+
+    /// The fsync reference taken at the start.
+    pub fn fsync_start(&self) -> Fsync {
+        self.fsync_start
+    }
+
+    /// What a summary row says of the run's load (after [`Conditions::finish`]).
+    pub fn run_load(&self) -> RunLoad {
+        let end = self.end.as_ref();
+        RunLoad {
+            others: end.map_or(0.0, |e| e.others),
+            load: end.map_or(0.0, |e| e.load_1min),
+        }
+    }
+
+    /// One paragraph for a bench's section (after [`Conditions::finish`]).
+    pub fn describe(&self) -> String {
+        let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+        let Some(end) = &self.end else {
+            return format!(
+                "Machine: load average {} (1, 5, 15 min) at the start; one fsync of a 512-byte \
+                 append on the bench's disk {}.",
+                self.load_start,
+                self.fsync_start.describe()
+            );
+        };
+        format!(
+            "Machine: other work took {:.2} of its {cores} cores on average during the run \
+             ({}; the machine's busy time in `/proc/stat` less this bench's and its children's); \
+             load average {} (1, 5, 15 min) at the start, {} at the end (this bench's own work \
+             included); one fsync of a 512-byte append on the bench's disk {} at the start, {} \
+             at the end; some task stalled on I/O for {:.0} % of the run (`/proc/pressure/io`).",
+            end.others,
+            if end.others < BUSY_CORES {
+                "a quiet machine"
+            } else {
+                "under load"
+            },
+            self.load_start,
+            end.load,
+            self.fsync_start.describe(),
+            end.fsync.describe(),
+            end.stalled * 100.0,
+        )
+    }
+}
+
+/// Clock ticks per second (`USER_HZ`): 100 on Linux.
+fn clock_ticks() -> u64 {
+    100
+}
+
+/// The load a summary row was measured under.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunLoad {
+    /// Cores' worth of CPU other work took, on average over the run.
+    pub others: f64,
+    /// The 1-minute load average at the end of the run.
+    pub load: f64,
+}
+
+impl RunLoad {
+    fn quiet(self) -> bool {
+        self.others < BUSY_CORES
+    }
+
+    /// `met on a quiet machine (other work 0.05 cores, load 0.30)`.
+    fn verdict(self, met: bool) -> String {
+        format!(
+            "{} {} (other work {:.2} cores, load {:.2})",
+            if met { "met" } else { "**missed**" },
+            if self.quiet() {
+                "on a quiet machine"
+            } else {
+                "under load"
+            },
+            self.others,
+            self.load,
+        )
+    }
+
+    /// Reads back what [`RunLoad::verdict`] wrote: whether met, and the load.
+    fn parse(cell: &str) -> Option<(bool, RunLoad)> {
+        let met = if cell.starts_with("met") {
+            true
+        } else if cell.starts_with("**missed**") {
+            false
+        } else {
+            return None;
+        };
+        let number = |after: &str| -> Option<f64> {
+            let rest = &cell[cell.find(after)? + after.len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        };
+        Some((
+            met,
+            RunLoad {
+                others: number("other work ")?,
+                load: number("load ")?,
+            },
+        ))
+    }
+}
+
 /// The CPU model and core count, as `/proc/cpuinfo` names them.
 pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -537,6 +827,8 @@ pub struct Summary {
     /// The bench that measured it (`cargo bench --bench NAME`).
     pub bench: &'static str,
     pub quick: bool,
+    /// What else the machine was doing meanwhile ([`Conditions::run_load`]).
+    pub load: RunLoad,
 }
 
 const SUMMARY_OPEN: &str = "<!-- summary -->";
@@ -550,6 +842,18 @@ pub fn write_summary(rows: &[Summary]) {
     let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
     let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
     let mut kept: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    // The verdict and run cells of the rows being replaced: a verdict that changed with the
+    // machine's load says so.
+    let cells = |line: &str| -> Option<(String, String)> {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let n = cells.len();
+        (n >= 3).then(|| {
+            (
+                cells[n - 2].trim().to_owned(),
+                cells[n - 1].trim_end_matches('|').trim().to_owned(),
+            )
+        })
+    };
     let (before, after) = match (old.find(SUMMARY_OPEN), old.find(SUMMARY_CLOSE)) {
         (Some(a), Some(b)) if b > a => {
             for line in old[a..b].lines().filter(|l| l.starts_with("| P")) {
@@ -569,14 +873,24 @@ pub fn write_summary(rows: &[Summary]) {
     };
     let when = now();
     for r in rows {
+        let mut verdict = r.load.verdict(r.met);
+        // The previous run of this row, if its verdict was the other one under another load.
+        if let Some((cell, run)) = kept.get(r.id).and_then(|line| cells(line))
+            && let Some((was_met, was)) = RunLoad::parse(&cell)
+            && was_met != r.met
+            && was.quiet() != r.load.quiet()
+        {
+            let first = cell.split("; ").next().unwrap_or(&cell);
+            let run = run.split(',').next().unwrap_or(&run);
+            verdict = format!("{verdict}; {first} on {run}: **the verdict depends on load**");
+        }
         let line = format!(
-            "| {} | {} | {} | {} | {} | {} | {when}, `--bench {}`{} |",
+            "| {} | {} | {} | {} | {} | {verdict} | {when}, `--bench {}`{} |",
             r.id,
             r.figure,
             r.measured,
             r.reference,
             r.target,
-            if r.met { "met" } else { "**missed**" },
             r.bench,
             if r.quick { " `--quick`" } else { "" },
         );

@@ -2,6 +2,9 @@
 //! pure [`Session`]. Decisions go through the store (durable before the answer leaves);
 //! reports become outbox records. A port that fails or disappears (a USB adapter unplugged)
 //! is reopened with backoff while the other buses keep working.
+//!
+//! [`start_bus`] runs that task on a thread of its own with a single-threaded runtime: a poll
+//! exchange then wakes only that thread (see its doc).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use tokio::time::Instant;
 
 use super::frame::Address;
 use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync};
+use super::port::Port;
 use super::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats, UnitState,
 };
@@ -37,6 +41,8 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 const COMMAND_TTL: Duration = Duration::from_secs(5);
 /// How often the time is broadcast to the units (and at every port open).
 const TIME_EVERY: Duration = Duration::from_secs(3600);
+/// How long a stopped bus's thread waits for the records it handed on to reach the store.
+const HANDED_ON_GRACE: Duration = Duration::from_secs(2);
 /// The resolution of tokio's timers: shorter waits are slept precisely (see `serve`).
 const TIMER_TICK: Duration = Duration::from_millis(1);
 
@@ -237,6 +243,64 @@ enum Ended {
     PortLost(std::io::Error),
 }
 
+/// Starts [`run_bus`] on a thread of its own (`bus-NAME`) with a single-threaded runtime, and
+/// returns a handle on the caller's runtime that finishes when the bus task ends (or its
+/// thread panicked), for the watchdog and the stop.
+///
+/// Why a thread: a poll exchange is a write, a wait for the answer and the quiet gap, five
+/// times a second per unit for as long as the gateway runs. On the daemon's shared
+/// multi-threaded runtime each exchange also woke and parked its other worker, and the time
+/// and I/O drivers passed between them: about 4 context switches and 40-120 µs of CPU per
+/// exchange (docs/performance.md, P7). Alone on its thread the bus parks in one `epoll_wait`
+/// whose timeout is its own next deadline, and the decisions and reports it hands on (tasks
+/// spawned here, waiting on the store's writer thread) stay on the same thread.
+pub fn start_bus(
+    spec: BusSpec,
+    store: Store,
+    router: Arc<DoorRouter>,
+    commands: mpsc::Receiver<Queued>,
+    status: Arc<Mutex<BusStatus>>,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            // Not worth losing the doors over: the shared runtime serves it, at a higher cost.
+            tracing::warn!(bus = %spec.name, error = %e,
+                "no runtime of its own for the bus; it runs on the shared one");
+            return tokio::spawn(run_bus(spec, store, router, commands, status, shutdown));
+        }
+    };
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let name = spec.name.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("bus-{name}"))
+        .spawn(move || {
+            runtime.block_on(async {
+                run_bus(spec, store, router, commands, status, shutdown).await;
+                // What the bus handed on (records on their way to the store) runs on this
+                // runtime: let it finish, as it would on the shared one, for a moment.
+                let until = Instant::now() + HANDED_ON_GRACE;
+                let tasks = tokio::runtime::Handle::current().metrics();
+                while tasks.num_alive_tasks() > 0 && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = thread {
+        // The handle below finishes at once: the watchdog reports the bus as ended.
+        tracing::error!(bus = %name, error = %e, "cannot start the bus thread");
+    }
+    // Finishes when the thread says so, or drops its sender unwinding from a panic.
+    tokio::spawn(async move {
+        let _ = done_rx.await;
+    })
+}
+
 /// Runs one bus until `shutdown` turns true: opens the port, serves it, reopens it with
 /// backoff when it fails.
 pub async fn run_bus(
@@ -308,15 +372,13 @@ pub(crate) fn set_status(status: &Mutex<BusStatus>, f: impl FnOnce(&mut BusStatu
     }
 }
 
-fn open_port(spec: &BusSpec) -> std::io::Result<tokio_serial::SerialStream> {
-    use tokio_serial::SerialPortBuilderExt;
-    let port = tokio_serial::new(spec.port.to_string_lossy(), spec.baud)
+fn open_port(spec: &BusSpec) -> std::io::Result<Port> {
+    let builder = tokio_serial::new(spec.port.to_string_lossy(), spec.baud)
         .data_bits(tokio_serial::DataBits::Eight)
         .parity(tokio_serial::Parity::None)
         .stop_bits(tokio_serial::StopBits::One)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
-        .map_err(std::io::Error::from)?;
+        .flow_control(tokio_serial::FlowControl::None);
+    let port = Port::open(&builder)?;
     if let Some(rs485) = &spec.rs485 {
         apply_rs485(std::os::fd::AsRawFd::as_raw_fd(&port), rs485)?;
     }
@@ -419,10 +481,14 @@ impl Served<'_> {
             // The quiet gap after an answer is a few character times (304 µs at 115 200
             // baud), and tokio's timers tick in whole milliseconds: left to them, the gap
             // would last up to 1.3 ms, most of a poll and its answer on the wire. A gap shorter
-            // than a tick is slept here instead, to the microsecond. That holds this worker
-            // for less than a millisecond, while the line is quiet anyway; nothing is lost
-            // meanwhile (bytes wait in the port, messages in their channels).
-            if let Some(until) = session.quiet_until() {
+            // than a tick is slept here instead, to the microsecond. That holds the bus's
+            // thread for less than a millisecond, while the line is quiet anyway; nothing is lost
+            // meanwhile (bytes wait in the port, messages in their channels). Only when a frame
+            // goes out at the gap's end: after a cycle's last answer the line rests until the
+            // next cycle, and waking for the gap alone would cost a wake-up per cycle.
+            if let Some(until) = session.quiet_until()
+                && session.next_transmit().is_some_and(|due| due <= until)
+            {
                 let left = (start + until).saturating_duration_since(Instant::now());
                 if left < TIMER_TICK {
                     std::thread::sleep(left);
@@ -431,7 +497,7 @@ impl Served<'_> {
                     continue;
                 }
             }
-            let deadline = session.next_deadline().map(|d| start + d);
+            let deadline = session.next_transmit().map(|d| start + d);
             let wake = match (deadline, stop_by) {
                 (Some(d), Some(b)) => Some(d.min(b)),
                 (d, b) => d.or(b),

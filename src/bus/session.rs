@@ -577,20 +577,33 @@ impl Session {
             Line::Awaiting { deadline, .. } => Some(*deadline),
             Line::Retry { since, .. } => Some(*since),
             Line::Quiet { until } => Some(*until),
-            Line::Free => {
-                if !self.answers.is_empty() || !self.broadcasts.is_empty() {
-                    return Some(Duration::ZERO);
-                }
-                if self.units.is_empty() {
-                    return None;
-                }
-                match self.cycle_start {
-                    Some(start) if self.next_turn == 0 => {
-                        Some(start.saturating_add(self.config.min_cycle))
-                    }
-                    _ => Some(Duration::ZERO),
-                }
-            }
+            Line::Free => self.free_deadline(),
+        }
+    }
+
+    /// Like [`Session::next_deadline`], but through a quiet gap: when the next frame can go
+    /// out, which is the gap's end only when something is due right after it. After the last
+    /// answer of a cycle the line rests until the next cycle anyway, and the gap's end needs
+    /// no wake-up of its own ([`Session::poll_next`] ends a gap that has passed). Something
+    /// handed in meanwhile (an answer to send) makes it the gap's end again.
+    pub fn next_transmit(&self) -> Option<Duration> {
+        match self.line {
+            Line::Quiet { until } => self.free_deadline().map(|due| due.max(until)),
+            _ => self.next_deadline(),
+        }
+    }
+
+    /// When a free line is next needed (see [`Session::next_deadline`]).
+    fn free_deadline(&self) -> Option<Duration> {
+        if !self.answers.is_empty() || !self.broadcasts.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        if self.units.is_empty() {
+            return None;
+        }
+        match self.cycle_start {
+            Some(start) if self.next_turn == 0 => Some(start.saturating_add(self.config.min_cycle)),
+            _ => Some(Duration::ZERO),
         }
     }
 
@@ -1155,6 +1168,47 @@ mod tests {
             self.now = *deadline;
             self.s.on_timeout(self.now)
         }
+    }
+
+    #[test]
+    fn the_gap_after_a_cycles_last_answer_needs_no_wake_up_of_its_own() {
+        let mut bus = Bus::new(config(&[1, 2]));
+        let start = bus.now;
+        let (_, f, _) = bus.expect_to(1);
+        bus.reply(&from_unit(1, f.id(), &Message::Idle));
+        // Unit 2 is polled as soon as the gap ends.
+        let gap_end = bus.s.quiet_until().expect("a quiet gap");
+        assert_eq!(bus.s.next_transmit(), Some(gap_end));
+        let (_, f, _) = bus.expect_to(2);
+        bus.reply(&from_unit(2, f.id(), &Message::Idle));
+        // The cycle is done: nothing goes out before the next one, gap or not.
+        let gap_end = bus.s.quiet_until().expect("a quiet gap");
+        assert_eq!(bus.s.next_deadline(), Some(gap_end));
+        assert_eq!(bus.s.next_transmit(), Some(start + ms(50)));
+        // A broadcast handed in during the gap goes out at its end, not before.
+        bus.s
+            .send(
+                Address::BROADCAST,
+                &Command::Time(TimeSync {
+                    unix: 1,
+                    utc_offset: 0,
+                }),
+            )
+            .unwrap();
+        assert_eq!(bus.s.next_transmit(), Some(gap_end));
+        assert_eq!(
+            bus.s
+                .poll_next(gap_end.saturating_sub(Duration::from_micros(1))),
+            None
+        );
+        let tx = bus.s.poll_next(gap_end).expect("the broadcast");
+        assert_eq!(tx.to, Address::BROADCAST);
+        // Its own gap is never ended by a timeout: the next cycle starts all the same.
+        assert_eq!(bus.s.next_transmit(), Some(start + ms(50)));
+        bus.now = start + ms(50);
+        let (_, _, msg) = bus.expect_to(1);
+        assert_eq!(msg, Message::Poll);
+        assert_eq!(bus.now, start + ms(50));
     }
 
     #[test]

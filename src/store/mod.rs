@@ -11,14 +11,15 @@
 //!
 //! Around them: `schema` (migrations, the start-up check, moving a damaged file aside and
 //! salvaging it), `check` (the idle full integrity check, on a thread of its own), `reserve`
-//! (disk space released when the disk fills), [`records`] (what the outbox holds),
-//! [`rules`] (the compact encoding of a key's rules) and `knowledge` (the held set's
-//! `stale_after` and the knowledge time).
+//! (disk space released when the disk fills), `memory` (the allocator's free memory returned
+//! after a key-set job), [`records`] (what the outbox holds), [`rules`] (the compact encoding
+//! of a key's rules) and `knowledge` (the held set's `stale_after` and the knowledge time).
 
 pub mod chain;
 mod check;
 mod delegation;
 mod knowledge;
+mod memory;
 mod reader;
 pub mod records;
 mod reserve;

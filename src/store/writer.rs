@@ -26,6 +26,7 @@ use jiff::Timestamp;
 use rusqlite::types::ValueRef;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
+use super::memory;
 use super::records::{Activity, Record, RecordClass};
 use super::rules;
 use super::{
@@ -448,6 +449,7 @@ impl Writer {
                             self.prune_if_due();
                             self.reserve.restore(false);
                         }
+                        memory::idle(&self.conn);
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -1973,6 +1975,7 @@ impl Writer {
             keys = staging.keys,
             "key set installed"
         );
+        memory::job_done();
         Ok(())
     }
 
@@ -2003,6 +2006,9 @@ impl Writer {
             // leaves out and a later one brings back must not get its uses again.
             Ok(0) => {
                 self.garbage.pop();
+                if self.garbage.is_empty() {
+                    memory::job_done();
+                }
             }
             Ok(_) => {}
             Err(e) => {
