@@ -646,7 +646,7 @@ fn p2_table(
          presenting at once are on different buses, and their lines' wire time is left out). \
          Reference: one fsync of a 512-byte append on the same disk, p50 {} before and {} \
          after (the slower of the two is the reference: {:.0} fsyncs/s).\n\n\
-         | units at once | decisions | decisions/s | commits | decisions per commit | ratio to 1/fsync (target ≥ 5× at 8 units) |\n\
+         | units at once | decisions | decisions/s | commits | decisions per commit | ratio to 1/fsync (target ≥ 6× at 8 units) |\n\
          | --- | --- | --- | --- | --- | --- |\n",
         p2_for.as_secs(),
         ms(fsync50),
@@ -687,10 +687,11 @@ fn summarize(
                 "one fsync, p99 {} (p50 {}), so at most {}",
                 ms(fsync99),
                 ms(fsync50),
-                ms(fsync99 + Duration::from_millis(1))
+                ms(fsync99 + Duration::from_micros(500))
             ),
-            target: "p99 ≤ fsync p99 + 1 ms",
-            met: p99 <= fsync99 + Duration::from_millis(1),
+            // Raised by issue 17 from fsync p99 + 1 ms.
+            target: "p99 ≤ fsync p99 + 0.5 ms",
+            met: p99 <= fsync99 + Duration::from_micros(500),
             bench: "bus",
             quick,
             load,
@@ -706,8 +707,9 @@ fn summarize(
                 support::rate(p2[0].per_second()),
             ),
             reference: format!("1 / fsync p50: {}/s", support::rate(fsync_rate)),
-            target: "≥ 5×",
-            met: eight.per_second() >= 5.0 * fsync_rate,
+            // Raised by issue 17 from 5×.
+            target: "≥ 6×",
+            met: eight.per_second() >= 6.0 * fsync_rate,
             bench: "bus",
             quick,
             load,
