@@ -1,5 +1,5 @@
-//! What the operator commands print: `doorbridge status`, `keys list`, `keys show`,
-//! `events tail`. Text for people (short lines, ages instead of raw instants) or, with
+//! What the operator commands print: `doorbridge status`, `keys list` and `keys show`
+//! (`doorbridge events` is in [`crate::history`]). Text for people (short lines, ages instead of raw instants) or, with
 //! `--json`, one JSON document (or one per line for lists and streams) for scripts.
 //!
 //! The live facts come from the daemon over the control socket ([`crate::control`]); keys and
@@ -13,8 +13,8 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 
 use crate::access::{CredentialKind, KeyRules, Schedule, UseLimit, Window};
-use crate::control::{Event, Status};
-use crate::store::{Reader, Record, StoreError};
+use crate::control::Status;
+use crate::store::{Reader, StoreError};
 
 /// Why a listing could not be printed: the store, or the output.
 #[derive(Debug, thiserror::Error)]
@@ -535,48 +535,6 @@ pub fn key_show(
     Ok(true)
 }
 
-/// One event for people: `2026-11-22T12:00:03Z #41 call_button door=main unit=entrance/1 …`.
-pub fn event_line(e: &Event) -> String {
-    let value = serde_json::to_value(&e.record).unwrap_or_default();
-    let mut line = format!(
-        "{} #{} {}",
-        e.record.at().strftime("%Y-%m-%dT%H:%M:%SZ"),
-        e.seq,
-        value["type"].as_str().unwrap_or("?")
-    );
-    if let Record::Activity(a) = &e.record {
-        let _ = write!(
-            line,
-            " {} door={} unit={} key={} {}",
-            if a.granted { "GRANTED" } else { "DENIED" },
-            a.door,
-            a.unit,
-            a.key_id.as_deref().unwrap_or("-"),
-            a.credential_kind.as_str()
-        );
-        if let Some(reason) = a.reason {
-            let _ = write!(line, " reason={reason}");
-        }
-        return line;
-    }
-    if let Some(fields) = value.as_object() {
-        for (k, v) in fields {
-            if k == "type" || k == "at" {
-                continue;
-            }
-            match v {
-                serde_json::Value::String(s) => {
-                    let _ = write!(line, " {k}={s}");
-                }
-                other => {
-                    let _ = write!(line, " {k}={other}");
-                }
-            }
-        }
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,22 +687,5 @@ mod tests {
             "3d 4h"
         );
         assert_eq!(age(SignedDuration::from_secs(-5)), "0s");
-    }
-
-    #[test]
-    fn an_event_line_never_needs_the_json() {
-        let e = Event {
-            seq: 41,
-            record: Record::CallButton {
-                at: "2026-11-22T12:00:03Z".parse().unwrap(),
-                unit: "entrance/1".into(),
-                door: "main".into(),
-                button: 0,
-            },
-        };
-        assert_eq!(
-            event_line(&e),
-            "2026-11-22T12:00:03Z #41 call_button button=0 door=main unit=entrance/1"
-        );
     }
 }
