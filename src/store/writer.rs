@@ -330,16 +330,6 @@ impl Writer {
             }
         }
         let next_generation = seen.last().copied().unwrap_or(0).max(active_generation) + 1;
-        // Read once; kept up to date by every commit after.
-        let (outbox_count, outbox_bytes): (i64, i64) = conn.query_row(
-            concat!(
-                "SELECT count(*), coalesce(sum(length(body)), 0) FROM records AS r
-                 WHERE NOT ",
-                crate::acked_above!()
-            ),
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
         let garbage: Vec<i64> = seen
             .into_iter()
             .filter(|&g| g != active_generation)
@@ -350,6 +340,17 @@ impl Writer {
             })
             .optional()?
             .unwrap_or(1);
+        // Read once; kept up to date by every commit after. From the watermark on: the
+        // history below it is never read at start-up.
+        let (outbox_count, outbox_bytes): (i64, i64) = conn.query_row(
+            concat!(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM records AS r
+                 WHERE seq >= ?1 AND NOT ",
+                crate::acked_above!()
+            ),
+            [sent_below],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         let answers = load_answers(&conn)?;
         let freshness = knowledge::read(&conn)?;
         let mut reserve = super::reserve::Reserve::new(&options.path, options.reserve);
