@@ -1080,14 +1080,7 @@ async fn cloud_sim_records_names_a_record_edited_on_the_gateway() {
         .spawn()
         .expect("start cloud-sim records");
     let (stderr, err_thread) = read_lines(child.stderr.take().expect("piped"));
-    wait_for(WAIT, "cloud-sim records subscribed", || {
-        let lines = stderr.lock().unwrap();
-        lines
-            .iter()
-            .any(|l| l.contains("receiving records on"))
-            .then_some(())
-    })
-    .await;
+    subscribed(&stderr).await;
     gw.start_link();
     let status = wait_for(WAIT, "cloud-sim records to stop at the count", || {
         child.try_wait().expect("wait for cloud-sim")
@@ -1104,6 +1097,18 @@ async fn cloud_sim_records_names_a_record_edited_on_the_gateway() {
     );
     assert!(stderr.contains("the record chain is broken"), "{stderr}");
     gw.stop().await;
+}
+
+/// Waits until `cloud-sim records` says (on the `stderr` lines read so far) it subscribed.
+async fn subscribed(stderr: &Mutex<Vec<String>>) {
+    wait_for(WAIT, "cloud-sim records subscribed", || {
+        let lines = stderr.lock().unwrap();
+        lines
+            .iter()
+            .any(|l| l.contains("receiving records on"))
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1123,14 +1128,7 @@ async fn cloud_sim_records_prints_each_uploaded_record_once_and_check_names_the_
         .expect("start cloud-sim records");
     let (stdout, out_thread) = read_lines(child.stdout.take().expect("piped"));
     let (stderr, err_thread) = read_lines(child.stderr.take().expect("piped"));
-    wait_for(WAIT, "cloud-sim records subscribed", || {
-        let lines = stderr.lock().unwrap();
-        lines
-            .iter()
-            .any(|l| l.contains("receiving records on"))
-            .then_some(())
-    })
-    .await;
+    subscribed(&stderr).await;
     // The first ten records arrive twice: once as a resend (after a lost ack, say), once with
     // the gateway's own upload.
     let mut resend = BatchWriter::new(1 << 20);
