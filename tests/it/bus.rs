@@ -78,11 +78,36 @@ async fn receive_records(cloud: &str, into: Arc<Mutex<BTreeMap<u64, Record>>>) -
 pub(crate) const NO_CLOUD: &str = r#"url = "mqtt://127.0.0.1:1"
 trusted_keys = ["3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"]"#;
 
-struct Sim {
-    commands: mpsc::Sender<SimCommand>,
-    outputs: mpsc::Receiver<Output>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+/// Simulated door units on a pty, run until `stop` is sent.
+pub(crate) struct Sim {
+    pub(crate) commands: mpsc::Sender<SimCommand>,
+    pub(crate) outputs: mpsc::Receiver<Output>,
+    pub(crate) stop: oneshot::Sender<()>,
+    pub(crate) task: JoinHandle<()>,
+}
+
+impl Sim {
+    /// Starts `units` with `config` on a new pty linked at `link`.
+    pub(crate) fn start(link: &Path, units: &[Address], config: SimConfig) -> Sim {
+        let (master, _) = doorbridge::sim::linked_pty(link).expect("a linked pty");
+        let sim_units = SimUnits::new(units, config).expect("simulated units");
+        let (commands, command_rx) = mpsc::channel(64);
+        let (output_tx, outputs) = mpsc::channel(1024);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let port = HangupTolerant::new(master, Duration::from_millis(5));
+            let _ = run_sim(port, sim_units, command_rx, output_tx, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Sim {
+            commands,
+            outputs,
+            stop,
+            task,
+        }
+    }
 }
 
 pub(crate) fn unit(n: u8) -> Address {
@@ -215,7 +240,6 @@ impl Building {
     }
 
     pub(crate) fn start_sim(&mut self, units: u8) {
-        let (master, _) = doorbridge::sim::linked_pty(&self.link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=units).map(unit).collect();
         // A unit picks a new boot id at every power-up: a restarted simulator must too.
         self.powered_up += 1;
@@ -223,23 +247,7 @@ impl Building {
             seed: SimConfig::default().seed + self.powered_up,
             ..SimConfig::default()
         };
-        let sim_units = SimUnits::new(&addresses, config).unwrap();
-        let (commands, command_rx) = mpsc::channel(64);
-        let (output_tx, outputs) = mpsc::channel(1024);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let port = HangupTolerant::new(master, Duration::from_millis(5));
-            let _ = run_sim(port, sim_units, command_rx, output_tx, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
-        self.sim = Some(Sim {
-            commands,
-            outputs,
-            stop,
-            task,
-        });
+        self.sim = Some(Sim::start(&self.link, &addresses, config));
     }
 
     pub(crate) async fn stop_sim(&mut self) {

@@ -35,7 +35,7 @@ use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::Channel;
 use doorbridge::cloud::uplink::{Batch, Uploaded};
 use doorbridge::sim::cloud::CloudClient;
-use doorbridge::sim::{HangupTolerant, Output, SimCommand, SimConfig, SimUnits, run_sim};
+use doorbridge::sim::{Output, SimCommand, SimConfig};
 use doorbridge::store::Record;
 use jiff::Timestamp;
 use rumqttc::QoS;
@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Mqtt, free_port, options, wait_for};
-use crate::bus::unit;
+use crate::bus::{Sim, unit};
 use crate::gateway::{Cloud, Daemon, Home, WAIT, keys};
 use crate::util::doorbridge;
 
@@ -137,18 +137,12 @@ struct Door {
 
 impl Door {
     fn start(link: &Path) -> Door {
-        let (master, _) = doorbridge::sim::linked_pty(link).expect("a linked pty");
-        let units = SimUnits::new(&[unit(1)], SimConfig::default()).expect("a simulated unit");
-        let (commands, command_rx) = mpsc::channel(64);
-        let (output_tx, outputs) = mpsc::channel(1024);
-        let (stop_sim, stopped) = oneshot::channel::<()>();
-        let sim = tokio::spawn(async move {
-            let port = HangupTolerant::new(master, Duration::from_millis(5));
-            let _ = run_sim(port, units, command_rx, output_tx, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
+        let Sim {
+            commands,
+            outputs,
+            stop: stop_sim,
+            task: sim,
+        } = Sim::start(link, &[unit(1)], SimConfig::default());
         Door {
             commands,
             outputs: Some(outputs),

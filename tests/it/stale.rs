@@ -7,22 +7,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::Duration;
 
 use doorbridge::access::{Category, CredentialKind, DenyReason, Key, StaleLimits, UseLimit};
 use doorbridge::bus::session::Answer;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
-use doorbridge::sim::{
-    HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
-};
+use doorbridge::sim::{Output, ReportKind, SimCommand, SimConfig};
 use doorbridge::store::Record;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::broker::{Proxy, RumqttdBroker, wait_for};
-use crate::bus::unit;
+use crate::bus::{Sim, unit};
 use crate::fixtures::key;
 use crate::gateway::{Cloud, Daemon, Home, WAIT};
 use crate::util::{doorbridge, libfaketime};
@@ -37,18 +34,12 @@ struct Door {
 
 impl Door {
     fn start(link: &Path) -> Door {
-        let (master, _) = doorbridge::sim::linked_pty(link).expect("a linked pty");
-        let units = SimUnits::new(&[unit(1)], SimConfig::default()).expect("a simulated unit");
-        let (commands, command_rx) = mpsc::channel(64);
-        let (output_tx, outputs) = mpsc::channel(1024);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let port = HangupTolerant::new(master, Duration::from_millis(5));
-            let _ = run_sim(port, units, command_rx, output_tx, async {
-                let _ = stopped.await;
-            })
-            .await;
-        });
+        let Sim {
+            commands,
+            outputs,
+            stop,
+            task,
+        } = Sim::start(link, &[unit(1)], SimConfig::default());
         Door {
             commands,
             outputs,
