@@ -104,7 +104,7 @@ pub const MIGRATIONS: &[&str] = &[
         class      INTEGER NOT NULL,       -- RecordClass: 0 alarm, 1 activity, 2 telemetry
         created_ms INTEGER NOT NULL,
         body       BLOB NOT NULL,          -- CBOR of store::Record
-        answer     BLOB                    -- decisions: CBOR of writer::KeptRow (retransmissions)
+        answer     BLOB                    -- decisions: CBOR of writer::KeptOnDisk (retransmissions)
     ) STRICT;
     INSERT INTO records (seq, class, created_ms, body)
         SELECT seq, class, created_ms, body FROM outbox;

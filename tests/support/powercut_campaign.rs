@@ -1137,7 +1137,10 @@ impl Site {
                     return started.elapsed();
                 }
                 if let Some(status) = daemon.exited() {
-                    panic!("doorbridge exited ({status}) while installing:\n{}", daemon.tail());
+                    panic!(
+                        "doorbridge exited ({status}) while installing:\n{}",
+                        daemon.tail()
+                    );
                 }
                 assert!(
                     Instant::now() < deadline,
