@@ -2386,7 +2386,7 @@ mod tests {
             unit: "entrance/3".to_owned(),
             request_id: 41,
             retransmit: super::super::Retransmit {
-                fingerprint: std::array::from_fn(|i| i as u8 * 7),
+                fingerprint: std::array::from_fn(|i| u8::try_from(i).unwrap() * 7),
                 boot_id: Some(9),
             },
             at,
