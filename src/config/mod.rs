@@ -15,8 +15,11 @@
 //! - [`values`]: value types written as human strings (durations, sizes, keys, URL, zone);
 //! - `load`: reading the sources, merging, unknown keys, typed reading that keeps going;
 //! - `validate`: the rules between values;
+//! - `keypath`: key paths in the merged tree and the source that set each value (both of the
+//!   above use it; neither reaches into the other);
 //! - `toml_out`: printing the effective configuration back as TOML.
 
+mod keypath;
 mod load;
 mod toml_out;
 mod validate;

@@ -7,7 +7,7 @@ use std::fmt::Display;
 use std::path::Path;
 use std::time::Duration;
 
-use super::load::{KeyPath, Origins};
+use super::keypath::{KeyPath, Origins};
 use super::values::format_duration;
 use super::{BusConfig, BusProtocol, CloudConfig, Config, Problem, ReaderKind, unit_address};
 use crate::access::lockout::CEILING;
