@@ -45,6 +45,11 @@ pub fn head_message(epoch: i64, seq: i64, chain: &[u8; 32]) -> Vec<u8> {
     m
 }
 
+/// Appends a record: `?1` seq, `?2` class, `?3` created (ms), `?4` body, `?5` kept answer or
+/// NULL, `?6` chain link. Only through [`insert`], which finds the seq and the link.
+const INSERT_RECORD: &str = "INSERT INTO records (seq, class, created_ms, body, answer, chain)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
 /// Appends a record with its chain link: the single way rows enter `records` (the writer,
 /// the recovery alarm and the salvage). Returns its seq. The seq is one past both the
 /// highest row and `meta.seq_floor`, so an id the cloud has seen is never given again; the
@@ -58,15 +63,14 @@ pub(crate) fn insert(
     answer: Option<&[u8]>,
 ) -> Result<i64, rusqlite::Error> {
     let (seq, prev) = next(conn)?;
-    conn.prepare_cached(super::schema::INSERT_RECORD)?
-        .execute(params![
-            seq,
-            class,
-            created_ms,
-            body,
-            answer,
-            link(&prev, seq, body).as_slice()
-        ])?;
+    conn.prepare_cached(INSERT_RECORD)?.execute(params![
+        seq,
+        class,
+        created_ms,
+        body,
+        answer,
+        link(&prev, seq, body).as_slice()
+    ])?;
     Ok(seq)
 }
 

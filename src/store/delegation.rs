@@ -8,7 +8,7 @@
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::writer::key_by_id;
+use super::lookup::key_by_id;
 use super::{DeltaChange, HeldDelegation, StoreError};
 
 /// Holds `d`, unless its id was revoked or a delegation of that id signed later is held.

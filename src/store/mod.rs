@@ -13,12 +13,15 @@
 //! salvaging it), `check` (the idle full integrity check, on a thread of its own), `reserve`
 //! (disk space released when the disk fills), `memory` (the allocator's free memory returned
 //! after a key-set job), [`records`] (what the outbox holds), [`rules`] (the compact encoding
-//! of a key's rules) and `knowledge` (the held set's `stale_after` and the knowledge time).
+//! of a key's rules), `lookup` (a key's rules by credential digest or by id, for the writer,
+//! the readers and the delegation checks) and `knowledge` (the held set's `stale_after` and
+//! the knowledge time).
 
 pub mod chain;
 mod check;
 mod delegation;
 mod knowledge;
+mod lookup;
 mod memory;
 mod reader;
 pub mod records;

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::lookup::lookup;
 use super::records::{Record, RecordClass, StoredRecord};
 use super::rules;
-use super::writer::lookup;
 use super::{StoreError, schema};
 use crate::access::{Freshness, KeyRules};
 use crate::bus::message::Settings;

@@ -179,11 +179,6 @@ macro_rules! acked_above {
 /// docs/performance.md). A file keeps the page size it was created with.
 pub const PAGE_SIZE: u32 = 1024;
 
-/// Appends a record: `?1` seq, `?2` class, `?3` created (ms), `?4` body, `?5` kept answer or
-/// NULL, `?6` chain link. Only through `chain::insert`, which finds the seq and the link.
-pub const INSERT_RECORD: &str = "INSERT INTO records (seq, class, created_ms, body, answer, chain)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-
 /// The schema version this build writes.
 pub fn latest_version() -> i64 {
     i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)

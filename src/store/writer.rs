@@ -23,9 +23,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use rusqlite::types::ValueRef;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
+use super::lookup;
 use super::memory;
 use super::records::{Activity, Record, RecordClass};
 use super::rules;
@@ -897,7 +897,7 @@ impl Writer {
             )
         } else {
             let digest = access::credential::digest(&self.salt, req.kind, &req.secret);
-            match lookup(&self.conn, self.active_generation, &digest.0)? {
+            match lookup::lookup(&self.conn, self.active_generation, &digest.0)? {
                 None => {
                     if is_pin
                         && let Some(started) =
@@ -992,7 +992,7 @@ impl Writer {
         if req.clock_synced {
             clock.extend(self.synced_clock(req.now));
         }
-        let rules = key_by_id(&self.conn, self.active_generation, &req.key_id)?;
+        let rules = lookup::key_by_id(&self.conn, self.active_generation, &req.key_id)?;
         clock.extend(self.trust_changed(req.now, req.clock_synced, rules.is_some()));
         let (decision, consume) = match &rules {
             Some(rules) => self.judge(rules, &req.door, req.now, req.clock_synced, overlay)?,
@@ -2158,7 +2158,7 @@ fn revoke_rows(
         "UPDATE credentials SET rules = ?3 WHERE generation = ?1 AND key_id = ?2",
     )?;
     for id in ids {
-        match key_by_id(conn, generation, id)? {
+        match lookup::key_by_id(conn, generation, id)? {
             Some(mut revoked) => {
                 revoked.revoked = true;
                 let blob = rules::encode(&revoked);
@@ -2175,32 +2175,6 @@ fn revoke_rows(
 /// The issuer an activity record names: the delegation id, or `root`.
 fn issuer_name(rules: &KeyRules) -> String {
     rules.issuer.clone().unwrap_or_else(|| "root".into())
-}
-
-/// Looks a digest up in a generation of the key set: one descent into `credentials`, whose
-/// row carries the key's rules (rows written before schema version 5 carry none: their rules
-/// are read from `keys`).
-pub(super) fn lookup(
-    conn: &Connection,
-    generation: i64,
-    digest: &[u8; 32],
-) -> Result<Option<KeyRules>, StoreError> {
-    let found = conn
-        .prepare_cached(
-            "SELECT rules, key_id FROM credentials WHERE generation = ?1 AND digest = ?2",
-        )?
-        .query_row(params![generation, digest], |r| {
-            Ok(match r.get_ref(0)? {
-                ValueRef::Blob(blob) => Ok(rules::decode(blob)),
-                _ => Err(r.get::<_, String>(1)?),
-            })
-        })
-        .optional()?;
-    match found {
-        None => Ok(None),
-        Some(Ok(decoded)) => decoded.map(Some),
-        Some(Err(key_id)) => key_by_id(conn, generation, &key_id),
-    }
 }
 
 /// Merges `given` into the desired settings of `door` and stores the result.
@@ -2242,19 +2216,6 @@ fn report_settings(conn: &Connection, door: &str, settings: &Settings) -> Result
         params![door, blob],
     )?;
     Ok(())
-}
-
-/// A key's rules by id in a generation.
-pub(super) fn key_by_id(
-    conn: &Connection,
-    generation: i64,
-    key_id: &str,
-) -> Result<Option<KeyRules>, StoreError> {
-    let blob: Option<Vec<u8>> = conn
-        .prepare_cached("SELECT rules FROM keys WHERE generation = ?1 AND key_id = ?2")?
-        .query_row(params![generation, key_id], |r| r.get(0))
-        .optional()?;
-    blob.map(|b| rules::decode(&b)).transpose()
 }
 
 /// Appends a record to the outbox; returns its sequence number and its body's size.
