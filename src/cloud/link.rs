@@ -123,22 +123,7 @@ impl std::fmt::Debug for LinkSpec {
     }
 }
 
-/// What the link shows in the gateway's status.
-#[derive(Clone, Debug, Default)]
-pub struct LinkStatus {
-    /// `host:port` of the broker connected to, or being tried.
-    pub broker: Option<String>,
-    pub connected: bool,
-    /// Since when the link has had no broker connection (`None` while connected).
-    pub offline_since: Option<Timestamp>,
-    pub connects: u64,
-    pub last_error: Option<String>,
-    /// When a snapshot or delta was last committed.
-    pub last_sync: Option<Timestamp>,
-    pub held_version: u64,
-    /// Messages refused (bad signature, rollback, malformed…).
-    pub rejected: u64,
-}
+pub use super::status::LinkStatus;
 
 /// This gateway as signed messages name it.
 pub fn target(config: &Config) -> Target {

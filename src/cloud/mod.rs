@@ -1,8 +1,9 @@
 //! The cloud link: the signed protocol, the sync state machine, and the MQTT shell.
 //!
 //! The pure parts do no I/O: [`envelope`] (signatures), [`payload`] (message bodies),
-//! [`sync`] (which payloads change the key set), [`topics`] and [`report`] (what the gateway
-//! says back). [`link`] is the async shell: it owns the MQTT connection, feeds the machine and
+//! [`sync`] (which payloads change the key set), [`topics`], [`report`] (what the gateway
+//! says back) with [`summary`] (the telemetry summary it carries) and [`status`] (what the
+//! link shows in the gateway's status). [`link`] is the async shell: it owns the MQTT connection, feeds the machine and
 //! carries out its actions against the store and the doors. [`uplink`] drains the outbox to
 //! the cloud over the same connection ([`acks`] matches broker acks to batches) and
 //! [`telemetry`] sends the health summary. [`import`] runs the same checks
@@ -22,6 +23,8 @@ pub mod link;
 pub mod payload;
 pub mod refusals;
 pub mod report;
+pub mod status;
+pub mod summary;
 pub mod sync;
 pub mod telemetry;
 #[cfg(test)]

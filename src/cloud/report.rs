@@ -80,7 +80,7 @@ pub enum Report {
         at: Timestamp,
     },
     /// On `telemetry`: battery per door unit and the gateway's health.
-    Telemetry(Box<super::telemetry::Summary>),
+    Telemetry(Box<super::summary::Summary>),
 }
 
 impl Report {
