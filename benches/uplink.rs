@@ -92,7 +92,7 @@ fn write_config(dir: &Path, text: &str) -> (PathBuf, StoreOptions, Store) {
     let path = dir.join("doorbridge.toml");
     std::fs::write(&path, text).expect("write the daemon's config");
     let config = Config::from_toml_str(text, "bench.toml").expect("bench config");
-    let options = doorbridge::daemon::store_options(&config);
+    let options = doorbridge::store::StoreOptions::from(&config);
     let store = Store::open(options.clone()).expect("open the store");
     (path, options, store)
 }

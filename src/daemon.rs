@@ -78,32 +78,6 @@ impl DaemonError {
     }
 }
 
-/// The rules decisions are made with, from the configuration.
-pub fn decision_context(config: &Config) -> DecisionContext {
-    DecisionContext {
-        site: config.site(),
-        policy: config.access_policy(),
-        lockout: config.lockout_policy(),
-        clock_tolerance: jiff::SignedDuration::try_from(config.clock.tolerance)
-            .unwrap_or(jiff::SignedDuration::MAX),
-        unrecordable_unlimited: config.storage.unrecordable_unlimited,
-    }
-}
-
-/// How to open the store, from the configuration.
-pub fn store_options(config: &Config) -> StoreOptions {
-    let mut options = StoreOptions::new(&config.storage.path, decision_context(config));
-    options.max_size = (config.storage.max_size != 0).then_some(config.storage.max_size);
-    options.outbox_max_records = Some(config.storage.outbox_max_records);
-    options.outbox_max_bytes = Some(config.storage.outbox_max_bytes);
-    options.reserve = config.storage.reserve;
-    options.history = crate::store::History {
-        days: Some(config.storage.history_days),
-        max_records: Some(config.storage.history_max_records),
-    };
-    options
-}
-
 /// What the daemon gets from its service manager besides the configuration. The default
 /// sends nothing, runs no watchdog and takes no reloads (tests, benchmarks).
 #[derive(Debug, Default)]
@@ -231,7 +205,7 @@ async fn next_reload(reloads: &mut Option<mpsc::Receiver<()>>) -> Option<()> {
 /// Opens the store off the async workers: the integrity check may take seconds on a large
 /// database.
 async fn open_store(config: &Config) -> Result<Store, DaemonError> {
-    let options = store_options(config);
+    let options = StoreOptions::from(config);
     let path = options.path.display().to_string();
     // The identity that signs the record chain, made at first start. A gateway that cannot
     // keep one still serves its doors: its records are chained, only the head goes unsigned.
@@ -505,7 +479,7 @@ impl Running {
 
     /// Gives the store writer the decision rules of `config`.
     async fn reconfigure(&self, config: &Config) {
-        if let Err(e) = self.store.reconfigure(decision_context(config)).await {
+        if let Err(e) = self.store.reconfigure(DecisionContext::from(config)).await {
             tracing::error!(error = %e, "the new decision rules could not be given to the store");
         }
     }

@@ -60,7 +60,7 @@ pub async fn import_file(
     let trusted = link::trusted_keys(config)?;
     let target = link::target(config);
     let mut bundle = BundleStream::open(path)?;
-    let options = crate::daemon::store_options(config);
+    let options = crate::store::StoreOptions::from(config);
     let store = tokio::task::spawn_blocking(move || Store::open(options))
         .await
         .map_err(|e| StoreError::Io {

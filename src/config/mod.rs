@@ -638,6 +638,36 @@ impl Config {
     }
 }
 
+/// The rules decisions are made with.
+impl From<&Config> for crate::store::DecisionContext {
+    fn from(config: &Config) -> Self {
+        crate::store::DecisionContext {
+            site: config.site(),
+            policy: config.access_policy(),
+            lockout: config.lockout_policy(),
+            clock_tolerance: jiff::SignedDuration::try_from(config.clock.tolerance)
+                .unwrap_or(jiff::SignedDuration::MAX),
+            unrecordable_unlimited: config.storage.unrecordable_unlimited,
+        }
+    }
+}
+
+/// How to open the store: the daemon, `keys import` and the tools all open it alike.
+impl From<&Config> for crate::store::StoreOptions {
+    fn from(config: &Config) -> Self {
+        let mut options = crate::store::StoreOptions::new(&config.storage.path, config.into());
+        options.max_size = (config.storage.max_size != 0).then_some(config.storage.max_size);
+        options.outbox_max_records = Some(config.storage.outbox_max_records);
+        options.outbox_max_bytes = Some(config.storage.outbox_max_bytes);
+        options.reserve = config.storage.reserve;
+        options.history = crate::store::History {
+            days: Some(config.storage.history_days),
+            max_records: Some(config.storage.history_max_records),
+        };
+        options
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;

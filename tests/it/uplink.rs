@@ -356,7 +356,8 @@ impl Gateway {
         }
         let text = std::fs::read_to_string(&home.config).expect("read the configuration");
         let config = Config::from_toml_str(&text, "doorbridge.toml").expect("a valid config");
-        let store = Store::open(doorbridge::daemon::store_options(&config)).expect("store opens");
+        let store =
+            Store::open(doorbridge::store::StoreOptions::from(&config)).expect("store opens");
         Gateway {
             _home: home,
             config,
