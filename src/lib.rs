@@ -6,6 +6,8 @@
 //! Map of the crate:
 //!
 //! - [`access`]: the pure decision engine (key rules, schedules, time zones, PIN lockout);
+//! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
+//!   outside become values;
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
 //!   commit, read connections, the trusted-time mark, the outbox and the door history;
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
@@ -32,6 +34,7 @@
 
 pub mod access;
 pub mod bus;
+pub mod cbor;
 pub mod cloud;
 pub mod config;
 pub mod control;

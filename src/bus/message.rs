@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use super::frame::{Address, Direction, Frame, FrameError, MAX_BODY};
 use crate::access::{CredentialKind, DenyReason};
+use crate::cbor::CborError;
 
 /// The deepest CBOR nesting a body may have (Status nests one map; unknown keys may add a
 /// little more). Deeper input is rejected before it can exhaust the stack.
@@ -526,13 +527,12 @@ fn to_cbor<T: Serialize>(value: &T) -> Result<Vec<u8>, MessageError> {
 }
 
 fn from_cbor<T: DeserializeOwned>(body: &[u8]) -> Result<T, MessageError> {
-    let mut rest = body;
-    let value = ciborium::de::from_reader_with_recursion_limit(&mut rest, RECURSION_LIMIT)
-        .map_err(|e| MessageError::Cbor(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(MessageError::TrailingBytes(rest.len()));
-    }
-    Ok(value)
+    // The body was capped at MAX_BODY before this.
+    crate::cbor::decode(body, usize::MAX, RECURSION_LIMIT).map_err(|e| match e {
+        CborError::TrailingBytes(n) => MessageError::TrailingBytes(n),
+        CborError::Invalid(e) => MessageError::Cbor(e),
+        CborError::TooLarge { len, .. } => MessageError::TooLong(len),
+    })
 }
 
 // serde's `with` modules take the value by reference.

@@ -23,6 +23,8 @@ use super::build::{
 };
 use super::payload::{MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ENVELOPE_BYTES};
 
+use crate::cbor::CborError;
+
 /// The value of the `format` entry.
 pub const FORMAT: &str = "doorbridge-keyset-v1";
 
@@ -97,13 +99,13 @@ impl Bundle {
             });
         }
         let not = |what: &str| BundleError::NotABundle(what.to_string());
-        let mut rest = bytes;
+        // Its size was checked just above.
         let value: Value =
-            ciborium::de::from_reader_with_recursion_limit(&mut rest, RECURSION_LIMIT)
-                .map_err(|e| BundleError::NotABundle(format!("not valid CBOR ({e})")))?;
-        if !rest.is_empty() {
-            return Err(BundleError::TrailingBytes(rest.len()));
-        }
+            crate::cbor::decode(bytes, usize::MAX, RECURSION_LIMIT).map_err(|e| match e {
+                CborError::TrailingBytes(n) => BundleError::TrailingBytes(n),
+                CborError::Invalid(e) => BundleError::NotABundle(format!("not valid CBOR ({e})")),
+                CborError::TooLarge { len, .. } => BundleError::TooLarge { len: len as u64 },
+            })?;
         let Value::Map(entries) = value else {
             return Err(not("not a CBOR map"));
         };

@@ -21,6 +21,8 @@ use ciborium::Value;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
+use crate::cbor::CborError;
+
 /// The domain-separation prefix of every signing input.
 pub const DOMAIN: &[u8] = b"doorbridge-v1:";
 
@@ -187,12 +189,13 @@ pub fn open(
             max: max_len,
         });
     }
-    let mut rest = bytes;
-    let value: Value = ciborium::de::from_reader_with_recursion_limit(&mut rest, RECURSION_LIMIT)
-        .map_err(|e| EnvelopeError::Cbor(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(EnvelopeError::TrailingBytes(rest.len()));
-    }
+    // Its size was checked just above.
+    let value: Value =
+        crate::cbor::decode(bytes, usize::MAX, RECURSION_LIMIT).map_err(|e| match e {
+            CborError::TooLarge { len, max } => EnvelopeError::TooLarge { len, max },
+            CborError::Invalid(e) => EnvelopeError::Cbor(e),
+            CborError::TrailingBytes(n) => EnvelopeError::TrailingBytes(n),
+        })?;
     let Value::Map(entries) = value else {
         return Err(EnvelopeError::Malformed("not a map"));
     };

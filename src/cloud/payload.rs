@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::access::{Key, StaleLimits};
+use crate::cbor::CborError;
 
 /// The largest chunk payload: AWS IoT Core's MQTT payload limit, 128 KiB.
 pub const MAX_CHUNK_BYTES: usize = 128 * 1024;
@@ -461,10 +462,7 @@ impl ResyncCommand {
 }
 
 pub(crate) fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    // Serialising these types into a Vec cannot fail.
-    let _ = ciborium::ser::into_writer(value, &mut out);
-    out
+    crate::cbor::encode(value)
 }
 
 pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, PayloadError> {
@@ -474,13 +472,11 @@ pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result
             max,
         });
     }
-    let mut rest = bytes;
-    let value = ciborium::de::from_reader_with_recursion_limit(&mut rest, RECURSION_LIMIT)
-        .map_err(|e| PayloadError::Cbor(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(PayloadError::TrailingBytes(rest.len()));
-    }
-    Ok(value)
+    crate::cbor::decode(bytes, max, RECURSION_LIMIT).map_err(|e| match e {
+        CborError::TooLarge { len, max } => PayloadError::TooLarge { len, max },
+        CborError::Invalid(e) => PayloadError::Cbor(e),
+        CborError::TrailingBytes(n) => PayloadError::TrailingBytes(n),
+    })
 }
 
 /// `Vec<u8>` as a CBOR byte string.

@@ -30,7 +30,7 @@ pub(super) fn read(conn: &Connection) -> Result<Freshness, StoreError> {
         _ => None,
     };
     let limits = match value(STALE_AFTER)? {
-        Some(rusqlite::types::Value::Blob(blob)) => ciborium::from_reader(blob.as_slice())
+        Some(rusqlite::types::Value::Blob(blob)) => super::records::decode_row(&blob)
             .map_err(|e| StoreError::Corrupt(format!("stale_after: {e}")))?,
         _ => StaleLimits::default(),
     };

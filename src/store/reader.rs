@@ -383,7 +383,7 @@ impl Reader {
         })?;
         let decode = |b: Option<Vec<u8>>| -> Result<Option<Settings>, StoreError> {
             b.map(|b| {
-                ciborium::from_reader(b.as_slice())
+                super::records::decode_row(&b)
                     .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))
             })
             .transpose()

@@ -6,6 +6,20 @@ use serde::{Deserialize, Serialize};
 use crate::access::{Category, CredentialKind, DenyReason, DoorId};
 use crate::bus::message::DoorEventKind;
 
+/// CBOR a row holds (a record's body, unit settings, a kept answer) read back larger than this
+/// is damaged: far above anything the gateway writes.
+pub const MAX_ROW_CBOR: usize = 1 << 20;
+/// Nesting such CBOR may have: maps of scalars and short lists.
+const ROW_DEPTH: usize = 16;
+
+/// Decodes CBOR the store wrote into a row: bounded like everything read from outside, since
+/// a database file can be damaged.
+pub(crate) fn decode_row<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, crate::cbor::CborError> {
+    crate::cbor::decode(bytes, MAX_ROW_CBOR, ROW_DEPTH)
+}
+
 /// Upload priority. Alarms jump the queue; telemetry is the first to go when the outbox is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -283,14 +297,12 @@ impl Record {
 
     /// The CBOR body stored in the outbox.
     pub fn to_cbor(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128);
-        // Serialising our own plain data into a Vec cannot fail.
-        ciborium::into_writer(self, &mut out).expect("record serialises");
-        out
+        crate::cbor::encode(self)
     }
 
-    pub fn from_cbor(bytes: &[u8]) -> Result<Self, ciborium::de::Error<std::io::Error>> {
-        ciborium::from_reader(bytes)
+    /// A record as a row's body holds it (bounded: [`decode_row`]).
+    pub fn from_cbor(bytes: &[u8]) -> Result<Self, crate::cbor::CborError> {
+        decode_row(bytes)
     }
 }
 

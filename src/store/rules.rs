@@ -123,7 +123,7 @@ pub fn decode(blob: &[u8]) -> Result<KeyRules, StoreError> {
             .rules()
             .map_err(|what| StoreError::Corrupt(format!("key rules: {what}")))
     } else {
-        ciborium::from_reader(blob).map_err(|e| StoreError::Corrupt(format!("key rules: {e}")))
+        super::records::decode_row(blob).map_err(|e| StoreError::Corrupt(format!("key rules: {e}")))
     }
 }
 

@@ -27,7 +27,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
 use super::lookup;
 use super::memory;
-use super::records::{Activity, Record, RecordClass};
+use super::records::{Activity, Record, RecordClass, decode_row};
 use super::rules;
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
@@ -115,8 +115,8 @@ impl KeptRow {
     /// (that request is then judged again). Rows written before the short form hold the whole
     /// `KeptRow` as a CBOR map, and still read.
     fn from_row(seq: i64, body: &[u8], answer: &[u8]) -> Option<KeptRow> {
-        let Ok(disk) = ciborium::from_reader::<KeptOnDisk, _>(answer) else {
-            let mut kept: KeptRow = ciborium::from_reader(answer).ok()?;
+        let Ok(disk) = decode_row::<KeptOnDisk>(answer) else {
+            let mut kept: KeptRow = decode_row(answer).ok()?;
             kept.answer.seq = Some(seq);
             return Some(kept);
         };
@@ -2187,8 +2187,9 @@ fn desire_settings(conn: &Connection, door: &str, given: Settings) -> Result<Set
         )
         .optional()?;
     let mut merged: Settings = match old.flatten() {
-        Some(blob) => ciborium::from_reader(blob.as_slice())
-            .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?,
+        Some(blob) => {
+            decode_row(&blob).map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?
+        }
         None => Settings::default(),
     };
     merged.volume = given.volume.or(merged.volume);
