@@ -733,8 +733,9 @@ pub fn bus_spec(config: &Config, bus: &BusConfig) -> BusSpec {
         })
         .collect();
     // A fresh starting id, so a restarted gateway does not reuse ids a unit has just seen.
-    let first_command_id =
-        u16::try_from(jiff::Timestamp::now().subsec_nanosecond() % 65_536).unwrap_or_default();
+    let random = getrandom::u32()
+        .unwrap_or_else(|_| jiff::Timestamp::now().subsec_nanosecond().unsigned_abs());
+    let first_command_id = u16::try_from(random % 65_536).unwrap_or_default();
     BusSpec {
         name: bus.label(),
         port: bus.port.clone(),

@@ -52,8 +52,10 @@ pub fn kernel_clock() -> Option<KernelClock> {
 /// `d` give or take a quarter, so that buses and gateways that failed together do not retry
 /// in step.
 pub fn jitter(d: Duration) -> Duration {
-    let nanos = jiff::Timestamp::now().subsec_nanosecond().unsigned_abs();
-    d.mul_f64(0.75 + f64::from(nanos % 1000) / 2000.0)
+    // The clock's nanoseconds only if the kernel gives no random bytes.
+    let r = getrandom::u32()
+        .unwrap_or_else(|_| jiff::Timestamp::now().subsec_nanosecond().unsigned_abs());
+    d.mul_f64(0.75 + f64::from(r % 1000) / 2000.0)
 }
 
 /// Completes when the shutdown flag turns true (or its sender is gone).

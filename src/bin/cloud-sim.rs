@@ -835,7 +835,8 @@ fn keygen(dir: &Path) -> anyhow::Result<()> {
         }
     }
     let mut seed = [0u8; 32];
-    getrandom(&mut seed)?;
+    getrandom::fill(&mut seed)
+        .map_err(|e| anyhow::anyhow!("the kernel gave no random bytes: {e}"))?;
     let signer = SigningKey::from_bytes(&seed);
     let public = hex(signer.verifying_key().as_bytes());
     write_new(&secret_path, &format!("{}\n", hex(&seed)), 0o600)?;
@@ -846,14 +847,6 @@ fn keygen(dir: &Path) -> anyhow::Result<()> {
     println!("for the gateway's configuration ([cloud] section):");
     println!("trusted_keys = [\"{public}\"]");
     Ok(())
-}
-
-/// Random bytes from the kernel.
-fn getrandom(buf: &mut [u8]) -> anyhow::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .context("reading /dev/urandom")
 }
 
 /// Creates `path` (never replacing a file) with `mode`, and writes `text`.
