@@ -3,7 +3,7 @@
 //!
 //! Two tasks, talking over a channel:
 //!
-//! - the **poller** owns rumqttc's event loop and does nothing but poll it, forward what
+//! - the **poller** (`poller`) owns rumqttc's event loop and does nothing but poll it, forward what
 //!   arrives and wait out a jittered, growing backoff after a connection error (rumqttc
 //!   reconnects on the next poll). It waits for nothing but room in the small channel to the
 //!   worker, and the worker never waits for the poller (it queues acks and reports with
@@ -21,43 +21,37 @@
 //! (mosquitto sent a whole million-key snapshot, 1,886 chunks, unacknowledged), so the channel
 //! holds at most [`BACKLOG`] messages; beyond that the poller stops reading and TCP pushes back
 //! on the broker.
+//!
+//! Beside them: `connect` builds the connection options and TLS from the configuration, and
+//! `commands` carries out the cloud's remote commands (open a door, push a unit's settings)
+//! and reports their results.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::VerifyingKey;
 use jiff::Timestamp;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet,
-    Publish, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
 use super::envelope::{EnvelopeError, KeyId, Opened};
-use super::failover::Failover;
 use super::payload::{
     Delegation, DelegationRevoke, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor,
-    ResyncCommand, Target, UnitSettings,
+    ResyncCommand, UnitSettings,
 };
 use super::refusals::{Admit, Refusals};
 use super::report::{Outcome, Presence, Report};
-use super::sync::{Action, CommandParts, ReplayCache, ResyncReason, Sync};
+use super::sync::{Action, ReplayCache, ResyncReason, Sync};
 use super::telemetry::{TelemetryLink, TelemetrySpec, run_telemetry};
-use super::topics::{Channel, TopicError, Topics};
+use super::topics::Channel;
 use super::uplink::{Planner, Uplink, WINDOW, run_uplink};
-use crate::access::{Decision, Key};
-use crate::bus::driver::{CommandOutcome, DoorRouter, OPEN_PULSE_MS};
-use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
-use crate::bus::session::Command as BusCommand;
-use crate::config::{BrokerUrl, Config};
-use crate::store::{
-    DeltaChange, HeldDelegation, KeySetHeader, Record, RemoteOpen, Store, StoreError, Vouched,
-};
-use crate::task::{clock_synced, jitter, stopped};
+use crate::access::Key;
+use crate::bus::driver::DoorRouter;
+use crate::store::{DeltaChange, HeldDelegation, KeySetHeader, Record, Store, StoreError, Vouched};
+use crate::task::stopped;
 
 /// How long a unit has to carry out a remote open before the cloud hears "unreachable".
 const OPEN_RESULT_WAIT: Duration = Duration::from_secs(10);
@@ -70,360 +64,14 @@ pub const BACKLOG: usize = 16;
 /// Requests rumqttc may queue between the worker and the event loop.
 const REQUEST_CAPACITY: usize = 1024;
 
-/// Why the link cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    #[error("cloud topics: {0}")]
-    Topics(#[from] TopicError),
-    #[error("cloud.trusted_keys[{index}] is not a usable Ed25519 public key")]
-    TrustedKey { index: usize },
-    #[error("cannot read {what} {path}: {source}")]
-    TlsFile {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{what} {path} holds no usable PEM {expected}")]
-    TlsPem {
-        what: &'static str,
-        path: String,
-        expected: &'static str,
-    },
-    #[error("TLS setup: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("no CA certificate to verify the broker with (set cloud.tls.ca_file)")]
-    NoRoots,
-}
+mod commands;
+mod connect;
+mod poller;
 
-impl LinkError {
-    /// None of these clear by themselves: the configuration or its files must change.
-    pub fn is_retryable(&self) -> bool {
-        false
-    }
-}
-
-/// Everything the link runs with.
-#[derive(Clone)]
-pub struct LinkSpec {
-    pub target: Target,
-    pub topics: Topics,
-    pub trusted: Vec<VerifyingKey>,
-    /// One set of connection options per configured broker, in the order they are tried.
-    pub brokers: Vec<MqttOptions>,
-    /// The largest message the gateway publishes (upload batches fill up to it).
-    pub max_payload: usize,
-}
-
-impl std::fmt::Debug for LinkSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinkSpec")
-            .field("target", &self.target)
-            .field("trusted", &self.trusted.len())
-            .finish_non_exhaustive()
-    }
-}
+pub use connect::{LinkError, LinkSpec, max_incoming_packet, spec, target, trusted_keys};
+use poller::{Polled, Uplinked, poll};
 
 pub use super::status::LinkStatus;
-
-/// This gateway as signed messages name it.
-pub fn target(config: &Config) -> Target {
-    Target {
-        site: config.gateway.site_id.clone(),
-        gateway: config.gateway.id.clone(),
-    }
-}
-
-/// The public keys cloud messages must be signed with.
-pub fn trusted_keys(config: &Config) -> Result<Vec<VerifyingKey>, LinkError> {
-    config
-        .cloud
-        .trusted_keys
-        .iter()
-        .enumerate()
-        .map(|(index, k)| {
-            VerifyingKey::from_bytes(k.as_bytes()).map_err(|_| LinkError::TrustedKey { index })
-        })
-        .collect()
-}
-
-/// Builds the link's settings from the configuration (reads the TLS files).
-pub fn spec(config: &Config) -> Result<LinkSpec, LinkError> {
-    let target = target(config);
-    let topics = Topics::new(&config.cloud.topic_prefix, &target)?;
-    let trusted = trusted_keys(config)?;
-    let tls = if config.cloud.url.any_tls() {
-        Some(Arc::new(tls_config(config)?))
-    } else {
-        None
-    };
-    let max_payload = usize::try_from(config.cloud.max_payload).unwrap_or(usize::MAX);
-    let brokers = config
-        .cloud
-        .url
-        .iter()
-        .map(|url| broker_options(config, &topics, url, tls.as_ref(), max_payload))
-        .collect();
-    Ok(LinkSpec {
-        target,
-        topics,
-        trusted,
-        brokers,
-        max_payload,
-    })
-}
-
-/// The largest packet the gateway reads: a key-set chunk in its envelope must fit, with room
-/// to spare. A larger one cannot be read at all (see `poll` for what happens then).
-pub fn max_incoming_packet(max_payload: usize) -> usize {
-    (4 * max_payload.max(MAX_ENVELOPE_BYTES)).max(1 << 20) + 1024
-}
-
-/// The connection options for one broker URL. TLS names are checked against that URL's host.
-fn broker_options(
-    config: &Config,
-    topics: &Topics,
-    url: &BrokerUrl,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-    max_payload: usize,
-) -> MqttOptions {
-    let cloud = &config.cloud;
-    let mut options = MqttOptions::new(&config.gateway.id, &url.host, url.port);
-    options
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_keep_alive(cloud.keepalive);
-    options.set_max_packet_size(max_incoming_packet(max_payload), max_payload + 1024);
-    options.set_last_will(LastWill::new(
-        topics.topic(Channel::State),
-        Report::State {
-            state: Presence::Offline,
-            gateway: config.gateway.id.clone(),
-            held: None,
-            identity: None,
-        }
-        .encode(),
-        QoS::AtLeastOnce,
-        true,
-    ));
-    if let Some(user) = &cloud.username {
-        let password = cloud
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_owned())
-            .unwrap_or_default();
-        options.set_credentials(user, password);
-    }
-    if let (true, Some(tls)) = (url.tls, tls) {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::clone(tls),
-        )));
-    }
-    options
-}
-
-/// rustls with ring: the pinned CA (or the system's roots) and the client certificate.
-fn tls_config(config: &Config) -> Result<rustls::ClientConfig, LinkError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let tls = &config.cloud.tls;
-    let mut roots = rustls::RootCertStore::empty();
-    if let Some(ca) = &tls.ca_file {
-        let pem = read_file("CA file", ca)?;
-        for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
-            roots.add(cert)?;
-        }
-        if roots.is_empty() {
-            return Err(pem_error("CA file", ca, "certificate"));
-        }
-    } else {
-        let found = rustls_native_certs::load_native_certs();
-        for cert in found.certs {
-            let _ = roots.add(cert);
-        }
-        if roots.is_empty() {
-            return Err(LinkError::NoRoots);
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let pem = read_file("client certificate", cert)?;
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&pem).flatten().collect();
-            if chain.is_empty() {
-                return Err(pem_error("client certificate", cert, "certificate"));
-            }
-            let pem = read_file("client key", key)?;
-            let key_der = PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|_| pem_error("client key", key, "private key"))?;
-            Ok(builder.with_client_auth_cert(chain, key_der)?)
-        }
-        _ => Ok(builder.with_no_client_auth()),
-    }
-}
-
-fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, LinkError> {
-    std::fs::read(path).map_err(|source| LinkError::TlsFile {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-fn pem_error(what: &'static str, path: &Path, expected: &'static str) -> LinkError {
-    LinkError::TlsPem {
-        what,
-        path: path.display().to_string(),
-        expected,
-    }
-}
-
-/// What the poller tells the worker.
-enum Polled {
-    Connected {
-        session_present: bool,
-    },
-    Message(Publish),
-    /// The connection failed or was lost; `broker` is the one it was with.
-    Disconnected {
-        error: String,
-        broker: String,
-    },
-    /// The broker sent a packet of `size` bytes, over the gateway's limit: it could not be
-    /// read (so neither its topic), and the connection broke. The next connect is clean.
-    Oversized {
-        size: usize,
-        limit: usize,
-    },
-}
-
-/// The poller's side of the uplink: broker acks matched to upload batches, and whether the
-/// connection is up.
-struct Uplinked {
-    correlator: Correlator,
-    acks: mpsc::UnboundedSender<Ack>,
-    connected: watch::Sender<bool>,
-}
-
-/// The size of the packet behind an error, if the error is a packet too big to read.
-fn oversized(error: &ConnectionError) -> Option<usize> {
-    match error {
-        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::Error::PayloadSizeLimitExceeded(size),
-        )) => Some(*size),
-        _ => None,
-    }
-}
-
-/// Owns the event loop: polls, forwards, fails over and backs off (`cloud::failover`).
-///
-/// A packet too big to read breaks the connection, and with a persistent session the broker
-/// sends it again at every connect: one oversized message would keep the gateway off its
-/// topics for good. So the connect after one is made with a clean session, which makes the
-/// broker drop the session and its queue, that message with it; the worker reports the
-/// refusal, subscribes again (no session) and asks for a resync, since deltas and commands
-/// queued behind the message went with it. The connect after that is persistent again.
-async fn poll(
-    mut eventloop: EventLoop,
-    brokers: Vec<MqttOptions>,
-    tx: mpsc::Sender<Polled>,
-    mut up: Uplinked,
-    status: Arc<Mutex<LinkStatus>>,
-) {
-    let mut failover = Failover::new(brokers.len());
-    let show = |options: &MqttOptions| {
-        if let Ok(mut s) = status.lock() {
-            s.broker = Some(address(options));
-        }
-    };
-    show(&eventloop.mqtt_options);
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(event) => event,
-            Err(ConnectionError::RequestsDone) => return,
-            Err(e) => {
-                let (acked, lost) = up.correlator.connection_lost(
-                    &mut eventloop.pending,
-                    &mut eventloop.state.events,
-                    &mut eventloop.state.collision,
-                );
-                for batch in acked {
-                    let _ = up.acks.send(Ack::Acked(batch));
-                }
-                let _ = up.acks.send(Ack::Lost(lost));
-                up.connected.send_replace(false);
-                let now = std::time::Instant::now();
-                let before = failover.current();
-                let (next, told) = if let Some(size) = oversized(&e) {
-                    let limit = eventloop.mqtt_options.max_packet_size();
-                    eventloop.mqtt_options.set_clean_session(true);
-                    (failover.poisoned(now), Polled::Oversized { size, limit })
-                } else {
-                    let broker = address(&eventloop.mqtt_options);
-                    let error = e.to_string();
-                    (failover.failed(now), Polled::Disconnected { error, broker })
-                };
-                if tx.send(told).await.is_err() {
-                    return;
-                }
-                if next.broker != before {
-                    eventloop.mqtt_options = brokers[next.broker].clone();
-                    show(&eventloop.mqtt_options);
-                }
-                if !next.wait.is_zero() {
-                    tokio::time::sleep(jitter(next.wait)).await;
-                }
-                continue;
-            }
-        };
-        if let Some(batch) = up.correlator.on_event(&event) {
-            let _ = up.acks.send(Ack::Acked(batch));
-        }
-        match event {
-            Event::Incoming(Packet::ConnAck(ack)) => {
-                failover.connected(std::time::Instant::now());
-                // A clean session was only for this connect (it dropped an oversized
-                // message): the next one keeps its session again.
-                eventloop.mqtt_options.set_clean_session(false);
-                up.connected.send_replace(true);
-                if tx
-                    .send(Polled::Connected {
-                        session_present: ack.session_present,
-                    })
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Event::Incoming(Packet::Publish(p)) => {
-                failover.proved();
-                // Waits while the worker is BACKLOG messages behind: the broker waits with us.
-                let forwarded = tx.send(Polled::Message(p)).await;
-                if forwarded.is_err() {
-                    return;
-                }
-            }
-            // The worker asked to disconnect and it is on its way: done (polling on would
-            // reconnect, and the broker would then publish the will over our own `offline`).
-            Event::Outgoing(Outgoing::Disconnect) => return,
-            _ => {}
-        }
-    }
-}
-
-/// `host:port` of a broker, as logs and the status show it.
-fn address(options: &MqttOptions) -> String {
-    let (host, port) = options.broker_address();
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
 
 /// The snapshot being staged in the store: its version and staging generation.
 struct Staging {
@@ -1210,177 +858,6 @@ impl Worker {
         };
         self.publish(Channel::Sync, &report, false);
     }
-
-    async fn open_door(&mut self, command: OpenDoor, now: Timestamp) {
-        let id = command.command_id.clone();
-        let refused = if command.issued_at < self.started {
-            Some("issued before the gateway started (a possible replay)".to_owned())
-        } else {
-            self.replay
-                .check(&command, &self.spec.target, now)
-                .err()
-                .map(|e| e.to_string())
-        };
-        if let Some(reason) = refused {
-            tracing::warn!(command_id = %id, door = %command.door, %reason, "open-door command refused");
-            self.record_refusal(Channel::OpenDoor.suffix(), &reason)
-                .await;
-            self.publish_result(
-                Some(id),
-                "open-door",
-                Outcome::Rejected,
-                Some(reason),
-                Some(command.door),
-            );
-            return;
-        }
-        let request = RemoteOpen {
-            command_id: id.clone(),
-            key_id: command.key_id.clone(),
-            door: command.door.clone(),
-            now,
-            clock_synced: clock_synced(),
-        };
-        let verdict = match self.store.remote_open(request).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(command_id = %id, error = %e, "open-door command not decided");
-                self.publish_result(
-                    Some(id),
-                    "open-door",
-                    Outcome::Rejected,
-                    Some(format!("not decided: {e}")),
-                    Some(command.door),
-                );
-                return;
-            }
-        };
-        let doors = match verdict.decision {
-            Decision::Grant(g) => g.doors,
-            Decision::Deny { reason } => {
-                tracing::info!(command_id = %id, door = %command.door, key_id = %command.key_id, %reason, "remote open denied");
-                self.publish_result(
-                    Some(id),
-                    "open-door",
-                    Outcome::Denied,
-                    Some(reason.name().to_owned()),
-                    Some(command.door),
-                );
-                return;
-            }
-        };
-        tracing::info!(command_id = %id, door = %command.door, key_id = %command.key_id, released = ?doors, "remote open granted");
-        let pulse = BusCommand::OpenDoor(OpenDoorMsg {
-            door: 0,
-            pulse_ms: OPEN_PULSE_MS,
-        });
-        let main = self.router.send_tracked(&command.door, pulse.clone());
-        for other in doors.iter().filter(|d| **d != command.door) {
-            if !self.router.send(other, pulse.clone()) {
-                tracing::warn!(door = %other, "a granted door could not be released: no unit serves it or its queue is full");
-            }
-        }
-        // Wait for the unit off this task: the link keeps serving meanwhile.
-        tokio::spawn(report_unit_result(
-            main,
-            self.unit_result(id, "open-door", command.door, Outcome::Opened, None),
-        ));
-    }
-
-    /// Door-unit settings: held as desired (on disk, surviving restarts) and pushed to the
-    /// unit now; a unit that cannot take them now gets them when it is next reachable.
-    async fn unit_settings(&mut self, command: UnitSettings, now: Timestamp) {
-        let id = command.command_id.clone();
-        let door = command.door.clone();
-        let refused = if command.issued_at < self.started {
-            Some("issued before the gateway started (a possible replay)".to_owned())
-        } else if !self.router.serves(&door) {
-            Some(format!("no door unit serves door {door:?}"))
-        } else {
-            self.replay
-                .check_parts(
-                    &CommandParts {
-                        target: &command.target,
-                        command_id: &command.command_id,
-                        issued_at: command.issued_at,
-                        expires_at: command.expires_at,
-                    },
-                    &self.spec.target,
-                    now,
-                )
-                .err()
-                .map(|e| e.to_string())
-        };
-        if let Some(reason) = refused {
-            tracing::warn!(command_id = %id, %door, %reason, "settings command refused");
-            self.record_refusal(Channel::Settings.suffix(), &reason)
-                .await;
-            self.publish_result(
-                Some(id),
-                "unit-settings",
-                Outcome::Rejected,
-                Some(reason),
-                Some(door),
-            );
-            return;
-        }
-        let given = BusSettings {
-            volume: command.volume,
-            name: command.name,
-            house_number: command.house_number,
-            inner_door: command.inner_door,
-        };
-        let desired = match self.store.desire_settings(door.clone(), given).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(command_id = %id, error = %e, "settings not stored");
-                self.publish_result(
-                    Some(id),
-                    "unit-settings",
-                    Outcome::Rejected,
-                    Some(format!("not stored: {e}")),
-                    Some(door),
-                );
-                return;
-            }
-        };
-        tracing::info!(command_id = %id, %door, settings = ?desired, "door-unit settings desired");
-        self.router
-            .update_settings(&door, |u| u.desired = Some(desired.clone()));
-        let done = self
-            .router
-            .send_tracked(&door, BusCommand::Settings(desired));
-        tokio::spawn(report_unit_result(
-            done,
-            self.unit_result(
-                id,
-                "unit-settings",
-                door,
-                Outcome::Done,
-                Some("held as desired; pushed when the unit is next reachable"),
-            ),
-        ));
-    }
-
-    fn unit_result(
-        &self,
-        command_id: String,
-        command: &'static str,
-        door: String,
-        done_as: Outcome,
-        otherwise: Option<&'static str>,
-    ) -> UnitResult {
-        UnitResult {
-            publisher: self.publisher.clone(),
-            topic: self.spec.topics.topic(Channel::CommandResult),
-            command_id,
-            command,
-            door,
-            done_as,
-            otherwise,
-        }
-    }
-
     fn publish_result(
         &self,
         command_id: Option<String>,
@@ -1422,74 +899,6 @@ impl Worker {
             tracing::debug!(error = %e, channel = channel.suffix(), "report not queued");
         }
     }
-}
-
-/// Where and how to report a command carried out by a door unit.
-struct UnitResult {
-    publisher: Publisher,
-    topic: String,
-    command_id: String,
-    command: &'static str,
-    door: String,
-    /// The outcome when the unit confirms it.
-    done_as: Outcome,
-    /// What happens when it does not (added to the reason).
-    otherwise: Option<&'static str>,
-}
-
-/// Waits for the unit to carry out a command and tells the cloud how it ended.
-async fn report_unit_result(
-    done: Option<tokio::sync::oneshot::Receiver<CommandOutcome>>,
-    r: UnitResult,
-) {
-    /// Why the command was not carried out: the unit cannot take it, or was not reached.
-    enum Failed {
-        Refused(&'static str),
-        Unreached(&'static str),
-    }
-    let failed = match done {
-        None => Some(Failed::Unreached(
-            "no door unit serves that door, or its queue is full",
-        )),
-        Some(done) => match tokio::time::timeout(OPEN_RESULT_WAIT, done).await {
-            Ok(Ok(CommandOutcome::Done)) => None,
-            Ok(Ok(CommandOutcome::Unsupported)) => Some(Failed::Refused(
-                "the door is served by an OSDP reader, which takes no such command",
-            )),
-            Ok(Ok(CommandOutcome::NoAnswer)) => {
-                Some(Failed::Unreached("the door unit did not answer"))
-            }
-            Ok(Ok(CommandOutcome::Expired) | Err(_)) | Err(_) => Some(Failed::Unreached(
-                "the door unit could not be reached in time",
-            )),
-        },
-    };
-    let (outcome, reason) = match failed {
-        None => (r.done_as, None),
-        Some(Failed::Refused(why)) => {
-            tracing::warn!(command_id = %r.command_id, command = r.command, reason = why, "command refused");
-            (Outcome::Rejected, Some(why.to_owned()))
-        }
-        Some(Failed::Unreached(why)) => {
-            let reason = match r.otherwise {
-                Some(then) => format!("{why}; {then}"),
-                None => why.to_owned(),
-            };
-            tracing::warn!(command_id = %r.command_id, command = r.command, %reason, "command not carried out");
-            (Outcome::Unreachable, Some(reason))
-        }
-    };
-    let report = Report::CommandResult {
-        command_id: Some(r.command_id),
-        command: r.command.into(),
-        outcome,
-        reason,
-        door: Some(r.door),
-        at: Timestamp::now(),
-    };
-    let _ = r
-        .publisher
-        .try_publish(r.topic, false, report.encode(), None);
 }
 
 fn describe(reason: &ResyncReason) -> String {
