@@ -7,8 +7,8 @@
 //! its top back only past a threshold that large frees raise, and never the free pages below
 //! it), and the writer's SQLite page cache stays full of staged rows no lookup needs. After a
 //! million keys the daemon kept 26 MiB, against 13-14 MiB when started on the same keys
-//! (docs/performance.md, P7). So after each such job, once the writer is idle (when it
-//! checkpoints its WAL), the writer empties its page cache (`PRAGMA shrink_memory`) and every
+//! (docs/performance.md, P7). So after each such job, once the writer is idle (no command for
+//! 250 ms, whether or not it has a WAL to fold), the writer empties its page cache (`PRAGMA shrink_memory`) and every
 //! arena's free pages are returned (`malloc_trim`): 13 MiB after a million keys (the trim
 //! alone: 17.6 MiB). Once per snapshot; the next batch takes fresh pages from the kernel, and
 //! lookups fill the cache again with the pages they use.
@@ -22,6 +22,12 @@ static RELEASE_DUE: AtomicBool = AtomicBool::new(false);
 /// link drops its last chunks only after the install's commit).
 pub(super) fn job_done() {
     RELEASE_DUE.store(true, Ordering::Relaxed);
+}
+
+/// Whether a job's memory waits to be given back (the writer then waits for an idle moment
+/// even with nothing to checkpoint).
+pub(super) fn due() -> bool {
+    RELEASE_DUE.load(Ordering::Relaxed)
 }
 
 /// The writer is idle: give back what the last job left, if one finished since, starting

@@ -229,6 +229,15 @@ const CHECKPOINT_TRIES: u32 = 3;
 /// size as `commit_siblings`). A lone decision never waits.
 const LINGER: Duration = Duration::from_micros(200);
 
+/// What the writer's wait for a command ended with.
+enum Next {
+    Got(Command),
+    /// An idle moment was used: look at the bounds again, then wait again.
+    Again,
+    /// Every sender is gone.
+    Closed,
+}
+
 /// A key set being staged.
 struct Staging {
     generation: i64,
@@ -485,6 +494,84 @@ impl Writer {
         &self.path
     }
 
+    /// Waits for the next command, using the idle moments on the way: an old key set's
+    /// removal, a memory backlog retried, the WAL checkpointed, a job's memory given back.
+    fn next_command(&mut self, rx: &Receiver<Command>) -> Next {
+        if !self.garbage.is_empty() {
+            match rx.try_recv() {
+                Ok(c) => Next::Got(c),
+                // Idle: remove a slice of an old key set, then look again.
+                Err(TryRecvError::Empty) => {
+                    self.collect_garbage();
+                    Next::Again
+                }
+                Err(TryRecvError::Disconnected) => Next::Closed,
+            }
+        } else if !self.backlog.is_empty() {
+            match rx.recv_timeout(BACKLOG_RETRY) {
+                Ok(c) => Next::Got(c),
+                // Idle with records in memory: try the disk again.
+                Err(RecvTimeoutError::Timeout) => {
+                    self.commit_group(Vec::new());
+                    Next::Again
+                }
+                Err(RecvTimeoutError::Disconnected) => Next::Closed,
+            }
+        } else if self.checkpoint_due() {
+            match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
+                Ok(c) => Next::Got(c),
+                // Idle after writing: fold the WAL into the database file, once, and put
+                // back a disk reserve a full disk took (when there is room again).
+                Err(RecvTimeoutError::Timeout) => {
+                    self.checkpoint();
+                    if self.outage.is_none() {
+                        self.prune_if_due();
+                        self.reserve.restore(false);
+                    }
+                    memory::idle(&self.conn);
+                    Next::Again
+                }
+                Err(RecvTimeoutError::Disconnected) => Next::Closed,
+            }
+        } else if self.checkpoint_pending() {
+            let wait = if self.idle_done {
+                CHECKPOINT_SMALL_AFTER.saturating_sub(self.checkpointed_at.elapsed())
+            } else {
+                CHECKPOINT_WHEN_IDLE
+            };
+            match rx.recv_timeout(wait) {
+                Ok(c) => Next::Got(c),
+                // Idle with a small WAL: what idle time is for but the checkpoint, once;
+                // then the WAL waits, folded after CHECKPOINT_SMALL_AFTER at the latest.
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.idle_done && self.outage.is_none() {
+                        self.prune_if_due();
+                        self.reserve.restore(false);
+                    }
+                    self.idle_done = true;
+                    memory::idle(&self.conn);
+                    Next::Again
+                }
+                Err(RecvTimeoutError::Disconnected) => Next::Closed,
+            }
+        } else if memory::due() {
+            match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
+                Ok(c) => Next::Got(c),
+                // Idle after a key-set job, with no WAL left to fold: give back its memory.
+                Err(RecvTimeoutError::Timeout) => {
+                    memory::idle(&self.conn);
+                    Next::Again
+                }
+                Err(RecvTimeoutError::Disconnected) => Next::Closed,
+            }
+        } else {
+            match rx.recv() {
+                Ok(c) => Next::Got(c),
+                Err(_) => Next::Closed,
+            }
+        }
+    }
+
     pub(super) fn run(mut self, rx: &Receiver<Command>) {
         loop {
             let bound = if self.reserve.in_use() {
@@ -496,67 +583,10 @@ impl Writer {
                 // Busy for a long while: bound the WAL now, after the answers went out.
                 self.checkpoint();
             }
-            let first = if !self.garbage.is_empty() {
-                match rx.try_recv() {
-                    Ok(c) => c,
-                    // Idle: remove a slice of an old key set, then look again.
-                    Err(TryRecvError::Empty) => {
-                        self.collect_garbage();
-                        continue;
-                    }
-                    Err(TryRecvError::Disconnected) => break,
-                }
-            } else if !self.backlog.is_empty() {
-                match rx.recv_timeout(BACKLOG_RETRY) {
-                    Ok(c) => c,
-                    // Idle with records in memory: try the disk again.
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.commit_group(Vec::new());
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else if self.checkpoint_due() {
-                match rx.recv_timeout(CHECKPOINT_WHEN_IDLE) {
-                    Ok(c) => c,
-                    // Idle after writing: fold the WAL into the database file, once, and put
-                    // back a disk reserve a full disk took (when there is room again).
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.checkpoint();
-                        if self.outage.is_none() {
-                            self.prune_if_due();
-                            self.reserve.restore(false);
-                        }
-                        memory::idle(&self.conn);
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else if self.checkpoint_pending() {
-                let wait = if self.idle_done {
-                    CHECKPOINT_SMALL_AFTER.saturating_sub(self.checkpointed_at.elapsed())
-                } else {
-                    CHECKPOINT_WHEN_IDLE
-                };
-                match rx.recv_timeout(wait) {
-                    Ok(c) => c,
-                    // Idle with a small WAL: what idle time is for but the checkpoint, once;
-                    // then the WAL waits, folded after CHECKPOINT_SMALL_AFTER at the latest.
-                    Err(RecvTimeoutError::Timeout) => {
-                        if !self.idle_done && self.outage.is_none() {
-                            self.prune_if_due();
-                            self.reserve.restore(false);
-                        }
-                        self.idle_done = true;
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(c) => c,
-                    Err(_) => break,
-                }
+            let first = match self.next_command(rx) {
+                Next::Got(c) => c,
+                Next::Again => continue,
+                Next::Closed => break,
             };
             let mut batch = vec![first];
             while batch.len() < MAX_GROUP {
