@@ -23,7 +23,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::bus::driver::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, start_bus};
 use crate::bus::frame::Address;
 use crate::bus::message::DoorEventKind;
 use crate::bus::message::Settings;
@@ -32,6 +31,7 @@ use crate::cloud::link::{self, LinkSpec, LinkStatus};
 use crate::cloud::telemetry::{BusProbe, TelemetrySpec};
 use crate::config::{self, BusConfig, BusProtocol, Config, ReaderKind, Sources};
 use crate::control::{self, ControlState};
+use crate::drivers::bus::{BusSpec, BusStatus, DoorRouter, Rs485, UnitSpec, start_bus};
 use crate::osdp::{
     self,
     driver::{OsdpBusSpec, ReaderSpec, run_osdp_bus},

@@ -16,6 +16,7 @@
 //!   offline import, and the cloud's side (builder, bundle and keys files) for `cloud-sim` and
 //!   the tests;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
+//! - [`drivers`]: the async shells on the lines: the door-bus driver and its serial port;
 //! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
 //!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service;
@@ -40,6 +41,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod doctor;
+pub mod drivers;
 pub mod history;
 pub mod metrics;
 pub mod operator;

@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 use super::acks::Publisher;
 use super::status::LinkStatus;
 pub use super::summary::{BusHealth, ChainHealth, ClockHealth, KeySetHealth, Summary, UnitHealth};
-use crate::bus::driver::BusStatus;
+use crate::drivers::bus::BusStatus;
 use crate::store::{Reader, Store, StoreError};
 use crate::task::{clock_synced, stopped};
 
@@ -235,7 +235,7 @@ pub async fn run_telemetry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::driver::UnitStatus;
+    use crate::drivers::bus::UnitStatus;
     use crate::store::KeySetInfo;
 
     #[test]

@@ -16,13 +16,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::frame::Address;
-use super::message::{Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync};
 use super::port::Port;
-use super::session::{
+use crate::access::{Decision, DenyReason, DoorId};
+use crate::bus::frame::Address;
+use crate::bus::message::{
+    Battery, CallButton, DoorEvent, Grant, OpenDoor, Settings, Tamper, TimeSync,
+};
+use crate::bus::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats, UnitState,
 };
-use crate::access::{Decision, DenyReason, DoorId};
 use crate::store::{Record, Retransmit, Store, VerifyRequest};
 use crate::task::{clock_synced, jitter, stopped};
 
@@ -688,7 +690,7 @@ impl Served<'_> {
     /// Decides on a task of its own so the bus keeps polling while the store commits.
     fn decide(
         &self,
-        request: super::session::VerifyRequest,
+        request: crate::bus::session::VerifyRequest,
         decided: mpsc::Sender<(RequestKey, Answer)>,
     ) {
         let unit = request.key.unit;

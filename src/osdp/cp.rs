@@ -23,7 +23,7 @@ use libosdp::{
 use tokio::sync::mpsc;
 
 use super::reader::{Action, CardFormat, Color, MAX_TEXT};
-use crate::bus::driver::{REOPEN_FIRST, REOPEN_MAX, Rs485, apply_rs485};
+use crate::drivers::bus::{REOPEN_FIRST, REOPEN_MAX, Rs485, apply_rs485};
 
 /// How often the CP is refreshed (and commands picked up). libosdp asks for at most 50 ms;
 /// a short tick keeps a card read's answer from waiting on the refresh.

@@ -20,12 +20,12 @@ use super::door::DoorContact;
 use super::keypad::{ClearedBy, Keypad, KeypadEvent, KeypadRules};
 use super::reader::{self, Action, CardFormat, Feedback, RawAs};
 use crate::access::{CredentialKind, Decision, DenyReason, DoorId};
-use crate::bus::driver::{
+use crate::bus::frame::Address;
+use crate::bus::session::Command;
+use crate::drivers::bus::{
     BusStatus, CommandOutcome, DoorRouter, Queued, Rs485, finish, log_decision, release_elsewhere,
     set_status, sleep_until,
 };
-use crate::bus::frame::Address;
-use crate::bus::session::Command;
 use crate::store::records::ReaderRefusal;
 use crate::store::{Activity, Record, Store, VerifyRequest};
 use crate::task::{clock_synced, stopped};
@@ -91,10 +91,10 @@ impl OsdpBusSpec {
     }
 
     /// The doors this bus serves, for the router.
-    pub fn units(&self) -> Vec<crate::bus::driver::UnitSpec> {
+    pub fn units(&self) -> Vec<crate::drivers::bus::UnitSpec> {
         self.readers
             .iter()
-            .map(|r| crate::bus::driver::UnitSpec {
+            .map(|r| crate::drivers::bus::UnitSpec {
                 address: r.address,
                 door: r.door.clone(),
             })

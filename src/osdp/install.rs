@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use super::cp::{self, CpEvent, LineSpec, PdSpec};
 use super::key::{self, KeyFileError, Scbk};
-use crate::bus::driver::Rs485;
+use crate::drivers::bus::Rs485;
 
 /// What to provision.
 #[derive(Clone, Debug)]

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doorbridge::access::{Category, CredentialKind, DenyReason};
-use doorbridge::bus::driver::DoorRouter;
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::cloud::link::{self, LinkStatus};
 use doorbridge::cloud::payload::Target;
@@ -29,6 +28,7 @@ use doorbridge::cloud::telemetry::{Summary, TelemetrySpec};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::{Batch, BatchWriter, Uploaded};
 use doorbridge::config::Config;
+use doorbridge::drivers::bus::DoorRouter;
 use doorbridge::sim::cloud::{CloudClient, Message, RecordLedger};
 use doorbridge::sim::{Output, ReportKind, SimCommand};
 use doorbridge::store::{Activity, Record, RecordClass, Store};

@@ -11,9 +11,9 @@ use super::super::sync::CommandParts;
 use super::super::topics::Channel;
 use super::{OPEN_RESULT_WAIT, Worker};
 use crate::access::Decision;
-use crate::bus::driver::{CommandOutcome, OPEN_PULSE_MS};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
+use crate::drivers::bus::{CommandOutcome, OPEN_PULSE_MS};
 use crate::store::RemoteOpen;
 use crate::task::clock_synced;
 

@@ -49,7 +49,7 @@ use super::telemetry::{TelemetryLink, TelemetrySpec, run_telemetry};
 use super::topics::Channel;
 use super::uplink::{Planner, Uplink, WINDOW, run_uplink};
 use crate::access::Key;
-use crate::bus::driver::DoorRouter;
+use crate::drivers::bus::DoorRouter;
 use crate::store::{DeltaChange, HeldDelegation, KeySetHeader, Record, Store, StoreError, Vouched};
 use crate::task::stopped;
 
