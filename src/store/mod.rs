@@ -9,6 +9,9 @@
 //! Reads for operators and status go through [`Reader`], a separate read-only connection that
 //! WAL lets run beside the writer without waiting.
 //!
+//! The access decision itself is `decide`: pure, over a small view of the held keys and their
+//! counters that the writer implements with SQLite.
+//!
 //! Around them: `schema` (migrations, the start-up check, moving a damaged file aside and
 //! salvaging it), `check` (the idle full integrity check, on a thread of its own), `reserve`
 //! (disk space released when the disk fills), `memory` (the allocator's free memory returned
@@ -19,6 +22,7 @@
 
 pub mod chain;
 mod check;
+mod decide;
 mod delegation;
 mod knowledge;
 mod lookup;

@@ -25,9 +25,10 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
+use super::decide;
 use super::lookup;
 use super::memory;
-use super::records::{Activity, Record, RecordClass, decode_row};
+use super::records::{Record, RecordClass, decode_row};
 use super::rules;
 use super::{
     Command, DecisionContext, DeltaApplied, DeltaChange, Health, KeySetHeader, RemoteOpen, Reply,
@@ -36,7 +37,7 @@ use super::{
 };
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, Key, KeyRules,
-    PinGuard, Policy, UnlimitedPolicy, UseLimit, Uses,
+    PinGuard, Policy, UnlimitedPolicy,
 };
 use crate::bus::message::Settings;
 
@@ -228,6 +229,63 @@ const CHECKPOINT_TRIES: u32 = 3;
 /// way. One fsync then covers them all (`PostgreSQL`'s `commit_delay`, with the previous group's
 /// size as `commit_siblings`). A lone decision never waits.
 const LINGER: Duration = Duration::from_micros(200);
+
+/// The held key set and its counters as the decision reads them ([`decide::KeyView`]): the
+/// active generation's rows, and the `uses` table plus the uses granted earlier in the commit
+/// being made (`overlay`, by key and door; `""` is every door).
+struct SqlKeys<'a> {
+    conn: &'a Connection,
+    generation: i64,
+    overlay: &'a HashMap<(String, String), u32>,
+}
+
+impl<'a> SqlKeys<'a> {
+    fn new(
+        conn: &'a Connection,
+        generation: i64,
+        overlay: &'a HashMap<(String, String), u32>,
+    ) -> Self {
+        SqlKeys {
+            conn,
+            generation,
+            overlay,
+        }
+    }
+}
+
+impl decide::KeyView for SqlKeys<'_> {
+    fn by_digest(&self, digest: &[u8; 32]) -> Result<Option<KeyRules>, StoreError> {
+        lookup::lookup(self.conn, self.generation, digest)
+    }
+
+    fn by_id(&self, key_id: &str) -> Result<Option<KeyRules>, StoreError> {
+        lookup::key_by_id(self.conn, self.generation, key_id)
+    }
+
+    fn uses(&self, key_id: &str, door: &str) -> Result<u32, StoreError> {
+        let stored: Option<u32> = self
+            .conn
+            .prepare_cached("SELECT count FROM uses WHERE key_id = ?1 AND door = ?2")?
+            .query_row(params![key_id, door], |r| r.get(0))
+            .optional()?;
+        let pending = self
+            .overlay
+            .get(&(key_id.to_owned(), door.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        Ok(stored.unwrap_or(0) + pending)
+    }
+}
+
+/// Counts a use the decision spent in the commit's overlay, at its door and over all doors.
+fn count_use(overlay: &mut HashMap<(String, String), u32>, judged: &decide::Judged, door: &str) {
+    if judged.consume == Consume::OneUse
+        && let Some(key) = &judged.verdict.key_id
+    {
+        *overlay.entry((key.clone(), String::new())).or_default() += 1;
+        *overlay.entry((key.clone(), door.to_owned())).or_default() += 1;
+    }
+}
 
 /// What the writer's wait for a command ended with.
 enum Next {
@@ -903,112 +961,28 @@ impl Writer {
         if req.clock_synced {
             records.extend(self.synced_clock(now));
         }
-        let mut activity = Activity {
-            at: now,
-            door: req.door.clone(),
-            unit: req.unit.clone(),
-            request_id: req.request_id,
-            credential_kind: req.kind,
-            key_id: None,
-            category: None,
-            granted: false,
-            reason: None,
-            released: Vec::new(),
-            command_id: None,
-            issuer: None,
-        };
-        let is_pin = req.kind == CredentialKind::Pin;
-        let guard = self.guards.entry(req.unit.clone()).or_default();
-        let (decision, consume, rules) = if is_pin && guard.is_locked(now) {
-            (
-                Decision::deny(DenyReason::LockedOut),
-                Consume::Nothing,
-                None,
-            )
-        } else {
-            let digest = access::credential::digest(&self.salt, req.kind, &req.secret);
-            match lookup::lookup(&self.conn, self.active_generation, &digest.0)? {
-                None => {
-                    if is_pin
-                        && let Some(started) =
-                            guard.unknown_pin(&self.ctx.lockout, self.active_pins, now)
-                    {
-                        tracing::warn!(unit = %req.unit, door = %req.door, until = %started.until,
-                            failures = started.failures, "PIN keypad locked after repeated unknown PINs");
-                        records.push(Record::PinLockout {
-                            at: now,
-                            unit: req.unit.clone(),
-                            door: req.door.clone(),
-                            until: started.until,
-                            failures: started.failures,
-                        });
-                    }
-                    (
-                        Decision::deny(DenyReason::UnknownCredential),
-                        Consume::Nothing,
-                        None,
-                    )
-                }
-                Some(rules) => {
-                    if is_pin {
-                        guard.known_pin();
-                    }
-                    let (decision, consume) =
-                        self.judge(&rules, &req.door, now, req.clock_synced, overlay)?;
-                    (decision, consume, Some(rules))
-                }
-            }
-        };
-        if let Some(rules) = &rules {
-            activity.key_id = Some(rules.id.clone());
-            activity.category = Some(rules.category);
-            activity.issuer = Some(issuer_name(rules));
-        }
-        match &decision {
-            Decision::Grant(g) => {
-                activity.granted = true;
-                activity.released.clone_from(&g.doors);
-            }
-            Decision::Deny { reason } => activity.reason = Some(*reason),
-        }
-        records.extend(self.trust_changed(now, req.clock_synced, rules.is_some()));
-        records.insert(0, Record::Activity(activity));
-        let verdict = Verdict {
-            decision,
-            key_id: rules.as_ref().map(|r| r.id.clone()),
-            category: rules.as_ref().map(|r| r.category),
-            seq: None,
-        };
-        Ok((verdict, consume, records))
-    }
-
-    /// The engine's decision for `rules` at `door`, counting a granted use in the overlay.
-    fn judge(
-        &self,
-        rules: &KeyRules,
-        door: &str,
-        now: Timestamp,
-        clock_synced: bool,
-        overlay: &mut HashMap<(String, String), u32>,
-    ) -> Result<(Decision, Consume), StoreError> {
-        let uses = self.uses(rules, door, overlay)?;
-        let clock = self.clock_trust(now, clock_synced);
-        // The configuration's policy, with the held key set's freshness limits.
-        let policy = Policy {
-            freshness: self.freshness,
-            ..self.ctx.policy
-        };
-        let (decision, consume) =
-            access::decide(&self.ctx.site, policy, rules, door, uses, now, clock);
-        if consume == Consume::OneUse {
-            *overlay
-                .entry((rules.id.clone(), String::new()))
-                .or_default() += 1;
-            *overlay
-                .entry((rules.id.clone(), door.to_owned()))
-                .or_default() += 1;
-        }
-        Ok((decision, consume))
+        let clock = self.clock_trust(now, req.clock_synced);
+        let judged = decide::credential(
+            &SqlKeys::new(&self.conn, self.active_generation, overlay),
+            &decide::Rules {
+                site: &self.ctx.site,
+                policy: Policy {
+                    freshness: self.freshness,
+                    ..self.ctx.policy
+                },
+                lockout: &self.ctx.lockout,
+                salt: &self.salt,
+                active_pins: self.active_pins,
+                clock,
+            },
+            self.guards.entry(req.unit.clone()).or_default(),
+            req,
+        )?;
+        count_use(overlay, &judged, &req.door);
+        records.extend(judged.lockout);
+        records.extend(self.trust_changed(now, req.clock_synced, judged.found));
+        records.insert(0, Record::Activity(judged.activity));
+        Ok((judged.verdict, judged.consume, records))
     }
 
     /// A remote open: the key is named by id (the app holds it), so there is no credential to
@@ -1022,70 +996,28 @@ impl Writer {
         if req.clock_synced {
             clock.extend(self.synced_clock(req.now));
         }
-        let rules = lookup::key_by_id(&self.conn, self.active_generation, &req.key_id)?;
-        clock.extend(self.trust_changed(req.now, req.clock_synced, rules.is_some()));
-        let (decision, consume) = match &rules {
-            Some(rules) => self.judge(rules, &req.door, req.now, req.clock_synced, overlay)?,
-            None => (
-                Decision::deny(DenyReason::UnknownCredential),
-                Consume::Nothing,
-            ),
-        };
-        let (granted, reason, released) = match &decision {
-            Decision::Grant(g) => (true, None, g.doors.clone()),
-            Decision::Deny { reason } => (false, Some(*reason), Vec::new()),
-        };
-        let activity = Activity {
-            at: req.now,
-            door: req.door.clone(),
-            unit: "cloud".into(),
-            request_id: None,
-            credential_kind: CredentialKind::Mobile,
-            key_id: Some(req.key_id.clone()),
-            category: rules.as_ref().map(|r| r.category),
-            granted,
-            reason,
-            released,
-            command_id: Some(req.command_id.clone()),
-            issuer: rules.as_ref().map(issuer_name),
-        };
-        let verdict = Verdict {
-            decision,
-            key_id: Some(req.key_id.clone()),
-            category: rules.as_ref().map(|r| r.category),
-            seq: None,
-        };
+        let trust = self.clock_trust(req.now, req.clock_synced);
+        let judged = decide::remote(
+            &SqlKeys::new(&self.conn, self.active_generation, overlay),
+            &decide::Rules {
+                site: &self.ctx.site,
+                policy: Policy {
+                    freshness: self.freshness,
+                    ..self.ctx.policy
+                },
+                lockout: &self.ctx.lockout,
+                salt: &self.salt,
+                active_pins: self.active_pins,
+                clock: trust,
+            },
+            req,
+        )?;
+        count_use(overlay, &judged, &req.door);
+        clock.extend(self.trust_changed(req.now, req.clock_synced, judged.found));
         // The activity first: its seq is the decision's.
-        let mut records = vec![Record::Activity(activity)];
+        let mut records = vec![Record::Activity(judged.activity)];
         records.extend(clock);
-        Ok((verdict, consume, records))
-    }
-
-    fn uses(
-        &self,
-        rules: &KeyRules,
-        door: &str,
-        overlay: &HashMap<(String, String), u32>,
-    ) -> Result<Uses, StoreError> {
-        if rules.use_limit == UseLimit::Unlimited {
-            return Ok(Uses::default());
-        }
-        let read = |door: &str| -> Result<u32, StoreError> {
-            let stored: Option<u32> = self
-                .conn
-                .prepare_cached("SELECT count FROM uses WHERE key_id = ?1 AND door = ?2")?
-                .query_row(params![rules.id, door], |r| r.get(0))
-                .optional()?;
-            let pending = overlay
-                .get(&(rules.id.clone(), door.to_owned()))
-                .copied()
-                .unwrap_or(0);
-            Ok(stored.unwrap_or(0) + pending)
-        };
-        Ok(Uses {
-            total: read("")?,
-            at_door: read(door)?,
-        })
+        Ok((judged.verdict, judged.consume, records))
     }
 
     fn clock_trust(&self, now: Timestamp, synced: bool) -> ClockTrust {
@@ -2202,11 +2134,6 @@ fn revoke_rows(
     Ok(())
 }
 
-/// The issuer an activity record names: the delegation id, or `root`.
-fn issuer_name(rules: &KeyRules) -> String {
-    rules.issuer.clone().unwrap_or_else(|| "root".into())
-}
-
 /// Merges `given` into the desired settings of `door` and stores the result.
 fn desire_settings(conn: &Connection, door: &str, given: Settings) -> Result<Settings, StoreError> {
     let old: Option<Option<Vec<u8>>> = conn
@@ -2352,6 +2279,7 @@ fn runs(seqs: &[i64]) -> Vec<(i64, i64)> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::records::Activity;
     use super::*;
 
     /// A decision's activity record and the kept answer the writer keeps for it.
