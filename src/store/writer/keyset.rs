@@ -11,7 +11,8 @@ use super::super::{
     Command, DeltaApplied, DeltaChange, KeySetHeader, StoreError, Vouched, delegation, knowledge,
     lookup, memory, rules,
 };
-use super::{GC_CHUNK, Staging, Writer, insert_record, mark_ignored, signed_mark};
+use super::outbox::insert_record;
+use super::{GC_CHUNK, Staging, Writer, mark_ignored, signed_mark};
 use crate::access::{CredentialKind, Key};
 use crate::bus::message::Settings;
 
