@@ -33,9 +33,7 @@
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same
 //! entry points with their own I/O and shutdown signal.
 
-pub mod access;
-pub mod bus;
-pub mod cbor;
+pub use doorbridge_proto::{access, bus, cbor};
 pub mod cloud;
 pub mod config;
 pub mod control;

@@ -1139,7 +1139,7 @@ fn truncated(wire: &[u8]) -> Vec<u8> {
 /// (`bus::vectors` is private to `bus`, so the file is included here; it names its siblings
 /// through `super`).
 #[cfg(test)]
-#[path = "../bus/vectors.rs"]
+#[path = "../../crates/doorbridge-proto/src/bus/vectors.rs"]
 #[allow(dead_code, clippy::duplicate_mod)]
 mod vectors;
 #[cfg(test)]

@@ -197,7 +197,7 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    const DOC: &str = include_str!("../../docs/door-bus.md");
+    const DOC: &str = include_str!("../../../../docs/door-bus.md");
 
     #[test]
     fn vectors_are_in_the_document() {

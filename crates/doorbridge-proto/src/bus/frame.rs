@@ -673,7 +673,7 @@ mod tests {
         assert_eq!(bytes, 74);
         assert_eq!(wire_time(bytes, 115_200), Duration::from_micros(6_424));
         assert_eq!(wire_time(bytes, 9600), Duration::from_micros(77_084));
-        let doc = include_str!("../../docs/door-bus.md");
+        let doc = include_str!("../../../../docs/door-bus.md");
         assert!(doc.contains("**74 bytes = 6.424 ms at"));
         assert!(doc.contains("77.08 ms at 9600 baud**"));
     }

@@ -6,7 +6,7 @@
 //!   cache that makes retransmitted requests idempotent);
 //!
 //! Pure: no I/O, time passed in. The async shell that runs a session on a serial port is
-//! [`crate::drivers::bus`].
+//! `doorbridge::drivers::bus`.
 //!
 //! The protocol is specified in `docs/door-bus.md`.
 
