@@ -5,12 +5,15 @@
 //! - [`access`]: the decision engine (key rules, schedules, time zones, PIN lockout);
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the master-side session
 //!   (`docs/door-bus.md`);
+//! - [`cloud`]: the cloud protocol: signed envelopes, payloads, the sync machine, topics and
+//!   reports (`docs/cloud-protocol.md`);
 //! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
 //!   outside become values.
 //!
-//! Its dependencies are serde, ciborium, jiff, sha2 and thiserror: nothing that opens a file,
-//! a socket or a port.
+//! Its dependencies are serde, ciborium, jiff, sha2, ed25519-dalek and thiserror: nothing that
+//! opens a file, a socket or a port.
 
 pub mod access;
 pub mod bus;
 pub mod cbor;
+pub mod cloud;

@@ -461,11 +461,11 @@ impl ResyncCommand {
     }
 }
 
-pub(crate) fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
+pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
     crate::cbor::encode(value)
 }
 
-pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, PayloadError> {
+pub fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, PayloadError> {
     if bytes.len() > max {
         return Err(PayloadError::TooLarge {
             len: bytes.len(),
@@ -480,7 +480,7 @@ pub(crate) fn from_cbor<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result
 }
 
 /// `Vec<u8>` as a CBOR byte string.
-pub(crate) mod bytes {
+pub mod bytes {
     use serde::de::{Error, Visitor};
     use serde::{Deserializer, Serializer};
 
