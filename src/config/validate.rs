@@ -597,12 +597,14 @@ impl<'a> Checker<'a> {
 
     /// The whole topics, as AWS IoT Core limits them (at most 7 slashes, 256 bytes).
     fn topics(&mut self, config: &Config) {
-        let target = crate::cloud::payload::Target {
+        let target = doorbridge_proto::cloud::payload::Target {
             site: config.gateway.site_id.clone(),
             gateway: config.gateway.id.clone(),
         };
-        if let Err(e) = crate::cloud::topics::Topics::new(&config.cloud.topic_prefix, &target) {
-            use crate::cloud::topics::TopicError;
+        if let Err(e) =
+            doorbridge_proto::cloud::topics::Topics::new(&config.cloud.topic_prefix, &target)
+        {
+            use doorbridge_proto::cloud::topics::TopicError;
             match e {
                 TopicError::TooDeep { .. } => {
                     self.problem(&KeyPath::of("cloud.topic_prefix"), e.to_string());
