@@ -303,6 +303,18 @@ mod tests {
         }
     }
 
+    /// Rules on a trusted clock with `active_pins` PINs held.
+    fn rules<'a>(site: &'a Site, lockout: &'a LockoutPolicy, active_pins: u32) -> Rules<'a> {
+        Rules {
+            site,
+            policy: Policy::default(),
+            lockout,
+            salt: SALT,
+            active_pins,
+            clock: ClockTrust::Trusted,
+        }
+    }
+
     fn ask(kind: CredentialKind, secret: &str, at: i64) -> VerifyRequest {
         VerifyRequest {
             unit: "entrance/1".to_owned(),
@@ -319,14 +331,7 @@ mod tests {
     #[test]
     fn a_use_limited_key_is_granted_then_used_up_with_records_that_say_so() {
         let (site, lockout) = (site(), LockoutPolicy::default());
-        let rules = Rules {
-            site: &site,
-            policy: Policy::default(),
-            lockout: &lockout,
-            salt: SALT,
-            active_pins: 0,
-            clock: ClockTrust::Trusted,
-        };
+        let rules = rules(&site, &lockout, 0);
         let mut keys = Keys::default();
         keys.hold(
             CredentialKind::Qr,
@@ -373,14 +378,7 @@ mod tests {
     #[test]
     fn unknown_pins_lock_the_keypad_once_and_then_even_a_known_pin_waits() {
         let (site, lockout) = (site(), LockoutPolicy::default());
-        let rules = Rules {
-            site: &site,
-            policy: Policy::default(),
-            lockout: &lockout,
-            salt: SALT,
-            active_pins: 1,
-            clock: ClockTrust::Trusted,
-        };
+        let rules = rules(&site, &lockout, 1);
         let mut keys = Keys::default();
         keys.hold(
             CredentialKind::Pin,
@@ -435,14 +433,7 @@ mod tests {
     #[test]
     fn a_remote_open_names_the_key_it_asked_for_found_or_not() {
         let (site, lockout) = (site(), LockoutPolicy::default());
-        let rules = Rules {
-            site: &site,
-            policy: Policy::default(),
-            lockout: &lockout,
-            salt: SALT,
-            active_pins: 0,
-            clock: ClockTrust::Trusted,
-        };
+        let rules = rules(&site, &lockout, 0);
         let mut keys = Keys::default();
         let mut delegated = key("garage-7", UseLimit::Unlimited);
         delegated.issuer = Some("garage-admin".to_owned());

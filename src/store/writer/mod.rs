@@ -961,23 +961,16 @@ impl Writer {
         if req.clock_synced {
             records.extend(self.synced_clock(now));
         }
-        let clock = self.clock_trust(now, req.clock_synced);
+        // The unit's lockout, out of the map while the decider has it.
+        let mut guard = self.guards.remove(&req.unit).unwrap_or_default();
         let judged = decide::credential(
             &SqlKeys::new(&self.conn, self.active_generation, overlay),
-            &decide::Rules {
-                site: &self.ctx.site,
-                policy: Policy {
-                    freshness: self.freshness,
-                    ..self.ctx.policy
-                },
-                lockout: &self.ctx.lockout,
-                salt: &self.salt,
-                active_pins: self.active_pins,
-                clock,
-            },
-            self.guards.entry(req.unit.clone()).or_default(),
+            &self.decision_rules(self.clock_trust(now, req.clock_synced)),
+            &mut guard,
             req,
-        )?;
+        );
+        self.guards.insert(req.unit.clone(), guard);
+        let judged = judged?;
         count_use(overlay, &judged, &req.door);
         records.extend(judged.lockout);
         records.extend(self.trust_changed(now, req.clock_synced, judged.found));
@@ -996,20 +989,9 @@ impl Writer {
         if req.clock_synced {
             clock.extend(self.synced_clock(req.now));
         }
-        let trust = self.clock_trust(req.now, req.clock_synced);
         let judged = decide::remote(
             &SqlKeys::new(&self.conn, self.active_generation, overlay),
-            &decide::Rules {
-                site: &self.ctx.site,
-                policy: Policy {
-                    freshness: self.freshness,
-                    ..self.ctx.policy
-                },
-                lockout: &self.ctx.lockout,
-                salt: &self.salt,
-                active_pins: self.active_pins,
-                clock: trust,
-            },
+            &self.decision_rules(self.clock_trust(req.now, req.clock_synced)),
             req,
         )?;
         count_use(overlay, &judged, &req.door);
@@ -1018,6 +1000,22 @@ impl Writer {
         let mut records = vec![Record::Activity(judged.activity)];
         records.extend(clock);
         Ok((judged.verdict, judged.consume, records))
+    }
+
+    /// What a decision is made with now: the configuration's rules with the held set's
+    /// freshness limits, the salt, the PIN count and the clock's trust.
+    fn decision_rules(&self, clock: ClockTrust) -> decide::Rules<'_> {
+        decide::Rules {
+            site: &self.ctx.site,
+            policy: Policy {
+                freshness: self.freshness,
+                ..self.ctx.policy
+            },
+            lockout: &self.ctx.lockout,
+            salt: &self.salt,
+            active_pins: self.active_pins,
+            clock,
+        }
     }
 
     fn clock_trust(&self, now: Timestamp, synced: bool) -> ClockTrust {
