@@ -474,9 +474,27 @@ impl Health {
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// What the writer is asked, on its one channel, in order.
 pub(crate) enum Command {
+    /// Decided and written with whatever arrives with it, in one group commit.
+    Batched(Batched),
+    /// A transaction of its own (key sets, delegations, settings), in order with the rest.
+    Step(Step),
+    /// Finish what came before, then stop.
+    Shutdown,
+}
+
+/// What shares the group commit.
+pub(crate) enum Batched {
     Verify(Box<VerifyRequest>, Reply<Verdict>),
     Append(Vec<Record>, Reply<Vec<i64>>),
+    Remote(Box<RemoteOpen>, Reply<Verdict>),
+    Reconfigure(Box<DecisionContext>, Reply<()>),
+    Ack(Vec<i64>, Reply<usize>),
+}
+
+/// What is a transaction of its own.
+pub(crate) enum Step {
     BeginKeySet(KeySetHeader, Reply<i64>),
     StageKeys(i64, Vec<Key>, Reply<()>),
     CommitKeySet(i64, u64, Reply<()>),
@@ -493,11 +511,6 @@ pub(crate) enum Command {
     DesireSettings(String, Settings, Reply<Settings>),
     /// Record the settings a door's unit reports as applied.
     ReportSettings(String, Settings, Reply<()>),
-    Remote(Box<RemoteOpen>, Reply<Verdict>),
-    Reconfigure(Box<DecisionContext>, Reply<()>),
-    Ack(Vec<i64>, Reply<usize>),
-    /// Finish what came before, then stop.
-    Shutdown,
 }
 
 /// The handle to the store. Cheap to clone; the writer thread stops when the last handle is
@@ -617,24 +630,27 @@ impl Store {
         &self,
         request: VerifyRequest,
     ) -> impl Future<Output = Result<Verdict, StoreError>> + Send + 'static {
-        self.call(|r| Command::Verify(Box::new(request), r))
+        self.call(|r| Command::Batched(Batched::Verify(Box::new(request), r)))
     }
 
     /// Appends records to the outbox; returns their sequence numbers (empty when held in
     /// memory because the disk refused them).
     pub async fn append(&self, records: Vec<Record>) -> Result<Vec<i64>, StoreError> {
-        self.call(|r| Command::Append(records, r)).await
+        self.call(|r| Command::Batched(Batched::Append(records, r)))
+            .await
     }
 
     /// Starts installing a key set; returns the staging generation. Decisions keep using the
     /// held set until [`Store::commit_key_set`].
     pub async fn begin_key_set(&self, header: KeySetHeader) -> Result<i64, StoreError> {
-        self.call(|r| Command::BeginKeySet(header, r)).await
+        self.call(|r| Command::Step(Step::BeginKeySet(header, r)))
+            .await
     }
 
     /// Adds keys to a staging generation (one transaction per call).
     pub async fn stage_keys(&self, generation: i64, keys: Vec<Key>) -> Result<(), StoreError> {
-        self.call(|r| Command::StageKeys(generation, keys, r)).await
+        self.call(|r| Command::Step(Step::StageKeys(generation, keys, r)))
+            .await
     }
 
     /// Makes a staged generation the live key set in one small transaction, if it holds
@@ -644,7 +660,7 @@ impl Store {
         generation: i64,
         expected_keys: u64,
     ) -> Result<(), StoreError> {
-        self.call(|r| Command::CommitKeySet(generation, expected_keys, r))
+        self.call(|r| Command::Step(Step::CommitKeySet(generation, expected_keys, r)))
             .await
     }
 
@@ -668,24 +684,27 @@ impl Store {
     /// Applies a delta on top of the held key set in one transaction: all of it or, on any
     /// error (wrong base version, a credential another key holds), none of it.
     pub async fn apply_delta(&self, delta: DeltaChange) -> Result<DeltaApplied, StoreError> {
-        self.call(|r| Command::ApplyDelta(Box::new(delta), r)).await
+        self.call(|r| Command::Step(Step::ApplyDelta(Box::new(delta), r)))
+            .await
     }
 
     /// Holds a delegation (`docs/cloud-protocol.md` §5.3). `Ok(false)`: not taken, because it
     /// was revoked or a newer one of the same id is held.
     pub async fn put_delegation(&self, d: HeldDelegation) -> Result<bool, StoreError> {
-        self.call(|r| Command::PutDelegation(Box::new(d), r)).await
+        self.call(|r| Command::Step(Step::PutDelegation(Box::new(d), r)))
+            .await
     }
 
     /// Revokes a delegation for good: deltas its key signs are refused from now on, and a
     /// replay of it is not taken again.
     pub async fn revoke_delegation(&self, id: String) -> Result<(), StoreError> {
-        self.call(|r| Command::RevokeDelegation(id, r)).await
+        self.call(|r| Command::Step(Step::RevokeDelegation(id, r)))
+            .await
     }
 
     /// The delegations held and not revoked (expired ones included).
     pub async fn delegations(&self) -> Result<Vec<HeldDelegation>, StoreError> {
-        self.call(Command::Delegations).await
+        self.call(|r| Command::Step(Step::Delegations(r))).await
     }
 
     /// A heartbeat: the cloud vouches that `version` is current as of `issued_at`. When that is
@@ -696,14 +715,15 @@ impl Store {
         version: u64,
         issued_at: Timestamp,
     ) -> Result<Vouched, StoreError> {
-        self.call(|r| Command::Heartbeat(version, issued_at, r))
+        self.call(|r| Command::Step(Step::Heartbeat(version, issued_at, r)))
             .await
     }
 
     /// Decides a remote open-door request against the held key set (validity, schedule, use
     /// limits, the door) and records it durably before returning, like [`Store::verify`].
     pub async fn remote_open(&self, request: RemoteOpen) -> Result<Verdict, StoreError> {
-        self.call(|r| Command::Remote(Box::new(request), r)).await
+        self.call(|r| Command::Batched(Batched::Remote(Box::new(request), r)))
+            .await
     }
 
     /// Merges `settings` (the fields given) into the desired settings of the unit at `door`,
@@ -713,7 +733,7 @@ impl Store {
         door: String,
         settings: Settings,
     ) -> Result<Settings, StoreError> {
-        self.call(|r| Command::DesireSettings(door, settings, r))
+        self.call(|r| Command::Step(Step::DesireSettings(door, settings, r)))
             .await
     }
 
@@ -723,19 +743,19 @@ impl Store {
         door: String,
         settings: Settings,
     ) -> Result<(), StoreError> {
-        self.call(|r| Command::ReportSettings(door, settings, r))
+        self.call(|r| Command::Step(Step::ReportSettings(door, settings, r)))
             .await
     }
 
     /// Replaces the decision rules (after a config reload).
     pub async fn reconfigure(&self, context: DecisionContext) -> Result<(), StoreError> {
-        self.call(|r| Command::Reconfigure(Box::new(context), r))
+        self.call(|r| Command::Batched(Batched::Reconfigure(Box::new(context), r)))
             .await
     }
 
     /// Deletes outbox records the cloud has acknowledged; returns how many were removed.
     pub async fn ack(&self, seqs: Vec<i64>) -> Result<usize, StoreError> {
-        self.call(|r| Command::Ack(seqs, r)).await
+        self.call(|r| Command::Batched(Batched::Ack(seqs, r))).await
     }
 
     /// Stops the writer after the commands already sent, and waits for it.

@@ -8,7 +8,7 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
 use super::super::records::decode_row;
 use super::super::{
-    Command, DeltaApplied, DeltaChange, KeySetHeader, StoreError, Vouched, delegation, knowledge,
+    DeltaApplied, DeltaChange, KeySetHeader, Step, StoreError, Vouched, delegation, knowledge,
     lookup, memory, rules,
 };
 use super::outbox::insert_record;
@@ -17,12 +17,12 @@ use crate::access::{CredentialKind, Key};
 use crate::bus::message::Settings;
 
 impl Writer {
-    pub(super) fn key_set_step(&mut self, command: Command) {
+    pub(super) fn key_set_step(&mut self, command: Step) {
         match command {
-            Command::BeginKeySet(header, reply) => {
+            Step::BeginKeySet(header, reply) => {
                 let _ = reply.send(self.begin(header));
             }
-            Command::StageKeys(generation, keys, reply) => {
+            Step::StageKeys(generation, keys, reply) => {
                 let result = self.stage(generation, &keys);
                 // A stale chunk for another generation leaves the current install alone.
                 if result.is_err()
@@ -35,7 +35,7 @@ impl Writer {
                 }
                 let _ = reply.send(result);
             }
-            Command::CommitKeySet(generation, expected, reply) => {
+            Step::CommitKeySet(generation, expected, reply) => {
                 let result = self.commit_key_set(generation, expected);
                 if result.is_err()
                     && !self.garbage.contains(&generation)
@@ -50,34 +50,33 @@ impl Writer {
                 }
                 let _ = reply.send(result);
             }
-            Command::ApplyDelta(delta, reply) => {
+            Step::ApplyDelta(delta, reply) => {
                 let _ = reply.send(self.apply_delta(&delta));
             }
-            Command::Heartbeat(version, at, reply) => {
+            Step::Heartbeat(version, at, reply) => {
                 let _ = reply.send(self.heartbeat(version, at));
             }
-            Command::PutDelegation(d, reply) => {
+            Step::PutDelegation(d, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ = reply.send(result.and_then(|()| delegation::put(&self.conn, &d)));
             }
-            Command::RevokeDelegation(id, reply) => {
+            Step::RevokeDelegation(id, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ = reply.send(result.and_then(|()| delegation::revoke(&self.conn, &id)));
             }
-            Command::Delegations(reply) => {
+            Step::Delegations(reply) => {
                 let _ = reply.send(delegation::held(&self.conn));
             }
-            Command::DesireSettings(door, settings, reply) => {
+            Step::DesireSettings(door, settings, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ =
                     reply.send(result.and_then(|()| desire_settings(&self.conn, &door, settings)));
             }
-            Command::ReportSettings(door, settings, reply) => {
+            Step::ReportSettings(door, settings, reply) => {
                 let result = self.durable().map_err(StoreError::from);
                 let _ =
                     reply.send(result.and_then(|()| report_settings(&self.conn, &door, &settings)));
             }
-            _ => {}
         }
     }
 

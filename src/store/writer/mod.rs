@@ -30,8 +30,8 @@ use super::lookup;
 use super::memory;
 use super::records::{Record, decode_row};
 use super::{
-    Command, DecisionContext, Health, KeySetHeader, RemoteOpen, Reply, StoreError, StoreOptions,
-    Verdict, VerifyRequest, is_disk_trouble, knowledge,
+    Batched, Command, DecisionContext, Health, KeySetHeader, RemoteOpen, Reply, StoreError,
+    StoreOptions, Verdict, VerifyRequest, is_disk_trouble, knowledge,
 };
 use crate::access::{
     self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, KeyRules, PinGuard,
@@ -662,21 +662,12 @@ impl Writer {
                         self.shut_down();
                         return;
                     }
-                    Command::BeginKeySet(..)
-                    | Command::StageKeys(..)
-                    | Command::CommitKeySet(..)
-                    | Command::ApplyDelta(..)
-                    | Command::Heartbeat(..)
-                    | Command::PutDelegation(..)
-                    | Command::RevokeDelegation(..)
-                    | Command::Delegations(..)
-                    | Command::DesireSettings(..)
-                    | Command::ReportSettings(..) => {
+                    Command::Step(step) => {
                         // Key-set steps are transactions of their own, in order with the rest.
                         self.commit_group(std::mem::take(&mut group));
-                        self.key_set_step(command);
+                        self.key_set_step(step);
                     }
-                    small => group.push(small),
+                    Command::Batched(small) => group.push(small),
                 }
             }
             self.commit_group(group);
@@ -687,7 +678,12 @@ impl Writer {
     /// Waits up to [`LINGER`] for more decisions while `batch` holds some, but fewer than the
     /// previous group did.
     fn linger(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) {
-        let is_decision = |c: &Command| matches!(c, Command::Verify(..) | Command::Remote(..));
+        let is_decision = |c: &Command| {
+            matches!(
+                c,
+                Command::Batched(Batched::Verify(..) | Batched::Remote(..))
+            )
+        };
         let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
         let until = std::time::Instant::now() + LINGER;
         while decisions > 0 && decisions < self.last_decisions && batch.len() < MAX_GROUP {
@@ -766,7 +762,7 @@ impl Writer {
 
     // ----- the group commit -----
 
-    fn commit_group(&mut self, commands: Vec<Command>) {
+    fn commit_group(&mut self, commands: Vec<Batched>) {
         if commands.is_empty() && self.backlog.is_empty() {
             return;
         }
@@ -782,7 +778,7 @@ impl Writer {
         let acks_only = self.backlog.is_empty()
             && self.outage.is_none()
             && !commands.is_empty()
-            && commands.iter().all(|c| matches!(c, Command::Ack(..)));
+            && commands.iter().all(|c| matches!(c, Batched::Ack(..)));
         let began = if acks_only {
             self.relax()
         } else {
@@ -887,63 +883,23 @@ impl Writer {
     /// Phase 1: judge every command without writing.
     fn decide_phase(
         &mut self,
-        command: Command,
+        command: Batched,
         overlay: &mut HashMap<(String, String), u32>,
     ) -> Outcome {
         match command {
-            Command::Verify(request, reply) => {
+            Batched::Verify(request, reply) => {
                 let remember = Remember::of(&request);
                 verdict(self.decide(&request, overlay), reply, remember)
             }
-            Command::Remote(request, reply) => {
+            Batched::Remote(request, reply) => {
                 verdict(self.decide_remote(&request, overlay), reply, None)
             }
-            Command::Append(records, reply) => Outcome::Append { reply, records },
-            Command::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
-            Command::Reconfigure(ctx, reply) => {
+            Batched::Append(records, reply) => Outcome::Append { reply, records },
+            Batched::Ack(seqs, reply) => Outcome::Ack { reply, seqs },
+            Batched::Reconfigure(ctx, reply) => {
                 self.ctx = *ctx;
                 Outcome::Done(reply)
             }
-            // `run` routes these elsewhere; answer rather than lose a reply if that changes.
-            Command::BeginKeySet(_, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted key-set step".into()),
-            ),
-            Command::DesireSettings(_, _, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted settings step".into()),
-            ),
-            Command::ReportSettings(_, _, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted settings step".into()),
-            ),
-            Command::ApplyDelta(_, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted key-set step".into()),
-            ),
-            Command::Heartbeat(_, _, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted key-set step".into()),
-            ),
-            Command::PutDelegation(_, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted key-set step".into()),
-            ),
-            Command::RevokeDelegation(_, reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted key-set step".into()),
-            ),
-            Command::Delegations(reply) => Outcome::Failed(
-                Box::new(move |e| drop(reply.send(Err(e)))),
-                StoreError::KeySet("misrouted key-set step".into()),
-            ),
-            Command::StageKeys(_, _, reply) | Command::CommitKeySet(_, _, reply) => {
-                Outcome::Failed(
-                    Box::new(move |e| drop(reply.send(Err(e)))),
-                    StoreError::KeySet("misrouted key-set step".into()),
-                )
-            }
-            Command::Shutdown => Outcome::Failed(Box::new(|_| ()), StoreError::WriterGone),
         }
     }
 
@@ -1595,13 +1551,13 @@ mod tests {
             button,
         };
         let (tx, rx) = oneshot::channel();
-        w.commit_group(vec![Command::Append((1..=8).map(press).collect(), tx)]);
+        w.commit_group(vec![Batched::Append((1..=8).map(press).collect(), tx)]);
         let seqs = committed(rx);
         assert_eq!(seqs.len(), 8);
         // Two runs and a single row, out of order, one of them acknowledged twice.
         let acked = vec![seqs[5], seqs[0], seqs[1], seqs[2], seqs[1], seqs[6]];
         let (tx, rx) = oneshot::channel();
-        w.commit_group(vec![Command::Ack(acked, tx)]);
+        w.commit_group(vec![Batched::Ack(acked, tx)]);
         assert_eq!(committed(rx), 5, "rows deleted");
         assert_eq!(synchronous(&w), FULL, "FULL again after the acks' commit");
         assert!(!w.relaxed);
