@@ -142,18 +142,8 @@ impl Cloud {
     }
 
     async fn delta(&self, from: u64, to: u64, upserts: &[Key], deletes: &[&str]) {
-        let deletes: Vec<String> = deletes.iter().map(|s| (*s).to_owned()).collect();
-        let delta = build::delta(
-            &target(),
-            from,
-            to,
-            Timestamp::now(),
-            upserts,
-            &deletes,
-            &cloud_key(),
-        )
-        .unwrap();
-        self.client.publish_delta(&topics(), delta).await.unwrap();
+        self.delta_as(&cloud_key(), from, to, upserts, deletes)
+            .await;
     }
 
     async fn raw(&self, channel: Channel, bytes: Vec<u8>) {
