@@ -328,6 +328,18 @@ mod tests {
         }
     }
 
+    /// The credential `secret` of `kind` presented `at` seconds into the test, judged.
+    fn present(
+        keys: &Keys,
+        rules: &Rules<'_>,
+        guard: &mut PinGuard,
+        kind: CredentialKind,
+        secret: &str,
+        at: i64,
+    ) -> Judged {
+        credential(keys, rules, guard, &ask(kind, secret, at)).unwrap()
+    }
+
     #[test]
     fn a_use_limited_key_is_granted_then_used_up_with_records_that_say_so() {
         let (site, lockout) = (site(), LockoutPolicy::default());
@@ -340,13 +352,7 @@ mod tests {
         );
         let mut guard = PinGuard::default();
 
-        let first = credential(
-            &keys,
-            &rules,
-            &mut guard,
-            &ask(CredentialKind::Qr, "parcel", 0),
-        )
-        .unwrap();
+        let first = present(&keys, &rules, &mut guard, CredentialKind::Qr, "parcel", 0);
         assert!(first.verdict.decision.is_grant(), "{first:?}");
         assert_eq!(first.consume, Consume::OneUse, "the writer counts it");
         assert!(first.found && first.lockout.is_none());
@@ -360,13 +366,7 @@ mod tests {
         keys.uses.insert(("courier".to_owned(), String::new()), 1);
         keys.uses
             .insert(("courier".to_owned(), "main".to_owned()), 1);
-        let again = credential(
-            &keys,
-            &rules,
-            &mut guard,
-            &ask(CredentialKind::Qr, "parcel", 1),
-        )
-        .unwrap();
+        let again = present(&keys, &rules, &mut guard, CredentialKind::Qr, "parcel", 1);
         assert_eq!(
             again.verdict.decision.deny_reason(),
             Some(DenyReason::UsedUp)
@@ -404,26 +404,14 @@ mod tests {
             locks += usize::from(matches!(j.lockout, Some(Record::PinLockout { .. })));
         }
         assert_eq!(locks, 1, "one alarm when the keypad locks");
-        let known = credential(
-            &keys,
-            &rules,
-            &mut guard,
-            &ask(CredentialKind::Pin, "4711", 10),
-        )
-        .unwrap();
+        let known = present(&keys, &rules, &mut guard, CredentialKind::Pin, "4711", 10);
         assert_eq!(
             known.verdict.decision.deny_reason(),
             Some(DenyReason::LockedOut)
         );
         assert!(!known.found, "not looked up while locked");
         // A QR code is not a keypad guess: unknown, and no lock.
-        let qr = credential(
-            &keys,
-            &rules,
-            &mut guard,
-            &ask(CredentialKind::Qr, "0000", 11),
-        )
-        .unwrap();
+        let qr = present(&keys, &rules, &mut guard, CredentialKind::Qr, "0000", 11);
         assert_eq!(
             qr.verdict.decision.deny_reason(),
             Some(DenyReason::UnknownCredential)
