@@ -39,9 +39,7 @@ pub(super) fn read(conn: &Connection) -> Result<Freshness, StoreError> {
 
 /// Writes `fresh` in the caller's transaction.
 pub(super) fn write(conn: &Connection, fresh: &Freshness) -> Result<(), rusqlite::Error> {
-    let mut blob = Vec::new();
-    // Serialising a small map into a Vec cannot fail.
-    let _ = ciborium::into_writer(&fresh.limits, &mut blob);
+    let blob = crate::cbor::encode(&fresh.limits);
     let mut set =
         conn.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
     set.execute(params![STALE_AFTER, blob])?;

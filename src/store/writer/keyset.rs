@@ -6,14 +6,14 @@
 use jiff::Timestamp;
 use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
-use super::super::records::decode_row;
+use super::super::records::{Record, decode_row};
 use super::super::{
     DeltaApplied, DeltaChange, KeySetHeader, Step, StoreError, Vouched, delegation, knowledge,
     lookup, memory, rules,
 };
 use super::outbox::insert_record;
 use super::{GC_CHUNK, Staging, Writer, mark_ignored, signed_mark};
-use crate::access::{CredentialKind, Key};
+use crate::access::{CredentialKind, Freshness, Key};
 use crate::bus::message::Settings;
 
 impl Writer {
@@ -152,21 +152,10 @@ impl Writer {
                 applied.upserted += 1;
             }
             revoke_rows(&tx, generation, &d.revokes, &mut applied)?;
-            let mut set =
-                tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
-            set.execute(params!["keyset_version", version])?;
-            if let Some(at) = d.issued_at {
-                set.execute(params!["keyset_issued_at", at.as_second()])?;
-            }
-            if let Some(mark) = mark {
-                set.execute(params!["trusted_time", mark.as_second()])?;
-            }
-            knowledge::write(&tx, &freshness)?;
+            write_held(&tx, version, d.issued_at, mark, &freshness)?;
         }
         // The alarm commits with the delta it is about.
-        let alarm = ignored
-            .map(|record| insert_record(&tx, &record, None).map(|(seq, len)| (seq, len, record)))
-            .transpose()?;
+        let alarm = insert_alarm(&tx, ignored)?;
         tx.commit()?;
         self.fresh_record(alarm);
         self.keyset_version = d.version;
@@ -342,19 +331,16 @@ impl Writer {
             let mut set =
                 tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
             set.execute(params!["active_generation", generation])?;
-            set.execute(params!["keyset_version", version])?;
             set.execute(params!["credential_salt", staging.header.salt])?;
-            if let Some(at) = staging.header.issued_at {
-                set.execute(params!["keyset_issued_at", at.as_second()])?;
-            }
-            if let Some(mark) = self.mark {
-                set.execute(params!["trusted_time", mark.as_second()])?;
-            }
-            knowledge::write(&tx, &freshness)?;
+            write_held(
+                &tx,
+                version,
+                staging.header.issued_at,
+                self.mark,
+                &freshness,
+            )?;
         }
-        let alarm = ignored
-            .map(|record| insert_record(&tx, &record, None).map(|(seq, len)| (seq, len, record)))
-            .transpose()?;
+        let alarm = insert_alarm(&tx, ignored)?;
         tx.commit()?;
         self.fresh_record(alarm);
         self.garbage.push(self.active_generation);
@@ -412,6 +398,37 @@ impl Writer {
             }
         }
     }
+}
+
+/// Writes the held set's version, the cloud's signing time, the trusted-time mark and the
+/// freshness limits into `meta`, in the open transaction `tx` (a snapshot's switch or a delta).
+fn write_held(
+    tx: &Connection,
+    version: i64,
+    issued_at: Option<Timestamp>,
+    mark: Option<Timestamp>,
+    freshness: &Freshness,
+) -> Result<(), rusqlite::Error> {
+    let mut set = tx.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?;
+    set.execute(params!["keyset_version", version])?;
+    if let Some(at) = issued_at {
+        set.execute(params!["keyset_issued_at", at.as_second()])?;
+    }
+    if let Some(mark) = mark {
+        set.execute(params!["trusted_time", mark.as_second()])?;
+    }
+    knowledge::write(tx, freshness)
+}
+
+/// Appends the alarm of a signed time not used for the mark in `tx`, so that it commits with
+/// the key-set change it is about; returns it as [`Writer::fresh_record`] takes it.
+fn insert_alarm(
+    tx: &Connection,
+    ignored: Option<Record>,
+) -> Result<Option<(i64, i64, Record)>, rusqlite::Error> {
+    ignored
+        .map(|record| insert_record(tx, &record, None).map(|(seq, len)| (seq, len, record)))
+        .transpose()
 }
 
 /// Inserts a chunk of keys and their credentials into a generation in one transaction, each
@@ -509,9 +526,7 @@ fn desire_settings(conn: &Connection, door: &str, given: Settings) -> Result<Set
     merged.name = given.name.or(merged.name);
     merged.house_number = given.house_number.or(merged.house_number);
     merged.inner_door = given.inner_door.or(merged.inner_door);
-    let mut blob = Vec::new();
-    ciborium::into_writer(&merged, &mut blob)
-        .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?;
+    let blob = crate::cbor::encode(&merged);
     conn.execute(
         "INSERT INTO unit_settings (door, desired) VALUES (?1, ?2)
          ON CONFLICT (door) DO UPDATE SET desired = excluded.desired",
@@ -521,9 +536,7 @@ fn desire_settings(conn: &Connection, door: &str, given: Settings) -> Result<Set
 }
 
 fn report_settings(conn: &Connection, door: &str, settings: &Settings) -> Result<(), StoreError> {
-    let mut blob = Vec::new();
-    ciborium::into_writer(settings, &mut blob)
-        .map_err(|e| StoreError::Corrupt(format!("unit settings: {e}")))?;
+    let blob = crate::cbor::encode(settings);
     conn.execute(
         "INSERT INTO unit_settings (door, reported) VALUES (?1, ?2)
          ON CONFLICT (door) DO UPDATE SET reported = excluded.reported",

@@ -103,10 +103,7 @@ impl KeptRow {
             }
             _ => KeptOnDisk::Plain(fp, self.boot_id),
         };
-        let mut blob = Vec::with_capacity(32);
-        // Serialising our own plain data into a Vec cannot fail.
-        let _ = ciborium::into_writer(&disk, &mut blob);
-        blob
+        crate::cbor::encode(&disk)
     }
 
     /// The kept answer of row `seq` from its `body` and `answer`; `None` when they do not read
