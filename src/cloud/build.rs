@@ -19,6 +19,7 @@ use super::payload::{
     UnitSettings,
 };
 use crate::access::{Key, StaleLimits};
+use crate::cbor::{MAJOR_ARRAY, MAJOR_MAP, MAJOR_UINT, head_len, write_head, write_text};
 
 /// Why a message could not be built. Nothing built would have been accepted by a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -401,51 +402,6 @@ impl Packer {
         self.body.clear();
         self.count = 0;
     }
-}
-
-/// CBOR major types used by the hand-written headers.
-pub(crate) const MAJOR_UINT: u8 = 0;
-pub(crate) const MAJOR_BYTES: u8 = 2;
-pub(crate) const MAJOR_TEXT: u8 = 3;
-pub(crate) const MAJOR_ARRAY: u8 = 4;
-pub(crate) const MAJOR_MAP: u8 = 5;
-
-/// Appends a CBOR head (major type and argument) in its shortest form.
-pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
-    let m = major << 5;
-    // Each arm checks the range, so the casts below cannot truncate.
-    #[allow(clippy::cast_possible_truncation)]
-    match n {
-        0..=23 => out.push(m | n as u8),
-        24..=0xff => out.extend_from_slice(&[m | 0x18, n as u8]),
-        0x100..=0xffff => {
-            out.push(m | 0x19);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        0x1_0000..=0xffff_ffff => {
-            out.push(m | 0x1a);
-            out.extend_from_slice(&(n as u32).to_be_bytes());
-        }
-        _ => {
-            out.push(m | 0x1b);
-            out.extend_from_slice(&n.to_be_bytes());
-        }
-    }
-}
-
-pub(crate) fn head_len(n: u64) -> usize {
-    match n {
-        0..=23 => 1,
-        24..=0xff => 2,
-        0x100..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
-    }
-}
-
-pub(crate) fn write_text(out: &mut Vec<u8>, s: &str) {
-    write_head(out, MAJOR_TEXT, s.len() as u64);
-    out.extend_from_slice(s.as_bytes());
 }
 
 fn write_header(out: &mut Vec<u8>, version: u64, index: u64, count: u64) {

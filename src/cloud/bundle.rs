@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 
 use ciborium::Value;
 
-use super::build::{
-    MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, MAJOR_TEXT, SignedSnapshot, write_head, write_text,
-};
+use super::build::SignedSnapshot;
 use super::payload::{MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ENVELOPE_BYTES};
 
-use crate::cbor::CborError;
+use crate::cbor::{
+    CborError, MAJOR_ARRAY, MAJOR_BYTES, MAJOR_MAP, MAJOR_TEXT, write_head, write_text,
+};
 
 /// The value of the `format` entry.
 pub const FORMAT: &str = "doorbridge-keyset-v1";

@@ -2,7 +2,8 @@
 //! payload or envelope, a bundle file, a database row) become values. ciborium alone takes
 //! any length, nests without limit and ignores what follows the first item; this caps the
 //! length first, limits the nesting, and refuses leftover bytes. Each boundary turns
-//! [`CborError`] into its own typed error.
+//! [`CborError`] into its own typed error. [`write_head`] and [`write_text`] write CBOR heads by
+//! hand, for the chunk headers and bundle files whose sizes are counted before they are written.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -46,6 +47,58 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising plain data into a Vec cannot fail.
     let _ = ciborium::ser::into_writer(value, &mut out);
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing CBOR heads by hand: the chunk headers and bundle files, laid out byte by byte so
+// their sizes are known before the body is written.
+// ---------------------------------------------------------------------------------------------
+
+/// CBOR major types used by the hand-written headers.
+pub const MAJOR_UINT: u8 = 0;
+pub const MAJOR_BYTES: u8 = 2;
+pub const MAJOR_TEXT: u8 = 3;
+pub const MAJOR_ARRAY: u8 = 4;
+pub const MAJOR_MAP: u8 = 5;
+
+/// Appends a CBOR head (major type and argument) in its shortest form.
+pub fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
+    let m = major << 5;
+    // Each arm checks the range, so the casts below cannot truncate.
+    #[allow(clippy::cast_possible_truncation)]
+    match n {
+        0..=23 => out.push(m | n as u8),
+        24..=0xff => out.extend_from_slice(&[m | 0x18, n as u8]),
+        0x100..=0xffff => {
+            out.push(m | 0x19);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 0x1a);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 0x1b);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+}
+
+/// The length of the head [`write_head`] writes for `n`.
+pub fn head_len(n: u64) -> usize {
+    match n {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+/// Appends a text string (its head, then its bytes).
+pub fn write_text(out: &mut Vec<u8>, s: &str) {
+    write_head(out, MAJOR_TEXT, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
 }
 
 #[cfg(test)]
