@@ -28,7 +28,7 @@ use doorbridge::bus::frame::{Address, Decoder, Direction, wire_time};
 use doorbridge::bus::message::{Grant, Message, Verify};
 use doorbridge::bus::session::{Report, Session, SessionConfig, SessionEvent};
 use doorbridge::config::Config;
-use doorbridge::sim::{
+use doorbridge_sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,7 +108,7 @@ async fn run(count: u8, samples: usize, load_for: Duration) -> Run {
     )
     .await;
 
-    let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
+    let (master, _) = doorbridge_sim::linked_pty(&link).expect("a linked pty");
     let addresses: Vec<Address> = (1..=count).filter_map(Address::unit).collect();
     let units = SimUnits::new(&addresses, SimConfig::default()).expect("sim");
     let (commands, command_rx) = mpsc::channel(256);
@@ -223,7 +223,7 @@ fn virtual_cycles(config: SessionConfig, reply_delay: Duration, cycles: usize) -
     let turnaround = config.turnaround;
     let first = config.units[0];
     let mut units =
-        SimUnits::new(&config.units, doorbridge::sim::SimConfig::default()).expect("sim");
+        SimUnits::new(&config.units, doorbridge_sim::SimConfig::default()).expect("sim");
     let mut session = Session::new(config).expect("session");
     let mut now = Duration::ZERO;
     let mut line_free = Duration::ZERO;
@@ -334,7 +334,7 @@ async fn pty_cycles(samples: usize, turnaround: Option<&str>) -> PtyCycles {
     let turnaround = doorbridge::daemon::bus_spec(&cfg, &cfg.buses[0])
         .session
         .turnaround;
-    let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
+    let (master, _) = doorbridge_sim::linked_pty(&link).expect("a linked pty");
     let addresses: Vec<Address> = (1..=CYCLE_UNITS).filter_map(Address::unit).collect();
     let units_thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -344,7 +344,7 @@ async fn pty_cycles(samples: usize, turnaround: Option<&str>) -> PtyCycles {
         rt.block_on(async move {
             let mut port = HangupTolerant::new(master, Duration::from_millis(2));
             let mut units =
-                SimUnits::new(&addresses, doorbridge::sim::SimConfig::default()).expect("sim");
+                SimUnits::new(&addresses, doorbridge_sim::SimConfig::default()).expect("sim");
             let mut frames = Decoder::new();
             let start = Instant::now();
             let mut buf = [0u8; 512];

@@ -27,13 +27,13 @@ use std::time::{Duration, Instant};
 use doorbridge::access::{CredentialKind, DenyReason, Key};
 use doorbridge::bus::frame::Address;
 use doorbridge::bus::session::Answer;
-use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::config::Config;
-use doorbridge::sim::cloud::{CloudClient, Message, hex};
-use doorbridge::sim::{
+use doorbridge_sim::build::{self, SignedSnapshot};
+use doorbridge_sim::cloud::{CloudClient, Message, hex};
+use doorbridge_sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
 use jiff::Timestamp;
@@ -276,7 +276,7 @@ impl Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("doorbridge.db");
         let link = dir.path().join("ttyBENCH");
-        let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
+        let (master, _) = doorbridge_sim::linked_pty(&link).expect("a linked pty");
         let units =
             SimUnits::new(&[Address::unit(1).expect("addr")], SimConfig::default()).expect("sim");
         let (commands, command_rx) = mpsc::channel(16);

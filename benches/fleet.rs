@@ -34,11 +34,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use doorbridge::access::{CredentialKind, Key};
-use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::config::Config;
-use doorbridge::sim::cloud::{CloudClient, hex};
+use doorbridge_sim::build::{self, SignedSnapshot};
+use doorbridge_sim::cloud::{CloudClient, hex};
 use jiff::Timestamp;
 
 #[path = "../tests/support/brokers.rs"]

@@ -5,7 +5,7 @@
 //!
 //! The daemon is connected to an in-process rumqttd (an idle gateway is online) and runs in
 //! three set-ups: its bus port absent (no units answering: the port is retried with backoff),
-//! and 4 and 32 units played by the `door-sim` binary on a pty, polled at the default
+//! and 4 and 32 simulated units (`doorbridge_sim::SimUnits`, on a thread of this process) on a pty, polled at the default
 //! `poll_interval` (200 ms). The keys are installed with `Store::install_key_set` before the
 //! daemon starts.
 //!
@@ -18,10 +18,15 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use doorbridge::access::{CredentialKind, Key};
+use doorbridge::bus::frame::Address;
 use doorbridge::config::Config;
+use doorbridge_sim::{HangupTolerant, Output, ReportKind, SimConfig, SimUnits, run_sim};
+use tokio::sync::{mpsc, oneshot};
 
 #[path = "../tests/support/brokers.rs"]
 mod brokers;
@@ -179,22 +184,7 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
     };
     let config = dir.join(format!("idle-{units}.toml"));
     std::fs::write(&config, config_text(db, broker, &port, units)).expect("write the config");
-    let sim = (units > 0).then(|| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_door-sim"));
-        command
-            .arg("--pty")
-            .arg(&link)
-            .arg("--units")
-            .arg(format!("1-{units}"))
-            .arg("--no-stdin");
-        let sim = Process::spawn(command, true, "\"type\":\"ack\"");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::symlink_metadata(&link).is_err() {
-            assert!(Instant::now() < deadline, "door-sim made no pty");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        sim
-    });
+    let sim = (units > 0).then(|| Units::start(&link, units));
     let mut command = Command::new(env!("CARGO_BIN_EXE_doorbridge"));
     command.arg("--config").arg(&config).arg("run");
     let mut daemon = Process::spawn(command, false, "bus port open");
@@ -206,9 +196,8 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
             assert!(daemon.alive(), "the daemon exited:\n{}", daemon.tail());
             assert!(
                 started.elapsed() < SETTLE_MAX,
-                "the units' status was not acknowledged within {SETTLE_MAX:?}:\n{}\n{}",
+                "the units' status was not acknowledged within {SETTLE_MAX:?}:\n{}",
                 daemon.tail(),
-                sim.tail()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -239,7 +228,7 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
         what: if units == 0 {
             "bus port absent (no units)".to_owned()
         } else {
-            format!("{units} door-sim units on a pty, polled every 200 ms")
+            format!("{units} simulated units on a pty, polled every 200 ms")
         },
         window: elapsed,
         settled_after,
@@ -251,6 +240,71 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
             / elapsed.as_secs_f64(),
         // One poll per unit per `poll_interval` (the cycle is far shorter).
         polls_per_s: f64::from(units) * 5.0,
+    }
+}
+
+/// `count` simulated units (addresses 1 to `count`) on a pty linked at `link`, run on a thread
+/// of their own; stopped on drop.
+struct Units {
+    /// Status reports the gateway acknowledged.
+    acked: Arc<AtomicUsize>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Units {
+    fn start(link: &Path, count: u8) -> Units {
+        let (master, _) = doorbridge_sim::linked_pty(link).expect("a linked pty");
+        let addresses: Vec<Address> = (1..=count).filter_map(Address::unit).collect();
+        let units = SimUnits::new(&addresses, SimConfig::default()).expect("the simulated units");
+        let acked = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let counter = Arc::clone(&acked);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the units");
+            runtime.block_on(async move {
+                let port = HangupTolerant::new(master, Duration::from_millis(100));
+                // The units never get commands: they answer polls and report their status.
+                let (_commands, command_rx) = mpsc::channel(1);
+                let (output_tx, mut outputs) = mpsc::channel(256);
+                let sim = tokio::spawn(run_sim(port, units, command_rx, output_tx, async {
+                    let _ = stopped.await;
+                }));
+                while let Some(output) = outputs.recv().await {
+                    if let Output::Acked {
+                        report: ReportKind::Status,
+                        ..
+                    } = output
+                    {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let _ = sim.await;
+            });
+        });
+        Units {
+            acked,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn counted(&self) -> usize {
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Units {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -295,8 +349,8 @@ fn main() {
          both ends; per poll, the CPU and the switches of the run without units are taken off \
          (what the daemon does anyway). Per hour is the window extrapolated: periodic work slower than the window \
          (the hourly time broadcast; the telemetry summary every 15 min, which is published and \
-         never written) is not in it. The units are played by the `door-sim` binary (its CPU \
-         is not counted).\n\n{table}\n<!-- /bench:idle -->",
+         never written) is not in it. The units are simulated on a thread of the bench's own \
+         process (`doorbridge_sim::SimUnits`; their CPU is not counted).\n\n{table}\n<!-- /bench:idle -->",
         support::now(),
         support::machine(),
         if quick { " (--quick)" } else { "" },

@@ -1,5 +1,5 @@
 //! OSDP readers over a pty: the gateway (`daemon::serve`, in process, libosdp's Control Panel)
-//! against simulated readers (`doorbridge::sim::osdp`, libosdp's Peripheral Device side).
+//! against simulated readers (`doorbridge_sim::osdp`, libosdp's Peripheral Device side).
 //!
 //! - **Card read → strike command**: from the reader submitting a card read to the reader
 //!   being told to pulse its relay, with the secure channel on; p50 / p99, one reader alone
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use doorbridge::access::{CredentialKind, Door, Site};
 use doorbridge::config::Config;
-use doorbridge::sim::osdp::{
+use doorbridge_sim::osdp::{
     Output, ReaderCommand, ReaderInput, ReaderSpec, ReadersHandle, SimLine, linked_line, spawn,
 };
 use support::{ms, percentile};
@@ -136,7 +136,7 @@ impl Bench {
              [log]\nlevel = \"warn\"\n\
              [[buses]]\nname = \"osdp\"\nprotocol = \"osdp\"\nport = \"{}\"\nbaud = 115200\n",
             support::SITE,
-            doorbridge::sim::cloud::hex(support::cloud_key().verifying_key().as_bytes()),
+            doorbridge_sim::cloud::hex(support::cloud_key().verifying_key().as_bytes()),
             db.display(),
             link.display(),
         );

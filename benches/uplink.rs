@@ -14,7 +14,7 @@
 //!   gateway is done when its outbox is empty) and to the last record received. Against
 //!   mosquitto (the reference broker) and an in-process rumqttd. Then the store alone on a
 //!   store filled the same way: the uplink's reads and `Store::ack` of the same batches.
-//! - Disk bytes: the daemon with 8 simulated door units on a pty (`doorbridge::sim`, in this
+//! - Disk bytes: the daemon with 8 simulated door units on a pty (`doorbridge_sim`, in this
 //!   process) makes 1,000 decisions (200 with `--quick`; 9 of 10 granted, 1 of 10 an unknown
 //!   credential), then idles 60 s (10 s with `--quick`) with its units polled every 10 ms and
 //!   no events. Read from `/proc/<pid>/io` (`write_bytes`, `wchar`) of the daemon, and of its
@@ -41,11 +41,11 @@ use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::{Batch, Planner, WINDOW};
 use doorbridge::config::Config;
-use doorbridge::sim::cloud::{CloudClient, RecordLedger, hex, parse_url};
-use doorbridge::sim::{
+use doorbridge::store::{Activity, KeySetHeader, Reader, Record, RecordClass, Store, StoreOptions};
+use doorbridge_sim::cloud::{CloudClient, RecordLedger, hex, parse_url};
+use doorbridge_sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
-use doorbridge::store::{Activity, KeySetHeader, Reader, Record, RecordClass, Store, StoreOptions};
 use jiff::Timestamp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -637,7 +637,7 @@ struct Units {
 
 impl Units {
     fn start(link: &Path) -> Units {
-        let (master, _) = doorbridge::sim::linked_pty(link).expect("a linked pty");
+        let (master, _) = doorbridge_sim::linked_pty(link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=UNITS).filter_map(Address::unit).collect();
         let units = SimUnits::new(&addresses, SimConfig::default()).expect("sim");
         let (commands, command_rx) = mpsc::channel(256);
@@ -1215,7 +1215,7 @@ fn main() {
          daemon, no network): the uplink's reads, and `Store::ack` of the same batches, the \
          bounds of the drain.\n\n{p6}\n\
          **Disk bytes.** The daemon (a child, so `/proc/<pid>/io` is its own) with {units} \
-         simulated units on a pty (`doorbridge::sim` in the bench process), polled every 10 ms, \
+         simulated units on a pty (`doorbridge_sim` in the bench process), polled every 10 ms, \
          one unlimited QR key per unit. {decisions} decisions (1 in 10 an unknown credential): \
          first with one unit presenting alone, so each decision is a commit of its own, then \
          with every unit keeping one credential presented, so decisions share commits. The \

@@ -13,12 +13,10 @@
 //! - [`config`]: typed configuration from TOML files and `DOORBRIDGE_*` variables, validated;
 //! - [`cloud`]: the cloud link: signed envelopes, key-set payloads, the sync state machine and
 //!   the open-door replay cache (pure), the MQTT driver, the outbox uplink and telemetry,
-//!   offline import, and the cloud's side (builder, bundle and keys files) for `cloud-sim` and
-//!   the tests;
+//!   offline import of a bundle file; the cloud's side (builder, keys files, the reference cloud)
+//!   is in the doorbridge-sim crate;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
 //! - [`drivers`]: the async shells on the lines: the door-bus driver and its serial port;
-//! - [`sim`]: simulated door units (the unit side of the bus) and the reference cloud's MQTT
-//!   client, for tests, the demo and installers;
 //! - [`daemon`]: wiring and shutdown of the running service;
 //! - [`control`]: the control socket the operator commands (`status`) ask;
 //! - [`operator`]: what the operator commands print;
@@ -45,6 +43,5 @@ pub mod metrics;
 pub mod operator;
 pub mod osdp;
 pub mod service;
-pub mod sim;
 pub mod store;
 pub mod task;

@@ -21,8 +21,6 @@ use doorbridge::access::{CredentialKind, DenyReason, Key, Schedule, UseLimit};
 use doorbridge::bus::frame::Address;
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::bus::session::Answer;
-use doorbridge::cloud::build;
-use doorbridge::cloud::keyfile::KeyFile;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::telemetry::Summary;
@@ -30,9 +28,11 @@ use doorbridge::cloud::topics::{Channel, Topics};
 use doorbridge::cloud::uplink::{Batch, Uploaded};
 use doorbridge::config::Config;
 use doorbridge::daemon::DaemonError;
-use doorbridge::sim::cloud::{CloudClient, Message, RecordLedger, hex};
-use doorbridge::sim::{HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits};
 use doorbridge::store::{Reader, Record};
+use doorbridge_sim::build;
+use doorbridge_sim::cloud::{CloudClient, Message, RecordLedger, hex};
+use doorbridge_sim::keyfile::KeyFile;
+use doorbridge_sim::{HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits};
 use ed25519_dalek::SigningKey;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
@@ -671,8 +671,8 @@ struct Bus {
 
 /// The simulated OSDP card reader: its line thread and what it was told.
 struct Osdp {
-    readers: doorbridge::sim::osdp::ReadersHandle,
-    outputs: mpsc::UnboundedReceiver<doorbridge::sim::osdp::Output>,
+    readers: doorbridge_sim::osdp::ReadersHandle,
+    outputs: mpsc::UnboundedReceiver<doorbridge_sim::osdp::Output>,
 }
 
 /// The running system.
@@ -703,7 +703,7 @@ fn unit_of(door: &str) -> (usize, Address) {
 /// Starts the simulated OSDP card reader on a pty in `state`, with a secure channel key made
 /// for this run, written where [`CONFIG`] names the reader's key file.
 fn start_osdp(state: &Path) -> Result<Osdp, String> {
-    use doorbridge::sim::osdp::{ReaderSpec, SimLine, linked_line, spawn};
+    use doorbridge_sim::osdp::{ReaderSpec, SimLine, linked_line, spawn};
     let key: [u8; 16] = random()?;
     doorbridge::osdp::key::write_new(&state.join("side-entrance.key"), &key)
         .map_err(|e| e.to_string())?;
@@ -728,7 +728,7 @@ fn start_bus(
     link: &Path,
     outputs: &mpsc::Sender<(usize, Output)>,
 ) -> Result<Bus, String> {
-    let (master, _) = doorbridge::sim::linked_pty(link)
+    let (master, _) = doorbridge_sim::linked_pty(link)
         .map_err(|e| format!("cannot create a pseudo-terminal: {e}"))?;
     let addresses: Vec<Address> = DOORS
         .iter()
@@ -753,7 +753,7 @@ fn start_bus(
     });
     let task = tokio::spawn(async move {
         let port = HangupTolerant::new(master, Duration::from_millis(5));
-        let _ = doorbridge::sim::run_sim(port, units, command_rx, output_tx, async {
+        let _ = doorbridge_sim::run_sim(port, units, command_rx, output_tx, async {
             let _ = stopped.await;
         })
         .await;
@@ -847,7 +847,7 @@ impl World {
         self.osdp_output("the OSDP reader online with its secure channel", |o| {
             matches!(
                 o,
-                doorbridge::sim::osdp::Output::State {
+                doorbridge_sim::osdp::Output::State {
                     online: true,
                     secure: true,
                     ..
@@ -1044,8 +1044,8 @@ impl World {
     async fn osdp_output(
         &mut self,
         what: &str,
-        want: impl Fn(&doorbridge::sim::osdp::Output) -> bool,
-    ) -> Result<doorbridge::sim::osdp::Output, String> {
+        want: impl Fn(&doorbridge_sim::osdp::Output) -> bool,
+    ) -> Result<doorbridge_sim::osdp::Output, String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.osdp.outputs.recv()).await {
@@ -1065,7 +1065,7 @@ impl World {
         card: &str,
         expected: &str,
     ) -> Result<(), String> {
-        use doorbridge::sim::osdp::{Output as ReaderOutput, ReaderCommand, ReaderInput};
+        use doorbridge_sim::osdp::{Output as ReaderOutput, ReaderCommand, ReaderInput};
         let input = ReaderInput::card(card)?;
         if !self.osdp.readers.send(ReaderCommand {
             unit: SIDE_READER,

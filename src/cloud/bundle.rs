@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use ciborium::Value;
 
-use super::build::SignedSnapshot;
 use super::payload::{MAX_CHUNK_BYTES, MAX_CHUNKS, MAX_ENVELOPE_BYTES};
 
 use crate::cbor::{
@@ -60,15 +59,6 @@ pub struct Bundle {
     pub manifest: Vec<u8>,
     /// The exact chunk bytes, in index order.
     pub chunks: Vec<Vec<u8>>,
-}
-
-impl From<SignedSnapshot> for Bundle {
-    fn from(s: SignedSnapshot) -> Self {
-        Bundle {
-            manifest: s.manifest,
-            chunks: s.chunks,
-        }
-    }
 }
 
 impl Bundle {

@@ -8,8 +8,8 @@
 //! carries out its actions against the store and the doors. [`uplink`] drains the outbox to
 //! the cloud over the same connection ([`acks`] matches broker acks to batches) and
 //! [`telemetry`] sends the health summary. [`import`] runs the same checks
-//! on a key set read from a file. [`build`], [`bundle`] and [`keyfile`] are the cloud's side
-//! (signing what the gateway accepts), for `cloud-sim`, tests and benchmarks. [`refusals`]
+//! on a key set read from a file. [`bundle`] reads the offline key-set file. The cloud's side
+//! (signing what the gateway accepts) is in the doorbridge-sim crate. [`refusals`]
 //! coalesces the records of refused messages; [`failover`] picks the broker to try next and how
 //! long to wait. See `docs/cloud-protocol.md`.
 
@@ -17,11 +17,9 @@
 pub use doorbridge_proto::cloud::{envelope, payload, report, status, summary, sync, topics};
 
 pub mod acks;
-pub mod build;
 pub mod bundle;
 pub mod failover;
 pub mod import;
-pub mod keyfile;
 pub mod link;
 pub mod refusals;
 pub mod telemetry;

@@ -16,11 +16,11 @@ use doorbridge::bus::message::DoorEventKind;
 use doorbridge::bus::session::Answer;
 use doorbridge::cloud::uplink::Batch;
 use doorbridge::config::Config;
-use doorbridge::sim::cloud::CloudClient;
-use doorbridge::sim::{
+use doorbridge::store::{Record, Store, StoreOptions};
+use doorbridge_sim::cloud::CloudClient;
+use doorbridge_sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
-use doorbridge::store::{Record, Store, StoreOptions};
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -89,7 +89,7 @@ pub(crate) struct Sim {
 impl Sim {
     /// Starts `units` with `config` on a new pty linked at `link`.
     pub(crate) fn start(link: &Path, units: &[Address], config: SimConfig) -> Sim {
-        let (master, _) = doorbridge::sim::linked_pty(link).expect("a linked pty");
+        let (master, _) = doorbridge_sim::linked_pty(link).expect("a linked pty");
         let sim_units = SimUnits::new(units, config).expect("simulated units");
         let (commands, command_rx) = mpsc::channel(64);
         let (output_tx, outputs) = mpsc::channel(1024);

@@ -23,7 +23,6 @@ use doorbridge::access::{Category, StaleLimits};
 use doorbridge::bus::message::DoorEventKind;
 use doorbridge::cloud::bundle::Bundle;
 use doorbridge::cloud::envelope::{Kind, open};
-use doorbridge::cloud::keyfile::{KeyFile, parse_hex};
 use doorbridge::cloud::payload::{
     Chunk, Delegation, DelegationRevoke, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, Target,
 };
@@ -31,8 +30,9 @@ use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::sync::{Action, Sync};
 use doorbridge::cloud::topics::{Channel, Topics};
 use doorbridge::cloud::uplink::BatchWriter;
-use doorbridge::sim::cloud::{CloudClient, Message};
 use doorbridge::store::Record;
+use doorbridge_sim::cloud::{CloudClient, Message};
+use doorbridge_sim::keyfile::{KeyFile, parse_hex};
 use ed25519_dalek::VerifyingKey;
 use jiff::Timestamp;
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -44,7 +44,7 @@ use crate::util::{Outcome, run};
 const WITHIN: Duration = Duration::from_secs(20);
 
 fn cloud_sim() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cloud-sim"))
+    Command::new(doorbridge_sim::binary("cloud-sim"))
 }
 
 fn example_keys() -> PathBuf {
@@ -604,7 +604,7 @@ fn gateway_config(dir: &Path, public: &VerifyingKey, db: &Path) -> PathBuf {
          [cloud]\nurl = \"mqtt://127.0.0.1:1\"\ntrusted_keys = [\"{}\"]\n[storage]\npath = \"{}\"\n\
          [[buses]]\nname = \"b\"\nport = \"/dev/null\"\n\
          [[buses.units]]\naddress = 1\ndoor = \"main\"\n",
-        doorbridge::sim::cloud::hex(public.as_bytes()),
+        doorbridge_sim::cloud::hex(public.as_bytes()),
         db.display()
     );
     std::fs::write(&path, text).unwrap();

@@ -16,13 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use doorbridge::access::{CredentialKind, Key, KeyRules, StaleLimits, UseLimit, credential};
-use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::Batch;
-use doorbridge::sim::cloud::{CloudClient, Message, hex};
 use doorbridge::store::{Reader, Record};
+use doorbridge_sim::build::{self, SignedSnapshot};
+use doorbridge_sim::cloud::{CloudClient, Message, hex};
 use ed25519_dalek::SigningKey;
 use jiff::Timestamp;
 use tokio::sync::mpsc::UnboundedReceiver;

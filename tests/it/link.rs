@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use doorbridge::access::{CredentialKind, DenyReason, Key, UseLimit};
-use doorbridge::cloud::build;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Outcome, Presence, Report};
 use doorbridge::cloud::topics::{Channel, Topics};
-use doorbridge::sim::Output;
-use doorbridge::sim::cloud::{CloudClient, Message};
 use doorbridge::store::Record;
+use doorbridge_sim::Output;
+use doorbridge_sim::build;
+use doorbridge_sim::cloud::{CloudClient, Message};
 use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -41,7 +41,7 @@ pub(crate) fn topics() -> Topics {
 /// A `[cloud]` section for a [`Building`] whose gateway uses the broker at `url` and trusts
 /// [`cloud_key`].
 pub(crate) fn cloud_section(url: &str) -> String {
-    let public = doorbridge::sim::cloud::hex(cloud_key().verifying_key().as_bytes());
+    let public = doorbridge_sim::cloud::hex(cloud_key().verifying_key().as_bytes());
     format!("url = \"{url}\"\ntrusted_keys = [\"{public}\"]\nkeepalive = \"5s\"")
 }
 

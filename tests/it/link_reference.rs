@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use doorbridge::access::Key;
-use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
 use doorbridge::cloud::topics::Channel;
-use doorbridge::sim::cloud::CloudClient;
+use doorbridge_sim::build::{self, SignedSnapshot};
+use doorbridge_sim::cloud::CloudClient;
 use ed25519_dalek::SigningKey;
 use jiff::Timestamp;
 

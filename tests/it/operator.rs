@@ -8,8 +8,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use doorbridge::access::{CredentialKind, UseLimit};
-use doorbridge::sim::SimCommand;
 use doorbridge::store::Record;
+use doorbridge_sim::SimCommand;
 use serde_json::Value;
 
 use crate::bus::{Building, unit};

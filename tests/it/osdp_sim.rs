@@ -1,4 +1,4 @@
-//! The simulated OSDP readers (`doorbridge::sim::osdp`, `door-sim --osdp`) against the real
+//! The simulated OSDP readers (`doorbridge_sim::osdp`, `door-sim --osdp`) against the real
 //! gateway (`daemon::serve`, in process) on a pseudo-terminal: what an installer sees is what
 //! the gateway decided. Every wait is a condition with a deadline.
 
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use doorbridge::osdp::install::{InstallRequest, install};
 use doorbridge::osdp::key;
-use doorbridge::sim::osdp::{
+use doorbridge_sim::osdp::{
     self, Output, ReaderCommand, ReaderInput, ReaderSpec, ReadersHandle, Request, SimLine,
 };
 use tokio::sync::mpsc;
@@ -87,7 +87,7 @@ impl Readers {
 
     fn stop(self) -> osdp::LineStats {
         let stats = self.handle.stop().expect("the line did not fail");
-        doorbridge::sim::pty::remove_link(&self.link, Path::new(&self.device));
+        doorbridge_sim::pty::remove_link(&self.link, Path::new(&self.device));
         stats
     }
 }

@@ -11,7 +11,7 @@ use doorbridge::access::{CredentialKind, DenyReason};
 use doorbridge::bus::frame::Address;
 use doorbridge::bus::message::Grant;
 use doorbridge::bus::session::{Answer, Session, SessionConfig, SessionEvent, VerifyRequest};
-use doorbridge::sim::{Output, SimCommand, SimConfig, SimUnits, run_sim};
+use doorbridge_sim::{Output, SimCommand, SimConfig, SimUnits, run_sim};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -564,7 +564,7 @@ async fn the_door_sim_binary_serves_a_pty_link_to_a_gateway() {
     let link: PathBuf = dir.path().join("door-bus");
     // A stale link from an earlier run is replaced.
     std::os::unix::fs::symlink("/nonexistent/pts/99", &link).unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_door-sim"))
+    let child = std::process::Command::new(doorbridge_sim::binary("door-sim"))
         .arg("--pty")
         .arg(&link)
         .args(["--units", "3", "--seed", "7"])

@@ -12,8 +12,8 @@ use doorbridge::access::{Category, CredentialKind, DenyReason, Key, StaleLimits,
 use doorbridge::bus::session::Answer;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::report::{Presence, Report};
-use doorbridge::sim::{Output, ReportKind, SimCommand, SimConfig};
 use doorbridge::store::Record;
+use doorbridge_sim::{Output, ReportKind, SimCommand, SimConfig};
 use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;

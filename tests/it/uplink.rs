@@ -29,9 +29,9 @@ use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::{Batch, BatchWriter, Uploaded};
 use doorbridge::config::Config;
 use doorbridge::drivers::bus::DoorRouter;
-use doorbridge::sim::cloud::{CloudClient, Message, RecordLedger};
-use doorbridge::sim::{Output, ReportKind, SimCommand};
 use doorbridge::store::{Activity, Record, RecordClass, Store};
+use doorbridge_sim::cloud::{CloudClient, Message, RecordLedger};
+use doorbridge_sim::{Output, ReportKind, SimCommand};
 use jiff::SignedDuration;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
@@ -1036,7 +1036,7 @@ async fn a_low_battery_sends_telemetry_at_once_and_its_alarm_within_a_second() {
 // ---------------------------------------------------------------------------------------------
 
 fn cloud_sim() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_cloud-sim"))
+    Command::new(doorbridge_sim::binary("cloud-sim"))
 }
 
 /// Reads `from` line by line into a shared list, in a thread that ends at its end of file.

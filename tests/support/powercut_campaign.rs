@@ -31,17 +31,17 @@ use doorbridge::access::{
 };
 use doorbridge::bus::frame::Address;
 use doorbridge::bus::session::Answer;
-use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::bundle::Bundle;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::Batch;
 use doorbridge::config::Config;
-use doorbridge::sim::cloud::CloudClient;
-use doorbridge::sim::{
+use doorbridge::store::{DecisionContext, KeySetHeader, Record, Store, StoreOptions};
+use doorbridge_sim::build::{self, SignedSnapshot};
+use doorbridge_sim::cloud::CloudClient;
+use doorbridge_sim::{
     HangupTolerant, Output, ReportKind, SimCommand, SimConfig, SimUnits, run_sim,
 };
-use doorbridge::store::{DecisionContext, KeySetHeader, Record, Store, StoreOptions};
 use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot};
 
@@ -627,7 +627,7 @@ offline_after = 3
 "#,
         db.display(),
         link.display(),
-        trusted = doorbridge::sim::cloud::hex(cloud_key().verifying_key().as_bytes()),
+        trusted = doorbridge_sim::cloud::hex(cloud_key().verifying_key().as_bytes()),
     );
     for n in 1..=UNITS {
         let _ = write!(
@@ -727,7 +727,7 @@ impl Site {
 
         // The door units: in this process, on a pty the daemon opens; they live through
         // every cut (a door unit has its own power).
-        let (master, _) = doorbridge::sim::linked_pty(&link).expect("a linked pty");
+        let (master, _) = doorbridge_sim::linked_pty(&link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=UNITS)
             .map(|n| Address::unit(n).expect("a unit address"))
             .collect();

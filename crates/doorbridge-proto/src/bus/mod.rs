@@ -14,8 +14,9 @@ pub mod frame;
 pub mod message;
 pub mod session;
 
-#[cfg(test)]
-mod vectors;
+// Public with the `vectors` feature, for the simulated units' tests (doorbridge-sim).
+#[cfg(any(test, feature = "vectors"))]
+pub mod vectors;
 
 #[cfg(test)]
 mod proptests;

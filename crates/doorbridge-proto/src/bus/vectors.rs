@@ -8,6 +8,7 @@ use super::message::{Battery, Deny, Grant, Message, OpenDoor, TimeSync, Verify};
 use crate::access::{CredentialKind, DenyReason};
 
 /// One documented frame: what it says and its exact wire bytes (both delimiters included).
+#[derive(Debug)]
 pub struct Vector {
     pub name: &'static str,
     pub direction: Direction,

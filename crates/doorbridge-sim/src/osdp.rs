@@ -48,8 +48,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::JsonLine;
 use super::script::{DEFAULT_WAIT, parse_duration, parse_unit};
-use crate::access::credential::{card_value, format_card, parse_card};
-use crate::osdp::keypad::{KEY_CLEAR, KEY_ENTER, MAX_DIGITS};
+use doorbridge::osdp::keypad::{KEY_CLEAR, KEY_ENTER, MAX_DIGITS};
+use doorbridge_proto::access::credential::{card_value, format_card, parse_card};
 
 /// How often the readers are refreshed and commands picked up.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -745,7 +745,7 @@ pub fn parse_line(line: &str) -> Result<Option<ScriptLine>, String> {
     }
     let unit = || {
         parse_unit(args[0])
-            .map(crate::bus::frame::Address::get)
+            .map(doorbridge_proto::bus::frame::Address::get)
             .map_err(|e| usage(&e.to_string()))
     };
     let reader = |input: Result<ReaderInput, String>| -> Result<Option<ScriptLine>, String> {

@@ -1,9 +1,20 @@
-//! Simulated door units: the unit side of the door bus, for tests, the demo and installers.
+//! doorbridge-sim: the other ends of the gateway's lines, for tests, benchmarks, the demo and
+//! installers; none of it is in the daemon or its package.
+//!
+//! - the simulated door units (below), OSDP readers ([`osdp`]) and the `door-sim` binary;
+//! - the cloud's side: [`build`] signs snapshots, deltas and commands (with
+//!   `doorbridge_proto::cloud::envelope::seal`, compiled only with the proto crate's `sign`
+//!   feature), [`keyfile`] reads a human-readable key set, [`cloud`] and [`durable`] are the
+//!   reference cloud's MQTT clients, and the `cloud-sim` binary drives them;
+//! - [`binary`]: the path of `door-sim` or `cloud-sim`, built on first use, for the daemon's
+//!   tests and benches that run them as processes.
+//!
+//! Simulated door units: the unit side of the door bus.
 //!
 //! The protocol is `docs/door-bus.md`; the `door-sim` binary and its command language are
 //! `docs/door-sim.md`. The pieces:
 //!
-//! - [`SimUnits`] (pure, like the gateway's [`Session`](crate::bus::session::Session)): one
+//! - [`SimUnits`] (pure, like the gateway's [`Session`](doorbridge_proto::bus::session::Session)): one
 //!   or many units on one line. It takes the gateway's frames and answers exactly as a unit
 //!   must: only when addressed, one frame per frame, with the verify in flight (same id,
 //!   identical bytes until its decision comes), else the oldest unacknowledged report, else
@@ -37,15 +48,19 @@
 //! while let Some(o) = outputs.recv().await { println!("{}", o.to_json()); }
 //! ```
 
+mod binary;
+pub mod build;
 pub mod cloud;
 pub mod durable;
 mod json;
+pub mod keyfile;
 pub mod osdp;
 pub mod pty;
 pub mod script;
 mod shell;
 mod units;
 
+pub use binary::binary;
 pub use json::JsonLine;
 pub use pty::{PtyMaster, linked_pty};
 pub use shell::{HangupTolerant, run_sim};

@@ -19,9 +19,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::units::{MAX_GARBAGE, SimCommand};
-use crate::access::CredentialKind;
-use crate::bus::frame::Address;
-use crate::bus::message::{DoorEventKind, MAX_CREDENTIAL};
+use doorbridge_proto::access::CredentialKind;
+use doorbridge_proto::bus::frame::Address;
+use doorbridge_proto::bus::message::{DoorEventKind, MAX_CREDENTIAL};
 
 /// How long `wait-decision` waits when no timeout is given: a little over the 10 s after
 /// which a unit gives up on a verify (so the wait ends with the decision or the give-up).

@@ -1,8 +1,8 @@
 //! The cloud's side of the protocol: signed snapshots, deltas and commands, built from keys.
 //!
 //! Pure (no I/O). Used by the reference cloud (`cloud-sim`), tests, benchmarks and the demo.
-//! Everything built here opens with [`super::envelope::open`] and passes the gateway's
-//! decoders and [`super::sync::Sync`]; see `docs/cloud-protocol.md`.
+//! Everything built here opens with [`doorbridge_proto::cloud::envelope::open`] and passes the gateway's
+//! decoders and [`doorbridge_proto::cloud::sync::Sync`]; see `docs/cloud-protocol.md`.
 //!
 //! [`snapshot`] packs keys greedily into chunks of at most [`MAX_CHUNK_BYTES`]: each key is
 //! CBOR-encoded once and its bytes are appended to the chunk being filled, whose small header
@@ -12,14 +12,27 @@
 use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 
-use super::envelope::{Kind, seal};
-use super::payload::{
+use doorbridge::cloud::bundle::Bundle;
+use doorbridge_proto::access::{Key, StaleLimits};
+use doorbridge_proto::cbor::{
+    MAJOR_ARRAY, MAJOR_MAP, MAJOR_UINT, head_len, write_head, write_text,
+};
+use doorbridge_proto::cloud::envelope::{Kind, seal};
+use doorbridge_proto::cloud::payload::{
     Delegation, DelegationRevoke, Delta, Heartbeat, MAX_BODY_BYTES, MAX_CHUNK_BYTES, MAX_CHUNKS,
     MAX_ID, MAX_KEYS, Manifest, OpenDoor, PayloadError, ResyncCommand, Sha256Digest, Target,
     UnitSettings,
 };
-use crate::access::{Key, StaleLimits};
-use crate::cbor::{MAJOR_ARRAY, MAJOR_MAP, MAJOR_UINT, head_len, write_head, write_text};
+
+/// A snapshot in the offline file `doorbridge keys import` reads.
+impl From<SignedSnapshot> for Bundle {
+    fn from(s: SignedSnapshot) -> Self {
+        Bundle {
+            manifest: s.manifest,
+            chunks: s.chunks,
+        }
+    }
+}
 
 /// Why a message could not be built. Nothing built would have been accepted by a gateway.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -421,14 +434,14 @@ fn header_len(version: u64, index: u64, count: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::access::credential::digest;
-    use crate::access::{
+    use doorbridge_proto::access::credential::digest;
+    use doorbridge_proto::access::{
         Category, Credential, CredentialKind, KeyRules, Schedule, UseLimit, Window,
     };
-    use crate::cloud::envelope::open;
-    use crate::cloud::payload::Chunk;
-    use crate::cloud::payload::MAX_ENVELOPE_BYTES;
-    use crate::cloud::sync::{Action, Sync};
+    use doorbridge_proto::cloud::envelope::open;
+    use doorbridge_proto::cloud::payload::Chunk;
+    use doorbridge_proto::cloud::payload::MAX_ENVELOPE_BYTES;
+    use doorbridge_proto::cloud::sync::{Action, Sync};
 
     fn target() -> Target {
         Target {
@@ -610,7 +623,7 @@ mod tests {
         );
     }
 
-    /// A million keys fit one snapshot: `cargo test --release --lib cloud::build -- --ignored
+    /// A million keys fit one snapshot: `cargo test --release -p doorbridge-sim --lib build -- --ignored
     /// --nocapture` (slow in debug builds). A small realistic key (one PIN, one door) encodes
     /// to ~235 bytes, so a million need ~1800 chunks of the 3072 allowed.
     #[test]
@@ -625,10 +638,10 @@ mod tests {
             built.total_bytes(),
             started.elapsed()
         );
-        let opened = crate::cloud::envelope::open(
+        let opened = doorbridge_proto::cloud::envelope::open(
             &built.manifest,
             &[signer().verifying_key()],
-            crate::cloud::payload::MAX_ENVELOPE_BYTES,
+            doorbridge_proto::cloud::payload::MAX_ENVELOPE_BYTES,
         )
         .unwrap();
         let manifest = Manifest::decode(&opened.body).unwrap();
@@ -694,7 +707,7 @@ mod tests {
         // §9.1 of docs/cloud-protocol.md: built by the packer, byte for byte.
         let mut k = key(1, 0);
         k.rules.name = "Ann".into();
-        k.credentials[0].digest = crate::access::CredentialDigest([0x11; 32]);
+        k.credentials[0].digest = doorbridge_proto::access::CredentialDigest([0x11; 32]);
         let snap = snapshot(
             &target(),
             7,

@@ -1,7 +1,7 @@
 //! `cloud-sim`: a reference cloud for doorbridge gateways. Makes signing keys, builds signed
 //! key sets from a keys file (as an offline bundle or published over MQTT), sends heartbeats,
 //! open-door and resync commands, and prints what gateways report. A thin shell around
-//! `doorbridge::cloud::{build, bundle, keyfile}` and `doorbridge::sim::cloud`; the manual is
+//! `doorbridge_sim::{build, keyfile, cloud}` and `doorbridge::cloud::bundle`; the manual is
 //! `docs/cloud-sim.md`.
 //!
 //! Exit status: 0 success; 2 a usage problem; 1 any other error.
@@ -14,16 +14,16 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use doorbridge::access::{Category, StaleLimits};
-use doorbridge::cloud::build::{self, SignedSnapshot};
 use doorbridge::cloud::bundle::Bundle;
 use doorbridge::cloud::envelope::KeyId;
-use doorbridge::cloud::keyfile::{KeyFile, parse_hex};
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::sync::DEFAULT_COMMAND_LIFETIME;
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
 use doorbridge::cloud::uplink::Batch;
-use doorbridge::sim::cloud::{CloudClient, RecordLedger, decode_report, hex, record_json};
-use doorbridge::sim::durable::{DurableSubscriber, Update};
+use doorbridge_sim::build::{self, SignedSnapshot};
+use doorbridge_sim::cloud::{CloudClient, RecordLedger, decode_report, hex, record_json};
+use doorbridge_sim::durable::{DurableSubscriber, Update};
+use doorbridge_sim::keyfile::{KeyFile, parse_hex};
 use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 
@@ -684,7 +684,7 @@ fn parse_std_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// `cloud-sim records`: receives, deduplicates and prints uploaded records, through broker
-/// outages (`doorbridge::sim::durable`).
+/// outages (`doorbridge_sim::durable`).
 async fn records(args: RecordsArgs) -> anyhow::Result<()> {
     let RecordsArgs {
         url,

@@ -1,7 +1,7 @@
 //! `door-sim`: simulated door units on a serial line or a pseudo-terminal, driven by a small
 //! command language, printing what the gateway sends as JSON lines. With `--osdp` the units
-//! are OSDP card readers and keypads instead (`doorbridge::sim::osdp`). A thin shell around
-//! `doorbridge::sim`; the manual is `docs/door-sim.md`.
+//! are OSDP card readers and keypads instead (`doorbridge_sim::osdp`). A thin shell around
+//! `doorbridge_sim`; the manual is `docs/door-sim.md`.
 //!
 //! Exit status: 0 after `quit`, SIGINT or SIGTERM; 2 a usage problem; 1 any other error.
 
@@ -14,9 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{CommandFactory, Parser};
 use doorbridge::bus::frame::Address;
-use doorbridge::sim::osdp::{self, ReaderSpec, SimLine};
-use doorbridge::sim::script::{ScriptLine, parse_line, parse_unit};
-use doorbridge::sim::{
+use doorbridge_sim::osdp::{self, ReaderSpec, SimLine};
+use doorbridge_sim::script::{ScriptLine, parse_line, parse_unit};
+use doorbridge_sim::{
     HangupTolerant, JsonLine, Output, SimCommand, SimConfig, SimStats, SimUnits, run_sim,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -319,7 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let units = SimUnits::new(&cli.units.0, config).context("cannot set up the units")?;
     let addresses: Vec<u8> = cli.units.0.iter().map(|a| a.get()).collect();
     if let Some(link) = &cli.pty {
-        let (master, device) = doorbridge::sim::linked_pty(link)
+        let (master, device) = doorbridge_sim::linked_pty(link)
             .with_context(|| format!("cannot set up a pseudo-terminal at {}", link.display()))?;
         tracing::info!(link = %link.display(), device, "pseudo-terminal ready");
         emit(
@@ -331,7 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         );
         let port = HangupTolerant::new(master, HANGUP_BACKOFF);
         let result = serve(port, units, input).await;
-        doorbridge::sim::pty::remove_link(link, Path::new(&device));
+        doorbridge_sim::pty::remove_link(link, Path::new(&device));
         result
     } else if let Some(path) = &cli.port {
         let name = path.to_string_lossy().into_owned();
@@ -660,7 +660,7 @@ async fn run_osdp(cli: &Cli, input: Input) -> anyhow::Result<()> {
         ));
         line.pty = true;
         let result = serve_osdp(master, &line, &input).await;
-        doorbridge::sim::pty::remove_link(link, Path::new(&device));
+        doorbridge_sim::pty::remove_link(link, Path::new(&device));
         result
     } else if let Some(path) = &cli.port {
         let port = osdp::open_port(path, cli.baud)

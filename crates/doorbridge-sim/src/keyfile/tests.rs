@@ -4,7 +4,7 @@ use jiff::civil::time;
 
 use super::*;
 
-const EXAMPLE: &str = include_str!("../../../config/keys.example.toml");
+const EXAMPLE: &str = include_str!("../../../../config/keys.example.toml");
 
 fn parse(keys: &str) -> Result<KeyFile, KeyFileError> {
     KeyFile::from_toml(&format!("salt = \"73616c74\"\n{keys}"))

@@ -4,8 +4,8 @@
 use serde_json::{Map, Value};
 
 use super::units::{Output, SimCommand};
-use crate::bus::message::{Settings, Verify};
-use crate::bus::session::Answer;
+use doorbridge_proto::bus::message::{Settings, Verify};
+use doorbridge_proto::bus::session::Answer;
 
 /// A JSON object that keeps its keys in the order they were added (`"unit"` and `"type"`
 /// first), so the printed lines read well. [`JsonLine::to_value`] gives a plain
@@ -63,7 +63,7 @@ impl std::fmt::Display for JsonLine {
 impl Output {
     /// The output as one JSON object. Every object has a `"type"`; those about one unit have
     /// its address as `"unit"`. Deny reasons use the `snake_case` names of
-    /// [`DenyReason`](crate::access::DenyReason) (`"used_up"`).
+    /// [`DenyReason`](doorbridge_proto::access::DenyReason) (`"used_up"`).
     pub fn to_json(&self) -> JsonLine {
         match self {
             Output::Contact { unit } => about(unit.get(), "contact"),
@@ -223,10 +223,10 @@ fn settings_json(mut v: JsonLine, s: &Settings) -> JsonLine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::access::{CredentialKind, DenyReason};
-    use crate::bus::frame::{Address, FrameError};
-    use crate::bus::message::{Grant, OpenDoor, TimeSync};
-    use crate::sim::units::{GaveUpReason, ReportKind, SimError};
+    use crate::units::{GaveUpReason, ReportKind, SimError};
+    use doorbridge_proto::access::{CredentialKind, DenyReason};
+    use doorbridge_proto::bus::frame::{Address, FrameError};
+    use doorbridge_proto::bus::message::{Grant, OpenDoor, TimeSync};
 
     fn unit(n: u8) -> Address {
         Address::unit(n).unwrap()
@@ -370,7 +370,7 @@ mod tests {
     /// The manual's examples are JSON lines as printed, and its table names every type.
     #[test]
     fn the_manual_shows_valid_lines_and_every_type() {
-        let doc = include_str!("../../docs/door-sim.md");
+        let doc = include_str!("../../../docs/door-sim.md");
         let mut in_json = false;
         let mut lines = 0;
         for line in doc.lines() {

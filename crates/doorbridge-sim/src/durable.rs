@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::cloud::{CloudClient, CloudError, MAX_PACKET_BYTES, connected, parse_url};
-use crate::cloud::uplink::MAX_BATCH_BYTES;
-use crate::task::jitter;
+use doorbridge::cloud::uplink::MAX_BATCH_BYTES;
+use doorbridge::task::jitter;
 
 /// The first wait after a lost connection; doubled after each failed attempt.
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(500);

@@ -29,13 +29,13 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::cloud::build::SignedSnapshot;
-use crate::cloud::payload::MAX_ENVELOPE_BYTES;
-use crate::cloud::report::Report;
-use crate::cloud::topics::{Channel, Topics};
-use crate::cloud::uplink::{Batch, MAX_BATCH_BYTES, Uploaded};
-use crate::store::Record;
-use crate::store::chain::{ChainedRecord, Finding, SignedHead, verify};
+use crate::build::SignedSnapshot;
+use doorbridge::cloud::uplink::{Batch, MAX_BATCH_BYTES, Uploaded};
+use doorbridge::store::Record;
+use doorbridge::store::chain::{ChainedRecord, Finding, SignedHead, verify};
+use doorbridge_proto::cloud::payload::MAX_ENVELOPE_BYTES;
+use doorbridge_proto::cloud::report::Report;
+use doorbridge_proto::cloud::topics::{Channel, Topics};
 
 /// The largest MQTT packet sent or accepted: a full envelope plus topic and header.
 pub const MAX_PACKET_BYTES: usize = MAX_ENVELOPE_BYTES + 1024;
@@ -760,12 +760,12 @@ fn split_topic<'a>(
 }
 
 /// Lower-case hex of `bytes`.
-pub use crate::access::credential::to_hex as hex;
+pub use doorbridge_proto::access::credential::to_hex as hex;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloud::report::Presence;
+    use doorbridge_proto::cloud::report::Presence;
 
     #[test]
     fn urls() {

@@ -208,9 +208,9 @@ impl<P: AsyncWrite + Unpin> AsyncWrite for HangupTolerant<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::frame::{Address, Decoder, encode};
-    use crate::bus::message::Message;
-    use crate::sim::units::SimConfig;
+    use crate::units::SimConfig;
+    use doorbridge_proto::bus::frame::{Address, Decoder, encode};
+    use doorbridge_proto::bus::message::Message;
 
     fn unit(n: u8) -> Address {
         Address::unit(n).unwrap()

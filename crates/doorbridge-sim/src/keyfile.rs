@@ -20,12 +20,12 @@ use jiff::Timestamp;
 use jiff::civil::{Time, Weekday};
 use serde::Deserialize;
 
-use super::payload::{MAX_ID, MAX_SALT};
-use crate::access::credential::{digest, parse_card};
-use crate::access::{
+use doorbridge_proto::access::credential::{digest, parse_card};
+use doorbridge_proto::access::{
     Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, WeekdaySet, Window,
 };
-use crate::bus::message::{MAX_CREDENTIAL, MAX_FLOORS, MAX_WELCOME};
+use doorbridge_proto::bus::message::{MAX_CREDENTIAL, MAX_FLOORS, MAX_WELCOME};
+use doorbridge_proto::cloud::payload::{MAX_ID, MAX_SALT};
 
 /// A key set read from a keys file.
 #[derive(Clone, Debug, PartialEq, Eq)]

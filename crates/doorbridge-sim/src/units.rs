@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::access::CredentialKind;
-use crate::bus::frame::{
+use doorbridge_proto::access::CredentialKind;
+use doorbridge_proto::bus::frame::{
     Address, DELIMITER, Decoder, Direction, Frame, FrameError, cobs_encode, encode,
 };
-use crate::bus::message::{
+use doorbridge_proto::bus::message::{
     Battery, CallButton, DoorEvent, DoorEventKind, Message, MessageError, OpenDoor, Settings,
     Status, Tamper, TimeSync, Verify,
 };
-use crate::bus::session::Answer;
+use doorbridge_proto::bus::session::Answer;
 
 /// The most garbage bytes one [`SimCommand::Garbage`] may put on the line.
 pub const MAX_GARBAGE: usize = 4096;
@@ -272,7 +272,7 @@ pub enum Output {
         id: u16,
         error: MessageError,
     },
-    /// A command could not be carried out (only from [`crate::sim::run_sim`]; [`SimUnits`]
+    /// A command could not be carried out (only from [`crate::run_sim`]; [`SimUnits`]
     /// returns the error directly).
     Rejected {
         command: SimCommand,
@@ -434,7 +434,7 @@ impl Rng {
 
 /// Simulated door units sharing one line: the unit side of `docs/door-bus.md`. Pure: no I/O,
 /// no clock (times are [`Duration`]s since any fixed start, as for the gateway's
-/// [`Session`](crate::bus::session::Session)).
+/// [`Session`](doorbridge_proto::bus::session::Session)).
 ///
 /// - [`SimUnits::on_bytes`] takes what the gateway sent, in any chunking, and returns
 ///   [`Output`]s; the answers it schedules come out of [`SimUnits::poll_transmit`].
@@ -1116,7 +1116,7 @@ fn with_bad_crc(wire: &[u8]) -> Vec<u8> {
         .strip_prefix(&[DELIMITER])
         .and_then(|w| w.strip_suffix(&[DELIMITER]))
         .unwrap_or(wire);
-    let Ok(mut raw) = crate::bus::frame::cobs_decode(inner) else {
+    let Ok(mut raw) = doorbridge_proto::bus::frame::cobs_decode(inner) else {
         return wire.to_vec();
     };
     if let Some(last) = raw.last_mut() {
@@ -1135,15 +1135,8 @@ fn truncated(wire: &[u8]) -> Vec<u8> {
     wire.get(..keep).unwrap_or(wire).to_vec()
 }
 
-/// The documented frames of `docs/door-bus.md` §10, shared with the gateway's tests
-/// (`bus::vectors` is private to `bus`, so the file is included here; it names its siblings
-/// through `super`).
 #[cfg(test)]
-#[path = "../../crates/doorbridge-proto/src/bus/vectors.rs"]
-#[allow(dead_code, clippy::duplicate_mod)]
-mod vectors;
-#[cfg(test)]
-use crate::bus::{frame, message};
+use doorbridge_proto::bus::vectors;
 
 #[cfg(test)]
 #[path = "units_tests.rs"]

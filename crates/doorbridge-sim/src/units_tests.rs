@@ -4,8 +4,8 @@ use super::vectors::{
     ACK, BATTERY, DENY, GARBAGE_THEN_POLL, GRANT, IDLE, OPEN_DOOR, POLL, TIME, VERIFY_PIN,
 };
 use super::*;
-use crate::access::DenyReason;
-use crate::bus::message::Grant;
+use doorbridge_proto::access::DenyReason;
+use doorbridge_proto::bus::message::Grant;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -384,7 +384,7 @@ fn a_verify_goes_first_and_a_decision_serves_as_the_next_poll() {
     assert_eq!(frame.id(), 101);
     assert!(matches!(msg, Message::Verify(v) if v.value == b"1234"));
     // One verify at a time: the deny for it brings the second PIN.
-    let deny = Message::Deny(crate::bus::message::Deny {
+    let deny = Message::Deny(doorbridge_proto::bus::message::Deny {
         reason: DenyReason::UnknownCredential,
     });
     let (_, answer) = exchange(&mut sim, &gateway(&deny, 3, 101), ms(10));
@@ -838,7 +838,7 @@ fn ids_wrap_from_65535_to_0() {
     sim.command(pin(1, "2"), ms(0)).unwrap();
     let (_, a) = exchange(&mut sim, &poll(1, 1), ms(0));
     assert_eq!(decode(&a).0.id(), 0xFFFF);
-    let deny = Message::Deny(crate::bus::message::Deny {
+    let deny = Message::Deny(doorbridge_proto::bus::message::Deny {
         reason: DenyReason::Expired,
     });
     let (_, b) = exchange(&mut sim, &gateway(&deny, 1, 0xFFFF), ms(1));
