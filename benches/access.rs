@@ -24,8 +24,7 @@ use doorbridge::access::{
 use doorbridge::store::{DecisionContext, KeySetHeader, Store, StoreOptions};
 use jiff::civil::{Weekday, time};
 
-#[path = "support/mod.rs"]
-mod support;
+use doorbridge_testkit::bench as support;
 
 const KEYS: u32 = 1_000_000;
 const SALT: &[u8] = b"bench-salt";

@@ -34,8 +34,7 @@ use doorbridge_sim::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-#[path = "support/mod.rs"]
-mod support;
+use doorbridge_testkit::bench as support;
 
 const UNITS: u8 = 8;
 

@@ -40,10 +40,9 @@ use jiff::Timestamp;
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::sync::oneshot;
 
-#[path = "../tests/support/brokers.rs"]
-mod brokers;
-mod support;
 use brokers::{Mosquitto, start_rumqttd};
+use doorbridge_testkit::bench as support;
+use doorbridge_testkit::brokers;
 use support::{
     Daemon, SALT, SITE, cloud_key, key, machine, mib, ms, percentile, rate, secs, target,
     thousands, written,

@@ -41,11 +41,9 @@ use doorbridge_sim::build::{self, SignedSnapshot};
 use doorbridge_sim::cloud::{CloudClient, hex};
 use jiff::Timestamp;
 
-#[path = "../tests/support/brokers.rs"]
-mod brokers;
-#[path = "support/mod.rs"]
-mod support;
 use brokers::Mosquitto;
+use doorbridge_testkit::bench as support;
+use doorbridge_testkit::brokers;
 use support::{Daemon, SALT, SITE, cloud_key, mib, thousands};
 
 /// Keys in every key set: the one the gateways hold and the one fanned out.

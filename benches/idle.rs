@@ -28,10 +28,8 @@ use doorbridge::config::Config;
 use doorbridge_sim::{HangupTolerant, Output, ReportKind, SimConfig, SimUnits, run_sim};
 use tokio::sync::{mpsc, oneshot};
 
-#[path = "../tests/support/brokers.rs"]
-mod brokers;
-#[path = "support/mod.rs"]
-mod support;
+use doorbridge_testkit::bench as support;
+use doorbridge_testkit::brokers;
 use support::{Process, mib};
 
 const KEYS: usize = 1_000_000;

@@ -18,7 +18,7 @@
 // Byte counts per cycle, rounded for display.
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
-mod support;
+use doorbridge_testkit::bench as support;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

@@ -1,10 +1,10 @@
 //! The power-cut campaign (issue 15 §1): the real `doorbridge run` binary with its state
-//! directory on a filesystem that loses power on command (`tests/support/powercut_fs.rs`),
+//! directory on a filesystem that loses power on command (`crates/doorbridge-testkit/src/powercut_fs.rs`),
 //! cut 200 times (10 with `--quick`) at random moments while doors decide, while snapshots are
 //! staged and switched, during `doorbridge keys import` and during the outbox drain, whole and
 //! torn by turns; after each cut the database's integrity and the live key set are checked,
 //! and at the end the records of everything the doors heard, the acknowledged reports and the
-//! limited keys' grants (`tests/support/powercut_campaign.rs`).
+//! limited keys' grants (`crates/doorbridge-testkit/src/powercut_campaign.rs`).
 //!
 //! Run with `cargo bench --bench powercut` (as root: it mounts a FUSE filesystem). Writes its
 //! section of `docs/reliability.md`, and exits 1 when a promise was broken.
@@ -16,14 +16,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-#[path = "../tests/support/brokers.rs"]
-mod brokers;
-#[path = "../tests/support/powercut_campaign.rs"]
-mod campaign;
-#[path = "../tests/support/powercut_fs.rs"]
-mod powercut_fs;
-#[path = "support/mod.rs"]
-mod support;
+use doorbridge_testkit::bench as support;
+use doorbridge_testkit::powercut_campaign as campaign;
 
 use campaign::{Plan, Tally};
 

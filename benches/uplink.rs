@@ -51,10 +51,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-#[path = "../tests/support/brokers.rs"]
-mod brokers;
-mod support;
 use brokers::{MAX_PACKET, Mosquitto, free_port, start_rumqttd};
+use doorbridge_testkit::bench as support;
+use doorbridge_testkit::brokers;
 use support::{
     Daemon, Io, SALT, SITE, cloud_key, key, machine, per_second, rate, secs, target, thousands,
 };

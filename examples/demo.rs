@@ -8,15 +8,12 @@
 //! on an embedded configuration, its state in a temporary directory) and four simulated door
 //! units on two pseudo-terminals. Each step is checked; the summary table says what was
 //! expected and what happened. Exit status 0 when every check holds, 1 naming the step that
-//! failed. The story itself is `examples/demo/story.rs`, which `tests/it/demo.rs` runs too.
+//! failed. The story itself is `crates/doorbridge-testkit/src/story.rs`, which `tests/it/demo.rs` runs too.
 //!
 //! The gateway's log goes to stderr at `warn` (`DOORBRIDGE_LOG` sets another filter, e.g.
 //! `DOORBRIDGE_LOG=info`).
 
-#[path = "../tests/support/brokers.rs"]
-mod brokers;
-#[path = "demo/story.rs"]
-mod story;
+use doorbridge_testkit::story;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;

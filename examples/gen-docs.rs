@@ -18,10 +18,6 @@
 //! depends on nothing but the definition and the crate's version (no date, no path), so a
 //! package built twice from one commit holds the same pages.
 
-#[allow(dead_code)] // the fields are read by the binary's `main`, not here
-#[path = "../src/cli.rs"]
-mod cli;
-
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,6 +25,7 @@ use std::process::ExitCode;
 
 use clap::CommandFactory as _;
 use clap_complete::Shell;
+use doorbridge::cli;
 
 /// The sections the main page adds to what clap knows: where things are, and the rest of the
 /// documentation (installed by the package under /usr/share/doc/doorbridge).

@@ -1,12 +1,12 @@
 //! The command line of `doorbridge`, as clap reads it: the commands, their options and their
-//! `--help` text. A module of the binary (not of the library), shared with the generator of
-//! the man pages and shell completions (`examples/gen-docs.rs`, run by `packaging/build-deb`),
-//! so the pages and the completions say exactly what the binary parses.
+//! `--help` text. The binary parses with it, and the generator of the man pages and shell
+//! completions (`examples/gen-docs.rs`, run by `packaging/build-deb`) renders it, so the pages
+//! and the completions say exactly what the binary parses.
 
 use std::path::PathBuf;
 
+use crate::config::{self, CONFIG_ENV};
 use clap::{Parser, Subcommand};
-use doorbridge::config::{self, CONFIG_ENV};
 
 const AFTER_HELP: &str = "\
 Configuration sources, later ones override earlier ones key by key:

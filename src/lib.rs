@@ -17,6 +17,8 @@
 //!   is in the doorbridge-sim crate;
 //! - [`bus`]: the door bus: frame codec, CBOR messages and the pure polling session;
 //! - [`drivers`]: the async shells on the lines: the door-bus driver and its serial port;
+//! - [`cli`]: the command line of the `doorbridge` binary (clap), also rendered into its man
+//!   pages and completions;
 //! - [`daemon`]: wiring and shutdown of the running service;
 //! - [`control`]: the control socket the operator commands (`status`) ask;
 //! - [`operator`]: what the operator commands print;
@@ -32,6 +34,7 @@
 //! entry points with their own I/O and shutdown signal.
 
 pub use doorbridge_proto::{access, bus, cbor};
+pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod control;

@@ -9,14 +9,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use doorbridge::cli::{Cli, Command, EventsArgs, EventsTail, KeysCommand, OsdpCommand};
 use doorbridge::config::{self, ConfigErrors, Sources};
 use doorbridge::service::logging;
 use doorbridge::store::Reader;
 use doorbridge::{control, history, operator};
-
-use cli::{Cli, Command, EventsArgs, EventsTail, KeysCommand, OsdpCommand};
-
-mod cli;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,7 +1,7 @@
 //! Real MQTT brokers for the tests, and the bare-MQTT facts the cloud link is built on.
 //!
 //! Helpers (all `pub`, for the other test modules):
-//! - [`RumqttdBroker`] (from `tests/support/brokers.rs`, shared with the benches and the demo):
+//! - [`RumqttdBroker`] (from `doorbridge_testkit::brokers`, shared with the benches and the demo):
 //!   an in-process rumqttd on a free port. rumqttd's `Broker::start()` blocks forever and has no
 //!   shutdown, so each broker runs on its own std thread that leaks until the test process exits;
 //!   every test starts its own broker.
@@ -11,7 +11,7 @@
 //!   unless `DOORBRIDGE_SKIP_MOSQUITTO=1` is set (see [`mosquitto_or_skip`]).
 //!   [`Mosquitto::start_with_tls`] adds a second listener speaking TLS that requires a client
 //!   certificate ([`TlsListener`]).
-//! - [`Proxy`] (from `tests/support/brokers.rs` too): a TCP proxy whose [`Proxy::cut`] makes the
+//! - [`Proxy`] (from `doorbridge_testkit::brokers` too): a TCP proxy whose [`Proxy::cut`] makes the
 //!   internet go away for the clients that connect through it, until [`Proxy::restore`].
 //! - [`Mqtt`] and [`client`]: a test-side rumqttc client whose event loop is polled by a task that
 //!   forwards incoming publishes and reconnects with a short backoff.
@@ -40,9 +40,7 @@ use tokio::task::JoinHandle;
 /// How long any wait in these tests may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-#[path = "../support/brokers.rs"]
-mod brokers;
-pub use brokers::{MAX_PACKET, Proxy, RumqttdBroker, accepts, free_port};
+pub use doorbridge_testkit::brokers::{MAX_PACKET, Proxy, RumqttdBroker, accepts, free_port};
 
 /// Polls `f` until it returns `Some`, or fails naming `what` after `within`.
 pub async fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {

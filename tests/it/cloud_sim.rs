@@ -44,7 +44,7 @@ use crate::util::{Outcome, run};
 const WITHIN: Duration = Duration::from_secs(20);
 
 fn cloud_sim() -> Command {
-    Command::new(doorbridge_sim::binary("cloud-sim"))
+    Command::new(doorbridge_testkit::binary("cloud-sim"))
 }
 
 fn example_keys() -> PathBuf {

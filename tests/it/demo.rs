@@ -1,12 +1,8 @@
-//! The demo's story (`examples/demo/story.rs`), run here in process and quietly, so that the
+//! The demo's story (`doorbridge_testkit::story`), run here in process and quietly, so that the
 //! README's first command cannot rot: every step must hold, as `cargo run --example demo`
 //! checks it.
 
-#[path = "../../examples/demo/story.rs"]
-mod story;
-
-// What the story takes from `tests/support/brokers.rs`: the copy the other tests use.
-use crate::broker as brokers;
+use doorbridge_testkit::story;
 
 /// Keeps the lines for the failure message.
 struct Quiet(Vec<String>);

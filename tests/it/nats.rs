@@ -42,14 +42,12 @@ use rumqttc::QoS;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::broker::{Mqtt, free_port, options, wait_for};
+use crate::broker::{Mqtt, options, wait_for};
 use crate::bus::{Sim, unit};
 use crate::gateway::{Cloud, Daemon, Home, WAIT, keys};
 use crate::util::doorbridge;
 
-#[path = "../support/nats.rs"]
-mod cluster;
-use cluster::NatsCluster;
+use doorbridge_testkit::nats::{self as cluster, NatsCluster};
 
 /// Keys in the gateway's key set; the door unit presents their PINs in turn.
 const KEYS: usize = 20;

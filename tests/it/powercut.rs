@@ -1,6 +1,6 @@
 //! Power cuts, not only crashes (issue 15 §1), the short version: the real daemon with its
-//! state directory on a filesystem that loses what was not synced (`tests/support/
-//! powercut_fs.rs`), cut whole and torn while doors decide (limited keys, retransmissions,
+//! state directory on a filesystem that loses what was not synced (`doorbridge_testkit::
+//! powercut_fs`), cut whole and torn while doors decide (limited keys, retransmissions,
 //! battery reports), while the outbox drains after an outage, and while key sets are staged
 //! and switched. After each cut the database must pass `PRAGMA integrity_check` and hold the
 //! old key set or the new one, exactly; at the end every decision a door heard and every report
@@ -11,14 +11,7 @@
 //! Needs `/dev/fuse` and root (the mount is made with `mount(2)`): without them this fails
 //! and says so.
 
-/// The brokers the campaign uses, as `crate::broker` includes them.
-mod brokers {
-    pub use crate::broker::{Proxy, RumqttdBroker};
-}
-#[path = "../support/powercut_campaign.rs"]
-mod campaign;
-#[path = "../support/powercut_fs.rs"]
-mod powercut_fs;
+use doorbridge_testkit::powercut_campaign as campaign;
 
 use campaign::{CutKind, Phase, Plan};
 

@@ -333,7 +333,7 @@ struct DoorSim {
 
 impl DoorSim {
     fn start(link: &Path, units: &str) -> DoorSim {
-        let mut child = Command::new(doorbridge_sim::binary("door-sim"))
+        let mut child = Command::new(doorbridge_testkit::binary("door-sim"))
             .arg("--pty")
             .arg(link)
             .args(["--units", units, "--seed", "7"])

@@ -564,7 +564,7 @@ async fn the_door_sim_binary_serves_a_pty_link_to_a_gateway() {
     let link: PathBuf = dir.path().join("door-bus");
     // A stale link from an earlier run is replaced.
     std::os::unix::fs::symlink("/nonexistent/pts/99", &link).unwrap();
-    let child = std::process::Command::new(doorbridge_sim::binary("door-sim"))
+    let child = std::process::Command::new(doorbridge_testkit::binary("door-sim"))
         .arg("--pty")
         .arg(&link)
         .args(["--units", "3", "--seed", "7"])

@@ -1036,7 +1036,7 @@ async fn a_low_battery_sends_telemetry_at_once_and_its_alarm_within_a_second() {
 // ---------------------------------------------------------------------------------------------
 
 fn cloud_sim() -> Command {
-    Command::new(doorbridge_sim::binary("cloud-sim"))
+    Command::new(doorbridge_testkit::binary("cloud-sim"))
 }
 
 /// Reads `from` line by line into a shared list, in a thread that ends at its end of file.

@@ -22,17 +22,7 @@ pub fn doorbridge() -> Command {
     command
 }
 
-/// The program `name`: the first on `PATH`, else `fallback` if that is a file.
-pub fn find_binary(name: &str, fallback: &str) -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .map(|dir| dir.join(name))
-        .chain([PathBuf::from(fallback)])
-        .find(|candidate| candidate.is_file())
-}
+pub use doorbridge_testkit::find_binary;
 
 /// libfaketime's preload library (Debian's `libfaketime` package), which moves a process's
 /// wall clock: `/usr/lib/<triplet>/faketime/libfaketime.so.1`, or `/usr/lib/faketime/…`.

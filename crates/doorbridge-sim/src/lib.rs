@@ -5,9 +5,7 @@
 //! - the cloud's side: [`build`] signs snapshots, deltas and commands (with
 //!   `doorbridge_proto::cloud::envelope::seal`, compiled only with the proto crate's `sign`
 //!   feature), [`keyfile`] reads a human-readable key set, [`cloud`] and [`durable`] are the
-//!   reference cloud's MQTT clients, and the `cloud-sim` binary drives them;
-//! - [`binary`]: the path of `door-sim` or `cloud-sim`, built on first use, for the daemon's
-//!   tests and benches that run them as processes.
+//!   reference cloud's MQTT clients, and the `cloud-sim` binary drives them.
 //!
 //! Simulated door units: the unit side of the door bus.
 //!
@@ -48,7 +46,6 @@
 //! while let Some(o) = outputs.recv().await { println!("{}", o.to_json()); }
 //! ```
 
-mod binary;
 pub mod build;
 pub mod cloud;
 pub mod durable;
@@ -60,7 +57,6 @@ pub mod script;
 mod shell;
 mod units;
 
-pub use binary::binary;
 pub use json::JsonLine;
 pub use pty::{PtyMaster, linked_pty};
 pub use shell::{HangupTolerant, run_sim};

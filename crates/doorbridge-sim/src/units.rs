@@ -1139,5 +1139,4 @@ fn truncated(wire: &[u8]) -> Vec<u8> {
 use doorbridge_proto::bus::vectors;
 
 #[cfg(test)]
-#[path = "units_tests.rs"]
 mod tests;

@@ -1,7 +1,6 @@
 //! Broker helpers shared by the integration tests (`tests/it/broker.rs`), the benchmarks
 //! (`benches/cloud.rs`, `benches/uplink.rs`, `benches/idle.rs`, `benches/fleet.rs`) and the
-//! demo (`examples/demo/story.rs`), which cannot import test modules: included in each with
-//! `#[path]`.
+//! demo's story ([`crate::story`]).
 //!
 //! - [`RumqttdBroker`]: an in-process rumqttd on a free port;
 //! - [`Proxy`]: a TCP proxy whose [`Proxy::cut`] makes the internet go away for the clients
@@ -9,7 +8,6 @@
 //! - [`start_rumqttd`] and [`Mosquitto`]: the benchmarks' brokers, started once per run and
 //!   left as they are. The integration tests have a richer mosquitto of their own
 //!   (`tests/it/broker.rs`: stop and start again with the session kept, TLS listeners).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

@@ -2,8 +2,7 @@
 //! power-cut filesystem (`powercut_fs.rs`), door units on a pty, a broker behind a proxy and a
 //! cloud that signs key sets and keeps every record it receives; power is cut at random
 //! moments of chosen [`Phase`]s, and what survived is checked. Shared by the short test in
-//! `cargo test` (`tests/it/powercut.rs`) and the campaign bench (`benches/powercut.rs`),
-//! included in each with `#[path]` beside `brokers.rs` and `powercut_fs.rs`.
+//! `cargo test` (`tests/it/powercut.rs`) and the campaign bench (`benches/powercut.rs`).
 //!
 //! A cut: SIGKILL the daemon (and a running `keys import`), then [`PowercutMount::cut`]
 //! (whole or torn), so nothing runs once the unsynced changes are gone. Then, before the
@@ -14,7 +13,6 @@
 //! heard and every report a door had acknowledged must have reached the cloud (or still wait
 //! in the outbox), no record id may have come twice with different contents, and no limited
 //! key may have been granted more often than its limit, counting the grants the doors heard.
-#![allow(dead_code)]
 // Counts and durations for display.
 #![allow(clippy::cast_precision_loss)]
 
@@ -45,8 +43,8 @@ use doorbridge_sim::{
 use ed25519_dalek::SigningKey;
 use tokio::sync::{mpsc, oneshot};
 
-use super::brokers::{Proxy, RumqttdBroker};
-use super::powercut_fs::{Cut, PowercutMount, splitmix};
+use crate::brokers::{Proxy, RumqttdBroker};
+use crate::powercut_fs::{Cut, PowercutMount, splitmix};
 
 const SALT: &[u8] = b"powercut-salt";
 const GATEWAY: &str = "gw-powercut";
@@ -792,7 +790,7 @@ impl Site {
     }
 
     fn command(&self, what: &str) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_doorbridge"));
+        let mut c = Command::new(crate::binary("doorbridge"));
         c.arg("--config").arg(&self.config).arg(what);
         c
     }

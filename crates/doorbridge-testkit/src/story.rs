@@ -39,8 +39,7 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-// The broker and the proxy of `tests/support/brokers.rs`, as the includer provides them.
-use super::brokers;
+use crate::brokers;
 
 /// The gateway's configuration. `{state}`, `{broker}` and `{trusted}` are filled in at start:
 /// the temporary state directory, the proxy's URL and the cloud's public key.

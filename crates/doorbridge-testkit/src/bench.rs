@@ -3,8 +3,7 @@
 //! binary (or any child) with its `/proc` counters, number formatting, the machine's description and the writing of one
 //! section of `docs/performance.md`.
 //!
-//! The brokers are in `tests/support/brokers.rs`, shared with the integration tests.
-#![allow(dead_code)]
+//! The brokers are in [`crate::brokers`], shared with the integration tests.
 // Figures for display: float conversions lose nothing that shows.
 #![allow(clippy::cast_precision_loss)]
 
@@ -256,6 +255,7 @@ impl Io {
     }
 
     /// What was counted since `before`.
+    #[must_use]
     pub fn since(self, before: Io) -> Io {
         Io {
             wchar: self.wchar.saturating_sub(before.wchar),
@@ -289,7 +289,7 @@ impl Daemon {
     /// Starts `doorbridge --config CONFIG run` with `DOORBRIDGE_LOG=filter`; lines that contain
     /// `stamp` are timed and counted instead of kept.
     pub fn start(config: &Path, filter: &str, stamp: Option<&'static str>) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_doorbridge"))
+        let mut child = Command::new(crate::binary("doorbridge"))
             .arg("--config")
             .arg(config)
             .arg("run")
@@ -795,7 +795,7 @@ pub fn now() -> String {
 /// `<!-- /bench:NAME -->`) into `docs/performance.md` in place of the previous one; the first
 /// time, before the notes that discuss the figures, else at the end.
 pub fn write_section(name: &str, section: &str) {
-    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
+    let doc = crate::workspace_root().join("docs/performance.md");
     let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
     let (open, close) = (
         format!("<!-- bench:{name} -->"),
@@ -839,7 +839,7 @@ const SUMMARY_HEAD: &str = "| id | figure | measured | reference, same run | tar
 /// Puts `rows` into the summary table at the top of `docs/performance.md` in place of the
 /// rows with the same ids, keeping the others (other benches measured them), in id order.
 pub fn write_summary(rows: &[Summary]) {
-    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/performance.md");
+    let doc = crate::workspace_root().join("docs/performance.md");
     let old = std::fs::read_to_string(&doc).unwrap_or_else(|_| "# Performance\n".into());
     let mut kept: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     // The verdict and run cells of the rows being replaced: a verdict that changed with the

@@ -1,7 +1,7 @@
 //! A filesystem that loses power on command (after LazyFS): a FUSE passthrough over a backing
 //! directory that remembers every change not yet made durable, and on a "power cut" takes
 //! them back, whole or torn. Shared by the power-cut test (`tests/it/powercut.rs`) and the
-//! campaign (`benches/powercut.rs`), included in each with `#[path]`.
+//! campaign (`benches/powercut.rs`).
 //!
 //! What counts as durable is what a disk with a volatile write cache promises:
 //! - a file's writes and size changes, once that file is `fsync`ed or `fdatasync`ed;
@@ -33,7 +33,6 @@
 //! for a SQLite database with its WAL, `-shm`, journal and lock files. Needs `/dev/fuse` and
 //! the right to mount (root): the pure-Rust mount of the `fuser` crate calls `mount(2)`
 //! itself, so neither libfuse nor `fusermount3` is needed.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

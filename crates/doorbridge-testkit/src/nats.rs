@@ -12,10 +12,6 @@
 //! (`/routez`), its `JetStream` is current (`/healthz?js-server-only=true`: not every stream and
 //! consumer, which a restarted node may take a minute to catch up on), and it accepts an MQTT
 //! CONNECT.
-//!
-//! Included with `#[path]` by a module that has `free_port` (from `tests/support/brokers.rs`) in
-//! scope.
-#![allow(dead_code)]
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -24,7 +20,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use crate::brokers::free_port;
 
 /// How long a cluster (or a restarted node) may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -69,7 +65,7 @@ pub struct NatsCluster {
 impl NatsCluster {
     /// The `nats-server` binary: the first on `PATH`, else `/usr/sbin/nats-server` (Debian's).
     pub fn binary() -> Option<PathBuf> {
-        crate::util::find_binary("nats-server", "/usr/sbin/nats-server")
+        crate::find_binary("nats-server", "/usr/sbin/nats-server")
     }
 
     /// Starts `n` nodes and returns once the cluster is ready (see the module header); `None`
