@@ -72,7 +72,7 @@ pub enum StoreError {
     #[error("stored data does not decode: {0}")]
     Corrupt(String),
     #[error("key set rejected: {0}")]
-    KeySet(String),
+    KeySet(#[from] KeySetRefusal),
     /// A delta signed by a delegated key reaches beyond the delegation (or the delegation is
     /// expired or revoked): refused whole, and no resync helps.
     #[error("outside_delegation: {0}")]
@@ -82,6 +82,31 @@ pub enum StoreError {
          running? stop it first)"
     )]
     InUse(String),
+}
+
+/// Why the store refused a key set or a change to it: its content or its order, never the disk.
+/// The cloud link records it as a refusal of the message (`docs/cloud-protocol.md` §8) and asks
+/// for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeySetRefusal {
+    #[error("a delta from version {from} does not apply on the held version {held}")]
+    DeltaBase { from: u64, held: u64 },
+    #[error("a delta to version {version} is not newer than {from}")]
+    DeltaNotNewer { version: u64, from: u64 },
+    #[error("version {version} is not newer than the held version {held}")]
+    NotNewer { version: u64, held: u64 },
+    /// Above `i64::MAX`, which SQLite cannot hold.
+    #[error("version {0} out of range")]
+    VersionOutOfRange(u64),
+    /// A chunk or a commit for a staging that is not (or no longer) the one in progress.
+    #[error("no key set is being staged as generation {0}")]
+    NotStaging(i64),
+    #[error("staged {staged} keys but the set has {expected}")]
+    KeyCount { staged: u64, expected: u64 },
+    #[error("key id {0} appears twice in the set")]
+    DuplicateKeyId(String),
+    #[error("a credential of key {0} appears twice in the set")]
+    DuplicateCredential(String),
 }
 
 impl StoreError {

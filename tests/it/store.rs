@@ -3,7 +3,9 @@
 
 use doorbridge::access::{CredentialKind, Decision, DenyReason, UseLimit};
 use doorbridge::store::schema::{self, MIGRATIONS};
-use doorbridge::store::{DeltaChange, Record, RemoteOpen, Store, StoreOptions};
+use doorbridge::store::{
+    DeltaChange, KeySetRefusal, Record, RemoteOpen, Store, StoreError, StoreOptions,
+};
 use rusqlite::Connection;
 
 use crate::fixtures::{self, header, key, open, request};
@@ -202,7 +204,10 @@ async fn a_set_with_a_duplicate_credential_is_refused_and_the_old_one_kept() {
         key("y", CredentialKind::Pin, "2222", UseLimit::Unlimited),
     ];
     let err = store.install_key_set(header(2), twins).await.unwrap_err();
-    assert!(err.to_string().contains("appears twice"), "{err}");
+    assert!(
+        matches!(&err, StoreError::KeySet(KeySetRefusal::DuplicateCredential(id)) if id == "y"),
+        "{err}"
+    );
     let a = store
         .verify(request("u", "main", CredentialKind::Pin, "1111"))
         .await
@@ -689,6 +694,13 @@ async fn a_delta_on_the_wrong_base_or_with_a_clash_changes_nothing() {
         ))
         .await
         .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            StoreError::KeySet(KeySetRefusal::DuplicateCredential(_))
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("appears twice"), "{err}");
     assert!(!err.is_retryable());
     let a = store
@@ -799,7 +811,7 @@ async fn a_delta_that_overtakes_a_staged_snapshot_wins_and_the_snapshot_is_refus
         .unwrap();
     let err = store.commit_key_set(generation, 1).await.unwrap_err();
     assert!(
-        err.to_string().contains("no key set is being staged"),
+        matches!(err, StoreError::KeySet(KeySetRefusal::NotStaging(g)) if g == generation),
         "{err}"
     );
     // The delta's result stands: version 4, "a" revoked, "b" never live.

@@ -8,8 +8,8 @@ use rusqlite::{CachedStatement, Connection, OptionalExtension, params};
 
 use super::super::records::{Record, decode_row};
 use super::super::{
-    DeltaApplied, DeltaChange, KeySetHeader, Step, StoreError, Vouched, delegation, knowledge,
-    lookup, memory, rules,
+    DeltaApplied, DeltaChange, KeySetHeader, KeySetRefusal, Step, StoreError, Vouched, delegation,
+    knowledge, lookup, memory, rules,
 };
 use super::outbox::insert_record;
 use super::{GC_CHUNK, Staging, Writer, mark_ignored, signed_mark};
@@ -83,19 +83,21 @@ impl Writer {
     pub(super) fn apply_delta(&mut self, d: &DeltaChange) -> Result<DeltaApplied, StoreError> {
         self.durable()?;
         if self.keyset_version == 0 || d.from_version != self.keyset_version {
-            return Err(StoreError::KeySet(format!(
-                "a delta from version {} does not apply on the held version {}",
-                d.from_version, self.keyset_version
-            )));
+            return Err(KeySetRefusal::DeltaBase {
+                from: d.from_version,
+                held: self.keyset_version,
+            }
+            .into());
         }
         if d.version <= d.from_version {
-            return Err(StoreError::KeySet(format!(
-                "a delta to version {} is not newer than {}",
-                d.version, d.from_version
-            )));
+            return Err(KeySetRefusal::DeltaNotNewer {
+                version: d.version,
+                from: d.from_version,
+            }
+            .into());
         }
-        let version = i64::try_from(d.version)
-            .map_err(|_| StoreError::KeySet("version out of range".into()))?;
+        let version =
+            i64::try_from(d.version).map_err(|_| KeySetRefusal::VersionOutOfRange(d.version))?;
         let generation = self.active_generation;
         let mut applied = DeltaApplied::default();
         // Counted as the delta goes (a full count would read a million-key set per delta).
@@ -208,10 +210,11 @@ impl Writer {
 
     pub(super) fn begin(&mut self, header: KeySetHeader) -> Result<i64, StoreError> {
         if header.version <= self.keyset_version {
-            return Err(StoreError::KeySet(format!(
-                "version {} is not newer than the held version {}",
-                header.version, self.keyset_version
-            )));
+            return Err(KeySetRefusal::NotNewer {
+                version: header.version,
+                held: self.keyset_version,
+            }
+            .into());
         }
         self.abandon_staging();
         let generation = self.next_generation;
@@ -242,9 +245,7 @@ impl Writer {
             .as_ref()
             .is_none_or(|s| s.generation != generation)
         {
-            return Err(StoreError::KeySet(format!(
-                "no key set is being staged as generation {generation}"
-            )));
+            return Err(KeySetRefusal::NotStaging(generation).into());
         }
         self.relax()?;
         let written = stage_rows(&mut self.conn, generation, keys);
@@ -292,25 +293,25 @@ impl Writer {
             Some(s) if s.generation == generation => s,
             other => {
                 self.staging = other;
-                return Err(StoreError::KeySet(format!(
-                    "no key set is being staged as generation {generation}"
-                )));
+                return Err(KeySetRefusal::NotStaging(generation).into());
             }
         };
         if staging.header.version <= self.keyset_version {
             // A delta reached this version while the snapshot was staged.
             self.garbage.push(staging.generation);
-            return Err(StoreError::KeySet(format!(
-                "version {} is not newer than the held version {}",
-                staging.header.version, self.keyset_version
-            )));
+            return Err(KeySetRefusal::NotNewer {
+                version: staging.header.version,
+                held: self.keyset_version,
+            }
+            .into());
         }
         if staging.keys != expected {
             self.garbage.push(staging.generation);
-            return Err(StoreError::KeySet(format!(
-                "staged {} keys but the set has {expected}",
-                staging.keys
-            )));
+            return Err(KeySetRefusal::KeyCount {
+                staged: staging.keys,
+                expected,
+            }
+            .into());
         }
         let mut ignored = None;
         if let Some(at) = staging.header.issued_at {
@@ -323,7 +324,7 @@ impl Writer {
         let freshness =
             knowledge::after(self.freshness, believed, Some(staging.header.stale_after));
         let version = i64::try_from(staging.header.version)
-            .map_err(|_| StoreError::KeySet("version out of range".into()))?;
+            .map_err(|_| KeySetRefusal::VersionOutOfRange(staging.header.version))?;
         // The switch is durable, and so are the staged chunks the WAL holds before it.
         self.durable()?;
         let tx = self.conn.transaction()?;
@@ -462,7 +463,7 @@ fn put_key_rows(
     let blob = rules::encode(&key.rules);
     put_key
         .execute(params![generation, key.rules.id, blob])
-        .map_err(|e| dup(e, "key id", &key.rules.id))?;
+        .map_err(|e| dup(e, || KeySetRefusal::DuplicateKeyId(key.rules.id.clone())))?;
     let mut pins = 0;
     for c in &key.credentials {
         put_cred
@@ -473,7 +474,11 @@ fn put_key_rows(
                 key.rules.id,
                 blob
             ])
-            .map_err(|e| dup(e, "a credential of key", &key.rules.id))?;
+            .map_err(|e| {
+                dup(e, || {
+                    KeySetRefusal::DuplicateCredential(key.rules.id.clone())
+                })
+            })?;
         pins += u32::from(c.kind == CredentialKind::Pin);
     }
     Ok(pins)
@@ -545,9 +550,11 @@ fn report_settings(conn: &Connection, door: &str, settings: &Settings) -> Result
     Ok(())
 }
 
-fn dup(e: rusqlite::Error, what: &str, id: &str) -> StoreError {
+/// A uniqueness constraint broken by the set's content is the set's fault (`refusal`); any
+/// other failure is the database's.
+fn dup(e: rusqlite::Error, refusal: impl FnOnce() -> KeySetRefusal) -> StoreError {
     if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
-        StoreError::KeySet(format!("{what} {id} appears twice in the set"))
+        StoreError::KeySet(refusal())
     } else {
         StoreError::Sqlite(e)
     }
