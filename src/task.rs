@@ -1,8 +1,9 @@
-//! Small pieces every long-running task shares: the stop flag, jittered waits, and whether the
-//! system clock is synchronised.
+//! Small pieces every long-running task shares: the stop flag, growing and jittered waits, and
+//! whether the system clock is synchronised.
 
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::watch;
 
 /// The kernel's largest estimated error of a synchronised clock, in microseconds: at 16 s
@@ -58,6 +59,44 @@ pub fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.75 + f64::from(r % 1000) / 2000.0)
 }
 
+/// The waits between attempts at something that keeps failing (a port, a broker): `first`,
+/// doubled after each failure up to `max`, for as long as it takes; [`Backoff::reset`] starts
+/// over once it worked. The schedule is backon's exponential backoff; the caller jitters each
+/// wait with [`jitter`] (±25 %) rather than backon's jitter, which only adds (up to double) and
+/// would leave waits at `max` no longer spread around it.
+#[derive(Debug)]
+pub struct Backoff {
+    builder: ExponentialBuilder,
+    waits: ExponentialBackoff,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Backoff {
+        let builder = ExponentialBuilder::new()
+            .with_min_delay(first)
+            .with_max_delay(max)
+            .with_factor(2.0)
+            .without_max_times();
+        Backoff {
+            builder,
+            waits: builder.build(),
+            max,
+        }
+    }
+
+    /// The wait before the next attempt (before jitter).
+    pub fn next_wait(&mut self) -> Duration {
+        // Without a limit of attempts the schedule does not end; `max` if it ever did.
+        self.waits.next().unwrap_or(self.max)
+    }
+
+    /// It worked: the next failure waits `first` again.
+    pub fn reset(&mut self) {
+        self.waits = self.builder.build();
+    }
+}
+
 /// Completes when the shutdown flag turns true (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`: drop it here, not across an await.
@@ -86,6 +125,16 @@ mod tests {
         );
         // Whatever this machine says, asking works.
         assert!(kernel_clock().is_some());
+    }
+
+    #[test]
+    fn a_backoff_doubles_up_to_its_cap_and_starts_over_when_reset() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
+        // backon multiplies by an f32: a few nanoseconds off, nothing a wait notices.
+        let waits: Vec<u128> = (0..6).map(|_| b.next_wait().as_millis()).collect();
+        assert_eq!(waits, [200, 400, 800, 1000, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next_wait(), Duration::from_millis(200));
     }
 
     #[test]

@@ -22,6 +22,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::task::Backoff;
+
 /// The first wait after a round of failures; doubled per round up to [`BACKOFF_MAX`].
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 /// The longest wait between rounds (before jitter of ±25 %).
@@ -39,14 +41,14 @@ pub struct Next {
 }
 
 /// The failover state of one link.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Failover {
     brokers: usize,
     current: usize,
     /// Failures in a row since the last proved connection, in the current round.
     failed_in_round: usize,
-    /// The wait before the next round.
-    wait: Duration,
+    /// The waits between rounds.
+    backoff: Backoff,
     /// When the current connection was accepted, while it has not proved itself yet.
     connected_at: Option<Instant>,
     /// An oversized message broke a connection that had not proved itself since.
@@ -60,7 +62,7 @@ impl Failover {
             brokers: brokers.max(1),
             current: 0,
             failed_in_round: 0,
-            wait: BACKOFF_FIRST,
+            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_MAX),
             connected_at: None,
             poisoned: false,
         }
@@ -85,7 +87,7 @@ impl Failover {
 
     fn reset(&mut self) {
         self.failed_in_round = 0;
-        self.wait = BACKOFF_FIRST;
+        self.backoff.reset();
         self.poisoned = false;
     }
 
@@ -113,7 +115,7 @@ impl Failover {
         self.failed_in_round = 0;
         Next {
             broker: self.current,
-            wait: self.grow(),
+            wait: self.backoff.next_wait(),
         }
     }
 
@@ -123,7 +125,7 @@ impl Failover {
     pub fn poisoned(&mut self, now: Instant) -> Next {
         self.settle(now);
         let wait = if self.poisoned {
-            self.grow()
+            self.backoff.next_wait()
         } else {
             self.poisoned = true;
             Duration::ZERO
@@ -132,12 +134,6 @@ impl Failover {
             broker: self.current,
             wait,
         }
-    }
-
-    fn grow(&mut self) -> Duration {
-        let wait = self.wait;
-        self.wait = (self.wait * 2).min(BACKOFF_MAX);
-        wait
     }
 }
 

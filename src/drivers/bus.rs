@@ -26,7 +26,7 @@ use crate::bus::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats, UnitState,
 };
 use crate::store::{Record, Retransmit, Store, VerifyRequest};
-use crate::task::{clock_synced, jitter, stopped};
+use crate::task::{Backoff, clock_synced, jitter, stopped};
 
 /// How long a unit's own door is released for when it is opened by command (inner doors,
 /// remote open).
@@ -323,13 +323,13 @@ pub async fn run_bus(
     // Lives as long as the bus task, across port reopens: the session's clock, and the
     // decisions still being recorded (their answers go out on whichever port is open).
     let mut line = Line::new();
-    let mut wait = REOPEN_FIRST;
+    let mut backoff = Backoff::new(REOPEN_FIRST, REOPEN_MAX);
     loop {
-        match open_port(&spec) {
+        let failed = match open_port(&spec) {
             Ok(port) => {
                 tracing::info!(bus = %spec.name, port = %spec.port.display(), baud = spec.baud, "bus port open");
                 set_status(&status, |s| s.port_open = true);
-                wait = REOPEN_FIRST;
+                backoff.reset();
                 let mut served = Served {
                     spec: &spec,
                     store: &store,
@@ -350,12 +350,15 @@ pub async fn run_bus(
                             "bus port lost; reopening");
                     }
                 }
+                None
             }
-            Err(e) => {
-                tracing::warn!(bus = %spec.name, port = %spec.port.display(), error = %e,
-                    retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                    "cannot open bus port");
-            }
+            Err(e) => Some(e),
+        };
+        let wait = backoff.next_wait();
+        if let Some(e) = failed {
+            tracing::warn!(bus = %spec.name, port = %spec.port.display(), error = %e,
+                retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "cannot open bus port");
         }
         set_status(&status, |s| s.reopens += 1);
         tokio::select! {
@@ -364,7 +367,6 @@ pub async fn run_bus(
             // Try the port again.
             () = tokio::time::sleep(jitter(wait)) => {}
         }
-        wait = (wait * 2).min(REOPEN_MAX);
     }
 }
 

@@ -24,6 +24,7 @@ use tokio::sync::mpsc;
 
 use super::reader::{Action, CardFormat, Color, MAX_TEXT};
 use crate::drivers::bus::{REOPEN_FIRST, REOPEN_MAX, Rs485, apply_rs485};
+use crate::task::Backoff;
 
 /// How often the CP is refreshed (and commands picked up). libosdp asks for at most 50 ms;
 /// a short tick keeps a card read's answer from waiting on the refresh.
@@ -171,11 +172,11 @@ fn run(
     events: &mpsc::UnboundedSender<CpEvent>,
     stop: &AtomicBool,
 ) {
-    let mut wait = REOPEN_FIRST;
+    let mut backoff = Backoff::new(REOPEN_FIRST, REOPEN_MAX);
     while !stop.load(Ordering::Relaxed) {
-        match open(spec) {
+        let wait = match open(spec) {
             Ok(port) => {
-                wait = REOPEN_FIRST;
+                backoff.reset();
                 let _ = events.send(CpEvent::Port {
                     open: true,
                     error: None,
@@ -200,8 +201,10 @@ fn run(
                         });
                     }
                 }
+                backoff.next_wait()
             }
             Err(error) => {
+                let wait = backoff.next_wait();
                 tracing::warn!(bus = %spec.name, port = %spec.port.display(), %error,
                     retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
                     "cannot open OSDP port");
@@ -209,8 +212,9 @@ fn run(
                     open: false,
                     error: Some(error),
                 });
+                wait
             }
-        }
+        };
         // Wait to reopen, a tick at a time so a stop is heard; commands meanwhile are dropped
         // (a door release must not happen long after its grant).
         let until = Instant::now() + crate::task::jitter(wait);
@@ -218,7 +222,6 @@ fn run(
             std::thread::sleep(TICK * 4);
             while commands.try_recv().is_ok() {}
         }
-        wait = (wait * 2).min(REOPEN_MAX);
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::cloud::{CloudClient, CloudError, MAX_PACKET_BYTES, connected, parse_url};
 use doorbridge::cloud::uplink::MAX_BATCH_BYTES;
-use doorbridge::task::jitter;
+use doorbridge::task::{Backoff, jitter};
 
 /// The first wait after a lost connection; doubled after each failed attempt.
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(500);
@@ -222,7 +222,7 @@ impl Poller {
 /// The event-loop task: polls rumqttc, forwards messages and connection changes, reconnects.
 async fn run(mut eventloop: EventLoop, mut p: Poller) {
     let mut numbered = 0u64;
-    let mut wait = BACKOFF_FIRST;
+    let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_MAX);
     // Whether the broker has acknowledged the subscription in the current session.
     let mut subscribed = false;
     // Whether the connection was up when the last error came (so a failed attempt during an
@@ -246,8 +246,7 @@ async fn run(mut eventloop: EventLoop, mut p: Poller) {
                     return;
                 }
                 // Backoff between attempts, so a broker that is down is not hammered.
-                tokio::time::sleep(jitter(wait)).await;
-                wait = (wait * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(jitter(backoff.next_wait())).await;
                 continue;
             }
         };
@@ -257,7 +256,7 @@ async fn run(mut eventloop: EventLoop, mut p: Poller) {
                 numbered += 1;
                 p.connection.store(numbered, Ordering::SeqCst);
                 up = true;
-                wait = BACKOFF_FIRST;
+                backoff.reset();
                 if !ack.session_present {
                     subscribed = false;
                 }
