@@ -7,6 +7,8 @@
 //!   (`docs/door-bus.md`);
 //! - [`cloud`]: the cloud protocol: signed envelopes, payloads, the sync machine, topics and
 //!   reports (`docs/cloud-protocol.md`);
+//! - [`osdp`]: the pure part of serving OSDP readers: the keypad's PIN assembly, card reads as
+//!   credentials and decisions as reader actions, the door-contact machine (`docs/osdp.md`);
 //! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
 //!   outside become values.
 //!
@@ -17,3 +19,4 @@ pub mod access;
 pub mod bus;
 pub mod cbor;
 pub mod cloud;
+pub mod osdp;
