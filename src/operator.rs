@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::access::{CredentialKind, KeyRules, Schedule, UseLimit, Window};
 use crate::control::Status;
-use crate::store::{Reader, StoreError};
+use crate::store::{Reader, StoreError, UseScope};
 
 /// Why a listing could not be printed: the store, or the output.
 #[derive(Debug, thiserror::Error)]
@@ -399,7 +399,10 @@ fn key_json(reader: &Reader, rules: &KeyRules) -> Result<serde_json::Value, Stor
         reader
             .uses(&rules.id)?
             .into_iter()
-            .map(|(door, n)| json!({ "door": if door.is_empty() { "*" } else { door.as_str() }, "count": n }))
+            .map(|(scope, n)| match scope {
+                UseScope::AllDoors => json!({ "door": "*", "count": n }),
+                UseScope::Door(door) => json!({ "door": door, "count": n }),
+            })
             .collect::<Vec<_>>()
     );
     Ok(value)
@@ -471,12 +474,9 @@ pub fn key_show(
     let uses: Vec<String> = reader
         .uses(&rules.id)?
         .into_iter()
-        .map(|(door, n)| {
-            if door.is_empty() {
-                format!("{n} in total")
-            } else {
-                format!("{n} at {door}")
-            }
+        .map(|(scope, n)| match scope {
+            UseScope::AllDoors => format!("{n} in total"),
+            UseScope::Door(door) => format!("{n} at {door}"),
         })
         .collect();
     let state = key_state(&rules, Timestamp::now());

@@ -19,15 +19,23 @@ use crate::access::{
     PinGuard, Policy, Site, UseLimit, Uses,
 };
 
+/// Where a key's uses are counted: over all doors (for a `total` limit) or at one door (for
+/// `per_door`). A decision that spends a use counts it in both.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UseScope {
+    AllDoors,
+    Door(String),
+}
+
 /// The held key set and its use counters, as a decision reads them.
 pub(super) trait KeyView {
     /// The rules of the key holding the credential with this digest, if any.
     fn by_digest(&self, digest: &[u8; 32]) -> Result<Option<KeyRules>, StoreError>;
     /// The rules of the key with this id, if held.
     fn by_id(&self, key_id: &str) -> Result<Option<KeyRules>, StoreError>;
-    /// Uses counted for `key_id` at `door` (`""`: over all doors), including those granted
-    /// earlier in the commit being made.
-    fn uses(&self, key_id: &str, door: &str) -> Result<u32, StoreError>;
+    /// Uses counted for `key_id` in `scope`, including those granted earlier in the commit
+    /// being made.
+    fn uses(&self, key_id: &str, scope: &UseScope) -> Result<u32, StoreError>;
 }
 
 /// What a decision is made with besides the request and the keys.
@@ -196,8 +204,8 @@ fn judge(
         Uses::default()
     } else {
         Uses {
-            total: keys.uses(&key.id, "")?,
-            at_door: keys.uses(&key.id, door)?,
+            total: keys.uses(&key.id, &UseScope::AllDoors)?,
+            at_door: keys.uses(&key.id, &UseScope::Door(door.to_owned()))?,
         }
     };
     Ok(access::decide(
@@ -245,7 +253,7 @@ mod tests {
     #[derive(Default)]
     struct Keys {
         by_digest: HashMap<[u8; 32], KeyRules>,
-        uses: HashMap<(String, String), u32>,
+        uses: HashMap<(String, UseScope), u32>,
     }
 
     impl Keys {
@@ -264,8 +272,8 @@ mod tests {
             Ok(self.by_digest.values().find(|k| k.id == key_id).cloned())
         }
 
-        fn uses(&self, key_id: &str, door: &str) -> Result<u32, StoreError> {
-            let key = (key_id.to_owned(), door.to_owned());
+        fn uses(&self, key_id: &str, scope: &UseScope) -> Result<u32, StoreError> {
+            let key = (key_id.to_owned(), scope.clone());
             Ok(self.uses.get(&key).copied().unwrap_or(0))
         }
     }
@@ -363,9 +371,10 @@ mod tests {
         assert_eq!((a.granted, a.reason, a.request_id), (true, None, Some(7)));
 
         // Counted (by the writer, in the table or the commit's overlay): used up.
-        keys.uses.insert(("courier".to_owned(), String::new()), 1);
         keys.uses
-            .insert(("courier".to_owned(), "main".to_owned()), 1);
+            .insert(("courier".to_owned(), UseScope::AllDoors), 1);
+        keys.uses
+            .insert(("courier".to_owned(), UseScope::Door("main".to_owned())), 1);
         let again = present(&keys, &rules, &mut guard, CredentialKind::Qr, "parcel", 1);
         assert_eq!(
             again.verdict.decision.deny_reason(),

@@ -23,6 +23,7 @@
 pub mod chain;
 mod check;
 mod decide;
+pub use decide::UseScope;
 mod delegation;
 mod knowledge;
 mod lookup;

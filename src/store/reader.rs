@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::lookup::lookup;
 use super::records::{Record, RecordClass, StoredRecord};
 use super::rules;
-use super::{StoreError, schema};
+use super::{StoreError, UseScope, schema};
 use crate::access::{Freshness, KeyRules};
 use crate::bus::message::Settings;
 
@@ -128,13 +128,20 @@ impl Reader {
         lookup(&self.conn, generation, digest)
     }
 
-    /// Uses counted for a key: `(door, count)`, with `""` for all doors.
-    pub fn uses(&self, key_id: &str) -> Result<Vec<(String, u32)>, StoreError> {
+    /// Uses counted for a key: over all doors first (if any), then at each door by name.
+    pub fn uses(&self, key_id: &str) -> Result<Vec<(UseScope, u32)>, StoreError> {
+        let mut out: Vec<(UseScope, u32)> = self
+            .conn
+            .prepare_cached("SELECT count FROM key_uses WHERE key_id = ?1")?
+            .query_map([key_id], |r| Ok((UseScope::AllDoors, r.get(0)?)))?
+            .collect::<Result<_, _>>()?;
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT door, count FROM uses WHERE key_id = ?1 ORDER BY door")?;
-        let rows = stmt.query_map([key_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            .prepare_cached("SELECT door, count FROM door_uses WHERE key_id = ?1 ORDER BY door")?;
+        for row in stmt.query_map([key_id], |r| Ok((UseScope::Door(r.get(0)?), r.get(1)?)))? {
+            out.push(row?);
+        }
+        Ok(out)
     }
 
     /// When this database began numbering outbox records (microseconds since 1970): with the

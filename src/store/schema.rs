@@ -159,6 +159,24 @@ pub const MIGRATIONS: &[&str] = &[
         INSERT OR REPLACE INTO meta (name, value) VALUES ('chain_floor', old.chain);
     END;
     ",
+    // 10: use counters without a sentinel: a key's uses over all doors (`key_uses`, for a
+    // `total` limit) and at each door (`door_uses`, for `per_door`), where `uses` kept both
+    // with `door = ''` standing for every door.
+    "
+    CREATE TABLE key_uses (
+        key_id TEXT PRIMARY KEY,
+        count  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE door_uses (
+        key_id TEXT NOT NULL,
+        door   TEXT NOT NULL,
+        count  INTEGER NOT NULL,
+        PRIMARY KEY (key_id, door)
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO key_uses (key_id, count) SELECT key_id, count FROM uses WHERE door = '';
+    INSERT INTO door_uses (key_id, door, count) SELECT key_id, door, count FROM uses WHERE door <> '';
+    DROP TABLE uses;
+    ",
 ];
 
 /// SQL: whether the record `r` was acknowledged: it lies in the range of `sent` that starts
@@ -357,21 +375,34 @@ pub fn salvage(from: &Path, to: &mut Connection) -> Result<Salvaged, StoreError>
         "SELECT class, created_ms, body FROM outbox ORDER BY seq",
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     );
-    let uses: Vec<(String, String, i64)> =
-        read_all(&old, "SELECT key_id, door, count FROM uses", |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        });
+    // A file from before migration 10 has `uses`, with `door = ''` for every door.
+    // Each table on its own, so a damaged page in one does not cost the others.
+    let uses: Vec<(String, Option<String>, i64)> = [
+        "SELECT key_id, NULL, count FROM key_uses",
+        "SELECT key_id, door, count FROM door_uses",
+        "SELECT key_id, nullif(door, ''), count FROM uses",
+    ]
+    .into_iter()
+    .flat_map(|sql| read_all(&old, sql, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+    .collect();
     let tx = to.transaction()?;
     {
         for (class, created, body) in &records {
             super::chain::insert(&tx, *class, *created, body, None)?;
         }
-        let mut count = tx.prepare(
-            "INSERT INTO uses (key_id, door, count) VALUES (?1, ?2, ?3)
+        let mut total = tx.prepare(
+            "INSERT INTO key_uses (key_id, count) VALUES (?1, ?2)
+             ON CONFLICT (key_id) DO UPDATE SET count = max(count, excluded.count)",
+        )?;
+        let mut at_door = tx.prepare(
+            "INSERT INTO door_uses (key_id, door, count) VALUES (?1, ?2, ?3)
              ON CONFLICT (key_id, door) DO UPDATE SET count = max(count, excluded.count)",
         )?;
         for (key, door, n) in &uses {
-            count.execute(rusqlite::params![key, door, n])?;
+            match door {
+                None => total.execute(rusqlite::params![key, n])?,
+                Some(door) => at_door.execute(rusqlite::params![key, door, n])?,
+            };
         }
     }
     tx.commit()?;
@@ -430,5 +461,62 @@ pub fn check(conn: &Connection, pragma: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(rows.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database file at schema `version`, with `sql` run in it.
+    fn at_version(path: &Path, version: usize, sql: &str) {
+        let conn = Connection::open(path).unwrap();
+        for m in MIGRATIONS.iter().take(version) {
+            conn.execute_batch(m).unwrap();
+        }
+        conn.execute_batch(sql).unwrap();
+    }
+
+    fn uses(conn: &Connection) -> Vec<(String, Option<String>, i64)> {
+        let mut out = read_all(conn, "SELECT key_id, NULL, count FROM key_uses", |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        });
+        out.extend(read_all(
+            conn,
+            "SELECT key_id, door, count FROM door_uses ORDER BY door",
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        ));
+        out
+    }
+
+    #[test]
+    fn use_counters_are_salvaged_from_a_file_of_either_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = dir.path().join("v9");
+        at_version(
+            &before,
+            9,
+            "INSERT INTO uses (key_id, door, count) VALUES ('k', '', 2), ('k', 'main', 2)",
+        );
+        let after = dir.path().join("v10");
+        at_version(
+            &after,
+            MIGRATIONS.len(),
+            "INSERT INTO key_uses (key_id, count) VALUES ('k', 3);
+             INSERT INTO door_uses (key_id, door, count) VALUES ('k', 'main', 3)",
+        );
+        let expected = |n| {
+            vec![
+                ("k".to_owned(), None, n),
+                ("k".to_owned(), Some("main".to_owned()), n),
+            ]
+        };
+        for (from, n) in [(&before, 2), (&after, 3)] {
+            let mut fresh = Connection::open_in_memory().unwrap();
+            migrate(&mut fresh).unwrap();
+            let salvaged = salvage(from, &mut fresh).unwrap();
+            assert_eq!(salvaged.uses, 2, "{}", from.display());
+            assert_eq!(uses(&fresh), expected(n), "{}", from.display());
+        }
     }
 }

@@ -4,7 +4,7 @@
 use doorbridge::access::{CredentialKind, Decision, DenyReason, UseLimit};
 use doorbridge::store::schema::{self, MIGRATIONS};
 use doorbridge::store::{
-    DeltaChange, KeySetRefusal, Record, RemoteOpen, Store, StoreError, StoreOptions,
+    DeltaChange, KeySetRefusal, Record, RemoteOpen, Store, StoreError, StoreOptions, UseScope,
 };
 use rusqlite::Connection;
 
@@ -123,7 +123,7 @@ async fn concurrent_requests_for_a_single_use_key_grant_once_in_few_commits() {
     assert_eq!(store.reader().unwrap().outbox_depth().unwrap(), 64);
     assert_eq!(
         store.reader().unwrap().uses("once").unwrap(),
-        vec![(String::new(), 1), ("main".into(), 1)]
+        vec![(UseScope::AllDoors, 1), (UseScope::Door("main".into()), 1)]
     );
     store.close();
 }
@@ -424,7 +424,7 @@ async fn a_full_disk_refuses_limited_keys_grants_unlimited_and_recovers() {
     assert!(courier.decision.is_grant());
     assert_eq!(
         reader.uses("courier").unwrap(),
-        vec![(String::new(), 1), ("main".into(), 1)]
+        vec![(UseScope::AllDoors, 1), (UseScope::Door("main".into()), 1)]
     );
     store.close();
 }
@@ -491,6 +491,19 @@ fn upgrades_from_every_earlier_schema_version() {
                     [],
                 )
                 .unwrap();
+                // Use counters: one table with `door = ''` for all doors before version 10.
+                if from >= 10 {
+                    conn.execute_batch(
+                        "INSERT INTO key_uses (key_id, count) VALUES ('once', 1);
+                         INSERT INTO door_uses (key_id, door, count) VALUES ('once', 'main', 1);",
+                    )
+                    .unwrap();
+                } else {
+                    conn.execute_batch(
+                        "INSERT INTO uses (key_id, door, count) VALUES ('once', '', 1), ('once', 'main', 1);",
+                    )
+                    .unwrap();
+                }
             }
         }
         let store = open(&path);
@@ -513,6 +526,12 @@ fn upgrades_from_every_earlier_schema_version() {
                 .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
                 .unwrap();
             assert_eq!(rows, 1, "from version {from}");
+            let reader = doorbridge::store::Reader::open(&path).unwrap();
+            assert_eq!(
+                reader.uses("once").unwrap(),
+                vec![(UseScope::AllDoors, 1), (UseScope::Door("main".into()), 1)],
+                "from version {from}"
+            );
         }
     }
 }
@@ -1460,7 +1479,9 @@ fn damage_the_quick_check_misses(pristine: &std::path::Path, outbox: usize) -> s
             .query_row("SELECT count(*) FROM outbox", [], |r| r.get::<_, i64>(0))
             .is_ok_and(|n| n == i64::try_from(outbox).unwrap())
             && conn
-                .query_row("SELECT sum(count) FROM uses", [], |r| r.get::<_, i64>(0))
+                .query_row("SELECT sum(count) FROM key_uses", [], |r| {
+                    r.get::<_, i64>(0)
+                })
                 .is_ok();
         if pragma("quick_check").as_deref() == Some("ok")
             && pragma("integrity_check").is_some_and(|v| v != "ok")
@@ -1555,7 +1576,10 @@ async fn damage_found_when_idle_is_replaced_keeping_unsent_records_and_use_count
         records.last()
     );
     assert!(
-        reader.uses("twice").unwrap().contains(&(String::new(), 1)),
+        reader
+            .uses("twice")
+            .unwrap()
+            .contains(&(UseScope::AllDoors, 1)),
         "the use count survived"
     );
     let aside = std::fs::read_dir(dir.path())

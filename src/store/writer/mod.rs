@@ -25,7 +25,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::decide;
+use super::decide::{self, UseScope};
 use super::lookup;
 use super::memory;
 use super::records::{Record, decode_row};
@@ -224,21 +224,20 @@ const CHECKPOINT_TRIES: u32 = 3;
 /// size as `commit_siblings`). A lone decision never waits.
 const LINGER: Duration = Duration::from_micros(200);
 
+/// The uses granted in the commit being made and not yet written, by key and scope.
+type UseOverlay = HashMap<(String, UseScope), u32>;
+
 /// The held key set and its counters as the decision reads them ([`decide::KeyView`]): the
 /// active generation's rows, and the `uses` table plus the uses granted earlier in the commit
-/// being made (`overlay`, by key and door; `""` is every door).
+/// being made (`overlay`, by key and scope).
 struct SqlKeys<'a> {
     conn: &'a Connection,
     generation: i64,
-    overlay: &'a HashMap<(String, String), u32>,
+    overlay: &'a UseOverlay,
 }
 
 impl<'a> SqlKeys<'a> {
-    fn new(
-        conn: &'a Connection,
-        generation: i64,
-        overlay: &'a HashMap<(String, String), u32>,
-    ) -> Self {
+    fn new(conn: &'a Connection, generation: i64, overlay: &'a UseOverlay) -> Self {
         SqlKeys {
             conn,
             generation,
@@ -256,15 +255,22 @@ impl decide::KeyView for SqlKeys<'_> {
         lookup::key_by_id(self.conn, self.generation, key_id)
     }
 
-    fn uses(&self, key_id: &str, door: &str) -> Result<u32, StoreError> {
-        let stored: Option<u32> = self
-            .conn
-            .prepare_cached("SELECT count FROM uses WHERE key_id = ?1 AND door = ?2")?
-            .query_row(params![key_id, door], |r| r.get(0))
-            .optional()?;
+    fn uses(&self, key_id: &str, scope: &UseScope) -> Result<u32, StoreError> {
+        let stored: Option<u32> = match scope {
+            UseScope::AllDoors => self
+                .conn
+                .prepare_cached("SELECT count FROM key_uses WHERE key_id = ?1")?
+                .query_row(params![key_id], |r| r.get(0))
+                .optional()?,
+            UseScope::Door(door) => self
+                .conn
+                .prepare_cached("SELECT count FROM door_uses WHERE key_id = ?1 AND door = ?2")?
+                .query_row(params![key_id, door], |r| r.get(0))
+                .optional()?,
+        };
         let pending = self
             .overlay
-            .get(&(key_id.to_owned(), door.to_owned()))
+            .get(&(key_id.to_owned(), scope.clone()))
             .copied()
             .unwrap_or(0);
         Ok(stored.unwrap_or(0) + pending)
@@ -272,12 +278,16 @@ impl decide::KeyView for SqlKeys<'_> {
 }
 
 /// Counts a use the decision spent in the commit's overlay, at its door and over all doors.
-fn count_use(overlay: &mut HashMap<(String, String), u32>, judged: &decide::Judged, door: &str) {
+fn count_use(overlay: &mut UseOverlay, judged: &decide::Judged, door: &str) {
     if judged.consume == Consume::OneUse
         && let Some(key) = &judged.verdict.key_id
     {
-        *overlay.entry((key.clone(), String::new())).or_default() += 1;
-        *overlay.entry((key.clone(), door.to_owned())).or_default() += 1;
+        *overlay
+            .entry((key.clone(), UseScope::AllDoors))
+            .or_default() += 1;
+        *overlay
+            .entry((key.clone(), UseScope::Door(door.to_owned())))
+            .or_default() += 1;
     }
 }
 
@@ -782,7 +792,7 @@ impl Writer {
             self.durable()
         }
         .and_then(|()| self.conn.execute_batch("BEGIN IMMEDIATE"));
-        let mut overlay: HashMap<(String, String), u32> = HashMap::new();
+        let mut overlay: UseOverlay = HashMap::new();
         let outcomes: Vec<Outcome> = commands
             .into_iter()
             .map(|c| self.decide_phase(c, &mut overlay))
@@ -866,7 +876,7 @@ impl Writer {
     fn commit_again(
         &mut self,
         outcomes: &[Outcome],
-        overlay: &HashMap<(String, String), u32>,
+        overlay: &UseOverlay,
     ) -> Result<Vec<Vec<i64>>, rusqlite::Error> {
         self.outbox_delta = (0, 0);
         self.fresh.clear();
@@ -878,11 +888,7 @@ impl Writer {
     }
 
     /// Phase 1: judge every command without writing.
-    fn decide_phase(
-        &mut self,
-        command: Batched,
-        overlay: &mut HashMap<(String, String), u32>,
-    ) -> Outcome {
+    fn decide_phase(&mut self, command: Batched, overlay: &mut UseOverlay) -> Outcome {
         match command {
             Batched::Verify(request, reply) => {
                 let remember = Remember::of(&request);
@@ -903,7 +909,7 @@ impl Writer {
     fn decide(
         &mut self,
         req: &VerifyRequest,
-        overlay: &mut HashMap<(String, String), u32>,
+        overlay: &mut UseOverlay,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
         let now = req.now;
         if let Some(kept) = self.kept_answer(req) {
@@ -936,7 +942,7 @@ impl Writer {
     fn decide_remote(
         &mut self,
         req: &RemoteOpen,
-        overlay: &mut HashMap<(String, String), u32>,
+        overlay: &mut UseOverlay,
     ) -> Result<(Verdict, Consume, Vec<Record>), StoreError> {
         let mut clock = Vec::new();
         if req.clock_synced {
@@ -1080,7 +1086,7 @@ impl Writer {
     fn persist(
         &mut self,
         outcomes: &[Outcome],
-        overlay: &HashMap<(String, String), u32>,
+        overlay: &UseOverlay,
     ) -> Result<Vec<Vec<i64>>, rusqlite::Error> {
         // Acknowledged records stay as history: marked sent, in ranges (a few rows per batch
         // instead of a rewrite of every record's page). First: on a full disk they are deleted
@@ -1107,12 +1113,23 @@ impl Writer {
             })?;
         }
         {
-            let mut bump = self.conn.prepare_cached(
-                "INSERT INTO uses (key_id, door, count) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key_id, door) DO UPDATE SET count = count + excluded.count",
-            )?;
-            for ((key, door), n) in overlay {
-                bump.execute(params![key, door, n])?;
+            for ((key, scope), n) in overlay {
+                match scope {
+                    UseScope::AllDoors => self
+                        .conn
+                        .prepare_cached(
+                            "INSERT INTO key_uses (key_id, count) VALUES (?1, ?2)
+                             ON CONFLICT (key_id) DO UPDATE SET count = count + excluded.count",
+                        )?
+                        .execute(params![key, n])?,
+                    UseScope::Door(door) => self
+                        .conn
+                        .prepare_cached(
+                            "INSERT INTO door_uses (key_id, door, count) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (key_id, door) DO UPDATE SET count = count + excluded.count",
+                        )?
+                        .execute(params![key, door, n])?,
+                };
             }
         }
         let mut seqs = Vec::with_capacity(outcomes.len());
