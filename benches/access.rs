@@ -32,10 +32,10 @@ const SALT: &[u8] = b"bench-salt";
 fn site() -> Site {
     let mut doors = BTreeMap::new();
     for d in ["main", "garage", "side"] {
-        doors.insert(d.to_owned(), Door::default());
+        doors.insert(d.into(), Door::default());
     }
     doors.insert(
-        "inner".to_owned(),
+        "inner".into(),
         Door {
             inner: true,
             behind: vec!["main".into()],
@@ -49,7 +49,7 @@ fn site() -> Site {
 
 fn rules(i: u32) -> KeyRules {
     KeyRules {
-        id: format!("key-{i:07}"),
+        id: format!("key-{i:07}").into(),
         name: format!("Visitor {i}"),
         category: Category::ALL[(i % 7) as usize],
         doors: vec!["main".into(), "garage".into()],

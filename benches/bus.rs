@@ -587,8 +587,8 @@ async fn group_commit(units: u8, run_for: Duration) -> GroupCommit {
                 while Instant::now() < end {
                     let verdict = store
                         .verify(VerifyRequest {
-                            unit: format!("bench/{n}"),
-                            door: format!("door-{n}"),
+                            unit: format!("bench/{n}").into(),
+                            door: format!("door-{n}").into(),
                             request_id: Some(count),
                             kind: CredentialKind::Qr,
                             secret: format!("qr-{n:02}").into_bytes(),

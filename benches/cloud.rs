@@ -597,7 +597,7 @@ fn reference_insert(keys: &[Key], batch: usize) -> Duration {
                 .expect("prepare");
             for (key, blob) in batch.iter().zip(blobs) {
                 put_key
-                    .execute(rusqlite::params![1, key.rules.id, blob])
+                    .execute(rusqlite::params![1, key.rules.id.as_str(), blob])
                     .expect("insert key");
                 for c in &key.credentials {
                     put_cred
@@ -605,7 +605,7 @@ fn reference_insert(keys: &[Key], batch: usize) -> Duration {
                             1,
                             c.digest.0,
                             c.kind.code(),
-                            key.rules.id,
+                            key.rules.id.as_str(),
                             blob
                         ])
                         .expect("insert credential");

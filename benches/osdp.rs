@@ -116,7 +116,7 @@ impl Bench {
         let doors: Vec<String> = (1..=configured).map(|a| format!("door{a}")).collect();
         let site = Site {
             tz: jiff::tz::TimeZone::get("Europe/Berlin").expect("tzdata"),
-            doors: doors.iter().map(|d| (d.clone(), Door::default())).collect(),
+            doors: doors.iter().map(|d| (d.into(), Door::default())).collect(),
         };
         let keys = (1..=configured)
             .map(|a| {

@@ -108,19 +108,23 @@ fn activity(i: u64, start: Timestamp) -> Record {
                 i64::try_from(i).unwrap_or(0) * 250,
             ))
             .expect("time"),
-        unit: format!("bench/{unit}"),
+        unit: format!("bench/{unit}").into(),
         request_id: Some(u32::try_from(i % 65_536).unwrap_or(0)),
         credential_kind: [
             CredentialKind::Pin,
             CredentialKind::Qr,
             CredentialKind::Mobile,
         ][usize::try_from(i % 3).unwrap_or(0)],
-        key_id: known.then(|| format!("k{:07}", i % 5_000)),
+        key_id: known.then(|| format!("k{:07}", i % 5_000).into()),
         category: known.then_some(Category::Renter),
         granted: known,
         reason: (!known).then_some(DenyReason::UnknownCredential),
-        released: if known { vec![door.clone()] } else { vec![] },
-        door,
+        released: if known {
+            vec![door.clone().into()]
+        } else {
+            vec![]
+        },
+        door: door.into(),
         command_id: None,
         issuer: None,
     })

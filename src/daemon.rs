@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::access::DoorId;
 use crate::bus::frame::Address;
 use crate::bus::message::DoorEventKind;
 use crate::bus::message::Settings;
@@ -228,7 +229,7 @@ struct BusTask {
     name: String,
     units: usize,
     /// Its units' addresses and doors, for telemetry.
-    doors: Vec<(u8, String)>,
+    doors: Vec<(u8, DoorId)>,
     status: Arc<Mutex<BusStatus>>,
     task: JoinHandle<()>,
 }
@@ -811,7 +812,7 @@ pub fn osdp_bus_spec(bus: &BusConfig) -> OsdpBusSpec {
             Some(ReaderSpec {
                 address: Address::unit(u.address)?,
                 door: u.door.clone(),
-                name: u.name.clone().unwrap_or_else(|| u.door.clone()),
+                name: u.name.clone().unwrap_or_else(|| u.door.to_string()),
                 raw_as,
                 keypad: KeypadRules {
                     digits: (reader.pin_digits > 0).then_some(reader.pin_digits),

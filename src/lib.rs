@@ -6,6 +6,7 @@
 //! Map of the crate:
 //!
 //! - [`access`]: the pure decision engine (key rules, schedules, time zones, PIN lockout);
+//! - [`ids`]: door and unit ids as types of their own;
 //! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
 //!   outside become values;
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group
@@ -33,7 +34,7 @@
 //! `src/main.rs` only parses arguments and calls into this library; tests call the same
 //! entry points with their own I/O and shutdown signal.
 
-pub use doorbridge_proto::{access, bus, cbor};
+pub use doorbridge_proto::{access, bus, cbor, ids};
 pub mod cli;
 pub mod cloud;
 pub mod config;

@@ -426,7 +426,7 @@ pub fn keys_list(reader: &Reader, json: bool, out: &mut impl Write) -> Result<()
         let Some(last) = page.last() else {
             break;
         };
-        after.clone_from(&last.id);
+        after = last.id.to_string();
         for rules in &page {
             if json {
                 writeln!(out, "{}", key_json(reader, rules)?)?;
@@ -482,9 +482,9 @@ pub fn key_show(
     let state = key_state(&rules, Timestamp::now());
     let rows = [
         ("id", rules.id.clone()),
-        ("name", rules.name.clone()),
-        ("category", rules.category.as_str().to_owned()),
-        ("doors", rules.doors.join(", ")),
+        ("name", rules.name.clone().into()),
+        ("category", rules.category.as_str().to_owned().into()),
+        ("doors", rules.doors.join(", ").into()),
         (
             "inner doors",
             if rules.opens_inner_door {
@@ -492,29 +492,34 @@ pub fn key_show(
             } else {
                 "no"
             }
-            .to_owned(),
+            .to_owned()
+            .into(),
         ),
-        ("valid from", when(rules.valid_from)),
-        ("valid until", when(rules.valid_until)),
-        ("schedule", schedule_text(&rules.schedule)),
-        ("use limit", limit(&rules)),
+        ("valid from", when(rules.valid_from).into()),
+        ("valid until", when(rules.valid_until).into()),
+        ("schedule", schedule_text(&rules.schedule).into()),
+        ("use limit", limit(&rules).into()),
         (
             "used",
             if uses.is_empty() {
-                "never".to_owned()
+                "never".to_owned().into()
             } else {
-                uses.join(", ")
+                uses.join(", ").into()
             },
         ),
-        ("credentials", credentials.join(", ")),
+        ("credentials", credentials.join(", ").into()),
         (
             "welcome",
-            rules.welcome.clone().unwrap_or_else(|| "-".to_owned()),
+            rules
+                .welcome
+                .clone()
+                .unwrap_or_else(|| "-".to_owned())
+                .into(),
         ),
         (
             "floors",
             if rules.floors.is_empty() {
-                "-".to_owned()
+                "-".to_owned().into()
             } else {
                 rules
                     .floors
@@ -522,11 +527,14 @@ pub fn key_show(
                     .map(i16::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
+                    .into()
             },
         ),
         (
             "state",
-            if state.is_empty() { "valid" } else { state }.to_owned(),
+            if state.is_empty() { "valid" } else { state }
+                .to_owned()
+                .into(),
         ),
     ];
     for (name, value) in rows {

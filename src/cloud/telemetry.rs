@@ -15,6 +15,7 @@ use tokio::sync::{Notify, watch};
 use super::acks::Publisher;
 use super::status::LinkStatus;
 pub use super::summary::{BusHealth, ChainHealth, ClockHealth, KeySetHealth, Summary, UnitHealth};
+use crate::access::DoorId;
 use crate::drivers::bus::BusStatus;
 use crate::store::{Reader, Store, StoreError};
 use crate::task::{clock_synced, stopped};
@@ -25,7 +26,7 @@ pub struct BusProbe {
     pub name: String,
     pub status: Arc<Mutex<BusStatus>>,
     /// The configured units: address and door.
-    pub units: Vec<(u8, String)>,
+    pub units: Vec<(u8, DoorId)>,
 }
 
 /// What the telemetry task runs with.
@@ -100,7 +101,7 @@ fn summarize(
                     .map(|(address, door)| {
                         let u = status.units.get(address).cloned().unwrap_or_default();
                         UnitHealth {
-                            unit: format!("{}/{address}", probe.name),
+                            unit: format!("{}/{address}", probe.name).into(),
                             door: door.clone(),
                             online: u.online,
                             last_seen: u.last_seen,

@@ -4,7 +4,7 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use jiff::SignedDuration;
 use proptest::prelude::*;
 
-use super::envelope::{self, EnvelopeError, KeyId, Kind, encode, open, seal, signing_input};
+use super::envelope::{self, EnvelopeError, Kind, SignerId, encode, open, seal, signing_input};
 use super::payload::{
     Chunk, Delta, Heartbeat, MAX_CHUNK_BYTES, MAX_ENVELOPE_BYTES, Manifest, OpenDoor, PayloadError,
     Sha256Digest,
@@ -32,7 +32,7 @@ fn a_sealed_envelope_opens_to_its_exact_body() {
     let body = manifest().encode();
     let opened = open(&seal(Kind::Manifest, &body, &test_key()), &trusted(), MAX).unwrap();
     assert_eq!(opened.kind, Kind::Manifest);
-    assert_eq!(opened.kid, KeyId::of(&test_key().verifying_key()));
+    assert_eq!(opened.kid, SignerId::of(&test_key().verifying_key()));
     assert_eq!(opened.body, body);
     assert_eq!(Manifest::decode(&opened.body).unwrap(), manifest());
 }
@@ -49,7 +49,7 @@ fn signing_input_is_domain_kind_body() {
 fn a_forged_signature_is_refused() {
     let mut env = seal(Kind::Manifest, &manifest().encode(), &test_key());
     // Flip one bit of the signature (it starts after kind and kid: find it by re-encoding).
-    let kid = KeyId::of(&test_key().verifying_key());
+    let kid = SignerId::of(&test_key().verifying_key());
     let body = manifest().encode();
     let sig = test_key()
         .sign(&signing_input(Kind::Manifest, &body))
@@ -75,7 +75,9 @@ fn an_unknown_kid_is_refused() {
     let env = seal(Kind::Delta, &delta().encode(), &other);
     assert_eq!(
         open(&env, &trusted(), MAX),
-        Err(EnvelopeError::UnknownKey(KeyId::of(&other.verifying_key())))
+        Err(EnvelopeError::UnknownKey(SignerId::of(
+            &other.verifying_key()
+        )))
     );
     assert!(matches!(
         open(&seal(Kind::Delta, &delta().encode(), &test_key()), &[], MAX),
@@ -88,7 +90,7 @@ fn a_signature_by_an_untrusted_key_under_a_trusted_kid_is_refused() {
     let other = SigningKey::from_bytes(&[0x99; 32]);
     let body = delta().encode();
     let sig = other.sign(&signing_input(Kind::Delta, &body)).to_bytes();
-    let kid = KeyId::of(&test_key().verifying_key());
+    let kid = SignerId::of(&test_key().verifying_key());
     assert_eq!(
         open(&encode("delta", kid, &sig, &body), &trusted(), MAX),
         Err(EnvelopeError::BadSignature)
@@ -101,7 +103,7 @@ fn a_manifest_signature_presented_as_a_command_is_refused() {
     let sig = test_key()
         .sign(&signing_input(Kind::Manifest, &body))
         .to_bytes();
-    let kid = KeyId::of(&test_key().verifying_key());
+    let kid = SignerId::of(&test_key().verifying_key());
     assert_eq!(
         open(&encode("open-door", kid, &sig, &body), &trusted(), MAX),
         Err(EnvelopeError::BadSignature)
@@ -132,12 +134,12 @@ fn trailing_bytes_and_oversized_envelopes_are_refused() {
 
 #[test]
 fn malformed_envelopes_are_refused() {
-    let kid = KeyId::of(&test_key().verifying_key());
+    let kid = SignerId::of(&test_key().verifying_key());
     let cases: Vec<Vec<u8>> = vec![
         vec![],
         vec![0xa0],
         vec![0x80],
-        encode("delta", KeyId([0; 8]), &[0; 63], b""),
+        encode("delta", SignerId([0; 8]), &[0; 63], b""),
         // Nested too deep for the envelope.
         vec![0x81; 64],
     ];

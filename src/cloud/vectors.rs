@@ -191,7 +191,7 @@ pub fn all() -> Vec<(&'static str, Vec<u8>)> {
         ("public key", k.verifying_key().as_bytes().to_vec()),
         (
             "kid",
-            super::envelope::KeyId::of(&k.verifying_key()).0.to_vec(),
+            super::envelope::SignerId::of(&k.verifying_key()).0.to_vec(),
         ),
         ("chunk", chunk().encode()),
         ("manifest body", manifest().encode()),

@@ -509,10 +509,10 @@ fn schema_example() -> Config {
         port: PathBuf::from("/dev/null"),
         units: vec![UnitConfig {
             address: 1,
-            door: "example".to_owned(),
+            door: "example".into(),
             name: Some(String::new()),
             inner: false,
-            behind: vec!["example".to_owned()],
+            behind: vec!["example".into()],
             osdp: Some(super::OsdpReaderConfig {
                 key_file: Some(PathBuf::new()),
                 door_contact: Some(0),

@@ -25,6 +25,7 @@ use crate::bus::message::{
 use crate::bus::session::{
     Answer, Command, Report, RequestKey, Session, SessionConfig, SessionEvent, Stats, UnitState,
 };
+use crate::ids::UnitId;
 use crate::store::{Record, Retransmit, Store, VerifyRequest};
 use crate::task::{Backoff, clock_synced, jitter, stopped};
 
@@ -204,7 +205,7 @@ impl DoorRouter {
     /// Seeds or updates what is known of a door's unit settings.
     pub fn update_settings(&self, door: &str, f: impl FnOnce(&mut UnitSettings)) {
         if let Ok(mut all) = self.settings.lock() {
-            f(all.entry(door.to_owned()).or_default());
+            f(all.entry(DoorId::from(door)).or_default());
         }
     }
 
@@ -597,8 +598,8 @@ impl Served<'_> {
             .map(|u| &u.door)
     }
 
-    fn label(&self, unit: Address) -> String {
-        format!("{}/{}", self.spec.name, unit.get())
+    fn label(&self, unit: Address) -> UnitId {
+        UnitId::on(&self.spec.name, unit.get())
     }
 
     fn handle(&self, events: Vec<SessionEvent>, session: &Session, line: &mut Line) {

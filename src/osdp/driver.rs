@@ -26,6 +26,7 @@ use crate::drivers::bus::{
     BusStatus, CommandOutcome, DoorRouter, Queued, Rs485, finish, log_decision, release_elsewhere,
     set_status, sleep_until,
 };
+use crate::ids::UnitId;
 use crate::store::records::ReaderRefusal;
 use crate::store::{Activity, Record, Store, VerifyRequest};
 use crate::task::{clock_synced, stopped};
@@ -105,7 +106,7 @@ impl OsdpBusSpec {
 /// What the task keeps of one reader.
 struct Reader {
     spec: ReaderSpec,
-    label: String,
+    label: UnitId,
     keypad: Keypad,
     contact: Option<DoorContact>,
     online: bool,
@@ -148,7 +149,7 @@ pub async fn run_osdp_bus(
             .readers
             .iter()
             .map(|r| Reader {
-                label: format!("{}/{}", spec.name, r.address.get()),
+                label: UnitId::on(&spec.name, r.address.get()),
                 keypad: Keypad::new(r.keypad),
                 contact: r.door_contact.map(|_| DoorContact::new(r.held_open)),
                 online: false,

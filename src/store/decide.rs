@@ -280,10 +280,10 @@ mod tests {
 
     fn key(id: &str, limit: UseLimit) -> KeyRules {
         KeyRules {
-            id: id.to_owned(),
+            id: id.to_owned().into(),
             name: format!("key {id}"),
             category: Category::Delivery,
-            doors: vec!["main".to_owned()],
+            doors: vec!["main".into()],
             opens_inner_door: false,
             valid_from: None,
             valid_until: None,
@@ -299,7 +299,7 @@ mod tests {
     fn site() -> Site {
         let mut doors = BTreeMap::new();
         doors.insert(
-            "main".to_owned(),
+            "main".into(),
             Door {
                 inner: false,
                 behind: Vec::new(),
@@ -325,8 +325,8 @@ mod tests {
 
     fn ask(kind: CredentialKind, secret: &str, at: i64) -> VerifyRequest {
         VerifyRequest {
-            unit: "entrance/1".to_owned(),
-            door: "main".to_owned(),
+            unit: "entrance/1".to_owned().into(),
+            door: "main".into(),
             request_id: Some(7),
             kind,
             secret: secret.as_bytes().to_vec(),
@@ -437,8 +437,8 @@ mod tests {
         keys.hold(CredentialKind::Qr, "x", delegated);
         let open = |key_id: &str| RemoteOpen {
             command_id: "c-1".to_owned(),
-            key_id: key_id.to_owned(),
-            door: "main".to_owned(),
+            key_id: key_id.to_owned().into(),
+            door: "main".into(),
             now: Timestamp::from_second(1_790_000_000).unwrap(),
             clock_synced: true,
         };

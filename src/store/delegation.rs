@@ -10,6 +10,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::lookup::key_by_id;
 use super::{DeltaChange, HeldDelegation, StoreError};
+use crate::access::DoorId;
 
 /// Holds `d`, unless its id was revoked or a delegation of that id signed later is held.
 pub(super) fn put(conn: &Connection, d: &HeldDelegation) -> Result<bool, StoreError> {
@@ -82,7 +83,7 @@ pub(super) fn held(conn: &Connection) -> Result<Vec<HeldDelegation>, StoreError>
         let corrupt = |what: &str| StoreError::Corrupt(format!("delegation {id}: {what}"));
         out.push(HeldDelegation {
             public_key: key.as_slice().try_into().map_err(|_| corrupt("key"))?,
-            doors: doors.split('\n').map(str::to_owned).collect(),
+            doors: doors.split('\n').map(DoorId::from).collect(),
             not_after: Timestamp::from_second(not_after).map_err(|_| corrupt("not_after"))?,
             issued_at: Timestamp::from_second(issued_at).map_err(|_| corrupt("issued_at"))?,
             id,
@@ -126,7 +127,7 @@ pub(super) fn check_delta(
         ));
     }
     let scope: Vec<&str> = doors.split('\n').collect();
-    let within = |key: &str, doors: &[String]| -> Result<(), StoreError> {
+    let within = |key: &str, doors: &[DoorId]| -> Result<(), StoreError> {
         match doors.iter().find(|door| !scope.contains(&door.as_str())) {
             Some(door) => out(format!(
                 "key {key} opens door {door}, outside delegation {id}"

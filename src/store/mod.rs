@@ -45,10 +45,11 @@ use jiff::Timestamp;
 use tokio::sync::oneshot;
 
 use crate::access::{
-    Category, CredentialKind, Decision, Key, LockoutPolicy, Policy, Site, StaleLimits,
-    UnlimitedPolicy,
+    Category, CredentialKind, Decision, DoorId, Key, KeyId, LockoutPolicy, Policy, Site,
+    StaleLimits, UnlimitedPolicy,
 };
 use crate::bus::message::Settings;
+use crate::ids::UnitId;
 pub use reader::{KeySetInfo, Reader};
 pub use records::{Activity, Record, RecordClass, StoredRecord};
 pub use writer::RETRANSMIT_WINDOW;
@@ -105,9 +106,9 @@ pub enum KeySetRefusal {
     #[error("staged {staged} keys but the set has {expected}")]
     KeyCount { staged: u64, expected: u64 },
     #[error("key id {0} appears twice in the set")]
-    DuplicateKeyId(String),
+    DuplicateKeyId(KeyId),
     #[error("a credential of key {0} appears twice in the set")]
-    DuplicateCredential(String),
+    DuplicateCredential(KeyId),
 }
 
 impl StoreError {
@@ -281,8 +282,8 @@ impl StoreOptions {
 #[derive(Clone, Debug)]
 pub struct VerifyRequest {
     /// The door unit, as `bus/address`; PIN lockouts are per unit.
-    pub unit: String,
-    pub door: String,
+    pub unit: UnitId,
+    pub door: DoorId,
     /// The bus request id, carried into the activity record.
     pub request_id: Option<u32>,
     pub kind: CredentialKind,
@@ -310,7 +311,7 @@ pub struct Retransmit {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub decision: Decision,
-    pub key_id: Option<String>,
+    pub key_id: Option<KeyId>,
     pub category: Option<Category>,
     /// The activity record's sequence number, or `None` when the disk could not take it and
     /// it is held in memory.
@@ -341,7 +342,7 @@ pub struct DeltaChange {
     /// Keys added, or replaced whole with all their credentials (matched by id).
     pub upserts: Vec<Key>,
     /// Ids of keys to revoke: they stay in the set, marked revoked.
-    pub revokes: Vec<String>,
+    pub revokes: Vec<KeyId>,
     /// New `stale_after` limits replacing the held ones (`None`: unchanged).
     pub stale_after: Option<StaleLimits>,
     /// The id of the delegation whose key signed the delta (`None`: a root key). A delegated
@@ -354,7 +355,7 @@ pub struct DeltaChange {
 pub struct HeldDelegation {
     pub id: String,
     pub public_key: [u8; 32],
-    pub doors: Vec<String>,
+    pub doors: Vec<DoorId>,
     pub not_after: Timestamp,
     pub issued_at: Timestamp,
 }
@@ -384,8 +385,8 @@ pub struct DeltaApplied {
 #[derive(Clone, Debug)]
 pub struct RemoteOpen {
     pub command_id: String,
-    pub key_id: String,
-    pub door: String,
+    pub key_id: KeyId,
+    pub door: DoorId,
     pub now: Timestamp,
     /// The system clock is NTP-synchronised now.
     pub clock_synced: bool,
@@ -534,9 +535,9 @@ pub(crate) enum Step {
     /// The delegations held and not revoked.
     Delegations(Reply<Vec<HeldDelegation>>),
     /// Merge settings into a door's desired settings; replies with the merged whole.
-    DesireSettings(String, Settings, Reply<Settings>),
+    DesireSettings(DoorId, Settings, Reply<Settings>),
     /// Record the settings a door's unit reports as applied.
-    ReportSettings(String, Settings, Reply<()>),
+    ReportSettings(DoorId, Settings, Reply<()>),
 }
 
 /// The handle to the store. Cheap to clone; the writer thread stops when the last handle is
@@ -756,7 +757,7 @@ impl Store {
     /// durably; returns the merged desired settings.
     pub async fn desire_settings(
         &self,
-        door: String,
+        door: DoorId,
         settings: Settings,
     ) -> Result<Settings, StoreError> {
         self.call(|r| Command::Step(Step::DesireSettings(door, settings, r)))
@@ -766,7 +767,7 @@ impl Store {
     /// Records the settings the unit at `door` reports as applied.
     pub async fn report_settings(
         &self,
-        door: String,
+        door: DoorId,
         settings: Settings,
     ) -> Result<(), StoreError> {
         self.call(|r| Command::Step(Step::ReportSettings(door, settings, r)))

@@ -3,8 +3,9 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::access::{Category, CredentialKind, DenyReason, DoorId};
+use crate::access::{Category, CredentialKind, DenyReason, DoorId, KeyId};
 use crate::bus::message::DoorEventKind;
+use crate::ids::UnitId;
 
 /// CBOR a row holds (a record's body, unit settings, a kept answer) read back larger than this
 /// is damaged: far above anything the gateway writes.
@@ -65,10 +66,10 @@ pub struct Activity {
     pub at: Timestamp,
     pub door: DoorId,
     /// The door unit, as `bus/address`.
-    pub unit: String,
+    pub unit: UnitId,
     pub request_id: Option<u32>,
     pub credential_kind: CredentialKind,
-    pub key_id: Option<String>,
+    pub key_id: Option<KeyId>,
     pub category: Option<Category>,
     pub granted: bool,
     pub reason: Option<DenyReason>,
@@ -101,7 +102,7 @@ pub enum Record {
     /// Repeated unknown PINs locked a unit's keypad.
     PinLockout {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         until: Timestamp,
         failures: u32,
@@ -109,42 +110,42 @@ pub enum Record {
     /// A door opened, closed, was forced open or held open.
     DoorEvent {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         event: DoorEventKind,
     },
     /// The call button was pressed (the app's call push notification).
     CallButton {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         button: u8,
     },
     /// The unit's housing was opened (`active`) or closed again.
     Tamper {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         active: bool,
     },
     /// An OSDP reader reports a power failure (`active`), or power back.
     PowerFailure {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         active: bool,
     },
     /// An OSDP reader was refused: it is not served.
     ReaderRefused {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         reason: ReaderRefusal,
     },
     /// A battery reading; `low` when at or below the configured threshold.
     Battery {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         percent: u8,
         millivolts: u16,
@@ -153,7 +154,7 @@ pub enum Record {
     /// A unit stopped answering polls, or answers again.
     UnitReachability {
         at: Timestamp,
-        unit: String,
+        unit: UnitId,
         door: DoorId,
         online: bool,
     },

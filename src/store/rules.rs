@@ -28,7 +28,7 @@ use jiff::Timestamp;
 use jiff::civil::Time;
 
 use super::StoreError;
-use crate::access::{Category, KeyRules, Schedule, UseLimit, WeekdaySet, Window};
+use crate::access::{Category, DoorId, KeyRules, Schedule, UseLimit, WeekdaySet, Window};
 
 const FORMAT: u8 = 0x01;
 
@@ -253,7 +253,7 @@ impl Cursor<'_> {
             .get(usize::from(self.u8()?))
             .ok_or("unknown category")?;
         let doors = (0..self.len()?)
-            .map(|_| self.str())
+            .map(|_| self.str().map(DoorId::from))
             .collect::<Decoded<Vec<_>>>()?;
         let flags = self.u8()?;
         if flags & !(INNER | REVOKED | FROM | UNTIL | WELCOME | ISSUER) != 0 {
@@ -291,7 +291,7 @@ impl Cursor<'_> {
             return Err("trailing bytes");
         }
         Ok(KeyRules {
-            id,
+            id: id.into(),
             name,
             category,
             doors,
@@ -436,10 +436,10 @@ pub(super) mod tests {
                     floors,
                 )| {
                     KeyRules {
-                        id,
+                        id: id.into(),
                         name,
                         category: Category::ALL[c],
-                        doors,
+                        doors: doors.into_iter().map(DoorId::from).collect(),
                         opens_inner_door: inner,
                         valid_from: from,
                         valid_until: until,

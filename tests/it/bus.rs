@@ -845,7 +845,7 @@ async fn garbage_and_broken_frames_do_not_stop_the_bus_and_eight_units_are_serve
                         1 => "main".into(),
                         2 => "garage".into(),
                         3 => "inner".into(),
-                        n => format!("door-{n}"),
+                        n => format!("door-{n}").into(),
                     }];
                     k.rules.opens_inner_door = n == 3;
                 },
@@ -913,8 +913,8 @@ async fn a_full_disk_refuses_limited_keys_grants_residents_and_recovers() {
         let store = Store::open(options).unwrap();
         let crumb = Record::UnitReachability {
             at: Timestamp::now(),
-            unit: String::new(),
-            door: String::new(),
+            unit: String::new().into(),
+            door: String::new().into(),
             online: true,
         };
         while !store.append(vec![crumb.clone()]).await.unwrap().is_empty() {}

@@ -660,7 +660,7 @@ fn doorbridge_keys_import_installs_a_cloud_sim_bundle_once_and_refuses_bad_files
     );
     assert_eq!(
         reader.key_by_digest(&pin.0).unwrap().map(|k| k.id),
-        Some("owner-ann".to_owned())
+        Some("owner-ann".into())
     );
 
     // The same file again: not newer than what is held.

@@ -15,13 +15,13 @@ pub const SALT: &[u8] = b"test-site-salt";
 /// A building: two outer doors and an inner door behind the main entrance, in Berlin.
 pub fn site() -> Site {
     let mut doors = BTreeMap::new();
-    doors.insert("main".to_owned(), Door::default());
-    doors.insert("garage".to_owned(), Door::default());
+    doors.insert("main".into(), Door::default());
+    doors.insert("garage".into(), Door::default());
     doors.insert(
-        "inner".to_owned(),
+        "inner".into(),
         Door {
             inner: true,
-            behind: vec!["main".to_owned()],
+            behind: vec!["main".into()],
         },
     );
     Site {
@@ -42,10 +42,10 @@ pub fn open(path: &Path) -> Store {
 pub fn key(id: &str, kind: CredentialKind, secret: &str, limit: UseLimit) -> Key {
     Key {
         rules: KeyRules {
-            id: id.to_owned(),
+            id: id.to_owned().into(),
             name: format!("key {id}"),
             category: Category::Delivery,
-            doors: vec!["main".to_owned()],
+            doors: vec!["main".into()],
             opens_inner_door: false,
             valid_from: None,
             valid_until: None,
@@ -79,8 +79,8 @@ pub fn now() -> Timestamp {
 
 pub fn request(unit: &str, door: &str, kind: CredentialKind, secret: &str) -> VerifyRequest {
     VerifyRequest {
-        unit: unit.to_owned(),
-        door: door.to_owned(),
+        unit: unit.to_owned().into(),
+        door: door.to_owned().into(),
         request_id: None,
         kind,
         secret: secret.as_bytes().to_vec(),

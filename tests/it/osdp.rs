@@ -208,10 +208,10 @@ fn card_key(id: &str, card: &str, limit: UseLimit) -> Key {
     let value = credential::parse_card(card).expect("card");
     Key {
         rules: KeyRules {
-            id: id.to_owned(),
+            id: id.to_owned().into(),
             name: format!("key {id}"),
             category: Category::Renter,
-            doors: vec!["main".to_owned(), "garage".to_owned()],
+            doors: vec!["main".into(), "garage".into()],
             opens_inner_door: false,
             valid_from: None,
             valid_until: None,
@@ -248,13 +248,19 @@ impl Site {
         let link = dir.path().join("ttyOSDP");
         let mut context = fixtures::context();
         for door in ["garage".to_owned(), "lift".to_owned()].iter().chain(doors) {
-            context.site.doors.insert(door.clone(), Door::default());
+            context
+                .site
+                .doors
+                .insert(door.clone().into(), Door::default());
         }
         let store = Store::open(StoreOptions::new(&db, context)).expect("store");
         let mut pin = fixtures::key("courier", CredentialKind::Pin, PIN, UseLimit::Unlimited);
         pin.rules.doors.push("garage".into());
         let mut resident = card_key("resident", CARD_RESIDENT, UseLimit::Unlimited);
-        resident.rules.doors.extend(doors.iter().cloned());
+        resident
+            .rules
+            .doors
+            .extend(doors.iter().map(doorbridge::access::DoorId::from));
         resident.rules.opens_inner_door = true;
         let once = card_key("once", CARD_ONCE, UseLimit::Total(1));
         // A party guest's QR code, and a card that calls the lift to floors 3 and 4.

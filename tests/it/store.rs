@@ -613,7 +613,7 @@ fn delta(
         version: to,
         issued_at: Some(fixtures::now()),
         upserts,
-        revokes: revokes.iter().map(|s| (*s).to_owned()).collect(),
+        revokes: revokes.iter().map(|s| (*s).into()).collect(),
         stale_after: None,
         signer: None,
     }
@@ -1063,13 +1063,13 @@ async fn a_key_set_stored_before_version_5_keeps_deciding_after_the_upgrade() {
             ciborium::into_writer(&k.rules, &mut cbor).unwrap();
             conn.execute(
                 "INSERT INTO keys (generation, key_id, rules) VALUES (1, ?1, ?2)",
-                rusqlite::params![k.rules.id, cbor],
+                rusqlite::params![k.rules.id.as_str(), cbor],
             )
             .unwrap();
             for c in &k.credentials {
                 conn.execute(
                     "INSERT INTO credentials (generation, digest, kind, key_id) VALUES (1, ?1, ?2, ?3)",
-                    rusqlite::params![c.digest.0, c.kind.code(), k.rules.id],
+                    rusqlite::params![c.digest.0, c.kind.code(), k.rules.id.as_str()],
                 )
                 .unwrap();
             }
@@ -1177,7 +1177,7 @@ async fn a_store_that_is_never_idle_still_bounds_its_wal() {
         let records = (0..250u8)
             .map(|button| Record::CallButton {
                 at,
-                unit: format!("bus0/{round}"),
+                unit: format!("bus0/{round}").into(),
                 door: "main".into(),
                 button,
             })

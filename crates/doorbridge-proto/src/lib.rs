@@ -9,6 +9,7 @@
 //!   reports (`docs/cloud-protocol.md`);
 //! - [`osdp`]: the pure part of serving OSDP readers: the keypad's PIN assembly, card reads as
 //!   credentials and decisions as reader actions, the door-contact machine (`docs/osdp.md`);
+//! - [`ids`]: door and unit ids as types of their own;
 //! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
 //!   outside become values.
 //!
@@ -19,4 +20,5 @@ pub mod access;
 pub mod bus;
 pub mod cbor;
 pub mod cloud;
+pub mod ids;
 pub mod osdp;

@@ -13,7 +13,7 @@ use ed25519_dalek::SigningKey;
 use jiff::{SignedDuration, Timestamp};
 
 use doorbridge::cloud::bundle::Bundle;
-use doorbridge_proto::access::{Key, StaleLimits};
+use doorbridge_proto::access::{DoorId, Key, KeyId, StaleLimits};
 use doorbridge_proto::cbor::{
     MAJOR_ARRAY, MAJOR_MAP, MAJOR_UINT, head_len, write_head, write_text,
 };
@@ -87,7 +87,7 @@ impl SignedSnapshot {
 fn check_key(index: usize, key: &Key) -> Result<(), BuildError> {
     let invalid = |reason| BuildError::InvalidKey {
         index,
-        id: key.rules.id.clone(),
+        id: key.rules.id.to_string(),
         reason,
     };
     if key.rules.id.is_empty() || key.rules.id.len() > MAX_ID {
@@ -173,7 +173,7 @@ fn snapshot_within(
             if packer.count == 0 {
                 return Err(BuildError::KeyTooLarge {
                     index,
-                    id: key.rules.id.clone(),
+                    id: key.rules.id.to_string(),
                     len: encoded.len(),
                     max: MAX_CHUNK_BYTES - header_len(version, 0, 1),
                 });
@@ -185,7 +185,7 @@ fn snapshot_within(
             if !packer.fits(encoded.len()) {
                 return Err(BuildError::KeyTooLarge {
                     index,
-                    id: key.rules.id.clone(),
+                    id: key.rules.id.to_string(),
                     len: encoded.len(),
                     max: MAX_CHUNK_BYTES - header_len(version, packer.index(), 1),
                 });
@@ -236,7 +236,7 @@ pub fn delta(
             version,
             issued_at,
             upserts: upserts.to_vec(),
-            deletes: deletes.to_vec(),
+            deletes: deletes.iter().map(KeyId::from).collect(),
             stale_after: None,
         },
         signer,
@@ -272,7 +272,7 @@ pub fn delegation(
         target: target.clone(),
         id: id.to_owned(),
         public_key: public_key.as_bytes().to_vec(),
-        doors: doors.to_vec(),
+        doors: doors.iter().map(DoorId::from).collect(),
         not_after,
         issued_at,
     }
@@ -461,7 +461,7 @@ mod tests {
     fn key(i: usize, name_len: usize) -> Key {
         Key {
             rules: KeyRules {
-                id: format!("k{i}"),
+                id: format!("k{i}").into(),
                 name: "n".repeat(name_len),
                 category: Category::Friend,
                 doors: vec!["main".into()],
@@ -593,7 +593,7 @@ mod tests {
             Err(BuildError::InvalidKey { index: 2, .. })
         ));
         bad[2] = key(2, 0);
-        bad[2].rules.id = String::new();
+        bad[2].rules.id = String::new().into();
         assert!(matches!(
             snapshot(&target(), 1, now, b"", &bad, &signer()),
             Err(BuildError::InvalidKey { index: 2, .. })

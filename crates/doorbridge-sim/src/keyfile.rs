@@ -22,7 +22,8 @@ use serde::Deserialize;
 
 use doorbridge_proto::access::credential::{digest, parse_card};
 use doorbridge_proto::access::{
-    Category, Credential, CredentialKind, Key, KeyRules, Schedule, UseLimit, WeekdaySet, Window,
+    Category, Credential, CredentialKind, DoorId, Key, KeyRules, Schedule, UseLimit, WeekdaySet,
+    Window,
 };
 use doorbridge_proto::bus::message::{MAX_CREDENTIAL, MAX_FLOORS, MAX_WELCOME};
 use doorbridge_proto::cloud::payload::{MAX_ID, MAX_SALT};
@@ -330,10 +331,10 @@ impl KeyEntry {
             .collect::<Result<_, _>>()?;
         Ok(Key {
             rules: KeyRules {
-                id: self.id,
+                id: self.id.into(),
                 name: self.name,
                 category: self.category,
-                doors: self.doors,
+                doors: self.doors.into_iter().map(DoorId::from).collect(),
                 opens_inner_door: self.opens_inner_door,
                 valid_from: self.valid_from,
                 valid_until: self.valid_until,

@@ -46,9 +46,9 @@ pub fn key(id: String, door: &str, kind: CredentialKind, secret: &[u8]) -> Key {
     Key {
         rules: KeyRules {
             name: format!("key {id}"),
-            id,
+            id: id.into(),
             category: Category::Renter,
-            doors: vec![door.to_owned()],
+            doors: vec![door.into()],
             opens_inner_door: false,
             valid_from: None,
             valid_until: None,

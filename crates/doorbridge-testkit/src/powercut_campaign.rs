@@ -291,9 +291,9 @@ fn key(id: String, limit: UseLimit, secret: &str) -> Key {
     Key {
         rules: KeyRules {
             name: format!("key {id}"),
-            id,
+            id: id.into(),
             category: Category::Renter,
-            doors: (1..=UNITS).map(door).collect(),
+            doors: (1..=UNITS).map(|n| door(n).into()).collect(),
             opens_inner_door: false,
             valid_from: None,
             valid_until: None,
@@ -669,7 +669,7 @@ impl Site {
         // mounted (and so durable).
         std::fs::create_dir_all(&backing).expect("backing directory");
         let keys = key_set(1, plan.snapshot_keys);
-        let ids = keys.iter().map(|k| k.rules.id.clone()).collect();
+        let ids = keys.iter().map(|k| k.rules.id.to_string()).collect();
         let store = Store::open(StoreOptions::new(
             backing.join("doorbridge.db"),
             DecisionContext::new(site),
@@ -813,8 +813,10 @@ impl Site {
         let version = self.next_version;
         self.next_version += 1;
         let keys = key_set(version, fillers);
-        self.versions
-            .insert(version, keys.iter().map(|k| k.rules.id.clone()).collect());
+        self.versions.insert(
+            version,
+            keys.iter().map(|k| k.rules.id.to_string()).collect(),
+        );
         (version, keys)
     }
 

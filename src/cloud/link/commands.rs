@@ -10,7 +10,7 @@ use super::super::report::{Outcome, Report};
 use super::super::sync::CommandParts;
 use super::super::topics::Channel;
 use super::{OPEN_RESULT_WAIT, Worker};
-use crate::access::Decision;
+use crate::access::{Decision, DoorId};
 use crate::bus::message::{OpenDoor as OpenDoorMsg, Settings as BusSettings};
 use crate::bus::session::Command as BusCommand;
 use crate::drivers::bus::{CommandOutcome, OPEN_PULSE_MS};
@@ -173,7 +173,7 @@ impl Worker {
         &self,
         command_id: String,
         command: &'static str,
-        door: String,
+        door: DoorId,
         done_as: Outcome,
         otherwise: Option<&'static str>,
     ) -> UnitResult {
@@ -195,7 +195,7 @@ struct UnitResult {
     topic: String,
     command_id: String,
     command: &'static str,
-    door: String,
+    door: DoorId,
     /// The outcome when the unit confirms it.
     done_as: Outcome,
     /// What happens when it does not (added to the reason).

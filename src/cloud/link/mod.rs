@@ -37,7 +37,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::{Ack, Correlator, Publisher};
 use super::envelope::{self, Kind};
-use super::envelope::{EnvelopeError, KeyId, Opened};
+use super::envelope::{EnvelopeError, Opened, SignerId};
 use super::payload::{
     Delegation, DelegationRevoke, Delta, Heartbeat, MAX_ENVELOPE_BYTES, Manifest, OpenDoor,
     ResyncCommand, UnitSettings,
@@ -48,7 +48,7 @@ use super::sync::{Action, ReplayCache, ResyncReason, Sync};
 use super::telemetry::{TelemetryLink, TelemetrySpec, run_telemetry};
 use super::topics::Channel;
 use super::uplink::{Planner, Uplink, WINDOW, run_uplink};
-use crate::access::Key;
+use crate::access::{DoorId, Key};
 use crate::drivers::bus::DoorRouter;
 use crate::store::{DeltaChange, HeldDelegation, KeySetHeader, Record, Store, StoreError, Vouched};
 use crate::task::stopped;
@@ -540,7 +540,11 @@ impl Worker {
 
     /// Opens a delta envelope signed by a key the root delegated to (§5.3): the delegation
     /// id, or why not (reported as the refusal).
-    async fn open_delegated(&self, bytes: &[u8], kid: KeyId) -> Result<(Opened, String), String> {
+    async fn open_delegated(
+        &self,
+        bytes: &[u8],
+        kid: SignerId,
+    ) -> Result<(Opened, String), String> {
         let held = self
             .store
             .delegations()
@@ -550,7 +554,7 @@ impl Worker {
             let Ok(key) = VerifyingKey::from_bytes(&d.public_key) else {
                 continue;
             };
-            if KeyId::of(&key) != kid {
+            if SignerId::of(&key) != kid {
                 continue;
             }
             let opened =
@@ -864,7 +868,7 @@ impl Worker {
         command: &str,
         outcome: Outcome,
         reason: Option<String>,
-        door: Option<String>,
+        door: Option<DoorId>,
     ) {
         let report = Report::CommandResult {
             command_id,

@@ -13,7 +13,7 @@ use super::super::{
 };
 use super::outbox::insert_record;
 use super::{GC_CHUNK, Staging, Writer, mark_ignored, signed_mark};
-use crate::access::{CredentialKind, Freshness, Key};
+use crate::access::{CredentialKind, Freshness, Key, KeyId};
 use crate::bus::message::Settings;
 
 impl Writer {
@@ -138,10 +138,12 @@ impl Writer {
             )?;
             let pin = CredentialKind::Pin.code();
             for key in &d.upserts {
-                let old: u32 =
-                    pins_of.query_row(params![generation, key.rules.id, pin], |r| r.get(0))?;
+                let old: u32 = pins_of
+                    .query_row(params![generation, key.rules.id.as_str(), pin], |r| {
+                        r.get(0)
+                    })?;
                 pins = pins.saturating_sub(old);
-                drop_creds.execute(params![generation, key.rules.id])?;
+                drop_creds.execute(params![generation, key.rules.id.as_str()])?;
                 let new = if d.signer.is_some() {
                     // The key names the delegation that put it (activity records say who).
                     let mut key = key.clone();
@@ -462,7 +464,7 @@ fn put_key_rows(
 ) -> Result<u32, StoreError> {
     let blob = rules::encode(&key.rules);
     put_key
-        .execute(params![generation, key.rules.id, blob])
+        .execute(params![generation, key.rules.id.as_str(), blob])
         .map_err(|e| dup(e, || KeySetRefusal::DuplicateKeyId(key.rules.id.clone())))?;
     let mut pins = 0;
     for c in &key.credentials {
@@ -471,7 +473,7 @@ fn put_key_rows(
                 generation,
                 c.digest.0,
                 c.kind.code(),
-                key.rules.id,
+                key.rules.id.as_str(),
                 blob
             ])
             .map_err(|e| {
@@ -489,7 +491,7 @@ fn put_key_rows(
 fn revoke_rows(
     conn: &Connection,
     generation: i64,
-    ids: &[String],
+    ids: &[KeyId],
     applied: &mut DeltaApplied,
 ) -> Result<(), StoreError> {
     let mut put_key =
@@ -502,8 +504,8 @@ fn revoke_rows(
             Some(mut revoked) => {
                 revoked.revoked = true;
                 let blob = rules::encode(&revoked);
-                put_key.execute(params![generation, id, blob])?;
-                put_creds.execute(params![generation, id, blob])?;
+                put_key.execute(params![generation, id.as_str(), blob])?;
+                put_creds.execute(params![generation, id.as_str(), blob])?;
                 applied.revoked += 1;
             }
             None => applied.unknown += 1,

@@ -34,9 +34,10 @@ use super::{
     StoreOptions, Verdict, VerifyRequest, is_disk_trouble, knowledge,
 };
 use crate::access::{
-    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, KeyRules, PinGuard,
-    Policy, UnlimitedPolicy,
+    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, KeyId, KeyRules,
+    PinGuard, Policy, UnlimitedPolicy,
 };
+use crate::ids::UnitId;
 
 /// Keys per staging transaction: small enough that a decision waits at most one chunk.
 pub(super) const STAGE_CHUNK: usize = 5_000;
@@ -56,7 +57,7 @@ pub const RETRANSMIT_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_s
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeptAnswer {
     decision: Decision,
-    key_id: Option<String>,
+    key_id: Option<KeyId>,
     category: Option<crate::access::Category>,
     seq: Option<i64>,
 }
@@ -65,7 +66,7 @@ pub struct KeptAnswer {
 /// retransmission after a restart finds it without a table of its own to write per decision.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeptRow {
-    unit: String,
+    unit: UnitId,
     request_id: u32,
     fingerprint: Vec<u8>,
     boot_id: Option<u32>,
@@ -159,7 +160,7 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3_600);
 /// What to keep of a decision for its retransmissions.
 #[derive(Clone, Debug)]
 pub(super) struct Remember {
-    unit: String,
+    unit: UnitId,
     request_id: u32,
     retransmit: super::Retransmit,
     at: Timestamp,
@@ -225,7 +226,7 @@ const CHECKPOINT_TRIES: u32 = 3;
 const LINGER: Duration = Duration::from_micros(200);
 
 /// The uses granted in the commit being made and not yet written, by key and scope.
-type UseOverlay = HashMap<(String, UseScope), u32>;
+type UseOverlay = HashMap<(KeyId, UseScope), u32>;
 
 /// The held key set and its counters as the decision reads them ([`decide::KeyView`]): the
 /// active generation's rows, and the `uses` table plus the uses granted earlier in the commit
@@ -270,7 +271,7 @@ impl decide::KeyView for SqlKeys<'_> {
         };
         let pending = self
             .overlay
-            .get(&(key_id.to_owned(), scope.clone()))
+            .get(&(key_id.to_owned().into(), scope.clone()))
             .copied()
             .unwrap_or(0);
         Ok(stored.unwrap_or(0) + pending)
@@ -326,7 +327,7 @@ pub(super) struct Writer {
     untrusted: bool,
     /// The held set's `stale_after` and the knowledge time, as on disk (`store::knowledge`).
     freshness: Freshness,
-    guards: HashMap<String, PinGuard>,
+    guards: HashMap<UnitId, PinGuard>,
     active_pins: u32,
     staging: Option<Staging>,
     /// Generations to delete while idle.
@@ -364,7 +365,7 @@ pub(super) struct Writer {
     last_decisions: usize,
     /// Each unit's last kept answer (from `records.answer`), and those the commit in progress
     /// adds, made current once it commits.
-    answers: HashMap<String, KeptRow>,
+    answers: HashMap<UnitId, KeptRow>,
     fresh_answers: Vec<KeptRow>,
     /// Every seq below this is acknowledged (the watermark row `(0, sent_below - 1)` of `sent`).
     sent_below: i64,
@@ -1121,14 +1122,14 @@ impl Writer {
                             "INSERT INTO key_uses (key_id, count) VALUES (?1, ?2)
                              ON CONFLICT (key_id) DO UPDATE SET count = count + excluded.count",
                         )?
-                        .execute(params![key, n])?,
+                        .execute(params![key.as_str(), n])?,
                     UseScope::Door(door) => self
                         .conn
                         .prepare_cached(
                             "INSERT INTO door_uses (key_id, door, count) VALUES (?1, ?2, ?3)
                              ON CONFLICT (key_id, door) DO UPDATE SET count = count + excluded.count",
                         )?
-                        .execute(params![key, door, n])?,
+                        .execute(params![key.as_str(), door, n])?,
                 };
             }
         }
@@ -1339,7 +1340,7 @@ fn mark_ignored(signed: Timestamp, limit: Timestamp) -> Record {
 }
 
 /// Each unit's last kept answer among the newest [`KEPT_SCAN`] records.
-fn load_answers(conn: &Connection) -> Result<HashMap<String, KeptRow>, rusqlite::Error> {
+fn load_answers(conn: &Connection) -> Result<HashMap<UnitId, KeptRow>, rusqlite::Error> {
     let mut answers = HashMap::new();
     let mut stmt = conn.prepare(
         "SELECT seq, body, answer FROM records
@@ -1371,11 +1372,11 @@ mod tests {
         let at = Timestamp::from_second(1_790_000_000).unwrap();
         let activity = Activity {
             at,
-            door: "main".to_owned(),
-            unit: "entrance/3".to_owned(),
+            door: "main".into(),
+            unit: "entrance/3".to_owned().into(),
             request_id: Some(41),
             credential_kind: CredentialKind::Pin,
-            key_id: Some("resident-7".to_owned()),
+            key_id: Some("resident-7".to_owned().into()),
             category: Some(access::Category::Renter),
             granted: decision.is_grant(),
             reason: decision.deny_reason(),
@@ -1387,7 +1388,7 @@ mod tests {
             issuer: Some("root".to_owned()),
         };
         let remember = Remember {
-            unit: "entrance/3".to_owned(),
+            unit: "entrance/3".to_owned().into(),
             request_id: 41,
             retransmit: super::super::Retransmit {
                 fingerprint: std::array::from_fn(|i| u8::try_from(i).unwrap() * 7),
@@ -1397,7 +1398,7 @@ mod tests {
         };
         let verdict = Verdict {
             decision,
-            key_id: Some("resident-7".to_owned()),
+            key_id: Some("resident-7".to_owned().into()),
             category: Some(access::Category::Renter),
             seq: None,
         };
@@ -1410,12 +1411,12 @@ mod tests {
     #[test]
     fn a_kept_answer_reads_back_from_its_row_as_it_was_given() {
         let grant = Decision::Grant(access::Grant {
-            doors: vec!["main".to_owned(), "inner".to_owned()],
+            doors: vec!["main".into(), "inner".into()],
             welcome: Some("Welcome home".to_owned()),
             floors: vec![3, 4],
         });
         let plain = Decision::Grant(access::Grant {
-            doors: vec!["main".to_owned()],
+            doors: vec!["main".into()],
             welcome: None,
             floors: Vec::new(),
         });

@@ -115,7 +115,7 @@ pub fn opens(site: &Site, key: &KeyRules, door: &str) -> bool {
 /// The doors a grant at `door` releases: that door, and for a key that also opens inner doors
 /// presented at an outer door, the inner doors behind it.
 fn release(site: &Site, key: &KeyRules, door: &str) -> Vec<DoorId> {
-    let mut doors = vec![door.to_owned()];
+    let mut doors = vec![DoorId::from(door)];
     let at_outer = site.doors.get(door).is_some_and(|d| !d.inner);
     if key.opens_inner_door && at_outer {
         doors.extend(

@@ -11,8 +11,7 @@ use jiff::Timestamp;
 use jiff::civil::{Time, Weekday};
 use serde::{Deserialize, Serialize};
 
-/// A door's id, unique within the site (for example `main-entrance`).
-pub type DoorId = String;
+pub use crate::ids::{DoorId, KeyId};
 
 /// The key categories offered by the apps (seed 000). Travels with every activity record.
 ///
@@ -400,7 +399,7 @@ impl UseLimit {
 #[serde(deny_unknown_fields)]
 pub struct KeyRules {
     /// The cloud's id for the key; stable across edits.
-    pub id: String,
+    pub id: KeyId,
     pub name: String,
     pub category: Category,
     /// The doors the key opens.

@@ -33,6 +33,7 @@ use super::model::DenyReason::{
     self, ClockUntrusted, Expired, NotYetValid, OutsideSchedule, Revoked, StaleKeySet, UsedUp,
     WrongDoor,
 };
+use super::model::DoorId;
 use super::model::{
     Category, Decision, Door, Freshness, Grant, KeyRules, Schedule, Site, StaleLimits,
     UnlimitedPolicy, UseLimit, Uses, WeekdaySet, Window,
@@ -49,15 +50,15 @@ const NEW_YORK: &str = "America/New_York";
 fn site_in(zone: &str) -> Site {
     let door = |inner: bool, behind: &[&str]| Door {
         inner,
-        behind: behind.iter().map(|d| (*d).to_owned()).collect(),
+        behind: behind.iter().map(|d| DoorId::from(*d)).collect(),
     };
     Site {
         tz: TimeZone::get(zone).unwrap_or_else(|e| panic!("time zone {zone}: {e}")),
         doors: BTreeMap::from([
-            ("main".to_owned(), door(false, &[])),
-            ("garage".to_owned(), door(false, &[])),
-            ("inner".to_owned(), door(true, &["main"])),
-            ("hall".to_owned(), door(true, &[])),
+            ("main".into(), door(false, &[])),
+            ("garage".into(), door(false, &[])),
+            ("inner".into(), door(true, &["main"])),
+            ("hall".into(), door(true, &[])),
         ]),
     }
 }
@@ -127,10 +128,10 @@ impl K {
     /// which no rule depends on.
     fn build(&self, site: &Site, n: usize) -> KeyRules {
         KeyRules {
-            id: format!("key-{n}"),
+            id: format!("key-{n}").into(),
             name: format!("test key {n}"),
             category: Category::ALL[n % Category::ALL.len()],
-            doors: self.doors.iter().map(|d| (*d).to_owned()).collect(),
+            doors: self.doors.iter().map(|d| DoorId::from(*d)).collect(),
             opens_inner_door: self.inner,
             valid_from: self.from.map(|s| local(site, s)),
             valid_until: self.until.map(|s| local(site, s)),
@@ -240,7 +241,7 @@ fn run(group: &str, cases: &[Case]) {
                 };
                 assert_eq!(consume, by_limit, "{group} #{n} ({}): bad table", case.rule);
                 let grant = Grant {
-                    doors: doors.iter().map(|d| (*d).to_owned()).collect(),
+                    doors: doors.iter().map(|d| DoorId::from(*d)).collect(),
                     welcome: key.welcome.clone(),
                     floors: key.floors.clone(),
                 };
@@ -2866,10 +2867,10 @@ fn arb_key() -> impl Strategy<Value = KeyRules> {
         .prop_map(
             |(doors, inner, from, until, schedule, limit, welcome, floors, revoked, category)| {
                 KeyRules {
-                    id: "k".to_owned(),
+                    id: "k".into(),
                     name: "k".to_owned(),
                     category,
-                    doors: doors.into_iter().map(str::to_owned).collect(),
+                    doors: doors.into_iter().map(DoorId::from).collect(),
                     opens_inner_door: inner,
                     valid_from: from,
                     valid_until: until,
@@ -3068,9 +3069,9 @@ proptest! {
         let want = if key.use_limit.is_limited() { OneUse } else { Nothing };
         prop_assert_eq!(consume, want);
         // What the grant carries.
-        prop_assert_eq!(grant.doors.first().map(String::as_str), Some(door));
+        prop_assert_eq!(grant.doors.first().map(DoorId::as_str), Some(door));
         let at_outer = !site.doors[door].inner;
-        let inner_behind: Vec<String> = site
+        let inner_behind: Vec<DoorId> = site
             .doors
             .iter()
             .filter(|(_, d)| d.inner && (d.behind.is_empty() || d.behind.iter().any(|b| b == door)))

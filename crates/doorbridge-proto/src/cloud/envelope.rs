@@ -91,26 +91,27 @@ impl fmt::Display for Kind {
     }
 }
 
-/// A key id: the first eight bytes of SHA-256 over the 32-byte Ed25519 public key.
+/// A signing key's id (an envelope's `kid`): the first eight bytes of SHA-256 over the 32-byte
+/// Ed25519 public key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyId(pub [u8; 8]);
+pub struct SignerId(pub [u8; 8]);
 
-impl KeyId {
-    pub fn of(key: &VerifyingKey) -> KeyId {
+impl SignerId {
+    pub fn of(key: &VerifyingKey) -> SignerId {
         let digest = Sha256::digest(key.as_bytes());
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);
-        KeyId(id)
+        SignerId(id)
     }
 }
 
-impl fmt::Debug for KeyId {
+impl fmt::Debug for SignerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyId({self})")
+        write!(f, "SignerId({self})")
     }
 }
 
-impl fmt::Display for KeyId {
+impl fmt::Display for SignerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in self.0 {
             write!(f, "{b:02x}")?;
@@ -133,7 +134,7 @@ pub enum EnvelopeError {
     #[error("unknown message kind {0:?}")]
     UnknownKind(String),
     #[error("signed by key {0}, which is not trusted")]
-    UnknownKey(KeyId),
+    UnknownKey(SignerId),
     #[error("signature does not verify")]
     BadSignature,
 }
@@ -142,7 +143,7 @@ pub enum EnvelopeError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub kind: Kind,
-    pub kid: KeyId,
+    pub kid: SignerId,
     pub body: Vec<u8>,
 }
 
@@ -161,12 +162,12 @@ pub fn signing_input(kind: Kind, body: &[u8]) -> Vec<u8> {
 #[cfg(any(test, feature = "sign"))]
 pub fn seal(kind: Kind, body: &[u8], key: &SigningKey) -> Vec<u8> {
     let sig = key.sign(&signing_input(kind, body));
-    let kid = KeyId::of(&key.verifying_key());
+    let kid = SignerId::of(&key.verifying_key());
     encode(kind.as_str(), kid, &sig.to_bytes(), body)
 }
 
 /// Encodes an envelope from its parts, without signing (for building test cases).
-pub fn encode(kind: &str, kid: KeyId, sig: &[u8], body: &[u8]) -> Vec<u8> {
+pub fn encode(kind: &str, kid: SignerId, sig: &[u8], body: &[u8]) -> Vec<u8> {
     let map = Value::Map(vec![
         (Value::Text("kind".into()), Value::Text(kind.into())),
         (Value::Text("kid".into()), Value::Bytes(kid.0.to_vec())),
@@ -230,7 +231,7 @@ pub fn open(
         return Err(EnvelopeError::Malformed("a missing entry"));
     };
     let kind = Kind::parse(&kind).ok_or(EnvelopeError::UnknownKind(kind))?;
-    let kid = KeyId(
+    let kid = SignerId(
         kid.try_into()
             .map_err(|_| EnvelopeError::Malformed("kid is not 8 bytes"))?,
     );
@@ -240,7 +241,7 @@ pub fn open(
     let sig = Signature::from_bytes(&sig);
     let input = signing_input(kind, &body);
     // Two trusted keys could share a kid prefix; try each that matches.
-    let mut candidates = trusted.iter().filter(|k| KeyId::of(k) == kid).peekable();
+    let mut candidates = trusted.iter().filter(|k| SignerId::of(k) == kid).peekable();
     if candidates.peek().is_none() {
         return Err(EnvelopeError::UnknownKey(kid));
     }

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::access::{Key, StaleLimits};
+use crate::access::{DoorId, Key, KeyId, StaleLimits};
 use crate::cbor::CborError;
 
 /// The largest chunk payload: AWS IoT Core's MQTT payload limit, 128 KiB.
@@ -139,7 +139,7 @@ pub struct Delta {
     /// Keys added or replaced whole (matched by `rules.id`).
     pub upserts: Vec<Key>,
     /// Ids of keys to revoke.
-    pub deletes: Vec<String>,
+    pub deletes: Vec<KeyId>,
     /// The key set's new `stale_after`, replacing the held one whole (an empty map: no limits);
     /// absent or null: unchanged. Left out of the encoding when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -185,7 +185,7 @@ pub struct Delegation {
     #[serde(with = "bytes")]
     pub public_key: Vec<u8>,
     /// The doors whose keys the delegate may add, edit and delete; never "all doors".
-    pub doors: Vec<String>,
+    pub doors: Vec<DoorId>,
     pub not_after: Timestamp,
     /// Signing time: a delegation replaces a held one of the same id only when newer.
     pub issued_at: Timestamp,
@@ -247,9 +247,9 @@ pub struct OpenDoor {
     pub target: Target,
     /// Unique per command; a second command with the same id is a replay.
     pub command_id: String,
-    pub door: String,
+    pub door: DoorId,
     /// The key on whose behalf the door opens (for the activity record).
-    pub key_id: String,
+    pub key_id: KeyId,
     pub issued_at: Timestamp,
     pub expires_at: Timestamp,
 }
@@ -401,7 +401,7 @@ pub struct UnitSettings {
     pub target: Target,
     /// Unique per command; a second command with the same id is a replay.
     pub command_id: String,
-    pub door: String,
+    pub door: DoorId,
     /// Sound volume, 0 to 100.
     pub volume: Option<u8>,
     /// The name the unit shows.

@@ -6,6 +6,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::payload::{PayloadError, from_cbor, to_cbor};
+use crate::ids::DoorId;
 
 /// The largest report the cloud side accepts when decoding (a telemetry summary of many door
 /// units is the largest, a few hundred bytes per unit).
@@ -76,7 +77,7 @@ pub enum Report {
         command: String,
         outcome: Outcome,
         reason: Option<String>,
-        door: Option<String>,
+        door: Option<DoorId>,
         at: Timestamp,
     },
     /// On `telemetry`: battery per door unit and the gateway's health.

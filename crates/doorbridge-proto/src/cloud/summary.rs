@@ -5,6 +5,8 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::ids::{DoorId, UnitId};
+
 /// The gateway's health and its units' batteries at one moment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,8 +93,8 @@ pub struct BusHealth {
 #[serde(deny_unknown_fields)]
 pub struct UnitHealth {
     /// `bus/address`.
-    pub unit: String,
-    pub door: String,
+    pub unit: UnitId,
+    pub door: DoorId,
     pub online: bool,
     pub last_seen: Option<Timestamp>,
     pub battery_percent: Option<u8>,

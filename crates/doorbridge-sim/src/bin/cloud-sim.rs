@@ -15,7 +15,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use doorbridge::access::{Category, StaleLimits};
 use doorbridge::cloud::bundle::Bundle;
-use doorbridge::cloud::envelope::KeyId;
+use doorbridge::cloud::envelope::SignerId;
 use doorbridge::cloud::payload::Target;
 use doorbridge::cloud::sync::DEFAULT_COMMAND_LIFETIME;
 use doorbridge::cloud::topics::{Channel, DEFAULT_PREFIX, Topics};
@@ -478,7 +478,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}: version {version}, {} keys, {chunks} chunks, {bytes} bytes signed by {}",
                 out.display(),
                 file.keys.len(),
-                KeyId::of(&signer.verifying_key())
+                SignerId::of(&signer.verifying_key())
             );
             Ok(())
         }
@@ -603,7 +603,7 @@ async fn delegate_doors(args: &DelegateArgs) -> anyhow::Result<()> {
     println!(
         "{}: delegation {id} to key {} for {} until {until}",
         topics.topic(Channel::Delta),
-        KeyId::of(&public),
+        SignerId::of(&public),
         doors.join(", ")
     );
     Ok(())
@@ -843,7 +843,7 @@ fn keygen(dir: &Path) -> anyhow::Result<()> {
     write_new(&public_path, &format!("{public}\n"), 0o644)?;
     println!("signing key: {} (keep it secret)", secret_path.display());
     println!("public key:  {}", public_path.display());
-    println!("key id:      {}", KeyId::of(&signer.verifying_key()));
+    println!("key id:      {}", SignerId::of(&signer.verifying_key()));
     println!("for the gateway's configuration ([cloud] section):");
     println!("trusted_keys = [\"{public}\"]");
     Ok(())
@@ -951,7 +951,7 @@ async fn publish(conn: &Connection, what: PublishWhat) -> anyhow::Result<()> {
                     version,
                     issued_at,
                     upserts: upserts.clone(),
-                    deletes: deletes.clone(),
+                    deletes: deletes.iter().map(Into::into).collect(),
                     stale_after,
                 },
                 &signer,
@@ -1046,7 +1046,7 @@ async fn send_settings(
     let settings = doorbridge::cloud::payload::UnitSettings {
         target: conn.target.target(),
         command_id: command_id.clone(),
-        door: door.clone(),
+        door: door.clone().into(),
         volume,
         name,
         house_number,
