@@ -261,31 +261,6 @@ impl Writer {
         Ok(())
     }
 
-    /// Sets `synchronous=NORMAL` for one transaction that need not survive a power cut (a
-    /// staged chunk, a group of acks); [`Writer::restore_durable`] right after it.
-    pub(super) fn relax(&mut self) -> Result<(), rusqlite::Error> {
-        self.relaxed = true;
-        self.conn.pragma_update(None, "synchronous", "NORMAL")
-    }
-
-    /// [`Writer::durable`] after a relaxed transaction, committed or not. Should it fail,
-    /// `relaxed` stays set and the next durable transaction tries again before it begins.
-    pub(super) fn restore_durable(&mut self) {
-        if let Err(e) = self.durable() {
-            tracing::error!(error = %e, "could not restore synchronous=FULL after a relaxed transaction");
-        }
-    }
-
-    /// Puts the connection back to `synchronous=FULL` if staging left it relaxed. Every
-    /// transaction that must be durable calls this first and fails when it cannot.
-    pub(super) fn durable(&mut self) -> Result<(), rusqlite::Error> {
-        if self.relaxed {
-            self.conn.pragma_update(None, "synchronous", "FULL")?;
-            self.relaxed = false;
-        }
-        Ok(())
-    }
-
     pub(super) fn commit_key_set(
         &mut self,
         generation: i64,

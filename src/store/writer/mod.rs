@@ -13,12 +13,17 @@
 //! and the answers are degraded: a grant that consumed a use becomes "not recorded" (the use
 //! could not be counted), an unlimited key follows the configured policy, and the records
 //! wait in a bounded memory backlog that is written first by the next commit that succeeds.
+//!
+//! The decision itself is `store::decide` (pure, over [`SqlKeys`]). The writer's other jobs
+//! have files of their own: `keyset` (staging, switching and deltas of key sets, and unit
+//! settings), `outbox` (marking uploaded records, the backlog, pruning the history) and `wal`
+//! (`synchronous` per transaction, the WAL hook's counters, idle checkpoints).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::time::Duration;
 
@@ -197,28 +202,6 @@ pub fn signed_mark(
     }
     Ok(mark.map_or(at, |m| m.max(at)))
 }
-/// How long the command channel must stay empty before the writer folds the WAL into the
-/// database file (a checkpoint), off the decision path.
-const CHECKPOINT_WHEN_IDLE: Duration = Duration::from_millis(250);
-/// The WAL is checkpointed at this many frames (pages) even when the writer is never idle,
-/// so it cannot grow without bound under constant load (4 MiB at 4 KiB pages). Not more:
-/// the WAL restarts from its beginning only after a checkpoint, and until then every commit
-/// extends the file, which costs more than overwriting it (the bus bench's p99 was 6 to 8 ms
-/// with 4,096 here against 3.4 to 4.4 ms with 1,000, in quiet runs).
-const CHECKPOINT_BOUND: i64 = 1_000;
-/// The WAL's bound while the disk is full (its reserve released): every page the WAL grows by
-/// is taken from what is left, so it restarts from its beginning after a few commits instead.
-const CHECKPOINT_BOUND_FULL: i64 = 16;
-/// An idle checkpoint waits until the WAL holds this many frames: the checkpoint writes each
-/// page it copies into the database file, so a checkpoint after every lone decision would
-/// write that decision's page (and its file-system block) a second time at once; 64 frames
-/// share one (docs/storage.md, "What a decision writes").
-const CHECKPOINT_IDLE_MIN: i64 = 64;
-/// ...or until the writer has been this long without a checkpoint, so a quiet site folds its
-/// WAL too.
-const CHECKPOINT_SMALL_AFTER: Duration = Duration::from_secs(600);
-/// Idle checkpoints tried after one commit when a reader keeps one from finishing.
-const CHECKPOINT_TRIES: u32 = 3;
 /// How long a group of decisions waits for more when the previous group held more than it does
 /// so far: the units that group answered are presenting again, and their requests are on the
 /// way. One fsync then covers them all (`PostgreSQL`'s `commit_delay`, with the previous group's
@@ -303,6 +286,11 @@ enum Next {
 
 mod keyset;
 mod outbox;
+mod wal;
+
+use wal::{
+    CHECKPOINT_BOUND, CHECKPOINT_BOUND_FULL, CHECKPOINT_SMALL_AFTER, CHECKPOINT_WHEN_IDLE, WalState,
+};
 
 /// A key set being staged.
 struct Staging {
@@ -372,15 +360,6 @@ pub(super) struct Writer {
     /// How much acknowledged history to keep, and when it was last pruned.
     history: super::History,
     pruned_at: Option<std::time::Instant>,
-}
-
-/// Filled in by SQLite's WAL hook after every commit of the writer's connection.
-#[derive(Debug, Default)]
-struct WalState {
-    /// Frames (pages) in the WAL after the latest commit, checkpointed or not.
-    frames: AtomicI64,
-    /// Commits so far.
-    commits: AtomicU64,
 }
 
 /// What one command of a group produced in the decide phase.
@@ -715,57 +694,6 @@ impl Writer {
         }
         // Fold the WAL into the main file so the next start reads one file.
         let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
-    }
-
-    // ----- checkpoints -----
-
-    /// Whether something was committed since the last checkpoint (an idle gateway that has
-    /// checkpointed writes nothing more).
-    fn checkpoint_pending(&self) -> bool {
-        self.wal.commits.load(Ordering::Relaxed) != self.checkpointed
-    }
-
-    /// Whether the next idle moment checkpoints: something is pending and the WAL holds
-    /// [`CHECKPOINT_IDLE_MIN`] frames, or [`CHECKPOINT_SMALL_AFTER`] has passed.
-    fn checkpoint_due(&self) -> bool {
-        self.checkpoint_pending()
-            && (self.wal.frames.load(Ordering::Relaxed) >= CHECKPOINT_IDLE_MIN
-                || self.checkpointed_at.elapsed() >= CHECKPOINT_SMALL_AFTER)
-    }
-
-    /// Copies the WAL's frames into the database file (`PASSIVE`: it never waits for readers,
-    /// and copies what no reader still needs). The WAL restarts from its beginning at the
-    /// next commit once all of it was copied.
-    fn checkpoint(&mut self) {
-        self.checkpointed_at = std::time::Instant::now();
-        let commits = self.wal.commits.load(Ordering::Relaxed);
-        let result = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            });
-        match result {
-            Ok((frames, copied)) if copied < frames => {
-                // A reader still uses part of the WAL: try again later, a few times at most
-                // (the next commit makes it due again anyway).
-                self.checkpoint_tries += 1;
-                if self.checkpoint_tries >= CHECKPOINT_TRIES {
-                    self.checkpointed = commits;
-                    self.checkpoint_tries = 0;
-                }
-            }
-            Ok(_) => {
-                self.checkpointed = commits;
-                self.checkpoint_tries = 0;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "WAL checkpoint failed; trying again after the next commit");
-                self.checkpointed = commits;
-                self.checkpoint_tries = 0;
-            }
-        }
-        // Until the next commit's hook says otherwise, the bound is met.
-        self.wal.frames.store(0, Ordering::Relaxed);
     }
 
     // ----- the group commit -----
