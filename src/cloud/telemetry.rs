@@ -17,6 +17,7 @@ use super::status::LinkStatus;
 pub use super::summary::{BusHealth, ChainHealth, ClockHealth, KeySetHealth, Summary, UnitHealth};
 use crate::access::DoorId;
 use crate::drivers::bus::BusStatus;
+use crate::ids::UnitId;
 use crate::store::{Reader, Store, StoreError};
 use crate::task::{clock_synced, stopped};
 
@@ -101,7 +102,7 @@ fn summarize(
                     .map(|(address, door)| {
                         let u = status.units.get(address).cloned().unwrap_or_default();
                         UnitHealth {
-                            unit: format!("{}/{address}", probe.name).into(),
+                            unit: UnitId::on(&probe.name, address),
                             door: door.clone(),
                             online: u.online,
                             last_seen: u.last_seen,
