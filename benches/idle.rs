@@ -252,18 +252,22 @@ struct Units {
 
 impl Units {
     fn start(link: &Path, count: u8) -> Units {
-        let (master, _) = doorbridge_sim::linked_pty(link).expect("a linked pty");
         let addresses: Vec<Address> = (1..=count).filter_map(Address::unit).collect();
         let units = SimUnits::new(&addresses, SimConfig::default()).expect("the simulated units");
         let acked = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = oneshot::channel::<()>();
         let counter = Arc::clone(&acked);
+        let (made, pty_made) = std::sync::mpsc::channel();
+        let link = link.to_path_buf();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime for the units");
             runtime.block_on(async move {
+                // The pty registers with this runtime's reactor, so it is made in it.
+                let (master, _) = doorbridge_sim::linked_pty(&link).expect("a linked pty");
+                let _ = made.send(());
                 let port = HangupTolerant::new(master, Duration::from_millis(100));
                 // The units never get commands: they answer polls and report their status.
                 let (_commands, command_rx) = mpsc::channel(1);
@@ -283,6 +287,9 @@ impl Units {
                 let _ = sim.await;
             });
         });
+        pty_made
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the units' pty was made");
         Units {
             acked,
             stop: Some(stop),
