@@ -15,8 +15,8 @@ use jiff::Timestamp;
 use super::records::{Activity, Record};
 use super::{RemoteOpen, StoreError, Verdict, VerifyRequest};
 use crate::access::{
-    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, KeyRules, LockoutPolicy,
-    PinGuard, Policy, Site, UseLimit, Uses,
+    self, ClockTrust, Consume, CredentialKind, Decision, DenyReason, DoorId, KeyRules,
+    LockoutPolicy, PinGuard, Policy, Site, UseLimit, Uses,
 };
 
 /// Where a key's uses are counted: over all doors (for a `total` limit) or at one door (for
@@ -24,7 +24,7 @@ use crate::access::{
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum UseScope {
     AllDoors,
-    Door(String),
+    Door(DoorId),
 }
 
 /// The held key set and its use counters, as a decision reads them.
@@ -197,7 +197,7 @@ fn judge(
     keys: &impl KeyView,
     rules: &Rules<'_>,
     key: &KeyRules,
-    door: &str,
+    door: &DoorId,
     now: Timestamp,
 ) -> Result<(Decision, Consume), StoreError> {
     let uses = if key.use_limit == UseLimit::Unlimited {
@@ -205,7 +205,7 @@ fn judge(
     } else {
         Uses {
             total: keys.uses(&key.id, &UseScope::AllDoors)?,
-            at_door: keys.uses(&key.id, &UseScope::Door(door.to_owned()))?,
+            at_door: keys.uses(&key.id, &UseScope::Door(door.clone()))?,
         }
     };
     Ok(access::decide(
@@ -374,7 +374,7 @@ mod tests {
         keys.uses
             .insert(("courier".to_owned(), UseScope::AllDoors), 1);
         keys.uses
-            .insert(("courier".to_owned(), UseScope::Door("main".to_owned())), 1);
+            .insert(("courier".to_owned(), UseScope::Door("main".into())), 1);
         let again = present(&keys, &rules, &mut guard, CredentialKind::Qr, "parcel", 1);
         assert_eq!(
             again.verdict.decision.deny_reason(),

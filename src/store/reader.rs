@@ -9,7 +9,7 @@ use super::lookup::lookup;
 use super::records::{Record, RecordClass, StoredRecord};
 use super::rules;
 use super::{StoreError, UseScope, schema};
-use crate::access::{Freshness, KeyRules};
+use crate::access::{DoorId, Freshness, KeyRules};
 use crate::bus::message::Settings;
 
 /// A read-only connection to the store.
@@ -138,7 +138,12 @@ impl Reader {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT door, count FROM door_uses WHERE key_id = ?1 ORDER BY door")?;
-        for row in stmt.query_map([key_id], |r| Ok((UseScope::Door(r.get(0)?), r.get(1)?)))? {
+        for row in stmt.query_map([key_id], |r| {
+            Ok((
+                UseScope::Door(DoorId::from(r.get::<_, String>(0)?)),
+                r.get(1)?,
+            ))
+        })? {
             out.push(row?);
         }
         Ok(out)

@@ -40,7 +40,7 @@ use super::{
     StoreOptions, Verdict, VerifyRequest, is_disk_trouble, knowledge,
 };
 use crate::access::{
-    ClockTrust, Consume, CredentialKind, Decision, DenyReason, Freshness, KeyId, KeyRules,
+    ClockTrust, Consume, CredentialKind, Decision, DenyReason, DoorId, Freshness, KeyId, KeyRules,
     PinGuard, Policy, UnlimitedPolicy,
 };
 use crate::ids::UnitId;
@@ -131,20 +131,24 @@ impl decide::KeyView for SqlKeys<'_> {
             UseScope::Door(door) => self
                 .conn
                 .prepare_cached("SELECT count FROM door_uses WHERE key_id = ?1 AND door = ?2")?
-                .query_row(params![key_id, door], |r| r.get(0))
+                .query_row(params![key_id, door.as_str()], |r| r.get(0))
                 .optional()?,
         };
-        let pending = self
-            .overlay
-            .get(&(key_id.to_owned().into(), scope.clone()))
-            .copied()
-            .unwrap_or(0);
+        // A lone decision's overlay is empty: no key to build for the lookup.
+        let pending = if self.overlay.is_empty() {
+            0
+        } else {
+            self.overlay
+                .get(&(key_id.into(), scope.clone()))
+                .copied()
+                .unwrap_or(0)
+        };
         Ok(stored.unwrap_or(0) + pending)
     }
 }
 
 /// Counts a use the decision spent in the commit's overlay, at its door and over all doors.
-fn count_use(overlay: &mut UseOverlay, judged: &decide::Judged, door: &str) {
+fn count_use(overlay: &mut UseOverlay, judged: &decide::Judged, door: &DoorId) {
     if judged.consume == Consume::OneUse
         && let Some(key) = &judged.verdict.key_id
     {
@@ -152,7 +156,7 @@ fn count_use(overlay: &mut UseOverlay, judged: &decide::Judged, door: &str) {
             .entry((key.clone(), UseScope::AllDoors))
             .or_default() += 1;
         *overlay
-            .entry((key.clone(), UseScope::Door(door.to_owned())))
+            .entry((key.clone(), UseScope::Door(door.clone())))
             .or_default() += 1;
     }
 }
@@ -914,7 +918,7 @@ impl Writer {
                             "INSERT INTO door_uses (key_id, door, count) VALUES (?1, ?2, ?3)
                              ON CONFLICT (key_id, door) DO UPDATE SET count = count + excluded.count",
                         )?
-                        .execute(params![key.as_str(), door, n])?,
+                        .execute(params![key.as_str(), door.as_str(), n])?,
                 };
             }
         }
