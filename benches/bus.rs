@@ -14,7 +14,7 @@
 //!   answer to the next poll is the gateway's own (turnaround wait, scheduling, processing).
 //!
 //! Run with `cargo bench --bench bus` (add `-- --quick` for a short run). Writes its section of
-//! `docs/performance.md`.
+//! `docs/performance.md`; `-- --p2` runs P2 alone and only prints it.
 
 // Rates and sample counts are small; float conversions are for display.
 #![allow(clippy::cast_precision_loss)]
@@ -579,44 +579,52 @@ async fn group_commit(units: u8, run_for: Duration) -> GroupCommit {
     let commits_before = commits();
     let start = Instant::now();
     let end = start + run_for;
+    // As `doorbridge run` serves them (`drivers::bus::start_bus`): each bus on a thread of its
+    // own with a single-threaded runtime, which the store's writer wakes with the answer.
     let tasks: Vec<_> = (1..=units)
         .map(|n| {
             let store = store.clone();
-            tokio::spawn(async move {
-                let mut count = 0_u32;
-                while Instant::now() < end {
-                    let verdict = store
-                        .verify(VerifyRequest {
-                            unit: format!("bench/{n}").into(),
-                            door: format!("door-{n}").into(),
-                            request_id: Some(count),
-                            kind: CredentialKind::Qr,
-                            secret: format!("qr-{n:02}").into_bytes(),
-                            now: jiff::Timestamp::now(),
-                            clock_synced: true,
-                            // As the door bus sends them: each answer is kept for its
-                            // retransmissions.
-                            retransmit: Some(doorbridge::store::Retransmit {
-                                fingerprint: {
-                                    let mut f = [0; 32];
-                                    f[..4].copy_from_slice(&count.to_be_bytes());
-                                    f
-                                },
-                                boot_id: Some(1),
-                            }),
-                        })
-                        .await
-                        .expect("a decision");
-                    assert!(verdict.seq.is_some(), "the decision was recorded");
-                    count += 1;
-                }
-                u64::from(count)
+            let bus = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a bus runtime");
+            std::thread::spawn(move || {
+                bus.block_on(async move {
+                    let mut count = 0_u32;
+                    while Instant::now() < end {
+                        let verdict = store
+                            .verify(VerifyRequest {
+                                unit: format!("bench/{n}").into(),
+                                door: format!("door-{n}").into(),
+                                request_id: Some(count),
+                                kind: CredentialKind::Qr,
+                                secret: format!("qr-{n:02}").into_bytes(),
+                                now: jiff::Timestamp::now(),
+                                clock_synced: true,
+                                // As the door bus sends them: each answer is kept for its
+                                // retransmissions.
+                                retransmit: Some(doorbridge::store::Retransmit {
+                                    fingerprint: {
+                                        let mut f = [0; 32];
+                                        f[..4].copy_from_slice(&count.to_be_bytes());
+                                        f
+                                    },
+                                    boot_id: Some(1),
+                                }),
+                            })
+                            .await
+                            .expect("a decision");
+                        assert!(verdict.seq.is_some(), "the decision was recorded");
+                        count += 1;
+                    }
+                    u64::from(count)
+                })
             })
         })
         .collect();
     let mut decisions = 0;
     for task in tasks {
-        decisions += task.await.expect("a presenting unit");
+        decisions += task.join().expect("a presenting unit");
     }
     let elapsed = start.elapsed();
     let result = GroupCommit {
@@ -743,6 +751,17 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
+    if std::env::args().any(|a| a == "--p2") {
+        // P2 alone, printed and not written to the docs: for working on the group commit.
+        let (fsync50, _) = fsync_reference(dir.path(), samples);
+        let p2: Vec<GroupCommit> = [1, UNITS]
+            .into_iter()
+            .map(|units| rt.block_on(group_commit(units, load_for)))
+            .collect();
+        let (fsync50_after, _) = fsync_reference(dir.path(), samples);
+        println!("{}", p2_table(&p2, load_for, fsync50, fsync50_after).0);
+        return;
+    }
     let mut conditions = support::Conditions::start(dir.path());
     // P1: the unit alone on its bus, so the line is free when the decision is ready.
     let alone = rt.block_on(run(1, samples, Duration::ZERO));
