@@ -9,6 +9,12 @@
 //! 2. *persist*: counters, outbox records and the trusted-time mark are written, then the
 //!    transaction commits and only then are the answers sent.
 //!
+//! When a group waits for the rest of the units the previous group answered (`LINGER`), its
+//! transaction is open meanwhile and each decision is judged and its records written as it
+//! arrives, so that wait is spent on the first ones' work (`write_while_lingering`); the
+//! counters, acks and mark are written at the end, and a failure rolls back and writes the
+//! whole group again in the order above, as a group written at once would be.
+//!
 //! When the disk refuses the write (full, read-only, failing) the transaction is rolled back
 //! and the answers are degraded: a grant that consumed a use becomes "not recorded" (the use
 //! could not be counted), an unlimited key follows the configured policy, and the records
@@ -273,6 +279,31 @@ enum Outcome {
     Failed(Box<dyn FnOnce(StoreError) + Send>, StoreError),
 }
 
+/// A group's transaction while it is written: opened by [`Writer::open_group`], its commands
+/// judged (and, lingering, written) in arrival order, ended by [`Writer::finish_group`].
+struct Group {
+    began_at: std::time::Instant,
+    /// The writer's `sent_below` before the group, restored when its commit fails.
+    sent_below: i64,
+    /// Committed with `synchronous=NORMAL` (see [`Writer::commit_group`]).
+    acks_only: bool,
+    overlay: UseOverlay,
+    outcomes: Vec<Outcome>,
+    /// The seqs written so far per outcome (by [`Writer::add_to_group`]).
+    seqs: Vec<Vec<i64>>,
+    /// The first failure to begin or write; the rest of the group is then only judged.
+    written: Result<(), rusqlite::Error>,
+}
+
+/// Whether a command is a decision (what a group lingers for).
+fn is_decision(c: &Command) -> bool {
+    matches!(c, Command::Batched(b) if is_decision_batched(b))
+}
+
+fn is_decision_batched(b: &Batched) -> bool {
+    matches!(b, Batched::Verify(..) | Batched::Remote(..))
+}
+
 /// The outcome of a decision, or of its failure.
 fn verdict(
     decided: Result<(Verdict, Consume, Vec<Record>), StoreError>,
@@ -529,7 +560,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.linger(rx, &mut batch);
+            if self.write_while_lingering(rx, &mut batch) {
+                // The group is committed and answered; what is left is what ended the wait.
+            } else {
+                self.linger(rx, &mut batch);
+            }
             let mut group = Vec::new();
             for command in batch {
                 match command {
@@ -551,15 +586,59 @@ impl Writer {
         self.shut_down();
     }
 
+    /// Whether a group holding `batch` waits for more decisions: it holds some, but fewer than
+    /// the previous group did.
+    fn would_linger(&self, batch: &[Command]) -> bool {
+        let decisions = batch.iter().filter(|c| is_decision(c)).count();
+        decisions > 0 && decisions < self.last_decisions && batch.len() < MAX_GROUP
+    }
+
+    /// The linger of [`Writer::linger`], with the group's transaction open meanwhile: each
+    /// command is judged and its rows written as it arrives, so the wait for the last units
+    /// of a group is spent on the first ones' work instead of after it. Only for a group of
+    /// small commands with nothing held in memory (the backlog's records go first, which
+    /// [`Writer::commit_group`] handles); returns false, touching nothing, otherwise.
+    ///
+    /// Leaves in `batch` what ended the wait when that was not a small command (a key-set
+    /// step, the shutdown), to be handled next.
+    fn write_while_lingering(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) -> bool {
+        if !self.would_linger(batch)
+            || !self.backlog.is_empty()
+            || self.outage.is_some()
+            || !batch.iter().all(|c| matches!(c, Command::Batched(_)))
+        {
+            return false;
+        }
+        let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
+        let until = std::time::Instant::now() + LINGER;
+        let mut group = self.open_group(false);
+        for command in batch.drain(..) {
+            if let Command::Batched(small) = command {
+                self.add_to_group(&mut group, small);
+            }
+        }
+        while decisions > 0 && decisions < self.last_decisions && group.outcomes.len() < MAX_GROUP {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Command::Batched(small)) => {
+                    decisions += usize::from(is_decision_batched(&small));
+                    self.add_to_group(&mut group, small);
+                }
+                Ok(other) => {
+                    batch.push(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        self.last_decisions = decisions;
+        self.close_group(group);
+        true
+    }
+
     /// Waits up to [`LINGER`] for more decisions while `batch` holds some, but fewer than the
     /// previous group did.
     fn linger(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) {
-        let is_decision = |c: &Command| {
-            matches!(
-                c,
-                Command::Batched(Batched::Verify(..) | Batched::Remote(..))
-            )
-        };
         let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
         let until = std::time::Instant::now() + LINGER;
         while decisions > 0 && decisions < self.last_decisions && batch.len() < MAX_GROUP {
@@ -591,11 +670,6 @@ impl Writer {
         if commands.is_empty() && self.backlog.is_empty() {
             return;
         }
-        self.outbox_delta = (0, 0);
-        self.fresh.clear();
-        self.fresh_answers.clear();
-        let sent_below = self.sent_below;
-        let began_at = std::time::Instant::now();
         // A group of acks only marks uploaded rows sent: committed without an fsync of its own
         // (`synchronous=NORMAL`), because a mark a power cut takes only sends those records
         // again with the same ids, which the cloud drops as duplicates. The next durable
@@ -604,18 +678,84 @@ impl Writer {
             && self.outage.is_none()
             && !commands.is_empty()
             && commands.iter().all(|c| matches!(c, Batched::Ack(..)));
-        let began = if acks_only {
+        let mut group = self.open_group(acks_only);
+        group.outcomes = commands
+            .into_iter()
+            .map(|c| self.decide_phase(c, &mut group.overlay))
+            .collect();
+        let persisted = std::mem::replace(&mut group.written, Ok(()))
+            .and_then(|()| self.persist(&group.outcomes, &group.overlay));
+        self.finish_group(group, persisted);
+    }
+
+    /// Begins a group's transaction (`synchronous=NORMAL` for a group of acks only, else
+    /// `FULL`). A failure to begin is kept in the group and ends it as a failed commit.
+    fn open_group(&mut self, acks_only: bool) -> Group {
+        self.outbox_delta = (0, 0);
+        self.fresh.clear();
+        self.fresh_answers.clear();
+        let sent_below = self.sent_below;
+        let began_at = std::time::Instant::now();
+        let written = if acks_only {
             self.relax()
         } else {
             self.durable()
         }
         .and_then(|()| self.conn.execute_batch("BEGIN IMMEDIATE"));
-        let mut overlay: UseOverlay = HashMap::new();
-        let outcomes: Vec<Outcome> = commands
-            .into_iter()
-            .map(|c| self.decide_phase(c, &mut overlay))
-            .collect();
-        let persisted = began.and_then(|()| self.persist(&outcomes, &overlay));
+        Group {
+            began_at,
+            sent_below,
+            acks_only,
+            overlay: HashMap::new(),
+            outcomes: Vec::new(),
+            seqs: Vec::new(),
+            written,
+        }
+    }
+
+    /// Judges one command of a group opened by [`Writer::write_while_lingering`] and writes
+    /// its records at once (phase 1 and phase 2 for this command; acks, the use counters and
+    /// the trusted-time mark are written by [`Writer::close_group`]). After a failed write the
+    /// rest is only judged: the close rolls back and writes the whole group again, or
+    /// degrades it.
+    fn add_to_group(&mut self, group: &mut Group, command: Batched) {
+        let outcome = self.decide_phase(command, &mut group.overlay);
+        if group.written.is_ok() {
+            match self.persist_outcome(&outcome) {
+                Ok(mine) => group.seqs.push(mine),
+                Err(e) => group.written = Err(e),
+            }
+        }
+        group.outcomes.push(outcome);
+    }
+
+    /// Writes what [`Writer::add_to_group`] left for the end and commits the group.
+    fn close_group(&mut self, mut group: Group) {
+        let written = std::mem::replace(&mut group.written, Ok(()));
+        let persisted = written.and_then(|()| {
+            let acked = self.persist_acks(&group.outcomes)?;
+            for (i, n) in acked {
+                group.seqs[i].push(n);
+            }
+            self.persist_uses(&group.overlay)?;
+            self.persist_tail()?;
+            Ok(std::mem::take(&mut group.seqs))
+        });
+        self.finish_group(group, persisted);
+    }
+
+    /// Commits a group whose rows are written (`persisted`: the seqs per outcome), makes room
+    /// and writes it again when the disk is full, and sends the answers: as decided when the
+    /// commit succeeded, degraded when it did not.
+    fn finish_group(&mut self, group: Group, persisted: Result<Vec<Vec<i64>>, rusqlite::Error>) {
+        let Group {
+            began_at,
+            sent_below,
+            acks_only,
+            overlay,
+            outcomes,
+            ..
+        } = group;
         let mut committed =
             persisted.and_then(|seqs| self.conn.execute_batch("COMMIT").map(|()| seqs));
         if let Err(e) = &committed
@@ -881,15 +1021,7 @@ impl Writer {
         // Acknowledged records stay as history: marked sent, in ranges (a few rows per batch
         // instead of a rewrite of every record's page). First: on a full disk they are deleted
         // instead, which frees the pages the rest needs.
-        let mut acked = HashMap::new();
-        for (i, outcome) in outcomes.iter().enumerate() {
-            if let Outcome::Ack { seqs, .. } = outcome {
-                acked.insert(i, i64::try_from(self.mark_sent(seqs)?).unwrap_or(i64::MAX));
-            }
-        }
-        if !acked.is_empty() {
-            self.fold_sent()?;
-        }
+        let acked: HashMap<usize, i64> = self.persist_acks(outcomes)?.into_iter().collect();
         let had_outage = self.outage;
         for i in 0..self.backlog.len() {
             let record = self.backlog[i].clone();
@@ -902,6 +1034,34 @@ impl Writer {
                 dropped,
             })?;
         }
+        self.persist_uses(overlay)?;
+        let mut seqs = Vec::with_capacity(outcomes.len());
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let mut mine = self.persist_outcome(outcome)?;
+            mine.extend(acked.get(&i));
+            seqs.push(mine);
+        }
+        self.persist_tail()?;
+        Ok(seqs)
+    }
+
+    /// Marks the acknowledged records of a group's acks sent: per ack, its index among the
+    /// outcomes and how many records it marked.
+    fn persist_acks(&mut self, outcomes: &[Outcome]) -> Result<Vec<(usize, i64)>, rusqlite::Error> {
+        let mut acked = Vec::new();
+        for (i, outcome) in outcomes.iter().enumerate() {
+            if let Outcome::Ack { seqs, .. } = outcome {
+                acked.push((i, i64::try_from(self.mark_sent(seqs)?).unwrap_or(i64::MAX)));
+            }
+        }
+        if !acked.is_empty() {
+            self.fold_sent()?;
+        }
+        Ok(acked)
+    }
+
+    /// Adds the uses granted in a group to the stored counters.
+    fn persist_uses(&mut self, overlay: &UseOverlay) -> Result<(), rusqlite::Error> {
         {
             for ((key, scope), n) in overlay {
                 match scope {
@@ -922,38 +1082,43 @@ impl Writer {
                 };
             }
         }
-        let mut seqs = Vec::with_capacity(outcomes.len());
-        for (i, outcome) in outcomes.iter().enumerate() {
-            let mut mine = Vec::new();
-            match outcome {
-                Outcome::Verify {
-                    records,
-                    remember,
-                    verdict,
-                    ..
-                } => {
-                    // The kept answer rides in the decision's first record's row.
-                    let mut kept = remember.as_ref().map(|r| Self::kept_row(r, verdict));
-                    for r in records {
-                        // The row's seq is not in the blob: a start reads it from the row.
-                        let blob = kept.as_ref().map(KeptRow::to_disk);
-                        let seq = self.insert_with(r.clone(), blob.as_deref())?;
-                        if let Some(k) = kept.take() {
-                            self.fresh_answers.push(k.at_seq(seq));
-                        }
-                        mine.push(seq);
+        Ok(())
+    }
+
+    /// Writes one outcome's records (a decision's with its kept answer); returns their seqs.
+    fn persist_outcome(&mut self, outcome: &Outcome) -> Result<Vec<i64>, rusqlite::Error> {
+        let mut mine = Vec::new();
+        match outcome {
+            Outcome::Verify {
+                records,
+                remember,
+                verdict,
+                ..
+            } => {
+                // The kept answer rides in the decision's first record's row.
+                let mut kept = remember.as_ref().map(|r| Self::kept_row(r, verdict));
+                for r in records {
+                    // The row's seq is not in the blob: a start reads it from the row.
+                    let blob = kept.as_ref().map(KeptRow::to_disk);
+                    let seq = self.insert_with(r.clone(), blob.as_deref())?;
+                    if let Some(k) = kept.take() {
+                        self.fresh_answers.push(k.at_seq(seq));
                     }
+                    mine.push(seq);
                 }
-                Outcome::Append { records, .. } => {
-                    for r in records {
-                        mine.push(self.insert(r.clone())?);
-                    }
-                }
-                Outcome::Ack { .. } => mine.extend(acked.get(&i)),
-                Outcome::Done(_) | Outcome::Failed(..) => {}
             }
-            seqs.push(mine);
+            Outcome::Append { records, .. } => {
+                for r in records {
+                    mine.push(self.insert(r.clone())?);
+                }
+            }
+            Outcome::Ack { .. } | Outcome::Done(_) | Outcome::Failed(..) => {}
         }
+        Ok(mine)
+    }
+
+    /// The end of every group's writing: the outbox bounded, the trusted-time mark.
+    fn persist_tail(&mut self) -> Result<(), rusqlite::Error> {
         self.bound_outbox()?;
         if let Some(mark) = self.mark_due() {
             self.conn.execute(
@@ -961,7 +1126,7 @@ impl Writer {
                 [mark.as_second()],
             )?;
         }
-        Ok(seqs)
+        Ok(())
     }
 
     /// Sends the answers. `seqs` is `None` when the commit failed and the group is degraded.
@@ -1153,7 +1318,13 @@ mod tests {
         schema::migrate(&mut conn).unwrap();
         let site = Site {
             tz: jiff::tz::TimeZone::UTC,
-            doors: std::collections::BTreeMap::new(),
+            doors: std::collections::BTreeMap::from([(
+                "main".into(),
+                crate::access::Door {
+                    inner: false,
+                    behind: Vec::new(),
+                },
+            )]),
         };
         Writer::new(
             conn,
@@ -1180,6 +1351,120 @@ mod tests {
         w.conn
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap()
+    }
+
+    /// A writer holding one single-use QR key ("once", for door `main`, any time).
+    fn writer_with_a_single_use_key(path: &Path) -> Writer {
+        let mut w = writer(path);
+        let generation = w
+            .begin(KeySetHeader {
+                version: 1,
+                salt: b"salt".to_vec(),
+                issued_at: None,
+                stale_after: crate::access::StaleLimits::default(),
+            })
+            .unwrap();
+        let mut once = key("once", 7);
+        once.credentials[0].digest =
+            crate::access::credential::digest(b"salt", CredentialKind::Qr, b"tok");
+        once.rules.doors = vec!["main".into()];
+        once.rules.valid_from = None;
+        once.rules.valid_until = None;
+        once.rules.schedule = crate::access::Schedule::Always;
+        once.rules.use_limit = crate::access::UseLimit::Total(1);
+        w.stage(generation, &[once]).unwrap();
+        w.commit_key_set(generation, 1).unwrap();
+        w
+    }
+
+    /// A verify of the "once" key's credential by `unit`, and where its answer arrives.
+    fn verify_once(unit: &str) -> (Command, oneshot::Receiver<Result<Verdict, StoreError>>) {
+        let (tx, rx) = oneshot::channel();
+        let request = VerifyRequest {
+            unit: unit.into(),
+            door: "main".into(),
+            request_id: Some(1),
+            kind: CredentialKind::Qr,
+            secret: b"tok".to_vec(),
+            now: Timestamp::now(),
+            clock_synced: false,
+            retransmit: None,
+        };
+        (Command::Batched(Batched::Verify(Box::new(request), tx)), rx)
+    }
+
+    #[test]
+    fn a_group_written_while_it_lingers_spends_a_single_use_once_in_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer_with_a_single_use_key(&dir.path().join("db"));
+        // The previous group held 3 decisions: this one waits for 3, writing as they come.
+        w.last_decisions = 3;
+        let health = Arc::clone(&w.health);
+        let commits = || health.commits.load(Ordering::Relaxed);
+        let before = commits();
+        let (first, a) = verify_once("bus0/1");
+        let (second, b) = verify_once("bus1/1");
+        let (third, c) = verify_once("bus2/1");
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(second).unwrap();
+        tx.send(third).unwrap();
+        let mut batch = vec![first];
+        assert!(w.write_while_lingering(&rx, &mut batch));
+        assert!(batch.is_empty(), "every command was taken into the group");
+        assert_eq!(commits() - before, 1, "one commit for the three");
+        let verdicts: Vec<Verdict> = [a, b, c].into_iter().map(committed).collect();
+        let grants = verdicts.iter().filter(|v| v.decision.is_grant()).count();
+        assert_eq!(
+            grants, 1,
+            "a single-use key opened more than once: {verdicts:?}"
+        );
+        // Written in arrival order.
+        let seqs: Vec<i64> = verdicts.iter().map(|v| v.seq.unwrap()).collect();
+        assert!(seqs.is_sorted() && seqs[0] < seqs[2], "{seqs:?}");
+        let used: u32 = w
+            .conn
+            .query_row(
+                "SELECT count FROM key_uses WHERE key_id = 'once'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(used, 1, "the use counted once, at the end of the group");
+    }
+
+    #[test]
+    fn a_key_set_step_ends_a_lingering_group_and_is_left_for_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer_with_a_single_use_key(&dir.path().join("db"));
+        w.last_decisions = 8;
+        let (first, a) = verify_once("bus0/1");
+        let (second, b) = verify_once("bus1/1");
+        let (tx, rx) = std::sync::mpsc::channel();
+        tx.send(second).unwrap();
+        tx.send(Command::Shutdown).unwrap();
+        let mut batch = vec![first];
+        assert!(w.write_while_lingering(&rx, &mut batch));
+        assert!(
+            matches!(batch.as_slice(), [Command::Shutdown]),
+            "the stop is handled next"
+        );
+        for v in [a, b].into_iter().map(committed) {
+            assert!(
+                v.seq.is_some(),
+                "both decisions recorded before the stop: {v:?}"
+            );
+        }
+        assert_eq!(w.last_decisions, 2);
+        // Nothing lingers for a group the size of the last one, or with records in memory.
+        let (lone, _answer) = verify_once("bus0/1");
+        w.last_decisions = 1;
+        let mut batch = vec![lone];
+        assert!(!w.write_while_lingering(&rx, &mut batch));
+        assert_eq!(
+            batch.len(),
+            1,
+            "left as it was for the group written at once"
+        );
     }
 
     #[test]
