@@ -162,6 +162,8 @@ pub struct CutResult {
     pub live_after: u64,
     /// Set when the live set is not exactly one of those two.
     pub mixed: Option<String>,
+    /// How the daemon synced each file during the phase (and the start before it), by name.
+    pub file_syncs: BTreeMap<String, crate::powercut_fs::FileSyncs>,
 }
 
 /// The whole campaign's findings.
@@ -965,6 +967,7 @@ impl Site {
             after,
             pending: report.pending,
             kept: report.kept,
+            file_syncs: report.file_syncs.clone(),
             integrity,
             held_before,
             installing,
