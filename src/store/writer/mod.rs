@@ -1353,17 +1353,20 @@ mod tests {
             .unwrap()
     }
 
+    /// The head of key set version 1, salted with `salt`.
+    fn header_v1() -> KeySetHeader {
+        KeySetHeader {
+            version: 1,
+            salt: b"salt".to_vec(),
+            issued_at: None,
+            stale_after: crate::access::StaleLimits::default(),
+        }
+    }
+
     /// A writer holding one single-use QR key ("once", for door `main`, any time).
     fn writer_with_a_single_use_key(path: &Path) -> Writer {
         let mut w = writer(path);
-        let generation = w
-            .begin(KeySetHeader {
-                version: 1,
-                salt: b"salt".to_vec(),
-                issued_at: None,
-                stale_after: crate::access::StaleLimits::default(),
-            })
-            .unwrap();
+        let generation = w.begin(header_v1()).unwrap();
         let mut once = key("once", 7);
         once.credentials[0].digest =
             crate::access::credential::digest(b"salt", CredentialKind::Qr, b"tok");
@@ -1473,14 +1476,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer(&dir.path().join("db"));
         assert_eq!(synchronous(&w), FULL);
-        let generation = w
-            .begin(KeySetHeader {
-                version: 1,
-                salt: b"salt".to_vec(),
-                issued_at: None,
-                stale_after: crate::access::StaleLimits::default(),
-            })
-            .unwrap();
+        let generation = w.begin(header_v1()).unwrap();
         w.stage(generation, &[key("a", 1)]).unwrap();
         assert_eq!(synchronous(&w), FULL, "after a chunk");
         // A chunk that fails half-way (a key id twice) leaves FULL behind as well.
