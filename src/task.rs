@@ -50,6 +50,27 @@ pub fn kernel_clock() -> Option<KernelClock> {
     })
 }
 
+/// The timer slack [`precise_sleeps`] sets: how late the kernel may wake a sleep to group it
+/// with other wake-ups.
+pub const SLACK_NS: libc::c_ulong = 1_000;
+
+/// Asks the kernel to end this thread's sleeps on time, within [`SLACK_NS`]. By default a
+/// thread's sleeps may last 50 µs longer than asked (`prctl(PR_SET_TIMERSLACK)`), which
+/// stretches a door bus's 304 µs quiet gap by a sixth: measured here, a 304 µs sleep took
+/// 394 µs at the median with the default slack and 346 µs with this one. For the bus threads,
+/// whose sleeps are that gap; the wake-ups stay as many.
+pub fn precise_sleeps() -> std::io::Result<()> {
+    // SAFETY: PR_SET_TIMERSLACK takes its value as an integer argument and reads or writes
+    // no memory of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, SLACK_NS, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// `d` give or take a quarter, so that buses and gateways that failed together do not retry
 /// in step.
 pub fn jitter(d: Duration) -> Duration {
@@ -106,6 +127,22 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precise_sleeps_sets_the_threads_timer_slack_and_no_other_threads() {
+        // SAFETY: PR_GET_TIMERSLACK only returns a value.
+        #[allow(unsafe_code)]
+        let slack = || unsafe { libc::prctl(libc::PR_GET_TIMERSLACK, 0, 0, 0, 0) };
+        let before = slack();
+        let on_its_thread = std::thread::spawn(move || {
+            precise_sleeps().unwrap();
+            slack()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(libc::c_ulong::try_from(on_its_thread).ok(), Some(SLACK_NS));
+        assert_eq!(slack(), before, "the calling thread's slack is its own");
+    }
 
     #[test]
     fn the_clock_is_synced_by_the_kernels_maximum_error() {

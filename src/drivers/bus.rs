@@ -256,7 +256,8 @@ enum Ended {
 /// and I/O drivers passed between them: about 4 context switches and 40-120 µs of CPU per
 /// exchange (docs/performance.md, P7). Alone on its thread the bus parks in one `epoll_wait`
 /// whose timeout is its own next deadline, and the decisions and reports it hands on (tasks
-/// spawned here, waiting on the store's writer thread) stay on the same thread.
+/// spawned here, waiting on the store's writer thread) stay on the same thread. The thread's
+/// timer slack is 1 µs (`task::precise_sleeps`), so the quiet gap it sleeps ends on time.
 pub fn start_bus(
     spec: BusSpec,
     store: Store,
@@ -282,6 +283,10 @@ pub fn start_bus(
     let thread = std::thread::Builder::new()
         .name(format!("bus-{name}"))
         .spawn(move || {
+            if let Err(e) = crate::task::precise_sleeps() {
+                // The gap then lasts up to 50 µs longer: slower, not wrong.
+                tracing::debug!(error = %e, "the bus thread's sleeps keep the default timer slack");
+            }
             runtime.block_on(async {
                 run_bus(spec, store, router, commands, status, shutdown).await;
                 // What the bus handed on (records on their way to the store) runs on this
