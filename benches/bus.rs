@@ -14,7 +14,7 @@
 //!   answer to the next poll is the gateway's own (turnaround wait, scheduling, processing).
 //!
 //! Run with `cargo bench --bench bus` (add `-- --quick` for a short run). Writes its section of
-//! `docs/performance.md`; `-- --p2` runs P2 alone and only prints it.
+//! `docs/performance.md`; `-- --p1` and `-- --p2` run P1 or P2 alone and only print it.
 
 // Rates and sample counts are small; float conversions are for display.
 #![allow(clippy::cast_precision_loss)]
@@ -751,6 +751,19 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
+    if std::env::args().any(|a| a == "--p1") {
+        // P1 alone, printed and not written to the docs.
+        let alone = rt.block_on(run(1, samples, Duration::ZERO));
+        let (fsync50, fsync99) = fsync_reference(dir.path(), samples);
+        println!(
+            "P1 p50 {} p99 {}; fsync p50 {} p99 {}",
+            ms(percentile(&alone.round_trips, 50)),
+            ms(percentile(&alone.round_trips, 99)),
+            ms(fsync50),
+            ms(fsync99)
+        );
+        return;
+    }
     if std::env::args().any(|a| a == "--p2") {
         // P2 alone, printed and not written to the docs: for working on the group commit.
         let (fsync50, _) = fsync_reference(dir.path(), samples);

@@ -1,5 +1,6 @@
 //! P7: the real `doorbridge run` binary idle, holding 1,000,000 keys. Over one window (60 s,
-//! 10 s with `--quick`) it reads the daemon's CPU time (`utime + stime` of `/proc/<pid>/stat`),
+//! 10 s with `--quick`) it reads the daemon's CPU time (the scheduler's own count per thread,
+//! `/proc/<pid>/task/<tid>/schedstat`; beside it `utime + stime` of `/proc/<pid>/stat`),
 //! its resident memory (`VmRSS`, `VmHWM` of `/proc/<pid>/status`) and the bytes it caused to be
 //! written to storage (`write_bytes` of `/proc/<pid>/io`), and extrapolates them to an hour.
 //!
@@ -87,11 +88,13 @@ fn install_keys(db: &Path, config: &Config) -> Duration {
 }
 
 /// What `/proc` says about a process at one moment.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Probe {
     at: Instant,
     /// utime + stime, in clock ticks (all threads, living and ended).
     cpu_ticks: u64,
+    /// Nanoseconds on a CPU by thread (the first field of `schedstat`), the threads alive now.
+    cpu_ns: std::collections::HashMap<String, u64>,
     write_bytes: u64,
     rss: u64,
     hwm: u64,
@@ -139,9 +142,20 @@ fn probe(pid: u32) -> Probe {
                 .collect::<Vec<_>>()
         })
         .sum();
+    let cpu_ns = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|t| {
+            let ns = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            let ns = ns.split_whitespace().next()?.parse().ok()?;
+            Some((t.file_name().to_string_lossy().into_owned(), ns))
+        })
+        .collect();
     Probe {
         at: Instant::now(),
         cpu_ticks: tick(11) + tick(12),
+        cpu_ns,
         write_bytes,
         rss: kib("VmRSS:"),
         hwm: kib("VmHWM:"),
@@ -163,7 +177,11 @@ struct Idle {
     what: String,
     window: Duration,
     settled_after: Duration,
+    /// The scheduler's count, over the threads alive at the end (a thread started in the
+    /// window counts from its start; one that ended in it is not counted).
     cpu: Duration,
+    /// `utime + stime`: whole ticks, charged to whatever runs when the tick comes.
+    cpu_by_ticks: Duration,
     writes: u64,
     rss: u64,
     hwm: u64,
@@ -230,7 +248,16 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
         },
         window: elapsed,
         settled_after,
-        cpu: Duration::from_secs_f64((after.cpu_ticks - before.cpu_ticks) as f64 / ticks as f64),
+        cpu: Duration::from_nanos(
+            after
+                .cpu_ns
+                .iter()
+                .map(|(tid, ns)| ns.saturating_sub(before.cpu_ns.get(tid).copied().unwrap_or(0)))
+                .sum(),
+        ),
+        cpu_by_ticks: Duration::from_secs_f64(
+            (after.cpu_ticks - before.cpu_ticks) as f64 / ticks as f64,
+        ),
         writes: after.write_bytes - before.write_bytes,
         rss: after.rss,
         hwm: after.hwm,
@@ -348,8 +375,12 @@ fn main() {
          in-process rumqttd, defaults everywhere (`poll_interval` 200 ms, log level info). Each \
          set-up is watched for {:.0} s once the daemon has written nothing for {} s (after \
          start-up: the units' status reports stored and acknowledged, their online records \
-         uploaded and deleted): CPU is `utime + stime` of `/proc/<pid>/stat` (clock ticks of \
-         {} ms), written is `write_bytes` of `/proc/<pid>/io`, RSS is `VmRSS` at the end \
+         uploaded and deleted): CPU is the time the scheduler counted on a CPU for each \
+         thread (`/proc/<pid>/task/<tid>/schedstat`, in ns), summed over the threads alive at \
+         the end; beside it, `utime + stime` of `/proc/<pid>/stat` (clock ticks of {} ms), \
+         which charges a whole tick to whatever runs when the tick comes, and so overcounts a \
+         process that wakes briefly and often, in step with the ticks (a timer's wake-up \
+         comes on one); written is `write_bytes` of `/proc/<pid>/io`, RSS is `VmRSS` at the end \
          (`VmHWM` the peak since start), context switches are summed over the threads alive at \
          both ends; per poll, the CPU and the switches of the run without units are taken off \
          (what the daemon does anyway). Per hour is the window extrapolated: periodic work slower than the window \
@@ -403,11 +434,12 @@ fn idle_table(runs: &[Idle]) -> String {
         let per_hour = r.writes as f64 * 3600.0 / r.window.as_secs_f64();
         let _ = writeln!(
             table,
-            "| {}; quiet {:.0} s after start | {share:.3} % ({:.0} ms in {:.0} s){} | {} | {} bytes in {:.0} s → {:.0} bytes/hour{} | {} ({:.1} MB; peak {}){} | {:.0}/s{} |",
+            "| {}; quiet {:.0} s after start | {share:.3} % ({:.0} ms in {:.0} s; by ticks {:.3} %){} | {} | {} bytes in {:.0} s → {:.0} bytes/hour{} | {} ({:.1} MB; peak {}){} | {:.0}/s{} |",
             r.what,
             r.settled_after.as_secs_f64(),
             r.cpu.as_secs_f64() * 1000.0,
             r.window.as_secs_f64(),
+            100.0 * r.cpu_by_ticks.as_secs_f64() / r.window.as_secs_f64(),
             if share <= CPU_TARGET_PERCENT {
                 ""
             } else {
