@@ -738,6 +738,41 @@ fn summarize(
     ]);
 }
 
+/// `-- --p1` or `-- --p2`: that figure alone, printed and not written to the docs (for working
+/// on it). Returns whether one was asked for.
+fn one_figure(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    samples: usize,
+    load_for: Duration,
+) -> bool {
+    if std::env::args().any(|a| a == "--p1") {
+        // P1 alone, printed and not written to the docs.
+        let alone = rt.block_on(run(1, samples, Duration::ZERO));
+        let (fsync50, fsync99) = fsync_reference(dir, samples);
+        println!(
+            "P1 p50 {} p99 {}; fsync p50 {} p99 {}",
+            ms(percentile(&alone.round_trips, 50)),
+            ms(percentile(&alone.round_trips, 99)),
+            ms(fsync50),
+            ms(fsync99)
+        );
+        return true;
+    }
+    if std::env::args().any(|a| a == "--p2") {
+        // P2 alone, printed and not written to the docs: for working on the group commit.
+        let (fsync50, _) = fsync_reference(dir, samples);
+        let p2: Vec<GroupCommit> = [1, UNITS]
+            .into_iter()
+            .map(|units| rt.block_on(group_commit(units, load_for)))
+            .collect();
+        let (fsync50_after, _) = fsync_reference(dir, samples);
+        println!("{}", p2_table(&p2, load_for, fsync50, fsync50_after).0);
+        return true;
+    }
+    false
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (samples, load_for) = if quick {
@@ -751,28 +786,7 @@ fn main() {
         .build()
         .expect("runtime");
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("tempdir on this disk");
-    if std::env::args().any(|a| a == "--p1") {
-        // P1 alone, printed and not written to the docs.
-        let alone = rt.block_on(run(1, samples, Duration::ZERO));
-        let (fsync50, fsync99) = fsync_reference(dir.path(), samples);
-        println!(
-            "P1 p50 {} p99 {}; fsync p50 {} p99 {}",
-            ms(percentile(&alone.round_trips, 50)),
-            ms(percentile(&alone.round_trips, 99)),
-            ms(fsync50),
-            ms(fsync99)
-        );
-        return;
-    }
-    if std::env::args().any(|a| a == "--p2") {
-        // P2 alone, printed and not written to the docs: for working on the group commit.
-        let (fsync50, _) = fsync_reference(dir.path(), samples);
-        let p2: Vec<GroupCommit> = [1, UNITS]
-            .into_iter()
-            .map(|units| rt.block_on(group_commit(units, load_for)))
-            .collect();
-        let (fsync50_after, _) = fsync_reference(dir.path(), samples);
-        println!("{}", p2_table(&p2, load_for, fsync50, fsync50_after).0);
+    if one_figure(&rt, dir.path(), samples, load_for) {
         return;
     }
     let mut conditions = support::Conditions::start(dir.path());
