@@ -481,10 +481,10 @@ pub fn key_show(
         .collect();
     let state = key_state(&rules, Timestamp::now());
     let rows = [
-        ("id", rules.id.clone()),
-        ("name", rules.name.clone().into()),
-        ("category", rules.category.as_str().to_owned().into()),
-        ("doors", rules.doors.join(", ").into()),
+        ("id", rules.id.to_string()),
+        ("name", rules.name.clone()),
+        ("category", rules.category.as_str().to_owned()),
+        ("doors", rules.doors.join(", ")),
         (
             "inner doors",
             if rules.opens_inner_door {
@@ -492,34 +492,29 @@ pub fn key_show(
             } else {
                 "no"
             }
-            .to_owned()
-            .into(),
+            .to_owned(),
         ),
-        ("valid from", when(rules.valid_from).into()),
-        ("valid until", when(rules.valid_until).into()),
-        ("schedule", schedule_text(&rules.schedule).into()),
-        ("use limit", limit(&rules).into()),
+        ("valid from", when(rules.valid_from)),
+        ("valid until", when(rules.valid_until)),
+        ("schedule", schedule_text(&rules.schedule)),
+        ("use limit", limit(&rules)),
         (
             "used",
             if uses.is_empty() {
-                "never".to_owned().into()
+                "never".to_owned()
             } else {
-                uses.join(", ").into()
+                uses.join(", ")
             },
         ),
-        ("credentials", credentials.join(", ").into()),
+        ("credentials", credentials.join(", ")),
         (
             "welcome",
-            rules
-                .welcome
-                .clone()
-                .unwrap_or_else(|| "-".to_owned())
-                .into(),
+            rules.welcome.clone().unwrap_or_else(|| "-".to_owned()),
         ),
         (
             "floors",
             if rules.floors.is_empty() {
-                "-".to_owned().into()
+                "-".to_owned()
             } else {
                 rules
                     .floors
@@ -527,14 +522,11 @@ pub fn key_show(
                     .map(i16::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
-                    .into()
             },
         ),
         (
             "state",
-            if state.is_empty() { "valid" } else { state }
-                .to_owned()
-                .into(),
+            if state.is_empty() { "valid" } else { state }.to_owned(),
         ),
     ];
     for (name, value) in rows {
