@@ -560,9 +560,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if self.write_while_lingering(rx, &mut batch) {
-                // The group is committed and answered; what is left is what ended the wait.
-            } else {
+            // Either way, what is left in `batch` is grouped below; a group written while
+            // lingering is already committed and answered.
+            if !self.write_while_lingering(rx, &mut batch) {
                 self.linger(rx, &mut batch);
             }
             let mut group = Vec::new();
@@ -586,11 +586,10 @@ impl Writer {
         self.shut_down();
     }
 
-    /// Whether a group holding `batch` waits for more decisions: it holds some, but fewer than
-    /// the previous group did.
-    fn would_linger(&self, batch: &[Command]) -> bool {
-        let decisions = batch.iter().filter(|c| is_decision(c)).count();
-        decisions > 0 && decisions < self.last_decisions && batch.len() < MAX_GROUP
+    /// Whether a group of `len` commands, `decisions` of them decisions, waits for more: it
+    /// holds some decisions, but fewer than the previous group did, and has room.
+    fn wants_more(&self, decisions: usize, len: usize) -> bool {
+        decisions > 0 && decisions < self.last_decisions && len < MAX_GROUP
     }
 
     /// The linger of [`Writer::linger`], with the group's transaction open meanwhile: each
@@ -602,14 +601,14 @@ impl Writer {
     /// Leaves in `batch` what ended the wait when that was not a small command (a key-set
     /// step, the shutdown), to be handled next.
     fn write_while_lingering(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) -> bool {
-        if !self.would_linger(batch)
+        let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
+        if !self.wants_more(decisions, batch.len())
             || !self.backlog.is_empty()
             || self.outage.is_some()
             || !batch.iter().all(|c| matches!(c, Command::Batched(_)))
         {
             return false;
         }
-        let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
         let until = std::time::Instant::now() + LINGER;
         let mut group = self.open_group(false);
         for command in batch.drain(..) {
@@ -617,7 +616,7 @@ impl Writer {
                 self.add_to_group(&mut group, small);
             }
         }
-        while decisions > 0 && decisions < self.last_decisions && group.outcomes.len() < MAX_GROUP {
+        while self.wants_more(decisions, group.outcomes.len()) {
             let left = until.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Command::Batched(small)) => {
@@ -641,7 +640,7 @@ impl Writer {
     fn linger(&mut self, rx: &Receiver<Command>, batch: &mut Vec<Command>) {
         let mut decisions = batch.iter().filter(|c| is_decision(c)).count();
         let until = std::time::Instant::now() + LINGER;
-        while decisions > 0 && decisions < self.last_decisions && batch.len() < MAX_GROUP {
+        while self.wants_more(decisions, batch.len()) {
             let left = until.saturating_duration_since(std::time::Instant::now());
             let Ok(c) = rx.recv_timeout(left) else { break };
             decisions += usize::from(is_decision(&c));
@@ -1062,9 +1061,8 @@ impl Writer {
 
     /// Adds the uses granted in a group to the stored counters.
     fn persist_uses(&mut self, overlay: &UseOverlay) -> Result<(), rusqlite::Error> {
-        {
-            for ((key, scope), n) in overlay {
-                match scope {
+        for ((key, scope), n) in overlay {
+            match scope {
                     UseScope::AllDoors => self
                         .conn
                         .prepare_cached(
@@ -1080,7 +1078,6 @@ impl Writer {
                         )?
                         .execute(params![key.as_str(), door.as_str(), n])?,
                 };
-            }
         }
         Ok(())
     }
@@ -1436,7 +1433,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_set_step_ends_a_lingering_group_and_is_left_for_after_it() {
+    fn the_stop_ends_a_lingering_group_and_is_left_for_after_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = writer_with_a_single_use_key(&dir.path().join("db"));
         w.last_decisions = 8;
@@ -1458,7 +1455,7 @@ mod tests {
             );
         }
         assert_eq!(w.last_decisions, 2);
-        // Nothing lingers for a group the size of the last one, or with records in memory.
+        // Nothing lingers for a group the size of the last one.
         let (lone, _answer) = verify_once("bus0/1");
         w.last_decisions = 1;
         let mut batch = vec![lone];
