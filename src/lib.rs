@@ -6,7 +6,7 @@
 //! Map of the crate:
 //!
 //! - [`access`]: the pure decision engine (key rules, schedules, time zones, PIN lockout);
-//! - [`ids`]: door and unit ids as types of their own;
+//! - [`ids`]: door, unit and key ids as types of their own;
 //! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
 //!   outside become values;
 //! - [`store`]: the SQLite store: schema and migrations, the single writer thread with group

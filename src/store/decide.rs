@@ -280,7 +280,7 @@ mod tests {
 
     fn key(id: &str, limit: UseLimit) -> KeyRules {
         KeyRules {
-            id: id.to_owned().into(),
+            id: id.into(),
             name: format!("key {id}"),
             category: Category::Delivery,
             doors: vec!["main".into()],
@@ -325,7 +325,7 @@ mod tests {
 
     fn ask(kind: CredentialKind, secret: &str, at: i64) -> VerifyRequest {
         VerifyRequest {
-            unit: "entrance/1".to_owned().into(),
+            unit: "entrance/1".into(),
             door: "main".into(),
             request_id: Some(7),
             kind,
@@ -437,7 +437,7 @@ mod tests {
         keys.hold(CredentialKind::Qr, "x", delegated);
         let open = |key_id: &str| RemoteOpen {
             command_id: "c-1".to_owned(),
-            key_id: key_id.to_owned().into(),
+            key_id: key_id.into(),
             door: "main".into(),
             now: Timestamp::from_second(1_790_000_000).unwrap(),
             clock_synced: true,

@@ -42,7 +42,7 @@ pub fn open(path: &Path) -> Store {
 pub fn key(id: &str, kind: CredentialKind, secret: &str, limit: UseLimit) -> Key {
     Key {
         rules: KeyRules {
-            id: id.to_owned().into(),
+            id: id.into(),
             name: format!("key {id}"),
             category: Category::Delivery,
             doors: vec!["main".into()],
@@ -79,8 +79,8 @@ pub fn now() -> Timestamp {
 
 pub fn request(unit: &str, door: &str, kind: CredentialKind, secret: &str) -> VerifyRequest {
     VerifyRequest {
-        unit: unit.to_owned().into(),
-        door: door.to_owned().into(),
+        unit: unit.into(),
+        door: door.into(),
         request_id: None,
         kind,
         secret: secret.as_bytes().to_vec(),

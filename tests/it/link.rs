@@ -707,7 +707,7 @@ async fn a_delta_reusing_a_credential_is_reported_and_recorded() {
 /// A key opening only `door`, with one PIN.
 fn key_at(id: &str, door: &str, pin: &str) -> Key {
     let mut k = key(id, CredentialKind::Pin, pin, UseLimit::Unlimited);
-    k.rules.doors = vec![door.to_owned().into()];
+    k.rules.doors = vec![door.into()];
     k
 }
 

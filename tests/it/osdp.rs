@@ -208,7 +208,7 @@ fn card_key(id: &str, card: &str, limit: UseLimit) -> Key {
     let value = credential::parse_card(card).expect("card");
     Key {
         rules: KeyRules {
-            id: id.to_owned().into(),
+            id: id.into(),
             name: format!("key {id}"),
             category: Category::Renter,
             doors: vec!["main".into(), "garage".into()],

@@ -9,7 +9,7 @@
 //!   reports (`docs/cloud-protocol.md`);
 //! - [`osdp`]: the pure part of serving OSDP readers: the keypad's PIN assembly, card reads as
 //!   credentials and decisions as reader actions, the door-contact machine (`docs/osdp.md`);
-//! - [`ids`]: door and unit ids as types of their own;
+//! - [`ids`]: door, unit and key ids as types of their own;
 //! - [`cbor`]: bounded CBOR decoding (length, depth, no leftovers), the one way bytes from
 //!   outside become values.
 //!

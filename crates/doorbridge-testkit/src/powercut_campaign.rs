@@ -967,7 +967,7 @@ impl Site {
             after,
             pending: report.pending,
             kept: report.kept,
-            file_syncs: report.file_syncs.clone(),
+            file_syncs: report.file_syncs,
             integrity,
             held_before,
             installing,

@@ -220,10 +220,10 @@ mod tests {
         let activity = Activity {
             at,
             door: "main".into(),
-            unit: "entrance/3".to_owned().into(),
+            unit: "entrance/3".into(),
             request_id: Some(41),
             credential_kind: CredentialKind::Pin,
-            key_id: Some("resident-7".to_owned().into()),
+            key_id: Some("resident-7".into()),
             category: Some(access::Category::Renter),
             granted: decision.is_grant(),
             reason: decision.deny_reason(),
@@ -235,7 +235,7 @@ mod tests {
             issuer: Some("root".to_owned()),
         };
         let remember = Remember {
-            unit: "entrance/3".to_owned().into(),
+            unit: "entrance/3".into(),
             request_id: 41,
             retransmit: Retransmit {
                 fingerprint: std::array::from_fn(|i| u8::try_from(i).unwrap() * 7),
@@ -245,7 +245,7 @@ mod tests {
         };
         let verdict = Verdict {
             decision,
-            key_id: Some("resident-7".to_owned().into()),
+            key_id: Some("resident-7".into()),
             category: Some(access::Category::Renter),
             seq: None,
         };
