@@ -445,6 +445,9 @@ struct SnapshotRun {
     staging: Option<(Duration, Duration)>,
     peak_rss: u64,
     idle_rss: u64,
+    /// Of `idle_rss`, the anonymous part (`RssAnon`: heap, stacks); the rest is the program's
+    /// and its libraries' mapped files.
+    idle_anon: u64,
     /// Bytes written in the first `SETTLE` after `applied`, and in the rest of `IDLE`.
     settle_writes: u64,
     idle_writes: u64,
@@ -524,6 +527,7 @@ async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
     let writes_settled = daemon.write_bytes();
     tokio::time::sleep(IDLE.saturating_sub(SETTLE)).await;
     let idle_rss = daemon.status_bytes("VmRSS:");
+    let idle_anon = daemon.status_bytes("RssAnon:");
     let settle_writes = writes_settled.saturating_sub(writes_before);
     let idle_writes = daemon.write_bytes().saturating_sub(writes_settled);
     daemon.stop();
@@ -551,6 +555,7 @@ async fn snapshot_apply(url: &str, n: usize) -> SnapshotRun {
         staging,
         peak_rss,
         idle_rss,
+        idle_anon,
         settle_writes,
         idle_writes,
         reference,
@@ -673,7 +678,7 @@ fn snapshot_table(runs: &[SnapshotRun]) -> String {
         };
         let _ = writeln!(
             table,
-            "| {} | {} chunks, {} | {} | {applied} | {gateway_rate} | {}/s | {ratio} | {} | {} | {} | {} |",
+            "| {} | {} chunks, {} | {} | {applied} | {gateway_rate} | {}/s | {ratio} | {} | {} (anonymous {}) | {} | {} |",
             thousands(run.keys as u64),
             thousands(run.chunks as u64),
             mib(run.bytes as u64),
@@ -681,6 +686,7 @@ fn snapshot_table(runs: &[SnapshotRun]) -> String {
             rate(reference_rate),
             mib(run.peak_rss),
             mib(run.idle_rss),
+            mib(run.idle_anon),
             written(run.settle_writes),
             written(run.idle_writes),
         );
@@ -792,7 +798,8 @@ fn main() {
          persistence, unlimited queues, 100 in flight), one fresh store per size. Keys: one \
          PIN, one door, unlimited. The reference cloud publishes the manifest, then each chunk \
          after the previous one's `PubAck`. Peak RSS is the daemon's `VmHWM` read at `applied`; \
-         then it idles {idle} s holding the set (`VmRSS`, `/proc/<pid>/io` `write_bytes`, the \
+         then it idles {idle} s holding the set (`VmRSS`, of it `RssAnon`: the heap and stacks, \
+         the rest being the program's mapped code and data; `/proc/<pid>/io` `write_bytes`, the \
          first {settle} s apart: the store checkpoints its WAL once, 250 ms after its last \
          commit). \
          Reference: a raw rusqlite insert of the same rows into the same schema (WAL, \

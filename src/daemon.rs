@@ -924,6 +924,10 @@ fn start_buses(
 /// Runs the gateway on its own runtime as the systemd service: until SIGTERM or SIGINT,
 /// reloading on SIGHUP from `sources`, notifying systemd when `NOTIFY_SOCKET` is set.
 pub fn run(config: &Config, sources: Sources, logging: Option<Logging>) -> Result<(), DaemonError> {
+    // Before the runtime's threads allocate: a key set's large blocks go back when freed.
+    if !crate::store::hold_little() {
+        tracing::debug!("allocator thresholds left at their defaults");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -50,6 +50,7 @@ use crate::access::{
 };
 use crate::bus::message::Settings;
 use crate::ids::UnitId;
+pub use memory::hold_little;
 pub use reader::{KeySetInfo, Reader};
 pub use records::{Activity, Record, RecordClass, StoredRecord};
 pub use writer::RETRANSMIT_WINDOW;
