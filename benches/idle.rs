@@ -97,6 +97,8 @@ struct Probe {
     cpu_ns: std::collections::HashMap<String, u64>,
     write_bytes: u64,
     rss: u64,
+    /// Of `rss`, the anonymous part (`RssAnon`: heap, stacks); the rest is mapped files.
+    anon: u64,
     hwm: u64,
     /// Voluntary + involuntary context switches of the threads alive now.
     switches: u64,
@@ -158,6 +160,7 @@ fn probe(pid: u32) -> Probe {
         cpu_ns,
         write_bytes,
         rss: kib("VmRSS:"),
+        anon: kib("RssAnon:"),
         hwm: kib("VmHWM:"),
         switches,
     }
@@ -184,6 +187,7 @@ struct Idle {
     cpu_by_ticks: Duration,
     writes: u64,
     rss: u64,
+    anon: u64,
     hwm: u64,
     switches_per_s: f64,
     polls_per_s: f64,
@@ -260,6 +264,7 @@ fn idle_run(dir: &Path, db: &Path, broker: &str, units: u8, window: Duration) ->
         ),
         writes: after.write_bytes - before.write_bytes,
         rss: after.rss,
+        anon: after.anon,
         hwm: after.hwm,
         switches_per_s: after.switches.saturating_sub(before.switches) as f64
             / elapsed.as_secs_f64(),
@@ -381,7 +386,8 @@ fn main() {
          which charges a whole tick to whatever runs when the tick comes, and so overcounts a \
          process that wakes briefly and often, in step with the ticks (a timer's wake-up \
          comes on one); written is `write_bytes` of `/proc/<pid>/io`, RSS is `VmRSS` at the end \
-         (`VmHWM` the peak since start), context switches are summed over the threads alive at \
+         (of it `RssAnon`, the heap and stacks, the rest being mapped files such as the \
+         program's code; `VmHWM` the peak since start), context switches are summed over the threads alive at \
          both ends; per poll, the CPU and the switches of the run without units are taken off \
          (what the daemon does anyway). Per hour is the window extrapolated: periodic work slower than the window \
          (the hourly time broadcast; the telemetry summary every 15 min, which is published and \
@@ -434,7 +440,7 @@ fn idle_table(runs: &[Idle]) -> String {
         let per_hour = r.writes as f64 * 3600.0 / r.window.as_secs_f64();
         let _ = writeln!(
             table,
-            "| {}; quiet {:.0} s after start | {share:.3} % ({:.0} ms in {:.0} s; by ticks {:.3} %){} | {} | {} bytes in {:.0} s → {:.0} bytes/hour{} | {} ({:.1} MB; peak {}){} | {:.0}/s{} |",
+            "| {}; quiet {:.0} s after start | {share:.3} % ({:.0} ms in {:.0} s; by ticks {:.3} %){} | {} | {} bytes in {:.0} s → {:.0} bytes/hour{} | {} ({:.1} MB; anonymous {}; peak {}){} | {:.0}/s{} |",
             r.what,
             r.settled_after.as_secs_f64(),
             r.cpu.as_secs_f64() * 1000.0,
@@ -460,6 +466,7 @@ fn idle_table(runs: &[Idle]) -> String {
             if r.writes == 0 { "" } else { " — **missed**" },
             mib(r.rss),
             r.rss as f64 / 1e6,
+            mib(r.anon),
             mib(r.hwm),
             if r.rss <= RSS_TARGET {
                 ""

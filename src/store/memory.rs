@@ -1,4 +1,4 @@
-//! Handing memory back to the system after a large key-set job.
+//! Handing memory back to the system after a large key-set job, and after start-up.
 //!
 //! Installing a snapshot passes its keys through the process in batches of up to 5,000 (the
 //! link decodes them on the runtime's workers, the writer stages them), and removing the old
@@ -11,7 +11,9 @@
 //! 250 ms, whether or not it has a WAL to fold), the writer empties its page cache (`PRAGMA shrink_memory`) and every
 //! arena's free pages are returned (`malloc_trim`): 13 MiB after a million keys (the trim
 //! alone: 17.6 MiB). Once per snapshot; the next batch takes fresh pages from the kernel, and
-//! lookups fill the cache again with the pages they use.
+//! lookups fill the cache again with the pages they use. The same once after start-up, whose
+//! integrity check and migrations pass pages through memory too: on a million keys the
+//! anonymous memory went from 4.1-4.6 to 1.9-2.1 MiB (the idle bench).
 //!
 //! `malloc_trim` cannot reach everything: the free top of a thread's arena (all arenas but the
 //! main one) is given back only by a `free` in that arena, and only past the trim threshold,

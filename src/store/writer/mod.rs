@@ -538,6 +538,9 @@ impl Writer {
     }
 
     pub(super) fn run(mut self, rx: &Receiver<Command>) {
+        // The start-up check and migrations passed pages through memory: give it back at the
+        // first idle moment, as after a key-set job.
+        memory::job_done();
         loop {
             let bound = if self.reserve.in_use() {
                 CHECKPOINT_BOUND_FULL
