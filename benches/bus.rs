@@ -774,6 +774,8 @@ fn one_figure(
 }
 
 fn main() {
+    // The daemon runs in this process: its allocator set as `doorbridge run` sets it.
+    doorbridge::store::hold_little();
     let quick = std::env::args().any(|a| a == "--quick");
     let (samples, load_for) = if quick {
         (100, Duration::from_secs(2))

@@ -348,6 +348,8 @@ fn tables(alone: &[Duration], of_eight: &[Duration], cycles: &[Cycle]) -> (Strin
 }
 
 fn main() {
+    // The daemon runs in this process: its allocator set as `doorbridge run` sets it.
+    doorbridge::store::hold_little();
     let quick = std::env::args().any(|a| a == "--quick");
     let (reads, window) = if quick {
         (30, Duration::from_secs(5))

@@ -139,11 +139,17 @@ pub struct BatchWriter {
     limit: usize,
 }
 
+/// A batch buffer's first capacity; it doubles as records are added.
+const BATCH_START_CAPACITY: usize = 4096;
+
 impl BatchWriter {
     /// A batch whose encoding stays within `max_payload` bytes.
     pub fn new(max_payload: usize) -> Self {
         BatchWriter {
-            entries: Vec::with_capacity(max_payload.min(1 << 20)),
+            // Grown as records come: most batches hold a record or a few, and a buffer of
+            // `max_payload` (128 KiB) would be a mapping of its own each time (the daemon's
+            // allocator maps blocks of 128 KiB and more: `store::hold_little`).
+            entries: Vec::with_capacity(max_payload.min(BATCH_START_CAPACITY)),
             count: 0,
             limit: max_payload.saturating_sub(BATCH_OVERHEAD),
         }

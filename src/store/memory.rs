@@ -21,7 +21,7 @@
 //! messages, its 5,000-key batches). Runs of the cloud bench left 3 to 6 MiB resident in
 //! such tops after a snapshot, with under 1 MB in use. So the daemon fixes both thresholds
 //! at start ([`hold_little`]): blocks of 128 KiB and more get mappings of their own, returned
-//! when freed, and an arena's top beyond 256 KiB goes back at the next `free`.
+//! when freed, and an arena's top beyond 256 KiB goes back at the next `free` that adds to it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -53,10 +53,12 @@ pub(super) fn idle(conn: &rusqlite::Connection) {
 }
 
 /// Blocks of at least this size are mapped on their own and unmapped when freed (glibc's
-/// default, fixed: by default a freed mapping raises it, up to 32 MiB).
+/// default, fixed: by default a freed mapping raises it, up to 32 MiB on 64-bit systems).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: i32 = 128 * 1024;
-/// An arena's free top beyond this is returned at the next `free` (glibc's default is
-/// 128 KiB, raised to twice each unmapped block's size; fixed here).
+/// An arena's free top beyond this is returned by the next `free` that adds to it (glibc's
+/// default is 128 KiB, raised to twice each unmapped block's size; fixed here).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: i32 = 256 * 1024;
 
 /// Fixes the allocator's mapping and trim thresholds for the daemon's process, so what a
@@ -65,8 +67,10 @@ const TRIM_THRESHOLD: i32 = 256 * 1024;
 pub fn hold_little() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: `mallopt` takes two integers and changes the allocator's parameters under
-        // its own lock.
+        // SAFETY: `mallopt` takes two integers and reads or writes no memory of ours. glibc
+        // changes the parameters without stopping other threads' allocations, so the daemon
+        // calls this first, before its runtime starts threads (a value read half-changed
+        // would only place one block differently).
         #[allow(unsafe_code)]
         let set = unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
